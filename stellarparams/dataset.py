@@ -1,0 +1,238 @@
+"""The prepared-dataset store: one chunked HDF5 file plus its side files.
+
+Why HDF5 (h5py): one self-describing file that astropy/TOPCAT users already know,
+chunked row-wise so training and prediction read any subset of rows without loading
+the rest, and readable from any language. Zarr would split it into thousands of small
+files, which travel badly between machines.
+
+Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
+
+    flux       (N, P) float32   standardized rest-frame flux on the common grid
+    valid      (N, P) bool      pixel came from good data (not ivar==0/masked/clamped)
+    labels     (N, L) float32   physical units; NaN where the catalog had -9999
+    label_err  (N, L) float32   catalog uncertainties; NaN where not given
+    split      (N,)   uint8     0 train, 1 val, 2 test
+    plate, mjd, fiberid (N,) int32
+    object_id  (N,)   str       grouping key (STAR_ID or PLATE-MJD-FIBER)
+    file       (N,)   str       source spectrum path
+    rv, snr    (N,)   float32   km/s; median S/N per pixel
+    extra/NAME (N,)   float64   other numeric catalog columns (e.g. TEFF_TRUE)
+
+File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
+``preprocess``, ``version``, ``input_hash``, ``created``.
+Side files: ``rejects.csv`` (file, reason) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+DATA_FILE = "dataset.h5"
+LABEL_UNITS = {"teff": "K", "feh": "dex", "logg": "dex"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Common wavelength grid, uniform in log10(lambda / Angstrom) (METHOD.md step 1)."""
+
+    loglam_min: float = 3.5754
+    loglam_max: float = 3.9670
+    n_pix: int = 4000
+
+    @property
+    def loglam(self) -> np.ndarray:
+        return np.linspace(self.loglam_min, self.loglam_max, self.n_pix)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dataset_file(path) -> Path:
+    """Accept either the dataset folder or the .h5 file itself."""
+    path = Path(path)
+    return path / DATA_FILE if path.is_dir() or path.suffix != ".h5" else path
+
+
+_STR = h5py.string_dtype()
+_META_COLUMNS = ("plate", "mjd", "fiberid", "object_id", "file", "rv", "snr")
+
+
+def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256):
+    """Create an empty, resizable store at ``path`` (a .h5 file) and return the open h5py File.
+
+    Rows are appended with :func:`append_rows`. ``attrs`` values are stored as JSON.
+    """
+    f = h5py.File(path, "w")
+    L = len(label_names)
+    f.create_dataset("flux", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
+    f.create_dataset("valid", (0, n_pix), bool, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix),
+                     compression="gzip", compression_opts=1)
+    f.create_dataset("labels", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
+    f.create_dataset("label_err", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
+    for name, dt in [("split", np.uint8), ("plate", np.int32), ("mjd", np.int32), ("fiberid", np.int32),
+                     ("object_id", _STR), ("file", _STR), ("rv", np.float32), ("snr", np.float32)]:
+        f.create_dataset(name, (0,), dt, maxshape=(None,), chunks=(4096,))
+    f.attrs["label_names"] = json.dumps(list(label_names))
+    f.attrs["label_units"] = json.dumps([LABEL_UNITS.get(n, "") for n in label_names])
+    for k, v in attrs.items():
+        f.attrs[k] = json.dumps(v)
+    return f
+
+
+def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None):
+    """Append a block of rows. ``meta`` has the columns plate, mjd, fiberid, object_id, file, rv, snr."""
+    n0, n = f["flux"].shape[0], len(flux)
+    arrays = {"flux": flux, "valid": valid, "labels": labels, "label_err": label_err, "split": split}
+    arrays.update({c: meta[c].to_numpy() for c in _META_COLUMNS})
+    for name, a in arrays.items():
+        ds = f[name]
+        ds.resize(n0 + n, axis=0)
+        if ds.dtype == _STR:
+            a = np.asarray(a, dtype=object).astype(str).astype(object)
+        ds[n0:n0 + n] = a
+    if extra is not None:
+        grp = f.require_group("extra")
+        for c in extra.columns:
+            if c not in grp:
+                grp.create_dataset(c, (n0,), np.float64, maxshape=(None,), chunks=(4096,), fillvalue=np.nan)
+            ds = grp[c]
+            ds.resize(n0 + n, axis=0)
+            ds[n0:n0 + n] = extra[c].to_numpy(np.float64)
+    return n0 + n
+
+
+def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg"), valid=None,
+                  label_err=None, meta: pd.DataFrame | None = None, extra: pd.DataFrame | None = None,
+                  attrs: dict | None = None):
+    """Write a whole dataset from in-memory arrays (tests, simulations, notebooks).
+
+    ``path`` is the dataset folder; the file is written to a temporary name and renamed.
+    ``split`` is an array of 0/1/2 or of "train"/"val"/"test".
+    """
+    from . import __version__
+
+    flux = np.asarray(flux, np.float32)
+    n, p = flux.shape
+    labels = np.asarray(labels, np.float32).reshape(n, -1)
+    split = np.asarray(split)
+    if split.dtype.kind in "US":
+        split = np.array([SPLITS[s] for s in split], np.uint8)
+    if valid is None:
+        valid = np.ones_like(flux, bool)
+    if label_err is None:
+        label_err = np.full_like(labels, np.nan)
+    if meta is None:
+        meta = pd.DataFrame({"plate": 0, "mjd": 0, "fiberid": np.arange(n), "rv": 0.0, "snr": np.nan,
+                             "object_id": [str(i) for i in range(n)], "file": ""})
+    a = {"grid": Grid(n_pix=p).to_dict(),
+         "preprocess": {}, "version": __version__, "input_hash": "", "created": pd.Timestamp.now("UTC").isoformat()}
+    a.update(attrs or {})
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (DATA_FILE + ".tmp")
+    with create_dataset(tmp, p, label_names, a) as f:
+        append_rows(f, flux, valid, labels, label_err, split.astype(np.uint8), meta, extra)
+    os.replace(tmp, folder / DATA_FILE)
+    return Dataset(folder)
+
+
+class Dataset:
+    """Read access to a prepared dataset without loading it all into memory.
+
+    >>> ds = Dataset("runs/default/dataset")
+    >>> idx = ds.indices("train")           # row numbers, sorted
+    >>> X = ds.flux(idx[:1000])             # (1000, P) float32
+    >>> y = ds.labels(idx[:1000])           # (1000, L) float32, NaN = missing
+    """
+
+    def __init__(self, path):
+        self.path = dataset_file(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no prepared dataset here; create one with `stellarparams prepare`")
+        self._f = h5py.File(self.path, "r")
+        a = self._f.attrs
+        self.attrs = {k: json.loads(a[k]) for k in a.keys()}
+        self.label_names = self.attrs["label_names"]
+        self.label_units = self.attrs["label_units"]
+        self.grid = Grid(**self.attrs["grid"])
+        self.n, self.n_pix = self._f["flux"].shape
+        self.split = self._f["split"][:]
+
+    def __len__(self):
+        return self.n
+
+    def __repr__(self):
+        counts = {s: int((self.split == i).sum()) for s, i in SPLITS.items()}
+        return f"Dataset({str(self.path)!r}, n={self.n}, n_pix={self.n_pix}, labels={self.label_names}, {counts})"
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        if split is None:
+            return np.arange(self.n)
+        return np.flatnonzero(self.split == SPLITS[split])
+
+    def _rows(self, name, idx):
+        ds = self._f[name]
+        if idx is None:
+            return ds[:]
+        idx = np.asarray(idx)
+        if idx.size == 0:
+            return np.empty((0,) + ds.shape[1:], ds.dtype)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        lo, hi = int(sorted_idx[0]), int(sorted_idx[-1]) + 1
+        if hi - lo <= 4 * len(idx):  # dense: one contiguous read, then pick
+            block = ds[lo:hi][sorted_idx - lo]
+        else:
+            uniq, inv = np.unique(sorted_idx, return_inverse=True)
+            block = ds[uniq][inv]
+        out = np.empty_like(block)
+        out[order] = block
+        return out
+
+    def flux(self, idx=None) -> np.ndarray:
+        return self._rows("flux", idx)
+
+    def valid(self, idx=None) -> np.ndarray:
+        return self._rows("valid", idx)
+
+    def labels(self, idx=None) -> np.ndarray:
+        return self._rows("labels", idx)
+
+    def label_err(self, idx=None) -> np.ndarray:
+        return self._rows("label_err", idx)
+
+    def meta(self, idx=None) -> pd.DataFrame:
+        """Identifiers, RV, S/N, split name and extra catalog columns as a DataFrame."""
+        cols = {}
+        for c in _META_COLUMNS:
+            v = self._rows(c, idx)
+            cols[c] = v.astype(str) if v.dtype == object else v
+        names = {i: s for s, i in SPLITS.items()}
+        cols["split"] = [names[int(s)] for s in self._rows("split", idx)]
+        if "extra" in self._f:
+            for c in self._f["extra"]:
+                cols[c] = self._rows(f"extra/{c}", idx)
+        return pd.DataFrame(cols)
+
+    def iter_batches(self, split: str | None = None, batch_size: int = 4096):
+        """Yield (row indices, flux block) in file order; memory stays at one block."""
+        idx = self.indices(split)
+        for i in range(0, len(idx), batch_size):
+            b = idx[i:i + batch_size]
+            yield b, self.flux(b)

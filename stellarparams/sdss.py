@@ -1,0 +1,231 @@
+"""SDSS file formats: spectrum readers and writer, and the SSPP label catalog.
+
+Every reader returns one :class:`Spectrum` record, whatever the release:
+
+- DR8+ ``spec-PLATE-MJD-FIBER.fits`` (full and lite): HDU 1 ``COADD`` table with
+  ``loglam``, ``flux``, ``ivar``, ``and_mask``; HDU 2 ``SPECOBJ`` with CLASS, S/N.
+- DR7 ``spSpec-MJD-PLATE-FIBER.fit``: primary image, row 0 flux, row 2 error (sigma),
+  row 3 pixel mask; wavelength from ``COEFF0`` + ``COEFF1`` * pixel (log10 A).
+
+Flux is in 1e-17 erg/s/cm2/A, wavelengths are vacuum, log10(lambda/A).
+Problems raise :class:`SpectrumError`, whose ``reason`` is a short code that
+``prepare`` and ``predict`` record per file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
+
+# SDSS SPPIXMASK bits (and_mask) that make a pixel unusable.
+PIXMASK_BITS = {
+    "NOPLUG": 0, "BADTRACE": 1, "BADFLAT": 2, "BADARC": 3, "MANYBADCOLUMNS": 4,
+    "MANYREJECTED": 5, "LARGESHIFT": 6, "BADSKYFIBER": 7, "NEARWHOPPER": 8, "WHOPPER": 9,
+    "SMEARIMAGE": 10, "SMEARHIGHSN": 11, "SMEARMEDSN": 12, "NEARBADPIXEL": 16, "LOWFLAT": 17,
+    "FULLREJECT": 18, "PARTIALREJECT": 19, "SCATTEREDLIGHT": 20, "CROSSTALK": 21, "NOSKY": 22,
+    "BRIGHTSKY": 23, "NODATA": 24, "COMBINEREJ": 25, "BADFLUXFACTOR": 26, "BADSKYCHI": 27,
+    "REDMONSTER": 28,
+}
+BAD_PIXEL_BITS = ("NOPLUG", "BADTRACE", "BADFLAT", "BADARC", "MANYBADCOLUMNS", "MANYREJECTED",
+                  "FULLREJECT", "NODATA", "COMBINEREJ", "BADFLUXFACTOR")
+
+
+def pixmask(*names: str) -> int:
+    """Bit mask for the named SPPIXMASK flags, e.g. ``pixmask("NODATA")``."""
+    return int(sum(1 << PIXMASK_BITS[n] for n in names))
+
+
+DEFAULT_BAD_MASK = pixmask(*BAD_PIXEL_BITS)
+
+# DR7 SPEC_CLN codes
+_DR7_CLASS = {0: "UNKNOWN", 1: "STAR", 2: "GALAXY", 3: "QSO", 4: "QSO", 5: "SKY", 6: "STAR", 7: "GALAXY"}
+
+
+class SpectrumError(ValueError):
+    """A spectrum file that cannot be used. ``reason`` is a short machine-readable code."""
+
+    def __init__(self, path, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class Spectrum:
+    """One spectrum as read from disk (native pixel grid, observed frame).
+
+    loglam: (n,) float64, log10 vacuum wavelength in Angstrom
+    flux, ivar: (n,) float32, 1e-17 erg/s/cm2/A and its inverse variance (0 = no data)
+    and_mask: (n,) int32, SDSS SPPIXMASK bits (0 where the file has none)
+    """
+
+    loglam: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    and_mask: np.ndarray
+    plate: int = 0
+    mjd: int = 0
+    fiberid: int = 0
+    objclass: str = ""
+    snr: float = float("nan")
+    path: str = ""
+    header: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.plate:04d}-{self.mjd:05d}-{self.fiberid:04d}"
+
+    def good(self, bad_mask: int = DEFAULT_BAD_MASK) -> np.ndarray:
+        """Pixels with finite flux, positive ivar and no bad mask bit."""
+        return (self.ivar > 0) & np.isfinite(self.flux) & np.isfinite(self.ivar) & ((self.and_mask & bad_mask) == 0)
+
+
+def _median_snr(flux, ivar):
+    ok = (ivar > 0) & np.isfinite(flux)
+    return float(np.median(flux[ok] * np.sqrt(ivar[ok]))) if ok.any() else 0.0
+
+
+def read_spectrum(path) -> Spectrum:
+    """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format."""
+    import fitsio
+
+    path = Path(path)
+    try:
+        with fitsio.FITS(str(path)) as f:
+            hdr0 = f[0].read_header()
+            if "COADD" in f or len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
+                return _read_spec(path, f, hdr0)
+            if "COEFF0" in hdr0:
+                return _read_spspec(path, f, hdr0)
+            raise SpectrumError(path, "not_sdss", "neither a COADD table nor a DR7 image with COEFF0/COEFF1")
+    except SpectrumError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        if not path.exists():
+            raise SpectrumError(path, "missing_file") from e
+        raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
+
+
+def _read_spec(path, f, hdr0) -> Spectrum:
+    hdu = f["COADD"] if "COADD" in f else f[1]
+    cols = {c.lower(): c for c in hdu.get_colnames()}
+    missing = [c for c in ("loglam", "flux", "ivar") if c not in cols]
+    if missing:
+        raise SpectrumError(path, "missing_columns", "COADD lacks " + ", ".join(missing))
+    data = hdu.read(columns=[cols[c] for c in ("loglam", "flux", "ivar")] + ([cols["and_mask"]] if "and_mask" in cols else []))
+    names = {n.lower(): n for n in data.dtype.names}
+    loglam = data[names["loglam"]].astype(np.float64)
+    flux = data[names["flux"]].astype(np.float32)
+    ivar = data[names["ivar"]].astype(np.float32)
+    and_mask = data[names["and_mask"]].astype(np.int32) if "and_mask" in names else np.zeros(len(flux), np.int32)
+    plate, mjd, fiber = hdr0.get("PLATEID", 0), hdr0.get("MJD", 0), hdr0.get("FIBERID", 0)
+    objclass, snr = "", float("nan")
+    if "SPECOBJ" in f:
+        so = f["SPECOBJ"]
+        socols = set(so.get_colnames())
+        want = [c for c in ("PLATE", "MJD", "FIBERID", "CLASS", "SN_MEDIAN_ALL") if c in socols]
+        row = so.read(columns=want, rows=[0])[0] if want else None
+        if row is not None:
+            get = dict(zip(want, row))
+            plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)
+            c = get.get("CLASS", b"")
+            objclass = (c.decode() if isinstance(c, bytes) else str(c)).strip().upper()
+            snr = float(get.get("SN_MEDIAN_ALL", np.nan))
+    if not np.isfinite(snr):
+        snr = _median_snr(flux, ivar)
+    return Spectrum(loglam, flux, ivar, and_mask, int(plate), int(mjd), int(fiber), objclass, snr, str(path),
+                    {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0})
+
+
+def _read_spspec(path, f, hdr0) -> Spectrum:
+    img = f[0].read()
+    if img is None or img.ndim != 2 or img.shape[0] < 3:
+        raise SpectrumError(path, "missing_columns", "DR7 image needs rows flux, -, error")
+    n = img.shape[1]
+    loglam = hdr0["COEFF0"] + hdr0["COEFF1"] * np.arange(n, dtype=np.float64)
+    flux = img[0].astype(np.float32)
+    err = img[2].astype(np.float32)
+    with np.errstate(divide="ignore"):
+        ivar = np.where(err > 0, 1.0 / err.astype(np.float64) ** 2, 0.0).astype(np.float32)
+    and_mask = img[3].astype(np.int32) if img.shape[0] > 3 else np.zeros(n, np.int32)
+    objclass = _DR7_CLASS.get(int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
+    return Spectrum(loglam, flux, ivar, and_mask, int(hdr0.get("PLATEID", 0)), int(hdr0.get("MJD", 0)),
+                    int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
+                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0})
+
+
+def spec_filename(plate: int, mjd: int, fiberid: int) -> str:
+    return f"spec-{plate:04d}-{mjd:05d}-{fiberid:04d}.fits"
+
+
+def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd: int, fiberid: int,
+                    objclass: str = "STAR", subclass: str = "", z: float = 0.0, sky=None, model=None,
+                    wdisp=None, header: dict | None = None):
+    """Write a DR8+ lite spectrum file (SDSS datamodel: primary, COADD, SPECOBJ, SPZLINE).
+
+    The file is written to a temporary name and renamed, so a reader never sees half a file.
+    ``model`` defaults to zeros: it must never carry a noiseless truth.
+    """
+    import os
+
+    from astropy.io import fits
+
+    n = len(flux)
+    zeros = np.zeros(n, np.float32)
+    and_mask = np.zeros(n, np.int32) if and_mask is None else np.asarray(and_mask, np.int32)
+    ivar = np.asarray(ivar, np.float32)
+    flux = np.asarray(flux, np.float32)
+    good = ivar > 0
+    snr = float(np.median(flux[good] * np.sqrt(ivar[good]))) if good.any() else 0.0
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["TELESCOP"] = "SDSS 2.5-M"
+    h["PLATEID"], h["MJD"], h["FIBERID"] = plate, mjd, fiberid
+    h["BUNIT"] = FLUX_UNIT
+    h["VACUUM"] = (True, "wavelengths are in vacuum")
+    for k, v in (header or {}).items():
+        h[k] = v
+    coadd = fits.BinTableHDU.from_columns([
+        fits.Column("flux", "E", array=flux),
+        fits.Column("loglam", "E", array=np.asarray(loglam, np.float32)),
+        fits.Column("ivar", "E", array=ivar),
+        fits.Column("and_mask", "J", array=and_mask),
+        fits.Column("or_mask", "J", array=and_mask),
+        fits.Column("wdisp", "E", array=zeros if wdisp is None else np.asarray(wdisp, np.float32)),
+        fits.Column("sky", "E", array=zeros if sky is None else np.asarray(sky, np.float32)),
+        fits.Column("model", "E", array=zeros if model is None else np.asarray(model, np.float32)),
+    ], name="COADD")
+    specobj = fits.BinTableHDU.from_columns([
+        fits.Column("PLATE", "J", array=[plate]), fits.Column("MJD", "J", array=[mjd]),
+        fits.Column("FIBERID", "J", array=[fiberid]), fits.Column("CLASS", "6A", array=[objclass]),
+        fits.Column("SUBCLASS", "21A", array=[subclass]), fits.Column("Z", "E", array=[z]),
+        fits.Column("ZWARNING", "J", array=[0]), fits.Column("SN_MEDIAN_ALL", "E", array=[snr]),
+    ], name="SPECOBJ")
+    spzline = fits.BinTableHDU.from_columns([fits.Column("LINENAME", "13A", array=[])], name="SPZLINE")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fits.HDUList([primary, coadd, specobj, spzline]).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, mjd: int, fiberid: int,
+                     spec_cln: int = 1):
+    """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask)."""
+    from astropy.io import fits
+
+    n = len(flux)
+    img = np.zeros((4, n), np.float32)
+    img[0], img[2] = flux, err
+    img[3] = 0 if mask is None else mask
+    hdu = fits.PrimaryHDU(img)
+    h = hdu.header
+    h["COEFF0"], h["COEFF1"] = loglam0, 1e-4
+    h["PLATEID"], h["MJD"], h["FIBERID"], h["SPEC_CLN"] = plate, mjd, fiberid, spec_cln
+    h["BUNIT"] = FLUX_UNIT
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    hdu.writeto(path, overwrite=True)
+    return Path(path)
