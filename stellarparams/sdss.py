@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
@@ -72,6 +73,7 @@ class Spectrum:
     snr: float = float("nan")
     path: str = ""
     header: dict = field(default_factory=dict)
+    z: float = float("nan")  # SDSS pipeline redshift (SPECOBJ Z; DR7 header Z), NaN if absent
 
     @property
     def name(self) -> str:
@@ -121,22 +123,23 @@ def _read_spec(path, f, hdr0) -> Spectrum:
     ivar = data[names["ivar"]].astype(np.float32)
     and_mask = data[names["and_mask"]].astype(np.int32) if "and_mask" in names else np.zeros(len(flux), np.int32)
     plate, mjd, fiber = hdr0.get("PLATEID", 0), hdr0.get("MJD", 0), hdr0.get("FIBERID", 0)
-    objclass, snr = "", float("nan")
+    objclass, snr, z = "", float("nan"), float("nan")
     if "SPECOBJ" in f:
         so = f["SPECOBJ"]
         socols = set(so.get_colnames())
-        want = [c for c in ("PLATE", "MJD", "FIBERID", "CLASS", "SN_MEDIAN_ALL") if c in socols]
+        want = [c for c in ("PLATE", "MJD", "FIBERID", "CLASS", "SN_MEDIAN_ALL", "Z") if c in socols]
         row = so.read(columns=want, rows=[0])[0] if want else None
         if row is not None:
-            get = dict(zip(want, row))
+            get = {n: row[n] for n in row.dtype.names}  # fitsio returns columns in file order
             plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)
             c = get.get("CLASS", b"")
             objclass = (c.decode() if isinstance(c, bytes) else str(c)).strip().upper()
             snr = float(get.get("SN_MEDIAN_ALL", np.nan))
+            z = float(get.get("Z", np.nan))
     if not np.isfinite(snr):
         snr = _median_snr(flux, ivar)
     return Spectrum(loglam, flux, ivar, and_mask, int(plate), int(mjd), int(fiber), objclass, snr, str(path),
-                    {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0})
+                    {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}, z)
 
 
 def _read_spspec(path, f, hdr0) -> Spectrum:
@@ -153,7 +156,7 @@ def _read_spspec(path, f, hdr0) -> Spectrum:
     objclass = _DR7_CLASS.get(int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
     return Spectrum(loglam, flux, ivar, and_mask, int(hdr0.get("PLATEID", 0)), int(hdr0.get("MJD", 0)),
                     int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
-                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0})
+                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0}, float(hdr0.get("Z", np.nan)))
 
 
 def spec_filename(plate: int, mjd: int, fiberid: int) -> str:
@@ -213,8 +216,10 @@ def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd:
 
 
 def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, mjd: int, fiberid: int,
-                     spec_cln: int = 1):
+                     spec_cln: int = 1, z: float | None = None):
     """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask)."""
+    import os
+
     from astropy.io import fits
 
     n = len(flux)
@@ -225,7 +230,99 @@ def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, 
     h = hdu.header
     h["COEFF0"], h["COEFF1"] = loglam0, 1e-4
     h["PLATEID"], h["MJD"], h["FIBERID"], h["SPEC_CLN"] = plate, mjd, fiberid, spec_cln
+    if z is not None:
+        h["Z"] = z
     h["BUNIT"] = FLUX_UNIT
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    hdu.writeto(path, overwrite=True)
-    return Path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    hdu.writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# SSPP label catalog (sppParams)
+
+SENTINEL = -9000.0  # SSPP writes -9999 (and other values <= -9000) for "missing"
+CATALOG_ID_COLUMNS = ("PLATE", "MJD", "FIBERID")
+CATALOG_VALUE_COLUMNS = ("TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP", "RV_ADOP")
+
+
+def error_column(df: pd.DataFrame, column: str) -> str | None:
+    """Name of the uncertainty column of ``column`` in ``df`` (``X_UNC`` or ``X_ERR``), or None."""
+    for c in (column + "_UNC", column + "_ERR"):
+        if c in df.columns:
+            return c
+    return None
+
+
+def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
+    """Read an SSPP ``sppParams`` label catalog (FITS, CSV or Parquet) as a DataFrame.
+
+    Column names come back upper-case. ``columns`` maps our names to the catalog's where
+    they differ, e.g. ``{"TEFF_ADOP": "teff_spec", "FIBERID": "fiber"}``; a plain SSPP
+    ``FIBER`` column is renamed ``FIBERID``. Missing values (-9999 and any value <= -9000)
+    become NaN in every numeric column except PLATE/MJD/FIBERID. Multi-dimensional FITS
+    columns are dropped, string columns are stripped. Standard columns: PLATE, MJD, FIBERID,
+    TEFF_ADOP, FEH_ADOP, LOGG_ADOP, RV_ADOP and their ``_UNC``/``_ERR`` uncertainties;
+    an optional FILE column names the spectrum file of a row directly.
+    """
+    if isinstance(path, pd.DataFrame):
+        df = path.copy()
+        source = "<DataFrame>"
+    else:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: catalog not found")
+        name = path.name.lower()
+        try:
+            if name.endswith((".csv", ".csv.gz", ".txt")):
+                df = pd.read_csv(path)
+            elif name.endswith((".parquet", ".pq")):
+                df = pd.read_parquet(path)
+            elif name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz", ".fts")):
+                df = _read_fits_table(path)
+            else:
+                raise ValueError("unknown catalog format; use .fits, .csv or .parquet")
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise ValueError(f"{path}: cannot read the catalog: {e}") from e
+    df.columns = [str(c).strip().upper() for c in df.columns]
+    if columns:
+        # our name -> catalog name; catalog names are matched case-insensitively
+        ren = {str(theirs).strip().upper(): str(ours).strip().upper() for ours, theirs in columns.items()}
+        missing = [t for t in ren if t not in df.columns]
+        if missing:
+            raise ValueError(f"{source}: catalog has no column(s) {', '.join(missing)} "
+                             f"(it has {', '.join(df.columns[:30])})")
+        df = df.drop(columns=[o for t, o in ren.items() if o in df.columns and o != t]).rename(columns=ren)
+    if "FIBERID" not in df.columns and "FIBER" in df.columns:
+        df = df.rename(columns={"FIBER": "FIBERID"})
+    for c in df.columns:
+        col = df[c]
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            v = col.to_numpy(np.float64, na_value=np.nan)
+            if c not in CATALOG_ID_COLUMNS and (v <= SENTINEL).any():
+                df[c] = np.where(v <= SENTINEL, np.nan, v)
+        else:
+            df[c] = col.map(lambda v: (v.decode("ascii", "replace") if isinstance(v, bytes) else v).strip()
+                            if isinstance(v, (str, bytes)) else v)
+    return df.reset_index(drop=True)
+
+
+def _read_fits_table(path) -> pd.DataFrame:
+    from astropy.table import Table
+
+    t = Table.read(path, hdu=1, format="fits", character_as_bytes=False)
+    keep = [c for c in t.colnames if t[c].ndim == 1]
+    t = t[keep]
+    for c in keep:
+        if hasattr(t[c], "mask"):
+            t[c] = t[c].filled(np.nan if t[c].dtype.kind == "f" else t[c].fill_value)
+    df = t.to_pandas()
+    for c in df.columns:  # FITS is big-endian; pandas prefers native
+        dt = df[c].dtype
+        if isinstance(dt, np.dtype) and dt.byteorder == ">":
+            df[c] = df[c].astype(dt.newbyteorder("="))
+    return df

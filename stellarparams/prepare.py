@@ -1,0 +1,581 @@
+"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (METHOD.md steps 1-4).
+
+Per spectrum (:func:`preprocess`):
+1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
+2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
+3. one cubic spline (SciPy) through the good pixels, evaluated on the common grid, with
+   the ends clamped (nearest available flux outside the spectrum's coverage);
+4. standardize: subtract the mean over the P grid pixels, divide by the population std.
+
+:func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
+``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
+Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
+resumes where it stopped and a finished run with the same inputs is a no-op.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.interpolate import CubicSpline
+
+from . import sdss
+from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
+
+REJECTS_FILE = "rejects.csv"
+SUMMARY_FILE = "summary.json"
+PARTIAL_DIR = ".partial"
+REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail"]
+MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
+
+
+@dataclass
+class PrepareConfig:
+    """Preprocessing options; the defaults are the paper's (METHOD.md).
+
+    grid: common log10-wavelength grid (4000 pixels, 3.5754-3.9670)
+    bad_mask: SPPIXMASK bits that make a pixel unusable (sdss.DEFAULT_BAD_MASK)
+    min_coverage: fraction of grid pixels that must come from good data, else "low_coverage"
+    rest_frame: shift to the rest frame with the catalog RV (km/s) before resampling
+    labels: our label name -> catalog column
+    rv_column: catalog column with the heliocentric radial velocity, km/s
+    reject_classes: spectrum CLASS values rejected as "not_a_star"
+    """
+
+    grid: Grid = field(default_factory=Grid)
+    bad_mask: int = sdss.DEFAULT_BAD_MASK
+    min_coverage: float = 0.5
+    rest_frame: bool = True
+    labels: dict = field(default_factory=lambda: {"teff": "TEFF_ADOP", "feh": "FEH_ADOP", "logg": "LOGG_ADOP"})
+    rv_column: str = "RV_ADOP"
+    reject_classes: tuple = ("GALAXY", "QSO")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reject_classes"] = list(self.reject_classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrepareConfig":
+        d = dict(d)
+        if isinstance(d.get("grid"), dict):
+            d["grid"] = Grid(**d["grid"])
+        if "reject_classes" in d:
+            d["reject_classes"] = tuple(d["reject_classes"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# one spectrum
+
+@lru_cache(maxsize=1)
+def _c_kms() -> float:
+    from astropy.constants import c
+
+    return float(c.to_value("km/s"))
+
+
+def doppler_log_shift(rv_kms: float) -> float:
+    """log10(1+z) of the relativistic Doppler factor 1+z = sqrt((1+b)/(1-b)), b = v/c."""
+    b = float(rv_kms) / _c_kms()
+    return 0.5 * np.log10((1.0 + b) / (1.0 - b))
+
+
+@lru_cache(maxsize=8)
+def _grid_loglam(grid: Grid) -> np.ndarray:
+    g = grid.loglam
+    g.flags.writeable = False
+    return g
+
+
+def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig()):
+    """Resample one spectrum onto the common rest-frame grid and standardize it.
+
+    spec: a Spectrum on its native grid (observed frame)
+    rv_kms: heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False)
+    Returns flux (P,) float32 with mean 0 and population std 1 over the P grid pixels, and
+    valid (P,) bool: True where the pixel lies inside the good coverage and within
+    ~2 native pixels of a good pixel. Raises sdss.SpectrumError (reasons: missing_rv,
+    bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels, low_coverage, constant_flux).
+    """
+    path = spec.path
+    loglam = np.asarray(spec.loglam, np.float64)
+    flux = np.asarray(spec.flux)
+    good = spec.good(config.bad_mask) & np.isfinite(loglam)
+    n_nonfinite = int(np.count_nonzero(~np.isfinite(flux) & (spec.ivar > 0)))
+    n_good = int(np.count_nonzero(good))
+    if n_good == 0:
+        if n_nonfinite:
+            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} pixels with ivar > 0 have NaN/inf flux")
+        raise sdss.SpectrumError(path, "no_good_pixels", "every pixel has ivar == 0 or a bad and_mask bit")
+    if n_good < 4:
+        raise sdss.SpectrumError(path, "too_few_pixels", f"{n_good} good pixels, a cubic spline needs 4")
+    x = loglam[good]
+    y = flux[good].astype(np.float64)
+    dx = np.diff(x)
+    if not (dx > 0).all():
+        raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not strictly increasing")
+    if config.rest_frame:
+        if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
+            raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
+        x = x - doppler_log_shift(rv_kms)
+
+    grid = _grid_loglam(config.grid)
+    out = CubicSpline(x, y, extrapolate=False)(np.clip(grid, x[0], x[-1]))  # clamp = nearest flux
+
+    # validity: inside the good coverage and near a good pixel
+    step = float(np.median(np.diff(loglam[np.isfinite(loglam)])))
+    j = np.searchsorted(x, grid)
+    inside = (j > 0) & (j < len(x)) | (grid == x[0])
+    jc = np.clip(j, 1, len(x) - 1)
+    dist = np.minimum(grid - x[jc - 1], x[jc] - grid)
+    valid = inside & (dist <= MAX_GAP_PIX * step * (1 + 1e-6))
+    coverage = float(valid.mean())
+    if coverage < config.min_coverage:
+        why = f"{coverage:.1%} of the grid from good data, need {config.min_coverage:.0%}"
+        if n_nonfinite:
+            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} NaN/inf pixels; {why}")
+        raise sdss.SpectrumError(path, "low_coverage", why)
+
+    mean, std = out.mean(), out.std()
+    if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
+        raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
+    return ((out - mean) / std).astype(np.float32), valid
+
+
+def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
+    """Read one SDSS spectrum file and preprocess it; returns (Spectrum, flux (P,), valid (P,))."""
+    spec = sdss.read_spectrum(path)
+    flux, valid = preprocess(spec, rv_kms, config)
+    return spec, flux, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# finding files and matching them to the catalog
+
+_SPEC_RE = re.compile(r"^spec-(\d+)-(\d+)-(\d+)\.fits(\.gz)?$", re.I)
+_SPSPEC_RE = re.compile(r"^spSpec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
+
+
+def parse_spectrum_name(name: str):
+    """(plate, mjd, fiberid) from ``spec-PLATE-MJD-FIBER.fits`` or ``spSpec-MJD-PLATE-FIBER.fit``, else None."""
+    m = _SPEC_RE.match(name)
+    if m:
+        return int(m[1]), int(m[2]), int(m[3])
+    m = _SPSPEC_RE.match(name)
+    if m:
+        return int(m[2]), int(m[1]), int(m[3])
+    return None
+
+
+def find_spectra(folder) -> list[Path]:
+    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: spectra folder not found")
+    return sorted(p for p in folder.rglob("*") if parse_spectrum_name(p.name) and p.is_file())
+
+
+def _input_hash(cat: pd.DataFrame, files: list[Path], job: dict) -> str:
+    h = hashlib.sha256()
+    h.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
+    h.update(",".join(cat.columns).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(job, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+def assign_splits(n: int, seed: int = 0, fractions=(0.6, 0.1, 0.3), groups=None) -> np.ndarray:
+    """Shuffled train/val/test assignment (0/1/2) of n rows, (n,) uint8.
+
+    With ``groups`` ((n,) keys), all rows of one group land in the same split; groups are
+    shuffled with the seed and filled in order until each split holds its fraction of rows.
+    """
+    f = np.asarray(fractions, np.float64)
+    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    f = f / f.sum()
+    keys = np.arange(n) if groups is None else np.asarray(groups).astype(str)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    sizes = np.bincount(inv, minlength=len(uniq))[order]
+    mid = (np.cumsum(sizes) - sizes / 2) / max(n, 1)  # each group's midpoint in [0, 1]
+    split_of_group = np.empty(len(uniq), np.uint8)
+    split_of_group[order] = np.searchsorted(np.cumsum(f)[:2], mid, side="right")
+    return split_of_group[inv].reshape(-1)
+
+
+def _parse_split_values(values) -> np.ndarray:
+    """train/val/test (or validation, 0/1/2) -> 0/1/2; 255 where not understood."""
+    names = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "0": 0, "1": 1, "2": 2}
+    out = []
+    for v in values:
+        s = str(v).strip().lower()
+        if s.endswith(".0"):
+            s = s[:-2]
+        out.append(names.get(s, 255))
+    return np.array(out, np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the work of one chunk (runs in a worker process)
+
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) -> dict:
+    """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
+
+    items: list of (row, file, rv). Returns counts and rejects (small, for the main process).
+    """
+    P = config.grid.n_pix
+    flux = np.empty((len(items), P), np.float32)
+    valid = np.empty((len(items), P), bool)
+    rows, snr, rejects = [], [], []
+    for row, path, rv in items:
+        try:
+            spec = sdss.read_spectrum(path)
+            if spec.objclass in config.reject_classes:
+                raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+            f, v = preprocess(spec, rv, config)
+        except sdss.SpectrumError as e:
+            rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
+            continue
+        except Exception as e:  # a file we did not foresee must not stop the batch
+            rejects.append({"row": row, "file": str(path), "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        k = len(rows)
+        flux[k], valid[k] = f, v
+        rows.append(row)
+        snr.append(spec.snr)
+    n = len(rows)
+    out = Path(partial) / f"chunk-{chunk_id:05d}.npz"
+    tmp = out.with_name(out.stem + ".tmp.npz")
+    np.savez(tmp, flux=flux[:n], valid=valid[:n], rows=np.array(rows, np.int64), snr=np.array(snr, np.float32),
+             rejects=np.array(json.dumps(rejects)))
+    os.replace(tmp, out)
+    return {"chunk": chunk_id, "n": len(items), "kept": n, "rejects": rejects}
+
+
+def _load_chunk_summary(path: Path) -> dict:
+    with np.load(path) as z:
+        return {"rows": z["rows"], "snr": z["snr"], "rejects": json.loads(str(z["rejects"]))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole job
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _log(msg, progress):
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
+            seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
+            split_column: str | None = None, chunk_size: int = 256, progress: bool = True) -> dict:
+    """Turn a folder of SDSS spectra plus an SSPP catalog into ``out/dataset.h5``.
+
+    catalog: path (FITS/CSV/Parquet) or DataFrame, read with :func:`sdss.read_catalog`
+    spectra: folder searched recursively for spec-*.fits / spSpec-*.fit(.gz); rows match files
+        by (PLATE, MJD, FIBERID), or by a FILE column (absolute, or relative to ``spectra``)
+    out: dataset folder; gets dataset.h5, rejects.csv, summary.json
+    workers: processes (default: all CPUs); seed, fractions: the shuffled train/val/test split
+    group_by: catalog column whose rows stay in one split (default STAR_ID when present)
+    split_column: catalog column with train/val/test (or 0/1/2) to use as given
+    Returns the summary dict (also saved as summary.json). Rejected rows and files are
+    listed in rejects.csv with their reason; none stops the batch.
+    """
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    spectra = Path(spectra)
+    cat = sdss.read_catalog(catalog)
+    cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
+    for c in sdss.CATALOG_ID_COLUMNS:
+        if c not in cat.columns and "FILE" not in cat.columns:
+            raise ValueError(f"{cat_name}: catalog needs PLATE, MJD, FIBERID (or FILE) columns; it has "
+                             f"{', '.join(cat.columns[:30])}")
+    if config.rest_frame and config.rv_column not in cat.columns:
+        raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; "
+                         f"map it with PrepareConfig(rv_column=...) or set rest_frame=False")
+    for c in (split_column, group_by):
+        if c is not None and c.upper() not in cat.columns:
+            raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(cat.columns[:30])})")
+    split_column = split_column.upper() if split_column else None
+    group_by = group_by.upper() if group_by else None
+    if group_by is None and split_column is None and "STAR_ID" in cat.columns:
+        group_by = "STAR_ID"
+        _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
+
+    files = find_spectra(spectra)
+    job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
+           "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve())}
+    input_hash = _input_hash(cat, files, job)
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / DATA_FILE
+    if final.exists() and (out / SUMMARY_FILE).exists():
+        import h5py
+
+        try:
+            with h5py.File(final, "r") as f:
+                done_hash = json.loads(f.attrs.get("input_hash", '""'))
+        except OSError:
+            done_hash = None
+        if done_hash == input_hash:
+            summary = json.loads((out / SUMMARY_FILE).read_text())
+            summary["up_to_date"] = True
+            _log(f"{final}: already prepared from the same inputs (input_hash {input_hash}); nothing to do", progress)
+            return summary
+
+    # --- match catalog rows and files ------------------------------------------------------
+    rejects = []  # dicts with REJECT_COLUMNS (+ row)
+
+    by_key = {}
+    for p in files:
+        by_key.setdefault(parse_spectrum_name(p.name), p)
+    if "FILE" in cat.columns:
+        row_files = [None if pd.isna(f) or str(f) == "" else
+                     (Path(f) if Path(f).is_absolute() else spectra / f) for f in cat["FILE"]]
+    else:
+        row_files = [None] * len(cat)
+    if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
+        ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+        keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
+    else:
+        keys = [None] * len(cat)
+    ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
+    dup = pd.Series(ident).duplicated().to_numpy() & np.array([i is not None for i in ident], bool)
+
+    def reject(row, file, reason, detail=""):
+        key = keys[row] or (None, None, None)
+        rejects.append({"file": str(file or ""), "plate": key[0], "mjd": key[1], "fiberid": key[2],
+                        "reason": reason, "detail": detail})
+
+    rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
+    work = []  # (row, file, rv)
+    used = set()
+    cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
+    for i in range(len(cat)):
+        f = row_files[i] or by_key.get(keys[i])
+        if dup[i]:
+            reject(i, f, "duplicate_row", "same spectrum as an earlier catalog row; kept the first")
+            continue
+        if f is None or (row_files[i] is not None and not f.exists()):
+            reject(i, f, "no_file", f"no spectrum file for catalog row {i}")
+            continue
+        used.add(Path(f).resolve())
+        if cls_col is not None and cls_col[i] in config.reject_classes:
+            reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
+            continue
+        if config.rest_frame and not np.isfinite(rv[i]):
+            reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999)")
+            continue
+        work.append((i, str(f), float(rv[i])))
+    for p in files:
+        if p.resolve() not in used:
+            k = parse_spectrum_name(p.name)
+            rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
+                            "reason": "no_catalog_row", "detail": "file has no matching catalog row"})
+
+    # --- resumable parallel preprocessing ---------------------------------------------------
+    partial = out / PARTIAL_DIR
+    job_file = partial / "job.json"
+    if partial.exists():
+        try:
+            old = json.loads(job_file.read_text()).get("input_hash")
+        except (OSError, ValueError):
+            old = None
+        if old != input_hash:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_atomic(job_file, json.dumps({"input_hash": input_hash, "n_work": len(work)}))
+    chunks = [work[i:i + chunk_size] for i in range(0, len(work), chunk_size)]
+    todo = [k for k in range(len(chunks)) if not (partial / f"chunk-{k:05d}.npz").exists()]
+    if len(todo) < len(chunks):
+        _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    n_todo = sum(len(chunks[k]) for k in todo)
+    bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
+    if workers == 1 or len(todo) <= 1:
+        for k in todo:
+            r = _run_chunk(k, chunks[k], config, str(partial))
+            bar.update(r["n"])
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futs = [pool.submit(_run_chunk, k, chunks[k], config, str(partial)) for k in todo]
+            for fut in as_completed(futs):
+                bar.update(fut.result()["n"])
+    bar.close()
+
+    # --- assemble ---------------------------------------------------------------------------
+    parts = [_load_chunk_summary(partial / f"chunk-{k:05d}.npz") for k in range(len(chunks))]
+    file_of_row = {i: f for i, f, _ in work}
+    for part in parts:
+        for r in part["rejects"]:
+            reject(r["row"], file_of_row.get(r["row"], r["file"]), r["reason"], r["detail"])
+    rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
+    snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
+    kept = cat.iloc[rows].reset_index(drop=True)
+
+    if split_column:
+        split = _parse_split_values(kept[split_column])
+        bad = split == 255
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
+                       f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
+    else:
+        groups = kept[group_by].astype(str).to_numpy() if group_by else None
+        split = assign_splits(len(kept), seed, fractions, groups)
+        bad = np.zeros(len(kept), bool)
+
+    names = list(config.labels)
+    labels = np.full((len(kept), len(names)), np.nan, np.float32)
+    label_err = np.full_like(labels, np.nan)
+    for j, (name, col) in enumerate(config.labels.items()):
+        col = col.upper()
+        if col in kept.columns:
+            labels[:, j] = kept[col].to_numpy(np.float64, na_value=np.nan)
+            ecol = sdss.error_column(kept, col)
+            if ecol:
+                label_err[:, j] = kept[ecol].to_numpy(np.float64, na_value=np.nan)
+        else:
+            _log(f"warning: catalog has no {col} column; label {name} is NaN for every row", progress)
+    id_col = group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
+    if id_col:
+        object_id = kept[id_col].astype(str).to_numpy()
+    else:
+        object_id = np.array([f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else Path(file_of_row[int(r)]).stem
+                              for r, k in zip(rows, (keys[int(r)] for r in rows))], dtype=object)
+    meta = pd.DataFrame({
+        "plate": kept["PLATE"].to_numpy(np.int32) if "PLATE" in kept else np.zeros(len(kept), np.int32),
+        "mjd": kept["MJD"].to_numpy(np.int32) if "MJD" in kept else np.zeros(len(kept), np.int32),
+        "fiberid": kept["FIBERID"].to_numpy(np.int32) if "FIBERID" in kept else np.zeros(len(kept), np.int32),
+        "object_id": object_id,
+        "file": [file_of_row[int(r)] for r in rows],
+        "rv": kept[config.rv_column].to_numpy(np.float32, na_value=np.nan) if config.rv_column in kept else np.nan,
+        "snr": snr,
+    })
+    standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, split_column or ""}
+    for col in config.labels.values():
+        standard |= {col.upper(), col.upper() + "_UNC", col.upper() + "_ERR"}
+    extra_cols = [c for c in kept.columns if c not in standard and pd.api.types.is_numeric_dtype(kept[c])
+                  and not pd.api.types.is_bool_dtype(kept[c])]
+    extra = kept[extra_cols].astype(np.float64) if extra_cols else None
+
+    attrs = {"grid": config.grid.to_dict(), "preprocess": config.to_dict(), "version": __version__,
+             "input_hash": input_hash, "created": pd.Timestamp.now("UTC").isoformat(),
+             "seed": seed, "fractions": list(fractions), "group_by": group_by, "split_column": split_column,
+             "catalog": cat_name, "spectra": str(spectra)}
+    tmp = partial / (DATA_FILE + ".tmp")
+    keep_mask = ~bad
+    with create_dataset(tmp, config.grid.n_pix, names, attrs) as f:
+        start = 0
+        for k, part in enumerate(parts):
+            n = len(part["rows"])
+            sel = np.flatnonzero(keep_mask[start:start + n])
+            if len(sel):
+                with np.load(partial / f"chunk-{k:05d}.npz") as z:
+                    fl, va = z["flux"][sel], z["valid"][sel]
+                idx = start + sel
+                append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
+                            meta.iloc[idx].reset_index(drop=True),
+                            None if extra is None else extra.iloc[idx].reset_index(drop=True))
+            start += n
+
+    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    for c in ("plate", "mjd", "fiberid"):
+        rej[c] = pd.to_numeric(rej[c], errors="coerce").astype("Int64")
+    n_kept = int(keep_mask.sum())
+    seconds = time.perf_counter() - t0
+    summary = {
+        "dataset": str(final), "input_hash": input_hash, "catalog_rows": len(cat), "files_found": len(files),
+        "read": len(work), "kept": n_kept, "rejected": int(len(rej)),
+        "rejected_by_reason": {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()},
+        "splits": {s: int(((split == i) & keep_mask).sum()) for s, i in SPLITS.items()},
+        "group_by": group_by, "split_column": split_column, "seed": seed,
+        "seconds": round(seconds, 2), "spectra_per_s": round(len(work) / max(seconds, 1e-9), 1),
+        "version": __version__,
+    }
+    # publish: rejects and summary first, the dataset last (its presence marks a finished job)
+    rej.to_csv(partial / REJECTS_FILE, index=False)
+    os.replace(partial / REJECTS_FILE, out / REJECTS_FILE)
+    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))
+    os.replace(tmp, final)
+    shutil.rmtree(partial, ignore_errors=True)
+    if progress:
+        print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"prepared {s['kept']} of {s['read']} spectra read ({s['files_found']} files, "
+             f"{s['catalog_rows']} catalog rows) in {s['seconds']:.1f} s ({s['spectra_per_s']:.0f} spectra/s)",
+             "  splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items())]
+    if s["rejected_by_reason"]:
+        lines.append(f"  rejected {s['rejected']}: " + ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items()))
+    lines.append(f"  -> {s['dataset']} (rejects.csv, summary.json beside it)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(p):
+    p.description = ("Turn a folder of SDSS spectra (spec-*.fits, spSpec-*.fit) plus an SSPP label catalog "
+                     "into a prepared dataset: rest-frame shift with RV_ADOP, one cubic-spline resampling onto "
+                     "the 4000-pixel grid, per-spectrum standardization, shuffled 60/10/30 split. Writes "
+                     "OUT/dataset.h5, OUT/rejects.csv (every file or row left out, with its reason) and "
+                     "OUT/summary.json. An interrupted run resumes; re-running with the same inputs does nothing.")
+    p.add_argument("--catalog", required=True, help="SSPP sppParams catalog (.fits, .csv or .parquet)")
+    p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively)")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled split")
+    p.add_argument("--fractions", default="0.6,0.1,0.3", help="train,val,test fractions")
+    p.add_argument("--group-by", default=None, help="catalog column whose rows stay in one split "
+                   "(default: STAR_ID when the catalog has it)")
+    p.add_argument("--split-column", default=None, help="catalog column with train/val/test (or 0/1/2) to use as given")
+    p.add_argument("--min-coverage", type=float, default=0.5, help="fraction of the grid that must come from good pixels")
+    p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+
+
+def run_cli(args) -> int:
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
+        return 2
+    config = PrepareConfig(min_coverage=args.min_coverage, rest_frame=not args.no_rest_frame)
+    try:
+        prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
+                fractions=fractions, group_by=args.group_by, split_column=args.split_column,
+                progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
