@@ -352,7 +352,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     net.eval()
     _, best_mae = evaluate(Xva, Yva, yva)
     metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
-               "train_time_s": train_time, "n_train": n_tr, "n_val": len(iva), "n_params": count_parameters(net)}
+               "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr, "n_val": len(iva), "n_params": count_parameters(net)}
     model = Model(net, labels, center, scale, model_config=mc, train_config=tc, label_units=units,
                   label_ranges=label_ranges, grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"),
                   metrics=metrics, history=history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,

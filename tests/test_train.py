@@ -1,0 +1,140 @@
+"""Training: target scaling, loss weights, LR schedule, learning, best weights, resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.preprocessing import RobustScaler
+
+from stellarparams.dataset import write_dataset
+from stellarparams.model import ModelConfig
+from stellarparams.train import TrainConfig, load_config, lr_factor, masked_huber, train
+
+torch.set_num_threads(1)
+TINY = ModelConfig(n_in=48, stem_width=32, block_widths=(16,), heads={"teff": (16,), "feh": (8,), "logg": (16,)})
+
+
+def make_dataset(folder, n=360, p=48, seed=0, missing=0):
+    """Spectra that depend smoothly (and non-linearly) on three labels, standardized per row."""
+    rng = np.random.default_rng(seed)
+    y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-2.5, 0.5, n), rng.uniform(1, 5, n)]
+    z = (y - [6500, -1, 3]) / [1500, 0.9, 1.2]
+    A = np.random.default_rng(99).normal(size=(3, p))
+    X = np.tanh(z @ A) + 0.4 * (z[:, :1] * z[:, 1:2]) * A[2] + 0.03 * rng.normal(size=(n, p))
+    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
+    split = np.repeat([0, 1, 2], [int(0.6 * n), int(0.15 * n), n - int(0.6 * n) - int(0.15 * n)])
+    y = y.astype(np.float32)
+    if missing:
+        y[rng.choice(int(0.6 * n), missing, replace=False), 1] = np.nan  # some train rows lack [Fe/H]
+    return write_dataset(folder, X, y, split)
+
+
+def test_lr_schedule_warmup_peak_and_floor():
+    total = 1000  # warm-up = 50 steps
+    assert lr_factor(0, total) == pytest.approx(1 / 50)
+    assert lr_factor(49, total) == pytest.approx(1.0)   # end of warm-up: peak
+    assert lr_factor(50, total) == pytest.approx(1.0)   # cosine starts at the peak
+    assert lr_factor(999, total) == pytest.approx(0.01)  # last step: the floor
+    mid = 50 + (999 - 50) / 2
+    assert lr_factor(int(mid), total) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 50) / 949)))
+    assert all(lr_factor(s, total) >= lr_factor(s + 1, total) for s in range(50, 999))
+
+
+def test_masked_huber_ignores_missing_labels():
+    pred = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    target = torch.tensor([[0.5, float("nan")], [3.0, 2.0]])
+    w = torch.tensor([2.0, 1.0])
+    # label 0: mean(0.5*0.25, 3-0.5) ; label 1: only row 2: 2-0.5
+    expect = 2.0 * (0.125 + 2.5) / 2 + 1.0 * 1.5
+    assert float(masked_huber(pred, target, w)) == pytest.approx(expect)
+
+
+def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
+    ds = make_dataset(tmp_path / "ds", missing=20)
+    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1)
+    model = train(ds, None, TINY, tc, progress=False)
+    h = model.history
+    assert len(h) == 12 and h[-1]["val_loss"] < h[0]["val_loss"]
+    # best-validation weights are the ones kept
+    best = min(r["val_loss"] for r in h)
+    assert model.best_val_loss == pytest.approx(best)
+    assert model.metrics["best_epoch"] == 1 + int(np.argmin([r["val_loss"] for r in h]))
+    # RobustScaler fitted on the train split only; loss weights = 1 / var(scaled train labels)
+    ytr = ds.labels(ds.indices("train")).astype(np.float64)
+    sc = RobustScaler().fit(ytr)
+    np.testing.assert_allclose(model.center, sc.center_)
+    np.testing.assert_allclose(model.scale, sc.scale_)
+    w = 1 / np.nanvar(sc.transform(ytr), axis=0)
+    np.testing.assert_allclose([model.metrics["loss_weights"][l] for l in ("teff", "feh", "logg")], w, rtol=1e-5)
+    # LR at the very end of training is the floor
+    assert h[-1]["lr"] == pytest.approx(tc.lr * tc.lr_floor)
+    # beats predicting the training median on the test split, for every label
+    te = ds.indices("test")
+    y, p = ds.labels(te), model.predict(ds.flux(te))
+    mae = np.abs(p - y).mean(0)
+    mae_median = np.abs(np.nanmedian(ytr, axis=0) - y).mean(0)
+    assert np.all(mae < 0.6 * mae_median), (mae, mae_median)
+
+
+def test_deterministic_with_seed(tmp_path):
+    ds = make_dataset(tmp_path / "ds", n=200)
+    tc = TrainConfig(epochs=2, batch_size=32, seed=3)
+    a = train(ds, None, TINY, tc, progress=False)
+    b = train(ds, None, TINY, tc, progress=False)
+    X = ds.flux(ds.indices("test"))
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    c = train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=4), progress=False)
+    assert not np.array_equal(a.predict(X), c.predict(X))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    ds = make_dataset(tmp_path / "ds", n=200)
+    tc = TrainConfig(epochs=4, batch_size=32, seed=5)
+    full = train(ds, tmp_path / "full", TINY, tc, progress=False)
+
+    def kill(epoch, val_loss, metrics):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(ds, tmp_path / "m", TINY, tc, on_epoch=kill, progress=False)
+    assert (tmp_path / "m" / "checkpoint.safetensors").exists() and not (tmp_path / "m" / "model.json").exists()
+    seen = []
+    resumed = train(ds, tmp_path / "m", TINY, tc, on_epoch=lambda e, v, m: seen.append(e), progress=False)
+    assert seen == [2, 3]  # only the missing epochs ran
+    assert [r["val_loss"] for r in resumed.history] == pytest.approx([r["val_loss"] for r in full.history])
+    X = ds.flux()
+    np.testing.assert_allclose(resumed.predict(X), full.predict(X), rtol=1e-5, atol=1e-3)
+    assert not (tmp_path / "m" / "checkpoint.safetensors").exists()
+    # a finished folder is not retrained; another config there is refused
+    again = train(ds, tmp_path / "m", TINY, tc, on_epoch=lambda *a: seen.append("ran"), progress=False)
+    assert "ran" not in seen and np.array_equal(again.predict(X), resumed.predict(X))
+    with pytest.raises(ValueError, match="another config"):
+        train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5), progress=False)
+
+
+def test_custom_net_and_label_subset(tmp_path):
+    ds = make_dataset(tmp_path / "ds", n=120)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    cfg = ModelConfig(heads={"logg": (8,), "teff": (8,)})
+    model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32), net=net, progress=False)
+    assert model.net is net and model.label_names == ["logg", "teff"] and model.label_units == ["dex", "K"]
+    assert model.predict(ds.flux([0, 1])).shape == (2, 2)
+    with pytest.raises(ValueError, match="not in the dataset"):
+        train(ds, None, ModelConfig(heads={"mgfe": (8,)}), TrainConfig(epochs=1), progress=False)
+
+
+def test_toml_config(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[model]\nstem_width = 96\nblock_widths = [64, 32]\n[model.heads]\nteff = [48, 32]\n"
+                 "[train]\nepochs = 7\nlr = 1e-3\n")
+    mc, tc = load_config(p)
+    assert mc.stem_width == 96 and mc.block_widths == (64, 32) and mc.heads == {"teff": (48, 32)}
+    assert tc.epochs == 7 and tc.lr == 1e-3 and tc.batch_size == 256
+    p.write_text("[train]\nepoch = 7\n")
+    with pytest.raises(ValueError, match="epoch"):
+        load_config(p)
