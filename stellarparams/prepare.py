@@ -123,9 +123,8 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         raise sdss.SpectrumError(path, "too_few_pixels", f"{n_good} good pixels, a cubic spline needs 4")
     x = loglam[good]
     y = flux[good].astype(np.float64)
-    dx = np.diff(x)
-    if not (dx > 0).all():
-        raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not strictly increasing")
+    if not np.isfinite(loglam[[0, -1]]).all() or not (np.diff(x) > 0).all():
+        raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
     if config.rest_frame:
         if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
             raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
@@ -135,7 +134,7 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     out = CubicSpline(x, y, extrapolate=False)(np.clip(grid, x[0], x[-1]))  # clamp = nearest flux
 
     # validity: inside the good coverage and near a good pixel
-    step = float(np.median(np.diff(loglam[np.isfinite(loglam)])))
+    step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
     j = np.searchsorted(x, grid)
     inside = (j > 0) & (j < len(x)) | (grid == x[0])
     jc = np.clip(j, 1, len(x) - 1)

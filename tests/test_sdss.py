@@ -1,0 +1,154 @@
+"""SDSS readers and writers on files written to the SDSS datamodel, and the SSPP catalog reader."""
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from stellarparams import sdss
+
+
+def _spectrum(n=3900, loglam0=3.5800, seed=0):
+    rng = np.random.default_rng(seed)
+    loglam = loglam0 + 1e-4 * np.arange(n)
+    flux = (100 + 20 * np.sin(loglam * 200) + rng.normal(0, 1, n)).astype(np.float32)
+    ivar = rng.uniform(0.5, 2, n).astype(np.float32)
+    mask = np.zeros(n, np.int32)
+    mask[100:105] = sdss.pixmask("NODATA")
+    mask[200] = sdss.pixmask("NEARBADPIXEL")  # informational only, not a bad bit
+    return loglam, flux, ivar, mask
+
+
+def test_spec_lite_round_trip(tmp_path):
+    loglam, flux, ivar, mask = _spectrum()
+    path = sdss.write_spec_lite(tmp_path / sdss.spec_filename(1234, 56789, 42), loglam, flux, ivar, mask,
+                                plate=1234, mjd=56789, fiberid=42, objclass="STAR", z=1.5e-4,
+                                header={"RA": 12.5, "DEC": -3.25})
+    assert path.name == "spec-1234-56789-0042.fits"
+    s = sdss.read_spectrum(path)
+    np.testing.assert_allclose(s.loglam, loglam, atol=2e-7)  # stored as float32 like SDSS
+    np.testing.assert_array_equal(s.flux, flux)
+    np.testing.assert_array_equal(s.ivar, ivar)
+    np.testing.assert_array_equal(s.and_mask, mask)
+    assert (s.plate, s.mjd, s.fiberid, s.objclass) == (1234, 56789, 42, "STAR")
+    assert s.name == "1234-56789-0042"
+    assert s.z == pytest.approx(1.5e-4)
+    assert s.snr == pytest.approx(np.median(flux * np.sqrt(ivar)), rel=1e-5)
+    assert s.header["RA"] == 12.5 and s.header["DEC"] == -3.25
+    good = s.good()
+    assert not good[100:105].any() and good[200] and good.sum() == len(flux) - 5
+    # the datamodel's HDUs are there, in order
+    with fits.open(path) as h:
+        assert [x.name for x in h] == ["PRIMARY", "COADD", "SPECOBJ", "SPZLINE"]
+        assert set(h["COADD"].columns.names) >= {"flux", "loglam", "ivar", "and_mask", "or_mask", "wdisp", "sky", "model"}
+
+
+def test_spec_without_specobj_uses_primary_header(tmp_path):
+    loglam, flux, ivar, _ = _spectrum(n=500)
+    h = fits.PrimaryHDU()
+    h.header["PLATEID"], h.header["MJD"], h.header["FIBERID"] = 7, 51000, 9
+    coadd = fits.BinTableHDU.from_columns([fits.Column("LOGLAM", "E", array=loglam), fits.Column("FLUX", "E", array=flux),
+                                           fits.Column("IVAR", "E", array=ivar)], name="COADD")
+    fits.HDUList([h, coadd]).writeto(tmp_path / "spec-0007-51000-0009.fits")
+    s = sdss.read_spectrum(tmp_path / "spec-0007-51000-0009.fits")
+    assert (s.plate, s.mjd, s.fiberid) == (7, 51000, 9)
+    assert (s.and_mask == 0).all() and np.isnan(s.z) and s.objclass == ""
+    assert s.snr == pytest.approx(np.median(flux * np.sqrt(ivar)), rel=1e-5)
+
+
+def test_dr7_spspec_round_trip(tmp_path):
+    loglam, flux, _, mask = _spectrum(n=3800, loglam0=3.5797)
+    err = np.full(len(flux), 2.0, np.float32)
+    err[10:20] = 0  # DR7 marks missing pixels with zero error
+    path = sdss.write_spspec_dr7(tmp_path / "spSpec-52000-0300-123.fit", 3.5797, flux, err, mask,
+                                 plate=300, mjd=52000, fiberid=123, spec_cln=3, z=2.1)
+    s = sdss.read_spectrum(path)
+    np.testing.assert_allclose(s.loglam, loglam, atol=1e-9)
+    np.testing.assert_array_equal(s.flux, flux)
+    assert (s.ivar[10:20] == 0).all() and s.ivar[0] == pytest.approx(0.25)
+    np.testing.assert_array_equal(s.and_mask, mask)
+    assert (s.plate, s.mjd, s.fiberid) == (300, 52000, 123)
+    assert s.objclass == "QSO" and s.z == pytest.approx(2.1)
+    assert not s.good()[10:20].any()
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("text", "unreadable"), ("truncated", "unreadable"), ("missing", "missing_file"),
+    ("no_coadd", "not_sdss"), ("no_ivar", "missing_columns"), ("dr7_1row", "missing_columns"),
+])
+def test_read_spectrum_errors(tmp_path, kind, reason):
+    loglam, flux, ivar, mask = _spectrum(n=3000)
+    path = tmp_path / "spec-0001-50000-0001.fits"
+    if kind == "text":
+        path.write_text("this is not a FITS file\n" * 100)
+    elif kind == "truncated":
+        sdss.write_spec_lite(path, loglam, flux, ivar, mask, plate=1, mjd=50000, fiberid=1)
+        data = path.read_bytes()
+        path.write_bytes(data[: 2880 * 3 + 100])  # cut inside the COADD table
+    elif kind == "no_coadd":
+        fits.PrimaryHDU(np.zeros((3, 10), np.float32)).writeto(path)
+    elif kind == "no_ivar":
+        cols = [fits.Column("loglam", "E", array=loglam), fits.Column("flux", "E", array=flux)]
+        fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols, name="COADD")]).writeto(path)
+    elif kind == "dr7_1row":
+        hdu = fits.PrimaryHDU(np.zeros((1, 10), np.float32))
+        hdu.header["COEFF0"], hdu.header["COEFF1"] = 3.58, 1e-4
+        hdu.writeto(path)
+    with pytest.raises(sdss.SpectrumError) as e:
+        sdss.read_spectrum(path)
+    assert e.value.reason == reason
+    assert str(path) in str(e.value) and e.value.path == str(path)
+
+
+def _catalog():
+    return pd.DataFrame({"plate": [1, 1, 2], "mjd": [50000, 50000, 50001], "fiber": [1, 2, 3],
+                         "teff_adop": [5000.0, -9999.0, 6000.0], "teff_adop_unc": [50.0, -9999.0, 60.0],
+                         "feh_adop": [-1.0, -0.5, -9999.0], "feh_adop_err": [0.1, 0.1, 0.2],
+                         "logg_adop": [4.0, 2.5, 3.0], "rv_adop": [10.0, -9000.5, 5.0],
+                         "flag": [0, -9999, 3], "class": ["STAR ", "STAR", "QSO"]})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "fits"])
+def test_read_catalog_formats(tmp_path, fmt):
+    df = _catalog()
+    path = tmp_path / f"sppParams.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    else:
+        t = Table.from_pandas(df)
+        t["spectrum_2d"] = np.zeros((3, 4))  # a vector column, dropped
+        t.write(path)
+    cat = sdss.read_catalog(path)
+    assert list(cat.columns[:3]) == ["PLATE", "MJD", "FIBERID"]  # upper case, FIBER -> FIBERID
+    assert "SPECTRUM_2D" not in cat.columns
+    np.testing.assert_array_equal(cat["PLATE"], [1, 1, 2])
+    assert np.isnan(cat["TEFF_ADOP"][1]) and cat["TEFF_ADOP"][0] == 5000
+    assert np.isnan(cat["RV_ADOP"][1]) and np.isnan(cat["FEH_ADOP"][2]) and np.isnan(cat["TEFF_ADOP_UNC"][1])
+    assert np.isnan(cat["FLAG"][1]) and cat["FLAG"][2] == 3  # integer column with a sentinel -> float NaN
+    assert list(cat["CLASS"]) == ["STAR", "STAR", "QSO"]
+    assert sdss.error_column(cat, "TEFF_ADOP") == "TEFF_ADOP_UNC"
+    assert sdss.error_column(cat, "FEH_ADOP") == "FEH_ADOP_ERR"
+    assert sdss.error_column(cat, "LOGG_ADOP") is None
+
+
+def test_read_catalog_column_mapping(tmp_path):
+    df = pd.DataFrame({"p": [1], "m": [2], "f": [3], "T": [5000.0], "TEFF_ADOP": [1.0]})
+    df.to_csv(tmp_path / "c.csv", index=False)
+    cat = sdss.read_catalog(tmp_path / "c.csv", columns={"PLATE": "p", "MJD": "m", "FIBERID": "f", "TEFF_ADOP": "t"})
+    assert list(cat.columns) == ["PLATE", "MJD", "FIBERID", "TEFF_ADOP"]
+    assert cat["TEFF_ADOP"][0] == 5000.0  # the mapped column wins over the catalog's own
+    with pytest.raises(ValueError, match="no column"):
+        sdss.read_catalog(tmp_path / "c.csv", columns={"TEFF_ADOP": "teff_spec"})
+
+
+def test_read_catalog_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        sdss.read_catalog(tmp_path / "nope.csv")
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="x.json"):
+        sdss.read_catalog(tmp_path / "x.json")
+    (tmp_path / "bad.fits").write_text("not fits")
+    with pytest.raises(ValueError, match="bad.fits"):
+        sdss.read_catalog(tmp_path / "bad.fits")
