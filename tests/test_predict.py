@@ -1,0 +1,153 @@
+"""Model files (save/load/tamper) and `predict` on a mix of good and broken spectrum files."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from astropy.table import Table
+
+from stellarparams import load_model, sdss
+from stellarparams.dataset import Grid
+from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.model_io import Model, ModelFileError, rv_from_z, save_model
+from stellarparams.predict import predict
+from stellarparams.prepare import PrepareConfig, preprocess
+
+torch.set_num_threads(1)
+GRID = Grid(n_pix=64)
+LOGLAM = 3.5780 + 1e-4 * np.arange(3800)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_in=64, stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (4,), "logg": (8,)})
+    return Model(StellarNet(cfg), ["teff", "feh", "logg"], [6000, -1, 3.5], [1500, 0.8, 1.2], model_config=cfg,
+                 label_units=["K", "dex", "dex"], label_ranges={"teff": [4000, 9000], "feh": [-3, 0.5], "logg": [0, 5]},
+                 grid=GRID.to_dict(), prepare_config=PrepareConfig(grid=GRID).to_dict(), seed=seed)
+
+
+def write_star(path, fiber, *, objclass="STAR", flux=None, ivar=None, z=1e-4, snr=20.0):
+    rng = np.random.default_rng(fiber)
+    lam = 10 ** LOGLAM
+    f = 100 * (lam / 5000) ** -1.5 * (1 - 0.5 * np.exp(-0.5 * ((lam - 6565) / 5) ** 2)) if flux is None else flux
+    err = f / snr if ivar is None else None
+    iv = 1 / err ** 2 if ivar is None else ivar
+    noisy = f + (rng.normal(size=len(f)) * err if err is not None else 0)
+    return sdss.write_spec_lite(path, LOGLAM, noisy, iv, plate=1000, mjd=52000, fiberid=fiber, objclass=objclass, z=z)
+
+
+def test_save_load_identical_and_tamper_detected(tmp_path):
+    m = tiny_model()
+    X = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
+    folder = save_model(m, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "weights.safetensors"]
+    back = load_model(folder)
+    np.testing.assert_array_equal(back.predict(X), m.predict(X))
+    assert back.label_names == m.label_names and back.label_ranges == m.label_ranges and back.grid == m.grid
+    meta = json.loads((folder / "model.json").read_text())
+    for key in ("model_config", "scaler", "grid", "prepare_config", "stellarparams_version", "weights_sha256",
+                "label_units", "label_ranges", "dataset_input_hash", "seed"):
+        assert key in meta
+    # flip one byte of the weights -> clear error naming the file
+    w = folder / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="weights.safetensors.*sha256"):
+        load_model(folder)
+    w.unlink()
+    with pytest.raises(ModelFileError, match="weights.safetensors: missing"):
+        load_model(folder)
+    save_model(m, folder)  # rewriting into an existing folder works
+    (folder / "model.json").unlink()
+    with pytest.raises(ModelFileError, match="model.json: missing"):
+        load_model(folder)
+
+
+def test_refuses_foreign_architecture(tmp_path):
+    folder = save_model(tiny_model(), tmp_path / "model")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["architecture"] = "os:system"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="refusing"):
+        load_model(folder)
+
+
+def test_grid_mismatch_says_so():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="grid"):
+        m.check_dataset({"grid": Grid(n_pix=4000).to_dict()})
+    m.check_dataset({"grid": GRID.to_dict(), "preprocess": PrepareConfig(grid=GRID).to_dict(), "version": m.version})
+    with pytest.raises(ValueError, match=r"shape \(N, 64\)"):
+        m.predict(np.zeros((2, 4000), np.float32))
+
+
+def test_rv_from_z_inverts_the_relativistic_doppler_factor():
+    from astropy.constants import c
+
+    v = 300.0
+    b = v / c.to_value("km/s")
+    z = np.sqrt((1 + b) / (1 - b)) - 1
+    assert rv_from_z(z) == pytest.approx(v, rel=1e-9)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".fits"])
+def test_predict_mix_of_good_and_broken_files(tmp_path, suffix):
+    d = tmp_path / "spectra"
+    good = [write_star(d / f"spec-1000-52000-{i:04d}.fits", i) for i in range(1, 6)]
+    broken = {}
+    broken["unreadable"] = d / "spec-1000-52000-0101.fits"
+    broken["unreadable"].write_text("this is not a FITS file")
+    trunc = write_star(d / "spec-1000-52000-0102.fits", 102)
+    trunc.write_bytes(trunc.read_bytes()[:4000])
+    broken["truncated"] = trunc
+    broken["no_good_pixels"] = write_star(d / "spec-1000-52000-0103.fits", 103, ivar=np.zeros(3800, np.float32))
+    broken["not_a_star"] = write_star(d / "spec-1000-52000-0104.fits", 104, objclass="GALAXY")
+    nan = 100 * np.ones(3800)
+    nan[100:3000] = np.nan
+    broken["nonfinite"] = write_star(d / "spec-1000-52000-0105.fits", 105, flux=nan, ivar=np.ones(3800, np.float32))
+    missing = d / "spec-1000-52000-0106.fits"
+    m = tiny_model()
+    out = tmp_path / f"res{suffix}"
+    inputs = [d, missing]  # a folder plus a file that does not exist
+    summary = predict(m, inputs, out, workers=2, chunk_size=3, progress=False)
+    df = Table.read(out).to_pandas() if suffix == ".fits" else pd.read_parquet(out) if suffix == ".parquet" else pd.read_csv(out)
+    if suffix == ".fits":
+        for c in ("file", "reject_reason"):
+            df[c] = df[c].astype(str).str.strip()
+    assert len(df) == 11 and summary["n_files"] == 11 and summary["n_predicted"] == 5 and summary["n_rejected"] == 6
+    rows = df.set_index("file")
+    for p in good:  # every good file has a prediction equal to the model on the preprocessed file
+        r = rows.loc[str(p)]
+        assert not r["flag_rejected"] and r["fiberid"] == int(p.name[-9:-5])
+        spec = sdss.read_spectrum(p)
+        flux, _ = preprocess(spec, rv_from_z(spec.z), PrepareConfig(grid=GRID))
+        np.testing.assert_allclose([r["teff"], r["feh"], r["logg"]], m.predict(flux[None])[0], rtol=1e-4)
+        assert r["rv"] == pytest.approx(rv_from_z(1e-4), rel=1e-4)
+    for why, p in list(broken.items()) + [("missing", missing)]:
+        r = rows.loc[str(p)]
+        assert r["flag_rejected"] and isinstance(r["reject_reason"], str) and r["reject_reason"], why
+        assert np.isnan(r["teff"]) and not r["flag_out_of_range"]
+    assert rows.loc[str(broken["not_a_star"]), "reject_reason"] == "not_a_star"
+    assert rows.loc[str(missing), "reject_reason"] == "missing_file"
+    assert not out.with_name(f".{out.name}.tmp").exists() and len(list(tmp_path.glob(".res*"))) == 0
+
+
+def test_predict_catalog_rv_and_flags(tmp_path):
+    d = tmp_path / "spectra"
+    files = [write_star(d / f"spec-1000-52000-{i:04d}.fits", i, snr=s) for i, s in ((1, 30.0), (2, 2.0))]
+    cat = tmp_path / "cat.csv"
+    pd.DataFrame({"FILE": [f.relative_to(tmp_path) for f in files], "RV_ADOP": [120.0, -9999.0]}).to_csv(cat, index=False)
+    m = tiny_model()
+    m.label_ranges = {"teff": [1e9, 2e9]}  # every prediction is now out of range
+    out = tmp_path / "r.csv"
+    predict(m, [cat], out, workers=0, progress=False)
+    df = pd.read_csv(out)
+    assert df["rv"].iloc[0] == pytest.approx(120.0)                            # from the catalog
+    assert df["rv"].iloc[1] == pytest.approx(rv_from_z(1e-4), rel=1e-4)       # -9999 -> file's redshift
+    assert df["flag_out_of_range"].all() and not df["flag_rejected"].any()
+    assert list(df["flag_low_snr"]) == [False, True]
+    # Python API on Spectrum records gives the same numbers
+    spec = sdss.read_spectrum(files[0])
+    np.testing.assert_allclose(m.predict(spec, rv_kms=120.0)[0], df.loc[0, ["teff", "feh", "logg"]].to_numpy(float), rtol=1e-4)
