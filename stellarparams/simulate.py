@@ -136,15 +136,8 @@ def miles_dir() -> Path:
     return path
 
 
-def load_miles(teff_range=(4000.0, 9500.0)):
-    """Read the MILES stars that have all three labels and Teff in ``teff_range`` (K, inclusive).
-
-    Returns (wave_air, flux, labels): wave_air (n_pix,) float64 pixel centres, A in AIR (rest
-    frame; 3540.5-7409.6 A, step 0.9 A); flux (n_star, n_pix) float64, MILES' relative f_lambda;
-    labels a DataFrame with star_id (the MILES number, int), teff (K), logg, feh (dex), file.
-    MILES_params.db marks missing labels with 99999 (Teff) and 9999 (log g, [Fe/H]).
-    """
-    import fitsio
+def miles_labels(teff_range=(4000.0, 9500.0)):
+    """The labels of the MILES stars that :func:`load_miles` returns, without reading the spectra."""
     import pandas as pd
 
     path = miles_dir()
@@ -159,6 +152,20 @@ def load_miles(teff_range=(4000.0, 9500.0)):
     labels["star_id"] = labels.star_id.astype(int)
     if len(labels) == 0:
         raise ValueError(f"no MILES star with all three labels and Teff in {teff_range} K")
+    return labels
+
+
+def load_miles(teff_range=(4000.0, 9500.0)):
+    """Read the MILES stars that have all three labels and Teff in ``teff_range`` (K, inclusive).
+
+    Returns (wave_air, flux, labels): wave_air (n_pix,) float64 pixel centres, A in AIR (rest
+    frame; 3540.5-7409.6 A, step 0.9 A); flux (n_star, n_pix) float64, MILES' relative f_lambda;
+    labels a DataFrame with star_id (the MILES number, int), teff (K), logg, feh (dex), file.
+    MILES_params.db marks missing labels with 99999 (Teff) and 9999 (log g, [Fe/H]).
+    """
+    import fitsio
+
+    labels = miles_labels(teff_range)
     hdr = fitsio.read_header(labels.file[0])
     n_pix, crval, cdelt, crpix = hdr["NAXIS1"], hdr["CRVAL1"], hdr["CDELT1"], hdr.get("CRPIX1", 1)
     flux = np.empty((len(labels), n_pix))
@@ -342,8 +349,8 @@ def catalog_row(plan: dict, labels, cfg: SimConfig) -> dict:
     true = (float(star.teff), float(star.feh), float(star.logg), plan["rv"])
     adop = [t + s * e for t, s, e in zip(true, sig, plan["noise"])]
     row = dict(PLATE=plan["plate"], MJD=plan["mjd"], FIBERID=plan["fiberid"])
-    for name, a, s in zip(("TEFF", "FEH", "LOGG", "RV"), adop, sig):
-        row[f"{name}_ADOP"], row[f"{name}_ADOP_UNC"] = a, s
+    row.update({f"{name}_ADOP": a for name, a in zip(("TEFF", "FEH", "LOGG", "RV"), adop)})
+    row.update({f"{name}_ADOP_UNC": s for name, s in zip(("TEFF", "FEH", "LOGG", "RV"), sig)})
     row.update(SNR=plan["snr"], EBV=plan["ebv"], STAR_ID=int(star.star_id))
     row.update(TEFF_TRUE=true[0], FEH_TRUE=true[1], LOGG_TRUE=true[2], RV_TRUE=true[3])
     return row
@@ -442,11 +449,11 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         tmp.unlink()
 
     t0 = time.time()
-    labels = load_miles(cfg.teff_range)[2]
+    labels = miles_labels(cfg.teff_range)
     plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
     todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
-    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(todo) // 50)))
-    size = max(1, min(200, len(todo) // (4 * workers) or 1))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    size = max(1, min(200, -(-len(todo) // (4 * workers))))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     failed = {}
     bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)

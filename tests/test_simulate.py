@@ -1,0 +1,215 @@
+"""simulate: SDSS-like spectra of MILES stars (a few dozen spectra, well under a minute)."""
+import importlib.util
+
+import fitsio
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from stellarparams import cli, sdss
+from stellarparams import simulate as S
+
+NOISELESS = dict(noise=False, rv_sigma=0.0, ebv_mean=0.0, calib_sigma=0.0, bad_frac=0.0)
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """24 spectra with every default step (noise, RV, reddening, calibration error, bad pixels)."""
+    out = tmp_path_factory.mktemp("survey")
+    cat = S.simulate(out, n=24, seed=1, workers=1, progress=False)
+    return out, Table.read(cat)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return S.Simulator(S.SimConfig())
+
+
+def _spectra(out, table):
+    for row in table:
+        yield row, S.spectrum_path(out, row["PLATE"], row["MJD"], row["FIBERID"])
+
+
+def test_air_to_vac_known_lines():
+    # [OI] 5577.34 A air = 5578.89 A vacuum; H-alpha 6562.80 air = 6564.61 vacuum
+    np.testing.assert_allclose(S.air_to_vac([5577.34, 6562.80]), [5578.89, 6564.61], atol=0.02)
+
+
+def test_match_resolution_broadens_only_where_sdss_is_broader():
+    wave = 3540.5 + 0.9 * np.arange(4300)
+    sigma = 2.5 / (2 * np.sqrt(2 * np.log(2)))
+    lines = {4000.0: 2.5, 7000.0: 7000.0 / 2000.0}  # centre -> expected FWHM: kept at 4000 A, lambda/R at 7000 A
+    flux = 1.0 - sum(0.5 * np.exp(-0.5 * ((wave - c) / sigma) ** 2) for c in lines)
+    out = S.match_resolution(wave, flux, fwhm_lib=2.5, resolution=2000.0)
+    for c, fwhm in lines.items():
+        near = np.abs(wave - c) < 20
+        depth = 1.0 - out[near]
+        measured = np.sqrt(np.sum(depth * (wave[near] - c) ** 2) / depth.sum()) * 2 * np.sqrt(2 * np.log(2))
+        assert measured == pytest.approx(fwhm, rel=0.03)
+        assert depth.sum() == pytest.approx(0.5 * sigma * np.sqrt(2 * np.pi) / 0.9, rel=0.01)  # line flux kept
+
+
+def test_catalog_columns_and_labels(survey):
+    out, t = survey
+    want = ["PLATE", "MJD", "FIBERID", "TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP", "RV_ADOP", "TEFF_ADOP_UNC",
+            "FEH_ADOP_UNC", "LOGG_ADOP_UNC", "RV_ADOP_UNC", "SNR", "EBV", "STAR_ID", "TEFF_TRUE", "FEH_TRUE",
+            "LOGG_TRUE", "RV_TRUE"]
+    assert t.colnames == want and len(t) == 24
+    labels = S.miles_labels().set_index("star_id")
+    for row in t:
+        star = labels.loc[int(row["STAR_ID"])]
+        assert (row["TEFF_TRUE"], row["FEH_TRUE"], row["LOGG_TRUE"]) == (star.teff, star.feh, star.logg)
+        assert 4000 <= row["TEFF_TRUE"] <= 9500 and 5 <= row["SNR"] <= 100 and abs(row["RV_TRUE"]) <= 500
+    for name, sig in (("TEFF", 60), ("FEH", 0.1), ("LOGG", 0.15), ("RV", 2.0)):
+        d = np.asarray(t[f"{name}_ADOP"] - t[f"{name}_TRUE"])
+        assert np.all(t[f"{name}_ADOP_UNC"] == sig) and np.all(np.abs(d) < 5 * sig) and np.std(d) > 0.3 * sig
+    assert t.meta["SEED"] == 1
+
+
+def test_files_follow_the_sdss_datamodel(survey, tmp_path):
+    out, t = survey
+    ref = sdss.write_spec_lite(tmp_path / "ref.fits", np.arange(10) * 1e-4 + 3.58, np.ones(10), np.ones(10),
+                               plate=1, mjd=2, fiberid=3)
+    with fits.open(ref) as r:
+        ref_layout = [(h.name, getattr(h, "columns", None) and [(c.name, c.format) for c in h.columns]) for h in r]
+        ref_keys = set(r[0].header)
+    for row, path in _spectra(out, t):
+        assert path.parent.name == f"{row['PLATE']:04d}"
+        with fits.open(path) as f:
+            assert [(h.name, getattr(h, "columns", None) and [(c.name, c.format) for c in h.columns]) for h in f] \
+                == ref_layout
+            assert ref_keys <= set(f[0].header) and f[0].header["VACUUM"] is True
+            assert np.all(f["COADD"].data["model"] == 0)  # never the noiseless truth
+        with fitsio.FITS(str(path)) as f:
+            assert f["COADD"].get_nrows() > 3800
+        s = sdss.read_spectrum(path)
+        assert (s.plate, s.mjd, s.fiberid, s.objclass) == (row["PLATE"], row["MJD"], row["FIBERID"], "STAR")
+        np.testing.assert_allclose(np.diff(s.loglam), 1e-4, atol=2e-6)
+        assert 3795 < 10 ** s.loglam[0] < 3805 and 9195 < 10 ** s.loglam[-1] < 9205
+        assert s.z == pytest.approx(float(S.doppler(row["RV_ADOP"]) - 1), abs=1e-7)
+        assert not any(k in fitsio.read_header(str(path)) for k in ("TEFF", "LOGG", "FEH", "STAR_ID"))
+
+
+def test_red_end_beyond_miles_is_nodata(survey):
+    out, t = survey
+    nodata = sdss.pixmask("NODATA")
+    for row, path in _spectra(out, t):
+        s = sdss.read_spectrum(path)
+        lam = 10 ** s.loglam.astype(float)
+        red = lam > 7411.5 * float(S.doppler(row["RV_TRUE"])) + 1.0
+        assert red.sum() > 900  # the red quarter of the grid
+        assert np.all(s.flux[red] == 0) and np.all(s.ivar[red] == 0) and np.all(s.and_mask[red] == nodata)
+        blue = lam < 7300
+        assert np.all(s.and_mask[blue] & nodata == 0) and (s.ivar[blue] > 0).mean() > 0.99
+        bad = (s.and_mask & sdss.pixmask("COMBINEREJ")) > 0  # cosmic rays: flagged, ivar 0
+        assert np.all(s.ivar[bad] == 0)
+
+
+def test_measured_snr_matches_header_and_catalog(survey):
+    out, t = survey
+    for row, path in _spectra(out, t):
+        s = sdss.read_spectrum(path)
+        lam = 10 ** s.loglam.astype(float)
+        win = (lam >= 4950) & (lam <= 5050) & (s.ivar > 0)
+        measured = np.median(s.flux[win] * np.sqrt(s.ivar[win]))
+        assert measured == pytest.approx(fitsio.read_header(str(path))["SNR5000"], rel=0.10)
+        assert measured == pytest.approx(row["SNR"], rel=0.10)
+
+
+def test_noiseless_realization_matches_library(tmp_path, sim):
+    cat = S.simulate(tmp_path, n=4, seed=5, workers=1, progress=False, **NOISELESS)
+    for row, path in _spectra(tmp_path, Table.read(cat)):
+        assert row["RV_TRUE"] == 0 and row["EBV"] == 0
+        s = sdss.read_spectrum(path)
+        good = s.ivar > 0
+        star = int(np.flatnonzero(sim.labels.star_id == row["STAR_ID"])[0])
+        ref = np.interp(10 ** s.loglam[good].astype(float), sim.wave, sim.flux[star])
+        ratio = s.flux[good] / ref
+        dev = np.abs(ratio / np.median(ratio) - 1)  # one flux scale, nothing else
+        assert np.median(dev) < 0.002 and np.percentile(dev, 99) < 0.02 and dev.max() < 0.05
+        assert 10 <= np.median(s.flux[good]) <= 300
+
+
+def _chi2(lam, flux, ivar, wave, template, velocities):
+    """chi^2 of flux against the template shifted by each velocity, times a 5th-order Legendre polynomial."""
+    w = np.sqrt(ivar)
+    poly = np.polynomial.legendre.legvander(np.linspace(-1, 1, len(lam)), 5)
+    chi2 = []
+    for v in velocities:
+        design = np.interp(lam / S.doppler(v), wave, template)[:, None] * poly * w[:, None]
+        coef = np.linalg.lstsq(design, flux * w, rcond=None)[0]
+        chi2.append(np.sum((design @ coef - flux * w) ** 2))
+    return np.array(chi2)
+
+
+def _cross_correlate(s, wave, template):
+    good = s.ivar > 0
+    lam, flux, ivar = 10 ** s.loglam[good].astype(float), s.flux[good].astype(float), s.ivar[good].astype(float)
+    coarse = np.arange(-600.0, 601.0, 10.0)
+    fine = coarse[np.argmin(_chi2(lam, flux, ivar, wave, template, coarse))] + np.arange(-15.0, 16.0)
+    c = _chi2(lam, flux, ivar, wave, template, fine)
+    i = int(np.clip(np.argmin(c), 1, len(c) - 2))
+    return fine[i] + 0.5 * (c[i - 1] - c[i + 1]) / (c[i - 1] - 2 * c[i] + c[i + 1])  # parabola vertex
+
+
+def test_rv_recovered_by_cross_correlation(survey, sim):
+    out, t = survey
+    checked = 0
+    for row, path in _spectra(out, t):
+        if row["SNR"] < 20:
+            continue
+        star = int(np.flatnonzero(sim.labels.star_id == row["STAR_ID"])[0])
+        rv = _cross_correlate(sdss.read_spectrum(path), sim.wave, sim.flux[star])
+        assert rv == pytest.approx(row["RV_TRUE"], abs=5.0)
+        assert rv == pytest.approx(row["RV_ADOP"], abs=5.0 + 4 * row["RV_ADOP_UNC"])
+        checked += 1
+    assert checked >= 5
+
+
+def _read_all(out):
+    t = Table.read(out / "sppParams.fits")
+    return t, [fitsio.read(str(p), ext="COADD") for _, p in _spectra(out, t)]
+
+
+def test_same_seed_same_output_any_worker_count(tmp_path):
+    a = S.simulate(tmp_path / "a", n=10, seed=3, workers=1, progress=False).parent
+    b = S.simulate(tmp_path / "b", n=10, seed=3, workers=2, progress=False).parent
+    c = S.simulate(tmp_path / "c", n=10, seed=4, workers=1, progress=False).parent
+    (ta, fa), (tb, fb), (tc, fc) = _read_all(a), _read_all(b), _read_all(c)
+    assert np.array_equal(ta.as_array(), tb.as_array()) and all(np.array_equal(x, y) for x, y in zip(fa, fb))
+    assert not np.array_equal(ta["RV_TRUE"], tc["RV_TRUE"])
+    assert not any(np.array_equal(x["flux"], y["flux"]) for x, y in zip(fa, fc))
+
+
+def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path):
+    cat = S.simulate(tmp_path, n=6, seed=2, workers=1, progress=False)
+    paths = [p for _, p in _spectra(tmp_path, Table.read(cat))]
+    before = fitsio.read(str(paths[2]), ext="COADD")
+    kept = paths[0].stat().st_mtime_ns
+    paths[2].unlink()
+    (paths[3].parent / (paths[3].name + ".tmp")).write_bytes(b"half a file")
+    cat.unlink()
+    S.simulate(tmp_path, n=8, seed=2, workers=1, progress=False)  # resume and extend
+    assert paths[0].stat().st_mtime_ns == kept  # not rewritten
+    assert np.array_equal(fitsio.read(str(paths[2]), ext="COADD"), before)  # rewritten identically
+    assert len(Table.read(cat)) == 8 and not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="other settings"):
+        S.simulate(tmp_path, n=8, seed=3, workers=1, progress=False)
+
+
+def test_missing_mangadap_says_how_to_install(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mangadap" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install sdss-mangadap"):
+        S.load_miles()
+    assert cli.main(["simulate", "--out", str(tmp_path), "--n", "2", "--no-progress"]) == 2
+    assert "pip install sdss-mangadap" in capsys.readouterr().err
+
+
+def test_cli_writes_survey(tmp_path, capsys):
+    rc = cli.main(["simulate", "--out", str(tmp_path), "--n", "3", "--seed", "7", "--workers", "1", "--no-progress",
+                   "--rv-sigma", "0", "--no-noise"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "sppParams.fits")
+    t = Table.read(tmp_path / "sppParams.fits")
+    assert len(t) == 3 and np.all(t["RV_TRUE"] == 0) and len(list(tmp_path.rglob("spec-*.fits"))) == 3
