@@ -1,0 +1,401 @@
+"""Preprocessing (METHOD.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.constants import c as C_LIGHT
+from astropy.io import fits
+
+from stellarparams import cli, prepare as prep, sdss
+from stellarparams.dataset import Dataset, Grid
+from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
+
+GRID = Grid()
+C_KMS = C_LIGHT.to_value("km/s")
+LINES = np.array([3934.8, 4102.9, 4862.7, 5895.9, 6564.6, 8544.4])  # rest wavelengths, Angstrom
+SIGMA_LOG = 2.5e-4  # line width in log10 wavelength (2.5 native pixels)
+
+
+def analytic(rv_kms, n=4700, loglam0=3.5700, noise=0.0, seed=0):
+    """Gaussian absorption lines (in log10 lambda) at LINES, observed at rv_kms (relativistic)."""
+    loglam = loglam0 + 1e-4 * np.arange(n)
+    rest = loglam - 0.5 * np.log10((1 + rv_kms / C_KMS) / (1 - rv_kms / C_KMS))
+    flux = 100.0 + 10 * (rest - 3.77)  # gentle slope
+    for lam in LINES:
+        flux = flux - 40 * np.exp(-0.5 * ((rest - np.log10(lam)) / SIGMA_LOG) ** 2)
+    flux = flux + np.random.default_rng(seed).normal(0, noise, n)
+    return sdss.Spectrum(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
+                         plate=1, mjd=2, fiberid=3, objclass="STAR", path="analytic")
+
+
+def line_pixels(f, near=0.0):
+    """Sub-pixel position of each line minimum on the grid (parabola through log depth),
+    searched within 5 pixels of the rest position + ``near``."""
+    depth = np.median(f) - f
+    out = []
+    for lam in LINES:
+        p = int(round((np.log10(lam) - GRID.loglam_min) / (GRID.loglam[1] - GRID.loglam[0]) + near))
+        k = p - 5 + int(np.argmax(depth[p - 5:p + 6]))
+        a, b, c = np.log(depth[k - 1:k + 2])
+        out.append(k + 0.5 * (a - c) / (a - 2 * b + c))
+    return np.array(out), (np.log10(LINES) - GRID.loglam_min) / (GRID.loglam[1] - GRID.loglam[0])
+
+
+@pytest.mark.parametrize("rv", [0.0, 250.0, -180.0, 3000.0])
+def test_lines_land_on_rest_positions(rv):
+    f, valid = preprocess(analytic(rv), rv)
+    found, expected = line_pixels(f)
+    assert np.abs(found - expected).max() < 0.1, (found - expected)
+    assert valid.all()
+    if rv:  # without the shift the lines are off by the Doppler shift: the test can fail
+        g, _ = preprocess(analytic(rv), rv, PrepareConfig(rest_frame=False))
+        b = rv / C_KMS
+        shift = 0.5 * np.log10((1 + b) / (1 - b)) / (GRID.loglam[1] - GRID.loglam[0])  # Doppler, in pixels
+        off = line_pixels(g, near=shift)[0] - expected
+        np.testing.assert_allclose(off, shift, atol=0.1)
+        # at 3000 km/s the classical 1+z = 1+b would already miss by 0.2 pixel
+        classical = np.log10(1 + b) / (GRID.loglam[1] - GRID.loglam[0])
+        assert abs(rv) < 1000 or np.abs(off - classical).min() > 0.15
+
+
+def test_doppler_is_relativistic():
+    b = 0.6  # (1+z)^2 = (1+b)/(1-b) = 4 -> log10(1+z) = log10(2)
+    assert prep.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
+    assert prep.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
+
+
+def test_standardized_rows():
+    for rv, noise in [(0, 0.0), (120, 2.0), (-300, 5.0)]:
+        f, _ = preprocess(analytic(rv, noise=noise, seed=abs(rv)), rv)
+        assert f.dtype == np.float32 and f.shape == (GRID.n_pix,)
+        assert abs(f.mean()) < 1e-5 and f.std() == pytest.approx(1.0, abs=1e-5)  # population std
+
+
+def test_masked_pixels_are_not_zeros_and_ends_are_clamped():
+    s = analytic(0.0, n=3000, loglam0=3.6000)  # covers 3.6000-3.8999: part of the grid only
+    ref, _ = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
+    gap = slice(1500, 1520)
+    s.flux[gap] = 0.0
+    s.ivar[gap] = 0.0  # no data
+    s.flux[1600:1610] = 0.0
+    s.and_mask[1600:1610] = sdss.pixmask("FULLREJECT")  # bad bit, ivar still > 0
+    s.flux[1700] = np.nan  # one non-finite pixel is dropped, not fatal
+    f, valid = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
+    g = GRID.loglam
+    in_gap = (g > s.loglam[1503]) & (g < s.loglam[1516])
+    # the spline bridges the gap from good pixels: values stay near the smooth reference, far from the zeros
+    assert np.abs(f[in_gap] - ref[in_gap]).max() < 0.05
+    s.ivar[gap] = 1.0  # had the zeros been used as data, the gap would dive by many std
+    zeros, _ = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
+    assert f[in_gap].min() - zeros[in_gap].min() > 3
+    assert not valid[in_gap].any()
+    near = (g > s.loglam[1499]) & (g < s.loglam[1501])  # within 2 native pixels of good data
+    assert valid[near].all()
+    assert np.isfinite(f).all()
+    # clamped ends: the nearest available flux, constant, and not valid
+    below, above = g < s.loglam[0], g > s.loglam[-1]
+    assert below.sum() > 100 and above.sum() > 100
+    assert np.ptp(f[below]) == 0 and np.ptp(f[above]) == 0
+    assert not valid[below].any() and not valid[above].any()
+    first = np.flatnonzero(~below)[0]
+    assert abs(f[below][0] - f[first]) < 0.05  # continuous with the first covered pixel
+    assert valid.mean() == pytest.approx((~below & ~above).mean(), abs=0.01)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("nan", "nonfinite_flux"), ("inf_half", "nonfinite_flux"), ("ivar0", "no_good_pixels"),
+    ("allmasked", "no_good_pixels"), ("short", "low_coverage"), ("constant", "constant_flux"),
+    ("norv", "missing_rv"), ("unsorted", "bad_wavelength"), ("three", "too_few_pixels"),
+])
+def test_preprocess_rejects(case, reason):
+    s, rv = analytic(0.0), 0.0
+    if case == "nan":
+        s.flux[:] = np.nan
+    elif case == "inf_half":
+        s.flux[: len(s.flux) * 3 // 4] = np.inf
+    elif case == "ivar0":
+        s.ivar[:] = 0
+    elif case == "allmasked":
+        s.and_mask[:] = sdss.pixmask("NOPLUG")
+    elif case == "short":
+        s = analytic(0.0, n=1500)
+    elif case == "constant":
+        s.flux[:] = 42.0
+    elif case == "norv":
+        rv = np.nan
+    elif case == "unsorted":
+        s.loglam[100], s.loglam[101] = s.loglam[101], s.loglam[100]
+    elif case == "three":
+        s.ivar[3:] = 0
+    with pytest.raises(sdss.SpectrumError) as e:
+        preprocess(s, rv)
+    assert e.value.reason == reason
+
+
+def test_config_round_trip():
+    c = PrepareConfig(grid=Grid(3.6, 3.9, 1000), min_coverage=0.7, reject_classes=("QSO",))
+    d = json.loads(json.dumps(c.to_dict()))
+    assert PrepareConfig.from_dict(d) == c
+    assert PrepareConfig().grid == Grid() and PrepareConfig().labels["teff"] == "TEFF_ADOP"
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+def test_split_determinism_and_fractions():
+    a, b = assign_splits(1000, seed=3), assign_splits(1000, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert (a != assign_splits(1000, seed=4)).any()
+    assert np.bincount(a, minlength=3).tolist() == [600, 100, 300]
+    assert np.bincount(assign_splits(20, 0), minlength=3).tolist() == [12, 2, 6]
+    assert np.bincount(assign_splits(20, 0, (1, 0, 1)), minlength=3).tolist() == [10, 0, 10]
+
+
+def test_split_grouping():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 150, 1000)
+    s = assign_splits(1000, seed=1, groups=groups)
+    for g in np.unique(groups):
+        assert len(np.unique(s[groups == g])) == 1
+    frac = np.bincount(s, minlength=3) / 1000
+    np.testing.assert_allclose(frac, [0.6, 0.1, 0.3], atol=0.05)
+    np.testing.assert_array_equal(s, assign_splits(1000, seed=1, groups=groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# the prepare job on files
+
+def write_star(folder, plate, mjd, fiber, rv=0.0, n=4700, sub="", **kw):
+    s = analytic(rv, n=n, noise=0.5, seed=fiber)
+    path = folder / sub / sdss.spec_filename(plate, mjd, fiber)
+    sdss.write_spec_lite(path, s.loglam, s.flux, s.ivar, s.and_mask, plate=plate, mjd=mjd, fiberid=fiber, **kw)
+    return path
+
+
+def catalog_row(plate, mjd, fiber, rv=0.0, **kw):
+    r = dict(PLATE=plate, MJD=mjd, FIBERID=fiber, TEFF_ADOP=4000.0 + fiber, FEH_ADOP=-1.0, LOGG_ADOP=4.0,
+             TEFF_ADOP_UNC=50.0, RV_ADOP=rv, TEFF_TRUE=4001.0 + fiber)
+    r.update(kw)
+    return r
+
+
+def good_set(tmp_path, n=12, star_ids=False):
+    spectra = tmp_path / "spectra"
+    rows = []
+    for i in range(n):
+        rv = float(20 * i - 100)
+        write_star(spectra, 500, 55000, i + 1, rv, sub=f"{i % 2}")
+        rows.append(catalog_row(500, 55000, i + 1, rv, **({"STAR_ID": i // 3} if star_ids else {})))
+    return spectra, pd.DataFrame(rows)
+
+
+def test_bad_input_each_case(tmp_path):
+    spectra, cat = good_set(tmp_path, n=6)
+    rows = list(cat.to_dict("records"))
+    P, M = 600, 56000
+
+    def add(fiber, make=None, **kw):
+        rows.append(catalog_row(P, M, fiber, **kw))
+        path = spectra / "bad" / sdss.spec_filename(P, M, fiber)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if make == "spec":
+            write_star(spectra, P, M, fiber, sub="bad")
+        elif make is not None:
+            make(path)
+        return path
+
+    add(1, lambda p: p.write_text("not a FITS file"))                               # non-FITS
+    add(2, lambda p: (write_star(spectra, P, M, 2, sub="bad"),
+                      p.write_bytes(p.read_bytes()[:6000])))                        # truncated
+    add(3, lambda p: fits.HDUList([fits.PrimaryHDU(np.zeros((2, 5)))]).writeto(p))  # no COADD
+    add(4, lambda p: fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column("flux", "E", array=np.ones(10))], name="COADD")]).writeto(p))  # missing columns
+
+    def nan_flux(p):
+        s = analytic(0.0)
+        s.flux[:] = np.nan
+        sdss.write_spec_lite(p, s.loglam, s.flux, s.ivar, plate=P, mjd=M, fiberid=5)
+    add(5, nan_flux)
+
+    def zero_ivar(p):
+        s = analytic(0.0)
+        sdss.write_spec_lite(p, s.loglam, s.flux, np.zeros_like(s.ivar), plate=P, mjd=M, fiberid=6)
+    add(6, zero_ivar)
+    add(7, lambda p: write_star(spectra, P, M, 7, n=1500, sub="bad"))               # coverage < half
+    add(8, "spec", RV_ADOP=-9999.0)                                                  # missing RV
+    add(9, lambda p: write_star(spectra, P, M, 9, sub="bad", objclass="GALAXY"))    # not a star
+    add(10, lambda p: write_star(spectra, P, M, 10, sub="bad", objclass="QSO"))
+    add(11)                                                                          # row with no file
+    write_star(spectra, P, M, 12, sub="bad")                                         # file with no row
+    rows.append(dict(rows[0], TEFF_ADOP=1.0))                                        # duplicated row
+    add(13, "spec", FEH_ADOP=-9999.0, LOGG_ADOP=-9999.0)                             # missing labels: kept
+
+    def some_inf(p):
+        s = analytic(0.0)
+        s.flux[1000:1003] = np.inf
+        sdss.write_spec_lite(p, s.loglam, s.flux, s.ivar, plate=P, mjd=M, fiberid=14)
+    add(14, some_inf)                                                                # a few inf pixels: kept
+    pd.DataFrame(rows).to_csv(tmp_path / "cat.csv", index=False)
+
+    s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1, progress=False)
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv")
+    reason = {(int(r.fiberid) if r.plate == P else -int(r.fiberid)): r.reason for r in rej.itertuples()}
+    assert reason == {1: "unreadable", 2: "unreadable", 3: "not_sdss", 4: "missing_columns", 5: "nonfinite_flux",
+                      6: "no_good_pixels", 7: "low_coverage", 8: "missing_rv", 9: "not_a_star",
+                      10: "not_a_star", 11: "no_file", 12: "no_catalog_row", -1: "duplicate_row"}
+    assert rej.loc[rej.reason == "unreadable", "file"].str.contains("spec-0600-56000-0001.fits").any()
+    assert rej.detail.notna().all()
+    assert s["kept"] == 8 and s["rejected"] == 13
+    assert s["rejected_by_reason"]["not_a_star"] == 2
+    assert json.loads((tmp_path / "ds" / "summary.json").read_text())["kept"] == 8
+    with Dataset(tmp_path / "ds") as ds:
+        m = ds.meta()
+        assert len(ds) == 8 and set(m.fiberid[m.plate == P]) == {13, 14}
+        lab = ds.labels()
+        k13 = int(np.flatnonzero((m.plate == P) & (m.fiberid == 13))[0])
+        assert lab[k13, 0] == 4013 and np.isnan(lab[k13, 1:]).all()
+        assert lab[0, 0] == 4001  # the first of the duplicated rows was kept
+        assert np.isfinite(ds.flux()).all()
+        assert np.isnan(ds.label_err()[:, 1:]).all() and (ds.label_err()[:, 0] == 50).all()
+        np.testing.assert_array_equal(m.TEFF_TRUE, lab[:, 0] + 1)  # extra numeric column
+
+
+def _dataset_arrays(path):
+    with Dataset(path) as ds:
+        return ds.flux(), ds.valid(), ds.labels(), ds.split.copy(), ds.meta(), ds.attrs
+
+
+def test_dataset_content_and_metadata(tmp_path):
+    spectra, cat = good_set(tmp_path)
+    cat.to_parquet(tmp_path / "cat.parquet")
+    prep.prepare(tmp_path / "cat.parquet", spectra, tmp_path / "ds", workers=2, chunk_size=4, seed=5, progress=False)
+    flux, valid, labels, split, meta, attrs = _dataset_arrays(tmp_path / "ds")
+    assert flux.shape == (12, 4000) and flux.dtype == np.float32 and valid.all()
+    np.testing.assert_allclose(flux.mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(flux.std(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(meta.fiberid, np.arange(1, 13))  # catalog order
+    np.testing.assert_allclose(meta.rv, cat.RV_ADOP)
+    for i in (0, 7, 11):  # each row is the preprocessed file, with its own RV
+        ref, _ = preprocess(sdss.read_spectrum(meta.file[i]), cat.RV_ADOP[i])
+        np.testing.assert_array_equal(flux[i], ref)
+    assert (meta.snr > 10).all()
+    assert attrs["grid"] == Grid().to_dict() and attrs["preprocess"]["min_coverage"] == 0.5
+    assert attrs["version"] and len(attrs["input_hash"]) == 32 and attrs["created"] and attrs["seed"] == 5
+    np.testing.assert_array_equal(split, assign_splits(12, seed=5))
+
+
+def test_group_by_and_star_id_default(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, star_ids=True)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1, seed=2)
+    assert "STAR_ID" in capsys.readouterr().err
+    _, _, _, split, meta, attrs = _dataset_arrays(tmp_path / "ds")
+    assert attrs["group_by"] == "STAR_ID"
+    for sid in range(4):
+        assert len(set(split[meta.object_id == str(sid)])) == 1
+    np.testing.assert_array_equal(split, assign_splits(12, 2, groups=(cat.STAR_ID).astype(str)))
+    # an explicit --group-by column
+    cat["FIELD"] = ["a", "b"] * 6
+    cat.to_csv(tmp_path / "cat2.csv", index=False)
+    prep.prepare(tmp_path / "cat2.csv", spectra, tmp_path / "ds2", group_by="field", workers=1, progress=False)
+    _, _, _, split2, meta2, _ = _dataset_arrays(tmp_path / "ds2")
+    assert len(set(split2[:: 2])) == 1 and len(set(split2[1:: 2])) == 1
+    assert set(meta2.object_id) == {"a", "b"}
+
+
+def test_split_column(tmp_path):
+    spectra, cat = good_set(tmp_path)
+    cat["SET"] = ["train", "val", "test", "TEST", 0, 1, 2, "validation", "train", "train", "bogus", "test"]
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", split_column="SET", workers=1, progress=False)
+    _, _, _, split, meta, _ = _dataset_arrays(tmp_path / "ds")
+    assert s["kept"] == 11 and s["rejected_by_reason"] == {"bad_split_value": 1}
+    assert 11 not in set(meta.fiberid)
+    np.testing.assert_array_equal(split, [0, 1, 2, 2, 0, 1, 2, 1, 0, 0, 2])
+
+
+def test_resume_after_kill_and_idempotent_rerun(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    # reference: one uninterrupted run
+    prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ref", chunk_size=3, workers=1, progress=False)
+
+    real, calls = prep._run_chunk, []
+
+    def dies_on_third(k, *a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed during its third chunk
+        calls.append(k)
+        return real(k, *a)
+
+    monkeypatch.setattr(prep, "_run_chunk", dies_on_third)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(tmp_path / "cat.csv", spectra, out, chunk_size=3, workers=1, progress=False)
+    assert not (out / "dataset.h5").exists()
+    assert sorted(p.name for p in (out / ".partial").glob("chunk-*.npz")) == ["chunk-00000.npz", "chunk-00001.npz"]
+
+    def counting(k, *a):
+        calls.append(k)
+        return real(k, *a)
+
+    monkeypatch.setattr(prep, "_run_chunk", counting)
+    calls.clear()
+    s = prep.prepare(tmp_path / "cat.csv", spectra, out, chunk_size=3, workers=1, progress=False)
+    assert calls == [2, 3]  # only the missing chunks were redone
+    assert not (out / ".partial").exists() and s["kept"] == 12
+    got, ref = _dataset_arrays(out), _dataset_arrays(tmp_path / "ref")
+    for a, b in zip(got[:4], ref[:4]):
+        np.testing.assert_array_equal(a, b)
+
+    # a finished job with the same inputs is a no-op
+    mtime = os.stat(out / "dataset.h5").st_mtime_ns
+    calls.clear()
+    s2 = prep.prepare(tmp_path / "cat.csv", spectra, out, chunk_size=3, workers=1, progress=False)
+    assert s2["up_to_date"] and calls == [] and os.stat(out / "dataset.h5").st_mtime_ns == mtime
+
+    # changed inputs (another seed; a stale partial dir from another job) are redone
+    (out / ".partial").mkdir()
+    (out / ".partial" / "job.json").write_text('{"input_hash": "old"}')
+    (out / ".partial" / "chunk-00000.npz").write_text("stale")
+    s3 = prep.prepare(tmp_path / "cat.csv", spectra, out, chunk_size=3, workers=1, seed=9, progress=False)
+    assert not s3.get("up_to_date") and calls == [0, 1, 2, 3]
+    assert (_dataset_arrays(out)[3] == assign_splits(12, seed=9)).all()
+
+
+def test_catalog_with_file_column_and_dr7(tmp_path):
+    spectra = tmp_path / "spectra"
+    s = analytic(50.0)
+    sdss.write_spspec_dr7(spectra / "dr7" / "spSpec-52000-0300-007.fit", float(s.loglam[0]), s.flux,
+                          np.ones_like(s.flux), plate=300, mjd=52000, fiberid=7)
+    write_star(spectra, 500, 55000, 1, 0.0)
+    write_star(spectra, 500, 55000, 2, 0.0, sub="x")
+    (spectra / "x" / sdss.spec_filename(500, 55000, 2)).rename(spectra / "x" / "renamed.fits")
+    cat = pd.DataFrame([catalog_row(300, 52000, 7, 50.0), catalog_row(500, 55000, 1),
+                        catalog_row(500, 55000, 2, FILE="x/renamed.fits")])
+    cat["FILE"] = cat["FILE"].fillna("")
+    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    assert s["kept"] == 3 and s["rejected"] == 0
+    with Dataset(tmp_path / "ds") as ds:
+        assert ds.meta().file[2].endswith("renamed.fits")
+        ref, _ = preprocess(sdss.read_spectrum(spectra / "dr7" / "spSpec-52000-0300-007.fit"), 50.0)
+        np.testing.assert_array_equal(ds.flux([0])[0], ref)
+
+
+def test_cli(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, n=6)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "--help"])
+    assert "--split-column" in capsys.readouterr().out
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+                   str(tmp_path / "ds"), "--workers", "1", "--seed", "1", "--fractions", "0.5,0.5,0"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "prepared 6 of 6" in err
+    with Dataset(tmp_path / "ds") as ds:
+        assert sorted(np.bincount(ds.split, minlength=3)) == [0, 3, 3]
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "missing.csv"), "--spectra", str(spectra), "--out",
+                   str(tmp_path / "ds")])
+    assert rc == 2 and "missing.csv" in capsys.readouterr().err
