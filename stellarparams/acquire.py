@@ -177,8 +177,8 @@ def _http_get_text(url: str, params: dict, *, timeout: float, retries: int, back
                 break
         except (OSError, HTTPException) as e:  # time-outs, refused connections, cut answers
             reason = f"{type(e).__name__}: {e}"
-    raise CatalogQueryError(f"SQL query to {url} failed after {attempt + 1} attempt(s): {reason}. "
-                            "Check --sql-url, or try again later / use --source sas-fits.")
+    raise CatalogQueryError(f"SQL query to {url} failed after {attempt + 1} attempt(s): {reason} "
+                            "(check --sql-url, try again later, or use --source sas-fits)")
 
 
 def _to_catalog(df: pd.DataFrame, rename: dict) -> pd.DataFrame:
@@ -205,8 +205,9 @@ def query_catalog(sql_url: str = DEFAULT_SQL_URL, n: int | None = None, *, page_
 
     Pages are keyset pages ('SELECT TOP k ... WHERE specObjID > last ORDER BY specObjID'), so
     a selection larger than SkyServer's row limit comes back whole. ``n=None``: every row.
-    ``cuts``: keyword arguments of :func:`build_query`. Returns the catalog columns (underscore
-    names, RV_ADOP in km/s).
+    ``cuts``: keyword arguments of :func:`build_query`; they are applied again to every page
+    (:func:`apply_cuts`), so a mirror that ignores them still gives a clean catalog. Returns the
+    catalog columns (underscore names, RV_ADOP in km/s).
     """
     from tqdm.auto import tqdm
 
@@ -223,15 +224,16 @@ def query_catalog(sql_url: str = DEFAULT_SQL_URL, n: int | None = None, *, page_
             ids = pd.to_numeric(page["SPECOBJID"], errors="raise")
             if last is not None and (ids <= last).any():
                 raise CatalogQueryError(f"{sql_url} ignored the keyset condition 'specObjID > {last}'")
-            frames.append(page)
-            got += len(page)
+            kept = apply_cuts(_to_catalog(page, SKYSERVER_RENAME), **cuts)  # a mirror may ignore WHERE
+            frames.append(kept)
+            got += len(kept)
             last = int(ids.max())
-            bar.update(len(page))
+            bar.update(len(kept))
             if len(page) < k:
                 break
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[a for _, a in SELECT])
-    df = _to_catalog(df, SKYSERVER_RENAME)
-    return df.iloc[:n] if n is not None else df
+    empty = _to_catalog(pd.DataFrame(columns=[a for _, a in SELECT]), SKYSERVER_RENAME)
+    df = pd.concat(frames, ignore_index=True) if frames else empty
+    return df.iloc[:n].reset_index(drop=True) if n is not None else df
 
 
 def read_sspp_fits(path) -> pd.DataFrame:
@@ -757,7 +759,7 @@ def add_arguments(parser):
     parser.add_argument("--feh-range", default=None, help="optional [Fe/H] range in dex, 'LOW,HIGH'")
     parser.add_argument("--logg-range", default=None, help="optional log g range in dex, 'LOW,HIGH'")
     parser.add_argument("--all-spectra", action="store_true",
-                        help="keep non-primary spectra too (default: sciencePrimary = 1 only)")
+                        help="also keep spectra that are not sciencePrimary")
     parser.add_argument("--source", choices=SOURCES, default="skyserver",
                         help="catalog from the SkyServer SQL service, or from the SSPP FITS file on the SAS (~2 GB)")
     parser.add_argument("--sample", choices=("random", "first"), default="random",
