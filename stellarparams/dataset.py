@@ -20,7 +20,8 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 
 File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
 ``preprocess``, ``version``, ``input_hash``, ``created``.
-Side files: ``rejects.csv`` (file, reason) and ``summary.json``.
+Side files written by ``prepare``: ``rejects.csv`` (file, plate, mjd, fiberid, reason,
+detail: every file or catalog row left out) and ``summary.json`` (counts by reason).
 """
 from __future__ import annotations
 
@@ -121,9 +122,17 @@ def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg")
     flux = np.asarray(flux, np.float32)
     n, p = flux.shape
     labels = np.asarray(labels, np.float32).reshape(n, -1)
+    label_names = list(label_names)
+    if labels.shape[1] != len(label_names):
+        raise ValueError(f"labels have {labels.shape[1]} columns but label_names has {len(label_names)}: {label_names}")
     split = np.asarray(split)
     if split.dtype.kind in "US":
+        unknown = sorted(set(split) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split names {unknown}; use train/val/test or 0/1/2")
         split = np.array([SPLITS[s] for s in split], np.uint8)
+    if split.shape != (n,) or (split.astype(np.int64) > 2).any() or (split.astype(np.int64) < 0).any():
+        raise ValueError(f"split must be ({n},) values in 0/1/2 or train/val/test")
     if valid is None:
         valid = np.ones_like(flux, bool)
     if label_err is None:
