@@ -433,6 +433,8 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     from astropy.table import Table
     from tqdm.auto import tqdm
 
+    if n < 1:
+        raise ValueError(f"--n must be at least 1 (got {n})")
     cfg = SimConfig(teff_range=tuple(float(t) for t in teff_range), snr_range=tuple(float(s) for s in snr_range),
                     **options)
     out = Path(out)
@@ -472,7 +474,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     bar.close()
 
     rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
-    table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)) if plans else None)
+    table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
     table.meta.update({"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"})
     cat = out / "sppParams.fits"
     tmp = cat.with_name(cat.name + ".tmp")

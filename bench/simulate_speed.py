@@ -1,0 +1,71 @@
+"""Speed of `simulate`: spectra per second, end to end, and where one spectrum's time goes.
+
+Target (issue 3): 50,000 spectra in under 5 minutes on the 2-core machine, i.e. >= 167 spectra/s.
+
+    .venv/bin/python bench/simulate_speed.py [--n 5000] [--workers 2] [--keep DIR]
+"""
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stellarparams import simulate as S
+
+
+def per_step(n=200):
+    """Mean ms per spectrum of drawing, realizing and writing (one process)."""
+    t = time.perf_counter()
+    sim = S.Simulator(S.SimConfig())
+    t_init = time.perf_counter() - t
+    plans = [S.draw_plan(0, i, len(sim.labels), sim.cfg) for i in range(n)]
+    t = time.perf_counter()
+    specs = [sim.realize(p, 0) for p in plans]
+    t_real = (time.perf_counter() - t) / n
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        for p, s in zip(plans, specs):
+            S.write_spectrum(S.spectrum_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
+                             plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
+        t_write = (time.perf_counter() - t) / n
+        from stellarparams.sdss import write_spec_lite
+        t = time.perf_counter()
+        for i, s in enumerate(specs[:50]):
+            write_spec_lite(Path(d) / f"astropy-{i}.fits", s["loglam"], s["flux"], s["ivar"], s["and_mask"],
+                            plate=1, mjd=1, fiberid=i + 1, sky=s["sky"])
+        t_astropy = (time.perf_counter() - t) / 50
+    return t_init, t_real, t_write, t_astropy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5000, help="spectra to simulate")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", default=None, help="write here and keep (default: a temporary folder)")
+    args = ap.parse_args()
+
+    t_init, t_real, t_write, t_astropy = per_step()
+    print(f"load + resolution-match MILES: {t_init:.2f} s per process")
+    print(f"per spectrum, one process: realize {1e3 * t_real:.2f} ms, write (fitsio) {1e3 * t_write:.2f} ms, "
+          f"write with astropy (sdss.write_spec_lite) {1e3 * t_astropy:.2f} ms")
+
+    out = Path(args.keep or tempfile.mkdtemp(prefix="simbench-"))
+    try:
+        t = time.perf_counter()
+        S.simulate(out, n=args.n, seed=0, workers=args.workers, progress=False)
+        dt = time.perf_counter() - t
+        rate = args.n / dt
+        print(f"simulate: {args.n} spectra, {args.workers} workers: {dt:.1f} s, {rate:.0f} spectra/s; "
+              f"50,000 spectra would take {50000 / rate / 60:.1f} min (target < 5 min)")
+        t = time.perf_counter()
+        S.simulate(out, n=args.n, seed=0, workers=args.workers, progress=False)
+        print(f"re-run (all files present, catalog rewritten): {time.perf_counter() - t:.1f} s")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
