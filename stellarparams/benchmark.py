@@ -125,6 +125,7 @@ def fit_network(name, ctx) -> _Fitted:
 
     import torch
 
+    ctx._arrays.clear()  # the linear models' in-memory copies are no longer needed
     L, P = len(ctx.labels), ctx.ds.n_pix
     mc = ctx.model_config
     net = None
