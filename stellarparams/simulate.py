@@ -272,7 +272,8 @@ def draw_plan(seed: int, index: int, n_star: int, cfg: SimConfig) -> dict:
 class Simulator:
     """The MILES library made ready for realizations (resolution matched, vacuum, pixel edges).
 
-    flux: (n_star, n_pix) resolution-matched library f_lambda at ``wave`` (vacuum, rest, A).
+    flux: (n_star, n_pix) resolution-matched library f_lambda at ``wave`` (vacuum, rest, A);
+    cover: (n_star, 2) the wavelength range (vacuum, rest, A) where a star has good flux.
     The SDSS lattice (``loglam``, K pixels) covers every start offset; per-spectrum grids
     are slices of it.
     """
@@ -287,6 +288,15 @@ class Simulator:
         self.wave = air_to_vac(wave_air)
         step = np.diff(wave_air).mean()
         self.edges = air_to_vac(np.append(wave_air - step / 2, wave_air[-1] + step / 2))  # (n_pix+1,)
+        # a few MILES stars have zero or negative pixels at their ends: those pixels count as not
+        # covered (-> NODATA) and are filled with the nearest good value before broadening
+        n_pix = flux.shape[1]
+        ends = flux <= 0
+        lo = np.where((ends & (wave_air < 3900)).any(1), n_pix - np.argmax((ends & (wave_air < 3900))[:, ::-1], 1), 0)
+        hi = np.where((ends & (wave_air > 7300)).any(1), np.argmax(ends & (wave_air > 7300), 1), n_pix)  # exclusive
+        self.cover = np.stack([self.edges[lo], self.edges[hi]], 1)  # (n_star, 2) A, vacuum rest frame
+        idx = np.clip(np.arange(n_pix), lo[:, None], hi[:, None] - 1)
+        flux = np.take_along_axis(flux, idx, 1)
         self.flux = match_resolution(self.wave, flux, self.fwhm_lib, cfg.resolution)
         # cumulative integral of f_lambda over the library pixels, for flux-conserving rebinning
         self.cum = np.concatenate([np.zeros((len(flux), 1)), np.cumsum(self.flux * np.diff(self.edges), 1)], 1)
@@ -312,7 +322,8 @@ class Simulator:
         edges = self.lam_edges[sl.start:sl.stop + 1]
         # steps 3 + 7: Doppler-shift the library pixel edges, rebin conserving flux
         obs_edges = self.edges * doppler(plan["rv"])
-        covered = (edges[:-1] >= obs_edges[0]) & (edges[1:] <= obs_edges[-1])
+        lo, hi = self.cover[plan["star"]] * doppler(plan["rv"])
+        covered = (edges[:-1] >= lo) & (edges[1:] <= hi)
         flux = np.diff(np.interp(edges, obs_edges, self.cum[plan["star"]])) / np.diff(edges)
         # steps 4-6: reddening, calibration error, absolute scale (smooth factors)
         flux *= 10 ** (-0.4 * plan["ebv"] * self.ext_per_ebv[sl])

@@ -100,10 +100,22 @@ def test_red_end_beyond_miles_is_nodata(survey):
         red = lam > 7411.5 * float(S.doppler(row["RV_TRUE"])) + 1.0
         assert red.sum() > 900  # the red quarter of the grid
         assert np.all(s.flux[red] == 0) and np.all(s.ivar[red] == 0) and np.all(s.and_mask[red] == nodata)
-        blue = lam < 7300
+        blue = (lam > 3900) & (lam < 7250)  # every star has good flux here
         assert np.all(s.and_mask[blue] & nodata == 0) and (s.ivar[blue] > 0).mean() > 0.99
         bad = (s.and_mask & sdss.pixmask("COMBINEREJ")) > 0  # cosmic rays: flagged, ivar 0
         assert np.all(s.ivar[bad] == 0)
+
+
+def test_library_pixels_without_flux_count_as_not_covered(sim):
+    # MILES star 929 has zero/negative flux blueward of 3836 A (air); 468 has a zero at 7303.4 A
+    k929, k468 = (int(np.flatnonzero(sim.labels.star_id == i)[0]) for i in (929, 468))
+    assert sim.cover[k929, 0] > S.air_to_vac(3835.7) and sim.cover[k468, 1] < S.air_to_vac(7303.4)
+    inside = (sim.wave >= sim.cover[:, :1]) & (sim.wave <= sim.cover[:, 1:])
+    assert np.all(sim.flux[inside] > 0)
+    plan = dict(S.draw_plan(0, 0, len(sim.labels), sim.cfg), star=k929, rv=0.0)
+    spec = sim.realize(plan, seed=0)
+    lam = 10 ** spec["loglam"]
+    assert np.all(spec["and_mask"][lam < 3835] == sdss.pixmask("NODATA")) and np.all(spec["ivar"][lam < 3835] == 0)
 
 
 def test_measured_snr_matches_header_and_catalog(survey):
