@@ -14,7 +14,7 @@ Two steps, both resumable (METHOD.md, "Data"):
 
 Layout of OUT::
 
-    catalog.fits, catalog.parquet   one row per spectrum; FILE is the spectrum path relative to OUT
+    catalog.fits, catalog.parquet   one row per spectrum; FILE is the spectrum's name in OUT/spectra
     spectra/spec-PLATE4-MJD5-FIBER4.fits
     failures.csv                    file, url, reason, attempts of every spectrum not fetched
     fetch.json                      version, configuration, SQL query and summary of the last run
@@ -155,7 +155,8 @@ def parse_skyserver_csv(text: str, source: str = "SkyServer") -> pd.DataFrame:
         raise CatalogQueryError(f"{source} did not return a CSV table; it said: {_snippet(text)!r}")
     from io import StringIO
 
-    df = pd.read_csv(StringIO("\n".join(lines)), dtype={"SPECOBJID": str, "specobjid": str, "specObjID": str})
+    text_cols = {h.strip(): str for h in lines[0].split(",") if h.strip().upper() in ("SPECOBJID", "RUN2D", "CLASS", "FLAG")}
+    df = pd.read_csv(StringIO("\n".join(lines)), dtype=text_cols, keep_default_na=False, na_values=[""])
     df.columns = [c.strip().upper() for c in df.columns]
     return df
 
@@ -347,6 +348,8 @@ def sas_urls(sas_url: str, plate: int, mjd: int, fiberid: int, run2d: str, lite:
 
 
 def _size_problem(path) -> str | None:
+    if not os.path.isfile(path):
+        return "missing file"
     size = os.path.getsize(path)
     if size == 0 or size % FITS_BLOCK:
         return f"truncated: {size} bytes is not a whole number of {FITS_BLOCK}-byte FITS blocks"
@@ -708,8 +711,7 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
         if sample == "random" and len(df) > n:
             df = df.sample(n=n, random_state=int(seed)).sort_values("SPECOBJID").reset_index(drop=True)
         df = df.iloc[:n].copy()
-        df["FILE"] = [f"spectra/{spec_filename(int(p), int(m), int(f))}"
-                      for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
+        df["FILE"] = [spec_filename(int(p), int(m), int(f)) for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
         df = df[[c for c in CATALOG_COLUMNS if c in df] + [c for c in df if c not in CATALOG_COLUMNS]]
         write_catalog(df, out, {"source": source, "config": selection, "query": query, "selected": parent})
         if progress and len(df) < n:

@@ -198,6 +198,8 @@ def test_skyserver_csv_and_error_pages():
     df = parse_skyserver_csv("#Table1\n" + HEADER + "\n" + csv_row(*STARS[0]) + "\n")
     assert len(df) == 1 and df.loc[0, "TEFFADOP"] == 5800.0 and df.loc[0, "SPECOBJID"] == str(specobjid(266, 1))
     assert parse_skyserver_csv("#Table1\n" + HEADER + "\n").empty
+    sdss_only = parse_skyserver_csv("#Table1\n" + HEADER.lower() + "\n" + csv_row(*STARS[2]) + "\n")
+    assert sdss_only.loc[0, "RUN2D"] == "103" and sdss_only.loc[0, "PLATE"] == 1960  # RUN2D stays text
     with pytest.raises(CatalogQueryError, match="Invalid column name 'teffadopx'"):
         parse_skyserver_csv("<html><body><h1>Error</h1><p>Invalid column name 'teffadopx'.</p></body></html>")
     with pytest.raises(CatalogQueryError, match="ERROR"):
@@ -252,7 +254,7 @@ def test_full_fetch_then_rerun_skips_everything(sdss, tmp_path):
     row = cat[cat["FIBERID"] == 45].iloc[0]
     assert row["RV_ADOP"] == 5.0 and row["RV_ADOP_ERR"] == 1.5 and row["RUN2D"] == "v5_7_0" and row["CLASS"] == "STAR"
     for f in cat["FILE"]:
-        sp = read_spectrum(out / f)
+        sp = read_spectrum(out / "spectra" / f)
         assert sp.objclass == "STAR" and len(sp.flux) == 300
     assert (out / "failures.csv").read_text().strip() == "file,url,reason,attempts"
     meta = json.loads((out / "fetch.json").read_text())
@@ -292,10 +294,10 @@ def test_killed_run_resumes_with_only_the_missing_files(sdss, tmp_path):
               on_file=kill_after_two, **FAST)
     assert json.loads((out / "fetch.json").read_text())["status"].startswith("interrupted")
     cat = pd.read_parquet(out / "catalog.parquet")
-    complete = {f for f in cat["FILE"] if (out / f).exists() and check_spectrum_file(out / f) is None}
+    complete = {f for f in cat["FILE"] if check_spectrum_file(out / "spectra" / f) is None}
     assert 2 <= len(complete) <= 3 < len(cat)  # the one in flight may or may not have finished
     missing = {spectrum_path(s[0], s[1], s[2], s[3]) for s in GOOD
-               if f"spectra/{spec_filename(s[0], s[1], s[2])}" not in complete}
+               if spec_filename(s[0], s[1], s[2]) not in complete}
 
     sdss.reset()
     s = fetch(10, out, sql_url=sql_url(sdss), sas_url=sdss.url, sample="first", concurrency=3, **FAST)
@@ -408,3 +410,24 @@ def test_cli_fetch(sdss, tmp_path, capsys):
     assert rc == 1 and "http_404: 1" in err and "failures.csv" in err
     assert main(["fetch", "--n", "3", "--out", str(out), "--teff-range", "4000", "--quiet"]) == 2
     assert "LOW,HIGH" in capsys.readouterr().err
+
+
+def test_catalog_and_spectra_feed_prepare(tmp_path, monkeypatch):
+    from stellarparams.prepare import prepare
+
+    monkeypatch.delenv("http_proxy", raising=False)
+    root = tmp_path / "sas"
+    rng = np.random.default_rng(1)
+    loglam = 3.5800 + 1e-4 * np.arange(3850)  # the full SDSS range, as in a real lite file
+    for plate, mjd, fiber, run2d, *_ in GOOD[:4]:
+        write_spec_lite(root / sas_path(plate, mjd, fiber, run2d), loglam, 50 + rng.normal(0, 1, loglam.size),
+                        np.full(loglam.size, 4.0), plate=plate, mjd=mjd, fiberid=fiber)
+    fake = FakeSDSS(root, [csv_row(*s) for s in STARS[:4] + STARS[7:]])
+    try:
+        out = tmp_path / "out"
+        fetch(10, out, sql_url=sql_url(fake), sas_url=fake.url, sample="first", concurrency=2, **FAST)
+    finally:
+        fake.close()
+    for cat in ("catalog.parquet", "catalog.fits"):
+        s = prepare(out / cat, out / "spectra", tmp_path / ("ds_" + cat.split(".")[1]), workers=1, progress=False)
+        assert s["kept"] == 4, s
