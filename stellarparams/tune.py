@@ -284,11 +284,16 @@ def make_storage(url: str, heartbeat: float = 60.0):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # wait for other writers
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=max(1, int(round(heartbeat))),
-                          grace_period=GRACE_FACTOR * max(1, int(round(heartbeat))),
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    beat = max(1, int(round(heartbeat)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat, grace_period=GRACE_FACTOR * beat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as e:  # bad URL, missing driver, unreachable server: say which and what to do
+        raise ValueError(f"cannot open the study storage {redact(url)}: {type(e).__name__}: {str(e).rstrip('.')}. Give a URL such "
+                         "as sqlite:///path/study.db or postgresql://user:password@host/db (PostgreSQL needs a "
+                         "driver: pip install psycopg2-binary)") from e
 
 
 def make_sampler(name: str, seed: int):
@@ -371,7 +376,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
         raise ValueError(f"trials must be at least 1, got {trials}")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    sampler_obj_check = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
+    own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     labels, n_in = list(ds.label_names), ds.n_pix
     out = Path(out_dir)
@@ -390,7 +395,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
                 "dataset": {"n": ds.n, "n_pix": n_in, "input_hash": ds.attrs.get("input_hash", "")}}
     study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
     # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
-    study.sampler = sampler_obj_check if created else make_sampler(sampler, secrets.randbits(31))
+    study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
     study.pruner = make_pruner(epochs, prune)
 
     def objective(trial):
