@@ -35,7 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
@@ -155,7 +155,8 @@ def parse_skyserver_csv(text: str, source: str = "SkyServer") -> pd.DataFrame:
         raise CatalogQueryError(f"{source} did not return a CSV table; it said: {_snippet(text)!r}")
     from io import StringIO
 
-    text_cols = {h.strip(): str for h in lines[0].split(",") if h.strip().upper() in ("SPECOBJID", "RUN2D", "CLASS", "FLAG")}
+    text = ("SPECOBJID", "RUN2D", "CLASS", "FLAG")
+    text_cols = {h.strip(): str for h in lines[0].split(",") if h.strip().upper() in text}
     df = pd.read_csv(StringIO("\n".join(lines)), dtype=text_cols, keep_default_na=False, na_values=[""])
     df.columns = [c.strip().upper() for c in df.columns]
     return df
@@ -189,7 +190,8 @@ def _to_catalog(df: pd.DataFrame, rename: dict) -> pd.DataFrame:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype(np.int64)
     if "SPECOBJID" in df:
-        df["SPECOBJID"] = pd.to_numeric(df["SPECOBJID"].astype(str).str.strip(), errors="coerce").fillna(-1).astype(np.int64)
+        ids = pd.to_numeric(df["SPECOBJID"].astype(str).str.strip(), errors="coerce")
+        df["SPECOBJID"] = ids.fillna(-1).astype(np.int64)
     for c in ("RUN2D", "CLASS", "FLAG"):
         if c in df:
             df[c] = df[c].map(lambda v: (v.decode() if isinstance(v, bytes) else "" if pd.isna(v) else str(v)).strip())
@@ -244,7 +246,8 @@ def read_sspp_fits(path) -> pd.DataFrame:
     with fitsio.FITS(str(path)) as f:
         hdu = f[1]
         have = set(hdu.get_colnames())
-        missing = [c for c in ("PLATE", "MJD", "FIBER", "TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP", "RV_ADOP") if c not in have]
+        need = ("PLATE", "MJD", "FIBER", "TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP", "RV_ADOP")
+        missing = [c for c in need if c not in have]
         if missing:
             raise ValueError(f"{path}: not an SSPP catalog, HDU 1 lacks {', '.join(missing)}")
         data = hdu.read(columns=[c for c in SSPP_FITS_COLUMNS if c in have])
@@ -333,7 +336,8 @@ def sas_path(plate: int, mjd: int, fiberid: int, run2d: str, lite: bool = True) 
     run2d = str(run2d).strip()
     survey = "sdss" if run2d in SDSS_RUN2D else "boss"
     sub = "spectra/lite" if lite else "spectra"
-    return f"dr12/{survey}/spectro/redux/{run2d}/{sub}/{int(plate):04d}/{spec_filename(int(plate), int(mjd), int(fiberid))}"
+    name = spec_filename(int(plate), int(mjd), int(fiberid))
+    return f"dr12/{survey}/spectro/redux/{run2d}/{sub}/{int(plate):04d}/{name}"
 
 
 def sas_urls(sas_url: str, plate: int, mjd: int, fiberid: int, run2d: str, lite: bool = True) -> list[str]:
@@ -709,7 +713,7 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
         df = apply_cuts(df, **cuts)  # the query's cuts again: a mirror or the FITS file may not apply them
         df = df.drop_duplicates(["PLATE", "MJD", "FIBERID"]).reset_index(drop=True)
         if sample == "random" and len(df) > n:
-            df = df.sample(n=n, random_state=int(seed)).sort_values("SPECOBJID").reset_index(drop=True)
+            df = df.sample(n=n, random_state=int(seed)).sort_index().reset_index(drop=True)  # keeps SPECOBJID order
         df = df.iloc[:n].copy()
         df["FILE"] = [spec_filename(int(p), int(m), int(f)) for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
         df = df[[c for c in CATALOG_COLUMNS if c in df] + [c for c in df if c not in CATALOG_COLUMNS]]

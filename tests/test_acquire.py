@@ -322,7 +322,8 @@ def test_retries_then_manifest_of_persistent_failures(sdss, tmp_path):
     assert s["failed_by_reason"] == {"http_500": 1, "truncated": 1, "http_404": 1}
     fails = pd.read_csv(out / "failures.csv")
     by_file = {Path(f).name: (r, a) for f, r, a in zip(fails["file"], fails["reason"], fails["attempts"])}
-    assert by_file[spec_filename(*GOOD[1][:3])][0].startswith("http_500") and by_file[spec_filename(*GOOD[1][:3])][1] == 3
+    reason, attempts = by_file[spec_filename(*GOOD[1][:3])]
+    assert reason.startswith("http_500") and attempts == 3
     assert "truncated" in by_file[spec_filename(*GOOD[4][:3])][0]
     assert by_file[spec_filename(*GOOD[5][:3])] == ("http_404 not found", 1)
     assert sdss.requests[p[0]] == 3 and sdss.requests[p[1]] == 3 and sdss.requests[p[5]] == 1
@@ -368,10 +369,12 @@ def test_sas_fits_source_and_unknown_run2d(tmp_path, monkeypatch):
     write_tree(root, GOOD, boss_run2d_override="v5_7_2")  # BOSS files only under v5_7_2
     stars = GOOD + [STARS[7]]
     cols = [fits.Column("SPECOBJID", "22A", array=[str(specobjid(s[0], s[2])) for s in stars]),
-            fits.Column("PLATE", "I", array=[s[0] for s in stars]), fits.Column("MJD", "J", array=[s[1] for s in stars]),
+            fits.Column("PLATE", "I", array=[s[0] for s in stars]),
+            fits.Column("MJD", "J", array=[s[1] for s in stars]),
             fits.Column("FIBER", "I", array=[s[2] for s in stars]),
             fits.Column("RUN2D", "3A", array=[s[3][:3] for s in stars]),  # 'v5_': too short for BOSS names
-            fits.Column("SPECPRIMARY", "J", array=[1] * len(stars)), fits.Column("FLAG", "5A", array=["nnnnn"] * len(stars))]
+            fits.Column("SPECPRIMARY", "J", array=[1] * len(stars)),
+            fits.Column("FLAG", "5A", array=["nnnnn"] * len(stars))]
     for name, k in (("TEFF_ADOP", 4), ("FEH_ADOP", 5), ("LOGG_ADOP", 6), ("RV_ADOP", 7), ("SNR", 8)):
         cols.append(fits.Column(name, "E", array=[s[k] for s in stars]))
     for name in ("TEFF_ADOP_UNC", "FEH_ADOP_UNC", "LOGG_ADOP_UNC", "RV_ADOP_UNC"):
