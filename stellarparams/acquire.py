@@ -155,8 +155,8 @@ def parse_skyserver_csv(text: str, source: str = "SkyServer") -> pd.DataFrame:
         raise CatalogQueryError(f"{source} did not return a CSV table; it said: {_snippet(text)!r}")
     from io import StringIO
 
-    text = ("SPECOBJID", "RUN2D", "CLASS", "FLAG")
-    text_cols = {h.strip(): str for h in lines[0].split(",") if h.strip().upper() in text}
+    as_text = ("SPECOBJID", "RUN2D", "CLASS", "FLAG")
+    text_cols = {h.strip(): str for h in lines[0].split(",") if h.strip().upper() in as_text}
     df = pd.read_csv(StringIO("\n".join(lines)), dtype=text_cols, keep_default_na=False, na_values=[""])
     df.columns = [c.strip().upper() for c in df.columns]
     return df
