@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -163,20 +164,25 @@ def load_miles(teff_range=(4000.0, 9500.0)):
     labels a DataFrame with star_id (the MILES number, int), teff (K), logg, feh (dex), file.
     MILES_params.db marks missing labels with 99999 (Teff) and 9999 (log g, [Fe/H]).
     """
+    labels = miles_labels(teff_range)  # checks that mangadap is installed, every call
+    wave_air, flux, fwhm = _read_miles(tuple(labels.file))
+    labels.attrs["fwhm"] = fwhm  # A, MILES line-spread FWHM
+    return wave_air.copy(), flux.copy(), labels
+
+
+@functools.lru_cache(maxsize=2)
+def _read_miles(files: tuple):
     import fitsio
 
-    labels = miles_labels(teff_range)
-    hdr = fitsio.read_header(labels.file[0])
+    hdr = fitsio.read_header(files[0])
     n_pix, crval, cdelt, crpix = hdr["NAXIS1"], hdr["CRVAL1"], hdr["CDELT1"], hdr.get("CRPIX1", 1)
-    flux = np.empty((len(labels), n_pix))
-    for k, f in enumerate(labels.file):
+    flux = np.empty((len(files), n_pix))
+    for k, f in enumerate(files):
         data, h = fitsio.read(f, header=True)
         if (h["NAXIS1"], h["CRVAL1"], h["CDELT1"]) != (n_pix, crval, cdelt):
             raise ValueError(f"{f}: wavelength grid differs from the other MILES files")
         flux[k] = data
-    wave_air = crval + cdelt * (np.arange(n_pix) + 1 - crpix)
-    labels.attrs["fwhm"] = float(hdr.get("FWHM", 2.5))  # A, MILES line-spread FWHM
-    return wave_air, flux, labels
+    return crval + cdelt * (np.arange(n_pix) + 1 - crpix), flux, float(hdr.get("FWHM", 2.5))
 
 
 def air_to_vac(wave_air):
@@ -386,7 +392,8 @@ def write_spectrum(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: f
     specobj[0] = (plate, mjd, fiberid, "STAR", "", z, 0, snr)
     hdr = [dict(name="TELESCOP", value="SDSS 2.5-M"), dict(name="PLATEID", value=plate),
            dict(name="MJD", value=mjd), dict(name="FIBERID", value=fiberid),
-           dict(name="BUNIT", value=sdss.FLUX_UNIT), dict(name="VACUUM", value=True, comment="wavelengths are in vacuum")]
+           dict(name="BUNIT", value=sdss.FLUX_UNIT),
+           dict(name="VACUUM", value=True, comment="wavelengths are in vacuum")]
     hdr += [dict(name=k, value=v) for k, v in (header or {}).items()]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +419,9 @@ _SIM: Simulator | None = None  # one per worker process
 
 def _init_worker(cfg_dict):
     global _SIM
-    _SIM = Simulator(SimConfig.from_dict(cfg_dict))
+    cfg = SimConfig.from_dict(cfg_dict)
+    if _SIM is None or _SIM.cfg != cfg:  # kept between calls in one process (notebooks, tests)
+        _SIM = Simulator(cfg)
 
 
 def _run_chunk(out, seed, plans):
@@ -421,10 +430,10 @@ def _run_chunk(out, seed, plans):
     for plan in plans:
         try:
             spec = _SIM.realize(plan, seed)
-            row_rv = plan["rv"] + _SIM.cfg.rv_noise * plan["noise"][3]  # the catalog's RV_ADOP
+            rv_adop = catalog_row(plan, _SIM.labels, _SIM.cfg)["RV_ADOP"]  # SPECOBJ Z: measured, not true
             write_spectrum(spectrum_path(out, plan["plate"], plan["mjd"], plan["fiberid"]), spec,
                            plate=plan["plate"], mjd=plan["mjd"], fiberid=plan["fiberid"],
-                           z=float(doppler(row_rv) - 1.0),
+                           z=float(doppler(rv_adop) - 1.0),
                            header={"SNR5000": round(plan["snr"], 4), "ORIGIN": f"stellarparams {__version__} simulate"})
             results.append((plan["index"], None))
         except Exception as e:  # recorded, the rest of the batch goes on
