@@ -123,7 +123,8 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         raise sdss.SpectrumError(path, "too_few_pixels", f"{n_good} good pixels, a cubic spline needs 4")
     x = loglam[good]
     y = flux[good].astype(np.float64)
-    if not np.isfinite(loglam[[0, -1]]).all() or not (np.diff(x) > 0).all():
+    dx = np.diff(x)
+    if not np.isfinite(loglam[[0, -1]]).all() or not (dx > 0).all():
         raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
     if config.rest_frame:
         if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
@@ -135,11 +136,15 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
 
     # validity: inside the good coverage and near a good pixel
     step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
-    j = np.searchsorted(x, grid)
-    inside = (j > 0) & (j < len(x)) | (grid == x[0])
-    jc = np.clip(j, 1, len(x) - 1)
-    dist = np.minimum(grid - x[jc - 1], x[jc] - grid)
-    valid = inside & (dist <= MAX_GAP_PIX * step * (1 + 1e-6))
+    reach = MAX_GAP_PIX * step * (1 + 1e-6)
+    valid = np.zeros(len(grid), bool)
+    valid[np.searchsorted(grid, x[0], side="left"):np.searchsorted(grid, x[-1], side="right")] = True
+    gaps = np.flatnonzero(dx > 2 * reach)  # gaps whose middle lies farther than `reach` from both sides
+    if len(gaps):
+        a = np.searchsorted(grid, x[gaps] + reach, side="right")
+        b = np.searchsorted(grid, x[gaps + 1] - reach, side="left")
+        for i, k in zip(a, b):
+            valid[i:k] = False
     coverage = float(valid.mean())
     if coverage < config.min_coverage:
         why = f"{coverage:.1%} of the grid from good data, need {config.min_coverage:.0%}"

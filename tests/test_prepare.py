@@ -104,6 +104,23 @@ def test_masked_pixels_are_not_zeros_and_ends_are_clamped():
     assert valid.mean() == pytest.approx((~below & ~above).mean(), abs=0.01)
 
 
+def test_valid_means_near_good_data():
+    rng = np.random.default_rng(1)
+    for trial in range(5):
+        s = analytic(float(rng.uniform(-300, 300)), n=4000, loglam0=3.58 + rng.uniform(0, 0.01))
+        for _ in range(30):  # holes of 1-12 pixels, ivar 0
+            k = rng.integers(0, 3990)
+            s.ivar[k:k + rng.integers(1, 13)] = 0
+        rv = float(rng.uniform(-300, 300))
+        _, valid = preprocess(s, rv)
+        x = s.loglam[s.ivar > 0] - prep.doppler_log_shift(rv)
+        g = GRID.loglam
+        dist = np.abs(g[:, None] - x[None, :]).min(1)  # brute force: distance to the nearest good pixel
+        expect = (g >= x[0]) & (g <= x[-1]) & (dist <= 2e-4 * (1 + 1e-6))
+        np.testing.assert_array_equal(valid, expect)
+        assert 0 < (~valid[(g > x[0]) & (g < x[-1])]).sum() < 200
+
+
 @pytest.mark.parametrize("case,reason", [
     ("nan", "nonfinite_flux"), ("inf_half", "nonfinite_flux"), ("ivar0", "no_good_pixels"),
     ("allmasked", "no_good_pixels"), ("short", "low_coverage"), ("constant", "constant_flux"),
