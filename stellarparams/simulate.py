@@ -487,10 +487,14 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg.to_dict(),)) as pool:
             futures = [pool.submit(_run_chunk, out, seed, chunk) for chunk in chunks]
-            for fut in as_completed(futures):
-                res = fut.result()
-                failed.update({i: e for i, e in res if e})
-                bar.update(len(res))
+            try:
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    failed.update({i: e for i, e in res if e})
+                    bar.update(len(res))
+            except BaseException:  # Ctrl-C: drop the queued chunks; a re-run resumes
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     bar.close()
 
     rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
