@@ -541,6 +541,8 @@ def format_summary(s: dict) -> str:
              "  splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items())]
     if s["rejected_by_reason"]:
         lines.append(f"  rejected {s['rejected']}: " + ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items()))
+    if s["kept"] == 0:
+        lines.append("  warning: no spectrum was kept; rejects.csv says why for each file and catalog row")
     lines.append(f"  -> {s['dataset']} (rejects.csv, summary.json beside it)")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """Preprocessing (METHOD.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
+import gzip
 import json
 import os
 
@@ -385,8 +386,10 @@ def test_resume_after_kill_and_idempotent_rerun(tmp_path, monkeypatch):
 def test_catalog_with_file_column_and_dr7(tmp_path):
     spectra = tmp_path / "spectra"
     s = analytic(50.0)
-    sdss.write_spspec_dr7(spectra / "dr7" / "spSpec-52000-0300-007.fit", float(s.loglam[0]), s.flux,
-                          np.ones_like(s.flux), plate=300, mjd=52000, fiberid=7)
+    dr7 = sdss.write_spspec_dr7(spectra / "dr7" / "spSpec-52000-0300-007.fit", float(s.loglam[0]), s.flux,
+                                np.ones_like(s.flux), plate=300, mjd=52000, fiberid=7)
+    dr7.with_name(dr7.name + ".gz").write_bytes(gzip.compress(dr7.read_bytes()))  # archives ship them gzipped
+    dr7.unlink()
     write_star(spectra, 500, 55000, 1, 0.0)
     write_star(spectra, 500, 55000, 2, 0.0, sub="x")
     (spectra / "x" / sdss.spec_filename(500, 55000, 2)).rename(spectra / "x" / "renamed.fits")
@@ -397,7 +400,7 @@ def test_catalog_with_file_column_and_dr7(tmp_path):
     assert s["kept"] == 3 and s["rejected"] == 0
     with Dataset(tmp_path / "ds") as ds:
         assert ds.meta().file[2].endswith("renamed.fits")
-        ref, _ = preprocess(sdss.read_spectrum(spectra / "dr7" / "spSpec-52000-0300-007.fit"), 50.0)
+        ref, _ = preprocess(sdss.read_spectrum(spectra / "dr7" / "spSpec-52000-0300-007.fit.gz"), 50.0)
         np.testing.assert_array_equal(ds.flux([0])[0], ref)
 
 
