@@ -313,6 +313,8 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     from . import __version__
 
     t0 = time.perf_counter()
+    config = PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
+                                      "labels": {k: v.upper() for k, v in config.labels.items()}})
     out = Path(out)
     spectra = Path(spectra)
     cat = sdss.read_catalog(catalog)
@@ -401,8 +403,12 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     for p in files:
         if p.resolve() not in used:
             k = parse_spectrum_name(p.name)
+            twin = by_key[k]
+            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
+                              if twin != p and twin.resolve() in used else
+                              ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
-                            "reason": "no_catalog_row", "detail": "file has no matching catalog row"})
+                            "reason": reason, "detail": detail})
 
     # --- resumable parallel preprocessing ---------------------------------------------------
     partial = out / PARTIAL_DIR

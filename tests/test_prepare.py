@@ -247,6 +247,7 @@ def test_bad_input_each_case(tmp_path):
     add(10, lambda p: write_star(spectra, P, M, 10, sub="bad", objclass="QSO"))
     add(11)                                                                          # row with no file
     write_star(spectra, P, M, 12, sub="bad")                                         # file with no row
+    write_star(spectra, 500, 55000, 1, sub="copy")                                   # second file, same spectrum
     rows.append(dict(rows[0], TEFF_ADOP=1.0))                                        # duplicated row
     add(13, "spec", FEH_ADOP=-9999.0, LOGG_ADOP=-9999.0)                             # missing labels: kept
 
@@ -260,12 +261,13 @@ def test_bad_input_each_case(tmp_path):
     s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1, progress=False)
     rej = pd.read_csv(tmp_path / "ds" / "rejects.csv")
     reason = {(int(r.fiberid) if r.plate == P else -int(r.fiberid)): r.reason for r in rej.itertuples()}
+    assert sorted(rej.loc[rej.plate == 500, "reason"]) == ["duplicate_file", "duplicate_row"]
     assert reason == {1: "unreadable", 2: "unreadable", 3: "not_sdss", 4: "missing_columns", 5: "nonfinite_flux",
                       6: "no_good_pixels", 7: "low_coverage", 8: "missing_rv", 9: "not_a_star",
-                      10: "not_a_star", 11: "no_file", 12: "no_catalog_row", -1: "duplicate_row"}
+                      10: "not_a_star", 11: "no_file", 12: "no_catalog_row", -1: reason[-1]}
     assert rej.loc[rej.reason == "unreadable", "file"].str.contains("spec-0600-56000-0001.fits").any()
     assert rej.detail.notna().all()
-    assert s["kept"] == 8 and s["rejected"] == 13
+    assert s["kept"] == 8 and s["rejected"] == 14
     assert s["rejected_by_reason"]["not_a_star"] == 2
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["kept"] == 8
     with Dataset(tmp_path / "ds") as ds:
