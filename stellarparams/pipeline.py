@@ -1,0 +1,195 @@
+"""`stellarparams run`: the main job, end to end on the embedded default data.
+
+    simulate  OUT/survey/     SDSS-like spectra of MILES stars + sppParams.fits catalog
+    prepare   OUT/dataset/    prepared dataset (60/10/30 split grouped by star)
+    train     OUT/model/      the paper's network and training schedule
+    evaluate  OUT/results.json, OUT/results.md: test-split MAE per label, network vs a Ridge
+              baseline (alpha chosen on the validation split) trained on the same split
+
+Every stage skips or resumes when its output is already there, so a killed run continues
+where it stopped. The check the job prints: the network's MAE must be at most 0.85 x the
+Ridge MAE on every label (the paper's network more than halves the linear errors).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+DEFAULT_N = 30_000       # spectra simulated; ~10 min end to end on 2 cores (see README)
+MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(0, 5, 6))
+
+
+def _say(msg, progress=True):
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) -> dict:
+    """Network vs Ridge (alpha on val) MAE per label on one split of a prepared dataset.
+
+    Returns {"labels": [...], "units": [...], "network": {label: MAE}, "ridge": {...},
+    "ratio": {...}, "pass": {...}, "ridge_alpha": {...}, "n_test": N, and, when the dataset
+    carries true labels (extra columns TEFF_TRUE, ...), "network_vs_true"/"ridge_vs_true"}.
+    """
+    from .baselines import RidgeVal
+
+    model.check_dataset(dataset)
+    labels = model.label_names
+    cols = [dataset.label_names.index(l) for l in labels]
+    te, tr, va = dataset.indices(split), dataset.indices("train"), dataset.indices("val")
+    y_te = dataset.labels(te)[:, cols].astype(np.float64)
+    p_net = model.predict(dataset.flux(te))
+    _say(f"ridge baseline: fitting on {len(tr)} train spectra, alpha from {len(alphas)} values on {len(va)} val",
+         progress)
+    t0 = time.perf_counter()
+    ridge = RidgeVal(alphas=alphas).fit(dataset.flux(tr), dataset.labels(tr)[:, cols],
+                                        dataset.flux(va), dataset.labels(va)[:, cols])
+    p_ridge = ridge.predict(dataset.flux(te))
+    ridge_s = time.perf_counter() - t0
+
+    def mae(p, y):
+        return {l: float(np.nanmean(np.abs(p[:, j] - y[:, j]))) for j, l in enumerate(labels)}
+
+    res = {"split": split, "n_test": int(len(te)), "labels": labels, "units": model.label_units,
+           "network": mae(p_net, y_te), "ridge": mae(p_ridge, y_te),
+           "ridge_alpha": dict(zip(labels, map(float, ridge.alpha_))), "ridge_alpha_at_edge": ridge.alpha_at_edge,
+           "ridge_seconds": round(ridge_s, 1), "max_ratio": MAX_RATIO}
+    res["ratio"] = {l: res["network"][l] / res["ridge"][l] for l in labels}
+    res["pass"] = {l: bool(res["ratio"][l] <= MAX_RATIO) for l in labels}
+    meta = dataset.meta(te)
+    true_cols = {l: f"{l.upper()}_TRUE" for l in labels if f"{l.upper()}_TRUE" in meta}
+    if true_cols:  # simulated data: also against the noiseless truth
+        y_true = np.column_stack([meta[true_cols[l]].to_numpy(np.float64) if l in true_cols else
+                                  np.full(len(te), np.nan) for l in labels])
+        res["network_vs_true"], res["ridge_vs_true"] = mae(p_net, y_true), mae(p_ridge, y_true)
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [f"test split ({res['n_test']} spectra, stars unseen in training): MAE per label",
+             f"{'label':8s} {'network':>10s} {'Ridge':>10s} {'ratio':>6s}  check (ratio <= {res['max_ratio']})"]
+    for l, u in zip(res["labels"], res["units"]):
+        lines.append(f"{l:8s} {res['network'][l]:10.4g} {res['ridge'][l]:10.4g} {res['ratio'][l]:6.3f}  "
+                     f"{'PASS' if res['pass'][l] else 'FAIL'}   ({u})")
+    if "network_vs_true" in res:
+        lines.append("against the noiseless simulated truth: " + ", ".join(
+            f"{l} {res['network_vs_true'][l]:.4g} (Ridge {res['ridge_vs_true'][l]:.4g})" for l in res["labels"]))
+    return "\n".join(lines)
+
+
+def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
+        workers: int | None = None, threads: int | None = None, config=None, progress: bool = True) -> dict:
+    """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
+
+    config: optional TOML with [model]/[train] tables (defaults: the paper's);
+    epochs/threads override it; seed drives the simulation, the split and the training.
+    """
+    from .dataset import Dataset
+    from .model import ModelConfig
+    from .prepare import prepare
+    from .simulate import simulate
+    from .train import TrainConfig, load_config, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t_all = time.perf_counter()
+
+    _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
+    t0 = time.perf_counter()
+    catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress)
+    times["simulate"] = time.perf_counter() - t0
+
+    _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
+    t0 = time.perf_counter()
+    prepare(catalog, out / "survey" / "spectra", out / "dataset", seed=seed, workers=workers, progress=progress)
+    times["prepare"] = time.perf_counter() - t0
+
+    mc, tc = load_config(config) if config else (ModelConfig(), TrainConfig())
+    tc = replace(tc, seed=seed, threads=threads or tc.threads or os.cpu_count())
+    if epochs is not None:
+        tc = replace(tc, epochs=epochs)
+    _say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}", progress)
+    t0 = time.perf_counter()
+    with Dataset(out / "dataset") as ds:
+        model = train(ds, out / "model", mc, tc, progress=progress)
+        times["train"] = time.perf_counter() - t0
+
+        _say("[4/4] evaluate on the test split", progress)
+        t0 = time.perf_counter()
+        key = hashlib.sha256(json.dumps([model.fingerprint, ds.attrs.get("input_hash"), RIDGE_ALPHAS,
+                                         MAX_RATIO]).encode()).hexdigest()[:16]
+        res_path = out / "results.json"
+        old = json.loads(res_path.read_text()) if res_path.exists() else {}
+        if old.get("key") == key:
+            _say(f"{res_path}: up to date; not recomputed", progress)
+            res = old["comparison"]
+        else:
+            res = compare(model, ds, progress=progress)
+        times["evaluate"] = time.perf_counter() - t0
+        n_spectra = {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}
+    times = {k: round(v, 1) for k, v in times.items()}
+    results = {"key": key, "comparison": res, "all_pass": all(res["pass"].values()),
+               "seconds": times, "total_seconds": round(time.perf_counter() - t_all, 1),
+               "n_simulated": n, "n_spectra": n_spectra, "seed": seed, "model": str(out / "model"),
+               "model_config": mc.to_dict(), "train_config": tc.to_dict(), "model_metrics": model.metrics,
+               "stellarparams_version": __version__}
+    if old.get("key") == key:  # keep the first run's stage timings
+        results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
+    _atomic_json(res_path, results)
+    table = format_table(res)
+    (out / "results.md").write_text("```\n" + table + "\n```\n")
+    if progress:
+        print(table)
+        print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+              + f"; total {time.perf_counter() - t_all:.0f} s")
+        print(f"model: {out / 'model'}  results: {res_path}")
+    return results
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser):
+    p.description = ("The main job on the embedded default data: simulate an SDSS-like survey from the MILES "
+                     "stars, prepare it (split by star), train the paper's network, and compare its test MAE "
+                     "with a Ridge baseline (PASS when network MAE <= 0.85 x Ridge on every label). Stages "
+                     "that are already complete are skipped; a killed run resumes.")
+    p.add_argument("--out", default="runs/default", help="output folder (survey/, dataset/, model/, results.json)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="spectra to simulate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the paper's 30)")
+    p.add_argument("--config", help="TOML file with [model] and [train] tables")
+    p.add_argument("--workers", type=int, help="processes for simulate/prepare (default: all CPUs)")
+    p.add_argument("--threads", type=int, help="torch threads for training (default: all CPUs)")
+    p.add_argument("--quiet", action="store_true", help="only the final table")
+
+
+def run_cli(args) -> int:
+    try:
+        results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
+                      threads=args.threads, config=args.config, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(format_table(results["comparison"]))
+    if not results["all_pass"]:
+        print("FAIL: the network does not beat Ridge by the required margin on every label", file=sys.stderr)
+        return 1
+    return 0
