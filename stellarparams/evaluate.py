@@ -291,6 +291,8 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
                                                           if n in ds.label_names else "" for n in names])
     cols = _label_columns(ds, names)
+    if hasattr(model, "check_dataset"):  # grid / preprocessing must match the training data's
+        model.check_dataset(ds)
     idx = ds.indices(split)
     if len(idx) == 0:
         raise ValueError(f"{ds.path}: the {split!r} split is empty; nothing to evaluate")

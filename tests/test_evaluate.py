@@ -200,3 +200,10 @@ def test_pred_vs_true_with_degenerate_predictions(tmp_path):
     p = np.c_[np.full(50, 6000.0), np.full(50, -1.0)]  # a constant model: KDE is singular
     path = plots.pred_vs_true(y, p, ["teff", "feh"], ["K", "dex"], tmp_path / "pvt.png")
     assert_sensible_png(path)
+
+
+def test_evaluate_refuses_a_dataset_on_another_grid(trained, tmp_path):
+    _, _, _, model = trained
+    ds, _ = make_dataset(tmp_path, n_pix=500, with_files=False)
+    with pytest.raises(ValueError, match="grid"):
+        evaluate(model, ds, tmp_path / "report", progress=False)
