@@ -229,7 +229,8 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         done = json.loads((out / META).read_text())
         if done.get("fingerprint") == fingerprint:
             if progress:
-                print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)")
+                print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
+                      file=sys.stderr)
             return load_model(out)
         raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out "
                          "or delete the folder")
@@ -285,7 +286,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
             history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
             start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
             if progress:
-                print(f"{out}: resuming after epoch {start_epoch} of {tc.epochs}")
+                print(f"{out}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
 
     def evaluate(X, Y, y_phys):
         net.eval()
