@@ -310,6 +310,14 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     # metrics and tables
     m = metrics(y_true, y_pred, names)
     tables = {"metrics": write_table(metrics_table(m, units), out / "metrics")}
+    # simulated data carry the noiseless truth as extra columns (TEFF_TRUE, ...): errors against it too
+    true_cols = {n: f"{n.upper()}_TRUE" for n in names if f"{n.upper()}_TRUE" in meta}
+    m_true = None
+    if true_cols:
+        y_exact = np.column_stack([meta[true_cols[n]].to_numpy(np.float64) if n in true_cols
+                                   else np.full(len(idx), np.nan) for n in names])
+        m_true = metrics(y_exact, y_pred, names)
+        tables["metrics_vs_true"] = write_table(metrics_table(m_true, units), out / "metrics_vs_true")
     by_snr = binned_mae(y_true, y_pred, snr, SNR_EDGES, names, "snr")
     by_teff = binned_mae(y_true, y_pred, teff, TEFF_EDGES, names, "teff")
     if by_snr.empty:
@@ -349,7 +357,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     else:
         notes.append("raw-spectra figure skipped: the source FITS files of the example stars are not available")
     figs["normalised_spectra"] = plots.normalised_spectra(ds.grid.loglam, ds.flux(ex), ex_teff,
-                                                          fig_dir / "normalised_spectra.png", titles)
+                                                          fig_dir / "normalised_spectra.png", titles, ds.valid(ex))
     figs["pred_vs_true"] = plots.pred_vs_true(y_true, y_pred, names, units, fig_dir / "pred_vs_true.png", stats=m)
     if np.isfinite(snr).any():
         figs["residuals_vs_snr"] = plots.residuals_vs_snr(y_true, y_pred, snr, names, units,
@@ -358,7 +366,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
         notes.append("residuals-vs-S/N figure skipped: no S/N known for these spectra")
 
     result = {
-        "split": split, "n": int(len(idx)), "labels": m,
+        "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
         "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
         "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
         "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
@@ -397,6 +405,8 @@ def _write_report(out: Path, r: dict, units) -> None:
     ]
     md = [f"# Evaluation report ({r['split']} split)", "", *meta_lines, "",
           "## Metrics per label", "", markdown_table(m),
+          *(["## Metrics against the noiseless simulated truth", "",
+              markdown_table(metrics_table(r["labels_vs_true"], units))] if r.get("labels_vs_true") else []),
           "## MAE by S/N", "", markdown_table(by_snr) if not by_snr.empty else "(no S/N known)\n",
           "## MAE by true Teff", "", markdown_table(by_teff) if not by_teff.empty else "(no Teff known)\n",
           "## Figures", ""]
@@ -414,7 +424,11 @@ def _write_report(out: Path, r: dict, units) -> None:
 
     parts = [f"<h1>Evaluation report ({html.escape(r['split'])} split)</h1><ul>"]
     parts += [f"<li>{html.escape(line[2:])}</li>" for line in meta_lines] + ["</ul>"]
-    parts += ["<h2>Metrics per label</h2>", tbl(m), "<h2>MAE by S/N</h2>", tbl(by_snr),
+    parts += ["<h2>Metrics per label</h2>", tbl(m)]
+    if r.get("labels_vs_true"):
+        parts += ["<h2>Metrics against the noiseless simulated truth</h2>",
+                  tbl(metrics_table(r["labels_vs_true"], units))]
+    parts += ["<h2>MAE by S/N</h2>", tbl(by_snr),
               "<h2>MAE by true Teff</h2>", tbl(by_teff), "<h2>Figures</h2>"]
     for k, p in r["figures"].items():
         b64 = base64.b64encode(Path(p).read_bytes()).decode()
@@ -456,6 +470,9 @@ def run_cli(args) -> int:
     print(f"{r['split']} split, {r['n']:,} spectra")
     print(markdown_table(metrics_table(r["labels"], r["model"].get("label_units"))[
         ["label", "unit", "mae", "rmse", "bias", "scatter", "mae_pct_range", "n"]]))
+    if r.get("labels_vs_true"):
+        print("against the noiseless simulated truth: " + ", ".join(
+            f"{k} MAE {v['mae']:.4g}" for k, v in r["labels_vs_true"].items()))
     for n in r["notes"]:
         print(f"note: {n}")
     print(f"report: {Path(args.out) / 'report.html'} (also report.md, metrics.json, figures/)")

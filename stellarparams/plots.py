@@ -105,11 +105,12 @@ def planck_standardized(loglam, teff) -> np.ndarray:
     return (b - b.mean()) / b.std()
 
 
-def normalised_spectra(loglam, flux, teff, path, titles=None) -> Path:
+def normalised_spectra(loglam, flux, teff, path, titles=None, valid=None) -> Path:
     """Prepared (rest-frame, standardized) spectra with the standardized Planck curve of each
     star's Teff over-plotted (paper Fig. 3).
 
-    loglam: (P,) log10 rest wavelength [A]; flux: (K, P) standardized; teff: (K,) K.
+    loglam: (P,) log10 rest wavelength [A]; flux: (K, P) standardized; teff: (K,) K;
+    valid: optional (K, P) bool, False where the pixel was filled in (clamped/masked): drawn grey.
     """
     flux = np.atleast_2d(flux)
     K = len(flux)
@@ -117,7 +118,11 @@ def normalised_spectra(loglam, flux, teff, path, titles=None) -> Path:
     fig, axes = plt.subplots(K, 1, figsize=(9, 1.9 * K + 0.6), sharex=True, squeeze=False)
     for i in range(K):
         ax = axes[i, 0]
-        ax.plot(lam, flux[i], lw=0.5, color="k", label="spectrum")
+        if valid is None:
+            ax.plot(lam, flux[i], lw=0.5, color="k", label="spectrum")
+        else:
+            ax.plot(lam, flux[i], lw=0.5, color="0.75", label="filled-in pixels")
+            ax.plot(lam, np.where(valid[i], flux[i], np.nan), lw=0.5, color="k", label="spectrum")
         if np.isfinite(teff[i]) and teff[i] > 0:
             ax.plot(lam, planck_standardized(loglam, teff[i]), lw=1.4, color="tab:red",
                     label=f"Planck {teff[i]:.0f} K")
