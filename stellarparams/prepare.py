@@ -428,6 +428,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     n_todo = sum(len(chunks[k]) for k in todo)
+    _c_kms()  # import astropy.constants once here, not in every forked worker
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if workers == 1 or len(todo) <= 1:
         for k in todo:
