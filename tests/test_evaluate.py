@@ -99,7 +99,8 @@ def make_dataset(tmp_path, n=48, n_pix=4000, with_files=True):
     meta = pd.DataFrame({"plate": 1, "mjd": 50000, "fiberid": np.arange(n), "rv": 0.0,
                          "snr": rng.uniform(5, 80, n), "object_id": [f"star{i}" for i in range(n)], "file": files})
     split = np.array(["train"] * (n // 2) + ["val"] * (n // 6) + ["test"] * (n - n // 2 - n // 6))
-    return write_dataset(tmp_path / "dataset", X, Y, split, meta=meta), Y
+    extra = pd.DataFrame({"TEFF_TRUE": Y[:, 0] + 25.0})  # a simulation's noiseless truth
+    return write_dataset(tmp_path / "dataset", X, Y, split, meta=meta, extra=extra), Y
 
 
 def train_model(ds, out):
@@ -132,6 +133,10 @@ def test_evaluate_writes_tables_figures_and_report(trained):
     for name in expect:
         for k in ("mae", "rmse", "bias", "scatter", "mae_pct_range"):
             assert r["labels"][name][k] == pytest.approx(expect[name][k], rel=1e-5)
+    vs_true = metrics(ds.labels(idx)[:, :1] + 25.0, model.predict(ds.flux(idx))[:, :1], ["teff"])["teff"]
+    assert r["labels_vs_true"]["teff"]["mae"] == pytest.approx(vs_true["mae"], rel=1e-5)
+    assert r["labels_vs_true"]["feh"]["n"] == 0  # no FEH_TRUE column
+    assert (out / "metrics_vs_true.csv").exists()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["labels"]["feh"]["mae"] == pytest.approx(expect["feh"]["mae"], rel=1e-5)
     assert saved["model"]["seed"] == 7 and len(saved["model"]["sha256"]) == 64
