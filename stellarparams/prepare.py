@@ -353,6 +353,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         if done_hash == input_hash:
             summary = json.loads((out / SUMMARY_FILE).read_text())
             summary["up_to_date"] = True
+            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # left over if killed right after finishing
             _log(f"{final}: already prepared from the same inputs (input_hash {input_hash}); nothing to do", progress)
             return summary
 

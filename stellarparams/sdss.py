@@ -60,6 +60,9 @@ class Spectrum:
     loglam: (n,) float64, log10 vacuum wavelength in Angstrom
     flux, ivar: (n,) float32, 1e-17 erg/s/cm2/A and its inverse variance (0 = no data)
     and_mask: (n,) int32, SDSS SPPIXMASK bits (0 where the file has none)
+    plate, mjd, fiberid: identifiers; objclass: SDSS CLASS (STAR, GALAXY, QSO; DR7 from SPEC_CLN)
+    snr: median S/N per pixel (SPECOBJ SN_MEDIAN_ALL, else computed from flux and ivar)
+    z: SDSS pipeline redshift (SPECOBJ Z, DR7 header Z; NaN if the file has none)
     """
 
     loglam: np.ndarray
@@ -73,7 +76,7 @@ class Spectrum:
     snr: float = float("nan")
     path: str = ""
     header: dict = field(default_factory=dict)
-    z: float = float("nan")  # SDSS pipeline redshift (SPECOBJ Z; DR7 header Z), NaN if absent
+    z: float = float("nan")
 
     @property
     def name(self) -> str:
