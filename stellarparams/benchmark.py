@@ -159,7 +159,8 @@ def time_inference(predict, X, batch_size: int, n_runs: int = N_TIMING_RUNS) -> 
 
     once()
     t = np.array([once() for _ in range(n_runs)])
-    return {"time_s": float(t.mean()), "time_std_s": float(t.std()), "n_runs": n_runs,
+    return {"time_s": float(t.mean()), "time_std_s": float(t.std()), "time_median_s": float(np.median(t)),
+            "n_runs": n_runs,
             "spectra_per_s": float(len(X) / t.mean()) if t.mean() > 0 else float("inf")}
 
 
@@ -320,7 +321,8 @@ def make_tables(results: dict, labels, units) -> dict:
         rows2.append(row)
         t = r.get("timing", {})
         rows3.append({"model": name, "params": r.get("n_params", np.nan), "time_s": t.get("time_s", np.nan),
-                      "time_std_s": t.get("time_std_s", np.nan), "spectra_per_s": t.get("spectra_per_s", np.nan),
+                      "time_std_s": t.get("time_std_s", np.nan), "time_median_s": t.get("time_median_s", np.nan),
+                      "spectra_per_s": t.get("spectra_per_s", np.nan),
                       "fit_s": r.get("fit_s", np.nan), "error": err})
     t2, t3 = pd.DataFrame(rows2), pd.DataFrame(rows3)
     return {"table2_mae": t2, "table3_params_time": t3,
@@ -445,7 +447,8 @@ def _report(summary, tables, claims) -> str:
         "# Benchmark: the paper's baselines and ablations", "",
         f"- dataset `{s['dataset']['path']}`: splits {s['dataset']['splits']}, {s['dataset']['n_pix']} pixels",
         f"- seed {s['seed']}, epochs {s['epochs']}{' (quick mode)' if s['quick'] else ''}, threads {s['threads']}, "
-        f"inference batch {s['batch_size']}, timing = mean of {s['n_timing_runs']} runs over the {s['n_test']:,} test spectra",
+        f"inference batch {s['batch_size']}, timing = mean of {s['n_timing_runs']} runs over the {s['n_test']:,} test spectra "
+        "(wall time; on a shared machine compare time_median_s and mind time_std_s)",
         f"- stellarparams {s['environment']['stellarparams']}, torch {s['environment']['torch']}, "
         f"scikit-learn {s['environment']['scikit-learn']}",
         "- OLS/Ridge are fitted on the unaugmented training split; Ridge's alpha per label is picked on the "
