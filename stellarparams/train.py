@@ -139,8 +139,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _fingerprint(model_config, train_config, labels, ds) -> str:
-    d = {"model": model_config.to_dict(), "train": {k: v for k, v in train_config.to_dict().items() if k != "threads"},
+def _fingerprint(model_config, train_config, labels, ds, net=None) -> str:
+    arch = None if net is None else [type(net).__module__, type(net).__qualname__,
+                                     net.to_dict() if hasattr(net, "to_dict") else count_parameters(net)]
+    d = {"model": model_config.to_dict(), "net": arch, "train": {k: v for k, v in train_config.to_dict().items() if k != "threads"},
          "labels": labels, "data": [ds.attrs.get("input_hash") or str(ds.path.resolve()), ds.n]}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -203,6 +205,13 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     on_epoch: callback(epoch, val_loss, metrics) after every epoch; may raise (e.g.
         optuna.TrialPruned) to stop; the exception propagates.
     """
+    if isinstance(dataset, Dataset):
+        return _train(dataset, out, model_config, train_config, net, on_epoch, progress)
+    with Dataset(dataset) as ds:  # closed even when on_epoch raises
+        return _train(ds, out, model_config, train_config, net, on_epoch, progress)
+
+
+def _train(ds, out, model_config, train_config, net, on_epoch, progress):
     from sklearn.preprocessing import RobustScaler
     from tqdm.auto import tqdm
 
@@ -210,7 +219,6 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
 
     mc = model_config or ModelConfig()
     tc = train_config or TrainConfig()
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if tc.threads:
         torch.set_num_threads(int(tc.threads))
     labels = mc.labels
@@ -223,7 +231,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     cols = [ds.label_names.index(l) for l in labels]
     units = [ds.label_units[c] for c in cols]
     out = Path(out) if out is not None else None
-    fingerprint = _fingerprint(mc, tc, labels, ds)
+    fingerprint = _fingerprint(mc, tc, labels, ds, net)
 
     if out is not None and (out / META).exists() and not (out / CHECKPOINT).exists():
         done = json.loads((out / META).read_text())
@@ -364,8 +372,6 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     if progress:
         print(f"best epoch {best_epoch + 1} (val loss {best_val:.4f}); trained in {train_time:.0f} s"
               + (f"; model written to {out}" if out else ""), file=sys.stderr)
-    if not isinstance(dataset, Dataset):
-        ds.close()
     return model
 
 
