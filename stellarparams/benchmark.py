@@ -274,6 +274,11 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
                 maes = ", ".join(f"{l} {r['metrics'][l]['mae']:.4g} {u}" for l, u in zip(ctx.labels, ctx.units))
                 _log(f"  {name}: MAE {maes}; {r['n_params']:,} params; "
                      f"inference {r['timing']['time_s']:.3g} s for {len(test_idx):,} spectra", progress)
+                edge = [l for l, e in r.get("info", {}).get("alpha_at_grid_edge", {}).items() if e]
+                if edge:
+                    _log(f"  warning: {name}'s best alpha for {edge} is at the end of the grid tried "
+                         f"({r['info']['alphas_tried'][0]:g}..{r['info']['alphas_tried'][-1]:g}); "
+                         "a wider grid might do better", progress)
 
     tables = make_tables(results, ctx.labels, ctx.units)
     written = {k: write_table(df, out / k) for k, df in tables.items()}
@@ -478,10 +483,10 @@ def add_arguments(p):
     p.add_argument("--dataset", required=True, metavar="D", help="prepared dataset folder (labels teff, feh, logg)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="folder for tables, results.json, report.md")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epoch per network (smoke test)")
-    p.add_argument("--epochs", type=int, help="epochs per network (default: the paper's 30, or 1 with --quick)")
+    p.add_argument("--epochs", type=int, help="epochs per network; unset: the paper's 30, or 1 with --quick")
     p.add_argument("--seed", type=int, default=0, help="seed for every model (recorded)")
-    p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
-    p.add_argument("--threads", type=int, help="torch/BLAS threads for training and timing (default: torch's)")
+    p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}; unset: all")
+    p.add_argument("--threads", type=int, help="torch/BLAS threads for training and timing; unset: torch's default")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per prediction call, same for every model")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
