@@ -175,8 +175,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
     p.add_argument("--epochs", type=int, help="training epochs (default: the paper's 30)")
     p.add_argument("--config", help="TOML file with [model] and [train] tables")
-    p.add_argument("--workers", type=int, help="processes for simulate/prepare (default: all CPUs)")
-    p.add_argument("--threads", type=int, help="torch threads for training (default: all CPUs)")
+    p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
+    p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
     p.add_argument("--quiet", action="store_true", help="only the final table")
 
 

@@ -3,8 +3,8 @@
 Files are read and preprocessed in a pool of processes (chunks of ``chunk_size`` files,
 at most 2 chunks per worker in flight), the network runs in the main process, and rows
 are appended to the output as they come, so memory stays flat for any number of files.
-The output (CSV, Parquet or FITS by suffix) is written under a temporary name and renamed
-at the end. One row per input file, in input order::
+Finished parts go to ``.OUT.partial/`` (so a killed run resumes), and the output (CSV,
+Parquet or FITS by suffix) is assembled from them under a temporary name and renamed. One row per input file, in input order::
 
     file, plate, mjd, fiberid, <label columns (teff, feh, logg)>, snr, rv,
     flag_rejected, reject_reason, reject_detail, flag_out_of_range, flag_low_snr
@@ -16,7 +16,10 @@ training; ``flag_low_snr``: median S/N per pixel below ``min_snr``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -214,13 +217,22 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     return df
 
 
+def _job_key(model, items, min_snr) -> str:
+    h = hashlib.sha256(json.dumps([model.fingerprint, model.label_names, model.center.tolist(), min_snr]).encode())
+    for f, rv in items:
+        h.update(f"{f}|{rv}\n".encode())
+    return h.hexdigest()[:24]
+
+
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
-            min_snr: float = 5.0, chunk_size: int = 128, progress: bool = True) -> dict:
+            min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     model: a Model or a model folder; inputs: spectrum files, folders, catalogs with FILE
     (see :func:`collect_inputs`); out: .csv / .parquet / .fits; workers: reading
     processes (default: all CPUs; 0 or 1 reads in this process).
+    Finished parts (``part_chunks`` x ``chunk_size`` files) are kept in ``.OUT.partial/``;
+    killed and run again with the same inputs, only the missing parts are read.
     Returns a summary dict: counts by outcome, rejection reasons, seconds, spectra/s.
     """
     from tqdm.auto import tqdm
@@ -232,54 +244,85 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     items = collect_inputs(inputs, catalog)
     if not items:
         raise ValueError(f"no spectrum files found in {inputs}")
+    out = Path(out)
+    writer = TableWriter(out, file_width=max(len(f) for f, _ in items))  # checks the suffix early
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+    parts = [chunks[i:i + part_chunks] for i in range(0, len(chunks), part_chunks)]
+    partial = out.parent / f".{out.name}.partial"
+    key = _job_key(model, items, min_snr)
+    if partial.exists() and _read_key(partial) != key:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "job.json").write_text(json.dumps({"key": key, "n_files": len(items)}))
+    part_file = [partial / f"part-{k:05d}.parquet" for k in range(len(parts))]
+    todo = [k for k in range(len(parts)) if not part_file[k].exists()]
+    n_done = sum(len(c) for k in range(len(parts)) if k not in todo for c in parts[k])
+    if n_done and progress:
+        print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    writer = TableWriter(out, file_width=max(len(f) for f, _ in items))
     args = (model.prepare_config, model.n_in)
-    counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0}
-    reasons = {}
-    bar = tqdm(total=len(items), desc="predict", unit="spec", disable=not progress, smoothing=0.1)
+    buffers = {k: [] for k in todo}
+    bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
 
-    def consume(chunk, r):
-        df = _rows(model, chunk, r, min_snr, batch_size)
-        writer.append(df)
-        counts["rejected"] += int(df["flag_rejected"].sum())
-        counts["out_of_range"] += int(df["flag_out_of_range"].sum())
-        counts["low_snr"] += int(df["flag_low_snr"].sum())
-        for k, v in df.loc[df["flag_rejected"], "reject_reason"].value_counts().items():
-            reasons[k] = reasons.get(k, 0) + int(v)
+    def consume(k, chunk, r):
+        buffers[k].append(_rows(model, chunk, r, min_snr, batch_size))
+        if len(buffers[k]) == len(parts[k]):  # part complete: publish it
+            tmp = part_file[k].with_suffix(".tmp")
+            pd.concat(buffers.pop(k), ignore_index=True).to_parquet(tmp, index=False)
+            os.replace(tmp, part_file[k])
         bar.update(len(chunk))
 
+    jobs = [(k, chunk) for k in todo for chunk in parts[k]]
     try:
-        if workers <= 1 or len(chunks) == 1:
-            for chunk in chunks:
-                consume(chunk, _read_chunk(chunk, *args))
+        if workers <= 1 or len(jobs) <= 1:
+            for k, chunk in jobs:
+                consume(k, chunk, _read_chunk(chunk, *args))
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 pending = deque()
-                todo = iter(chunks)
-                for chunk in todo:  # keep <= 2 chunks per worker in flight; consume in input order
-                    pending.append((chunk, pool.submit(_read_chunk, chunk, *args)))
+                for k, chunk in jobs:  # keep <= 2 chunks per worker in flight; consume in input order
+                    pending.append((k, chunk, pool.submit(_read_chunk, chunk, *args)))
                     if len(pending) >= 2 * workers:
-                        c, fut = pending.popleft()
-                        consume(c, fut.result())
+                        k0, c0, fut = pending.popleft()
+                        consume(k0, c0, fut.result())
                 while pending:
-                    c, fut = pending.popleft()
-                    consume(c, fut.result())
+                    k0, c0, fut = pending.popleft()
+                    consume(k0, c0, fut.result())
+    finally:
+        bar.close()
+
+    # assemble the parts, in input order, into the requested format
+    counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0}
+    reasons = {}
+    try:
+        for f in part_file:
+            df = pd.read_parquet(f)
+            writer.append(df)
+            counts["rejected"] += int(df["flag_rejected"].sum())
+            counts["out_of_range"] += int(df["flag_out_of_range"].sum())
+            counts["low_snr"] += int(df["flag_low_snr"].sum())
+            for reason, v in df.loc[df["flag_rejected"], "reject_reason"].value_counts().items():
+                reasons[reason] = reasons.get(reason, 0) + int(v)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    finally:
-        bar.close()
+    shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t0
     summary = {"out": str(out), "n_files": len(items), "n_predicted": len(items) - counts["rejected"],
                "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
-               "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"],
-               "seconds": round(seconds, 2), "spectra_per_s": round(len(items) / max(seconds, 1e-9), 1)}
+               "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"], "resumed_from": n_done,
+               "seconds": round(seconds, 2), "spectra_per_s": round((len(items) - n_done) / max(seconds, 1e-9), 1)}
     if progress:
         print(format_summary(summary), file=sys.stderr)
     return summary
+
+
+def _read_key(partial: Path):
+    try:
+        return json.loads((partial / "job.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def format_summary(s: dict) -> str:
@@ -304,7 +347,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, help="output table: .csv, .parquet or .fits")
     p.add_argument("--catalog", help="catalog with RV_ADOP (km/s) for the inputs, matched by FILE or PLATE/MJD/FIBERID")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
-    p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None, help="reading processes; None: all CPUs")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -379,7 +379,7 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress):
 def add_arguments(p: argparse.ArgumentParser):
     p.description = ("Train the residual multitask network (arXiv:2606.13868) on a prepared dataset. "
                      "Defaults are the paper's: AdamW 7e-4, weight decay 0.01, batch 256, 30 epochs, "
-                     "5%% warm-up + cosine, Huber(1) weighted by inverse label variance, 2 noisy copies per "
+                     "5% warm-up + cosine, Huber(1) weighted by inverse label variance, 2 noisy copies per "
                      "spectrum. Killed mid-run, the same command resumes from OUT/checkpoint.safetensors.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="model folder to write (weights.safetensors, model.json, train_log.csv)")

@@ -151,3 +151,33 @@ def test_predict_catalog_rv_and_flags(tmp_path):
     # Python API on Spectrum records gives the same numbers
     spec = sdss.read_spectrum(files[0])
     np.testing.assert_allclose(m.predict(spec, rv_kms=120.0)[0], df.loc[0, ["teff", "feh", "logg"]].to_numpy(float), rtol=1e-4)
+
+
+def test_predict_resumes_after_kill(tmp_path, monkeypatch):
+    import stellarparams.predict as P
+
+    d = tmp_path / "spectra"
+    files = [write_star(d / f"spec-1000-52000-{i:04d}.fits", i) for i in range(1, 9)]
+    m = tiny_model()
+    out = tmp_path / "r.parquet"
+    real, seen = P._read_chunk, []
+
+    def dies_on_file_6(items, *a):
+        if any(f.endswith("0006.fits") for f, _ in items):
+            raise KeyboardInterrupt  # the user pressed Ctrl-C
+        seen.extend(f for f, _ in items)
+        return real(items, *a)
+
+    monkeypatch.setattr(P, "_read_chunk", dies_on_file_6)
+    with pytest.raises(KeyboardInterrupt):
+        predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)  # parts of 4 files
+    assert not out.exists() and len(seen) == 4  # part 0 (files 1-4) finished, part 1 did not
+    seen.clear()
+    monkeypatch.setattr(P, "_read_chunk", lambda items, *a: (seen.extend(f for f, _ in items), real(items, *a))[1])
+    s = predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
+    assert sorted(seen) == [str(f) for f in files[4:]] and s["resumed_from"] == 4
+    df = pd.read_parquet(out)
+    assert list(df["file"]) == [str(f) for f in files] and not df["flag_rejected"].any()
+    X = np.stack([preprocess(sdss.read_spectrum(f), rv_from_z(1e-4), PrepareConfig(grid=GRID))[0] for f in files])
+    np.testing.assert_allclose(df[["teff", "feh", "logg"]].to_numpy(), m.predict(X), rtol=1e-4)
+    assert not (tmp_path / ".r.parquet.partial").exists()
