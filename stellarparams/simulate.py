@@ -25,8 +25,9 @@ through these steps (defaults in :class:`SimConfig`):
 7. Rebinning onto the SDSS lattice log10(lambda) = 3.5798 + 1e-4 k (3800-9200 A, vacuum),
    first pixel shifted by up to +-``offset_max`` = 5 pixels, flux-conserving (the
    cumulative integral of the library flux is interpolated at the pixel edges). Pixels
-   not wholly covered by MILES (all beyond ~7410 A: the red quarter of the paper's grid)
-   get flux 0, ivar 0, sky 0 and the SDSS ``NODATA`` bit: no flux is invented there.
+   not wholly covered by MILES (all beyond ~7410 A: the red quarter of the paper's grid;
+   also the few zero/negative pixels at the ends of some MILES stars) get flux 0, ivar 0,
+   sky 0 and the SDSS ``NODATA`` bit: no flux is invented there.
    Steps 4-6 are smooth factors, applied on the output pixels after rebinning.
 8. Noise: S/N per pixel at 5000 A (median over 4950-5050 A) drawn log-uniform in
    ``snr_range`` (5-100). Variance = g * (flux + sky), g set by that S/N; the sky is a
