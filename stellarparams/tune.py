@@ -284,16 +284,26 @@ def make_storage(url: str, heartbeat: float = 60.0):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # wait for other writers
+    from sqlalchemy.exc import DBAPIError
+
     beat = max(1, int(round(heartbeat)))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat, grace_period=GRACE_FACTOR * beat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as e:  # bad URL, missing driver, unreachable server: say which and what to do
-        raise ValueError(f"cannot open the study storage {redact(url)}: {type(e).__name__}: {str(e).rstrip('.')}. Give a URL such "
-                         "as sqlite:///path/study.db or postgresql://user:password@host/db (PostgreSQL needs a "
-                         "driver: pip install psycopg2-binary)") from e
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat,
+                                  grace_period=GRACE_FACTOR * beat,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except DBAPIError as e:  # workers creating the tables of a new database at once collide: retry
+            if attempt == 5:
+                raise ValueError(f"cannot open the study storage {redact(url)}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0]}; is the database reachable and writable?") from e
+            time.sleep(0.2 + secrets.randbelow(1000) / 1000)
+        except Exception as e:  # bad URL or missing driver: say which and what to do
+            raise ValueError(f"cannot open the study storage {redact(url)}: {type(e).__name__}: "
+                             f"{str(e).rstrip('.')}. Give a URL such as sqlite:///path/study.db or "
+                             "postgresql://user:password@host/db (PostgreSQL needs a driver: pip install "
+                             "psycopg2-binary)") from e
 
 
 def make_sampler(name: str, seed: int):
@@ -597,9 +607,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="folder for best.toml, summary.json/.md, history.png, importance.png "
                    "(and study.db with the default storage)")
-    p.add_argument("--trials", type=int, default=100, help="total finished (complete + pruned) trials, all workers together")
+    p.add_argument("--trials", type=int, default=100,
+                   help="total finished (complete + pruned) trials, all workers together")
     p.add_argument("--storage", help="Optuna database URL shared by the workers, e.g. "
-                   "postgresql://user:password@host/db (default: sqlite:///OUT/study.db)")
+                   "postgresql://user:password@host/db (None: the SQLite file OUT/study.db)")
     p.add_argument("--study", default="stellarparams", help="study name inside the storage")
     p.add_argument("--sampler", choices=("tpe", "gp"), default="tpe",
                    help="TPE handles the conditional/categorical space and learns from pruned trials; "
