@@ -13,7 +13,6 @@ what was used, trials/hour, epochs trained per trial and the implied time of 100
 """
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
