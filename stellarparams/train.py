@@ -191,7 +191,7 @@ def _write_log(path, history):
 
 
 def train(dataset, out=None, model_config: ModelConfig = None, train_config: TrainConfig = None, *, net=None,
-          on_epoch=None, progress: bool = True):
+          on_epoch=None, progress: bool = True, overwrite: bool = False):
     """Train on a prepared dataset's train split, select on its val split; return a Model.
 
     dataset: folder/path of a prepared dataset or a :class:`stellarparams.dataset.Dataset`.
@@ -204,14 +204,16 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         (baselines); L = number of labels in model_config.heads.
     on_epoch: callback(epoch, val_loss, metrics) after every epoch; may raise (e.g.
         optuna.TrialPruned) to stop; the exception propagates.
+    overwrite: a model or checkpoint in ``out`` from another config or dataset is discarded
+        (instead of an error); `stellarparams run` uses this for its own model folder.
     """
     if isinstance(dataset, Dataset):
-        return _train(dataset, out, model_config, train_config, net, on_epoch, progress)
+        return _train(dataset, out, model_config, train_config, net, on_epoch, progress, overwrite)
     with Dataset(dataset) as ds:  # closed even when on_epoch raises
-        return _train(ds, out, model_config, train_config, net, on_epoch, progress)
+        return _train(ds, out, model_config, train_config, net, on_epoch, progress, overwrite)
 
 
-def _train(ds, out, model_config, train_config, net, on_epoch, progress):
+def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwrite=False):
     from sklearn.preprocessing import RobustScaler
     from tqdm.auto import tqdm
 
@@ -240,8 +242,13 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress):
                 print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
                       file=sys.stderr)
             return load_model(out)
-        raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out "
-                         "or delete the folder")
+        if not overwrite:
+            raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out "
+                             "or delete the folder")
+        if progress:
+            print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
+        for name in (META, "weights.safetensors", LOG):
+            (out / name).unlink(missing_ok=True)
 
     # ---- data: one float32 tensor in memory; targets scaled on train only
     itr, iva = ds.indices("train"), ds.indices("val")
@@ -287,6 +294,9 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress):
         ckpt = out / CHECKPOINT
         if ckpt.exists():
             state, tensors = _load_checkpoint(ckpt)
+            if state.get("fingerprint") != fingerprint and overwrite:
+                ckpt.unlink()
+        if ckpt.exists():
             if state.get("fingerprint") != fingerprint:
                 raise ValueError(f"{ckpt}: checkpoint of a run with another config or dataset; choose another --out "
                                  "or delete the checkpoint to start over")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sklearn.preprocessing import RobustScaler
 
+from stellarparams import load_model
 from stellarparams.dataset import write_dataset
 from stellarparams.model import ModelConfig
 from stellarparams.train import TrainConfig, load_config, lr_factor, masked_huber, train
@@ -115,6 +116,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert "ran" not in seen and np.array_equal(again.predict(X), resumed.predict(X))
     with pytest.raises(ValueError, match="another config"):
         train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5), progress=False)
+    other = train(ds, tmp_path / "m", TINY, TrainConfig(epochs=1, batch_size=32, seed=5), overwrite=True, progress=False)
+    assert len(other.history) == 1 and len(load_model(tmp_path / "m").history) == 1
 
 
 def test_custom_net_and_label_subset(tmp_path):
