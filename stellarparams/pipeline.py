@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 
-DEFAULT_N = 20_000       # spectra simulated (~790 distinct MILES stars, ~25 spectra each)
+DEFAULT_N = 50_000       # spectra simulated, as in the paper (811 distinct MILES stars, ~60 spectra each)
 MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(0, 5, 6))
 
