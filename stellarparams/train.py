@@ -243,8 +243,8 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
                       file=sys.stderr)
             return load_model(out)
         if not overwrite:
-            raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out "
-                             "or delete the folder")
+            raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
+                             "delete the folder, or pass --overwrite (overwrite=True)")
         if progress:
             print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
         for name in (META, "weights.safetensors", LOG):
@@ -398,6 +398,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, help="override [train] seed")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -409,7 +411,7 @@ def run_cli(args) -> int:
         wanted = [s.strip() for s in args.labels.split(",") if s.strip()]
         mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
     try:
-        model = train(args.dataset, args.out, mc, tc, progress=not args.quiet)
+        model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
