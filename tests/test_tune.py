@@ -130,7 +130,7 @@ def test_killed_study_resumes_with_trial_count_intact(dataset, tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]  # killed mid-trial
     killed = study.get_trials()[2]
 
-    time.sleep(3.5)  # the killed trial's heartbeat (1 s) goes stale after 3 s
+    time.sleep(5)  # the killed trial's heartbeat (1 s) goes stale after 3 s; SQLite clocks tick in whole seconds
     study = tune(dataset, out, trials=4, epochs=2, heartbeat=1, progress=False, prune=False)
     trials = study.get_trials()
     assert len(finished_trials(study)) == 4  # not 2 + 4
