@@ -7,9 +7,13 @@
                           was trained on, target scalers, label names/units/ranges, metrics,
                           history, package version, dataset hash, seed, sha256 of the weights
     train_log.csv         one row per epoch (written by `train`)
+    uncertainty.json      calibration of the per-star sigmas and the extrapolation flags
+    uncertainty.safetensors   (written by `train`; see stellarparams.uncertainty)
 
 >>> model = stellarparams.load_model("runs/default/model")
 >>> y = model.predict(flux)          # flux (N, P) prepared spectra -> (N, L) physical units
+>>> y, sigma = model.predict(flux, return_sigma=True)   # + (N, L) calibrated 1-sigma
+>>> df = model.predict_full(flux)    # labels, sigma_<label>, ood_score, flags as a DataFrame
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from .model import ModelConfig, StellarNet
 FORMAT = 1
 WEIGHTS = "weights.safetensors"
 META = "model.json"
+UNC_JSON = "uncertainty.json"          # names also in stellarparams.uncertainty
+UNC_TENSORS = "uncertainty.safetensors"
 
 
 class ModelFileError(ValueError):
@@ -53,12 +59,16 @@ class Model:
     center, scale: (L,) RobustScaler median and IQR; physical = scaled * scale + center
     label_ranges: {label: [min, max]} seen in training (for the out-of-range flag)
     grid, prepare_config: the preprocessing the training data went through (dicts)
+    uncertainty:  :class:`stellarparams.uncertainty.Uncertainty` or None (then sigma is NaN)
     """
 
     def __init__(self, net, label_names, center, scale, *, model_config=None, train_config=None,
                  label_units=None, label_ranges=None, grid=None, prepare_config=None, metrics=None,
-                 history=None, dataset_hash="", seed=None, version=__version__, best_val_loss=None, fingerprint=""):
+                 history=None, dataset_hash="", seed=None, version=__version__, best_val_loss=None, fingerprint="",
+                 uncertainty=None):
         self.net = net.eval()
+        self.uncertainty = uncertainty
+        self._warned_uncalibrated = False
         self.model_config = model_config
         self.train_config = train_config
         self.label_names = list(label_names)
@@ -101,8 +111,11 @@ class Model:
             out[i:i + batch_size] = self.net(x[i:i + batch_size]).numpy()
         return out
 
-    def predict(self, flux, batch_size: int = 4096, rv_kms=None) -> np.ndarray:
+    def predict(self, flux, batch_size: int = 4096, rv_kms=None, return_sigma: bool = False):
         """Labels in physical units, (N, L) float64, columns in ``label_names`` order.
+
+        ``return_sigma=True`` returns ``(labels, sigma)``, sigma (N, L) the calibrated 1-sigma
+        uncertainty in the same units (NaN, with one warning, for a model without calibration).
 
         ``flux``: prepared spectra (N, P) float32 on the model's grid (rows of a Dataset), or
         one or a list of :class:`stellarparams.sdss.Spectrum` records (then they are
@@ -112,11 +125,56 @@ class Model:
         from .sdss import Spectrum
 
         if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
-            return self.predict_spectra(flux, rv_kms=rv_kms)
+            flux = self.prepare_spectra(flux, rv_kms=rv_kms)
+        if return_sigma:
+            r = self._full(flux, batch_size)
+            return r["pred"], r["sigma"]
         return self.predict_scaled(flux, batch_size).astype(np.float64) * self.scale + self.center
+
+    def _full(self, flux, batch_size=4096) -> dict:
+        from .uncertainty import predict_full
+
+        if self.uncertainty is None and not self._warned_uncalibrated:
+            warnings.warn("this model has no uncertainty calibration (trained before stellarparams had it): "
+                          "sigma and ood_score are NaN; retrain it to get them", stacklevel=3)
+            self._warned_uncalibrated = True
+        if not isinstance(flux, torch.Tensor):
+            flux = np.asarray(flux, np.float32)
+        if flux.ndim != 2 or flux.shape[1] != self.n_in:
+            raise ValueError(f"flux must have shape (N, {self.n_in}) (prepared spectra on the model's grid); "
+                             f"got {tuple(flux.shape)}")
+        return predict_full(self, flux, batch_size)
+
+    def predict_full(self, flux, batch_size: int = 4096, rv_kms=None) -> pd.DataFrame:
+        """Everything about each spectrum as a table, one row per input row::
+
+            <labels>, sigma_<label> (1-sigma, same units), ood_score, flag_unlike_training,
+            flag_label_hull, flag_out_of_range
+
+        ``ood_score`` > 1: the flux is less like the training spectra than 99.5% of held-out
+        training-distribution stars (cut on it); ``flag_label_hull``: the predicted labels lie
+        outside the convex hull of the training labels. Accepts what :meth:`predict` accepts.
+        """
+        from .sdss import Spectrum
+
+        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
+            flux = self.prepare_spectra(flux, rv_kms=rv_kms)
+        r = self._full(flux, batch_size)
+        df = pd.DataFrame(r["pred"], columns=self.label_names)
+        for j, name in enumerate(self.label_names):
+            df[f"sigma_{name}"] = r["sigma"][:, j]
+        df["ood_score"] = r["ood_score"]
+        df["flag_unlike_training"] = r["flag_unlike_training"]
+        df["flag_label_hull"] = r["flag_label_hull"]
+        df["flag_out_of_range"] = self.out_of_range(r["pred"])
+        return df
 
     def predict_spectra(self, spectra, rv_kms=None) -> np.ndarray:
         """Spectrum record(s) -> (N, L) physical labels; raises SpectrumError for a bad one."""
+        return self.predict(self.prepare_spectra(spectra, rv_kms))
+
+    def prepare_spectra(self, spectra, rv_kms=None) -> np.ndarray:
+        """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data."""
         from .sdss import Spectrum
 
         spectra = [spectra] if isinstance(spectra, Spectrum) else list(spectra)
@@ -124,8 +182,7 @@ class Model:
             rv_kms = [rv_from_z(getattr(s, "z", float("nan"))) for s in spectra]
         rv_kms = np.broadcast_to(np.asarray(rv_kms, np.float64), (len(spectra),))
         prep, config = self.preprocessor()
-        flux = np.stack([prep(s, float(v), config)[0] for s, v in zip(spectra, rv_kms)])
-        return self.predict(flux)
+        return np.stack([prep(s, float(v), config)[0] for s, v in zip(spectra, rv_kms)]).astype(np.float32)
 
     def preprocessor(self):
         """(preprocess function, its config) that reproduce the training data's preprocessing."""
@@ -145,11 +202,8 @@ class Model:
         return flag
 
     def predict_frame(self, flux, batch_size: int = 4096) -> pd.DataFrame:
-        """Predictions as a table: one column per label plus ``flag_out_of_range``."""
-        pred = self.predict(flux, batch_size)
-        df = pd.DataFrame(pred, columns=self.label_names)
-        df["flag_out_of_range"] = self.out_of_range(pred)
-        return df
+        """Same as :meth:`predict_full` (labels, sigmas, ood_score, flags)."""
+        return self.predict_full(flux, batch_size)
 
     # ------------------------------------------------------------------ compatibility
     def check_dataset(self, dataset):
@@ -258,11 +312,16 @@ def save_model(model: Model, folder) -> Path:
     meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
     if model.history:
         pd.DataFrame(model.history).to_csv(tmp / "train_log.csv", index=False)
+    if model.uncertainty is not None:
+        model.uncertainty.save(tmp, meta["weights_sha256"])
     _write_json(tmp / META, meta)
     if not folder.exists():
         os.rename(tmp, folder)
         return folder
-    for name in [WEIGHTS, "train_log.csv", META]:  # model.json last: it vouches for the weights
+    if model.uncertainty is None:  # a calibration of other weights must not survive next to these
+        for name in (UNC_JSON, UNC_TENSORS):
+            (folder / name).unlink(missing_ok=True)
+    for name in [WEIGHTS, "train_log.csv", UNC_TENSORS, UNC_JSON, META]:  # model.json last: it vouches for the weights
         if (tmp / name).exists():
             os.replace(tmp / name, folder / name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -320,6 +379,7 @@ def load_model(folder) -> Model:
                       f"this is {__version__}", stacklevel=2)
     tc = meta.get("train_config")
     mc = meta.get("model_config")
+    unc = _load_uncertainty(folder, digest)
     return Model(net, meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
                  model_config=ModelConfig.from_dict(mc) if mc else None,
                  train_config=TrainConfig.from_dict(tc) if tc else None,
@@ -327,4 +387,22 @@ def load_model(folder) -> Model:
                  grid=meta.get("grid"), prepare_config=meta.get("prepare_config"), metrics=meta.get("metrics"),
                  history=meta.get("history"), dataset_hash=meta.get("dataset_input_hash", ""), seed=meta.get("seed"),
                  version=meta.get("stellarparams_version", ""), best_val_loss=meta.get("best_val_loss"),
-                 fingerprint=meta.get("fingerprint", ""))
+                 fingerprint=meta.get("fingerprint", ""), uncertainty=unc)
+
+
+def _load_uncertainty(folder: Path, weights_sha256: str):
+    """The folder's calibration, or None (with a warning when it is there but unusable)."""
+    from .uncertainty import Uncertainty
+
+    if not (folder / UNC_JSON).exists():
+        return None  # an older model: Model warns once when sigma is asked for
+    try:
+        unc, umeta = Uncertainty.load(folder)
+    except (ValueError, KeyError, OSError) as e:
+        warnings.warn(f"{e}; uncertainties disabled (retrain to recalibrate)", stacklevel=3)
+        return None
+    if umeta.get("weights_sha256") != weights_sha256:
+        warnings.warn(f"{folder / UNC_JSON}: calibrated for other weights; uncertainties disabled "
+                      "(retrain to recalibrate)", stacklevel=3)
+        return None
+    return unc

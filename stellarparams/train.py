@@ -12,6 +12,8 @@ One plain loop: batch -> (noise for augmented copies) -> forward -> masked, weig
   w_l = 1 / var(scaled training labels l). Rows with a missing label train the others.
 - AdamW; linear warm-up over warmup_frac of all steps, cosine decay to lr_floor * lr.
 - The weights with the best validation loss are kept.
+- Then the per-star uncertainties and extrapolation flags are calibrated on the validation
+  split (stellarparams.uncertainty; a few seconds, no extra training) and saved with the model.
 - Resumable: after each epoch OUT/checkpoint.safetensors holds weights, best weights and
   AdamW moments as tensors, the rest (epoch, history, scheduler) as JSON in its metadata.
   Per-epoch random streams derive from (seed, epoch), so a resumed run equals an
@@ -241,7 +243,12 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
             if progress:
                 print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
                       file=sys.stderr)
-            return load_model(out)
+            model = load_model(out)
+            if model.uncertainty is None:  # trained before calibration existed: add it now
+                from .uncertainty import calibrate
+
+                calibrate(model, ds, out, progress=progress)
+            return model
         if not overwrite:
             raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
                              "delete the folder, or pass --overwrite (overwrite=True)")
@@ -376,6 +383,7 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
                   label_ranges=label_ranges, grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"),
                   metrics=metrics, history=history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=best_val, fingerprint=fingerprint)
+    _calibrate(model, Xtr, ytr, Xva, yva, tc.seed, progress)
     if out is not None:
         save_model(model, out)
         (out / CHECKPOINT).unlink(missing_ok=True)
@@ -383,6 +391,26 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
         print(f"best epoch {best_epoch + 1} (val loss {best_val:.4f}); trained in {train_time:.0f} s"
               + (f"; model written to {out}" if out else ""), file=sys.stderr)
     return model
+
+
+def _calibrate(model, Xtr, ytr, Xva, yva, seed, progress):
+    """Fit the uncertainty calibration on val (sets model.uncertainty); a failure only warns."""
+    import warnings
+
+    from .uncertainty import fit_uncertainty
+
+    t0 = time.perf_counter()
+    try:
+        u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed)
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
+        return
+    model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
+    if progress:
+        s = u.stats
+        print(f"uncertainties calibrated on {s['n_val']} validation spectra in {model.metrics['calibration_s']:.1f} s: "
+              + ", ".join(f"{n} within 1/2 sigma {100 * s['val_cov1'][n]:.0f}%/{100 * s['val_cov2'][n]:.0f}%"
+                          for n in model.label_names), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- CLI
