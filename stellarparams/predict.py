@@ -6,12 +6,17 @@ are appended to the output as they come, so memory stays flat for any number of 
 Finished parts go to ``.OUT.partial/`` (so a killed run resumes), and the output (CSV,
 Parquet or FITS by suffix) is assembled from them under a temporary name and renamed. One row per input file, in input order::
 
-    file, plate, mjd, fiberid, <label columns (teff, feh, logg)>, snr, rv,
-    flag_rejected, reject_reason, reject_detail, flag_out_of_range, flag_low_snr
+    file, plate, mjd, fiberid, <label columns (teff, feh, logg)>, sigma_<label> ...,
+    ood_score, snr, rv, flag_rejected, reject_reason, reject_detail, flag_out_of_range,
+    flag_label_hull, flag_unlike_training, flag_low_snr
 
 Rejected inputs (unreadable, not a star, too little good data, ...) keep their row with
-NaN labels and the reason. ``flag_out_of_range``: a label outside the range seen in
-training; ``flag_low_snr``: median S/N per pixel below ``min_snr``.
+NaN labels and the reason. ``sigma_<label>``: calibrated 1-sigma uncertainty (same units;
+NaN for a model trained without calibration); ``ood_score``: how unlike the training
+spectra the flux is (> 1: less alike than 99.5% of held-out training-like stars;
+``flag_unlike_training``); ``flag_out_of_range``: a label outside the range seen in
+training; ``flag_label_hull``: the labels outside the convex hull of the training labels;
+``flag_low_snr``: median S/N per pixel below ``min_snr``. See stellarparams.uncertainty.
 """
 from __future__ import annotations
 
@@ -199,26 +204,35 @@ class TableWriter:
 
 
 def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
-    n = len(items)
-    pred = np.full((n, len(model.label_names)), np.nan)
-    if r["ok"].any():
-        pred[r["ok"]] = model.predict(r["flux"], batch_size=batch_size)
+    n, ok = len(items), r["ok"]
+    pred, sigma = np.full((n, len(model.label_names)), np.nan), np.full((n, len(model.label_names)), np.nan)
+    ood, unlike, hull = np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, bool)
+    if ok.any():
+        full = model._full(r["flux"], batch_size)
+        pred[ok], sigma[ok], ood[ok] = full["pred"], full["sigma"], full["ood_score"]
+        unlike[ok], hull[ok] = full["flag_unlike_training"], full["flag_label_hull"]
     df = pd.DataFrame({"file": [f for f, _ in items], "plate": r["plate"], "mjd": r["mjd"], "fiberid": r["fiberid"]})
     for j, name in enumerate(model.label_names):
         df[name] = pred[:, j]
+    for j, name in enumerate(model.label_names):
+        df[f"sigma_{name}"] = sigma[:, j]
+    df["ood_score"] = ood.astype(np.float32)
     df["snr"] = r["snr"].astype(np.float32)
     df["rv"] = r["rv"].astype(np.float32)
     df["flag_rejected"] = ~r["ok"]
     df["reject_reason"] = r["reason"]
     df["reject_detail"] = r["detail"]
     df["flag_out_of_range"] = model.out_of_range(pred) & r["ok"]
+    df["flag_label_hull"] = hull
+    df["flag_unlike_training"] = unlike
     with np.errstate(invalid="ignore"):
         df["flag_low_snr"] = r["snr"] < min_snr
     return df
 
 
 def _job_key(model, items, min_snr) -> str:
-    h = hashlib.sha256(json.dumps([model.fingerprint, model.label_names, model.center.tolist(), min_snr]).encode())
+    h = hashlib.sha256(json.dumps([model.fingerprint, model.label_names, model.center.tolist(), min_snr,
+                                  "sigma", getattr(model, "uncertainty", None) is not None]).encode())
     for f, rv in items:
         h.update(f"{f}|{rv}\n".encode())
     return h.hexdigest()[:24]
@@ -292,7 +306,7 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         bar.close()
 
     # assemble the parts, in input order, into the requested format
-    counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0}
+    counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0, "unlike_training": 0, "label_hull": 0}
     reasons = {}
     try:
         for f in part_file:
@@ -301,6 +315,8 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
             counts["rejected"] += int(df["flag_rejected"].sum())
             counts["out_of_range"] += int(df["flag_out_of_range"].sum())
             counts["low_snr"] += int(df["flag_low_snr"].sum())
+            counts["unlike_training"] += int(df["flag_unlike_training"].sum()) if "flag_unlike_training" in df else 0
+            counts["label_hull"] += int(df["flag_label_hull"].sum()) if "flag_label_hull" in df else 0
             for reason, v in df.loc[df["flag_rejected"], "reject_reason"].value_counts().items():
                 reasons[reason] = reasons.get(reason, 0) + int(v)
         writer.close()
@@ -311,7 +327,9 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     seconds = time.perf_counter() - t0
     summary = {"out": str(out), "n_files": len(items), "n_predicted": len(items) - counts["rejected"],
                "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
-               "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"], "resumed_from": n_done,
+               "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"],
+               "n_unlike_training": counts["unlike_training"], "n_outside_label_hull": counts["label_hull"],
+               "calibrated": model.uncertainty is not None, "resumed_from": n_done,
                "seconds": round(seconds, 2), "spectra_per_s": round((len(items) - n_done) / max(seconds, 1e-9), 1)}
     if progress:
         print(format_summary(summary), file=sys.stderr)
@@ -329,6 +347,11 @@ def format_summary(s: dict) -> str:
     lines = [f"{s['out']}: {s['n_predicted']} of {s['n_files']} spectra predicted in {s['seconds']:.1f} s "
              f"({s['spectra_per_s']:.0f}/s); {s['n_out_of_range']} outside the training label range, "
              f"{s['n_low_snr']} with low S/N"]
+    if s.get("calibrated", True):
+        lines.append(f"{s.get('n_unlike_training', 0)} unlike the training spectra (ood_score > 1), "
+                     f"{s.get('n_outside_label_hull', 0)} with labels outside the training labels' hull")
+    else:
+        lines.append("this model has no uncertainty calibration: sigma_* and ood_score are NaN (retrain it to get them)")
     if s["n_rejected"]:
         lines.append(f"rejected {s['n_rejected']}: " + ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items())
                      + " (see the reject_reason/reject_detail columns)")
@@ -340,7 +363,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.description = ("Predict Teff, [Fe/H], log g (the model's labels) for SDSS spectra. Each file is "
                      "preprocessed exactly as the model's training data (rest frame from RV_ADOP in --catalog, "
                      "else from the file's redshift Z). One output row per input, with flags for rejected "
-                     "inputs (and why), labels outside the training range, and low S/N.")
+                     "inputs (and why), labels outside the training range, and low S/N. Every row also "
+                     "carries calibrated 1-sigma uncertainties (sigma_teff, ...) and ood_score / "
+                     "flag_unlike_training (flux unlike the training spectra: cut on ood_score) and "
+                     "flag_label_hull (labels outside the training labels' convex hull).")
     p.add_argument("model", help="model folder (from `stellarparams train` or `stellarparams run`)")
     p.add_argument("inputs", nargs="+", help="spectrum files, folders (searched recursively), or catalogs "
                    "(.csv/.parquet/.fits) with a FILE column and optional RV_ADOP")

@@ -93,6 +93,38 @@ def _tail(net, h):
     return torch.stack([head(s) for head in net.heads.values()], dim=1)
 
 
+class _FixedMasks:
+    """Forward hooks that turn each (eval-mode) Dropout into T fixed dropout masks.
+
+    Mask t of a module is the same for every spectrum, so sigma is a function of the
+    spectrum alone (not of its batch neighbours) and the same on every run: T fixed
+    "thinned" networks, the usual reading of MC dropout. Masks come from ``seed``.
+    """
+
+    def __init__(self, drops, n_passes, seed):
+        self.drops, self.T, self.seed, self.t, self.masks, self.handles = drops, n_passes, seed, None, {}, []
+
+    def mask(self, i, m, width):
+        if (i, width) not in self.masks:
+            g = torch.Generator().manual_seed(self.seed * 1000 + i)
+            self.masks[i, width] = (torch.rand(self.T, width, generator=g) >= m.p).float() / (1.0 - m.p)
+        return self.masks[i, width]
+
+    def __enter__(self):
+        for i, m in enumerate(self.drops):
+            def hook(mod, inp, out, i=i):
+                k = self.mask(i, mod, out.shape[-1])
+                if self.t is None:   # stacked passes: rows are T blocks of B
+                    return (out.view(self.T, -1, out.shape[-1]) * k[:, None, :]).view(out.shape)
+                return out * k[self.t]
+            self.handles.append(m.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def mc_predict(net, x, n_passes: int = N_PASSES, seed: int = 0):
     """Deterministic prediction and MC-dropout std, both (B, L) float32 in scaled units.
@@ -110,18 +142,15 @@ def mc_predict(net, x, n_passes: int = N_PASSES, seed: int = 0):
         h0, pred = None, net(x)
     if not drops or n_passes < 2:
         return pred, torch.zeros_like(pred)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in drops:
-            m.train()
-        try:
-            if h0 is not None:   # one batched tail pass over T copies of the stem output
-                draws = _tail(net, h0.repeat(n_passes, 1)).view(n_passes, *pred.shape)
-            else:
-                draws = torch.stack([net(x) for _ in range(n_passes)])
-        finally:
-            for m in drops:
-                m.eval()
+    with _FixedMasks(drops, n_passes, seed) as masks:
+        if h0 is not None:   # one batched tail pass over T copies of the stem output
+            draws = _tail(net, h0.repeat(n_passes, 1)).view(n_passes, *pred.shape)
+        else:
+            draws = []
+            for t in range(n_passes):
+                masks.t = t
+                draws.append(net(x))
+            draws = torch.stack(draws)
     return pred, draws.std(dim=0)
 
 

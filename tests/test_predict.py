@@ -181,3 +181,33 @@ def test_predict_resumes_after_kill(tmp_path, monkeypatch):
     X = np.stack([preprocess(sdss.read_spectrum(f), rv_from_z(1e-4), PrepareConfig(grid=GRID))[0] for f in files])
     np.testing.assert_allclose(df[["teff", "feh", "logg"]].to_numpy(), m.predict(X), rtol=1e-4)
     assert not (tmp_path / ".r.parquet.partial").exists()
+
+
+def test_predict_writes_sigma_and_extrapolation_columns(tmp_path):
+    from stellarparams.uncertainty import fit_uncertainty
+
+    d = tmp_path / "spectra"
+    good = [write_star(d / f"spec-1000-52000-{i:04d}.fits", i, snr=5 + 10 * i) for i in range(1, 7)]
+    bad = d / "spec-1000-52000-0101.fits"
+    bad.write_text("not FITS")
+    m = tiny_model()
+    rng = np.random.default_rng(0)  # calibrate the toy model on random "spectra" with random labels
+    X = rng.standard_normal((400, 64)).astype(np.float32)
+    y = np.column_stack([rng.uniform(4000, 9000, 400), rng.uniform(-3, 0.5, 400), rng.uniform(0, 5, 400)])
+    fit_uncertainty(m, X[:300], y[:300], X[300:], y[300:])
+    folder = save_model(m, tmp_path / "model")
+    summary = predict(folder, [d], tmp_path / "out.csv", workers=0, progress=False)
+    df = pd.read_csv(tmp_path / "out.csv").set_index("file")
+    for c in ("sigma_teff", "sigma_feh", "sigma_logg", "ood_score", "flag_unlike_training", "flag_label_hull"):
+        assert c in df.columns
+    back = load_model(folder)
+    for p in good:
+        spec = sdss.read_spectrum(p)
+        flux, _ = preprocess(spec, rv_from_z(spec.z), PrepareConfig(grid=GRID))
+        full = back.predict_full(flux[None])
+        r = df.loc[str(p)]
+        np.testing.assert_allclose(r[["sigma_teff", "sigma_feh", "sigma_logg", "ood_score"]].to_numpy(float),
+                                   full[["sigma_teff", "sigma_feh", "sigma_logg", "ood_score"]].to_numpy()[0], rtol=1e-4)
+        assert (r[["sigma_teff", "sigma_feh", "sigma_logg"]] > 0).all()
+    assert df.loc[str(bad), ["sigma_teff", "ood_score"]].isna().all() and not df.loc[str(bad), "flag_unlike_training"]
+    assert summary["calibrated"] and summary["n_unlike_training"] == int(df["flag_unlike_training"].sum())

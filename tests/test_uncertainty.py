@@ -205,8 +205,11 @@ def test_mc_dropout_keeps_point_prediction_and_is_zero_without_dropout():
     assert (std > 0).all() and not net.training and not any(m.training for m in net.modules())
     pred2, std2 = mc_predict(net, x, n_passes=8)
     torch.testing.assert_close(std, std2)                # seeded: the same sigma twice
+    torch.testing.assert_close(mc_predict(net, x[5:7], n_passes=8)[1], std[5:7])  # independent of batch neighbours
     # stem dropout: the full-pass fallback; no dropout at all: std 0
     net_s = StellarNet(ModelConfig(n_in=30, stem_width=8, block_widths=(8,), heads={"a": (4,)}, stem_dropout=0.3))
-    assert (mc_predict(net_s.eval(), x, 8)[1] > 0).all()
+    std_s = mc_predict(net_s.eval(), x, 8)[1]
+    assert (std_s > 0).all()
+    torch.testing.assert_close(mc_predict(net_s, x[:3], 8)[1], std_s[:3])
     net_0 = StellarNet(ModelConfig(n_in=30, stem_width=8, block_widths=(8,), heads={"a": (4,)}, trunk_dropout=0.0))
     assert (mc_predict(net_0.eval(), x, 8)[1] == 0).all()
