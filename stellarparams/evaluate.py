@@ -11,7 +11,9 @@ Command::
     stellarparams evaluate MODEL --dataset D --out REPORT_DIR [--split test]
 
 ``REPORT_DIR`` receives ``metrics.json``, ``metrics.{csv,md}``, ``mae_by_snr.{csv,md}``,
-``mae_by_teff.{csv,md}``, ``predictions.csv``, ``figures/*.png``, ``report.md`` and
+``mae_by_teff.{csv,md}``, ``calibration.{csv,md}`` (coverage of the 1- and 2-sigma error
+bars per label and S/N bin), ``predictions.csv`` (with sigma_* and ood_score),
+``figures/*.png`` (incl. the reliability diagram and (pred - true)/sigma), ``report.md`` and
 ``report.html`` (figures embedded, the page stands alone).
 """
 from __future__ import annotations
@@ -326,10 +328,33 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
         notes.append("no Teff known: MAE by Teff not computed")
     tables["mae_by_snr"] = write_table(by_snr, out / "mae_by_snr")
     tables["mae_by_teff"] = write_table(by_teff, out / "mae_by_teff")
+    # calibrated uncertainties: coverage at 1 and 2 sigma, per label and per S/N bin
+    sigma, calib = None, None
+    if getattr(model, "uncertainty", None) is not None:
+        from .uncertainty import coverage_table
+
+        full = {"sigma": [], "ood": []}
+
+        def run_full(X):
+            r = model._full(X, batch_size)
+            full["ood"].append(r["ood_score"])
+            return r["sigma"]
+
+        sigma = predict_rows(run_full, ds, idx, batch_size, progress, desc=f"sigma {split}")
+        ood = np.concatenate(full["ood"])
+        calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES)
+        tables["calibration"] = write_table(calib, out / "calibration")
+    else:
+        notes.append("the model has no uncertainty calibration (trained before stellarparams had it): "
+                     "no sigma, calibration table or reliability figure; retrain it to get them")
     pred_df = pd.DataFrame({"row": idx, "object_id": meta["object_id"], "file": meta["file"], "snr": snr})
     for j, n in enumerate(names):
         pred_df[f"true_{n}"] = y_true[:, j]
         pred_df[f"pred_{n}"] = y_pred[:, j]
+        if sigma is not None:
+            pred_df[f"sigma_{n}"] = sigma[:, j]
+    if sigma is not None:
+        pred_df["ood_score"] = ood
     write_text(out / "predictions.csv", pred_df.to_csv(index=False))
 
     # figures
@@ -364,10 +389,18 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
                                                           fig_dir / "residuals_vs_snr.png")
     else:
         notes.append("residuals-vs-S/N figure skipped: no S/N known for these spectra")
+    if sigma is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = (y_pred - y_true) / sigma
+        figs["reliability"] = plots.reliability(z, names, fig_dir / "reliability.png")
+        figs["z_histograms"] = plots.z_histograms(z, names, fig_dir / "z_histograms.png")
 
     result = {
         "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
         "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
+        "calibration": calib.to_dict("records") if calib is not None else None,
+        "ood": ({"n_unlike_training": int((ood > 1).sum()), "fraction_unlike_training": float(np.mean(ood > 1))}
+                if sigma is not None else None),
         "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
         "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
     }
@@ -387,12 +420,21 @@ FIG_CAPTIONS = {
                           "star's Teff standardized the same way (paper Fig. 3).",
     "pred_vs_true": "Predicted against true on the evaluated split, coloured by point density (paper Fig. 5).",
     "residuals_vs_snr": "Residuals against S/N, with binned median and 16-84% band.",
+    "reliability": "Reliability of the error bars: observed fraction of |pred - true| within the Gaussian "
+                   "interval of each expected coverage; calibrated error bars lie on the diagonal.",
+    "z_histograms": "(predicted - true) / sigma per label next to the unit Gaussian.",
 }
+
+CALIBRATION_TEXT = ("Fraction of |predicted - label| within 1 sigma (target 68.3%, +- 5 points) and 2 sigma "
+                    "(target 95.4%, +- 3 points), for all spectra (snr_lo empty) and per S/N bin; "
+                    "median_sigma in the label's units. The error is against the catalog label, "
+                    "whose own noise is part of what sigma has to cover.")
 
 
 def _write_report(out: Path, r: dict, units) -> None:
     m = metrics_table(r["labels"], units)
     by_snr, by_teff = pd.DataFrame(r["mae_by_snr"]), pd.DataFrame(r["mae_by_teff"])
+    calib = pd.DataFrame(r["calibration"]) if r.get("calibration") else None
     model, data = r["model"], r["dataset"]
     meta_lines = [
         f"- stellarparams {r['environment']['stellarparams']}, torch {r['environment']['torch']}, "
@@ -409,6 +451,8 @@ def _write_report(out: Path, r: dict, units) -> None:
               markdown_table(metrics_table(r["labels_vs_true"], units))] if r.get("labels_vs_true") else []),
           "## MAE by S/N", "", markdown_table(by_snr) if not by_snr.empty else "(no S/N known)\n",
           "## MAE by true Teff", "", markdown_table(by_teff) if not by_teff.empty else "(no Teff known)\n",
+          *(["## Calibration of the error bars", "", CALIBRATION_TEXT, "", markdown_table(calib)]
+            if calib is not None else []),
           "## Figures", ""]
     for k, p in r["figures"].items():
         md += [f"![{k}](figures/{Path(p).name})", "", FIG_CAPTIONS.get(k, ""), ""]
@@ -429,7 +473,10 @@ def _write_report(out: Path, r: dict, units) -> None:
         parts += ["<h2>Metrics against the noiseless simulated truth</h2>",
                   tbl(metrics_table(r["labels_vs_true"], units))]
     parts += ["<h2>MAE by S/N</h2>", tbl(by_snr),
-              "<h2>MAE by true Teff</h2>", tbl(by_teff), "<h2>Figures</h2>"]
+              "<h2>MAE by true Teff</h2>", tbl(by_teff)]
+    if calib is not None:
+        parts += ["<h2>Calibration of the error bars</h2>", f"<p>{html.escape(CALIBRATION_TEXT)}</p>", tbl(calib)]
+    parts += ["<h2>Figures</h2>"]
     for k, p in r["figures"].items():
         b64 = base64.b64encode(Path(p).read_bytes()).decode()
         parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{k}">'
@@ -473,6 +520,11 @@ def run_cli(args) -> int:
     if r.get("labels_vs_true"):
         print("against the noiseless simulated truth: " + ", ".join(
             f"{k} MAE {v['mae']:.4g}" for k, v in r["labels_vs_true"].items()))
+    if r.get("calibration"):
+        from .uncertainty import format_coverage
+
+        print(format_coverage(pd.DataFrame(r["calibration"])))
+        print(f"{r['ood']['n_unlike_training']} spectra unlike the training spectra (ood_score > 1)")
     for n in r["notes"]:
         print(f"note: {n}")
     print(f"report: {Path(args.out) / 'report.html'} (also report.md, metrics.json, figures/)")

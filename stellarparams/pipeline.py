@@ -4,7 +4,8 @@
     prepare   OUT/dataset/    prepared dataset (60/10/30 split grouped by star)
     train     OUT/model/      the paper's network and training schedule
     evaluate  OUT/results.json, OUT/results.md: test-split MAE per label, network vs a Ridge
-              baseline (alpha chosen on the validation split) trained on the same split
+              baseline (alpha chosen on the validation split) trained on the same split, and
+              the coverage of the calibrated 1/2-sigma error bars per label and S/N bin
 
 Every stage skips or resumes when its output is already there, so a killed run continues
 where it stopped. The check the job prints: the network's MAE must be at most 0.85 x the
@@ -82,6 +83,36 @@ def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) ->
     return res
 
 
+def calibration(model, dataset, split="test") -> dict:
+    """Coverage of the model's calibrated error bars on one split: {"table": records of
+    :func:`stellarparams.uncertainty.coverage_table`, "fraction_unlike_training": float}."""
+    from .uncertainty import coverage_table
+
+    if model.uncertainty is None:
+        return {"table": [], "fraction_unlike_training": None}
+    idx = dataset.indices(split)
+    cols = [dataset.label_names.index(l) for l in model.label_names]
+    full = model._full(dataset.flux(idx))
+    table = coverage_table(dataset.labels(idx)[:, cols], full["pred"], full["sigma"],
+                           dataset.meta(idx)["snr"].to_numpy(np.float64), model.label_names)
+    return {"table": table.replace({np.nan: None}).to_dict("records"),
+            "fraction_unlike_training": float(np.mean(full["flag_unlike_training"])),
+            "fraction_outside_label_hull": float(np.mean(full["flag_label_hull"]))}
+
+
+def format_calibration(cal: dict) -> str:
+    import pandas as pd
+
+    from .uncertainty import format_coverage
+
+    if not cal or not cal.get("table"):
+        return "no uncertainty calibration in this model"
+    table = pd.DataFrame(cal["table"]).astype({"snr_lo": float, "snr_hi": float})
+    return (format_coverage(table) + f"\nflagged unlike the training spectra (ood_score > 1): "
+            f"{100 * cal['fraction_unlike_training']:.1f}%; labels outside the training hull: "
+            f"{100 * cal.get('fraction_outside_label_hull', 0):.1f}%")
+
+
 def format_table(res: dict) -> str:
     lines = [f"test split ({res['n_test']} spectra, stars unseen in training): MAE per label",
              f"{'label':8s} {'network':>10s} {'Ridge':>10s} {'ratio':>6s}  check (ratio <= {res['max_ratio']})"]
@@ -143,10 +174,11 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
             res = old["comparison"]
         else:
             res = compare(model, ds, progress=progress)
+        cal = old.get("calibration") if old.get("key") == key and old.get("calibration") else calibration(model, ds)
         times["evaluate"] = time.perf_counter() - t0
         n_spectra = {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}
     times = {k: round(v, 1) for k, v in times.items()}
-    results = {"key": key, "comparison": res, "all_pass": all(res["pass"].values()),
+    results = {"key": key, "comparison": res, "calibration": cal, "all_pass": all(res["pass"].values()),
                "seconds": times, "total_seconds": round(time.perf_counter() - t_all, 1),
                "n_simulated": n, "n_spectra": n_spectra, "seed": seed, "model": str(out / "model"),
                "model_config": mc.to_dict(), "train_config": tc.to_dict(), "model_metrics": model.metrics,
@@ -154,7 +186,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     if old.get("key") == key:  # keep the first run's stage timings
         results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
     _atomic_json(res_path, results)
-    table = format_table(res)
+    table = format_table(res) + "\n\n" + format_calibration(cal)
     (out / "results.md").write_text("```\n" + table + "\n```\n")
     if progress:
         print(table)
@@ -189,6 +221,7 @@ def run_cli(args) -> int:
         return 1
     if args.quiet:
         print(format_table(results["comparison"]))
+        print(format_calibration(results.get("calibration")))
     if not results["all_pass"]:
         print("FAIL: the network does not beat Ridge by the required margin on every label", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ its path. Axes carry units; labels are drawn with their usual symbols.
 - :func:`normalised_spectra`   prepared rest-frame spectra + Planck     (paper Fig. 3)
 - :func:`pred_vs_true`         density-coloured predicted vs true       (paper Fig. 5)
 - :func:`residuals_vs_snr`     residual against S/N, binned median and 16-84%
+- :func:`reliability`          expected vs observed coverage of the sigmas
+- :func:`z_histograms`         (pred - true) / sigma next to a unit Gaussian
 """
 from __future__ import annotations
 
@@ -229,5 +231,57 @@ def residuals_vs_snr(y_true, y_pred, snr, label_names, label_units, path, max_po
         ax.set_xlabel("S/N per pixel (median)")
         ax.set_ylabel(r"predicted $-$ true " + label_text(name, unit))
     fig.suptitle("Residuals against S/N")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability(z, label_names, path) -> Path:
+    """Expected vs observed coverage of the sigmas: for p in (0, 1), the fraction of
+    |pred - true| / sigma within the Gaussian p-interval (+-Phi^-1((1+p)/2)). On the diagonal
+    when sigma is calibrated; below it means too small error bars.
+
+    z: (N, L) (pred - true) / sigma; NaN rows are left out per label.
+    """
+    from scipy.stats import norm
+
+    z = np.asarray(z, float)
+    p = np.linspace(0.01, 0.99, 99)
+    k = norm.ppf(0.5 + p / 2)
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    for j, name in enumerate(label_names):
+        a = np.abs(z[:, j][np.isfinite(z[:, j])])
+        if a.size:
+            ax.plot(p, (a[:, None] <= k[None]).mean(0), lw=1.8, label=SYMBOLS.get(name, name))
+    for target in (0.683, 0.954):
+        ax.axvline(target, color="0.7", lw=0.8, ls=":")
+    ax.set_xlabel("expected coverage (Gaussian)")
+    ax.set_ylabel("observed coverage")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Reliability of the error bars")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def z_histograms(z, label_names, path, lim: float = 5.0) -> Path:
+    """Histogram of (pred - true) / sigma per label next to the unit Gaussian; z: (N, L)."""
+    from scipy.stats import norm
+
+    z = np.asarray(z, float)
+    L = len(label_names)
+    fig, axes = plt.subplots(1, L, figsize=(4.0 * L, 3.4), squeeze=False)
+    x = np.linspace(-lim, lim, 200)
+    for j, name in enumerate(label_names):
+        ax = axes[0, j]
+        v = z[:, j][np.isfinite(z[:, j])]
+        if v.size:
+            ax.hist(np.clip(v, -lim, lim), bins=60, range=(-lim, lim), density=True, color="tab:blue", alpha=0.6,
+                    label=f"std {np.std(v):.2f}, |z|>3: {100 * np.mean(np.abs(v) > 3):.1f}%")
+        ax.plot(x, norm.pdf(x), "r-", lw=1.5, label="N(0, 1)")
+        ax.set_xlabel(r"(predicted $-$ true) / $\sigma$  " + SYMBOLS.get(name, name))
+        ax.legend(fontsize=7)
+    fig.suptitle("Normalised residuals (values beyond +-%g piled at the edges)" % lim)
     fig.tight_layout()
     return _save(fig, path)

@@ -150,7 +150,23 @@ def test_evaluate_writes_tables_figures_and_report(trained):
     assert pd.read_csv(out / "mae_by_teff.csv")["n"].sum() == len(idx)
     assert len(pd.read_csv(out / "predictions.csv")) == len(idx)
 
-    names = {"label_densities", "raw_spectra", "normalised_spectra", "pred_vs_true", "residuals_vs_snr"}
+    # calibration of the error bars: table = coverage recomputed from predictions.csv
+    from stellarparams.uncertainty import coverage
+
+    pred = pd.read_csv(out / "predictions.csv")
+    labels = ["teff", "feh", "logg"]
+    cov = coverage(pred[[f"true_{n}" for n in labels]], pred[[f"pred_{n}" for n in labels]],
+                   pred[[f"sigma_{n}" for n in labels]])
+    calib = pd.read_csv(out / "calibration.csv")
+    overall = calib[calib["snr_lo"].isna()].set_index("label")
+    np.testing.assert_allclose(overall.loc[labels, "cov1"], cov[1])
+    np.testing.assert_allclose(overall.loc[labels, "cov2"], cov[2])
+    assert calib[calib["snr_lo"].notna()]["n"].sum() == 3 * len(idx)
+    assert "## Calibration of the error bars" in (out / "report.md").read_text() and "ood_score" in pred
+    assert r["ood"]["n_unlike_training"] == int((pred["ood_score"] > 1).sum())
+
+    names = {"label_densities", "raw_spectra", "normalised_spectra", "pred_vs_true", "residuals_vs_snr",
+             "reliability", "z_histograms"}
     assert set(r["figures"]) == names
     for name in names:
         path = out / "figures" / f"{name}.png"

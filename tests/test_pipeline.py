@@ -59,3 +59,14 @@ def test_table_says_pass_and_fail_and_cli_exit_code(toy_run, capsys):
                "--threads", "1", "--config", str(cfg), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == (0 if res["all_pass"] else 1) and "Ridge" in printed
+
+
+def test_run_reports_test_coverage_of_the_error_bars(toy_run):
+    out, _, res = toy_run
+    cal = json.loads((out / "results.json").read_text())["calibration"]
+    assert (out / "model" / "uncertainty.json").exists()
+    overall = [r for r in cal["table"] if r["snr_lo"] is None]
+    assert [r["label"] for r in overall] == ["teff", "feh", "logg"]
+    assert all(0 <= r["cov1"] <= r["cov2"] <= 1 and r["n"] == res["n_spectra"]["test"] for r in overall)
+    assert 0 <= cal["fraction_unlike_training"] <= 1
+    assert "within 1 and 2 sigma" in (out / "results.md").read_text()
