@@ -93,6 +93,31 @@ def _tail(net, h):
     return torch.stack([head(s) for head in net.heads.values()], dim=1)
 
 
+def _tail_mc(net, h, masks):
+    """_tail with T fixed dropout masks: (B, stem_width) -> (T*B, L), rows = T blocks of B.
+
+    Everything before a block's dropout (LN, fc1, GELU, LN, fc2, the shortcut) runs once on
+    B rows; the rows fan out into T copies only at the first dropout, so the T passes cost
+    little more than the heads.
+    """
+    trunk, T, fanned = net.trunks[0], masks.T, False
+    for block in trunk.blocks:
+        t = block.fc2(block.ln_mid(block.act(block.fc1(block.ln_in(h)))))
+        r = (h if block.project is None else block.project(h)) if block.skip else torch.zeros((), dtype=t.dtype)
+        if block.drop.p > 0:
+            k = masks.mask_for(block.drop, t.shape[-1])[:, None, :]          # (T, 1, d)
+            if fanned:
+                t, r = t.view(T, -1, t.shape[-1]), r.view(T, -1, t.shape[-1]) if r.dim() else r
+            h = (t * k + r).reshape(-1, t.shape[-1])
+            fanned = True
+        else:
+            h = t + r
+    s = trunk.ln_out(h)
+    if not fanned:  # dropout only in the heads
+        s = s.repeat(T, 1)
+    return torch.stack([head(s) for head in net.heads.values()], dim=1)
+
+
 class _FixedMasks:
     """Forward hooks that turn each (eval-mode) Dropout into T fixed dropout masks.
 
@@ -103,6 +128,9 @@ class _FixedMasks:
 
     def __init__(self, drops, n_passes, seed):
         self.drops, self.T, self.seed, self.t, self.masks, self.handles = drops, n_passes, seed, None, {}, []
+
+    def mask_for(self, m, width):
+        return self.mask(next(i for i, d in enumerate(self.drops) if d is m), m, width)
 
     def mask(self, i, m, width):
         if (i, width) not in self.masks:
@@ -143,8 +171,8 @@ def mc_predict(net, x, n_passes: int = N_PASSES, seed: int = 0):
     if not drops or n_passes < 2:
         return pred, torch.zeros_like(pred)
     with _FixedMasks(drops, n_passes, seed) as masks:
-        if h0 is not None:   # one batched tail pass over T copies of the stem output
-            draws = _tail(net, h0.repeat(n_passes, 1)).view(n_passes, *pred.shape)
+        if h0 is not None:   # one batched tail pass; rows fan out into T copies at the first dropout
+            draws = _tail_mc(net, h0, masks).view(n_passes, *pred.shape)
         else:
             draws = []
             for t in range(n_passes):

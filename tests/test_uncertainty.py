@@ -213,3 +213,22 @@ def test_mc_dropout_keeps_point_prediction_and_is_zero_without_dropout():
     torch.testing.assert_close(mc_predict(net_s, x[:3], 8)[1], std_s[:3])
     net_0 = StellarNet(ModelConfig(n_in=30, stem_width=8, block_widths=(8,), heads={"a": (4,)}, trunk_dropout=0.0))
     assert (mc_predict(net_0.eval(), x, 8)[1] == 0).all()
+
+
+def test_fanned_out_tail_equals_t_full_passes_with_the_same_masks():
+    from stellarparams.uncertainty import _dropouts, _FixedMasks, _tail_mc
+
+    torch.manual_seed(1)
+    x = torch.randn(10, 30)
+    for cfg in (dict(block_widths=(8, 8), trunk_dropout=0.4, head_dropout=0.2),   # 2 blocks + head dropout
+                dict(block_widths=(8,), trunk_dropout=0.0, head_dropout=0.3),     # dropout only in the heads
+                dict(block_widths=(8,), trunk_dropout=0.4, skip=False)):
+        net = StellarNet(ModelConfig(n_in=30, stem_width=12, heads={"a": (6,), "b": (4,)}, **cfg)).eval()
+        with torch.inference_mode(), _FixedMasks(_dropouts(net), 5, 0) as masks:
+            fast = _tail_mc(net, net.trunks[0].stem(x), masks).view(5, 10, 2)
+            slow = []
+            for t in range(5):
+                masks.t = t
+                slow.append(net(x))
+        torch.testing.assert_close(fast, torch.stack(slow))
+        assert fast.std(0).min() > 0
