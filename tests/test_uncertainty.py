@@ -59,14 +59,16 @@ def make_task(folder, n=4000, seed=0):
     return flux, labels, split, noise
 
 
+MC = ModelConfig(n_in=P, stem_width=64, block_widths=(32,), heads={"teff": (16,), "feh": (16,), "logg": (16,)},
+                 trunk_dropout=0.2)
+TC = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("unc")
     flux, labels, split, noise = make_task(folder / "data", n=6000)
-    mc = ModelConfig(n_in=P, stem_width=64, block_widths=(32,), heads={"teff": (16,), "feh": (16,), "logg": (16,)},
-                     trunk_dropout=0.2)
-    tc = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1)
-    model = train(folder / "data", folder / "model", mc, tc, progress=False)
+    model = train(folder / "data", folder / "model", MC, TC, progress=False)
     return model, folder, flux, labels, split, noise
 
 
@@ -232,3 +234,18 @@ def test_fanned_out_tail_equals_t_full_passes_with_the_same_masks():
                 slow.append(net(x))
         torch.testing.assert_close(fast, torch.stack(slow))
         assert fast.std(0).min() > 0
+
+
+def test_train_adds_calibration_to_an_already_trained_older_model(trained, tmp_path):
+    import shutil
+
+    model, folder, *_ = trained
+    old = tmp_path / "model"
+    shutil.copytree(folder / "model", old)
+    for name in ("uncertainty.json", "uncertainty.safetensors"):
+        (old / name).unlink()
+    assert load_model(old).uncertainty is None
+    again = train(folder / "data", old, MC, TC, progress=False)  # same config + data: not retrained
+    assert (old / "uncertainty.json").exists() and again.uncertainty is not None
+    np.testing.assert_allclose(again.uncertainty.a, model.uncertainty.a, rtol=1e-5)
+    assert load_model(old).uncertainty is not None
