@@ -495,4 +495,5 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     pred, s_mc, noise = raw_uncertainty(model.net, x, u.n_passes, u.seed, batch_size)
     ood = u.ood_score(x, noise) if n else np.zeros(0)
     return {"pred": pred * model.scale + model.center, "sigma": u.sigma_scaled(s_mc, noise) * model.scale,
-            "ood_score": ood, "flag_unlike_training": ood > 1, "flag_label_hull": ~u.in_hull(pred)}
+            "ood_score": ood, "flag_unlike_training": ood > 1,
+            "flag_label_hull": ~u.in_hull(pred) & np.isfinite(pred).all(1)}
