@@ -10,8 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from stellarparams import simulate as S
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .files import atomic_write
 from .sdss import spec_filename
 
 DEFAULT_SQL_URL = "https://skyserver.sdss.org/dr12/SkyServerWS/SearchTools/SqlSearch"
@@ -278,15 +279,6 @@ def apply_cuts(df: pd.DataFrame, *, min_snr: float = 10.0, teff_range=(4000.0, 9
     return df[keep].reset_index(drop=True)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def write_catalog(df: pd.DataFrame, out, meta: dict | None = None) -> tuple[Path, Path]:
     """Write ``OUT/catalog.fits`` and ``OUT/catalog.parquet`` atomically; ``meta`` goes in both."""
     from astropy.table import Table
@@ -311,7 +303,7 @@ def write_catalog(df: pd.DataFrame, out, meta: dict | None = None) -> tuple[Path
         md[b"stellarparams"] = json.dumps(meta, default=str).encode()
         pq.write_table(table.replace_schema_metadata(md), tmp)
 
-    return _atomic_write(out / "catalog.fits", fits_writer), _atomic_write(out / "catalog.parquet", parquet_writer)
+    return atomic_write(out / "catalog.fits", fits_writer), atomic_write(out / "catalog.parquet", parquet_writer)
 
 
 def read_catalog(path) -> pd.DataFrame:
@@ -590,7 +582,7 @@ def _write_failures(out: Path, results: list[FileResult]) -> Path:
             for r in fails:
                 w.writerow([os.path.relpath(r.file, out), r.url, r.reason, r.attempts])
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def _summarise(results: list[FileResult], seconds: float) -> dict:
@@ -726,18 +718,18 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
               "selection": selection, "source": source, "sql_url": sql_url, "sas_url": sas_url, "query": query,
               "download": {"lite": lite, "concurrency": concurrency, "retries": retries, "timeout": timeout,
                            "backoff": backoff}, "status": "catalog written"}
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     if spectra:
         try:
             summary["spectra"] = download(df, out, sas_url, lite=lite, concurrency=concurrency, retries=retries,
                                           timeout=timeout, backoff=backoff, progress=progress, on_file=on_file)
         except BaseException:
             record["status"] = "interrupted during the spectra; re-run to resume"
-            _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+            atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
             raise
     summary["seconds"] = round(time.monotonic() - t0, 3)
     record["status"], record["summary"] = "done", summary
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     return summary
 
 

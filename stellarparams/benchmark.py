@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .evaluate import (dataset_metadata, environment, markdown_table, metrics, predict_rows, write_json,
-                       write_table, write_text)
+from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_json, write_table
+from .files import write_text
 
 MODELS = ("OLS", "Ridge", "CNN", "DNN", "proposed", "no_skip", "no_skip_no_ln", "no_multitask")
 ABLATIONS = {"proposed": {}, "no_skip": {"skip": False}, "no_skip_no_ln": {"skip": False, "layernorm": False},

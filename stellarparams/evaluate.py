@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import median_abs_deviation
 
+from .files import write_text
+
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
 TEFF_EDGES = (0, 4000, 5000, 6000, 7000, 8000, np.inf)
 N_EXAMPLE_SPECTRA = 4
@@ -127,16 +129,6 @@ def markdown_table(df: pd.DataFrame) -> str:
     body = ["| " + " | ".join(_fmt(v).replace("|", "/").replace("\n", " ") for v in row) + " |"
             for row in df.itertuples(index=False)]
     return "\n".join([head, sep] + body) + "\n"
-
-
-def write_text(path, text: str) -> Path:
-    """Write a text file atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def write_table(df: pd.DataFrame, stem) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .files import write_text
 
 DEFAULT_N = 50_000       # spectra simulated, as in the paper (811 distinct MILES stars, ~60 spectra each)
 MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
@@ -36,10 +37,6 @@ def _say(msg, progress=True):
         print(msg, file=sys.stderr, flush=True)
 
 
-def _atomic_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) -> dict:
@@ -185,9 +182,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
                "stellarparams_version": __version__}
     if old.get("key") == key:  # keep the first run's stage timings
         results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
-    _atomic_json(res_path, results)
+    write_text(res_path, json.dumps(results, indent=1) + "\n")
     table = format_table(res) + "\n\n" + format_calibration(cal)
-    (out / "results.md").write_text("```\n" + table + "\n```\n")
+    write_text(out / "results.md", "```\n" + table + "\n```\n")
     if progress:
         print(table)
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())

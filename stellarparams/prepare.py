@@ -31,6 +31,7 @@ import pandas as pd
 from scipy.interpolate import CubicSpline
 
 from . import sdss
+from .files import write_text
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
 
 REJECTS_FILE = "rejects.csv"
@@ -282,10 +283,6 @@ def _load_chunk_summary(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the whole job
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _log(msg, progress):
@@ -422,7 +419,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         if old != input_hash:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    _write_atomic(job_file, json.dumps({"input_hash": input_hash, "n_work": len(work)}))
+    write_text(job_file, json.dumps({"input_hash": input_hash, "n_work": len(work)}))
     chunks = [work[i:i + chunk_size] for i in range(0, len(work), chunk_size)]
     todo = [k for k in range(len(chunks)) if not (partial / f"chunk-{k:05d}.npz").exists()]
     if len(todo) < len(chunks):
@@ -535,7 +532,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     # publish: rejects and summary first, the dataset last (its presence marks a finished job)
     rej.to_csv(partial / REJECTS_FILE, index=False)
     os.replace(partial / REJECTS_FILE, out / REJECTS_FILE)
-    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     os.replace(tmp, final)
     shutil.rmtree(partial, ignore_errors=True)
     if progress:

@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, sdss
+from .files import write_text
 
 INSTALL_HINT = ("the MILES stellar library comes with the PyPI package sdss-mangadap; install it into this "
                 "environment with `pip install sdss-mangadap` (e.g. `.venv/bin/pip install sdss-mangadap`)")
@@ -467,7 +468,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         if {"seed": old.get("seed"), "config": old.get("config")} != settings:
             raise ValueError(f"{out} holds a simulation with other settings ({meta_path}); "
                              "use a new --out folder or delete this one")
-    _atomic_write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
+    write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
     for tmp in (out / "spectra").glob("lite/*/*.tmp"):  # half-written files of a killed run
         tmp.unlink()
 
@@ -507,7 +508,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     os.replace(tmp, cat)
     problems = out / "simulate_problems.json"
     if failed:
-        _atomic_write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
+        write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
     elif problems.exists():
         problems.unlink()
     if progress:
@@ -517,10 +518,6 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     return cat
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- CLI

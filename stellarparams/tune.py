@@ -62,6 +62,7 @@ from optuna.trial import TrialState
 
 from . import __version__
 from .dataset import Dataset
+from .files import write_text
 from .model import ModelConfig
 from .train import TrainConfig, train
 
@@ -252,10 +253,6 @@ def config_toml(mc: ModelConfig, tc: TrainConfig, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_figure(fig, path: Path):
@@ -484,7 +481,7 @@ def write_report(study, out_dir, storage_url: str = "") -> dict:
         header = (f"best trial {best.number} of study {study.study_name!r}: val loss {best.value:.6g}\n"
                   f"written by stellarparams {__version__}; train it with\n"
                   f"  stellarparams train --dataset DATASET --out MODEL --config {BEST_TOML}")
-        _write_text(out / BEST_TOML, config_toml(mc, tc, header))
+        write_text(out / BEST_TOML, config_toml(mc, tc, header))
     if ref is not None:
         s["reference"] = {"trial": ref.number, "val_loss": ref.value, "params": ref.params}
     if best is not None and ref is not None:
@@ -500,8 +497,8 @@ def write_report(study, out_dir, storage_url: str = "") -> dict:
             s["importance_note"] = f"not computed: {e}"
     else:
         s["importance_note"] = f"needs at least 2 complete trials, the study has {len(complete)}"
-    _write_text(out / SUMMARY_JSON, json.dumps(s, indent=2, default=str) + "\n")
-    _write_text(out / SUMMARY_MD, summary_markdown(s))
+    write_text(out / SUMMARY_JSON, json.dumps(s, indent=2, default=str) + "\n")
+    write_text(out / SUMMARY_MD, summary_markdown(s))
     _plot_history(all_trials, ref, out / HISTORY_PNG)
     _plot_importance(s["importance"], s["importance_note"], out / IMPORTANCE_PNG)
     return s

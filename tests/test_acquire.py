@@ -270,7 +270,7 @@ def test_full_fetch_then_rerun_skips_everything(sdss, tmp_path):
 def test_random_sample_is_seeded_and_cuts_apply(sdss, tmp_path):
     a = fetch(3, tmp_path / "a", sql_url=sql_url(sdss), sas_url=sdss.url, spectra=False, seed=1, progress=False)
     b = fetch(3, tmp_path / "b", sql_url=sql_url(sdss), sas_url=sdss.url, spectra=False, seed=1, progress=False)
-    assert a["catalog"]["rows"] == 3 and "spectra" not in a
+    assert a["catalog"]["rows"] == b["catalog"]["rows"] == 3 and "spectra" not in a
     ca, cb = (pd.read_parquet(tmp_path / d / "catalog.parquet") for d in "ab")
     assert ca["SPECOBJID"].tolist() == cb["SPECOBJID"].tolist()
     c = fetch(7, tmp_path / "c", sql_url=sql_url(sdss), sas_url=sdss.url, spectra=False, teff_range=(5000, 6500),
