@@ -45,7 +45,7 @@ import pandas as pd
 
 from . import __version__
 from .files import atomic_write
-from .sdss import spec_filename
+from .sdss import read_catalog, spec_filename
 
 DEFAULT_SQL_URL = "https://skyserver.sdss.org/dr12/SkyServerWS/SearchTools/SqlSearch"
 DEFAULT_SAS_URL = "https://data.sdss.org/sas/"
@@ -304,16 +304,6 @@ def write_catalog(df: pd.DataFrame, out, meta: dict | None = None) -> tuple[Path
         pq.write_table(table.replace_schema_metadata(md), tmp)
 
     return atomic_write(out / "catalog.fits", fits_writer), atomic_write(out / "catalog.parquet", parquet_writer)
-
-
-def read_catalog(path) -> pd.DataFrame:
-    """Read a catalog written by :func:`write_catalog` (.parquet or .fits)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    from astropy.table import Table
-
-    return Table.read(path).to_pandas()
 
 
 # ----------------------------------------------------------------------------- files on the SAS
