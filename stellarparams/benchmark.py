@@ -85,7 +85,8 @@ class _Context:
             raise ValueError(f"{ds.path}: the benchmark needs the labels {self.labels}; the dataset lacks {missing}")
         self.cols = [ds.label_names.index(n) for n in self.labels]
         self.units = [ds.label_units[c] for c in self.cols]
-        self.train_config = replace(TrainConfig(), seed=seed, threads=threads,
+        # the tables compare accuracy: sigmas are calibrated on val only (no out-of-fold models)
+        self.train_config = replace(TrainConfig(), seed=seed, threads=threads, calib_folds=0,
                                     **({"epochs": epochs} if epochs is not None else {}))
         self._arrays = {}
 

@@ -12,8 +12,12 @@ One plain loop: batch -> (noise for augmented copies) -> forward -> masked, weig
   w_l = 1 / var(scaled training labels l). Rows with a missing label train the others.
 - AdamW; linear warm-up over warmup_frac of all steps, cosine decay to lr_floor * lr.
 - The weights with the best validation loss are kept.
-- Then the per-star uncertainties and extrapolation flags are calibrated on the validation
-  split (stellarparams.uncertainty; a few seconds, no extra training) and saved with the model.
+- Then the per-star uncertainties and extrapolation flags are calibrated and saved with the
+  model (stellarparams.uncertainty). The sigma coefficients are fitted on held-out residuals:
+  the final model's on the validation split plus out-of-fold ones for every training star
+  (``calib_folds`` = K extra models with the same config, each trained without 1/K of the
+  training stars and predicting them; K = 3 costs 2x the training time again). 0 fits on the
+  validation split alone (no extra training; too few stars there gives too-narrow tails).
 - Resumable: after each epoch OUT/checkpoint.safetensors holds weights, best weights and
   AdamW moments as tensors, the rest (epoch, history, scheduler) as JSON in its metadata.
   Per-epoch random streams derive from (seed, epoch), so a resumed run equals an
@@ -63,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None    # torch threads (None: torch's default)
     eval_batch_size: int = 4096
+    calib_folds: int = 3          # out-of-fold models for the sigma calibration (0: validation split only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +220,8 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         return _train(ds, out, model_config, train_config, net, on_epoch, progress, overwrite)
 
 
-def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwrite=False):
+def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwrite=False, rows=None,
+           calibrate=True):
     from sklearn.preprocessing import RobustScaler
     from tqdm.auto import tqdm
 
@@ -258,7 +264,7 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
             (out / name).unlink(missing_ok=True)
 
     # ---- data: one float32 tensor in memory; targets scaled on train only
-    itr, iva = ds.indices("train"), ds.indices("val")
+    itr, iva = rows if rows is not None else (ds.indices("train"), ds.indices("val"))
     if len(itr) == 0 or len(iva) == 0:
         raise ValueError(f"{ds.path}: needs rows in both the train and val splits (has {len(itr)} train, {len(iva)} val)")
     Xtr, Xva = torch.from_numpy(ds.flux(itr)), torch.from_numpy(ds.flux(iva))
@@ -286,7 +292,8 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
 
     # ---- model, optimizer, schedule
     torch.manual_seed(tc.seed)
-    net = net if net is not None else StellarNet(mc)
+    own_net = net is None   # out-of-fold calibration models can only be built for our own network
+    net = StellarNet(mc) if own_net else net
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n_items = n_tr * (1 + tc.n_augment)
     steps_per_epoch = math.ceil(n_items / tc.batch_size)
@@ -383,33 +390,92 @@ def _train(ds, out, model_config, train_config, net, on_epoch, progress, overwri
                   label_ranges=label_ranges, grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"),
                   metrics=metrics, history=history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=best_val, fingerprint=fingerprint)
-    _calibrate(model, Xtr, ytr, Xva, yva, tc.seed, progress)
+    if calibrate:
+        oof = None
+        if tc.calib_folds >= 2 and own_net:
+            t0 = time.perf_counter()
+            oof = _out_of_fold(ds, itr, iva, mc, tc, out, fingerprint, progress)
+            model.metrics["calib_folds_s"] = round(time.perf_counter() - t0, 1)
+            if oof is not None:
+                oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]
+        _calibrate(model, Xtr, ytr, Xva, yva, tc.seed, progress, oof)
     if out is not None:
         save_model(model, out)
         (out / CHECKPOINT).unlink(missing_ok=True)
+        for f in out.glob("oof_*.npz"):
+            f.unlink()
     if progress:
         print(f"best epoch {best_epoch + 1} (val loss {best_val:.4f}); trained in {train_time:.0f} s"
               + (f"; model written to {out}" if out else ""), file=sys.stderr)
     return model
 
 
-def _calibrate(model, Xtr, ytr, Xva, yva, seed, progress):
-    """Fit the uncertainty calibration on val (sets model.uncertainty); a failure only warns."""
+def fold_of(groups, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) of each row: all rows of a group (a star) share one fold, and
+    the folds hold equal numbers of groups (+-1), shuffled with ``seed``."""
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    fold = np.empty(len(uniq), np.int64)
+    fold[np.random.default_rng(seed).permutation(len(uniq))] = np.arange(len(uniq)) % k
+    return fold[inv.reshape(-1)]
+
+
+def _out_of_fold(ds, itr, iva, mc, tc, out, fingerprint, progress):
+    """Out-of-fold predictions for every training row, for the sigma calibration.
+
+    The training stars (dataset object_id) go into K folds; model k (same config, selected on
+    val) is trained without fold k and predicts it with MC dropout. Returns dict(rows, pred,
+    s_mc (physical units), noise), or None when there are fewer than K stars. Each finished
+    fold is kept in OUT/oof_<fingerprint>_fold<k>.npz, so a killed run resumes there.
+    """
+    from tqdm.auto import tqdm
+
+    from .uncertainty import raw_uncertainty
+
+    K = int(tc.calib_folds)
+    groups = ds.meta(itr)["object_id"].to_numpy()
+    if len(np.unique(groups)) < K:
+        return None
+    folds = fold_of(groups, K, tc.seed)
+    bar = tqdm(total=K * tc.epochs, desc=f"calibration: {K} out-of-fold models", unit="epoch",
+               disable=not progress, mininterval=1.0)
+    parts = []
+    for k in range(K):
+        path = out / f"oof_{fingerprint[:16]}_fold{k}.npz" if out is not None else None
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                parts.append({name: z[name] for name in z.files})
+            bar.update(tc.epochs)
+            continue
+        held = itr[folds == k]
+        fm = _train(ds, None, mc, replace(tc, calib_folds=0), None, lambda *a: bar.update(1), False,
+                    rows=(itr[folds != k], iva), calibrate=False)
+        pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
+        parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **parts[-1])
+            os.replace(tmp, path)
+    bar.close()
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _calibrate(model, Xtr, ytr, Xva, yva, seed, progress, oof=None):
+    """Fit the uncertainty calibration (sets model.uncertainty); a failure only warns."""
     import warnings
 
     from .uncertainty import fit_uncertainty
 
     t0 = time.perf_counter()
     try:
-        u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed)
+        u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof)
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
         return
     model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
     if progress:
         s = u.stats
-        print(f"uncertainties calibrated on {s['n_val']} validation spectra in {model.metrics['calibration_s']:.1f} s: "
-              + ", ".join(f"{n} within 1/2 sigma {100 * s['val_cov1'][n]:.0f}%/{100 * s['val_cov2'][n]:.0f}%"
+        print(f"uncertainties calibrated on {s['calibrated_on']} in {model.metrics['calibration_s']:.0f} s; there "
+              + ", ".join(f"{n} within 1/2 sigma {100 * s['cal_cov1'][n]:.0f}%/{100 * s['cal_cov2'][n]:.0f}%"
                           for n in model.label_names), file=sys.stderr)
 
 
@@ -425,6 +491,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=int, help="override [train] epochs")
     p.add_argument("--seed", type=int, help="override [train] seed")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--calib-folds", type=int, dest="calib_folds",
+                   help="out-of-fold models whose residuals calibrate the sigmas (default 3: 2x the training time "
+                        "again); 0 calibrates on the validation split alone")
     p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
@@ -433,7 +502,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def run_cli(args) -> int:
     mc, tc = load_config(args.config) if args.config else (ModelConfig(), TrainConfig())
-    over = {k: getattr(args, k) for k in ("epochs", "seed", "threads") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds") if getattr(args, k) is not None}
     tc = replace(tc, **over)
     if args.labels:
         wanted = [s.strip() for s in args.labels.split(",") if s.strip()]

@@ -54,7 +54,7 @@ import sys
 import time
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import optuna
@@ -427,7 +427,8 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
             if trial.should_prune() and not is_reference:
                 raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs (best val loss {best:.4g})")
 
-        model = train(ds, None, mc, tc, on_epoch=on_epoch, progress=False)
+        # a trial is judged by its val loss: no out-of-fold calibration models
+        model = train(ds, None, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, progress=False)
         trial.set_user_attr("val_metrics", {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))})
         return model.best_val_loss
 

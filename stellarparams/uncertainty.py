@@ -11,9 +11,13 @@ sigma, per star and label, in physical units::
 - ``noise``: the spectrum's own noise level from the DER_SNR estimator (Stoehr et al. 2008)
   on the prepared (standardized) flux: 1.482602/sqrt(6) median|2 f_i - f_{i-2} - f_{i+2}|,
   in units of the spectrum's std, i.e. the noise the network sees. Needs no catalog S/N.
-- ``a, b, c >= 0`` per label: fitted on the validation split (held-out stars) by the
-  Gaussian negative log-likelihood of the residuals; ``c`` absorbs what neither term
-  explains (label noise of the catalog, model bias).
+- ``a, b, c >= 0`` per label: fitted by the Gaussian negative log-likelihood of residuals on
+  stars the predicting model never saw: the validation split (final model) plus, by default,
+  every training star predicted by one of K out-of-fold models (stellarparams.train,
+  ``calib_folds``). ``c`` absorbs what neither term explains (label noise of the catalog,
+  model bias). Why the out-of-fold part: most of the error is per star, so what sets the
+  tails is how many distinct stars the fit sees; validation alone (10% of the stars, also
+  used to pick the best epoch) gives too-narrow tails.
 
 Extrapolation flags, per spectrum:
 
@@ -353,7 +357,8 @@ class Uncertainty:
         from .model_io import sha256_file
 
         meta = {"method": "MC dropout + DER_SNR noise, sigma^2 = (a s_mc)^2 + (b noise)^2 + c^2 (scaled units), "
-                          "fitted by Gaussian NLL on the validation split; flux novelty: PCA Q and T^2",
+                          "fitted by Gaussian NLL on the residuals of "
+                          + self.stats.get("calibrated_on", "the validation split") + "; flux novelty: PCA Q and T^2",
                 "label_names": list(self.label_names), "a": list(map(float, self.a)), "b": list(map(float, self.b)),
                 "c": list(map(float, self.c)), "n_passes": self.n_passes, "seed": self.seed,
                 "n_components": int(len(self.pca_var)), "n_signal": self.n_signal, "noise_var": self.noise_var,
@@ -401,11 +406,14 @@ def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
 
 
 def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_PASSES, seed=0,
-                    n_components=N_COMPONENTS) -> Uncertainty:
-    """Calibrate a trained Model: sigma coefficients on val, novelty model on train (+ val thresholds).
+                    n_components=N_COMPONENTS, oof=None) -> Uncertainty:
+    """Calibrate a trained Model: sigma coefficients on held-out residuals, novelty model on
+    train (+ val thresholds).
 
     flux_*: (N, P) prepared flux; y_*: (N, L) physical labels in model.label_names order
-    (NaN = missing). Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
+    (NaN = missing). oof: optional out-of-fold predictions of training stars, dict(pred, s_mc,
+    y) (M, L) physical units and noise (M,); their residuals join the validation ones in the
+    sigma fit. Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
     """
     from scipy.spatial import ConvexHull, QhullError
     from sklearn.decomposition import PCA
@@ -414,7 +422,12 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     pred, s_mc, noise = raw_uncertainty(model.net, flux_val, n_passes, seed)
     resid = pred - (y_val - model.center) / model.scale
     L = len(model.label_names)
-    abc = np.array([fit_variance(resid[:, j], s_mc[:, j], noise) for j in range(L)])
+    r_fit, m_fit, n_fit = resid, s_mc, noise
+    if oof is not None:
+        r_oof = (np.asarray(oof["pred"]) - np.asarray(oof["y"], np.float64)) / model.scale
+        m_oof = np.asarray(oof["s_mc"]) / model.scale
+        r_fit, m_fit, n_fit = np.vstack([resid, r_oof]), np.vstack([s_mc, m_oof]), np.concatenate([noise, oof["noise"]])
+    abc = np.array([fit_variance(r_fit[:, j], m_fit[:, j], n_fit) for j in range(L)])
     # flux novelty: PCA on (up to MAX_PCA_ROWS) training spectra, thresholds from held-out val
     flux_train = np.asarray(flux_train, np.float32)
     rows = np.random.default_rng(seed).permutation(len(flux_train))[:MAX_PCA_ROWS]
@@ -436,7 +449,13 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
     sigma = u.sigma_scaled(s_mc, noise)
     cov = coverage(resid, np.zeros_like(resid), sigma)
-    u.stats = {"n_val": int(len(y_val)), "val_cov1": dict(zip(model.label_names, map(float, cov[1]))),
+    cal = coverage(r_fit, np.zeros_like(r_fit), u.sigma_scaled(m_fit, n_fit))
+    n_oof = 0 if oof is None else len(oof["noise"])
+    u.stats = {"calibrated_on": (f"{n_oof} out-of-fold training + " if n_oof else "") + f"{len(y_val)} validation spectra",
+               "n_val": int(len(y_val)), "n_oof": int(n_oof),
+               "cal_cov1": dict(zip(model.label_names, map(float, cal[1]))),
+               "cal_cov2": dict(zip(model.label_names, map(float, cal[2]))),
+               "val_cov1": dict(zip(model.label_names, map(float, cov[1]))),
                "val_cov2": dict(zip(model.label_names, map(float, cov[2]))),
                "val_median_sigma": {n: float(np.nanmedian(sigma[:, j]) * model.scale[j])
                                     for j, n in enumerate(model.label_names)},

@@ -1,8 +1,10 @@
 """Calibrated sigmas and extrapolation flags on a synthetic task whose noise is known exactly."""
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -74,6 +76,10 @@ def trained(tmp_path_factory):
 
 def test_coverage_lands_in_band_on_known_noise_task(trained):
     model, folder, flux, labels, split, noise = trained
+    # calibrated on out-of-fold residuals of every training spectrum + the validation split
+    stats = model.uncertainty.stats
+    assert stats["n_oof"] == (split == "train").sum() and stats["n_val"] == (split == "val").sum()
+    assert "out-of-fold" in stats["calibrated_on"] and not list((folder / "model").glob("oof_*"))
     te = split == "test"
     df = model.predict_full(flux[te])
     sigma = df[[f"sigma_{n}" for n in NAMES]].to_numpy()
@@ -247,5 +253,59 @@ def test_train_adds_calibration_to_an_already_trained_older_model(trained, tmp_p
     assert load_model(old).uncertainty is None
     again = train(folder / "data", old, MC, TC, progress=False)  # same config + data: not retrained
     assert (old / "uncertainty.json").exists() and again.uncertainty is not None
-    np.testing.assert_allclose(again.uncertainty.a, model.uncertainty.a, rtol=1e-5)
+    # no training: calibrated on the validation split alone, which says so
+    assert again.uncertainty.stats["n_oof"] == 0 and again.uncertainty.stats["calibrated_on"] == "900 validation spectra"  # 15% of 6000
+    assert np.all(np.isfinite(again.uncertainty.a)) and np.all(again.uncertainty.c > 0)
     assert load_model(old).uncertainty is not None
+
+
+def test_fold_of_keeps_each_star_in_one_fold_and_balances_folds():
+    from stellarparams.train import fold_of
+
+    groups = np.repeat(np.arange(50), np.arange(50) % 7 + 1).astype(str)   # 50 stars, 1-7 spectra each
+    f = fold_of(groups, 3, seed=0)
+    assert all(len(set(f[groups == g])) == 1 for g in np.unique(groups))
+    assert sorted(len(np.unique(groups[f == k])) for k in range(3)) == [16, 17, 17]
+    np.testing.assert_array_equal(f, fold_of(groups, 3, seed=0))
+    assert not np.array_equal(f, fold_of(groups, 3, seed=1))
+
+
+def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path, monkeypatch):
+    """40 stars x 8 spectra whose labels no flux feature explains: only memorising a star gives
+    its label, so a model that had the star in training is far better on it than one that did not."""
+    from stellarparams import train as train_mod
+    from stellarparams.dataset import Dataset
+
+    rng = np.random.default_rng(3)
+    n_star, n_obs, p = 40, 8, 32
+    star = np.repeat(np.arange(n_star), n_obs)
+    pattern, y_star = rng.standard_normal((n_star, p)), rng.uniform(-1, 1, (n_star, 3))
+    flux = pattern[star] + 0.05 * rng.standard_normal((len(star), p))
+    flux = (flux - flux.mean(1, keepdims=True)) / flux.std(1, keepdims=True)
+    split = np.where(star < 28, 0, np.where(star < 34, 1, 2))
+    meta = pd.DataFrame({"plate": 0, "mjd": 0, "fiberid": np.arange(len(star)), "rv": 0.0, "snr": 20.0,
+                         "object_id": star.astype(str), "file": ""})
+    write_dataset(tmp_path / "d", flux, CENTER + SPREAD * y_star[star], split, NAMES, meta=meta)
+    mc = ModelConfig(n_in=p, stem_width=64, block_widths=(32,), heads={n: (16,) for n in NAMES})
+    tc = TrainConfig(epochs=40, batch_size=32, lr=3e-3, n_augment=0, seed=0, threads=1, calib_folds=4)
+    ds = Dataset(tmp_path / "d")
+    itr, iva = ds.indices("train"), ds.indices("val")
+    final = train(ds, None, mc, replace(tc, calib_folds=0), progress=False)
+    (tmp_path / "m").mkdir()
+    oof = train_mod._out_of_fold(ds, itr, iva, mc, tc, tmp_path / "m", "f" * 16, progress=False)
+    np.testing.assert_array_equal(np.sort(oof["rows"]), itr)                    # every training row, once
+    y = ds.labels(oof["rows"])
+    mae_oof = np.abs(oof["pred"] - y).mean()
+    mae_seen = np.abs(final.predict(ds.flux(oof["rows"])) - y).mean()
+    assert mae_oof > 1.5 * mae_seen, (mae_oof, mae_seen)   # measured: 184 vs 72
+    assert len(list((tmp_path / "m").glob("oof_ffffffffffffffff_fold*.npz"))) == 4
+    # a re-run (e.g. after a kill) reads the finished folds instead of training again
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(train_mod, "_train", no_training)
+    again = train_mod._out_of_fold(ds, itr, iva, mc, tc, tmp_path / "m", "f" * 16, progress=False)
+    for k in oof:
+        np.testing.assert_array_equal(again[k], oof[k])
+    ds.close()
