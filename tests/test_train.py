@@ -120,6 +120,36 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert len(other.history) == 1 and len(load_model(tmp_path / "m").history) == 1
 
 
+def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypatch):
+    from stellarparams import uncertainty
+
+    ds = make_dataset(tmp_path / "ds", n=200)
+    tc = TrainConfig(epochs=3, batch_size=32, seed=6, calib_folds=2)
+    real, calls = uncertainty.raw_uncertainty, []
+
+    def dies_in_fold_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(uncertainty, "raw_uncertainty", dies_in_fold_2)
+    m = tmp_path / "m"
+    with pytest.raises(Killed):
+        train(ds, m, TINY, tc, progress=False)
+    assert (m / "checkpoint.safetensors").exists() and not (m / "model.json").exists()
+    assert len(list(m.glob("oof_*_fold0.npz"))) == 1 and not list(m.glob("oof_*_fold1.npz"))
+    monkeypatch.setattr(uncertainty, "raw_uncertainty", real)
+    seen = []
+    model = train(ds, m, TINY, tc, on_epoch=lambda *a: seen.append(a), progress=False)
+    assert seen == []                                      # the final model is not trained again
+    assert model.uncertainty.stats["n_oof"] == len(ds.indices("train"))
+    assert not list(m.glob("oof_*")) and not (m / "checkpoint.safetensors").exists()
+    full = train(ds, None, TINY, tc, progress=False)       # uninterrupted: the same calibration
+    np.testing.assert_allclose(model.uncertainty.a, full.uncertainty.a, rtol=1e-4)
+    np.testing.assert_allclose(model.uncertainty.c, full.uncertainty.c, rtol=1e-4)
+
+
 def test_custom_net_and_label_subset(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=120)
     net = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
