@@ -484,7 +484,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.description = ("Train the residual multitask network (arXiv:2606.13868) on a prepared dataset. "
                      "Defaults are the paper's: AdamW 7e-4, weight decay 0.01, batch 256, 30 epochs, "
                      "5% warm-up + cosine, Huber(1) weighted by inverse label variance, 2 noisy copies per "
-                     "spectrum. Killed mid-run, the same command resumes from OUT/checkpoint.safetensors.")
+                     "spectrum. Then 3 out-of-fold models (each without a third of the training stars) calibrate "
+                     "the per-star error bars: 2x the training time again. Killed mid-run, the same command "
+                     "resumes from OUT/checkpoint.safetensors and the finished folds.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="model folder to write (weights.safetensors, model.json, train_log.csv)")
     p.add_argument("--config", help="TOML file with [model] and [train] tables overriding the defaults")
