@@ -62,11 +62,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "model")
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A config dataclass from a dict (TOML table, model.json); unknown keys are an error naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
 
 
 def _norm(width, on):

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .dataset import Dataset
-from .model import ModelConfig, StellarNet, count_parameters
+from .model import ModelConfig, StellarNet, config_from_dict, count_parameters
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
@@ -74,11 +74,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "train")
 
 
 def load_config(path) -> tuple[ModelConfig, TrainConfig]:
