@@ -469,10 +469,7 @@ def _calibrate(model, Xtr, ytr, Xva, yva, seed, progress, oof=None):
         return
     model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
     if progress:
-        s = u.stats
-        print(f"uncertainties calibrated on {s['calibrated_on']} in {model.metrics['calibration_s']:.0f} s; there "
-              + ", ".join(f"{n} within 1/2 sigma {100 * s['cal_cov1'][n]:.0f}%/{100 * s['cal_cov2'][n]:.0f}%"
-                          for n in model.label_names), file=sys.stderr)
+        print(u.summary(model.metrics["calibration_s"]), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -342,6 +342,13 @@ class Uncertainty:
         noise = np.asarray(noise, np.float64)[:, None]
         return np.sqrt((self.a * s_mc) ** 2 + (self.b * noise) ** 2 + self.c ** 2)
 
+    def summary(self, seconds: float) -> str:
+        """One line: what the sigmas were fitted on, how long it took, the coverage there."""
+        s = self.stats
+        return (f"uncertainties calibrated on {s['calibrated_on']} in {seconds:.0f} s; there "
+                + ", ".join(f"{n} within 1/2 sigma {100 * s['cal_cov1'][n]:.0f}%/{100 * s['cal_cov2'][n]:.0f}%"
+                            for n in self.label_names))
+
     # ------------------------------------------------------------------ files
     def save(self, folder, weights_sha256: str = "") -> None:
         """Write uncertainty.safetensors then uncertainty.json (each atomically) into folder."""
@@ -490,10 +497,7 @@ def calibrate(model, dataset, folder=None, progress=True) -> Uncertainty:
 
         u.save(folder, sha256_file(Path(folder) / "weights.safetensors"))
     if progress:
-        s = u.stats
-        print(f"uncertainties calibrated on {s['n_val']} validation spectra in {time.perf_counter() - t0:.1f} s: "
-              + ", ".join(f"{n} 1s {100 * s['val_cov1'][n]:.1f}% 2s {100 * s['val_cov2'][n]:.1f}%"
-                          for n in model.label_names), file=sys.stderr)
+        print(u.summary(time.perf_counter() - t0), file=sys.stderr)
     return u
 
 
