@@ -225,3 +225,28 @@ def test_cli_writes_survey(tmp_path, capsys):
     assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "sppParams.fits")
     t = Table.read(tmp_path / "sppParams.fits")
     assert len(t) == 3 and np.all(t["RV_TRUE"] == 0) and len(list(tmp_path.rglob("spec-*.fits"))) == 3
+
+
+# sha256 of a 3-spectrum survey (seed 11, defaults, version string pinned) written by the code of commit
+# c6ccbd1, before the instrument shifts existed: with every shift at its neutral value the files must not
+# change by one byte. Regenerate only for an intended change of the default survey, and say so in the commit.
+BEFORE_SHIFTS_SHA256 = {
+    "simulate.json": "ddba614b16d0c5a148dd3ff0a4a2c020f5de8805241cf1ec9e394cce3c25d01b",
+    "spectra/lite/1000/spec-1000-53000-0001.fits": "22fa2e2040d8b55afb486ad30c3072429a62235c5c5db68855c123c19ec4e6c6",
+    "spectra/lite/1000/spec-1000-53000-0002.fits": "d7e2e73bd394bc3aeb5e2f6ef401506422b6781c333d4341c85511ffaa9486a1",
+    "spectra/lite/1000/spec-1000-53000-0003.fits": "c65df0ad724c65a6e155400f57fadb7f9d89608ce29a23a5e977544e9f765f5c",
+    "sppParams.fits": "a151ec425bd282bf5b32abda8b4041439934ee975105636ccac0d273a178d442",
+}
+
+
+def _sha256_files(out):
+    import hashlib
+
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_default_survey_is_byte_identical_to_before_shifts(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "__version__", "0-test")  # the version is in the files; pin it
+    S.simulate(tmp_path, n=3, seed=11, workers=1, progress=False)
+    assert _sha256_files(tmp_path) == BEFORE_SHIFTS_SHA256
