@@ -40,6 +40,18 @@ through these steps (defaults in :class:`SimConfig`):
    0.1 dex, ``logg_noise`` 0.15 dex, ``rv_noise`` 2 km/s (written as ``*_UNC``); the
    truths in ``*_TRUE``.
 
+Instrument and calibration shifts (issue 17; :class:`Shifts`; off by default, and then the
+files are byte-identical to those of the code before them; ranges and sources in
+``docs/shifts.md``): ``--lsf`` replaces the Gaussian of step 2 (Gauss-Hermite allowed);
+``--wave-offset`` moves all the light (star, tellurics, sky) by a fixed number of pixels
+against the written wavelengths (step 7); ``--response`` (one smooth curve for the whole
+survey) and ``--telluric`` (O2/H2O bands, optical depth x airmass per plate, partially
+corrected) are further smooth factors of steps 4-6; ``--sky-residual`` adds a signed
+fraction of the sky lines of step 8 to the flux (no photons of its own: ivar unchanged).
+Their values go to ``simulate.json`` (key ``shifts``) and to each file's header (RESPONSE,
+TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
+O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
+
 Nothing in a spectrum file holds the truth: the COADD ``model`` column is zeros, SPECOBJ
 ``Z`` is the catalog's (noisy) RV, and the header has only the S/N target ``SNR5000``.
 
