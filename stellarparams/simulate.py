@@ -951,15 +951,15 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "'#' comments; must cover 3800-9200 A)")
     g.add_argument("--telluric", type=float, default=0.0, metavar="FRAC",
                    help="fraction of the telluric O2 (A 7594-7621, B 6867-6884 A, air) and H2O (7160-7340, "
-                        "8130-8350, 9300-9650 A) absorption left after correction: 0 none (default), 1 uncorrected, "
+                        "8130-8350, 9300-9650 A) absorption left after correction: 0 none, 1 uncorrected, "
                         "<0 over-corrected; physical 0.05-0.3 for another pipeline's correction")
     g.add_argument("--airmass", type=float, nargs=2, default=(1.0, 1.5), metavar=("LO", "HI"),
                    help="airmass of each plate, uniform in LO-HI (1-3; LO = HI: fixed); telluric optical depth "
-                        "scales with it (default 1.0 1.5, SDSS plates observed near the meridian)")
+                        "scales with it; SDSS plates are observed near the meridian")
     g.add_argument("--lsf", default=None, metavar="SPEC",
                    help="line-spread function replacing --resolution's Gaussian: gauss:FWHM or gh:FWHM:H3:H4 "
-                        "(Gauss-Hermite); FWHM in km/s of the Gaussian core, R = c/FWHM (SDSS/BOSS: 120-200 km/s, "
-                        "R 2500-1500; allowed 30-600), |H3|, |H4| <= 0.3 (physical <= 0.1)")
+                        "(Gauss-Hermite); FWHM in km/s of the Gaussian core, R = c/FWHM (SDSS/BOSS: 110-200 km/s, "
+                        "R 2650-1500; allowed 30-600), |H3|, |H4| <= 0.3 (physical <= 0.1)")
     g.add_argument("--wave-offset", type=float, default=0.0, metavar="PIX",
                    help="systematic wavelength-solution error in pixels (1 pixel = 69 km/s), the same for all "
                         "spectra, sub-pixel allowed: features land PIX pixels redward (physical |PIX| <= 0.2; "
