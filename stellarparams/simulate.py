@@ -99,7 +99,7 @@ SKY_LINES_AIR = {  # A (air): peak height of the unscaled sky, 1e-17 erg/s/cm2/A
     8919.64: 80.0, 8958.10: 100.0, 9001.36: 80.0,
 }
 SKY_CONTINUUM = 3.0  # 1e-17 erg/s/cm2/A at 5000 A: dark sky, about 22 mag/arcsec2 in a 3" fiber
-TELLURIC_BANDS_AIR = (  # (name, lo, hi) A in air, zenith depth of the band at R~2000; docs/shifts.md
+TELLURIC_BANDS_AIR = (  # (name, lo A, hi A) in air, zenith band depth at R~2000 (docs/shifts.md)
     ("O2 B", 6867.0, 6884.0, 0.25), ("H2O 7200", 7160.0, 7340.0, 0.10), ("O2 A", 7594.0, 7621.0, 0.55),
     ("H2O 8200", 8130.0, 8350.0, 0.12), ("H2O 9400", 9300.0, 9650.0, 0.40),
 )
@@ -116,7 +116,7 @@ class SimConfig:
 
     teff_range: tuple = _opt((4000.0, 9500.0), "K, MILES stars used")
     snr_range: tuple = _opt((5.0, 100.0), "S/N per pixel at 5000 A, log-uniform")
-    resolution: float = _opt(2000.0, "SDSS resolving power lambda/FWHM")
+    resolution: float = _opt(2000.0, "SDSS resolving power lambda/FWHM (--lsf replaces it)")
     rv_sigma: float = _opt(150.0, "km/s, heliocentric RV spread (halo-like)")
     rv_max: float = _opt(500.0, "km/s, |RV| clip")
     ebv_mean: float = _opt(0.05, "mag, mean of the exponential E(B-V)")

@@ -195,7 +195,7 @@ def test_same_seed_same_output_any_worker_count(tmp_path):
     assert not any(np.array_equal(x["flux"], y["flux"]) for x, y in zip(fa, fc))
 
 
-def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path):
+def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path, capsys):
     cat = S.simulate(tmp_path, n=6, seed=2, workers=1, progress=False)
     paths = [p for _, p in _spectra(tmp_path, Table.read(cat))]
     before = fitsio.read(str(paths[2]), ext="COADD")
@@ -203,7 +203,10 @@ def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path):
     paths[2].unlink()
     (paths[3].parent / (paths[3].name + ".tmp")).write_bytes(b"half a file")
     cat.unlink()
-    S.simulate(tmp_path, n=8, seed=2, workers=1, progress=False)  # resume and extend
+    S.simulate(tmp_path, n=8, seed=2, workers=1, progress=True)  # resume and extend
+    n_stars = len(set(Table.read(cat)["STAR_ID"]))
+    assert f"3 spectra written, 5 already there, 0 failed; catalog {cat}: 8 spectra of {n_stars} stars" \
+        in capsys.readouterr().err
     assert paths[0].stat().st_mtime_ns == kept  # not rewritten
     assert np.array_equal(fitsio.read(str(paths[2]), ext="COADD"), before)  # rewritten identically
     assert len(Table.read(cat)) == 8 and not list(tmp_path.rglob("*.tmp"))
