@@ -40,6 +40,18 @@ through these steps (defaults in :class:`SimConfig`):
    0.1 dex, ``logg_noise`` 0.15 dex, ``rv_noise`` 2 km/s (written as ``*_UNC``); the
    truths in ``*_TRUE``.
 
+Instrument and calibration shifts (issue 17; :class:`Shifts`; off by default, and then the
+files are byte-identical to those of the code before them; ranges and sources in
+``docs/shifts.md``): ``--lsf`` replaces the Gaussian of step 2 (Gauss-Hermite allowed);
+``--wave-offset`` moves all the light (star, tellurics, sky) by a fixed number of pixels
+against the written wavelengths (step 7); ``--response`` (one smooth curve for the whole
+survey) and ``--telluric`` (O2/H2O bands, optical depth x airmass per plate, partially
+corrected) are further smooth factors of steps 4-6; ``--sky-residual`` adds a signed
+fraction of the sky lines of step 8 to the flux (no photons of its own: ivar unchanged).
+Their values go to ``simulate.json`` (key ``shifts``) and to each file's header (RESPONSE,
+TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
+O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
+
 Nothing in a spectrum file holds the truth: the COADD ``model`` column is zeros, SPECOBJ
 ``Z`` is the catalog's (noisy) RV, and the header has only the S/N target ``SNR5000``.
 
@@ -70,7 +82,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, sdss
-from .files import write_text
+from .files import OutputBusy, atomic_write, output_lock, write_text
+from .physics import C_KMS, doppler
 
 INSTALL_HINT = ("the MILES stellar library comes with the PyPI package sdss-mangadap; install it into this "
                 "environment with `pip install sdss-mangadap` (e.g. `.venv/bin/pip install sdss-mangadap`)")
@@ -86,6 +99,11 @@ SKY_LINES_AIR = {  # A (air): peak height of the unscaled sky, 1e-17 erg/s/cm2/A
     8919.64: 80.0, 8958.10: 100.0, 9001.36: 80.0,
 }
 SKY_CONTINUUM = 3.0  # 1e-17 erg/s/cm2/A at 5000 A: dark sky, about 22 mag/arcsec2 in a 3" fiber
+TELLURIC_BANDS_AIR = (  # (name, lo A, hi A) in air, zenith band depth at R~2000 (docs/shifts.md)
+    ("O2 B", 6867.0, 6884.0, 0.25), ("H2O 7200", 7160.0, 7340.0, 0.10), ("O2 A", 7594.0, 7621.0, 0.55),
+    ("H2O 8200", 8130.0, 8350.0, 0.12), ("H2O 9400", 9300.0, 9650.0, 0.40),
+)
+RESPONSE_STREAM = 2**31 - 1  # spawn key of the instrument-response draw (realizations use (index, 0 or 1))
 
 
 def _opt(default, help_):
@@ -98,7 +116,7 @@ class SimConfig:
 
     teff_range: tuple = _opt((4000.0, 9500.0), "K, MILES stars used")
     snr_range: tuple = _opt((5.0, 100.0), "S/N per pixel at 5000 A, log-uniform")
-    resolution: float = _opt(2000.0, "SDSS resolving power lambda/FWHM")
+    resolution: float = _opt(2000.0, "SDSS resolving power lambda/FWHM (--lsf replaces it)")
     rv_sigma: float = _opt(150.0, "km/s, heliocentric RV spread (halo-like)")
     rv_max: float = _opt(500.0, "km/s, |RV| clip")
     ebv_mean: float = _opt(0.05, "mag, mean of the exponential E(B-V)")
@@ -123,6 +141,141 @@ class SimConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SimConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class Shifts:
+    """Instrument and calibration shifts (issue 17); every default is neutral (today's survey).
+
+    Where each range comes from: ``docs/shifts.md``.
+
+    Parameters
+    ----------
+    response : str or None
+        A fixed instrument response multiplying every spectrum (the same for all):
+        ``"legendre:AMP[:ORDER]"`` draws exp(AMP * p(x) / rms(p)), p a Legendre series of
+        P_1..P_ORDER (default 5) over 3800-9200 A with N(0, 1) coefficients from the survey
+        seed, so rms(ln response) = AMP (0 < AMP <= 0.5); any other string is a text file of
+        two columns, vacuum wavelength (A) and factor (> 0), covering 3800-9200 A.
+    telluric : float
+        Fraction of the telluric absorption left after correction, -1 to 1: 0 none (neutral),
+        1 uncorrected, negative over-corrected. Multiplies by 1 - telluric * (1 - T),
+        T = exp(-airmass * tau_zenith).
+    airmass : tuple
+        (lo, hi) of the uniform airmass draw, one per plate, 1 to 3 (lo = hi: fixed).
+    lsf : str or None
+        The line-spread function replacing the Gaussian of ``resolution``:
+        ``"gauss:FWHM"`` or ``"gh:FWHM:H3:H4"`` (Gauss-Hermite), FWHM in km/s of the
+        Gaussian core (constant in velocity; resolving power R = c / FWHM), 30-600 km/s,
+        |H3|, |H4| <= 0.3.
+    wave_offset : float
+        Systematic wavelength-solution error in pixels (1 pixel = 1e-4 dex = 69.0 km/s),
+        |wave_offset| <= 5: every feature lands ``wave_offset`` pixels redward.
+    sky_residual : float
+        Signed fraction of the sky lines left in the flux after sky subtraction, -1 to 1.
+    """
+
+    response: str | None = None
+    telluric: float = 0.0
+    airmass: tuple = (1.0, 1.5)
+    lsf: str | None = None
+    wave_offset: float = 0.0
+    sky_residual: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "airmass", tuple(float(a) for a in self.airmass))
+        parse_lsf(self.lsf)
+        if self.response is not None and self.response.startswith("legendre:"):
+            parse_legendre(self.response)
+        elif self.response is not None:
+            read_response(self.response)
+        lo, hi = self.airmass
+        checks = [(-1 <= self.telluric <= 1, f"--telluric {self.telluric}: a fraction of the bands, -1 to 1"),
+                  (1 <= lo <= hi <= 3, f"--airmass {lo} {hi}: 1 <= LO <= HI <= 3"),
+                  (abs(self.wave_offset) <= 5, f"--wave-offset {self.wave_offset}: at most 5 pixels either way"),
+                  (-1 <= self.sky_residual <= 1, f"--sky-residual {self.sky_residual}: a fraction, -1 to 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        """The non-neutral shifts ({} for today's survey); a response file comes with its sha256."""
+        neutral = Shifts()
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name != "airmass" and getattr(self, f.name) != getattr(neutral, f.name)}
+        if self.telluric:
+            d["airmass"] = list(self.airmass)
+        if self.response is not None and not self.response.startswith("legendre:"):
+            import hashlib
+
+            d["response_sha256"] = hashlib.sha256(Path(self.response).read_bytes()).hexdigest()
+        return d
+
+    def header(self) -> dict:
+        """FITS keywords of the non-neutral shifts (the per-plate AIRMASS is added by the caller)."""
+        h = {}
+        if self.response is not None:
+            h["RESPONSE"] = self.response if self.response.startswith("legendre:") else Path(self.response).name
+        if self.telluric:
+            h["TELLURIC"] = self.telluric
+        if self.lsf is not None:
+            h["LSF"] = self.lsf
+        if self.wave_offset:
+            h["WAVEOFF"] = self.wave_offset
+        if self.sky_residual:
+            h["SKYRESID"] = self.sky_residual
+        return h
+
+
+def parse_legendre(spec: str):
+    """``"legendre:AMP[:ORDER]"`` -> (AMP, ORDER).
+
+    Parameters
+    ----------
+    spec : str
+        The ``--response`` value.
+
+    Returns
+    -------
+    tuple
+        (amplitude: float, rms of ln response; order: int, highest Legendre order, default 5).
+    """
+    parts = spec.split(":")[1:]
+    try:
+        amp, order = float(parts[0]), int(parts[1]) if len(parts) > 1 else 5
+    except (IndexError, ValueError):
+        raise ValueError(f"--response {spec}: write legendre:AMP or legendre:AMP:ORDER, e.g. legendre:0.05") from None
+    if len(parts) > 2 or not 0 < amp <= 0.5 or not 1 <= order <= 10:
+        raise ValueError(f"--response {spec}: AMP in (0, 0.5] (rms of ln response), ORDER 1-10")
+    return amp, order
+
+
+def parse_lsf(spec):
+    """``"gauss:FWHM"`` or ``"gh:FWHM:H3:H4"`` -> (FWHM km/s, h3, h4); None -> None.
+
+    Parameters
+    ----------
+    spec : str or None
+        The ``--lsf`` value.
+
+    Returns
+    -------
+    tuple or None
+        (fwhm_kms, h3, h4); h3 = h4 = 0 for a Gaussian.
+    """
+    if spec is None:
+        return None
+    kind, *vals = spec.split(":")
+    try:
+        vals = [float(v) for v in vals]
+    except ValueError:
+        vals = []
+    if not ((kind == "gauss" and len(vals) == 1) or (kind == "gh" and len(vals) == 3)):
+        raise ValueError(f"--lsf {spec}: write gauss:FWHM or gh:FWHM:H3:H4 (FWHM in km/s), e.g. gh:150:0.05:0.03")
+    fwhm, h3, h4 = (vals + [0.0, 0.0])[:3]
+    if not 30 <= fwhm <= 600 or abs(h3) > 0.3 or abs(h4) > 0.3:
+        raise ValueError(f"--lsf {spec}: FWHM 30-600 km/s (R = c / FWHM, 10000-500), |H3|, |H4| <= 0.3")
+    return fwhm, h3, h4
 
 
 # ---------------------------------------------------------------------------- the library
@@ -207,12 +360,32 @@ def sdss_sigma(wave, resolution=2000.0, fwhm_lib=0.0):
     return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
-def match_resolution(wave, flux, fwhm_lib=2.5, resolution=2000.0):
-    """Broaden ``flux`` (..., n_pix) on grid ``wave`` (n_pix,) A from FWHM ``fwhm_lib`` A to lambda/R.
+def match_resolution(wave, flux, fwhm_lib=2.5, resolution=2000.0, h3=0.0, h4=0.0):
+    """Broaden ``flux`` from the library's Gaussian LSF (FWHM ``fwhm_lib`` A) to FWHM lambda / R.
 
     The kernel of pixel i is a pixel-integrated Gaussian of sigma^2 = sigma_R^2 - sigma_lib^2
-    where SDSS is broader, and no change (a delta) where it is sharper. Ends are padded with
-    the edge value. Returns an array like ``flux``.
+    where SDSS is broader, and no change (a delta) where it is sharper. With ``h3`` or ``h4``
+    the kernel is the Gauss-Hermite profile of that core sigma (:func:`gauss_hermite`,
+    integrated over the pixel on 8 sub-samples); the library's own Gaussian then dilutes
+    h3, h4 by about (sigma_kernel / sigma_R)^3 and ^4. Ends are padded with the edge value.
+
+    Parameters
+    ----------
+    wave : array (n_pix,)
+        Wavelength grid, A.
+    flux : array (..., n_pix)
+        Spectra on ``wave``.
+    fwhm_lib : float
+        FWHM of the library's Gaussian LSF, A.
+    resolution : float
+        Resolving power lambda / FWHM of the target LSF's Gaussian core.
+    h3, h4 : float
+        Gauss-Hermite coefficients of the kernel (0: Gaussian).
+
+    Returns
+    -------
+    ndarray
+        Broadened spectra, like ``flux``.
     """
     from scipy.special import ndtr
 
@@ -223,33 +396,199 @@ def match_resolution(wave, flux, fwhm_lib=2.5, resolution=2000.0):
     sig_pix = np.maximum(sig / np.gradient(wave), 1e-3)  # (n_pix,)
     h = int(np.ceil(5 * sig_pix.max()))
     k = np.arange(-h, h + 1)[:, None]  # (2h+1, 1)
-    weights = ndtr((k + 0.5) / sig_pix) - ndtr((k - 0.5) / sig_pix)  # (2h+1, n_pix)
-    weights /= weights.sum(axis=0)
+    if h3 or h4:
+        # output[i] takes input[i + k]: a line at input p lands at i = p - k, so the profile is at y = -k / sigma
+        weights = sum(gauss_hermite(-(k + (j + 0.5) / 8 - 0.5) / sig_pix, h3, h4) for j in range(8))
+        total = weights.sum(axis=0)
+        weights = np.where(total > 0, weights / np.where(total > 0, total, 1.0), k == 0)  # no width: a delta
+    else:
+        weights = ndtr((k + 0.5) / sig_pix) - ndtr((k - 0.5) / sig_pix)  # (2h+1, n_pix)
+        weights /= weights.sum(axis=0)
     padded = np.concatenate([np.repeat(flux[..., :1], h, -1), flux, np.repeat(flux[..., -1:], h, -1)], -1)
     n = flux.shape[-1]
     return sum(weights[j] * padded[..., j:j + n] for j in range(2 * h + 1))
 
 
-def doppler(rv_kms):
-    """Relativistic Doppler factor lambda_obs / lambda_rest = sqrt((1+b)/(1-b)), b = v/c."""
-    from astropy.constants import c
+def gauss_hermite(y, h3=0.0, h4=0.0):
+    """Gauss-Hermite line profile per unit y (van der Marel & Franx 1993, as in pPXF).
 
-    b = np.asarray(rv_kms, np.float64) / c.to_value("km/s")
-    return np.sqrt((1.0 + b) / (1.0 - b))
+    Parameters
+    ----------
+    y : array
+        (velocity - centre) / sigma; positive redward.
+    h3, h4 : float
+        Coefficients of the normalized Hermite polynomials H3, H4 (h3 > 0: a red wing).
+
+    Returns
+    -------
+    ndarray
+        exp(-y^2/2) / sqrt(2 pi) * (1 + h3 H3(y) + h4 H4(y)), like ``y``.
+    """
+    y = np.asarray(y, np.float64)
+    h3_poly = (2 * np.sqrt(2) * y ** 3 - 3 * np.sqrt(2) * y) / np.sqrt(6)
+    h4_poly = (4 * y ** 4 - 12 * y ** 2 + 3) / np.sqrt(24)
+    return np.exp(-0.5 * y ** 2) / np.sqrt(2 * np.pi) * (1 + h3 * h3_poly + h4 * h4_poly)
 
 
-def sky_spectrum(wave_vac, resolution=2000.0):
+def sky_spectrum(wave_vac, resolution=2000.0, continuum=True):
     """Unscaled night-sky spectrum (1e-17 erg/s/cm2/A) at vacuum wavelengths ``wave_vac`` (A).
 
     A continuum of ``SKY_CONTINUUM`` at 5000 A rising to the red, plus the bright lines of
     ``SKY_LINES_AIR`` as Gaussians at the SDSS resolution.
+
+    Parameters
+    ----------
+    wave_vac : array
+        Vacuum wavelengths, A.
+    resolution : float
+        Resolving power lambda / FWHM of the sky lines.
+    continuum : bool
+        False: the lines alone (what a sky-subtraction residual leaves).
+
+    Returns
+    -------
+    ndarray
+        The sky, like ``wave_vac``.
     """
     wave_vac = np.asarray(wave_vac, np.float64)
-    sky = SKY_CONTINUUM * (wave_vac / 5000.0) ** 1.5
+    sky = SKY_CONTINUUM * (wave_vac / 5000.0) ** 1.5 if continuum else np.zeros_like(wave_vac)
     for w_air, peak in SKY_LINES_AIR.items():
         w = air_to_vac(w_air)
         sky += peak * np.exp(-0.5 * ((wave_vac - w) / sdss_sigma(w, resolution)) ** 2)
     return sky
+
+
+# ---------------------------------------------------------------------------- instrument shifts
+
+def read_response(path):
+    """Read an instrument-response file: two columns, vacuum wavelength (A) and factor.
+
+    Parameters
+    ----------
+    path : str or Path
+        Text file; whitespace or comma separated; ``#`` starts a comment. Wavelengths
+        increasing and covering 3800-9200 A; factors finite and > 0.
+
+    Returns
+    -------
+    tuple
+        (wave, factor), two float64 arrays.
+    """
+    text = Path(path).read_text().replace(",", " ")
+    try:
+        data = np.loadtxt(text.splitlines(), comments="#", ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"--response {path}: not two numeric columns (wavelength_A factor): {e}") from None
+    if data.shape[1] != 2 or len(data) < 2:
+        raise ValueError(f"--response {path}: need two columns, wavelength_A and factor, and at least 2 rows")
+    wave, factor = data.T
+    if not (np.all(np.diff(wave) > 0) and wave[0] <= 10 ** LOGLAM0 and wave[-1] >= 10 ** LOGLAM1):
+        raise ValueError(f"--response {path}: wavelengths must increase and cover "
+                         f"{10 ** LOGLAM0:.1f}-{10 ** LOGLAM1:.1f} A (vacuum)")
+    if not np.all(np.isfinite(factor) & (factor > 0)):
+        raise ValueError(f"--response {path}: every factor must be finite and > 0")
+    return wave, factor
+
+
+def instrument_response(loglam, spec: str, seed: int = 0):
+    """The fixed instrument response on the pixels ``loglam``: one curve for the whole survey.
+
+    Parameters
+    ----------
+    loglam : array
+        log10 vacuum wavelength of the pixels.
+    spec : str
+        ``"legendre:AMP[:ORDER]"``: exp(AMP * p(x) / rms(p)), p = sum_k c_k P_k(x), k = 1..ORDER,
+        c_k ~ N(0, 1) drawn from ``seed`` (stream ``RESPONSE_STREAM``), x in [-1, 1] over
+        3800-9200 A, rms over that range; otherwise a file for :func:`read_response`,
+        interpolated linearly (ends held beyond 3800-9200 A).
+    seed : int
+        The survey seed.
+
+    Returns
+    -------
+    ndarray
+        The factor multiplying each pixel's flux, like ``loglam``.
+    """
+    loglam = np.asarray(loglam, np.float64)
+    if not spec.startswith("legendre:"):
+        wave, factor = read_response(spec)
+        return np.interp(10 ** loglam, wave, factor)
+    amp, order = parse_legendre(spec)
+    coef = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(RESPONSE_STREAM,))).normal(0, 1, order)
+    leg = np.polynomial.legendre.Legendre(np.concatenate([[0.0], coef]), domain=[LOGLAM0, LOGLAM1])
+    rms = np.sqrt(np.mean(leg(np.linspace(LOGLAM0, LOGLAM1, 3841)) ** 2))
+    return np.exp(amp * leg(loglam) / rms)
+
+
+def telluric_tau(wave_vac, resolution=2000.0):
+    """Zenith optical depth of the O2 and H2O bands of ``TELLURIC_BANDS_AIR`` at the SDSS resolution.
+
+    Each band is a box in optical depth, tau = -ln(1 - depth) between its (air -> vacuum)
+    edges, smoothed by the Gaussian LSF of ``resolution`` at the band centre.
+
+    Parameters
+    ----------
+    wave_vac : array
+        Vacuum wavelengths, A (observatory frame).
+    resolution : float
+        Resolving power lambda / FWHM.
+
+    Returns
+    -------
+    ndarray
+        tau at airmass 1, like ``wave_vac``.
+    """
+    from scipy.special import ndtr
+
+    wave_vac = np.asarray(wave_vac, np.float64)
+    tau = np.zeros_like(wave_vac)
+    for _, lo, hi, depth in TELLURIC_BANDS_AIR:
+        lo, hi = air_to_vac([lo, hi])
+        sig = sdss_sigma(0.5 * (lo + hi), resolution)
+        tau += -np.log1p(-depth) * (ndtr((wave_vac - lo) / sig) - ndtr((wave_vac - hi) / sig))
+    return tau
+
+
+def telluric_factor(tau, airmass: float, residual: float):
+    """What a partial telluric correction leaves: 1 - residual * (1 - exp(-airmass * tau)).
+
+    Parameters
+    ----------
+    tau : array
+        Zenith optical depth (:func:`telluric_tau`); optical depth scales with airmass.
+    airmass : float
+        Airmass of the exposure.
+    residual : float
+        Fraction of the absorption left after correction (1: uncorrected; < 0: over-corrected).
+
+    Returns
+    -------
+    ndarray
+        The factor multiplying the flux, like ``tau``.
+    """
+    return 1.0 - residual * -np.expm1(-airmass * np.asarray(tau))
+
+
+def plate_airmass(seed: int, plate: int, airmass_range) -> float:
+    """The airmass of a plate (all its fibers share it): uniform in ``airmass_range``.
+
+    Parameters
+    ----------
+    seed : int
+        The survey seed.
+    plate : int
+        Plate number; the draw uses its own stream, spawn key (plate, 2).
+    airmass_range : tuple
+        (lo, hi).
+
+    Returns
+    -------
+    float
+        The airmass.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(plate, 2)))
+    return float(rng.uniform(*airmass_range))
 
 
 # ---------------------------------------------------------------------------- one realization
@@ -283,14 +622,19 @@ class Simulator:
     flux: (n_star, n_pix) resolution-matched library f_lambda at ``wave`` (vacuum, rest, A);
     cover: (n_star, 2) the wavelength range (vacuum, rest, A) where a star has good flux.
     The SDSS lattice (``loglam``, K pixels) covers every start offset; per-spectrum grids
-    are slices of it.
+    are slices of it. ``shifts`` (:class:`Shifts`) are fixed here, once: the LSF, the
+    response curve (drawn from ``seed``), the wavelength-solution offset (``lam_edges_true``:
+    the wavelengths the pixels really see), the telluric optical depth and the sky lines.
     """
 
-    def __init__(self, cfg: SimConfig = SimConfig()):
+    def __init__(self, cfg: SimConfig = SimConfig(), shifts: Shifts = Shifts(), seed: int = 0):
         from astropy import units as u
         from dust_extinction.parameter_averages import G23
 
-        self.cfg = cfg
+        self.cfg, self.shifts = cfg, shifts
+        lsf = parse_lsf(shifts.lsf)
+        resolution = cfg.resolution if lsf is None else C_KMS / lsf[0]
+        h3, h4 = (0.0, 0.0) if lsf is None else lsf[1:]
         wave_air, flux, self.labels = load_miles(cfg.teff_range)
         self.fwhm_lib = self.labels.attrs["fwhm"]
         self.wave = air_to_vac(wave_air)
@@ -305,29 +649,35 @@ class Simulator:
         self.cover = np.stack([self.edges[lo], self.edges[hi]], 1)  # (n_star, 2) A, vacuum rest frame
         idx = np.clip(np.arange(n_pix), lo[:, None], hi[:, None] - 1)
         flux = np.take_along_axis(flux, idx, 1)
-        self.flux = match_resolution(self.wave, flux, self.fwhm_lib, cfg.resolution)
+        self.flux = match_resolution(self.wave, flux, self.fwhm_lib, resolution, h3, h4)
         # cumulative integral of f_lambda over the library pixels, for flux-conserving rebinning
         self.cum = np.concatenate([np.zeros((len(flux), 1)), np.cumsum(self.flux * np.diff(self.edges), 1)], 1)
         n_lat = int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 + 2 * cfg.offset_max
         self.loglam = LOGLAM0 + DLOGLAM * (np.arange(n_lat) - cfg.offset_max)  # (K,)
         self.lam = 10 ** self.loglam
         self.lam_edges = 10 ** (self.loglam[0] - DLOGLAM / 2 + DLOGLAM * np.arange(n_lat + 1))
+        # a wavelength solution off by +P pixels: the pixel written at lambda sees lambda * 10^(-P dloglam)
+        to_true = 10 ** (-shifts.wave_offset * DLOGLAM)  # exactly 1.0 for P = 0
+        self.lam_edges_true, lam_true = self.lam_edges * to_true, self.lam * to_true
         ext = G23(Rv=cfg.rv_dust)
         self.ext_per_ebv = -2.5 * np.log10(ext.extinguish(self.lam * u.AA, Ebv=1.0))  # A(lambda)/E(B-V)
         x = 2 * (self.loglam - LOGLAM0) / (LOGLAM1 - LOGLAM0) - 1  # [-1, 1] over 3800-9200 A
         self.legendre = np.polynomial.legendre.legvander(x, cfg.calib_order)[:, 1:].T  # (order, K)
-        self.sky = sky_spectrum(self.lam, cfg.resolution)
+        self.sky = sky_spectrum(lam_true, resolution)
+        self.sky_lines = sky_spectrum(lam_true, resolution, continuum=False) if shifts.sky_residual else None
+        self.tau = telluric_tau(lam_true, resolution) if shifts.telluric else None
+        self.response = None if shifts.response is None else instrument_response(self.loglam, shifts.response, seed)
         from scipy.ndimage import median_filter
         self.sky_line = self.sky > 1.25 * median_filter(self.sky, 99, mode="nearest")  # SDSS BRIGHTSKY shape test
-        self.wdisp = sdss_sigma(self.lam, cfg.resolution, self.fwhm_lib) / (self.lam * np.log(10) * DLOGLAM)
+        self.wdisp = sdss_sigma(self.lam, resolution, self.fwhm_lib) / (self.lam * np.log(10) * DLOGLAM)
         self.in_window = (self.lam >= SNR_WINDOW[0]) & (self.lam <= SNR_WINDOW[1])
 
     def realize(self, plan: dict, seed: int) -> dict:
         """One spectrum for ``plan`` (from :func:`draw_plan`): loglam, flux, ivar, and_mask, sky, wdisp (n,)."""
-        cfg = self.cfg
+        cfg, shifts = self.cfg, self.shifts
         k0 = cfg.offset_max + plan["offset"]
         sl = slice(k0, k0 + int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 - plan["offset"])
-        edges = self.lam_edges[sl.start:sl.stop + 1]
+        edges = self.lam_edges_true[sl.start:sl.stop + 1]
         # steps 3 + 7: Doppler-shift the library pixel edges, rebin conserving flux
         obs_edges = self.edges * doppler(plan["rv"])
         lo, hi = self.cover[plan["star"]] * doppler(plan["rv"])
@@ -336,6 +686,10 @@ class Simulator:
         # steps 4-6: reddening, calibration error, absolute scale (smooth factors)
         flux *= 10 ** (-0.4 * plan["ebv"] * self.ext_per_ebv[sl])
         flux *= np.clip(1.0 + np.asarray(plan["calib"]) @ self.legendre[:, sl], 0.5, None)
+        if self.response is not None:  # shifts: the fixed instrument response, telluric residuals
+            flux *= self.response[sl]
+        if self.tau is not None:
+            flux *= telluric_factor(self.tau[sl], plate_airmass(seed, plan["plate"], shifts.airmass), shifts.telluric)
         flux *= plan["flux"] / np.median(flux[covered])
         # step 8: photon + sky noise with S/N = plan["snr"] at 5000 A
         sky = plan["sky"] * self.sky[sl]
@@ -343,6 +697,8 @@ class Simulator:
         f5, s5 = np.median(flux[win]), np.median(sky[win])
         gain = f5 ** 2 / (plan["snr"] ** 2 * (f5 + s5))  # variance per unit of (flux + sky)
         var = gain * (np.clip(flux, 0.0, None) + sky)
+        if self.sky_lines is not None:  # shift: what sky subtraction left (no photons of its own)
+            flux = flux + shifts.sky_residual * plan["sky"] * self.sky_lines[sl]
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(plan["index"], 1)))
         sigma = np.sqrt(var)
         noise = rng.normal(0.0, 1.0, len(flux))
@@ -359,6 +715,13 @@ class Simulator:
         and_mask[~covered] = sdss.pixmask("NODATA")
         flux[~covered], ivar[~covered], sky[~covered] = 0.0, 0.0, 0.0
         return dict(loglam=self.loglam[sl], flux=flux, ivar=ivar, and_mask=and_mask, sky=sky, wdisp=self.wdisp[sl])
+
+    def header(self, plan: dict, seed: int) -> dict:
+        """FITS keywords of the shifts of ``plan``'s spectrum ({} when every shift is neutral)."""
+        h = self.shifts.header()
+        if self.shifts.telluric:
+            h["AIRMASS"] = round(plate_airmass(seed, plan["plate"], self.shifts.airmass), 4)
+        return h
 
 
 def catalog_row(plan: dict, labels, cfg: SimConfig) -> dict:
@@ -378,7 +741,7 @@ def catalog_row(plan: dict, labels, cfg: SimConfig) -> dict:
 def write_spectrum(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: float = 0.0, header=None):
     """Write a spec-lite file with fitsio (3-4x faster than astropy), same datamodel as
     :func:`stellarparams.sdss.write_spec_lite`: primary header, COADD, SPECOBJ, SPZLINE.
-    Atomic: written to ``path.tmp`` and renamed. ``model`` is zeros (never the truth)."""
+    Atomic (:func:`stellarparams.files.atomic_write`). ``model`` is zeros (never the truth)."""
     import fitsio
 
     n = len(spec["flux"])
@@ -397,16 +760,15 @@ def write_spectrum(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: f
            dict(name="BUNIT", value=sdss.FLUX_UNIT),
            dict(name="VACUUM", value=True, comment="wavelengths are in vacuum")]
     hdr += [dict(name=k, value=v) for k, v in (header or {}).items()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
-        f.write(None, header=hdr)
-        f.write(coadd, extname="COADD")
-        f.write(specobj, extname="SPECOBJ")
-        f.write(np.zeros(0, dtype=[("LINENAME", "S13")]), extname="SPZLINE")
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
+            f.write(None, header=hdr)
+            f.write(coadd, extname="COADD")
+            f.write(specobj, extname="SPECOBJ")
+            f.write(np.zeros(0, dtype=[("LINENAME", "S13")]), extname="SPZLINE")
+
+    return atomic_write(path, write)
 
 
 def spectrum_path(out, plate: int, mjd: int, fiberid: int) -> Path:
@@ -419,11 +781,13 @@ def spectrum_path(out, plate: int, mjd: int, fiberid: int) -> Path:
 _SIM: Simulator | None = None  # one per worker process
 
 
-def _init_worker(cfg_dict):
+def _init_worker(cfg_dict, shifts: Shifts = Shifts(), seed: int = 0):
     global _SIM
     cfg = SimConfig.from_dict(cfg_dict)
-    if _SIM is None or _SIM.cfg != cfg:  # kept between calls in one process (notebooks, tests)
-        _SIM = Simulator(cfg)
+    key = (cfg, shifts, seed if shifts.response else None)
+    if _SIM is None or _SIM.key != key:  # kept between calls in one process (notebooks, tests)
+        _SIM = Simulator(cfg, shifts, seed)
+        _SIM.key = key
 
 
 def _run_chunk(out, seed, plans):
@@ -436,7 +800,8 @@ def _run_chunk(out, seed, plans):
             write_spectrum(spectrum_path(out, plan["plate"], plan["mjd"], plan["fiberid"]), spec,
                            plate=plan["plate"], mjd=plan["mjd"], fiberid=plan["fiberid"],
                            z=float(doppler(rv_adop) - 1.0),
-                           header={"SNR5000": round(plan["snr"], 4), "ORIGIN": f"stellarparams {__version__} simulate"})
+                           header={"SNR5000": round(plan["snr"], 4), "ORIGIN": f"stellarparams {__version__} simulate",
+                                   **_SIM.header(plan, seed)})
             results.append((plan["index"], None))
         except Exception as e:  # recorded, the rest of the batch goes on
             results.append((plan["index"], f"{type(e).__name__}: {e}"))
@@ -444,13 +809,41 @@ def _run_chunk(out, seed, plans):
 
 
 def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, teff_range=(4000, 9500),
-             snr_range=(5, 100), progress: bool = True, **options) -> Path:
+             snr_range=(5, 100), progress: bool = True, wait: bool = False, response: str | None = None,
+             telluric: float = 0.0, airmass=(1.0, 1.5), lsf: str | None = None, wave_offset: float = 0.0,
+             sky_residual: float = 0.0, **options) -> Path:
     """Simulate ``n`` SDSS-like spectra of MILES stars into folder ``out``; returns the catalog path.
 
-    ``options`` are the other :class:`SimConfig` fields (e.g. ``rv_sigma=0, noise=False``).
-    ``workers`` processes (default: all cores). Resumes: spectra already in ``out`` are kept;
-    the catalog ``out/sppParams.fits`` is (re)written last. A folder made with other settings
-    is refused, so files from two settings never mix.
+    Resumes: spectra already in ``out`` are kept; the catalog ``out/sppParams.fits`` is
+    (re)written last. A folder made with other settings is refused, so files from two
+    settings never mix. One writer at a time (:func:`stellarparams.files.output_lock`).
+
+    Parameters
+    ----------
+    out : str or Path
+        Output folder.
+    n : int
+        Number of spectra.
+    seed : int
+        Random seed: same seed and settings, same files (any number of workers).
+    workers : int or None
+        Processes (default: all cores).
+    teff_range, snr_range : tuple
+        :class:`SimConfig` fields, as (lo, hi).
+    progress : bool
+        Progress bar and a summary line on stderr.
+    wait : bool
+        When another process writes to ``out``: False raises :class:`OutputBusy`, True waits.
+    response, telluric, airmass, lsf, wave_offset, sky_residual
+        Instrument and calibration shifts, as in :class:`Shifts`; the defaults are neutral
+        and give today's files byte for byte.
+    **options
+        The other :class:`SimConfig` fields (e.g. ``rv_sigma=0, noise=False``).
+
+    Returns
+    -------
+    Path
+        ``out/sppParams.fits``.
     """
     from astropy.table import Table
     from tqdm.auto import tqdm
@@ -459,65 +852,71 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         raise ValueError(f"--n must be at least 1 (got {n})")
     cfg = SimConfig(teff_range=tuple(float(t) for t in teff_range), snr_range=tuple(float(s) for s in snr_range),
                     **options)
+    if response is not None and not response.startswith("legendre:"):
+        response = str(Path(response).resolve())
+    shifts = Shifts(response=response, telluric=float(telluric), airmass=tuple(airmass), lsf=lsf,
+                    wave_offset=float(wave_offset), sky_residual=float(sky_residual))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "config": cfg.to_dict()}
+    if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
+        settings["shifts"] = shifts.to_dict()
     meta_path = out / "simulate.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if {"seed": old.get("seed"), "config": old.get("config")} != settings:
-            raise ValueError(f"{out} holds a simulation with other settings ({meta_path}); "
-                             "use a new --out folder or delete this one")
-    write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
-    for tmp in (out / "spectra").glob("lite/*/*.tmp"):  # half-written files of a killed run
-        tmp.unlink()
+    with output_lock(out, wait=wait):
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            if {k: old[k] for k in ("seed", "config", "shifts") if k in old} != settings:
+                raise ValueError(f"{out} holds a simulation with other settings ({meta_path}); "
+                                 "use a new --out folder or delete this one")
+        write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
+        # half-written files of a killed run (we hold the lock: no other writer is at work)
+        for tmp in [*out.glob(".*.tmp*"), *(out / "spectra").glob("lite/*/.*.tmp*"),
+                    *(out / "spectra").glob("lite/*/*.tmp")]:
+            tmp.unlink()
 
-    t0 = time.time()
-    labels = miles_labels(cfg.teff_range)
-    plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
-    todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    size = max(1, min(200, -(-len(todo) // (4 * workers))))
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    failed = {}
-    bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)
-    if workers == 1:
-        _init_worker(cfg.to_dict())
-        for chunk in chunks:
-            failed.update({i: e for i, e in _run_chunk(out, seed, chunk) if e})
-            bar.update(len(chunk))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg.to_dict(),)) as pool:
-            futures = [pool.submit(_run_chunk, out, seed, chunk) for chunk in chunks]
-            try:
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    failed.update({i: e for i, e in res if e})
-                    bar.update(len(res))
-            except BaseException:  # Ctrl-C: drop the queued chunks; a re-run resumes
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    bar.close()
+        t0 = time.time()
+        labels = miles_labels(cfg.teff_range)
+        plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
+        todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        size = max(1, min(200, -(-len(todo) // (4 * workers))))
+        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        failed = {}
+        bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)
+        init_args = (cfg.to_dict(), shifts, int(seed))
+        if workers == 1:
+            _init_worker(*init_args)
+            for chunk in chunks:
+                failed.update({i: e for i, e in _run_chunk(out, seed, chunk) if e})
+                bar.update(len(chunk))
+        else:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
+                futures = [pool.submit(_run_chunk, out, seed, chunk) for chunk in chunks]
+                try:
+                    for fut in as_completed(futures):
+                        res = fut.result()
+                        failed.update({i: e for i, e in res if e})
+                        bar.update(len(res))
+                except BaseException:  # Ctrl-C: drop the queued chunks; a re-run resumes
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        bar.close()
 
-    rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
-    table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
-    table.meta.update({"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"})
-    cat = out / "sppParams.fits"
-    tmp = cat.with_name(cat.name + ".tmp")
-    table.write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, cat)
-    problems = out / "simulate_problems.json"
-    if failed:
-        write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
-    elif problems.exists():
-        problems.unlink()
+        rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
+        table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
+        table.meta.update({"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"})
+        cat = atomic_write(out / "sppParams.fits", lambda tmp: table.write(tmp, format="fits"))
+        problems = out / "simulate_problems.json"
+        if failed:
+            write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
+        elif problems.exists():
+            problems.unlink()
     if progress:
+        n_stars = len({r["STAR_ID"] for r in rows})
         print(f"simulate: {len(todo) - len(failed)} spectra written, {n - len(todo)} already there, "
               f"{len(failed)} failed{' (see ' + str(problems) + ')' if failed else ''}; "
-              f"{len(rows)} stars in {cat} ({time.time() - t0:.0f} s)", file=sys.stderr)
+              f"catalog {cat}: {len(rows)} spectra of {n_stars} stars ({time.time() - t0:.0f} s)", file=sys.stderr)
     return cat
-
-
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -531,6 +930,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--wait", action="store_true", help="if another process writes to --out, wait for it "
+                        "(default: stop with a message)")
     for f in dataclasses.fields(SimConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
@@ -541,6 +942,31 @@ def add_arguments(parser: argparse.ArgumentParser):
                                 help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    g = parser.add_argument_group("instrument and calibration shifts (issue 17; sources of the ranges in "
+                                  "docs/shifts.md). The defaults are neutral: today's survey, byte for byte")
+    g.add_argument("--response", default=None, metavar="SPEC",
+                   help="a fixed smooth instrument response, the same for every spectrum: legendre:AMP[:ORDER] "
+                        "(drawn from --seed; AMP = rms of ln response over 3800-9200 A, 0-0.5, physical 0.02-0.2; "
+                        "ORDER 1-10, default 5) or FILE (text, two columns: vacuum wavelength_A factor; "
+                        "'#' comments; must cover 3800-9200 A)")
+    g.add_argument("--telluric", type=float, default=0.0, metavar="FRAC",
+                   help="fraction of the telluric O2 (A 7594-7621, B 6867-6884 A, air) and H2O (7160-7340, "
+                        "8130-8350, 9300-9650 A) absorption left after correction: 0 none, 1 uncorrected, "
+                        "<0 over-corrected; physical 0.05-0.3 for another pipeline's correction")
+    g.add_argument("--airmass", type=float, nargs=2, default=(1.0, 1.5), metavar=("LO", "HI"),
+                   help="airmass of each plate, uniform in LO-HI (1-3; LO = HI: fixed); telluric optical depth "
+                        "scales with it; SDSS plates are observed near the meridian")
+    g.add_argument("--lsf", default=None, metavar="SPEC",
+                   help="line-spread function replacing --resolution's Gaussian: gauss:FWHM or gh:FWHM:H3:H4 "
+                        "(Gauss-Hermite); FWHM in km/s of the Gaussian core, R = c/FWHM (SDSS/BOSS: 110-200 km/s, "
+                        "R 2650-1500; allowed 30-600), |H3|, |H4| <= 0.3 (physical <= 0.1)")
+    g.add_argument("--wave-offset", type=float, default=0.0, metavar="PIX",
+                   help="systematic wavelength-solution error in pixels (1 pixel = 69 km/s), the same for all "
+                        "spectra, sub-pixel allowed: features land PIX pixels redward (physical |PIX| <= 0.2; "
+                        "allowed 5)")
+    g.add_argument("--sky-residual", type=float, default=0.0, metavar="FRAC",
+                   help="signed fraction of the sky lines left in the flux after sky subtraction (-1 to 1; "
+                        "physical |FRAC| <= 0.05)")
 
 
 def run_cli(args) -> int:
@@ -549,8 +975,10 @@ def run_cli(args) -> int:
     teff_range, snr_range = options.pop("teff_range"), options.pop("snr_range")
     try:
         cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
-                       snr_range=snr_range, progress=not args.no_progress, **options)
-    except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+                       snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
+                       telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
+                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, **options)
+    except (ModuleNotFoundError, FileNotFoundError, ValueError, OutputBusy) as e:
         print(f"stellarparams simulate: {e}", file=sys.stderr)
         return 2
     print(cat)

@@ -1,5 +1,6 @@
 """simulate: SDSS-like spectra of MILES stars (a few dozen spectra, well under a minute)."""
 import importlib.util
+import json
 
 import fitsio
 import numpy as np
@@ -194,7 +195,7 @@ def test_same_seed_same_output_any_worker_count(tmp_path):
     assert not any(np.array_equal(x["flux"], y["flux"]) for x, y in zip(fa, fc))
 
 
-def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path):
+def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path, capsys):
     cat = S.simulate(tmp_path, n=6, seed=2, workers=1, progress=False)
     paths = [p for _, p in _spectra(tmp_path, Table.read(cat))]
     before = fitsio.read(str(paths[2]), ext="COADD")
@@ -202,7 +203,10 @@ def test_resume_skips_finished_files_and_refuses_other_settings(tmp_path):
     paths[2].unlink()
     (paths[3].parent / (paths[3].name + ".tmp")).write_bytes(b"half a file")
     cat.unlink()
-    S.simulate(tmp_path, n=8, seed=2, workers=1, progress=False)  # resume and extend
+    S.simulate(tmp_path, n=8, seed=2, workers=1, progress=True)  # resume and extend
+    n_stars = len(set(Table.read(cat)["STAR_ID"]))
+    assert f"3 spectra written, 5 already there, 0 failed; catalog {cat}: 8 spectra of {n_stars} stars" \
+        in capsys.readouterr().err
     assert paths[0].stat().st_mtime_ns == kept  # not rewritten
     assert np.array_equal(fitsio.read(str(paths[2]), ext="COADD"), before)  # rewritten identically
     assert len(Table.read(cat)) == 8 and not list(tmp_path.rglob("*.tmp"))
@@ -225,3 +229,220 @@ def test_cli_writes_survey(tmp_path, capsys):
     assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "sppParams.fits")
     t = Table.read(tmp_path / "sppParams.fits")
     assert len(t) == 3 and np.all(t["RV_TRUE"] == 0) and len(list(tmp_path.rglob("spec-*.fits"))) == 3
+
+
+# sha256 of a 3-spectrum survey (seed 11, defaults, version string pinned) written by the code of commit
+# c6ccbd1, before the instrument shifts existed: with every shift at its neutral value the files must not
+# change by one byte. Regenerate only for an intended change of the default survey, and say so in the commit.
+BEFORE_SHIFTS_SHA256 = {
+    "simulate.json": "ddba614b16d0c5a148dd3ff0a4a2c020f5de8805241cf1ec9e394cce3c25d01b",
+    "spectra/lite/1000/spec-1000-53000-0001.fits": "22fa2e2040d8b55afb486ad30c3072429a62235c5c5db68855c123c19ec4e6c6",
+    "spectra/lite/1000/spec-1000-53000-0002.fits": "d7e2e73bd394bc3aeb5e2f6ef401506422b6781c333d4341c85511ffaa9486a1",
+    "spectra/lite/1000/spec-1000-53000-0003.fits": "c65df0ad724c65a6e155400f57fadb7f9d89608ce29a23a5e977544e9f765f5c",
+    "sppParams.fits": "a151ec425bd282bf5b32abda8b4041439934ee975105636ccac0d273a178d442",
+}
+
+
+def _sha256_files(out):
+    import hashlib
+
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_default_survey_is_byte_identical_to_before_shifts(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "__version__", "0-test")  # the version is in the files; pin it
+    S.simulate(tmp_path, n=3, seed=11, workers=1, progress=False)
+    assert _sha256_files(tmp_path) == BEFORE_SHIFTS_SHA256
+
+
+def test_neutral_shifts_given_explicitly_change_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "__version__", "0-test")
+    S.simulate(tmp_path, n=3, seed=11, workers=1, progress=False, response=None, telluric=0.0, airmass=(1.2, 1.2),
+               lsf=None, wave_offset=0.0, sky_residual=0.0)
+    assert _sha256_files(tmp_path) == BEFORE_SHIFTS_SHA256
+
+
+# ---------------------------------------------------------------------------- shifts on a hand-made spectrum
+
+LINE_VAC = 5200.0  # A, vacuum rest: the absorption line of the hand-made star
+_SIMS = {}
+
+
+def _handmade_sim(**shifts):
+    """A noiseless Simulator whose star 0 is hand-made: flat continuum, one Gaussian line (sigma 1.5 A)."""
+    key = tuple(sorted(shifts.items()))
+    if key not in _SIMS:
+        sim = S.Simulator(S.SimConfig(**NOISELESS), S.Shifts(**shifts), seed=0)
+        flux = 1.0 - 0.5 * np.exp(-0.5 * ((sim.wave - LINE_VAC) / 1.5) ** 2)
+        sim.cum[0] = np.concatenate([[0.0], np.cumsum(flux * np.diff(sim.edges))])
+        sim.cover[0] = sim.edges[0], sim.edges[-1]
+        _SIMS[key] = sim
+    return _SIMS[key]
+
+
+def _handmade_spectrum(index=0, **shifts):
+    sim = _handmade_sim(**shifts)
+    plan = dict(S.draw_plan(0, index, len(sim.labels), sim.cfg), star=0, rv=0.0, ebv=0.0)
+    return plan, sim.realize(plan, seed=0)
+
+
+def _line_centroid(spec):
+    """Centroid (pixel index) of the hand-made line, from 1 - flux / local continuum."""
+    lam = 10 ** spec["loglam"]
+    near, cont = np.abs(lam - LINE_VAC) < 12, (np.abs(lam - LINE_VAC) > 15) & (np.abs(lam - LINE_VAC) < 30)
+    depth = 1 - spec["flux"][near] / np.median(spec["flux"][cont])
+    return np.sum(np.flatnonzero(near) * depth) / depth.sum()
+
+
+def test_response_from_file_multiplies_by_the_curve(tmp_path):
+    wave = np.linspace(3700, 9300, 57)
+    curve = 1 + 0.3 * np.sin(wave / 900.0)  # smooth, 0.7-1.3
+    path = tmp_path / "response.txt"
+    path.write_text("# wavelength_A factor\n" + "".join(f"{w:.17g}, {f:.17g}\n" for w, f in zip(wave, curve)))
+    _, ref = _handmade_spectrum(0)
+    _, got = _handmade_spectrum(0, response=str(path))
+    good = ref["flux"] > 0  # NODATA pixels are 0 in both
+    ratio = got["flux"][good] / ref["flux"][good] / np.interp(10 ** ref["loglam"][good], wave, curve)
+    np.testing.assert_allclose(ratio, np.median(ratio), rtol=1e-9)  # the curve, up to the flux scale
+    for bad, message in (("3900 1\n9300 1\n", "cover"), ("3700 1\n9300 -1\n", "> 0"), ("3700\n9300\n", "two")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            S.Shifts(response=str(path))
+
+
+def test_legendre_response_has_the_asked_rms_and_is_one_curve_per_survey():
+    loglam = S.LOGLAM0 + S.DLOGLAM * np.arange(3841)
+    r = S.instrument_response(loglam, "legendre:0.08", seed=3)
+    assert np.sqrt(np.mean(np.log(r) ** 2)) == pytest.approx(0.08, rel=1e-3)
+    assert np.array_equal(r, S.instrument_response(loglam, "legendre:0.08", seed=3))
+    assert not np.allclose(r, S.instrument_response(loglam, "legendre:0.08", seed=4))
+    assert np.all(np.abs(np.diff(np.log(r), 2)) < 1e-5)  # smooth: no pixel-scale structure
+    (_, a), (_, b) = _handmade_spectrum(0), _handmade_spectrum(0, response="legendre:0.1:3")
+    (_, c), (_, d) = _handmade_spectrum(5), _handmade_spectrum(5, response="legendre:0.1:3")
+    # two spectra start at different lattice offsets: compare them on their common pixels
+    la, lc = np.round(a["loglam"] / S.DLOGLAM).astype(int), np.round(c["loglam"] / S.DLOGLAM).astype(int)
+    common, ia, ic = np.intersect1d(la, lc, return_indices=True)
+    good = (a["flux"][ia] > 0) & (c["flux"][ic] > 0)  # not NODATA
+    ra, rc = b["flux"][ia][good] / a["flux"][ia][good], d["flux"][ic][good] / c["flux"][ic][good]
+    np.testing.assert_allclose(ra / rc, np.median(ra / rc), rtol=1e-9)  # the same curve
+
+
+def test_telluric_band_depth_scales_with_airmass():
+    b_lo, b_hi = S.air_to_vac([6867.0, 6884.0])
+    o2a = S.air_to_vac(0.5 * (7594.0 + 7621.0))
+    wave = np.array([5000.0, 0.5 * (b_lo + b_hi), o2a])
+    tau = S.telluric_tau(wave)
+    for airmass in (1.0, 1.3, 2.0):
+        full = 1 - S.telluric_factor(tau, airmass, 1.0)
+        np.testing.assert_allclose(full, [0.0, 1 - 0.75 ** airmass, 1 - 0.45 ** airmass], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(1 - S.telluric_factor(tau, airmass, 0.2), 0.2 * full, rtol=1e-12)
+    # through a realization: the B band (inside the MILES range) at a fixed airmass of 1.4
+    plan, spec = _handmade_spectrum(0, telluric=1.0, airmass=(1.4, 1.4))
+    _, ref = _handmade_spectrum(0)
+    lam = 10 ** spec["loglam"]
+    core = np.abs(lam - 0.5 * (b_lo + b_hi)) < 2
+    ratio = spec["flux"] / np.where(ref["flux"] > 0, ref["flux"], np.nan)
+    depth = 1 - ratio[core] / np.median(ratio[(lam > 6000) & (lam < 6500)])
+    np.testing.assert_allclose(depth, 1 - 0.75 ** 1.4, rtol=1e-3)
+    assert S.plate_airmass(0, plan["plate"], (1.4, 1.4)) == 1.4
+    airmasses = [S.plate_airmass(0, p, (1.0, 1.5)) for p in range(1000, 1200)]
+    assert 1.0 <= min(airmasses) < 1.05 and 1.45 < max(airmasses) <= 1.5  # uniform, one per plate
+
+
+def test_wave_offset_moves_the_line_by_the_asked_pixels():
+    _, ref = _handmade_spectrum(0)
+    for offset in (0.37, -1.5):
+        _, got = _handmade_spectrum(0, wave_offset=offset)
+        assert np.array_equal(got["loglam"], ref["loglam"])  # the written wavelengths are the same ...
+        assert _line_centroid(got) - _line_centroid(ref) == pytest.approx(offset, abs=0.01)  # ... the light is not
+        near = np.flatnonzero(np.abs(10 ** ref["loglam"] - 5578.9) < 8)  # [OI] 5577 (air)
+        line = [s["sky"][near] - s["sky"][near].min() for s in (got, ref)]
+        centroid = [np.sum(near * y) / y.sum() for y in line]
+        assert centroid[0] - centroid[1] == pytest.approx(offset, abs=0.02)  # the sky lines move too
+
+
+def _fwhm(x, y):
+    """FWHM of a single-peaked profile, half-maximum crossings by linear interpolation."""
+    half, i = y.max() / 2, int(np.argmax(y))
+    left = np.interp(half, y[:i + 1], x[:i + 1])
+    right = np.interp(half, y[i:][::-1], x[i:][::-1])
+    return right - left
+
+
+def test_lsf_width_and_shape_match_the_asked_ones():
+    wave = np.arange(6900.0, 7100.0, 0.05)  # a fine grid: pixel integration is negligible
+    delta = np.where(np.abs(wave - 7000.0) < 0.01, 1.0, 0.0)
+    for fwhm_kms in (120.0, 200.0):
+        fwhm, h3, h4 = S.parse_lsf(f"gauss:{fwhm_kms}")
+        out = S.match_resolution(wave, delta, fwhm_lib=0.0, resolution=S.C_KMS / fwhm)
+        assert _fwhm(wave, out) == pytest.approx(7000.0 * fwhm_kms / S.C_KMS, rel=0.005)
+        assert out.sum() == pytest.approx(1.0, rel=1e-6)  # line flux kept (sigma varies slowly with lambda)
+    fwhm, h3, h4 = S.parse_lsf("gh:150:0.08:0.05")
+    out = S.match_resolution(wave, delta, fwhm_lib=0.0, resolution=S.C_KMS / fwhm, h3=h3, h4=h4)
+    sigma_a = 7000.0 * fwhm / S.C_KMS / (2 * np.sqrt(2 * np.log(2)))
+    want = S.gauss_hermite((wave - 7000.0) / sigma_a, h3, h4)
+    np.testing.assert_allclose(out / out.sum(), want / want.sum(), atol=2e-3 * (want / want.sum()).max())
+    assert np.sum((wave - 7000.0) * out) / out.sum() > 0.05  # h3 > 0: the red wing
+    # the library's own 2.5 A Gaussian is taken out in quadrature: a 2.5 A line comes out at the asked FWHM
+    line = np.exp(-0.5 * ((wave - 7000.0) / (2.5 / 2.3548)) ** 2)
+    out = S.match_resolution(wave, line, fwhm_lib=2.5, resolution=S.C_KMS / 160.0)
+    assert _fwhm(wave, out) == pytest.approx(7000.0 * 160.0 / S.C_KMS, rel=0.01)
+    for bad in ("gauss", "gh:150:0.1", "gauss:10", "gh:150:0.5:0", "lorentz:150"):
+        with pytest.raises(ValueError, match="--lsf"):
+            S.Shifts(lsf=bad)
+
+
+def test_lsf_replaces_the_default_broadening():
+    sim = _handmade_sim(lsf="gauss:120")
+    ref = S.match_resolution(sim.wave, S.load_miles()[1][:3], sim.fwhm_lib, S.C_KMS / 120.0)
+    np.testing.assert_allclose(sim.flux[1:3], ref[1:3], rtol=1e-12)
+    red = sim.lam > 7000  # wdisp: sigma in pixels of the LSF core, 120 km/s here
+    np.testing.assert_allclose(sim.wdisp[red], 120.0 / 2.3548 / (S.C_KMS * np.log(10) * 1e-4), rtol=1e-3)
+
+
+def test_sky_residual_adds_the_asked_fraction_of_the_sky_lines():
+    plan, ref = _handmade_spectrum(0)
+    _, got = _handmade_spectrum(0, sky_residual=-0.04)
+    lam = 10 ** ref["loglam"]
+    continuum = plan["sky"] * S.SKY_CONTINUUM * (lam / 5000.0) ** 1.5
+    peak = np.argmax(np.where(np.abs(lam - 5578.9) < 5, ref["sky"], 0))
+    assert (got["flux"] - ref["flux"])[peak] == pytest.approx(-0.04 * (ref["sky"] - continuum)[peak], rel=1e-6)
+    far = (lam > 4500) & (lam < 5400)  # no sky line here
+    assert np.max(np.abs(got["flux"] - ref["flux"])[far]) < 1e-6 * np.median(ref["flux"][far])
+    assert np.array_equal(got["ivar"], ref["ivar"]) and np.array_equal(got["sky"], ref["sky"])
+
+
+def test_shifts_are_recorded_in_simulate_json_and_headers(tmp_path, capsys):
+    rc = cli.main(["simulate", "--out", str(tmp_path), "--n", "2", "--seed", "4", "--workers", "1", "--no-progress",
+                   "--response", "legendre:0.05", "--telluric", "0.2", "--airmass", "1.1", "1.3", "--lsf",
+                   "gh:140:0.03:0.02", "--wave-offset", "0.2", "--sky-residual", "0.02"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "simulate.json").read_text())
+    assert meta["shifts"] == dict(response="legendre:0.05", telluric=0.2, lsf="gh:140:0.03:0.02", wave_offset=0.2,
+                                  sky_residual=0.02, airmass=[1.1, 1.3])
+    for path in tmp_path.rglob("spec-*.fits"):
+        h = fitsio.read_header(str(path))
+        assert (h["RESPONSE"], h["TELLURIC"], h["LSF"], h["WAVEOFF"], h["SKYRESID"]) == \
+            ("legendre:0.05", 0.2, "gh:140:0.03:0.02", 0.2, 0.02)
+        assert 1.1 <= h["AIRMASS"] <= 1.3
+        assert not any(k in h for k in ("TEFF", "LOGG", "FEH", "STAR_ID", "TEFF_TRUE"))
+    with pytest.raises(ValueError, match="other settings"):  # a resume with other shifts is refused
+        S.simulate(tmp_path, n=2, seed=4, workers=1, progress=False, response="legendre:0.05")
+
+
+def test_shift_values_out_of_range_are_refused(tmp_path, capsys):
+    for flags in (["--telluric", "2"], ["--airmass", "0.5", "1"], ["--wave-offset", "9"], ["--sky-residual", "-3"],
+                  ["--response", "legendre:2"], ["--response", str(tmp_path / "missing.txt")], ["--lsf", "gh:1:0:0"]):
+        assert cli.main(["simulate", "--out", str(tmp_path / "x"), "--n", "2", "--no-progress", *flags]) == 2
+        assert "stellarparams simulate:" in capsys.readouterr().err
+
+
+def test_one_writer_per_output_folder(tmp_path, capsys):
+    from stellarparams.files import OutputBusy, output_lock
+
+    with output_lock(tmp_path):
+        with pytest.raises(OutputBusy, match="--wait"):
+            S.simulate(tmp_path, n=2, seed=0, workers=1, progress=False)
+        assert cli.main(["simulate", "--out", str(tmp_path), "--n", "2", "--no-progress"]) == 2
+    assert "another stellarparams process" in capsys.readouterr().err
