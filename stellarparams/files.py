@@ -19,7 +19,7 @@ from pathlib import Path
 LOCK_NAME = ".lock"
 
 
-def atomic_write(path, write) -> Path:
+def atomic_write(path, write, durable: bool = True) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; return ``path``.
 
     Parameters
@@ -29,6 +29,10 @@ def atomic_write(path, write) -> Path:
     write : callable
         ``write(tmp: Path)`` writes the whole file to ``tmp`` (any library, any format).
         The temp name keeps ``path``'s suffixes so format-sniffing writers still work.
+    durable : bool
+        fsync the file before the rename (survives a power cut, not only a killed process).
+        Writers of many small files that can be regenerated (simulated spectra) pass False:
+        the rename stays atomic, and fsync would double their cost.
 
     Returns
     -------
@@ -43,8 +47,9 @@ def atomic_write(path, write) -> Path:
     try:
         tmp.unlink()  # writers that refuse to overwrite (fitsio, h5py "w-") get a free name
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -768,7 +768,7 @@ def write_spectrum(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: f
             f.write(specobj, extname="SPECOBJ")
             f.write(np.zeros(0, dtype=[("LINENAME", "S13")]), extname="SPZLINE")
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, durable=False)  # thousands of small files a re-run can remake
 
 
 def spectrum_path(out, plate: int, mjd: int, fiberid: int) -> Path:
