@@ -136,8 +136,8 @@ class StellarNet(nn.Module):
 
     def tail(self, h, dropout=None):
         """Everything after :meth:`features`: ``h`` -> (B, L), or (T, B, L) once fanned out."""
-        if self.shared_stem:
-            s = self.trunks[0].body(h, dropout)
+        if len(self.trunks) == 1:
+            s = self.trunks[0].body(h, dropout) if self.shared_stem else self.trunks[0](h, dropout)
             outs = [head(s, dropout) for head in self.heads.values()]
         else:
             outs = [head(trunk(h, dropout), dropout) for trunk, head in zip(self.trunks, self.heads.values())]

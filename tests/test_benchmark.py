@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from stellarparams.baselines import CNN, DNN, OLS, RidgeVal, count_trainable
+from stellarparams.baselines import CNN, DNN, OLS, RidgeVal
+from stellarparams.model import count_parameters as count_trainable
 from stellarparams.benchmark import MODELS, benchmark, fit_linear, paper_claims
 from stellarparams.dataset import write_dataset
 

@@ -52,7 +52,7 @@ def test_masked_huber_ignores_missing_labels():
 
 def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
     ds = make_dataset(tmp_path / "ds", missing=20)
-    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1)
+    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1, calib_folds=0)
     model = train(ds, None, TINY, tc, progress=False)
     h = model.history
     assert len(h) == 12 and h[-1]["val_loss"] < h[0]["val_loss"]
@@ -79,12 +79,12 @@ def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
 
 def test_deterministic_with_seed(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=200)
-    tc = TrainConfig(epochs=2, batch_size=32, seed=3)
+    tc = TrainConfig(epochs=2, batch_size=32, seed=3, calib_folds=0)
     a = train(ds, None, TINY, tc, progress=False)
     b = train(ds, None, TINY, tc, progress=False)
     X = ds.flux(ds.indices("test"))
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
-    c = train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=4), progress=False)
+    c = train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=4, calib_folds=0), progress=False)
     assert not np.array_equal(a.predict(X), c.predict(X))
 
 
@@ -94,7 +94,7 @@ class Killed(Exception):
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=200)
-    tc = TrainConfig(epochs=4, batch_size=32, seed=5)
+    tc = TrainConfig(epochs=4, batch_size=32, seed=5, calib_folds=0)
     full = train(ds, tmp_path / "full", TINY, tc, progress=False)
 
     def kill(epoch, val_loss, metrics):
@@ -115,17 +115,18 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     again = train(ds, tmp_path / "m", TINY, tc, on_epoch=lambda *a: seen.append("ran"), progress=False)
     assert "ran" not in seen and np.array_equal(again.predict(X), resumed.predict(X))
     with pytest.raises(ValueError, match="another config"):
-        train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5), progress=False)
-    other = train(ds, tmp_path / "m", TINY, TrainConfig(epochs=1, batch_size=32, seed=5), overwrite=True, progress=False)
+        train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5, calib_folds=0), progress=False)
+    other = train(ds, tmp_path / "m", TINY, TrainConfig(epochs=1, batch_size=32, seed=5, calib_folds=0), overwrite=True,
+                  progress=False)
     assert len(other.history) == 1 and len(load_model(tmp_path / "m").history) == 1
 
 
 def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypatch):
-    from stellarparams import uncertainty
+    from stellarparams import calibrate
 
     ds = make_dataset(tmp_path / "ds", n=200)
     tc = TrainConfig(epochs=3, batch_size=32, seed=6, calib_folds=2)
-    real, calls = uncertainty.raw_uncertainty, []
+    real, calls = calibrate.raw_uncertainty, []
 
     def dies_in_fold_2(*a, **k):
         calls.append(1)
@@ -133,13 +134,13 @@ def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypa
             raise Killed
         return real(*a, **k)
 
-    monkeypatch.setattr(uncertainty, "raw_uncertainty", dies_in_fold_2)
+    monkeypatch.setattr(calibrate, "raw_uncertainty", dies_in_fold_2)
     m = tmp_path / "m"
     with pytest.raises(Killed):
         train(ds, m, TINY, tc, progress=False)
     assert (m / "checkpoint.safetensors").exists() and not (m / "model.json").exists()
     assert len(list(m.glob("oof_*_fold0.npz"))) == 1 and not list(m.glob("oof_*_fold1.npz"))
-    monkeypatch.setattr(uncertainty, "raw_uncertainty", real)
+    monkeypatch.setattr(calibrate, "raw_uncertainty", real)
     seen = []
     model = train(ds, m, TINY, tc, on_epoch=lambda *a: seen.append(a), progress=False)
     assert seen == []                                      # the final model is not trained again
@@ -154,7 +155,7 @@ def test_custom_net_and_label_subset(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=120)
     net = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     cfg = ModelConfig(heads={"logg": (8,), "teff": (8,)})
-    model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32), net=net, progress=False)
+    model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32, calib_folds=0), net=net, progress=False)
     assert model.net is net and model.label_names == ["logg", "teff"] and model.label_units == ["dex", "K"]
     assert model.predict(ds.flux([0, 1])).shape == (2, 2)
     with pytest.raises(ValueError, match="not in the dataset"):
