@@ -170,12 +170,6 @@ class Model:
         self.uncertainty = uncertainty
         self._warned_uncalibrated = False
 
-    def __getattr__(self, name):  # only for names that are not the model's own: a part's field
-        for part, cls in _PARTS.items():
-            if name in cls.__dataclass_fields__ and part in self.__dict__:
-                return getattr(self.__dict__[part], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def __repr__(self):
         return (f"Model(labels={self.label_names}, n_in={self.n_in}, params={count_parameters(self.net)}, "
                 f"version={self.version!r})")
@@ -318,6 +312,17 @@ class Model:
         if version and version != self.version:
             warnings.warn(f"{name} was prepared with stellarparams {version}, the model trained with {self.version}",
                           stacklevel=2)
+
+
+def _part_field(part: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value),
+                    doc=f"``model.{part}.{name}``")
+
+
+for _part, _cls in _PARTS.items():  # model.center is model.scaler.center, and so on (read and write)
+    for _f in fields(_cls):
+        setattr(Model, _f.name, _part_field(_part, _f.name))
 
 
 def _comparable(prep: dict) -> dict:
