@@ -1,5 +1,9 @@
 """Training: target scaling, loss weights, LR schedule, learning, best weights, resume."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +176,61 @@ def test_toml_config(tmp_path):
     p.write_text("[train]\nepoch = 7\n")
     with pytest.raises(ValueError, match="epoch"):
         load_config(p)
+
+
+def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_path, capsys):
+    from stellarparams.cli import main
+
+    ds = make_dataset(tmp_path / "ds", n=60)
+    ds.close()
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "model"):
+        assert main(["train", "--dataset", str(tmp_path / "ds"), "--out", str(out), "--epochs", "1", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "file" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    from stellarparams import train as train_mod
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: let access() answer as for an ordinary user
+        monkeypatch.setattr(train_mod.os, "access", lambda p, mode: Path(p) != ro)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            train(make_dataset(tmp_path / "ds", n=60), ro / "model", TINY, TrainConfig(epochs=1), progress=False)
+        assert not (ro / "model").exists()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, monkeypatch):
+    """The folder's lock held by another writer: the CLI fails at once naming the folder and the
+    holder's PID, having written nothing; train(wait=True) waits, then trains."""
+    from stellarparams import files
+    from stellarparams.files import output_lock
+
+    ds = make_dataset(tmp_path / "ds", n=60)
+    out, tc = tmp_path / "m", TrainConfig(epochs=1, batch_size=32, calib_folds=0)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stellarparams.cli", "train", "--dataset", str(tmp_path / "ds"), "--out", str(out),
+           "--epochs", "1", "--calib-folds", "0", "--quiet"]
+    with output_lock(out):
+        busy = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and f"PID {os.getpid()}" in busy.stderr and str(out) in busy.stderr, busy.stderr
+        assert "--wait" in busy.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
+    # --wait: the holder finishes while the waiter sleeps (the sleep is where the lock is released)
+    held = output_lock(out)
+    held.__enter__()
+    naps = []
+
+    def nap(s):
+        naps.append(s)
+        held.__exit__(None, None, None)
+
+    monkeypatch.setattr(files.time, "sleep", nap)
+    model = train(ds, out, TINY, tc, progress=False, wait=True)
+    assert len(naps) == 1 and (out / "model.json").exists() and len(model.history) == 1

@@ -216,3 +216,15 @@ def test_narrowed_space_is_searched_and_mismatched_join_refused(dataset, tmp_pat
     with pytest.raises(ValueError, match="space"):
         tune(dataset, out, trials=3, epochs=1, progress=False)
     assert len(_study(out).get_trials()) == 2
+
+
+def test_trials_skip_calibration(dataset, tmp_path, monkeypatch):
+    """A trial is judged by its validation loss: no PCA, no error-bar fit (they were thrown away)."""
+    from stellarparams import train as train_mod
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a trial was calibrated")
+
+    monkeypatch.setattr(train_mod, "calibrate", no_calibration)
+    study = tune(dataset, tmp_path / "search", trials=1, epochs=1, progress=False, prune=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
