@@ -19,7 +19,6 @@ bars per label and S/N bin), ``predictions.csv`` (with sigma_* and ood_score),
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import html
 import json

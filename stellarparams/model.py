@@ -29,7 +29,17 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of a torch module (the package's one counter)."""
+    """Number of trainable parameters of a torch module (the package's one counter).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    int
+        Sum of ``numel`` over the parameters that require a gradient.
+    """
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

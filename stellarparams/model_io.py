@@ -52,7 +52,18 @@ class ModelFileError(ValueError):
 
 
 def weights_bytes(net) -> bytes:
-    """The bytes of ``weights.safetensors`` for a network (what :func:`save_model` writes)."""
+    """The bytes of ``weights.safetensors`` for a network (what :func:`save_model` writes).
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+
+    Returns
+    -------
+    bytes
+        Its state dict in safetensors format (CPU, contiguous), with the folder format in
+        the metadata; :attr:`Model.weights_sha256` is their sha256.
+    """
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

@@ -12,7 +12,16 @@ import numpy as np
 def jsonable(o):
     """``o`` with numpy scalars/arrays, dataclasses, tuples and paths turned into JSON types.
 
-    Non-finite floats become None (strict JSON); anything else unknown becomes its ``str``.
+    Parameters
+    ----------
+    o : object
+        Anything; containers are converted recursively.
+
+    Returns
+    -------
+    object
+        Built from dict, list, str, int, float, bool and None only. Non-finite floats become
+        None (strict JSON); anything else unknown becomes its ``str``.
     """
     if dataclasses.is_dataclass(o) and not isinstance(o, type):
         return jsonable(dataclasses.asdict(o))
@@ -36,7 +45,19 @@ def jsonable(o):
 
 
 def dumps(obj, indent: int | None = 1) -> str:
-    """JSON text of ``jsonable(obj)``, ending in a newline."""
+    """JSON text of ``jsonable(obj)``, ending in a newline.
+
+    Parameters
+    ----------
+    obj : object
+        What to write.
+    indent : int or None
+        As for :func:`json.dumps`.
+
+    Returns
+    -------
+    str
+    """
     return json.dumps(jsonable(obj), indent=indent) + "\n"
 
 
@@ -45,7 +66,18 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file, read in ``chunk``-byte blocks.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

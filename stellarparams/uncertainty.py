@@ -1,19 +1,24 @@
-"""Calibrated per-star uncertainties and extrapolation flags (not in the paper; ours).
+"""Calibrated per-star uncertainties and extrapolation flags (not in the paper; ours): what a
+saved model needs to answer, and the fit of the coefficients from held-out residuals.
+The out-of-fold models that feed that fit are trained in stellarparams.calibrate (this module
+imports no training code).
 
 sigma, per star and label, in physical units::
 
     sigma^2 = (a * s_mc)^2 + (b * noise)^2 + c^2          (scaled label units, then x IQR)
 
 - ``s_mc``: epistemic part, the std of T Monte-Carlo-dropout passes (Gal & Ghahramani 2016).
-  The paper's dropout sits only after the stem, so the stem (4000 x 128, ~94% of the
-  FLOPs) runs once and only blocks + heads run T times: cheap. Nets with stem dropout,
-  or another architecture, fall back to T full stochastic passes.
+  The T passes are the model's own forward pass with T fixed masks at every Dropout
+  (``StellarNet.forward(x, dropout=FixedMasks(...))``): rows fan out into T copies at the
+  first dropout, so with the paper's dropout (after the stem) the stem (4000 x 128, ~94% of
+  the FLOPs) runs once and only blocks + heads run T times. Another architecture (a
+  baseline) gets T full passes with hooks on its Dropout layers.
 - ``noise``: the spectrum's own noise level from the DER_SNR estimator (Stoehr et al. 2008)
   on the prepared (standardized) flux: 1.482602/sqrt(6) median|2 f_i - f_{i-2} - f_{i+2}|,
   in units of the spectrum's std, i.e. the noise the network sees. Needs no catalog S/N.
 - ``a, b, c >= 0`` per label: fitted by the Gaussian negative log-likelihood of residuals on
   stars the predicting model never saw: the validation split (final model) plus, by default,
-  every training star predicted by one of K out-of-fold models (stellarparams.train,
+  every training star predicted by one of K out-of-fold models (stellarparams.calibrate,
   ``calib_folds``). ``c`` absorbs what neither term explains (label noise of the catalog,
   model bias). Why the out-of-fold part: most of the error is per star, so what sets the
   tails is how many distinct stars the fit sees; validation alone (10% of the stars, also
