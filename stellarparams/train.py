@@ -71,8 +71,7 @@ def check_output(out) -> Path:
 
 
 def train(dataset, out=None, model_config: ModelConfig = None, train_config: TrainConfig = None, *, net=None,
-          on_epoch=None, progress: bool = True, overwrite: bool = False, calibrate_model: bool = True,
-          wait: bool = False) -> Model:
+          on_epoch=None, progress: bool = True, overwrite: bool = False, wait: bool = False) -> Model:
     """Train on a prepared dataset's train split, select on its val split, calibrate; return a Model.
 
     Parameters
@@ -99,8 +98,6 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     overwrite : bool
         A model or checkpoint in ``out`` from another config or dataset is discarded (instead
         of an error); `stellarparams run` uses this for its own model folder.
-    calibrate_model : bool
-        False skips the calibration (the model predicts without sigma); `tune` trials do.
     wait : bool
         Wait for another process holding ``out`` instead of failing at once.
 
@@ -115,8 +112,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     stellarparams.files.OutputBusy
         Another process is writing ``out`` (and ``wait`` is False).
     """
-    args = (model_config or ModelConfig(), train_config or TrainConfig(), net, on_epoch, progress, overwrite,
-            calibrate_model)
+    args = (model_config or ModelConfig(), train_config or TrainConfig(), net, on_epoch, progress, overwrite)
     if out is None:
         return _with_dataset(dataset, None, *args)
     out = check_output(out)
@@ -131,7 +127,7 @@ def _with_dataset(dataset, out, *args):
         return _train(ds, out, *args)
 
 
-def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, calibrate_model):
+def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite):
     if tc.threads:
         import torch
 
@@ -154,7 +150,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, calibrate_model)
                 print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
                       file=sys.stderr)
             model = load_model(out)
-            if model.uncertainty is None and calibrate_model:
+            if model.uncertainty is None:
                 _calibrate(model, ds, 0, out, fingerprint, progress)
                 save_model(model, out)
             return model
@@ -181,8 +177,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, calibrate_model)
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    if calibrate_model:
-        _calibrate(model, ds, folds, out, fingerprint, progress)
+    _calibrate(model, ds, folds, out, fingerprint, progress)
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """Bayesian hyperparameter search on Optuna (docs/method.md, section "Hyperparameter search").
 
-One trial = one training run (``train.train``) of the configuration the sampler proposes,
-without calibration (no PCA, no error-bar fit: a trial is judged by its validation loss);
-its objective is that run's best validation loss (minimised).
+One trial = one run of the plain training loop (``training.fit``) of the configuration the
+sampler proposes; its objective is that run's best validation loss (minimised). A trial is
+not calibrated (no PCA, no error-bar fit) and writes no model folder.
 
 Search space (the paper's, exactly; ``SearchSpace`` holds it and may only be narrowed):
 
@@ -65,7 +65,7 @@ from .config import ModelConfig, TrainConfig, config_toml  # noqa: F401  (config
 from .dataset import Dataset
 from .files import atomic_write, write_text
 from .records import dumps
-from .train import train
+from .training import fit
 
 METHOD_REF = 'docs/method.md, section "Hyperparameter search"'
 # docs/method.md, section "Hyperparameter search": (low, high) of every range
@@ -374,6 +374,11 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
     study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
     study.pruner = make_pruner(epochs, prune)
+    rows = (ds.indices("train"), ds.indices("val"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
     def objective(trial):
         live = study.get_trials(deepcopy=False, states=DONE + (TrialState.RUNNING,))
@@ -397,11 +402,9 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
             if trial.should_prune() and not is_reference:
                 raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs (best val loss {best:.4g})")
 
-        # a trial is judged by its val loss: no calibration (no PCA, no out-of-fold models)
-        model = train(ds, None, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, progress=False,
-                      calibrate_model=False)
-        trial.set_user_attr("val_metrics", {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))})
-        return model.best_val_loss
+        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch)
+        trial.set_user_attr("val_metrics", {k: v for k, v in fitted.metrics.items() if isinstance(v, (int, float))})
+        return fitted.best_val_loss
 
     n_done = len(finished_trials(study))
     remaining = trials - n_done

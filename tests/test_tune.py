@@ -107,15 +107,15 @@ KILL_IN_THIRD_TRIAL = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import stellarparams.tune as T
-    real_train, calls = T.train, []
-    def train(*args, on_epoch=None, **kw):  # SIGKILL this worker after the 1st epoch of its 3rd trial
+    real_fit, calls = T.fit, []
+    def fit(*args, on_epoch=None, **kw):  # SIGKILL this worker after the 1st epoch of its 3rd trial
         calls.append(1)
         def hook(epoch, val_loss, metrics):
             on_epoch(epoch, val_loss, metrics)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real_train(*args, on_epoch=hook, **kw)
-    T.train = train
+        return real_fit(*args, on_epoch=hook, **kw)
+    T.fit = fit
     T.tune(sys.argv[1], sys.argv[2], trials=4, epochs=2, heartbeat=1, progress=False, prune=False)
 """)
 
@@ -220,11 +220,12 @@ def test_narrowed_space_is_searched_and_mismatched_join_refused(dataset, tmp_pat
 
 def test_trials_skip_calibration(dataset, tmp_path, monkeypatch):
     """A trial is judged by its validation loss: no PCA, no error-bar fit (they were thrown away)."""
-    from stellarparams import train as train_mod
+    from stellarparams import calibrate, train as train_mod, uncertainty
 
     def no_calibration(*a, **k):
         raise AssertionError("a trial was calibrated")
 
-    monkeypatch.setattr(train_mod, "calibrate", no_calibration)
+    for module, name in ((train_mod, "calibrate"), (calibrate, "fit_uncertainty"), (uncertainty, "fit_uncertainty")):
+        monkeypatch.setattr(module, name, no_calibration)
     study = tune(dataset, tmp_path / "search", trials=1, epochs=1, progress=False, prune=False)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
