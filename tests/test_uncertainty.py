@@ -63,7 +63,7 @@ def make_task(folder, n=4000, seed=0):
 
 MC = ModelConfig(n_in=P, stem_width=64, block_widths=(32,), heads={"teff": (16,), "feh": (16,), "logg": (16,)},
                  trunk_dropout=0.2)
-TC = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1)
+TC = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1, calib_folds=2)
 
 
 @pytest.fixture(scope="module")
