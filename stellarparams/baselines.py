@@ -1,4 +1,4 @@
-"""The paper's baselines (METHOD.md, "Reported results"), on the same prepared flux.
+"""The paper's baselines (docs/method.md, section "Reported results"), on the same prepared flux.
 
 - :class:`OLS` and :class:`RidgeVal`: scikit-learn linear models with the estimator
   surface ``fit(X, Y) -> self``, ``predict(X) -> (N, L)``; Ridge picks its penalty on the
@@ -23,8 +23,9 @@ from sklearn.linear_model import LinearRegression, Ridge
 from torch import nn
 from torch.nn import functional as F
 
-# Ridge penalties tried on the validation split (flux is standardized per spectrum, so
-# X^T X grows with the number of training rows; the grid spans that).
+# The one Ridge grid (benchmark and `run`'s PASS check): penalties tried on the validation split
+# (flux is standardized per spectrum, so X^T X grows with the number of training rows; the
+# grid spans that).
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 8))
 
 
@@ -146,7 +147,7 @@ class RidgeVal(_Linear):
 
 
 class CNN(nn.Module):
-    """StarNet-like 1-D CNN (Fabbro et al. 2017), as METHOD.md's parameter count pins it.
+    """StarNet-like 1-D CNN (Fabbro et al. 2017), as the paper's parameter count pins it (docs/method.md, section "Reported results").
 
     (B, n_in) -> conv1d 4 filters k8 -> conv1d 16 filters k8 ("same" padding, ReLU)
     -> max-pool 4 -> dense 256 -> dense 128 (ReLU) -> (B, n_out).
@@ -213,6 +214,3 @@ class DNN(nn.Module):
     def forward(self, x):
         return torch.cat([net(x) for net in self.nets], dim=1)
 
-
-def count_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

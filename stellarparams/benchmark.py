@@ -1,4 +1,4 @@
-"""The paper's comparison (METHOD.md "Reported results"): baselines and ablations on one split.
+"""The paper's comparison (docs/method.md, section "Reported results"): baselines and ablations on one split.
 
 Every model is trained on the same train split (validation split for model selection),
 evaluated on the same test rows, and timed on the same test flux with the same batch
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_json, write_table
-from .files import write_text
+from .files import atomic_write, write_text
 
 MODELS = ("OLS", "Ridge", "CNN", "DNN", "proposed", "no_skip", "no_skip_no_ln", "no_multitask")
 ABLATIONS = {"proposed": {}, "no_skip": {"skip": False}, "no_skip_no_ln": {"skip": False, "layernorm": False},
@@ -50,7 +50,7 @@ ABLATIONS = {"proposed": {}, "no_skip": {"skip": False}, "no_skip_no_ln": {"skip
 QUICK_EPOCHS = 1
 N_TIMING_RUNS = 10
 
-# METHOD.md "Reported results" (SDSS DR12 test set, 15,000 spectra); MAE order teff, feh, logg
+# docs/method.md, section "Reported results" (SDSS DR12 test set, 15,000 spectra); MAE order teff, feh, logg
 PAPER_MAE = {"OLS": (143.75, 0.26, 0.28), "Ridge": (115.24, 0.21, 0.23), "CNN": (81.72, 0.138, 0.166),
              "DNN": (60.51, 0.103, 0.140), "proposed": (59.75, 0.103, 0.130)}
 PAPER_PARAMS = {"CNN": 4.13e6, "DNN": 13.66e6, "proposed": 0.54e6}
@@ -74,8 +74,7 @@ class _Context:
     """What every model's fit function needs: the dataset, labels, seeds, configs, folders."""
 
     def __init__(self, ds, out, seed, epochs, threads, progress):
-        from .model import ModelConfig
-        from .train import TrainConfig
+        from .config import ModelConfig, TrainConfig
 
         self.ds, self.out, self.progress = ds, Path(out), progress
         self.model_config = ModelConfig()
@@ -121,7 +120,8 @@ def fit_linear(name, ctx) -> _Fitted:
 
 def fit_network(name, ctx) -> _Fitted:
     from .baselines import CNN, DNN
-    from .model import ModelConfig, count_parameters
+    from .config import ModelConfig
+    from .model import count_parameters
     from .train import train
 
     import torch
@@ -168,7 +168,7 @@ def time_inference(predict, X, batch_size: int, n_runs: int = N_TIMING_RUNS) -> 
 # ----------------------------------------------------------------------------- the run
 
 def _signature(ds, seed, epochs, batch_size, threads, labels) -> str:
-    from . import __version__
+    from ._version import __version__
 
     d = {"data": [ds.attrs.get("input_hash") or str(Path(ds.path).resolve()), ds.n], "seed": seed,
          "epochs": epochs, "batch_size": batch_size, "threads": threads, "labels": list(labels),
@@ -207,9 +207,7 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
         res.update(n_params=fitted.n_params, info=fitted.info, n_test=int(len(test_idx)),
                    metrics=metrics(y_true, pred, ctx.labels),
                    timing=time_inference(fitted.predict, X_test, batch_size))
-        tmp = folder / "test_pred.tmp.npy"
-        np.save(tmp, pred)
-        tmp.replace(pred_path)
+        atomic_write(pred_path, lambda tmp: np.save(tmp, pred))
     except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
         res.update(_error_summary(e))
         res["fit_s"] = time.perf_counter() - t0
@@ -234,7 +232,7 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     from threadpoolctl import threadpool_limits
 
     from .dataset import Dataset
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

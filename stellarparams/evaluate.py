@@ -19,7 +19,6 @@ bars per label and S/N bin), ``predictions.csv`` (with sigma_* and ood_score),
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import html
 import json
@@ -32,6 +31,7 @@ import pandas as pd
 from scipy.stats import median_abs_deviation
 
 from .files import write_text
+from .records import dumps, jsonable
 
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
 TEFF_EDGES = (0, 4000, 5000, 6000, 7000, 8000, np.inf)
@@ -139,35 +139,18 @@ def write_table(df: pd.DataFrame, stem) -> dict:
     return {"csv": str(csv), "md": str(md)}
 
 
-def _jsonable(o):
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return _jsonable(dataclasses.asdict(o))
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating, float)):
-        return float(o) if np.isfinite(o) else None
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, Path):
-        return str(o)
-    if o is None or isinstance(o, (str, int, bool)):
-        return o
-    return str(o)
-
-
 def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+    """Write ``obj`` as JSON (numpy types, NaN as null; :func:`stellarparams.records.dumps`) atomically."""
+    return write_text(path, dumps(obj, indent=2))
 
 
 def hash_folder(folder) -> str:
-    """sha256 over the names and bytes of every file in a folder (model identity)."""
+    """sha256 over the names and bytes of every file in a folder (model identity); hidden
+    files (``.lock`` of a run writing there) are left out."""
     h = hashlib.sha256()
     folder = Path(folder)
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*")
+                                                     if p.is_file() and not p.name.startswith("."))
     for p in files:
         h.update(str(p.relative_to(folder) if p != folder else p.name).encode())
         with open(p, "rb") as f:
@@ -181,7 +164,7 @@ def environment() -> dict:
     import sklearn
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"stellarparams": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__, "scikit-learn": sklearn.__version__, "platform": platform.platform()}
@@ -247,12 +230,12 @@ def model_metadata(model, path=None) -> dict:
         meta["epochs_trained"] = len(hist)
     if path and Path(path).exists():
         meta["sha256"] = hash_folder(path)
-    return _jsonable(meta)
+    return jsonable(meta)
 
 
 def dataset_metadata(ds) -> dict:
     a = ds.attrs
-    return _jsonable({"path": str(ds.path), "n": ds.n, "n_pix": ds.n_pix, "label_names": ds.label_names,
+    return jsonable({"path": str(ds.path), "n": ds.n, "n_pix": ds.n_pix, "label_names": ds.label_names,
                       "label_units": ds.label_units, "version": a.get("version"), "input_hash": a.get("input_hash"),
                       "created": a.get("created"), "grid": a.get("grid"), "preprocess": a.get("preprocess"),
                       "splits": {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}})
@@ -273,7 +256,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     (out / "figures").mkdir(parents=True, exist_ok=True)
     path = None
     if isinstance(model_or_path, (str, os.PathLike)):
-        from . import load_model
+        from .model_io import load_model
 
         path = Path(model_or_path)
         model = load_model(path)

@@ -1,4 +1,4 @@
-"""The residual multitask MLP of arXiv:2606.13868 (METHOD.md "Model"), in one file.
+"""The residual multitask MLP of arXiv:2606.13868 (docs/method.md, section "Model"), in one file.
 
 x (B, n_in) standardized flux
   -> stem      h0 = GELU(LN(x W0 + b0))                      (B, stem_width)
@@ -11,75 +11,48 @@ x (B, n_in) standardized flux
 Ablations are flags on the one config: ``skip=False`` drops the shortcut r,
 ``layernorm=False`` replaces every LN by the identity, ``multitask=False`` builds one
 complete network (stem, blocks, shared LN, head) per label.
+
+The one forward pass takes an optional ``dropout(module, x)``: called at every Dropout
+layer in place of the layer itself. Monte-Carlo dropout (stellarparams.uncertainty) passes
+T fixed masks there, so rows fan out into T copies at the first dropout and everything
+before it runs once. :meth:`StellarNet.features` is what runs before any dropout (the
+shared stem), :meth:`StellarNet.tail` the rest: ``forward(x) == tail(features(x))``.
 """
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
+from .config import ModelConfig, config_from_dict  # noqa: F401  (re-exported: their old home)
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-def _default_heads():
-    return {"teff": (48, 32), "feh": (16,), "logg": (48,)}
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of a torch module (the package's one counter).
 
+    Parameters
+    ----------
+    module : torch.nn.Module
 
-@dataclass
-class ModelConfig:
-    """Every architectural knob; the defaults are the paper's selected model (542,771 params)."""
-
-    n_in: int = 4000                  # grid pixels
-    stem_width: int = 128
-    block_widths: tuple = (64,)       # output width of each residual block
-    heads: dict = field(default_factory=_default_heads)  # label -> hidden widths, in output order
-    stem_dropout: float = 0.0
-    trunk_dropout: float = 0.4        # dropout inside each residual block
-    head_dropout: float = 0.0
-    skip: bool = True                 # residual shortcuts
-    layernorm: bool = True
-    multitask: bool = True            # False: one full network per label
-    activation: str = "gelu"
-
-    def __post_init__(self):
-        self.block_widths = tuple(int(w) for w in self.block_widths)
-        self.heads = {str(k): tuple(int(w) for w in v) for k, v in dict(self.heads).items()}
-        if not self.heads:
-            raise ValueError("ModelConfig.heads is empty: give at least one label, e.g. {'teff': (48, 32)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} unknown; choose one of {sorted(ACTIVATIONS)}")
-
-    @property
-    def labels(self) -> list:
-        return list(self.heads)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_widths"] = list(self.block_widths)
-        d["heads"] = {k: list(v) for k, v in self.heads.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return config_from_dict(cls, d, "model")
-
-
-def config_from_dict(cls, d: dict, what: str):
-    """A config dataclass from a dict (TOML table, model.json); unknown keys are an error naming them."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
+    Returns
+    -------
+    int
+        Sum of ``numel`` over the parameters that require a gradient.
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _norm(width, on):
     return nn.LayerNorm(width) if on else nn.Identity()
 
 
+def _drop(layer: nn.Dropout, x, dropout):
+    return layer(x) if dropout is None else dropout(layer, x)
+
+
 class ResidualBlock(nn.Module):
-    """(B, d_in) -> (B, d_out), METHOD.md's residual block."""
+    """(B, d_in) -> (B, d_out), the residual block of docs/method.md, section "Model"."""
 
     def __init__(self, d_in, d_out, dropout, skip=True, layernorm=True, activation="gelu"):
         super().__init__()
@@ -94,14 +67,11 @@ class ResidualBlock(nn.Module):
         if skip and d_in != d_out:  # projection shortcut with its own LN
             self.project = nn.Sequential(_norm(d_in, layernorm), nn.Linear(d_in, d_out))
 
-    def forward(self, h):
-        u = self.fc1(self.ln_in(h))
-        v = self.ln_mid(self.act(u))
-        t = self.drop(self.fc2(v))
+    def forward(self, h, dropout=None):
+        t = _drop(self.drop, self.fc2(self.ln_mid(self.act(self.fc1(self.ln_in(h))))), dropout)
         if not self.skip:
             return t
-        r = h if self.project is None else self.project(h)
-        return t + r
+        return t + (h if self.project is None else self.project(h))
 
 
 class Head(nn.Module):
@@ -116,8 +86,10 @@ class Head(nn.Module):
         layers.append(nn.Linear(d_in, 1))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, s):
-        return self.mlp(s).squeeze(-1)
+    def forward(self, s, dropout=None):
+        for layer in self.mlp:
+            s = _drop(layer, s, dropout) if isinstance(layer, nn.Dropout) else layer(s)
+        return s.squeeze(-1)
 
 
 class Trunk(nn.Module):
@@ -134,15 +106,25 @@ class Trunk(nn.Module):
         self.ln_out = _norm(widths[-1], c.layernorm)
         self.width = widths[-1]
 
-    def forward(self, x):
-        h = self.stem(x)
+    def stem_out(self, x, dropout=None):
+        return _drop(self.stem[-1], self.stem[:-1](x), dropout)
+
+    def body(self, h, dropout=None):
+        """Blocks and the shared LN, from the stem's output on."""
         for block in self.blocks:
-            h = block(h)
+            h = block(h, dropout)
         return self.ln_out(h)
+
+    def forward(self, x, dropout=None):
+        return self.body(self.stem_out(x, dropout), dropout)
 
 
 class StellarNet(nn.Module):
-    """The residual multitask network. forward: x (B, n_in) float32 -> (B, L) scaled targets."""
+    """The residual multitask network. forward: x (B, n_in) float32 -> (B, L) scaled targets.
+
+    With ``dropout`` given (see the module docstring) and rows fanned out into T copies,
+    the output is (T, B, L).
+    """
 
     def __init__(self, config: ModelConfig = None):
         super().__init__()
@@ -153,13 +135,23 @@ class StellarNet(nn.Module):
         self.heads = nn.ModuleDict(
             {k: Head(self.trunks[0].width, hidden, c.head_dropout, c.activation) for k, hidden in c.heads.items()})
 
-    def forward(self, x):
+    @property
+    def shared_stem(self) -> bool:
+        """True when one stem without dropout feeds every head: then :meth:`features` is that stem."""
+        return len(self.trunks) == 1 and self.config.stem_dropout == 0
+
+    def features(self, x):
+        """What runs before any dropout: the shared stem's output, else ``x`` itself."""
+        return self.trunks[0].stem_out(x) if self.shared_stem else x
+
+    def tail(self, h, dropout=None):
+        """Everything after :meth:`features`: ``h`` -> (B, L), or (T, B, L) once fanned out."""
         if len(self.trunks) == 1:
-            s = self.trunks[0](x)
-            return torch.stack([head(s) for head in self.heads.values()], dim=1)
-        return torch.stack([head(trunk(x)) for trunk, head in zip(self.trunks, self.heads.values())], dim=1)
+            s = self.trunks[0].body(h, dropout) if self.shared_stem else self.trunks[0](h, dropout)
+            outs = [head(s, dropout) for head in self.heads.values()]
+        else:
+            outs = [head(trunk(h, dropout), dropout) for trunk, head in zip(self.trunks, self.heads.values())]
+        return torch.stack(torch.broadcast_tensors(*outs), dim=-1)
 
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    def forward(self, x, dropout=None):
+        return self.tail(self.features(x), dropout)

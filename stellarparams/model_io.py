@@ -5,10 +5,16 @@
     weights.safetensors   network weights (no pickle: loading never executes code)
     model.json            model + train config, grid and preprocessing config of the data it
                           was trained on, target scalers, label names/units/ranges, metrics,
-                          history, package version, dataset hash, seed, sha256 of the weights
+                          history, package version, dataset hash, seed, sha256 of the weights,
+                          and the manifest: the sha256 of every other file of the folder and
+                          of model.json's own content
     train_log.csv         one row per epoch (written by `train`)
     uncertainty.json      calibration of the per-star sigmas and the extrapolation flags
     uncertainty.safetensors   (written by `train`; see stellarparams.uncertainty)
+
+Loading checks every file against the manifest and refuses, naming the file, when one does
+not match. Folders written before the manifest (they have no ``manifest`` key) are checked
+as they were then: the weights' sha256 and the uncertainty tensors' sha256.
 
 >>> model = stellarparams.load_model("runs/default/model")
 >>> y = model.predict(flux)          # flux (N, P) prepared spectra -> (N, L) physical units
@@ -17,94 +23,195 @@
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
-import os
-import shutil
 import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
-from .model import ModelConfig, StellarNet
+from ._version import __version__
+from .config import ModelConfig, TrainConfig
+from .files import write_bytes, write_text
+from .model import StellarNet, count_parameters
+from .physics import rv_from_z  # noqa: F401  (re-exported: stellarparams.predict imports it from here)
+from .records import jsonable, sha256_bytes, sha256_file
+from .uncertainty import UNC_JSON, UNC_TENSORS, Uncertainty, predict_full
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"
 META = "model.json"
-UNC_JSON = "uncertainty.json"          # names also in stellarparams.uncertainty
-UNC_TENSORS = "uncertainty.safetensors"
+LOG = "train_log.csv"
 
 
 class ModelFileError(ValueError):
     """A model folder that cannot be loaded (missing file, hash mismatch, unknown format)."""
 
 
-def sha256_file(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def weights_bytes(net) -> bytes:
+    """The bytes of ``weights.safetensors`` for a network (what :func:`save_model` writes).
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+
+    Returns
+    -------
+    bytes
+        Its state dict in safetensors format (CPU, contiguous), with the folder format in
+        the metadata; :attr:`Model.weights_sha256` is their sha256.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return save(state, metadata={"format": str(FORMAT)})
+
+
+# ---------------------------------------------------------------------- the parts a Model holds
+@dataclass
+class TargetScaler:
+    """Labels between physical and scaled units (RobustScaler median and IQR per label), with
+    their names, units and the range each spanned in training (for the out-of-range flag)."""
+
+    label_names: list
+    center: np.ndarray                     # (L,) physical = scaled * scale + center
+    scale: np.ndarray
+    label_units: list = None
+    label_ranges: dict = None
+
+    def __post_init__(self):
+        self.label_names = list(self.label_names)
+        self.center = np.asarray(self.center, np.float64)
+        self.scale = np.asarray(self.scale, np.float64)
+        self.label_units = list(self.label_units or [""] * len(self.label_names))
+        self.label_ranges = dict(self.label_ranges or {})
+
+    def physical(self, scaled) -> np.ndarray:
+        """(N, L) scaled -> (N, L) float64 physical units."""
+        return np.asarray(scaled, np.float64) * self.scale + self.center
+
+    def out_of_range(self, pred) -> np.ndarray:
+        """(N, L) physical predictions -> (N,) bool, True where any label is outside the training range."""
+        pred = np.asarray(pred, np.float64)
+        flag = np.zeros(len(pred), bool)
+        for j, name in enumerate(self.label_names):
+            if name in self.label_ranges:
+                lo, hi = self.label_ranges[name]
+                with np.errstate(invalid="ignore"):
+                    flag |= (pred[:, j] < lo) | (pred[:, j] > hi)
+        return flag
+
+
+@dataclass
+class Preprocessing:
+    """How raw spectra become the rows the network reads: the training data's grid and
+    `prepare` config (dicts), and the function that applies them."""
+
+    grid: dict = None
+    prepare_config: dict = None
+
+    def __post_init__(self):
+        self.grid = dict(self.grid or {})
+        self.prepare_config = dict(self.prepare_config or {})
+
+    def preprocessor(self):
+        """(preprocess function, its config) that reproduce the training data's preprocessing."""
+        from .prepare import PrepareConfig, preprocess
+
+        return preprocess, PrepareConfig.from_dict(self.prepare_config) if self.prepare_config else PrepareConfig()
+
+    def apply(self, spectra, rv_kms=None) -> np.ndarray:
+        """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data."""
+        from .sdss import Spectrum
+
+        spectra = [spectra] if isinstance(spectra, Spectrum) else list(spectra)
+        if rv_kms is None:
+            rv_kms = [rv_from_z(getattr(s, "z", float("nan"))) for s in spectra]
+        rv_kms = np.broadcast_to(np.asarray(rv_kms, np.float64), (len(spectra),))
+        prep, config = self.preprocessor()
+        return np.stack([prep(s, float(v), config)[0] for s, v in zip(spectra, rv_kms)]).astype(np.float32)
+
+
+@dataclass
+class ModelCard:
+    """What the model is and where it came from: configs, metrics, history, hashes, versions."""
+
+    model_config: ModelConfig = None
+    train_config: TrainConfig = None
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    dataset_hash: str = ""
+    seed: int = None
+    version: str = __version__
+    best_val_loss: float = None
+    fingerprint: str = ""          # of the training run (config + data), for resume/skip
+
+    def __post_init__(self):
+        self.metrics = dict(self.metrics or {})
+        self.history = list(self.history or [])
+
+
+_PARTS = {"scaler": TargetScaler, "preprocessing": Preprocessing, "card": ModelCard}
 
 
 class Model:
-    """A trained network plus everything needed to use it on new data.
+    """A trained network plus what it needs to answer: prediction lives here.
 
-    net:          nn.Module mapping (B, P) standardized flux -> (B, L) scaled targets
-    label_names:  L names (e.g. teff, feh, logg); label_units: their units (K, dex, dex)
-    center, scale: (L,) RobustScaler median and IQR; physical = scaled * scale + center
-    label_ranges: {label: [min, max]} seen in training (for the out-of-range flag)
-    grid, prepare_config: the preprocessing the training data went through (dicts)
-    uncertainty:  :class:`stellarparams.uncertainty.Uncertainty` or None (then sigma is NaN)
+    Parts it holds (their fields read as attributes of the model, e.g. ``model.center``):
+
+    - ``net``: nn.Module mapping (B, P) standardized flux -> (B, L) scaled targets
+    - ``scaler``: :class:`TargetScaler` (label_names, label_units, center, scale, label_ranges)
+    - ``preprocessing``: :class:`Preprocessing` (grid, prepare_config) for raw spectra
+    - ``card``: :class:`ModelCard` (model/train config, metrics, history, dataset hash, seed,
+      version, best_val_loss, fingerprint)
+    - ``uncertainty``: :class:`stellarparams.uncertainty.Uncertainty` or None (then sigma is NaN)
+
+    The keyword arguments are the fields of those parts.
     """
 
-    def __init__(self, net, label_names, center, scale, *, model_config=None, train_config=None,
-                 label_units=None, label_ranges=None, grid=None, prepare_config=None, metrics=None,
-                 history=None, dataset_hash="", seed=None, version=__version__, best_val_loss=None, fingerprint="",
-                 uncertainty=None):
+    def __init__(self, net, label_names, center, scale, *, label_units=None, label_ranges=None, grid=None,
+                 prepare_config=None, uncertainty=None, **card):
         self.net = net.eval()
+        self.scaler = TargetScaler(label_names, center, scale, label_units, label_ranges)
+        self.preprocessing = Preprocessing(grid, prepare_config)
+        self.card = ModelCard(**card)
         self.uncertainty = uncertainty
         self._warned_uncalibrated = False
-        self.model_config = model_config
-        self.train_config = train_config
-        self.label_names = list(label_names)
-        self.label_units = list(label_units or [""] * len(self.label_names))
-        self.center = np.asarray(center, np.float64)
-        self.scale = np.asarray(scale, np.float64)
-        self.label_ranges = dict(label_ranges or {})
-        self.grid = dict(grid or {})
-        self.prepare_config = dict(prepare_config or {})
-        self.metrics = dict(metrics or {})
-        self.history = list(history or [])
-        self.dataset_hash = dataset_hash
-        self.seed = seed
-        self.version = version
-        self.best_val_loss = best_val_loss
-        self.fingerprint = fingerprint  # of the training run (config + data), for resume/skip
 
     def __repr__(self):
-        return (f"Model(labels={self.label_names}, n_in={self.n_in}, params={sum(p.numel() for p in self.net.parameters())}, "
+        return (f"Model(labels={self.label_names}, n_in={self.n_in}, params={count_parameters(self.net)}, "
                 f"version={self.version!r})")
 
     @property
     def n_in(self) -> int:
         return int(self.grid.get("n_pix") or getattr(self.model_config, "n_in", 0))
 
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the weights as :func:`save_model` writes them (the file's hash for a loaded
+        model; computed from the state dict for any model). Identifies the model's weights."""
+        return sha256_bytes(weights_bytes(self.net))
+
     # ------------------------------------------------------------------ inference
-    @torch.inference_mode()
-    def predict_scaled(self, flux, batch_size: int = 4096) -> np.ndarray:
-        """flux (N, P) float32 -> (N, L) float32 in scaled target units."""
-        if isinstance(flux, torch.Tensor):
-            x = flux.to(torch.float32)
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(flux, dtype=np.float32))
+    def _flux(self, flux, rv_kms):
+        from .sdss import Spectrum
+
+        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
+            return self.prepare_spectra(flux, rv_kms=rv_kms)
+        x = flux.to(torch.float32) if isinstance(flux, torch.Tensor) else np.asarray(flux, np.float32)
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"flux must have shape (N, {self.n_in}) (prepared spectra on the model's grid); "
                              f"got {tuple(x.shape)}")
+        return x
+
+    @torch.inference_mode()
+    def predict_scaled(self, flux, batch_size: int = 4096) -> np.ndarray:
+        """flux (N, P) float32 -> (N, L) float32 in scaled target units."""
+        x = self._flux(flux, None)
+        x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
         self.net.eval()
         out = np.empty((x.shape[0], len(self.label_names)), np.float32)
         for i in range(0, x.shape[0], batch_size):
@@ -114,52 +221,59 @@ class Model:
     def predict(self, flux, batch_size: int = 4096, rv_kms=None, return_sigma: bool = False):
         """Labels in physical units, (N, L) float64, columns in ``label_names`` order.
 
-        ``return_sigma=True`` returns ``(labels, sigma)``, sigma (N, L) the calibrated 1-sigma
-        uncertainty in the same units (NaN, with one warning, for a model without calibration).
+        Parameters
+        ----------
+        flux : array, torch.Tensor, Spectrum or list of Spectrum
+            Prepared spectra (N, P) float32 on the model's grid (rows of a Dataset; N may be
+            0), or :class:`stellarparams.sdss.Spectrum` records (then preprocessed here with
+            the model's own preprocessing config).
+        batch_size : int
+            Spectra per forward pass.
+        rv_kms : float or array, optional
+            Radial velocities of Spectrum records (default: from each record's redshift ``z``).
+        return_sigma : bool
+            Also return the calibrated 1-sigma uncertainty (NaN, with one warning, for a
+            model without calibration).
 
-        ``flux``: prepared spectra (N, P) float32 on the model's grid (rows of a Dataset), or
-        one or a list of :class:`stellarparams.sdss.Spectrum` records (then they are
-        preprocessed here with the model's own preprocessing config; ``rv_kms`` gives their
-        radial velocities, default from each record's redshift ``z``).
+        Returns
+        -------
+        ndarray, or (ndarray, ndarray)
+            (N, L) labels, and with ``return_sigma`` (N, L) sigmas in the same units.
         """
-        from .sdss import Spectrum
-
-        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
-            flux = self.prepare_spectra(flux, rv_kms=rv_kms)
+        flux = self._flux(flux, rv_kms)
         if return_sigma:
             r = self._full(flux, batch_size)
             return r["pred"], r["sigma"]
-        return self.predict_scaled(flux, batch_size).astype(np.float64) * self.scale + self.center
+        return self.scaler.physical(self.predict_scaled(flux, batch_size))
 
     def _full(self, flux, batch_size=4096) -> dict:
-        from .uncertainty import predict_full
-
         if self.uncertainty is None and not self._warned_uncalibrated:
             warnings.warn("this model has no uncertainty calibration (trained before stellarparams had it): "
                           "sigma and ood_score are NaN; retrain it to get them", stacklevel=3)
             self._warned_uncalibrated = True
-        if not isinstance(flux, torch.Tensor):
-            flux = np.asarray(flux, np.float32)
-        if flux.ndim != 2 or flux.shape[1] != self.n_in:
-            raise ValueError(f"flux must have shape (N, {self.n_in}) (prepared spectra on the model's grid); "
-                             f"got {tuple(flux.shape)}")
         return predict_full(self, flux, batch_size)
 
     def predict_full(self, flux, batch_size: int = 4096, rv_kms=None) -> pd.DataFrame:
-        """Everything about each spectrum as a table, one row per input row::
+        """Everything about each spectrum as a table, one row per input row.
 
-            <labels>, sigma_<label> (1-sigma, same units), ood_score, flag_unlike_training,
-            flag_label_hull, flag_out_of_range
-
+        Columns: ``<labels>``, ``sigma_<label>`` (1-sigma, same units), ``ood_score``,
+        ``flag_unlike_training``, ``flag_label_hull``, ``flag_out_of_range``.
         ``ood_score`` > 1: the flux is less like the training spectra than 99.5% of held-out
         training-distribution stars (cut on it); ``flag_label_hull``: the predicted labels lie
-        outside the convex hull of the training labels. Accepts what :meth:`predict` accepts.
-        """
-        from .sdss import Spectrum
+        outside the convex hull of the training labels. A row with NaN or inf flux has NaN
+        labels, ood_score inf and flag_unlike_training True (with a warning).
 
-        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
-            flux = self.prepare_spectra(flux, rv_kms=rv_kms)
-        r = self._full(flux, batch_size)
+        Parameters
+        ----------
+        flux, batch_size, rv_kms
+            As for :meth:`predict`.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per input row (none for an empty input).
+        """
+        r = self._full(self._flux(flux, rv_kms), batch_size)
         df = pd.DataFrame(r["pred"], columns=self.label_names)
         for j, name in enumerate(self.label_names):
             df[f"sigma_{name}"] = r["sigma"][:, j]
@@ -175,31 +289,15 @@ class Model:
 
     def prepare_spectra(self, spectra, rv_kms=None) -> np.ndarray:
         """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data."""
-        from .sdss import Spectrum
-
-        spectra = [spectra] if isinstance(spectra, Spectrum) else list(spectra)
-        if rv_kms is None:
-            rv_kms = [rv_from_z(getattr(s, "z", float("nan"))) for s in spectra]
-        rv_kms = np.broadcast_to(np.asarray(rv_kms, np.float64), (len(spectra),))
-        prep, config = self.preprocessor()
-        return np.stack([prep(s, float(v), config)[0] for s, v in zip(spectra, rv_kms)]).astype(np.float32)
+        return self.preprocessing.apply(spectra, rv_kms)
 
     def preprocessor(self):
         """(preprocess function, its config) that reproduce the training data's preprocessing."""
-        from .prepare import PrepareConfig, preprocess
-
-        return preprocess, PrepareConfig.from_dict(self.prepare_config) if self.prepare_config else PrepareConfig()
+        return self.preprocessing.preprocessor()
 
     def out_of_range(self, pred) -> np.ndarray:
         """(N, L) physical predictions -> (N,) bool, True where any label is outside the training range."""
-        pred = np.asarray(pred, np.float64)
-        flag = np.zeros(len(pred), bool)
-        for j, name in enumerate(self.label_names):
-            if name in self.label_ranges:
-                lo, hi = self.label_ranges[name]
-                with np.errstate(invalid="ignore"):
-                    flag |= (pred[:, j] < lo) | (pred[:, j] > hi)
-        return flag
+        return self.scaler.out_of_range(pred)
 
     def predict_frame(self, flux, batch_size: int = 4096) -> pd.DataFrame:
         """Same as :meth:`predict_full` (labels, sigmas, ood_score, flags)."""
@@ -227,20 +325,20 @@ class Model:
                           stacklevel=2)
 
 
+def _part_field(part: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value),
+                    doc=f"``model.{part}.{name}``")
+
+
+for _part, _cls in _PARTS.items():  # model.center is model.scaler.center, and so on (read and write)
+    for _f in fields(_cls):
+        setattr(Model, _f.name, _part_field(_part, _f.name))
+
+
 def _comparable(prep: dict) -> dict:
     # the label/column mapping does not change the flux a model sees
     return {k: v for k, v in prep.items() if k not in ("labels", "rv_column", "reject_classes", "min_coverage")}
-
-
-def rv_from_z(z) -> float:
-    """Radial velocity (km/s) from a redshift: inverse of 1+z = sqrt((1+b)/(1-b)), b = v/c."""
-    from astropy.constants import c
-
-    z = float(z)
-    if not np.isfinite(z):
-        return float("nan")
-    a = (1.0 + z) ** 2
-    return float((a - 1.0) / (a + 1.0) * c.to_value("km/s"))
 
 
 # ---------------------------------------------------------------------- save / load
@@ -253,6 +351,7 @@ def _architecture(net) -> tuple[str, dict | None]:
 
 
 def model_meta(model: Model) -> dict:
+    """The content of model.json (without the manifest)."""
     arch, net_config = _architecture(model.net)
     tc = model.train_config
     return {
@@ -279,52 +378,49 @@ def model_meta(model: Model) -> dict:
     }
 
 
-def _write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+def _meta_text(meta: dict) -> str:
+    """model.json's exact text: loading re-creates it from the parsed content and compares."""
+    return json.dumps(meta, indent=1) + "\n"
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+def _self_sha256(meta: dict) -> str:
+    return sha256_bytes(_meta_text(dict(meta, manifest=dict(meta["manifest"], model_json=""))).encode())
 
 
 def save_model(model: Model, folder) -> Path:
-    """Write ``folder/weights.safetensors`` and ``folder/model.json`` (+ train_log.csv).
+    """Write a model folder: weights, train log, calibration, then model.json with the manifest.
 
-    A new folder appears at once (written beside it, then renamed). In an existing folder
-    (e.g. the training folder) each file is replaced atomically, model.json last.
+    Parameters
+    ----------
+    model : Model
+        The model to write.
+    folder : str or Path
+        The model folder (created when missing). Each file is replaced atomically, model.json
+        last: until it is written a reader sees the old folder or a refused (mismatched) one.
+
+    Returns
+    -------
+    Path
+        ``folder``.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, tmp / WEIGHTS, metadata={"format": str(FORMAT)})
-    meta = model_meta(model)
-    meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = weights_bytes(model.net)
+    write_bytes(folder / WEIGHTS, data)
+    written = [WEIGHTS]
     if model.history:
-        pd.DataFrame(model.history).to_csv(tmp / "train_log.csv", index=False)
+        write_text(folder / LOG, pd.DataFrame(model.history).to_csv(index=False))
+        written.append(LOG)
     if model.uncertainty is not None:
-        model.uncertainty.save(tmp, meta["weights_sha256"])
-    _write_json(tmp / META, meta)
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return folder
-    if model.uncertainty is None:  # a calibration of other weights must not survive next to these
+        written += model.uncertainty.save(folder, sha256_bytes(data))
+    else:  # a calibration of other weights must not survive next to these
         for name in (UNC_JSON, UNC_TENSORS):
             (folder / name).unlink(missing_ok=True)
-    for name in [WEIGHTS, "train_log.csv", UNC_TENSORS, UNC_JSON, META]:  # model.json last: it vouches for the weights
-        if (tmp / name).exists():
-            os.replace(tmp / name, folder / name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    meta = jsonable(model_meta(model))
+    meta["weights_sha256"] = sha256_bytes(data)
+    meta["manifest"] = {"files": {name: sha256_file(folder / name) for name in written}, "model_json": ""}
+    meta["manifest"]["model_json"] = _self_sha256(meta)
+    write_text(folder / META, _meta_text(meta))
     return folder
 
 
@@ -343,12 +439,47 @@ def _build_net(meta, folder):
     return cls.from_dict(meta["net_config"])
 
 
+def _check_file(path: Path, expected: str, where: Path):
+    if not path.exists():
+        raise ModelFileError(f"{path}: missing; the model folder is incomplete (re-train or copy the whole folder)")
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ModelFileError(f"{path}: sha256 {digest[:12]}... does not match the {str(expected)[:12]}... recorded in "
+                             f"{where}; the file was changed or damaged; refusing to load it")
+
+
+def _check_manifest(folder: Path, meta: dict, text: str):
+    """Every file of the manifest, and model.json's own content, as written; else ModelFileError."""
+    man = meta["manifest"]
+    if text != _meta_text(meta) or not isinstance(man, dict) or _self_sha256(meta) != man.get("model_json"):
+        raise ModelFileError(f"{folder / META}: its content does not match the sha256 recorded in its manifest; "
+                             "the file was changed or damaged; refusing to load it")
+    for name, digest in man.get("files", {}).items():
+        if Path(name).name != name:
+            raise ModelFileError(f"{folder / META}: manifest names {name!r}, not a file of the folder; refusing to load it")
+        _check_file(folder / name, digest, folder / META)
+
+
 def load_model(folder) -> Model:
-    """Rebuild a model folder written by :func:`save_model`. Only tensors and JSON are read."""
+    """Rebuild a model folder written by :func:`save_model`. Only tensors and JSON are read.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The model folder.
+
+    Returns
+    -------
+    Model
+
+    Raises
+    ------
+    ModelFileError
+        A missing file, a file that does not match the manifest (named), an unknown format
+        or architecture.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .train import TrainConfig
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -358,28 +489,27 @@ def load_model(folder) -> Model:
         if not p.exists():
             raise ModelFileError(f"{p}: missing; the model folder is incomplete (re-train or copy the whole folder)")
     try:
-        meta = json.loads(meta_path.read_text())
+        text = meta_path.read_text(encoding="utf-8")
+        meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{meta_path}: not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{meta_path}: not a model description; the file is damaged")
     if meta.get("format", 0) > FORMAT:
         raise ModelFileError(f"{meta_path}: model format {meta.get('format')} is newer than this stellarparams "
                              f"({__version__}) reads; upgrade stellarparams")
-    digest = sha256_file(weights_path)
-    if digest != meta.get("weights_sha256"):
-        raise ModelFileError(f"{weights_path}: sha256 {digest[:12]}... does not match the {meta.get('weights_sha256', '')[:12]}... "
-                             f"recorded in {meta_path}; the weights were changed or damaged")
+    if "manifest" in meta:
+        _check_manifest(folder, meta, text)
+    _check_file(weights_path, meta.get("weights_sha256", ""), meta_path)
     net = _build_net(meta, folder)
     try:
-        state = load_file(weights_path)
-        net.load_state_dict(state)
+        net.load_state_dict(load_file(weights_path))
     except (SafetensorError, RuntimeError) as e:
         raise ModelFileError(f"{weights_path}: weights do not fit the architecture in {meta_path} ({str(e)[:300]})") from e
     if meta.get("stellarparams_version") != __version__:
         warnings.warn(f"{folder}: model written by stellarparams {meta.get('stellarparams_version')}, "
                       f"this is {__version__}", stacklevel=2)
-    tc = meta.get("train_config")
-    mc = meta.get("model_config")
-    unc = _load_uncertainty(folder, digest)
+    tc, mc = meta.get("train_config"), meta.get("model_config")
     return Model(net, meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
                  model_config=ModelConfig.from_dict(mc) if mc else None,
                  train_config=TrainConfig.from_dict(tc) if tc else None,
@@ -387,22 +517,20 @@ def load_model(folder) -> Model:
                  grid=meta.get("grid"), prepare_config=meta.get("prepare_config"), metrics=meta.get("metrics"),
                  history=meta.get("history"), dataset_hash=meta.get("dataset_input_hash", ""), seed=meta.get("seed"),
                  version=meta.get("stellarparams_version", ""), best_val_loss=meta.get("best_val_loss"),
-                 fingerprint=meta.get("fingerprint", ""), uncertainty=unc)
+                 fingerprint=meta.get("fingerprint", ""), uncertainty=_load_uncertainty(folder, meta["weights_sha256"]))
 
 
 def _load_uncertainty(folder: Path, weights_sha256: str):
-    """The folder's calibration, or None (with a warning when it is there but unusable)."""
-    from .uncertainty import Uncertainty
-
-    if not (folder / UNC_JSON).exists():
+    """The folder's calibration, None when it has none (an older model); ModelFileError when it is
+    there but damaged or made for other weights."""
+    if not (folder / UNC_JSON).exists() and not (folder / UNC_TENSORS).exists():
         return None  # an older model: Model warns once when sigma is asked for
     try:
         unc, umeta = Uncertainty.load(folder)
-    except (ValueError, KeyError, OSError) as e:
-        warnings.warn(f"{e}; uncertainties disabled (retrain to recalibrate)", stacklevel=3)
-        return None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ModelFileError(f"{e}; the calibration is damaged; refusing to load the model "
+                             "(retrain, or copy the whole folder again)") from e
     if umeta.get("weights_sha256") != weights_sha256:
-        warnings.warn(f"{folder / UNC_JSON}: calibrated for other weights; uncertainties disabled "
-                      "(retrain to recalibrate)", stacklevel=3)
-        return None
+        raise ModelFileError(f"{folder / UNC_JSON}: calibrated for other weights than {folder / WEIGHTS}; "
+                             "refusing to load the model (retrain to recalibrate)")
     return unc

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .baselines import RIDGE_ALPHAS
 from .files import write_text
+from .records import dumps
 
 DEFAULT_N = 50_000       # spectra simulated, as in the paper (811 distinct MILES stars, ~60 spectra each)
 MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
-RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(0, 5, 6))
 
 
 def _say(msg, progress=True):
@@ -40,7 +41,8 @@ def _say(msg, progress=True):
 
 
 def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) -> dict:
-    """Network vs Ridge (alpha on val) MAE per label on one split of a prepared dataset.
+    """Network vs Ridge (alpha on val, from the benchmark's grid ``baselines.RIDGE_ALPHAS``) MAE per
+    label on one split of a prepared dataset.
 
     Returns {"labels": [...], "units": [...], "network": {label: MAE}, "ridge": {...},
     "ratio": {...}, "pass": {...}, "ridge_alpha": {...}, "n_test": N, and, when the dataset
@@ -129,11 +131,11 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     config: optional TOML with [model]/[train] tables (defaults: the paper's);
     epochs/threads override it; seed drives the simulation, the split and the training.
     """
+    from .config import ModelConfig, TrainConfig, load_config
     from .dataset import Dataset
-    from .model import ModelConfig
     from .prepare import prepare
     from .simulate import simulate
-    from .train import TrainConfig, load_config, train
+    from .train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
                "stellarparams_version": __version__}
     if old.get("key") == key:  # keep the first run's stage timings
         results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
-    write_text(res_path, json.dumps(results, indent=1) + "\n")
+    write_text(res_path, dumps(results))
     table = format_table(res) + "\n\n" + format_calibration(cal)
     write_text(out / "results.md", "```\n" + table + "\n```\n")
     if progress:

@@ -1,7 +1,8 @@
-"""Bayesian hyperparameter search on Optuna (METHOD.md "Hyperparameter search").
+"""Bayesian hyperparameter search on Optuna (docs/method.md, section "Hyperparameter search").
 
-One trial = one training run (``train.train``) of the configuration the sampler proposes;
-its objective is that run's best validation loss (minimised).
+One trial = one run of the plain training loop (``training.fit``) of the configuration the
+sampler proposes; its objective is that run's best validation loss (minimised). A trial is
+not calibrated (no PCA, no error-bar fit) and writes no model folder.
 
 Search space (the paper's, exactly; ``SearchSpace`` holds it and may only be narrowed):
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import secrets
 import sys
 import time
@@ -60,13 +60,15 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from . import __version__
+from ._version import __version__
+from .config import ModelConfig, TrainConfig, config_toml  # noqa: F401  (config_toml re-exported)
 from .dataset import Dataset
-from .files import write_text
-from .model import ModelConfig
-from .train import TrainConfig, train
+from .files import atomic_write, write_text
+from .records import dumps
+from .training import fit
 
-# METHOD.md "Hyperparameter search": (low, high) of every range
+METHOD_REF = 'docs/method.md, section "Hyperparameter search"'
+# docs/method.md, section "Hyperparameter search": (low, high) of every range
 PAPER_RANGES = {
     "stem_width": (64, 128),
     "n_blocks": (1, 2),
@@ -99,7 +101,7 @@ def template_name(widths) -> str:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The search space; the defaults are METHOD.md's ranges. Each (low, high) may be narrowed.
+    """The search space; the defaults are the paper's ranges (docs/method.md). Each (low, high) may be narrowed.
 
     Widths are hidden units, dropouts are probabilities, lr and weight_decay are searched
     log-uniformly. ``head_templates`` are the choices for every task's head (HEAD_TEMPLATES).
@@ -137,7 +139,7 @@ class SearchSpace:
         return cls.from_dict(d.get("space", d), source=str(path))
 
     def validate(self, source: str = "search space"):
-        """Raise ValueError naming the first entry that is malformed or outside METHOD.md's ranges."""
+        """Raise ValueError naming the first entry that is malformed or outside the paper's ranges."""
         for name, (plo, phi) in PAPER_RANGES.items():
             v = getattr(self, name)
             ok = (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -149,7 +151,7 @@ class SearchSpace:
                 raise ValueError(f"{source}: {name} = [{lo}, {hi}] has low > high")
             if lo < plo or hi > phi:
                 raise ValueError(f"{source}: {name} = [{lo}, {hi}] lies outside the paper's range [{plo}, {phi}] "
-                                 "(METHOD.md, 'Hyperparameter search'); a search space may only narrow it")
+                                 f"({METHOD_REF}); a search space may only narrow it")
             if name in ("stem_width", "block_width", "n_blocks") and not all(float(x).is_integer() for x in v):
                 raise ValueError(f"{source}: {name} = [{lo}, {hi}] must be whole numbers")
             if name in ("stem_width", "block_width") and any(int(x) % WIDTH_STEP for x in v):
@@ -225,40 +227,8 @@ def paper_default_params(labels) -> dict | None:
 
 
 # ------------------------------------------------------------------ small writers
-def _toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} to TOML")
-
-
-def config_toml(mc: ModelConfig, tc: TrainConfig, header: str = "") -> str:
-    """TOML text with [model], [model.heads] and [train] tables, readable by ``train.load_config``.
-
-    None values (e.g. threads) are left out, so they keep their defaults.
-    """
-    m, t = mc.to_dict(), tc.to_dict()
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines.append("[model]")
-    lines += [f"{k} = {_toml_value(v)}" for k, v in m.items() if k != "heads" and v is not None]
-    lines.append("\n[model.heads]")
-    lines += [f"{k} = {_toml_value(v)}" for k, v in m["heads"].items()]
-    lines.append("\n[train]")
-    lines += [f"{k} = {_toml_value(v)}" for k, v in t.items() if v is not None and k != "threads"]
-    return "\n".join(lines) + "\n"
-
-
-
-
 def _save_figure(fig, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def redact(url: str) -> str:
@@ -340,7 +310,7 @@ def _open_study(storage, name, settings, reference):
             created = False
     if created:
         if reference is not None:
-            study.enqueue_trial(reference, user_attrs={"reference": "paper default (METHOD.md)"})
+            study.enqueue_trial(reference, user_attrs={"reference": f"paper default ({METHOD_REF})"})
         study.set_user_attr("settings", settings)
         return study, True
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
@@ -372,7 +342,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     epochs: epochs of every trial (the paper's 30); seed: training seed of every trial and
         sampler seed of the worker that creates the study (joining workers draw their own).
     timeout: seconds after which this worker starts no new trial.
-    space: SearchSpace (default: METHOD.md's); validated against the paper's ranges.
+    space: SearchSpace (default: the paper's, docs/method.md); validated against the paper's ranges.
     threads: torch threads per trial; heartbeat: seconds between liveness pings of a trial.
     callbacks: extra Optuna callbacks(study, frozen_trial) run after every trial.
     Returns the optuna.Study; writes best.toml, summary.json/.md, history.png, importance.png.
@@ -404,6 +374,11 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
     study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
     study.pruner = make_pruner(epochs, prune)
+    rows = (ds.indices("train"), ds.indices("val"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
     def objective(trial):
         live = study.get_trials(deepcopy=False, states=DONE + (TrialState.RUNNING,))
@@ -427,10 +402,9 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
             if trial.should_prune() and not is_reference:
                 raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs (best val loss {best:.4g})")
 
-        # a trial is judged by its val loss: no out-of-fold calibration models
-        model = train(ds, None, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, progress=False)
-        trial.set_user_attr("val_metrics", {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))})
-        return model.best_val_loss
+        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch)
+        trial.set_user_attr("val_metrics", {k: v for k, v in fitted.metrics.items() if isinstance(v, (int, float))})
+        return fitted.best_val_loss
 
     n_done = len(finished_trials(study))
     remaining = trials - n_done
@@ -498,7 +472,7 @@ def write_report(study, out_dir, storage_url: str = "") -> dict:
             s["importance_note"] = f"not computed: {e}"
     else:
         s["importance_note"] = f"needs at least 2 complete trials, the study has {len(complete)}"
-    write_text(out / SUMMARY_JSON, json.dumps(s, indent=2, default=str) + "\n")
+    write_text(out / SUMMARY_JSON, dumps(s, indent=2))
     write_text(out / SUMMARY_MD, summary_markdown(s))
     _plot_history(all_trials, ref, out / HISTORY_PNG)
     _plot_importance(s["importance"], s["importance_note"], out / IMPORTANCE_PNG)
@@ -597,7 +571,7 @@ def _plot_importance(importance, note, path: Path):
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser):
     p.description = ("Bayesian hyperparameter search (Optuna, TPE sampler + successive-halving pruning) over "
-                     "METHOD.md's space: stem width 64-128, 1-2 residual blocks of 32-64 units, head templates "
+                     "the paper's space (docs/method.md): stem width 64-128, 1-2 residual blocks of 32-64 units, head templates "
                      "16 ... 48-32-16 per task, dropouts (stem 0-0.5, trunk 0-0.4, heads 0-0.4), lr 1e-4..5e-3 and "
                      "weight decay 1e-5..1e-2 (log). The paper's default configuration is trained first as a "
                      "reference. Re-running the same command continues a killed search; running it again in "
@@ -616,7 +590,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=int, default=30, help="epochs per trial (the paper's 30)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial and sampler seed")
     p.add_argument("--space", help="TOML file narrowing the search space, e.g. `lr = [3e-4, 2e-3]`, "
-                   "`head_templates = [\"16\", \"48-32\"]`; ranges beyond METHOD.md's are refused")
+                   "`head_templates = [\"16\", \"48-32\"]`; ranges beyond the paper's are refused")
     p.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
     p.add_argument("--no-prune", action="store_true", help="train every trial for all epochs")
     p.add_argument("--threads", type=int, help="torch threads per trial (e.g. 1 per worker when running several)")

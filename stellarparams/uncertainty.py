@@ -1,19 +1,24 @@
-"""Calibrated per-star uncertainties and extrapolation flags (not in the paper; ours).
+"""Calibrated per-star uncertainties and extrapolation flags (not in the paper; ours): what a
+saved model needs to answer, and the fit of the coefficients from held-out residuals.
+The out-of-fold models that feed that fit are trained in stellarparams.calibrate (this module
+imports no training code).
 
 sigma, per star and label, in physical units::
 
     sigma^2 = (a * s_mc)^2 + (b * noise)^2 + c^2          (scaled label units, then x IQR)
 
 - ``s_mc``: epistemic part, the std of T Monte-Carlo-dropout passes (Gal & Ghahramani 2016).
-  The paper's dropout sits only after the stem, so the stem (4000 x 128, ~94% of the
-  FLOPs) runs once and only blocks + heads run T times: cheap. Nets with stem dropout,
-  or another architecture, fall back to T full stochastic passes.
+  The T passes are the model's own forward pass with T fixed masks at every Dropout
+  (``StellarNet.forward(x, dropout=FixedMasks(...))``): rows fan out into T copies at the
+  first dropout, so with the paper's dropout (after the stem) the stem (4000 x 128, ~94% of
+  the FLOPs) runs once and only blocks + heads run T times. Another architecture (a
+  baseline) gets T full passes with hooks on its Dropout layers.
 - ``noise``: the spectrum's own noise level from the DER_SNR estimator (Stoehr et al. 2008)
   on the prepared (standardized) flux: 1.482602/sqrt(6) median|2 f_i - f_{i-2} - f_{i+2}|,
   in units of the spectrum's std, i.e. the noise the network sees. Needs no catalog S/N.
 - ``a, b, c >= 0`` per label: fitted by the Gaussian negative log-likelihood of residuals on
   stars the predicting model never saw: the validation split (final model) plus, by default,
-  every training star predicted by one of K out-of-fold models (stellarparams.train,
+  every training star predicted by one of K out-of-fold models (stellarparams.calibrate,
   ``calib_folds``). ``c`` absorbs what neither term explains (label noise of the catalog,
   model bias). Why the out-of-fold part: most of the error is per star, so what sets the
   tails is how many distinct stars the fit sees; validation alone (10% of the stars, also
@@ -41,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +54,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
+from .files import write_bytes, write_text
+from .records import sha256_bytes, sha256_file
 
 UNC_JSON = "uncertainty.json"
 UNC_TENSORS = "uncertainty.safetensors"
@@ -81,108 +87,76 @@ def _dropouts(net):
     return [m for m in net.modules() if isinstance(m, nn.Dropout) and m.p > 0]
 
 
-def _stem_cached(net) -> bool:
-    """True when all randomness is after the (shared) stem: StellarNet, multitask, no stem dropout."""
-    from .model import StellarNet
+class FixedMasks:
+    """T fixed dropout masks per Dropout layer: the ``dropout`` argument of StellarNet.forward.
 
-    return isinstance(net, StellarNet) and len(net.trunks) == 1 and net.config.stem_dropout == 0
-
-
-def _tail(net, h):
-    """StellarNet after the stem: blocks -> shared LN -> heads; h (B, stem_width) -> (B, L)."""
-    trunk = net.trunks[0]
-    for block in trunk.blocks:
-        h = block(h)
-    s = trunk.ln_out(h)
-    return torch.stack([head(s) for head in net.heads.values()], dim=1)
-
-
-def _tail_mc(net, h, masks):
-    """_tail with T fixed dropout masks: (B, stem_width) -> (T*B, L), rows = T blocks of B.
-
-    Everything before a block's dropout (LN, fc1, GELU, LN, fc2, the shortcut) runs once on
-    B rows; the rows fan out into T copies only at the first dropout, so the T passes cost
-    little more than the heads.
-    """
-    trunk, T, fanned = net.trunks[0], masks.T, False
-    for block in trunk.blocks:
-        t = block.fc2(block.ln_mid(block.act(block.fc1(block.ln_in(h)))))
-        r = (h if block.project is None else block.project(h)) if block.skip else torch.zeros((), dtype=t.dtype)
-        if block.drop.p > 0:
-            k = masks.mask_for(block.drop, t.shape[-1])[:, None, :]          # (T, 1, d)
-            if fanned:
-                t, r = t.view(T, -1, t.shape[-1]), r.view(T, -1, t.shape[-1]) if r.dim() else r
-            h = (t * k + r).reshape(-1, t.shape[-1])
-            fanned = True
-        else:
-            h = t + r
-    s = trunk.ln_out(h)
-    if not fanned:  # dropout only in the heads
-        s = s.repeat(T, 1)
-    return torch.stack([head(s) for head in net.heads.values()], dim=1)
-
-
-class _FixedMasks:
-    """Forward hooks that turn each (eval-mode) Dropout into T fixed dropout masks.
-
-    Mask t of a module is the same for every spectrum, so sigma is a function of the
+    Mask t of a layer is the same for every spectrum, so sigma is a function of the
     spectrum alone (not of its batch neighbours) and the same on every run: T fixed
-    "thinned" networks, the usual reading of MC dropout. Masks come from ``seed``.
+    "thinned" networks, the usual reading of MC dropout. Masks come from ``seed`` and the
+    layer's position among the net's Dropout layers with p > 0. Called on (B, d) rows it
+    fans them out into (T, B, d); on (T, B, d) it applies mask t to copy t.
     """
 
     def __init__(self, drops, n_passes, seed):
-        self.drops, self.T, self.seed, self.t, self.masks, self.handles = drops, n_passes, seed, None, {}, []
+        self.index = {id(m): i for i, m in enumerate(drops)}
+        self.T, self.seed, self.masks = n_passes, seed, {}
 
-    def mask_for(self, m, width):
-        return self.mask(next(i for i, d in enumerate(self.drops) if d is m), m, width)
-
-    def mask(self, i, m, width):
+    def mask(self, layer, width):
+        i = self.index[id(layer)]
         if (i, width) not in self.masks:
             g = torch.Generator().manual_seed(self.seed * 1000 + i)
-            self.masks[i, width] = (torch.rand(self.T, width, generator=g) >= m.p).float() / (1.0 - m.p)
+            self.masks[i, width] = (torch.rand(self.T, width, generator=g) >= layer.p).float() / (1.0 - layer.p)
         return self.masks[i, width]
 
-    def __enter__(self):
-        for i, m in enumerate(self.drops):
-            def hook(mod, inp, out, i=i):
-                k = self.mask(i, mod, out.shape[-1])
-                if self.t is None:   # stacked passes: rows are T blocks of B
-                    return (out.view(self.T, -1, out.shape[-1]) * k[:, None, :]).view(out.shape)
-                return out * k[self.t]
-            self.handles.append(m.register_forward_hook(hook))
-        return self
+    def __call__(self, layer, x):
+        if layer.p == 0:
+            return x
+        return x * self.mask(layer, x.shape[-1])[:, None, :]
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+
+def _hooked_passes(net, x, masks, drops):
+    """T full passes of a network that takes no ``dropout`` argument (e.g. a baseline):
+    forward hooks multiply each (eval-mode) Dropout output by mask t. (T, B, L)."""
+    draws = []
+    for t in range(masks.T):
+        handles = [m.register_forward_hook(lambda mod, inp, out, t=t: out * masks.mask(mod, out.shape[-1])[t])
+                   for m in drops]
+        try:
+            draws.append(net(x))
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.stack(draws)
 
 
 @torch.inference_mode()
 def mc_predict(net, x, n_passes: int = N_PASSES, seed: int = 0):
     """Deterministic prediction and MC-dropout std, both (B, L) float32 in scaled units.
 
-    x: (B, P) float32 tensor. The point prediction is the usual eval-mode output (dropout
-    off), so predictions do not change when uncertainties are on. With no dropout in the
-    net, the std is 0 (sigma then comes from the noise and constant terms).
+    Parameters
+    ----------
+    net : torch.nn.Module
+        A :class:`stellarparams.model.StellarNet` (its one forward pass runs the T masked
+        passes, fanning out at the first dropout: the stem runs once) or any module
+        (then T full passes with hooks on its Dropout layers).
+    x : torch.Tensor
+        (B, P) float32.
+
+    Returns
+    -------
+    (pred, std) : torch.Tensor, torch.Tensor
+        The usual eval-mode output (dropout off, so predictions do not change when
+        uncertainties are on) and the std over the T passes (0 without dropout in the net).
     """
     net.eval()
     drops = _dropouts(net)
-    if _stem_cached(net):
-        h0 = net.trunks[0].stem(x)
-        pred = _tail(net, h0)
-    else:
-        h0, pred = None, net(x)
+    native = hasattr(net, "features") and hasattr(net, "tail")
+    h = net.features(x) if native else x
+    pred = net.tail(h) if native else net(x)
     if not drops or n_passes < 2:
         return pred, torch.zeros_like(pred)
-    with _FixedMasks(drops, n_passes, seed) as masks:
-        if h0 is not None:   # one batched tail pass; rows fan out into T copies at the first dropout
-            draws = _tail_mc(net, h0, masks).view(n_passes, *pred.shape)
-        else:
-            draws = []
-            for t in range(n_passes):
-                masks.t = t
-                draws.append(net(x))
-            draws = torch.stack(draws)
+    masks = FixedMasks(drops, n_passes, seed)
+    draws = net.tail(h, masks) if native else _hooked_passes(net, x, masks, drops)
     return pred, draws.std(dim=0)
 
 
@@ -294,12 +268,14 @@ class Uncertainty:
         to the spectrum's own noise variance (DER_SNR; pass ``noise`` (N,) if already known),
         and the noise-aware Hotelling T^2."""
         x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float()
-        W = torch.as_tensor(self.pca_components, dtype=torch.float32)
-        mu = torch.as_tensor(self.pca_mean, dtype=torch.float32)
-        # components are orthonormal: |x - mu|^2 = |z|^2 + |residual|^2, so no reconstruction is needed
-        z = x @ W.T - mu @ W.T                                            # (N, K)
-        xc2 = (x.pow(2).sum(1) - 2 * (x @ mu) + mu.pow(2).sum()).double()
-        z2 = z.double().pow(2)
+        W = torch.as_tensor(self.pca_components, dtype=torch.float64)
+        mu = torch.as_tensor(self.pca_mean, dtype=torch.float64)
+        # components are orthonormal: |x - mu|^2 = |z|^2 + |residual|^2, so no reconstruction is
+        # needed; in float64, as Q is the small difference of two sums over ~4000 squares
+        xd = x.double()
+        z = xd @ W.T - mu @ W.T                                           # (N, K)
+        xc2 = xd.pow(2).sum(1) - 2 * (xd @ mu) + mu.pow(2).sum()
+        z2 = z.pow(2)
         q = (xc2 - z2.sum(1)).clamp(min=0) / x.shape[1]
         k = self.n_signal or len(self.pca_var)
         noise = der_snr_noise(x) if noise is None else np.asarray(noise, np.float64)
@@ -315,7 +291,7 @@ class Uncertainty:
 
     def in_hull(self, y_scaled) -> np.ndarray:
         """(N, L) scaled labels -> (N,) bool, True inside the training labels' convex hull."""
-        y = np.asarray(y_scaled, np.float64).reshape(len(y_scaled), -1)
+        y = np.asarray(y_scaled, np.float64).reshape(len(y_scaled), self.hull_points.shape[1])
         ok = np.isfinite(y).all(1)
         inside = np.zeros(len(y), bool)
         if y.shape[1] == 1:
@@ -350,19 +326,29 @@ class Uncertainty:
                             for n in self.label_names))
 
     # ------------------------------------------------------------------ files
-    def save(self, folder, weights_sha256: str = "") -> None:
-        """Write uncertainty.safetensors then uncertainty.json (each atomically) into folder."""
-        from safetensors.numpy import save_file
+    def save(self, folder, weights_sha256: str = "") -> list:
+        """Write uncertainty.safetensors then uncertainty.json (each atomically) into ``folder``.
+
+        Parameters
+        ----------
+        folder : str or Path
+            The model folder.
+        weights_sha256 : str
+            sha256 of the weights this calibration belongs to (recorded in the JSON).
+
+        Returns
+        -------
+        list of str
+            The names of the two files written.
+        """
+        from safetensors.numpy import save
 
         folder = Path(folder)
         tensors = {"pca_mean": self.pca_mean, "pca_components": self.pca_components, "pca_var": self.pca_var,
                    "hull_points": self.hull_points}
-        tmp = folder / (UNC_TENSORS + ".tmp")
-        save_file({k: np.ascontiguousarray(v, np.float32 if k in ("pca_mean", "pca_components") else np.float64)
-                   for k, v in tensors.items()}, tmp)
-        os.replace(tmp, folder / UNC_TENSORS)
-        from .model_io import sha256_file
-
+        data = save({k: np.ascontiguousarray(v, np.float32 if k in ("pca_mean", "pca_components") else np.float64)
+                     for k, v in tensors.items()})
+        write_bytes(folder / UNC_TENSORS, data)
         meta = {"method": "MC dropout + DER_SNR noise, sigma^2 = (a s_mc)^2 + (b noise)^2 + c^2 (scaled units), "
                           "fitted by Gaussian NLL on the residuals of "
                           + self.stats.get("calibrated_on", "the validation split") + "; flux novelty: PCA Q and T^2",
@@ -371,17 +357,14 @@ class Uncertainty:
                 "n_components": int(len(self.pca_var)), "n_signal": self.n_signal, "noise_var": self.noise_var,
                 "qn_ref": self.qn_ref, "q_ref": self.q_ref, "t2_ref": self.t2_ref,
                 "ood_quantile": OOD_QUANTILE, "stats": self.stats, "stellarparams_version": self.version,
-                "weights_sha256": weights_sha256, "tensors_sha256": sha256_file(folder / UNC_TENSORS)}
-        tmp = folder / (UNC_JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, folder / UNC_JSON)
+                "weights_sha256": weights_sha256, "tensors_sha256": sha256_bytes(data)}
+        write_text(folder / UNC_JSON, json.dumps(meta, indent=1) + "\n")
+        return [UNC_TENSORS, UNC_JSON]
 
     @classmethod
     def load(cls, folder) -> tuple["Uncertainty", dict]:
         """(Uncertainty, its JSON) from a model folder; ValueError naming the file if damaged."""
         from safetensors.numpy import load_file
-
-        from .model_io import sha256_file
 
         folder = Path(folder)
         try:
@@ -472,51 +455,43 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     return u
 
 
-def calibrate(model, dataset, folder=None, progress=True) -> Uncertainty:
-    """Fit the uncertainty model of ``model`` on a prepared dataset's train/val splits.
-
-    dataset: Dataset or its path; folder: the model folder to write the calibration into.
-    """
-    import sys
-    import time
-
-    from .dataset import Dataset
-
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    try:
-        t0 = time.perf_counter()
-        cols = [ds.label_names.index(n) for n in model.label_names]
-        itr, iva = ds.indices("train"), ds.indices("val")
-        u = fit_uncertainty(model, ds.flux(itr), ds.labels(itr)[:, cols], ds.flux(iva), ds.labels(iva)[:, cols],
-                            seed=int(model.seed or 0))
-    finally:
-        if ds is not dataset:
-            ds.close()
-    if folder is not None:
-        from .model_io import sha256_file
-
-        u.save(folder, sha256_file(Path(folder) / "weights.safetensors"))
-    if progress:
-        print(u.summary(time.perf_counter() - t0), file=sys.stderr)
-    return u
-
-
 def predict_full(model, flux, batch_size: int = 4096) -> dict:
-    """Labels, sigmas and flags for prepared flux (N, P); everything physical units.
+    """Labels, sigmas and flags for prepared flux; everything in physical units.
 
-    Returns {"pred": (N, L), "sigma": (N, L) (NaN without calibration), "ood_score": (N,),
-    "flag_unlike_training": (N,) bool, "flag_label_hull": (N,) bool}.
+    Parameters
+    ----------
+    model : stellarparams.model_io.Model
+        Its ``net``, ``scaler`` (``center``, ``scale``) and ``uncertainty`` (None: NaN sigmas).
+    flux : array or torch.Tensor
+        (N, P) prepared flux; N may be 0. A row with a NaN or inf pixel cannot be predicted:
+        its labels are NaN, its ood_score inf and flag_unlike_training True (with a warning).
+
+    Returns
+    -------
+    dict
+        "pred" (N, L), "sigma" (N, L) (NaN without calibration), "ood_score" (N,),
+        "flag_unlike_training" (N,) bool, "flag_label_hull" (N,) bool.
     """
+    import warnings
+
     u = getattr(model, "uncertainty", None)
     x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float()
     n, L = len(x), len(model.label_names)
+    if n == 0:
+        return {"pred": np.zeros((0, L)), "sigma": np.zeros((0, L)), "ood_score": np.zeros(0),
+                "flag_unlike_training": np.zeros(0, bool), "flag_label_hull": np.zeros(0, bool)}
+    bad = ~torch.isfinite(x).all(1).numpy()
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} of {n} spectra have NaN or inf flux: their labels are NaN and they are "
+                      "flagged unlike training (flag_unlike_training)", stacklevel=3)
     if u is None:
         pred = model.predict_scaled(x, batch_size).astype(np.float64)
         return {"pred": pred * model.scale + model.center, "sigma": np.full((n, L), np.nan),
-                "ood_score": np.full(n, np.nan), "flag_unlike_training": np.zeros(n, bool),
+                "ood_score": np.where(bad, np.inf, np.nan), "flag_unlike_training": bad,
                 "flag_label_hull": np.zeros(n, bool)}
     pred, s_mc, noise = raw_uncertainty(model.net, x, u.n_passes, u.seed, batch_size)
-    ood = u.ood_score(x, noise) if n else np.zeros(0)
+    ood = u.ood_score(x, noise)
+    ood[bad] = np.inf
     return {"pred": pred * model.scale + model.center, "sigma": u.sigma_scaled(s_mc, noise) * model.scale,
             "ood_score": ood, "flag_unlike_training": ood > 1,
             "flag_label_hull": ~u.in_hull(pred) & np.isfinite(pred).all(1)}

@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from stellarparams.baselines import CNN, DNN, OLS, RidgeVal, count_trainable
+from stellarparams.baselines import CNN, DNN, OLS, RidgeVal
+from stellarparams.model import count_parameters as count_trainable
 from stellarparams.benchmark import MODELS, benchmark, fit_linear, paper_claims
 from stellarparams.dataset import write_dataset
 
@@ -16,7 +17,7 @@ TABLES = ("table2_mae", "table3_params_time", "table4_relative_to_dnn", "table5_
 
 
 def test_baseline_parameter_counts_match_the_paper():
-    # METHOD.md: CNN about 4.13M, DNN 3 x 4.55M = about 13.66M, for 4000 inputs and 3 labels
+    # docs/method.md, section "Reported results": CNN about 4.13M, DNN 3 x 4.55M = about 13.66M, for 4000 inputs and 3 labels
     assert count_trainable(CNN(4000, 3)) == 4_130_103
     assert count_trainable(DNN(4000, 3)) == 3 * 4_551_701 == 13_655_103
     x = torch.randn(5, 4000)

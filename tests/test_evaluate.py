@@ -110,7 +110,7 @@ def train_model(ds, out):
 
     mc = ModelConfig(stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (8,), "logg": (8,)},
                      trunk_dropout=0.0)
-    tc = TrainConfig(epochs=25, batch_size=32, lr=3e-3, seed=7, threads=1)
+    tc = TrainConfig(epochs=25, batch_size=32, lr=3e-3, seed=7, threads=1, calib_folds=0)
     return train(ds, out, mc, tc, progress=False)
 
 

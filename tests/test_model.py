@@ -71,3 +71,13 @@ def test_config_round_trip_and_errors():
         ModelConfig.from_dict({"stem_widht": 3})
     with pytest.raises(ValueError, match="activation"):
         ModelConfig(activation="swishy")
+
+
+def test_stem_dropout_and_separate_trunks_give_one_output_per_label():
+    heads = {"a": (4,), "b": (4,), "c": (4,)}
+    for cfg in (dict(stem_dropout=0.3), dict(multitask=False), dict()):
+        net = StellarNet(ModelConfig(n_in=20, stem_width=8, block_widths=(8,), heads=heads, **cfg))
+        assert net.shared_stem == (cfg == {})
+        for mode in (net.train(), net.eval()):
+            assert mode(torch.zeros(5, 20)).shape == (5, 3)
+        torch.testing.assert_close(net.tail(net.features(torch.ones(2, 20))), net(torch.ones(2, 20)))

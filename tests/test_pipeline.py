@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = out / "tiny.toml"
-    cfg.write_text("[model]\nstem_width = 16\nblock_widths = [8]\n[train]\nbatch_size = 32\n")
+    cfg.write_text("[model]\nstem_width = 16\nblock_widths = [8]\n[train]\nbatch_size = 32\ncalib_folds = 0\n")
     res = run(out, n=120, seed=1, epochs=2, workers=1, threads=1, config=cfg, progress=False)
     return out, cfg, res
 

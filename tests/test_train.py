@@ -1,5 +1,9 @@
 """Training: target scaling, loss weights, LR schedule, learning, best weights, resume."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +56,7 @@ def test_masked_huber_ignores_missing_labels():
 
 def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
     ds = make_dataset(tmp_path / "ds", missing=20)
-    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1)
+    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1, calib_folds=0)
     model = train(ds, None, TINY, tc, progress=False)
     h = model.history
     assert len(h) == 12 and h[-1]["val_loss"] < h[0]["val_loss"]
@@ -79,12 +83,12 @@ def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
 
 def test_deterministic_with_seed(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=200)
-    tc = TrainConfig(epochs=2, batch_size=32, seed=3)
+    tc = TrainConfig(epochs=2, batch_size=32, seed=3, calib_folds=0)
     a = train(ds, None, TINY, tc, progress=False)
     b = train(ds, None, TINY, tc, progress=False)
     X = ds.flux(ds.indices("test"))
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
-    c = train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=4), progress=False)
+    c = train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=4, calib_folds=0), progress=False)
     assert not np.array_equal(a.predict(X), c.predict(X))
 
 
@@ -94,7 +98,7 @@ class Killed(Exception):
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=200)
-    tc = TrainConfig(epochs=4, batch_size=32, seed=5)
+    tc = TrainConfig(epochs=4, batch_size=32, seed=5, calib_folds=0)
     full = train(ds, tmp_path / "full", TINY, tc, progress=False)
 
     def kill(epoch, val_loss, metrics):
@@ -115,17 +119,18 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     again = train(ds, tmp_path / "m", TINY, tc, on_epoch=lambda *a: seen.append("ran"), progress=False)
     assert "ran" not in seen and np.array_equal(again.predict(X), resumed.predict(X))
     with pytest.raises(ValueError, match="another config"):
-        train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5), progress=False)
-    other = train(ds, tmp_path / "m", TINY, TrainConfig(epochs=1, batch_size=32, seed=5), overwrite=True, progress=False)
+        train(ds, tmp_path / "m", TINY, TrainConfig(epochs=5, batch_size=32, seed=5, calib_folds=0), progress=False)
+    other = train(ds, tmp_path / "m", TINY, TrainConfig(epochs=1, batch_size=32, seed=5, calib_folds=0), overwrite=True,
+                  progress=False)
     assert len(other.history) == 1 and len(load_model(tmp_path / "m").history) == 1
 
 
 def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypatch):
-    from stellarparams import uncertainty
+    from stellarparams import calibrate
 
     ds = make_dataset(tmp_path / "ds", n=200)
     tc = TrainConfig(epochs=3, batch_size=32, seed=6, calib_folds=2)
-    real, calls = uncertainty.raw_uncertainty, []
+    real, calls = calibrate.raw_uncertainty, []
 
     def dies_in_fold_2(*a, **k):
         calls.append(1)
@@ -133,13 +138,13 @@ def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypa
             raise Killed
         return real(*a, **k)
 
-    monkeypatch.setattr(uncertainty, "raw_uncertainty", dies_in_fold_2)
+    monkeypatch.setattr(calibrate, "raw_uncertainty", dies_in_fold_2)
     m = tmp_path / "m"
     with pytest.raises(Killed):
         train(ds, m, TINY, tc, progress=False)
     assert (m / "checkpoint.safetensors").exists() and not (m / "model.json").exists()
     assert len(list(m.glob("oof_*_fold0.npz"))) == 1 and not list(m.glob("oof_*_fold1.npz"))
-    monkeypatch.setattr(uncertainty, "raw_uncertainty", real)
+    monkeypatch.setattr(calibrate, "raw_uncertainty", real)
     seen = []
     model = train(ds, m, TINY, tc, on_epoch=lambda *a: seen.append(a), progress=False)
     assert seen == []                                      # the final model is not trained again
@@ -154,7 +159,7 @@ def test_custom_net_and_label_subset(tmp_path):
     ds = make_dataset(tmp_path / "ds", n=120)
     net = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     cfg = ModelConfig(heads={"logg": (8,), "teff": (8,)})
-    model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32), net=net, progress=False)
+    model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32, calib_folds=0), net=net, progress=False)
     assert model.net is net and model.label_names == ["logg", "teff"] and model.label_units == ["dex", "K"]
     assert model.predict(ds.flux([0, 1])).shape == (2, 2)
     with pytest.raises(ValueError, match="not in the dataset"):
@@ -171,3 +176,61 @@ def test_toml_config(tmp_path):
     p.write_text("[train]\nepoch = 7\n")
     with pytest.raises(ValueError, match="epoch"):
         load_config(p)
+
+
+def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_path, capsys):
+    from stellarparams.cli import main
+
+    ds = make_dataset(tmp_path / "ds", n=60)
+    ds.close()
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "model"):
+        assert main(["train", "--dataset", str(tmp_path / "ds"), "--out", str(out), "--epochs", "1", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "file" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    from stellarparams import train as train_mod
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: let access() answer as for an ordinary user
+        monkeypatch.setattr(train_mod.os, "access", lambda p, mode: Path(p) != ro)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            train(make_dataset(tmp_path / "ds", n=60), ro / "model", TINY, TrainConfig(epochs=1), progress=False)
+        assert not (ro / "model").exists()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, monkeypatch):
+    """The folder's lock held by another writer: the CLI fails at once naming the folder and the
+    holder's PID, having written nothing; train(wait=True) waits, then trains."""
+    from stellarparams import files
+    from stellarparams.files import output_lock
+
+    ds = make_dataset(tmp_path / "ds", n=60)
+    out, tc = tmp_path / "m", TrainConfig(epochs=1, batch_size=32, calib_folds=0)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stellarparams.cli", "train", "--dataset", str(tmp_path / "ds"), "--out", str(out),
+           "--epochs", "1", "--calib-folds", "0", "--quiet"]
+    with output_lock(out):
+        busy = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and f"PID {os.getpid()}" in busy.stderr and str(out) in busy.stderr, busy.stderr
+        assert "--wait" in busy.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
+    # --wait: the holder finishes while the waiter sleeps (the sleep is where the lock is released)
+    held = output_lock(out)
+    held.__enter__()
+    naps = []
+
+    def nap(s):
+        naps.append(s)
+        held.__exit__(None, None, None)
+
+    monkeypatch.setattr(files.time, "sleep", nap)
+    model = train(ds, out, TINY, tc, progress=False, wait=True)
+    assert len(naps) == 1 and (out / "model.json").exists() and len(model.history) == 1

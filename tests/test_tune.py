@@ -2,10 +2,10 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,15 +107,15 @@ KILL_IN_THIRD_TRIAL = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import stellarparams.tune as T
-    real_train, calls = T.train, []
-    def train(*args, on_epoch=None, **kw):  # SIGKILL this worker after the 1st epoch of its 3rd trial
+    real_fit, calls = T.fit, []
+    def fit(*args, on_epoch=None, **kw):  # SIGKILL this worker after the 1st epoch of its 3rd trial
         calls.append(1)
         def hook(epoch, val_loss, metrics):
             on_epoch(epoch, val_loss, metrics)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real_train(*args, on_epoch=hook, **kw)
-    T.train = train
+        return real_fit(*args, on_epoch=hook, **kw)
+    T.fit = fit
     T.tune(sys.argv[1], sys.argv[2], trials=4, epochs=2, heartbeat=1, progress=False, prune=False)
 """)
 
@@ -130,7 +130,12 @@ def test_killed_study_resumes_with_trial_count_intact(dataset, tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]  # killed mid-trial
     killed = study.get_trials()[2]
 
-    time.sleep(5)  # the killed trial's heartbeat (1 s) goes stale after 3 s; SQLite clocks tick in whole seconds
+    # the killed worker's last heartbeat, moved an hour into the past: stale for any grace period,
+    # whatever the wall clock does (no sleeping for it to age)
+    with sqlite3.connect(out / "study.db") as db:
+        n = db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id = "
+                       "(SELECT trial_id FROM trials WHERE number = ?)", (killed.number,)).rowcount
+    assert n == 1
     study = tune(dataset, out, trials=4, epochs=2, heartbeat=1, progress=False, prune=False)
     trials = study.get_trials()
     assert len(finished_trials(study)) == 4  # not 2 + 4
@@ -192,7 +197,7 @@ def test_cli_refuses_wide_space_before_touching_storage(dataset, tmp_path, capsy
                "--trials", "2", "--epochs", "1", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "lr = [0.0001, 0.01] lies outside the paper's range [0.0001, 0.005]" in err and "METHOD.md" in err
+    assert "lr = [0.0001, 0.01] lies outside the paper's range [0.0001, 0.005]" in err and 'docs/method.md, section "Hyperparameter search"' in err
     assert not (out / "study.db").exists()
 
 
@@ -211,3 +216,16 @@ def test_narrowed_space_is_searched_and_mismatched_join_refused(dataset, tmp_pat
     with pytest.raises(ValueError, match="space"):
         tune(dataset, out, trials=3, epochs=1, progress=False)
     assert len(_study(out).get_trials()) == 2
+
+
+def test_trials_skip_calibration(dataset, tmp_path, monkeypatch):
+    """A trial is judged by its validation loss: no PCA, no error-bar fit (they were thrown away)."""
+    from stellarparams import calibrate, train as train_mod, uncertainty
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a trial was calibrated")
+
+    for module, name in ((train_mod, "calibrate"), (calibrate, "fit_uncertainty"), (uncertainty, "fit_uncertainty")):
+        monkeypatch.setattr(module, name, no_calibration)
+    study = tune(dataset, tmp_path / "search", trials=1, epochs=1, progress=False, prune=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]

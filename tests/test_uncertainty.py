@@ -11,7 +11,7 @@ import torch
 from stellarparams import load_model
 from stellarparams.dataset import write_dataset
 from stellarparams.model import ModelConfig, StellarNet
-from stellarparams.model_io import save_model
+from stellarparams.model_io import ModelFileError, save_model
 from stellarparams.train import TrainConfig, train
 from stellarparams.uncertainty import (Uncertainty, coverage, coverage_table, der_snr_noise, fit_variance,
                                        format_coverage, mc_predict)
@@ -63,7 +63,7 @@ def make_task(folder, n=4000, seed=0):
 
 MC = ModelConfig(n_in=P, stem_width=64, block_widths=(32,), heads={"teff": (16,), "feh": (16,), "logg": (16,)},
                  trunk_dropout=0.2)
-TC = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1)
+TC = TrainConfig(epochs=25, batch_size=64, lr=3e-3, n_augment=0, seed=0, threads=1, calib_folds=2)
 
 
 @pytest.fixture(scope="module")
@@ -157,15 +157,14 @@ def test_calibration_survives_save_load_and_old_models_load(trained, tmp_path):
         m_old.predict_full(x)  # warned once only
     assert df[[f"sigma_{n}" for n in NAMES]].isna().all().all()
     np.testing.assert_allclose(df[NAMES].to_numpy(), a[NAMES].to_numpy(), rtol=1e-6)
-    # a calibration that belongs to other weights is not used
+    # a calibration that belongs to other weights, put beside them, is refused (not silently NaN)
     (old / "uncertainty.json").write_text((folder / "model" / "uncertainty.json").read_text())
     (old / "uncertainty.safetensors").write_bytes((folder / "model" / "uncertainty.safetensors").read_bytes())
-    (old / "model.json").write_text((old / "model.json").read_text().replace('"seed": 0', '"seed": 0 '))
     meta = json.loads((old / "uncertainty.json").read_text())
     meta["weights_sha256"] = "0" * 64
     (old / "uncertainty.json").write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match="calibrated for other weights"):
-        assert load_model(old).uncertainty is None
+    with pytest.raises(ModelFileError, match="uncertainty.json: calibrated for other weights"):
+        load_model(old)
 
 
 def test_der_snr_recovers_white_noise():
@@ -224,22 +223,26 @@ def test_mc_dropout_keeps_point_prediction_and_is_zero_without_dropout():
 
 
 def test_fanned_out_tail_equals_t_full_passes_with_the_same_masks():
-    from stellarparams.uncertainty import _dropouts, _FixedMasks, _tail_mc
+    """MC dropout runs the model's own forward pass: the T masked copies, fanned out at the first
+    dropout, equal T ordinary forward passes with each Dropout's output times mask t (hooks)."""
+    from stellarparams.uncertainty import FixedMasks, _dropouts, _hooked_passes
 
     torch.manual_seed(1)
     x = torch.randn(10, 30)
     for cfg in (dict(block_widths=(8, 8), trunk_dropout=0.4, head_dropout=0.2),   # 2 blocks + head dropout
                 dict(block_widths=(8,), trunk_dropout=0.0, head_dropout=0.3),     # dropout only in the heads
-                dict(block_widths=(8,), trunk_dropout=0.4, skip=False)):
+                dict(block_widths=(8,), trunk_dropout=0.4, skip=False),
+                dict(block_widths=(8,), stem_dropout=0.3),                        # fans out at the stem
+                dict(block_widths=(8,), multitask=False)):                        # one trunk per label
         net = StellarNet(ModelConfig(n_in=30, stem_width=12, heads={"a": (6,), "b": (4,)}, **cfg)).eval()
-        with torch.inference_mode(), _FixedMasks(_dropouts(net), 5, 0) as masks:
-            fast = _tail_mc(net, net.trunks[0].stem(x), masks).view(5, 10, 2)
-            slow = []
-            for t in range(5):
-                masks.t = t
-                slow.append(net(x))
-        torch.testing.assert_close(fast, torch.stack(slow))
-        assert fast.std(0).min() > 0
+        masks = FixedMasks(_dropouts(net), 5, 0)
+        with torch.inference_mode():
+            fast = net.tail(net.features(x), masks)
+            slow = _hooked_passes(net, x, masks, _dropouts(net))
+            assert fast.shape == (5, 10, 2)
+            torch.testing.assert_close(fast, slow)
+            assert fast.std(0).min() > 0
+            torch.testing.assert_close(net.tail(net.features(x)), net(x))     # forward == tail(features)
 
 
 def test_train_adds_calibration_to_an_already_trained_older_model(trained, tmp_path):
@@ -248,9 +251,12 @@ def test_train_adds_calibration_to_an_already_trained_older_model(trained, tmp_p
     model, folder, *_ = trained
     old = tmp_path / "model"
     shutil.copytree(folder / "model", old)
-    for name in ("uncertainty.json", "uncertainty.safetensors"):
-        (old / name).unlink()
-    assert load_model(old).uncertainty is None
+    model.uncertainty, keep = None, model.uncertainty
+    try:
+        save_model(model, old)  # as a stellarparams without calibration wrote it
+    finally:
+        model.uncertainty = keep
+    assert not (old / "uncertainty.json").exists() and load_model(old).uncertainty is None
     again = train(folder / "data", old, MC, TC, progress=False)  # same config + data: not retrained
     assert (old / "uncertainty.json").exists() and again.uncertainty is not None
     # no training: calibrated on the validation split alone, which says so
@@ -260,7 +266,7 @@ def test_train_adds_calibration_to_an_already_trained_older_model(trained, tmp_p
 
 
 def test_fold_of_keeps_each_star_in_one_fold_and_balances_folds():
-    from stellarparams.train import fold_of
+    from stellarparams.calibrate import fold_of
 
     groups = np.repeat(np.arange(50), np.arange(50) % 7 + 1).astype(str)   # 50 stars, 1-7 spectra each
     f = fold_of(groups, 3, seed=0)
@@ -273,7 +279,7 @@ def test_fold_of_keeps_each_star_in_one_fold_and_balances_folds():
 def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path, monkeypatch):
     """40 stars x 8 spectra whose labels no flux feature explains: only memorising a star gives
     its label, so a model that had the star in training is far better on it than one that did not."""
-    from stellarparams import train as train_mod
+    from stellarparams import calibrate
     from stellarparams.dataset import Dataset
 
     rng = np.random.default_rng(3)
@@ -292,7 +298,7 @@ def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path
     itr, iva = ds.indices("train"), ds.indices("val")
     final = train(ds, None, mc, replace(tc, calib_folds=0), progress=False)
     (tmp_path / "m").mkdir()
-    oof = train_mod._out_of_fold(ds, itr, iva, mc, tc, tmp_path / "m", "f" * 16, progress=False)
+    oof = calibrate.out_of_fold(ds, itr, iva, mc, tc, 4, tmp_path / "m", "f" * 16)
     np.testing.assert_array_equal(np.sort(oof["rows"]), itr)                    # every training row, once
     y = ds.labels(oof["rows"])
     mae_oof = np.abs(oof["pred"] - y).mean()
@@ -304,8 +310,8 @@ def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(train_mod, "_train", no_training)
-    again = train_mod._out_of_fold(ds, itr, iva, mc, tc, tmp_path / "m", "f" * 16, progress=False)
+    monkeypatch.setattr(calibrate, "fit", no_training)
+    again = calibrate.out_of_fold(ds, itr, iva, mc, tc, 4, tmp_path / "m", "f" * 16)
     for k in oof:
         np.testing.assert_array_equal(again[k], oof[k])
     ds.close()

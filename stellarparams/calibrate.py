@@ -1,0 +1,135 @@
+"""Calibration as its own stage: a trained model + a dataset -> ``model.uncertainty``.
+
+The sigma coefficients are fitted on held-out residuals (stellarparams.uncertainty): the
+final model's on the validation split plus, with ``folds`` = K >= 2, out-of-fold ones for
+every training star: K extra models with the same config, each trained by the plain
+training loop (:func:`stellarparams.training.fit`) without 1/K of the training stars and
+predicting them (K = 3 costs 2x the training time again). Each finished fold is kept in
+``FOLDER/oof_<tag>_fold<k>.npz``, so a killed run resumes there. Nothing here writes a model
+folder: the `train` command saves the calibrated model.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import Dataset
+from .files import atomic_write
+from .training import fit
+from .uncertainty import Uncertainty, fit_uncertainty, raw_uncertainty
+
+
+def fold_of(groups, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) of each row: all rows of a group (a star) share one fold, and
+    the folds hold equal numbers of groups (+-1), shuffled with ``seed``."""
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    fold = np.empty(len(uniq), np.int64)
+    fold[np.random.default_rng(seed).permutation(len(uniq))] = np.arange(len(uniq)) % k
+    return fold[inv.reshape(-1)]
+
+
+def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, tag: str = "",
+                progress: bool = False) -> dict | None:
+    """Out-of-fold predictions for every training row, for the sigma calibration.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The prepared dataset.
+    itr, iva : array
+        Training and validation row numbers.
+    model_config, train_config : ModelConfig, TrainConfig
+        The final model's configs; each fold model uses them (without calibration).
+    k : int
+        Number of folds K: the training stars (``object_id``) go into K folds; model k is
+        trained without fold k (selected on ``iva``) and predicts it with MC dropout.
+    folder : Path, optional
+        Where finished folds are kept (``oof_<tag>_fold<k>.npz``) to resume.
+
+    Returns
+    -------
+    dict or None
+        ``rows``, ``pred`` and ``s_mc`` (physical units), ``noise``; None when there are
+        fewer than K stars.
+    """
+    from tqdm.auto import tqdm
+
+    tc = train_config
+    groups = ds.meta(itr)["object_id"].to_numpy()
+    if len(np.unique(groups)) < k:
+        return None
+    folds = fold_of(groups, k, tc.seed)
+    bar = tqdm(total=k * tc.epochs, desc=f"calibration: {k} out-of-fold models", unit="epoch",
+               disable=not progress, mininterval=1.0)
+    parts = []
+    for f in range(k):
+        path = Path(folder) / f"oof_{tag[:16]}_fold{f}.npz" if folder is not None else None
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                parts.append({name: z[name] for name in z.files})
+            bar.update(tc.epochs)
+            continue
+        held = itr[folds == f]
+        fm = fit(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
+                 on_epoch=lambda *a: bar.update(1))
+        pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
+        parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
+        if path is not None:
+            atomic_write(path, lambda tmp, part=parts[-1]: _savez(tmp, part))
+    bar.close()
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _savez(path, arrays: dict):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", progress: bool = True) -> Uncertainty:
+    """Fit the uncertainty model of a trained model on a prepared dataset's train/val splits.
+
+    Parameters
+    ----------
+    model : stellarparams.model_io.Model
+        The trained model; ``model.uncertainty`` and ``model.metrics`` (timings) are set.
+    dataset : Dataset or path
+        The dataset it was trained on.
+    folds : int
+        K >= 2 adds K out-of-fold models (:func:`out_of_fold`, using ``model.model_config``
+        and ``model.train_config``); 0 fits on the validation split alone.
+    folder, tag : Path, str
+        Where finished folds are kept, and the run identity in their names.
+    progress : bool
+        Progress bar and a one-line summary on stderr.
+
+    Returns
+    -------
+    Uncertainty
+    """
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    try:
+        cols = [ds.label_names.index(n) for n in model.label_names]
+        itr, iva = ds.indices("train"), ds.indices("val")
+        Xtr, Xva = ds.flux(itr), ds.flux(iva)
+        ytr, yva = ds.labels(itr)[:, cols].astype(np.float64), ds.labels(iva)[:, cols].astype(np.float64)
+        seed = int(model.seed or 0)
+        oof = None
+        if folds >= 2:
+            t0 = time.perf_counter()
+            oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress)
+            model.metrics["calib_folds_s"] = round(time.perf_counter() - t0, 1)
+            if oof is not None:
+                oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]
+    finally:
+        if ds is not dataset:
+            ds.close()
+    t0 = time.perf_counter()
+    u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof)
+    model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
+    if progress:
+        print(u.summary(model.metrics["calibration_s"]), file=sys.stderr)
+    return u

@@ -1,0 +1,160 @@
+"""Every config dataclass of the network and its training, and TOML in and out (a leaf module).
+
+``ModelConfig`` is the architecture (docs/method.md, section "Model"), ``TrainConfig`` the
+optimisation (docs/method.md, section "Training"). A TOML file holds an optional ``[model]``
+table (with ``[model.heads]``) and an optional ``[train]`` table; :func:`load_config` reads
+it and :func:`config_toml` writes one (with ``tomli_w``).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
+
+ACTIVATION_NAMES = ("gelu", "relu", "silu", "tanh")
+
+
+def _default_heads():
+    return {"teff": (48, 32), "feh": (16,), "logg": (48,)}
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A config dataclass from a dict (TOML table, model.json); unknown keys are an error naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural knob; the defaults are the paper's selected model (542,771 params)."""
+
+    n_in: int = 4000                  # grid pixels
+    stem_width: int = 128
+    block_widths: tuple = (64,)       # output width of each residual block
+    heads: dict = field(default_factory=_default_heads)  # label -> hidden widths, in output order
+    stem_dropout: float = 0.0
+    trunk_dropout: float = 0.4        # dropout inside each residual block
+    head_dropout: float = 0.0
+    skip: bool = True                 # residual shortcuts
+    layernorm: bool = True
+    multitask: bool = True            # False: one full network per label
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        self.block_widths = tuple(int(w) for w in self.block_widths)
+        self.heads = {str(k): tuple(int(w) for w in v) for k, v in dict(self.heads).items()}
+        if not self.heads:
+            raise ValueError("ModelConfig.heads is empty: give at least one label, e.g. {'teff': (48, 32)}")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation {self.activation!r} unknown; choose one of {sorted(ACTIVATION_NAMES)}")
+
+    @property
+    def labels(self) -> list:
+        return list(self.heads)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_widths"] = list(self.block_widths)
+        d["heads"] = {k: list(v) for k, v in self.heads.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return config_from_dict(cls, d, "model")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the paper's (docs/method.md, section "Training")."""
+
+    lr: float = 7e-4
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    epochs: int = 30
+    warmup_frac: float = 0.05     # fraction of all steps with linear warm-up
+    lr_floor: float = 0.01        # cosine decays to lr_floor * lr (ours: the paper gives no value)
+    huber_delta: float = 1.0
+    n_augment: int = 2            # noisy copies per training spectrum
+    noise_min: float = 0.01       # noise std as a fraction of the spectrum's std
+    noise_max: float = 0.05
+    seed: int = 0
+    threads: int | None = None    # torch threads (None: torch's default)
+    eval_batch_size: int = 4096
+    calib_folds: int = 3          # out-of-fold models for the sigma calibration (0: validation split only)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return config_from_dict(cls, d, "train")
+
+
+def load_config(path) -> tuple[ModelConfig, TrainConfig]:
+    """Read a TOML file with optional ``[model]`` (and ``[model.heads]``) and ``[train]`` tables.
+
+    Example::
+
+        [model]
+        stem_width = 96
+        block_widths = [64, 32]
+        [model.heads]
+        teff = [48, 32]
+        logg = [48]
+        [train]
+        epochs = 20
+
+    Parameters
+    ----------
+    path : str or Path
+        The TOML file.
+
+    Returns
+    -------
+    (ModelConfig, TrainConfig)
+        Missing tables and keys keep their defaults.
+
+    Raises
+    ------
+    ValueError
+        Unreadable file, unknown table or key (named in the message).
+    """
+    path = Path(path)
+    try:
+        d = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config ({e})") from e
+    unknown = set(d) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"{path}: unknown tables {sorted(unknown)}; use [model] and [train]")
+    try:
+        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict(d.get("train", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def config_toml(mc: ModelConfig, tc: TrainConfig, header: str = "") -> str:
+    """TOML text with [model], [model.heads] and [train] tables, readable by :func:`load_config`.
+
+    Parameters
+    ----------
+    mc, tc : ModelConfig, TrainConfig
+        The configs to write. None values (e.g. ``threads``) are left out, so they keep their
+        defaults; ``threads`` is a property of the machine, never written.
+    header : str
+        Comment lines put on top (each prefixed with ``# ``).
+
+    Returns
+    -------
+    str
+        The TOML document.
+    """
+    model = {k: v for k, v in mc.to_dict().items() if v is not None}
+    train = {k: v for k, v in tc.to_dict().items() if v is not None and k != "threads"}
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + tomli_w.dumps({"model": model, "train": train})

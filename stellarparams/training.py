@@ -1,0 +1,299 @@
+"""The plain training loop of docs/method.md, section "Training": data + net in, weights + history out.
+
+One loop: batch -> (noise for augmented copies) -> forward -> masked, weighted Huber
+-> backward -> AdamW step -> LR schedule; after each epoch: validation, log, checkpoint.
+
+- Targets: RobustScaler (median, IQR) per label, fitted on the training rows only.
+- Augmentation: every training spectrum appears 1 + n_augment times per epoch; copy k >= 1
+  gets Gaussian noise of std l_k * sigma_S (sigma_S the spectrum's std, l_k ~ U(1%, 5%)
+  drawn once per copy). The noise itself is drawn fresh per batch in torch *(ours: the paper
+  stores two fixed noisy copies; fresh draws need no 2x extra memory)*.
+- Loss: sum over labels of w_l * mean Huber(delta) over rows where label l is known,
+  w_l = 1 / var(scaled training labels l). Rows with a missing label train the others.
+- AdamW; linear warm-up over warmup_frac of all steps, cosine decay to lr_floor * lr.
+- The weights with the best validation loss are kept.
+- Resumable: after each epoch the checkpoint file holds weights, best weights and AdamW
+  moments as tensors, the rest (epoch, history, scheduler) as JSON in its metadata.
+  Per-epoch random streams derive from (seed, epoch), so a resumed run equals an
+  uninterrupted one.
+
+No model folders here: `stellarparams.train` (the command) saves; `stellarparams.calibrate`
+trains its out-of-fold models with the same :func:`fit`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._version import __version__
+from .config import ModelConfig, TrainConfig
+from .files import atomic_write, write_text
+from .model import StellarNet, count_parameters
+
+LOG = "train_log.csv"      # the per-epoch history, beside the checkpoint
+
+
+def lr_factor(step: int, total_steps: int, warmup_frac: float = 0.05, floor: float = 0.01) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up (step+1)/W over the first W = max(1, round(warmup_frac * total)) steps,
+    reaching 1 at step W-1; then cosine from 1 at step W to ``floor`` at the last step.
+    """
+    warmup = max(1, round(warmup_frac * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def loss_weights(y_scaled: np.ndarray) -> np.ndarray:
+    """(N, L) scaled training targets (NaN = missing) -> (L,) inverse population variances."""
+    var = np.nanvar(np.asarray(y_scaled, np.float64), axis=0)
+    if np.any(~np.isfinite(var) | (var <= 0)):
+        raise ValueError(f"a label has no spread in the training split (variances {var.tolist()}); cannot weight it")
+    return 1.0 / var
+
+
+def masked_huber(pred, target, weights, delta: float = 1.0):
+    """Sum over labels of weights[l] * mean Huber over rows where target[:, l] is finite.
+
+    pred, target: (B, L) scaled units; weights: (L,). Returns a scalar tensor.
+    """
+    known = torch.isfinite(target)
+    t = torch.where(known, target, pred.detach())
+    per = F.huber_loss(pred, t, delta=delta, reduction="none") * known
+    per_label = per.sum(0) / known.sum(0).clamp(min=1)
+    return (per_label * weights).sum()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, net, best_state, opt, sched, state: dict):
+    """Weights, best weights and optimizer moments as tensors; ``state`` + schedule as JSON metadata."""
+    from safetensors.torch import save
+
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    osd = opt.state_dict()
+    for i, s in osd["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    state = dict(state, param_groups=osd["param_groups"], scheduler=sched.state_dict())
+    data = save(tensors, metadata={"state": json.dumps(state)})
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(state dict of JSON metadata, tensors) of a checkpoint file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return state, tensors
+
+
+def _restore(net, opt, sched, state, tensors):
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    opt_state = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sched.load_state_dict(state["scheduler"])
+    return best
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class Fitted:
+    """What :func:`fit` returns: the network holding its best-validation weights, and its record."""
+
+    net: torch.nn.Module
+    labels: list
+    center: np.ndarray                 # (L,) RobustScaler median of the training labels
+    scale: np.ndarray                  # (L,) RobustScaler IQR
+    label_ranges: dict                 # {label: [min, max]} in the training rows
+    history: list                      # one dict per epoch
+    best_val_loss: float
+    metrics: dict = field(default_factory=dict)
+
+
+def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
+        fingerprint: str = "", on_epoch=None, progress: bool = False) -> Fitted:
+    """Train one network on rows of a prepared dataset, keeping the best-validation weights.
+
+    Parameters
+    ----------
+    ds : stellarparams.dataset.Dataset
+        The prepared dataset (flux and labels are read from it).
+    rows : (array, array)
+        Row numbers of the training and the validation rows.
+    model_config : ModelConfig
+        Its ``heads`` name the labels (dataset labels); ``n_in`` must equal the pixels.
+    train_config : TrainConfig
+        Optimisation settings.
+    net : torch.nn.Module, optional
+        (B, n_in) -> (B, L) used instead of ``StellarNet(model_config)``.
+    checkpoint : Path, optional
+        Checkpoint file, written after every epoch; when it exists the run resumes from it.
+    fingerprint : str
+        Identity of the run kept in the checkpoint; a checkpoint of another run is refused.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, val_loss, metrics)`` after every epoch; may raise to stop.
+    progress : bool
+        Progress bars and one line per epoch on stderr.
+
+    Returns
+    -------
+    Fitted
+    """
+    from sklearn.preprocessing import RobustScaler
+    from tqdm.auto import tqdm
+
+    mc, tc = model_config, train_config
+    labels = mc.labels
+    cols = [ds.label_names.index(l) for l in labels]
+    units = [ds.label_units[c] for c in cols]
+
+    # ---- data: one float32 tensor in memory; targets scaled on train only
+    itr, iva = rows
+    if len(itr) == 0 or len(iva) == 0:
+        raise ValueError(f"{ds.path}: needs rows in both the train and val splits (has {len(itr)} train, {len(iva)} val)")
+    Xtr, Xva = torch.from_numpy(ds.flux(itr)), torch.from_numpy(ds.flux(iva))
+    for name, X in (("train", Xtr), ("val", Xva)):
+        bad = int((~torch.isfinite(X).all(1)).sum())
+        if bad:
+            raise ValueError(f"{ds.path}: {bad} {name} rows have non-finite flux; re-prepare the dataset")
+    ytr, yva = ds.labels(itr)[:, cols].astype(np.float64), ds.labels(iva)[:, cols].astype(np.float64)
+    for j, l in enumerate(labels):
+        if np.isfinite(ytr[:, j]).sum() < 2:
+            raise ValueError(f"{ds.path}: label {l!r} is known for fewer than 2 training rows")
+    scaler = RobustScaler().fit(ytr)  # NaN-aware: missing values are ignored in fit
+    center, scale = scaler.center_, scaler.scale_
+    Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
+    Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
+    weights = torch.tensor(loss_weights(Ytr.numpy()), dtype=torch.float32)
+    label_ranges = {l: [float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] for j, l in enumerate(labels)}
+
+    n_tr = len(itr)
+    g0 = torch.Generator().manual_seed(tc.seed)
+    row_std = Xtr.std(dim=1, unbiased=False)                               # sigma_S, (n_tr,)
+    levels = torch.zeros(1 + tc.n_augment, n_tr)                           # copy 0 is the clean spectrum
+    levels[1:] = tc.noise_min + (tc.noise_max - tc.noise_min) * torch.rand(tc.n_augment, n_tr, generator=g0)
+    noise_std = levels * row_std                                           # (1 + n_augment, n_tr)
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(tc.seed)
+    net = StellarNet(mc) if net is None else net
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    n_items = n_tr * (1 + tc.n_augment)
+    steps_per_epoch = math.ceil(n_items / tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, tc.warmup_frac, tc.lr_floor))
+
+    # ---- resume
+    history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
+    best_state = copy.deepcopy(net.state_dict())
+    if checkpoint is not None and Path(checkpoint).exists():
+        state, tensors = load_checkpoint(checkpoint)
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"{checkpoint}: checkpoint of a run with another config or dataset; choose another --out "
+                             "or delete the checkpoint to start over")
+        best_state = _restore(net, opt, sched, state, tensors)
+        history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
+        start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
+        if progress:
+            print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
+
+    def evaluate(X, Y, y_phys):
+        net.eval()
+        with torch.inference_mode():
+            pred = torch.cat([net(X[i:i + tc.eval_batch_size]) for i in range(0, len(X), tc.eval_batch_size)])
+            loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
+        p = pred.numpy().astype(np.float64) * scale + center
+        mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
+        return loss, mae
+
+    if progress:
+        print(f"training {count_parameters(net):,} parameters on {n_tr} spectra (+{tc.n_augment} noisy copies), "
+              f"validating on {len(iva)}; {tc.epochs} epochs x {steps_per_epoch} batches of {tc.batch_size}",
+              file=sys.stderr)
+    # ---- the loop
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.perf_counter()
+        es = _epoch_seed(tc.seed, epoch)
+        g = torch.Generator().manual_seed(es)
+        torch.manual_seed(es + 1)  # dropout
+        perm = torch.randperm(n_items, generator=g)
+        net.train()
+        run_loss = torch.zeros(())
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
+                   leave=False, unit="batch", mininterval=1.0)
+        for b in bar:
+            j = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
+            row, k = j % n_tr, j // n_tr
+            x = Xtr[row]
+            sigma = noise_std[k, row]
+            noisy = sigma > 0
+            if noisy.any():
+                x[noisy] += torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
+            loss = masked_huber(net(x), Ytr[row], weights, tc.huber_delta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            run_loss += loss.detach()
+            if progress and b % 50 == 49:
+                bar.set_postfix(loss=f"{float(run_loss) / (b + 1):.4f}")
+        bar.close()
+        train_loss = float(run_loss) / steps_per_epoch
+        val_loss, mae = evaluate(Xva, Yva, yva)
+        train_time += time.perf_counter() - t0
+        if val_loss < best_val:
+            best_val, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(net.state_dict())
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **mae,
+                        "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+        if progress:
+            maes = " ".join(f"{l} {mae['mae_' + l]:.4g}{(' ' + u) if u else ''}" for l, u in zip(labels, units))
+            tqdm.write(f"epoch {epoch + 1:3d}/{tc.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
+                       f"val MAE: {maes}{'  *' if best_epoch == epoch else ''}", file=sys.stderr)
+        if checkpoint is not None:
+            write_log(Path(checkpoint).parent / LOG, history)
+            save_checkpoint(checkpoint, net, best_state, opt, sched,
+                            {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
+                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__})
+        if on_epoch is not None:
+            on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
+
+    # ---- the best weights
+    net.load_state_dict(best_state)
+    net.eval()
+    _, best_mae = evaluate(Xva, Yva, yva)
+    metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
+               "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,
+               "n_val": len(iva), "n_params": count_parameters(net)}
+    return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+
+
+def write_log(path, history):
+    """The per-epoch history as CSV (atomically)."""
+    import pandas as pd
+
+    write_text(path, pd.DataFrame(history).to_csv(index=False))

@@ -1,0 +1,104 @@
+"""Write the compatibility fixtures of tests/test_model_folder.py with the code of the commit
+that made them (run from the repository root: ``python tests/data/make_fixtures.py``).
+
+- ``model_v0/``: a tiny model folder as `train` wrote it before the architecture refactor
+  (issue #13), plus ``model_v0_inputs.npy`` and its outputs ``model_v0_pred.npy`` /
+  ``model_v0_sigma.npy`` / ``model_v0_ood.npy`` on those inputs.
+- ``tiny_run.json``: for the tiny training run of :func:`tiny_run` (fixed seed), the sha256
+  of the weights file, the predictions and the calibration coefficients, once without and
+  once with out-of-fold calibration models. The same seed must keep giving the same bytes.
+
+Everything here is small (< 100 kB) and deterministic with one torch thread.
+"""
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+N_PIX = 48
+
+
+def tiny_dataset(folder, n=150, p=N_PIX, seed=0):
+    """Spectra depending smoothly on three labels, standardized per row (a Dataset)."""
+    from stellarparams.dataset import write_dataset
+
+    rng = np.random.default_rng(seed)
+    y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-2.5, 0.5, n), rng.uniform(1, 5, n)]
+    z = (y - [6500, -1, 3]) / [1500, 0.9, 1.2]
+    A = np.random.default_rng(99).normal(size=(3, p))
+    X = np.tanh(z @ A) + 0.4 * (z[:, :1] * z[:, 1:2]) * A[2] + 0.05 * rng.normal(size=(n, p))
+    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
+    split = np.repeat([0, 1, 2], [int(0.6 * n), int(0.2 * n), n - int(0.6 * n) - int(0.2 * n)])
+    return write_dataset(folder, X, y.astype(np.float32), split)
+
+
+def tiny_configs(calib_folds=0):
+    from stellarparams.model import ModelConfig
+    from stellarparams.train import TrainConfig
+
+    mc = ModelConfig(n_in=N_PIX, stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (4,), "logg": (8,)},
+                     trunk_dropout=0.2)
+    tc = TrainConfig(epochs=3, batch_size=32, lr=3e-3, seed=7, n_augment=1, calib_folds=calib_folds)
+    return mc, tc
+
+
+def fixed_inputs(p=N_PIX):
+    """Five fixed rows: standardized noise, a ramp, a spike, a constant-ish row and a sine."""
+    rng = np.random.default_rng(123)
+    x = np.stack([rng.normal(size=p), np.linspace(-2, 2, p), np.eye(p)[p // 2] * p ** 0.5,
+                  rng.normal(size=p) * 0.1, np.sin(np.arange(p) / 3.0)])
+    return ((x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)).astype(np.float32)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_run(work, calib_folds=0):
+    """Train the tiny model into work/model; (model, weights sha256)."""
+    from stellarparams.train import train
+
+    torch.set_num_threads(1)
+    mc, tc = tiny_configs(calib_folds)
+    with tiny_dataset(Path(work) / f"ds{calib_folds}") as ds:
+        model = train(ds, Path(work) / f"model{calib_folds}", mc, tc, progress=False)
+    return model, sha256(Path(work) / f"model{calib_folds}" / "weights.safetensors")
+
+
+def record(model, digest):
+    x = fixed_inputs()
+    pred, sigma = model.predict(x, return_sigma=True)
+    u = model.uncertainty
+    return {"weights_sha256": digest, "pred": pred.tolist(), "sigma": sigma.tolist(),
+            "a": u.a.tolist(), "b": u.b.tolist(), "c": u.c.tolist(), "n_oof": u.stats["n_oof"]}
+
+
+def main():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        runs = {}
+        for k in (0, 2):
+            model, digest = tiny_run(work, k)
+            runs[f"calib_folds={k}"] = record(model, digest)
+            if k == 0:
+                out = HERE / "model_v0"
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(Path(work) / "model0", out)
+                x = fixed_inputs()
+                df = model.predict_full(x)
+                np.save(HERE / "model_v0_inputs.npy", x)
+                np.save(HERE / "model_v0_pred.npy", model.predict(x))
+                np.save(HERE / "model_v0_sigma.npy", model.predict(x, return_sigma=True)[1])
+                np.save(HERE / "model_v0_ood.npy", df["ood_score"].to_numpy())
+    (HERE / "tiny_run.json").write_text(json.dumps(runs, indent=1) + "\n")
+    print("wrote", HERE / "model_v0", HERE / "tiny_run.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
