@@ -100,15 +100,37 @@ def _grid_loglam(grid: Grid) -> np.ndarray:
     return g
 
 
-def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig()):
+def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig(),
+               return_sigma: bool = False):
     """Resample one spectrum onto the common rest-frame grid and standardize it.
 
-    spec: a Spectrum on its native grid (observed frame)
-    rv_kms: heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False)
-    Returns flux (P,) float32 with mean 0 and population std 1 over the P grid pixels, and
-    valid (P,) bool: True where the pixel lies inside the good coverage and within
-    ~2 native pixels of a good pixel. Raises sdss.SpectrumError (reasons: missing_rv,
-    bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels, low_coverage, constant_flux).
+    Parameters
+    ----------
+    spec : sdss.Spectrum
+        A spectrum on its native grid (observed frame).
+    rv_kms : float
+        Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
+    config : PrepareConfig
+    return_sigma : bool
+        Also return the per-pixel noise.
+
+    Returns
+    -------
+    flux : (P,) float32
+        Mean 0 and population std 1 over the P grid pixels.
+    valid : (P,) bool
+        True where the pixel lies inside the good coverage and within ~2 native pixels of a
+        good pixel.
+    sigma : (P,) float32, only with ``return_sigma``
+        1-sigma noise of ``flux`` in the same standardized units: 1/sqrt(ivar) of the good
+        pixels, linearly interpolated onto the grid and divided by the std that standardized
+        the flux; +inf where ``valid`` is False.
+
+    Raises
+    ------
+    sdss.SpectrumError
+        Reasons: missing_rv, bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels,
+        low_coverage, constant_flux.
     """
     path = spec.path
     loglam = np.asarray(spec.loglam, np.float64)
@@ -156,7 +178,11 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     mean, std = out.mean(), out.std()
     if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
         raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
-    return ((out - mean) / std).astype(np.float32), valid
+    flux_out = ((out - mean) / std).astype(np.float32)
+    if not return_sigma:
+        return flux_out, valid
+    noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
+    return flux_out, valid, np.where(valid, noise, np.inf).astype(np.float32)
 
 
 def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
@@ -249,13 +275,14 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
     valid = np.empty((len(items), P), bool)
+    sigma = np.empty((len(items), P), np.float32)
     rows, snr, rejects = [], [], []
     for row, path, rv in items:
         try:
             spec = sdss.read_spectrum(path)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
-            f, v = preprocess(spec, rv, config)
+            f, v, sg = preprocess(spec, rv, config, return_sigma=True)
         except sdss.SpectrumError as e:
             rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
             continue
@@ -263,13 +290,13 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
             rejects.append({"row": row, "file": str(path), "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]})
             continue
         k = len(rows)
-        flux[k], valid[k] = f, v
+        flux[k], valid[k], sigma[k] = f, v, sg
         rows.append(row)
         snr.append(spec.snr)
     n = len(rows)
     out = Path(partial) / f"chunk-{chunk_id:05d}.npz"
     tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(tmp, flux=flux[:n], valid=valid[:n], rows=np.array(rows, np.int64), snr=np.array(snr, np.float32),
+    np.savez(tmp, flux=flux[:n], valid=valid[:n], sigma=sigma[:n], rows=np.array(rows, np.int64), snr=np.array(snr, np.float32),
              rejects=np.array(json.dumps(rejects)))
     os.replace(tmp, out)
     return {"chunk": chunk_id, "n": len(items), "kept": n, "rejects": rejects}
@@ -500,19 +527,20 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
              "seed": seed, "fractions": list(fractions), "group_by": group_by, "split_column": split_column,
              "catalog": cat_name, "spectra": str(spectra)}
     tmp = partial / (DATA_FILE + ".tmp")
+    tmp.unlink(missing_ok=True)
     keep_mask = ~bad
-    with create_dataset(tmp, config.grid.n_pix, names, attrs) as f:
+    with create_dataset(tmp, config.grid.n_pix, names, attrs, sigma=True) as f:
         start = 0
         for k, part in enumerate(parts):
             n = len(part["rows"])
             sel = np.flatnonzero(keep_mask[start:start + n])
             if len(sel):
                 with np.load(partial / f"chunk-{k:05d}.npz") as z:
-                    fl, va = z["flux"][sel], z["valid"][sel]
+                    fl, va, sg = z["flux"][sel], z["valid"][sel], z["sigma"][sel]
                 idx = start + sel
                 append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
                             meta.iloc[idx].reset_index(drop=True),
-                            None if extra is None else extra.iloc[idx].reset_index(drop=True))
+                            None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg)
             start += n
 
     rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
