@@ -13,11 +13,15 @@ Problems raise :class:`SpectrumError`, whose ``reason`` is a short code that
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .files import atomic_write
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
@@ -92,13 +96,64 @@ def _median_snr(flux, ivar):
     return float(np.median(flux[ok] * np.sqrt(ivar[ok]))) if ok.any() else 0.0
 
 
-def read_spectrum(path) -> Spectrum:
-    """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format."""
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def open_fits(path):
+    """Open a FITS file for reading with fitsio so that no character of its path has meaning.
+
+    cfitsio reads ``[...]``, ``(...)``, ``+N``, a leading ``!`` or ``-`` and ``mem://`` in a file
+    name as extended-filename syntax. We open the file ourselves and give cfitsio
+    ``/proc/self/fd/N`` (Linux), a name with no such characters; gzip files still work.
+    Elsewhere the path is passed as is.
+
+    Parameters
+    ----------
+    path : str or Path
+        Any file name (brackets, spaces, non-ASCII characters).
+
+    Returns
+    -------
+    context manager yielding fitsio.FITS
+    """
     import fitsio
 
-    path = Path(path)
-    try:
+    if not _PROC_FD:
         with fitsio.FITS(str(path)) as f:
+            yield f
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with fitsio.FITS(f"/proc/self/fd/{fd}") as f:
+            yield f
+    finally:
+        os.close(fd)
+
+
+def read_spectrum(path) -> Spectrum:
+    """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file; any character is allowed in its name (see :func:`open_fits`).
+
+    Returns
+    -------
+    Spectrum
+
+    Raises
+    ------
+    SpectrumError
+        ``missing_file``, ``unreadable`` (``empty file`` for 0 bytes), ``not_sdss``,
+        ``missing_columns``.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
+    try:
+        with open_fits(path) as f:
             hdr0 = f[0].read_header()
             if "COADD" in f or len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
                 return _read_spec(path, f, hdr0)
@@ -168,11 +223,9 @@ def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd:
                     wdisp=None, header: dict | None = None):
     """Write a DR8+ lite spectrum file (SDSS datamodel: primary, COADD, SPECOBJ, SPZLINE).
 
-    The file is written to a temporary name and renamed, so a reader never sees half a file.
-    ``model`` defaults to zeros: it must never carry a noiseless truth.
+    The file is written atomically (:func:`files.atomic_write`), so a reader never sees half a
+    file. ``model`` defaults to zeros: it must never carry a noiseless truth.
     """
-    import os
-
     from astropy.io import fits
 
     n = len(flux)
@@ -207,19 +260,12 @@ def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd:
         fits.Column("ZWARNING", "J", array=[0]), fits.Column("SN_MEDIAN_ALL", "E", array=[snr]),
     ], name="SPECOBJ")
     spzline = fits.BinTableHDU.from_columns([fits.Column("LINENAME", "13A", array=[])], name="SPZLINE")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fits.HDUList([primary, coadd, specobj, spzline]).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, fits.HDUList([primary, coadd, specobj, spzline]).writeto)
 
 
 def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, mjd: int, fiberid: int,
                      spec_cln: int = 1, z: float | None = None):
-    """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask)."""
-    import os
-
+    """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask), atomically."""
     from astropy.io import fits
 
     n = len(flux)
@@ -233,12 +279,7 @@ def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, 
     if z is not None:
         h["Z"] = z
     h["BUNIT"] = FLUX_UNIT
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    hdu.writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, hdu.writeto)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +304,8 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
     Column names come back upper-case. ``columns`` maps our names to the catalog's where
     they differ, e.g. ``{"TEFF_ADOP": "teff_spec", "FIBERID": "fiber"}``; a plain SSPP
     ``FIBER`` column is renamed ``FIBERID``. Missing values (-9999 and any value <= -9000)
-    become NaN in every numeric column except PLATE/MJD/FIBERID. Multi-dimensional FITS
+    become NaN in every numeric column except PLATE/MJD/FIBERID; text or empty cells in the
+    standard number columns below become NaN too. Multi-dimensional FITS
     columns are dropped, string columns are stripped. Standard columns: PLATE, MJD, FIBERID,
     TEFF_ADOP, FEH_ADOP, LOGG_ADOP, RV_ADOP and their ``_UNC``/``_ERR`` uncertainties;
     an optional FILE column names the spectrum file of a row directly.
@@ -299,6 +341,11 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
         df = df.drop(columns=[o for t, o in ren.items() if o in df.columns and o != t]).rename(columns=ren)
     if "FIBERID" not in df.columns and "FIBER" in df.columns:
         df = df.rename(columns={"FIBER": "FIBERID"})
+    numeric = set(CATALOG_ID_COLUMNS) | {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+    for c in numeric & set(df.columns):  # a text or empty cell in a number column is a missing value
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            df[c] = pd.to_numeric(df[c].map(lambda v: v.decode("ascii", "replace") if isinstance(v, bytes) else v),
+                                  errors="coerce")
     for c in df.columns:
         col = df[c]
         if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
