@@ -57,6 +57,10 @@ class SpectrumError(ValueError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+class NoUsableInput(ValueError):
+    """Nothing usable in the input (no spectrum kept, no label, no file); nothing was written."""
+
+
 @dataclass
 class Spectrum:
     """One spectrum as read from disk (native pixel grid, observed frame).

@@ -1,4 +1,4 @@
-"""Preprocessing (METHOD.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
+"""Preprocessing (docs/method.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
 import gzip
 import json
 import os
@@ -62,10 +62,13 @@ def test_lines_land_on_rest_positions(rv):
         assert abs(rv) < 1000 or np.abs(off - classical).min() > 0.15
 
 
-def test_doppler_is_relativistic():
+def test_doppler_is_relativistic_and_shared():
+    from stellarparams import physics
+
     b = 0.6  # (1+z)^2 = (1+b)/(1-b) = 4 -> log10(1+z) = log10(2)
-    assert prep.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
-    assert prep.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
+    assert physics.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
+    assert physics.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
+    assert prep.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
 
 
 def test_standardized_rows():
@@ -397,9 +400,10 @@ def test_catalog_with_file_column_and_dr7(tmp_path):
     write_star(spectra, 500, 55000, 2, 0.0, sub="x")
     (spectra / "x" / sdss.spec_filename(500, 55000, 2)).rename(spectra / "x" / "renamed.fits")
     cat = pd.DataFrame([catalog_row(300, 52000, 7, 50.0), catalog_row(500, 55000, 1),
-                        catalog_row(500, 55000, 2, FILE="x/renamed.fits")])
+                        catalog_row(500, 55000, 2, FILE="spectra/x/renamed.fits")])  # relative to the catalog
     cat["FILE"] = cat["FILE"].fillna("")
-    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1, progress=False)
     assert s["kept"] == 3 and s["rejected"] == 0
     with Dataset(tmp_path / "ds") as ds:
         assert ds.meta().file[2].endswith("renamed.fits")

@@ -1,0 +1,265 @@
+"""Issue #16: one writer per output, verified publishing, paths as data, workers that die with
+their parent, clear errors and exit codes (prepare and predict)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stellarparams import cli, prepare as prep, sdss
+from stellarparams.dataset import Dataset
+from stellarparams.files import OutputBusy, output_lock
+
+from test_prepare import analytic, catalog_row, good_set, write_star
+
+PY = sys.executable
+
+
+def arrays(path):
+    with Dataset(path) as ds:
+        return [ds.flux(), ds.valid(), ds.sigma(), ds.labels(), ds.split.copy(), ds.meta()]
+
+
+def assert_same_dataset(a, b):
+    for x, y in zip(arrays(a), arrays(b)):
+        if isinstance(x, pd.DataFrame):
+            pd.testing.assert_frame_equal(x, y)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+def test_two_prepare_runs_on_one_output_one_proceeds(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "solo", workers=1, chunk_size=2, progress=False)
+    real = prep._run_chunk
+    for trial in range(10):
+        out = tmp_path / f"ds{trial}"
+        inside, go = threading.Event(), threading.Event()
+
+        def slow_chunk(*a):
+            inside.set()
+            go.wait(30)
+            return real(*a)
+
+        monkeypatch.setattr(prep, "_run_chunk", slow_chunk)
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("s", prep.prepare(
+            tmp_path / "cat.csv", spectra, out, workers=1, chunk_size=2, progress=False)))
+        t.start()
+        assert inside.wait(30)
+        with pytest.raises(OutputBusy, match=rf"{out}.*PID {os.getpid()}"):  # the second fails at once
+            prep.prepare(tmp_path / "cat.csv", spectra, out, workers=1, chunk_size=2, progress=False)
+        go.set()
+        t.join(60)
+        assert first["s"]["kept"] == 4
+        assert_same_dataset(out, tmp_path / "solo")
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "dataset.h5", "rejects.csv", "summary.json"]
+
+
+def test_second_prepare_waits_with_wait(tmp_path):
+    spectra, cat = good_set(tmp_path, n=3)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    args = ["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+            str(tmp_path / "ds"), "--workers", "1", "--no-progress"]
+    with output_lock(tmp_path / "ds"):
+        assert cli.main(args) == 3  # busy: fails at once, naming the holder
+        rc = []
+        t = threading.Thread(target=lambda: rc.append(cli.main(args + ["--wait"])))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not (tmp_path / "ds" / "dataset.h5").exists()  # waiting, not writing
+    t.join(60)
+    assert rc == [0] and len(Dataset(tmp_path / "ds")) == 3
+
+
+def test_busy_message_names_folder_and_pid(tmp_path, capsys):
+    with output_lock(tmp_path / "ds"):
+        rc = cli.main(["prepare", "--catalog", "x.csv", "--spectra", str(tmp_path), "--out", str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert rc == 3 and str(tmp_path / "ds") in err and f"PID {os.getpid()}" in err and "Traceback" not in err
+
+
+def test_damaged_published_dataset_is_not_up_to_date(tmp_path):
+    spectra, cat = good_set(tmp_path, n=4)
+    prep.prepare(cat, spectra, tmp_path / "ref", workers=1, progress=False)
+    prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    h5 = tmp_path / "ds" / "dataset.h5"
+    summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    assert summary["dataset_sha256"] == prep.file_sha256(h5)
+    assert prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)["up_to_date"]
+    data = bytearray(h5.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the flux
+    h5.write_bytes(bytes(data))
+    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    assert not s.get("up_to_date") and s["kept"] == 4  # prepared again ...
+    assert_same_dataset(tmp_path / "ds", tmp_path / "ref")  # ... and healed
+
+
+def test_a_damaged_dataset_is_never_published(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=4)
+    real = prep.append_rows
+
+    def zeros(f, flux, *a, **kw):  # what a second writer truncating the file did
+        return real(f, np.zeros_like(flux), *a, **kw)
+
+    monkeypatch.setattr(prep, "append_rows", zeros)
+    with pytest.raises(RuntimeError, match="all zeros.*nothing was published"):
+        prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    assert not (tmp_path / "ds" / "dataset.h5").exists() and not (tmp_path / "ds" / "summary.json").exists()
+    assert not [p for p in (tmp_path / "ds").iterdir() if p.name.endswith(".tmp.h5")]
+
+
+def test_output_location_errors_are_one_line_and_early(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, n=2)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "ds"):
+        rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra),
+                       "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and "afile" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, n=2)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra),
+                   "--out", str(tmp_path / "ro" / "ds"), "--no-progress"])
+    assert rc == 2 and "ro" in capsys.readouterr().err
+
+
+def test_nothing_usable_exits_1_and_publishes_nothing(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, n=3)
+    (tmp_path / "empty").mkdir()
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    base = ["prepare", "--catalog", str(tmp_path / "cat.csv"), "--no-progress"]
+    assert cli.main(base + ["--spectra", str(tmp_path / "empty"), "--out", str(tmp_path / "a")]) == 1
+    assert "no spectrum was kept (no_file 3)" in capsys.readouterr().err
+    cat[["TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP"]] = -9999.0
+    cat.to_csv(tmp_path / "nolabels.csv", index=False)
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "nolabels.csv"), "--no-progress", "--spectra",
+                   str(spectra), "--out", str(tmp_path / "b")])
+    assert rc == 1 and "has a label" in capsys.readouterr().err
+    for d in "ab":
+        assert not (tmp_path / d / "dataset.h5").exists() and not (tmp_path / d / "summary.json").exists()
+
+
+@pytest.mark.parametrize("missing", [-9999.0, np.nan])
+def test_missing_group_ids_are_groups_of_their_own(tmp_path, capsys, missing):
+    spectra, cat = good_set(tmp_path, n=12)
+    cat["STAR_ID"] = missing
+    cat.loc[:1, "STAR_ID"] = 7  # two rows of one known star
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1)
+    assert "10 of 12 kept rows have no STAR_ID" in capsys.readouterr().err
+    assert s["splits"]["train"] < 12 and s["splits"]["test"] > 0  # not one giant star
+    with Dataset(tmp_path / "ds") as ds:
+        m = ds.meta()
+        assert m.object_id[0] == m.object_id[1] == "7" and m.split[0] == m.split[1]
+        assert m.object_id[2] == "0500-55000-0003" and m.object_id.nunique() == 11
+
+
+def test_rv_column_error_speaks_cli(tmp_path, capsys):
+    spectra, cat = good_set(tmp_path, n=2)
+    cat.rename(columns={"RV_ADOP": "VHELIO"}).to_csv(tmp_path / "cat.csv", index=False)
+    base = ["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--no-progress"]
+    assert cli.main(base + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--rv-column" in err and "--no-rest-frame" in err
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "--rv-column", "vhelio"]) == 0
+
+
+def test_spectra_under_a_bracketed_unicode_folder(tmp_path):
+    weird = tmp_path / "a[1] b ñ"
+    rows = []
+    for i in range(3):
+        write_star(weird, 500, 55000, i + 1, 10.0 * i)
+        rows.append(catalog_row(500, 55000, i + 1, 10.0 * i))
+    s = prep.prepare(pd.DataFrame(rows), weird, tmp_path / "ds", workers=1, progress=False)
+    assert s["kept"] == 3 and s["rejected"] == 0
+    with Dataset(tmp_path / "ds") as ds:
+        assert all(f.startswith(str(weird) + "/spec-0500") for f in ds.meta().file)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+def _children(pid):
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import stellarparams.{module} as m
+def stuck(*a):
+    Path(sys.argv[1], str(__import__("os").getpid())).write_text("")
+    time.sleep(600)
+m.{func} = stuck
+{call}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+@pytest.mark.parametrize("command", ["prepare", "predict"])
+def test_kill_9_of_the_parent_leaves_no_worker(tmp_path, command):
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    if command == "prepare":
+        code = KILL_SCRIPT.format(module="prepare", func="_run_chunk", call=(
+            f"m.prepare({str(tmp_path / 'cat.csv')!r}, {str(spectra)!r}, {str(tmp_path / 'ds')!r}, workers=2, "
+            "chunk_size=1, progress=False)"))
+    else:
+        from test_predict import tiny_model
+        from stellarparams.model_io import save_model
+
+        save_model(tiny_model(), tmp_path / "model")
+        code = KILL_SCRIPT.format(module="predict", func="_read_chunk", call=(
+            f"m.predict({str(tmp_path / 'model')!r}, [{str(spectra)!r}], {str(tmp_path / 'r.csv')!r}, workers=2, "
+            "chunk_size=1, progress=False)"))
+    proc = subprocess.Popen([PY, "-c", code, str(pids)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and set(workers) <= set(_children(proc.pid))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers))
+    finally:
+        proc.kill()
+        for w in [int(p.name) for p in pids.iterdir()]:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
