@@ -1,6 +1,6 @@
 """Fetch SDSS DR12 stars: the SSPP label catalog and the spectra (`stellarparams fetch`).
 
-Two steps, both resumable (METHOD.md, "Data"):
+Two steps, both resumable (docs/method.md, "Data"):
 
 1. The catalog. Either the DR12 SkyServer SQL service (``SqlSearch``, CSV), joining
    ``sppParams`` (SSPP labels) with ``specObjAll`` (PLATE, MJD, FIBERID, RUN2D, CLASS), paged

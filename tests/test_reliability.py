@@ -263,3 +263,167 @@ def test_kill_9_of_the_parent_leaves_no_worker(tmp_path, command):
         for w in [int(p.name) for p in pids.iterdir()]:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+def _predict_setup(tmp_path, n=4):
+    from test_predict import tiny_model, write_star as write_spec
+
+    d = tmp_path / "spectra"
+    files = [write_spec(d / f"spec-1000-52000-{i:04d}.fits", i) for i in range(1, n + 1)]
+    return tiny_model(), d, files
+
+
+def read_table(path):
+    from astropy.table import Table
+
+    if str(path).endswith(".fits"):  # text columns are UTF-8 bytes
+        df = Table.read(path).to_pandas()
+        return df.apply(lambda c: c.str.decode("utf-8") if c.dtype == object else c)
+    return pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path, keep_default_na=False,
+                                                                               na_values=[""])
+
+
+def test_two_predict_runs_on_one_output_one_proceeds(tmp_path, monkeypatch):
+    import stellarparams.predict as P
+
+    m, d, _ = _predict_setup(tmp_path)
+    P.predict(m, [d], tmp_path / "solo.csv", workers=0, chunk_size=2, progress=False)
+    solo = pd.read_csv(tmp_path / "solo.csv")
+    real = P._read_chunk
+    for trial in range(10):
+        out = tmp_path / f"r{trial}.csv"
+        inside, go = threading.Event(), threading.Event()
+
+        def slow(*a):
+            inside.set()
+            go.wait(30)
+            return real(*a)
+
+        monkeypatch.setattr(P, "_read_chunk", slow)
+        res = {}
+        t = threading.Thread(target=lambda: res.setdefault("s", P.predict(m, [d], out, workers=0, chunk_size=2,
+                                                                          progress=False)))
+        t.start()
+        assert inside.wait(30)
+        with pytest.raises(OutputBusy, match=f"PID {os.getpid()}"):
+            P.predict(m, [d], out, workers=0, chunk_size=2, progress=False)
+        # a run with other inputs on the same output must not delete the running job's parts either
+        with pytest.raises(OutputBusy):
+            P.predict(m, [d / "spec-1000-52000-0001.fits"], out, workers=0, progress=False)
+        go.set()
+        t.join(60)
+        assert res["s"]["n_predicted"] == 4
+        pd.testing.assert_frame_equal(pd.read_csv(out), solo)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".fits"])
+def test_bracketed_unicode_paths_in_every_output_format(tmp_path, suffix):
+    from test_predict import tiny_model, write_star as write_spec
+
+    weird = tmp_path / "a[1] b ñ"
+    good = write_spec(weird / "spec-1000-52000-0001.fits", 1)
+    bad = weird / "spec-1000-52000-0002.fits"
+    bad.write_text("not FITS")
+    out = tmp_path / f"out [x] ñ{suffix}"
+    s = __import__("stellarparams.predict", fromlist=["predict"]).predict(
+        tiny_model(), [weird], out, workers=0, progress=False)
+    df = read_table(out)
+    assert s["n_predicted"] == 1 and list(df["file"]) == [str(good), str(bad)]
+    assert not df["flag_rejected"][0] and np.isfinite(df["teff"][0])
+    assert df["reject_reason"][1] == "unreadable"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a[1] b ñ", out.name, f".{out.name}.partial"])
+
+
+def test_rejected_rows_keep_their_identity(tmp_path):
+    from stellarparams.predict import predict
+
+    m, d, files = _predict_setup(tmp_path, n=2)
+    (d / "spec-2000-53000-0042.fits").write_text("broken")
+    pd.DataFrame({"FILE": ["spectra/spec-1000-52000-0001.fits", "spectra/nothere.fits", "",
+                           str(d / "spec-2000-53000-0042.fits")],
+                  "PLATE": [1000, 7, 8, 2000], "MJD": [52000, 50007, 50008, 53000], "FIBERID": [1, 77, 88, 42],
+                  "RV_ADOP": [0.0, 0.0, 0.0, 0.0]}).to_csv(tmp_path / "cat.csv", index=False)
+    predict(m, [tmp_path / "cat.csv"], tmp_path / "r.csv", workers=0, progress=False)
+    df = read_table(tmp_path / "r.csv")
+    assert list(df["file"].fillna("")) == [str(files[0]), str(tmp_path / "spectra/nothere.fits"), "",
+                                str(d / "spec-2000-53000-0042.fits")]
+    assert list(df["reject_reason"].fillna("")) == ["", "missing_file", "no_file", "unreadable"]
+    assert list(df["plate"]) == [1000, 7, 8, 2000] and list(df["fiberid"]) == [1, 77, 88, 42]
+    assert "no such file" in df["reject_detail"][1] and "empty" in df["reject_detail"][2]
+    # identity from the file name when no catalog gives it
+    predict(m, [d / "spec-2000-53000-0042.fits", d / "spec-3000-54000-0003.fits"], tmp_path / "r2.csv",
+            workers=0, progress=False)
+    df = read_table(tmp_path / "r2.csv")
+    assert list(df["plate"]) == [2000, 3000] and list(df["mjd"]) == [53000, 54000] and list(df["fiberid"]) == [42, 3]
+
+
+def test_resume_never_reuses_another_models_or_changed_files_parts(tmp_path, monkeypatch):
+    import stellarparams.predict as P
+    from test_predict import tiny_model, write_star as write_spec
+
+    m, d, files = _predict_setup(tmp_path, n=8)
+    other = tiny_model(seed=1)  # hand-built: no fingerprint, other weights
+    assert P.weights_sha256(m) != P.weights_sha256(other)
+    real = P._read_chunk
+
+    def dies_on_file_6(items, *a):
+        if any(f.endswith("0006.fits") for f, _, _ in items):
+            raise KeyboardInterrupt
+        return real(items, *a)
+
+    out = tmp_path / "r.parquet"
+    monkeypatch.setattr(P, "_read_chunk", dies_on_file_6)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
+    monkeypatch.setattr(P, "_read_chunk", real)
+    s = P.predict(other, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
+    assert s["resumed_from"] == 0
+    X = np.stack([other.prepare_spectra(sdss.read_spectrum(f))[0] for f in files])
+    np.testing.assert_allclose(pd.read_parquet(out)[["teff", "feh", "logg"]].to_numpy(), other.predict(X), rtol=1e-4)
+    # a file rewritten between the kill and the re-run is read again
+    monkeypatch.setattr(P, "_read_chunk", dies_on_file_6)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
+    write_spec(files[0], 1, snr=3.0)  # same name, new content
+    monkeypatch.setattr(P, "_read_chunk", real)
+    assert P.predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)["resumed_from"] == 0
+
+
+def test_ctrl_c_before_anything_was_kept_says_so(tmp_path, monkeypatch, capsys):
+    import stellarparams.predict as P
+    from stellarparams.model_io import save_model
+
+    m, d, _ = _predict_setup(tmp_path, n=3)
+    save_model(m, tmp_path / "model")
+
+    def interrupted(items, *a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_read_chunk", interrupted)
+    rc = cli.main(["predict", str(tmp_path / "model"), str(d), "--out", str(tmp_path / "r.csv"), "--quiet",
+                   "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "nothing was kept" in err and "resume" not in err
+
+
+def test_predict_output_errors_come_before_the_work(tmp_path, monkeypatch, capsys):
+    import stellarparams.predict as P
+    from stellarparams.model_io import save_model
+
+    m, d, _ = _predict_setup(tmp_path, n=2)
+    save_model(m, tmp_path / "model")
+    calls = []
+    monkeypatch.setattr(P, "_read_chunk", lambda *a: calls.append(a))
+    (tmp_path / "x.csv").mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, says in ((tmp_path / "x.csv", "is a folder"), (tmp_path / "r.txtx", "must end in"),
+                      (tmp_path / "afile" / "r.csv", "afile")):
+        rc = cli.main(["predict", str(tmp_path / "model"), str(d), "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "Traceback" not in err
+    assert calls == []  # no spectrum was read
+    (tmp_path / "empty").mkdir()
+    rc = cli.main(["predict", str(tmp_path / "model"), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv")])
+    assert rc == 1 and "no spectrum files" in capsys.readouterr().err and not (tmp_path / "e.csv").exists()
