@@ -37,6 +37,7 @@ import pandas as pd
 
 from . import sdss
 from .files import LOCK_NAME, atomic_write, write_text
+from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
 from .workers import pool as worker_pool
 
@@ -198,8 +199,6 @@ def check_output_file(path) -> Path:
     ValueError
         With a one-line reason.
     """
-    from .prepare import check_output_folder
-
     path = Path(path)
     output_kind(path)
     if path.is_dir():
@@ -380,7 +379,6 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         Bad output location or suffix, bad catalog.
     """
     from .model_io import Model, load_model
-    from .prepare import locked_output
 
     out = check_output_file(out)
     with locked_output(out.parent / f".{out.name}.partial", wait) as partial:

@@ -14,7 +14,6 @@ resumes where it stopped and a finished run with the same inputs is a no-op.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +32,8 @@ from scipy.interpolate import CubicSpline
 
 from . import sdss
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
-from .files import atomic_write, output_lock, write_text
+from .files import atomic_write, write_text
+from .outputs import file_sha256, locked_output
 from .physics import doppler_log_shift
 from .workers import pool as worker_pool
 
@@ -301,59 +301,6 @@ def _load_chunk_summary(path: Path) -> dict:
 def _log(msg, progress):
     if progress:
         print(msg, file=sys.stderr, flush=True)
-
-
-def check_output_folder(folder) -> Path:
-    """Make sure ``folder`` can be an output folder before any work starts.
-
-    Parameters
-    ----------
-    folder : str or Path
-
-    Returns
-    -------
-    Path
-        The folder, created when missing.
-
-    Raises
-    ------
-    ValueError
-        It names an existing file, or cannot be created or written to.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder}: exists and is not a folder; choose another output")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{folder}: the output folder is not writable")
-    return folder
-
-
-@contextlib.contextmanager
-def locked_output(folder, wait: bool):
-    """:func:`files.output_lock` on a checked output folder; an unwritable folder is a ValueError."""
-    folder = check_output_folder(folder)
-    try:
-        lock = output_lock(folder, wait=wait)
-        lock.__enter__()
-    except PermissionError as e:
-        raise ValueError(f"{folder}: cannot write in the output folder ({e.strerror})") from None
-    try:
-        yield folder
-    finally:
-        lock.__exit__(None, None, None)
-
-
-def file_sha256(path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_dataset(path, n_rows: int, block_rows: int = 4096) -> None:
