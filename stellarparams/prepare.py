@@ -42,6 +42,7 @@ SUMMARY_FILE = "summary.json"
 PARTIAL_DIR = ".partial"
 REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail"]
 MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
+LOGLAM_RANGE = (3.0, 4.7)  # 1000 A - 5 um: anything outside is a damaged wavelength solution
 
 
 @dataclass
@@ -139,6 +140,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     dx = np.diff(x)
     if not np.isfinite(loglam[[0, -1]]).all() or not (dx > 0).all():
         raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
+    if not (LOGLAM_RANGE[0] < x[0] and x[-1] < LOGLAM_RANGE[1]):
+        raise sdss.SpectrumError(path, "bad_wavelength", f"loglam {x[0]:.4g}-{x[-1]:.4g} is not an optical spectrum "
+                                 f"(log10 Angstrom between {LOGLAM_RANGE[0]} and {LOGLAM_RANGE[1]})")
     if config.rest_frame:
         if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
             raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
@@ -360,7 +364,8 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
 
 def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
-    missing = col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
+    missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
+               | (pd.to_numeric(col, errors="coerce") <= sdss.SENTINEL).to_numpy())
     values = col
     if pd.api.types.is_float_dtype(col) and np.all(np.mod(col[~missing], 1) == 0):
         values = col.astype("Int64")  # 3.0 -> "3" when a NaN made an integer column float

@@ -156,6 +156,17 @@ def read_spectrum(path) -> Spectrum:
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
+    for _ in range(3):
+        # fitsio decodes cfitsio's error-message stack, which may still hold raw bytes from an
+        # earlier damaged file; the failed decode drains it, so a second try sees only this file
+        try:
+            return _read_spectrum(path)
+        except UnicodeDecodeError:
+            continue
+    raise SpectrumError(path, "unreadable", "a header holds bytes that are not ASCII text")
+
+
+def _read_spectrum(path: Path) -> Spectrum:
     try:
         with open_fits(path) as f:
             hdr0 = f[0].read_header()
@@ -164,7 +175,7 @@ def read_spectrum(path) -> Spectrum:
             if "COEFF0" in hdr0:
                 return _read_spspec(path, f, hdr0)
             raise SpectrumError(path, "not_sdss", "neither a COADD table nor a DR7 image with COEFF0/COEFF1")
-    except SpectrumError:
+    except (SpectrumError, UnicodeDecodeError):
         raise
     except (OSError, ValueError, KeyError, IndexError) as e:
         if not path.exists():
@@ -172,10 +183,41 @@ def read_spectrum(path) -> Spectrum:
         raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
 
 
+MAX_PIXELS = 100_000  # no SDSS spectrum is longer; a header that says so is damaged
+
+
+def _number(hdr, key, default=np.nan) -> float:
+    """A header value as a float; ``default`` when missing or not a number."""
+    v = hdr.get(key, default)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _int(v) -> int:
+    """An identifier as int; 0 (unknown) when it is not a finite number."""
+    try:
+        f = float(v.decode() if isinstance(v, bytes) else v)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return 0
+    return int(f) if np.isfinite(f) and abs(f) < 2**31 else 0
+
+
+def _check_size(path, hdu, what: str):
+    """Refuse an HDU whose header declares more pixels than any SDSS spectrum has."""
+    h = hdu.read_header()
+    n = [_number(h, f"NAXIS{i}", -1) for i in (1, 2)]
+    rows = n[1] if hdu.get_exttype() == "BINARY_TBL" else n[0]
+    if not 0 < rows <= MAX_PIXELS or not 0 < n[1] <= MAX_PIXELS:
+        raise SpectrumError(path, "unreadable", f"{what} header declares {n[0]:.0f} x {n[1]:.0f}: not a spectrum")
+
+
 def _read_spec(path, f, hdr0) -> Spectrum:
     hdu = f["COADD"] if "COADD" in f else f[1]
+    _check_size(path, hdu, "COADD")
     data = hdu.read()  # the whole table: faster with fitsio than picking columns
-    names = {n.lower(): n for n in data.dtype.names}
+    names = {n.lower(): n for n in data.dtype.names or ()}
     missing = [c for c in ("loglam", "flux", "ivar") if c not in names]
     if missing:
         raise SpectrumError(path, "missing_columns", "COADD lacks " + ", ".join(missing))
@@ -187,35 +229,37 @@ def _read_spec(path, f, hdr0) -> Spectrum:
     objclass, snr, z = "", float("nan"), float("nan")
     if "SPECOBJ" in f:
         so = f["SPECOBJ"].read(rows=[0])
-        if len(so):
-            row = so[0]
-            get = {n.upper(): row[n] for n in so.dtype.names}
+        if so is not None and so.dtype.names and len(so):  # a damaged SPECOBJ only loses the extras
+            get = {n.upper(): so[0][n] for n in so.dtype.names}
             plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)
             c = get.get("CLASS", b"")
-            objclass = (c.decode() if isinstance(c, bytes) else str(c)).strip().upper()
-            snr = float(get.get("SN_MEDIAN_ALL", np.nan))
-            z = float(get.get("Z", np.nan))
+            objclass = (c.decode("ascii", "replace") if isinstance(c, bytes) else str(c)).strip().upper()
+            snr, z = _number(get, "SN_MEDIAN_ALL"), _number(get, "Z")
     if not np.isfinite(snr):
         snr = _median_snr(flux, ivar)
-    return Spectrum(loglam, flux, ivar, and_mask, int(plate), int(mjd), int(fiber), objclass, snr, str(path),
+    return Spectrum(loglam, flux, ivar, and_mask, _int(plate), _int(mjd), _int(fiber), objclass, snr, str(path),
                     {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}, z)
 
 
 def _read_spspec(path, f, hdr0) -> Spectrum:
+    _check_size(path, f[0], "DR7 image")
     img = f[0].read()
     if img is None or img.ndim != 2 or img.shape[0] < 3:
         raise SpectrumError(path, "missing_columns", "DR7 image needs rows flux, -, error")
     n = img.shape[1]
-    loglam = hdr0["COEFF0"] + hdr0["COEFF1"] * np.arange(n, dtype=np.float64)
+    c0, c1 = _number(hdr0, "COEFF0"), _number(hdr0, "COEFF1")
+    if not (np.isfinite(c0) and np.isfinite(c1)):
+        raise SpectrumError(path, "bad_wavelength", f"COEFF0 = {hdr0.get('COEFF0')!r}, COEFF1 = {hdr0.get('COEFF1')!r}")
+    loglam = c0 + c1 * np.arange(n, dtype=np.float64)
     flux = img[0].astype(np.float32)
     err = img[2].astype(np.float32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         ivar = np.where(err > 0, 1.0 / err.astype(np.float64) ** 2, 0.0).astype(np.float32)
     and_mask = img[3].astype(np.int32) if img.shape[0] > 3 else np.zeros(n, np.int32)
-    objclass = _DR7_CLASS.get(int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
-    return Spectrum(loglam, flux, ivar, and_mask, int(hdr0.get("PLATEID", 0)), int(hdr0.get("MJD", 0)),
-                    int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
-                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0}, float(hdr0.get("Z", np.nan)))
+    objclass = _DR7_CLASS.get(_int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
+    return Spectrum(loglam, flux, ivar, and_mask, _int(hdr0.get("PLATEID", 0)), _int(hdr0.get("MJD", 0)),
+                    _int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
+                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0}, _number(hdr0, "Z"))
 
 
 def spec_filename(plate: int, mjd: int, fiberid: int) -> str:
