@@ -2,6 +2,7 @@
 their parent, clear errors and exit codes (prepare and predict)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -427,3 +428,21 @@ def test_predict_output_errors_come_before_the_work(tmp_path, monkeypatch, capsy
     (tmp_path / "empty").mkdir()
     rc = cli.main(["predict", str(tmp_path / "model"), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv")])
     assert rc == 1 and "no spectrum files" in capsys.readouterr().err and not (tmp_path / "e.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------- help text
+
+@pytest.mark.parametrize("command", ["prepare", "predict", "fetch"])
+def test_help_gives_each_default_once_and_none_for_required(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text)
+    assert "--wait" in text
+    if command == "prepare":
+        assert "seed of the shuffled split (default: 0)" in text and "--rv-column" in text
+
+
+def test_top_level_help_names_the_ridge_comparison(capsys):
+    cli.main([])
+    assert "Ridge" in capsys.readouterr().out
