@@ -192,7 +192,18 @@ def http_retry(retries: int, backoff: float) -> Retry:
 
 
 def http_pool(url: str, maxsize: int = 8) -> urllib3.PoolManager:
-    """A connection pool for ``url``'s host (through the environment's proxy, if it sets one)."""
+    """A connection pool for ``url``'s host (through the environment's proxy, if it sets one).
+
+    Parameters
+    ----------
+    url : str
+    maxsize : int
+        Connections kept per host (the download concurrency).
+
+    Returns
+    -------
+    urllib3.PoolManager
+    """
     u = urllib.parse.urlsplit(url)
     proxy = urllib.request.getproxies().get(u.scheme)
     headers = {"User-Agent": USER_AGENT}
@@ -249,9 +260,28 @@ def query_catalog(sql_url: str = DEFAULT_SQL_URL, n: int | None = None, *, page_
     Pages are keyset pages ('SELECT TOP k ... WHERE specObjID > last ORDER BY specObjID'), so
     a selection larger than SkyServer's row limit comes back whole. ``n=None``: every row.
     ``cuts``: keyword arguments of :func:`build_query`; they are applied again to every page
-    (:func:`apply_cuts`), so a mirror that ignores them still gives a clean catalog. Returns the
-    catalog columns (underscore names, RV_ADOP in km/s). ``http``: a urllib3 PoolManager
-    (default: a new one).
+    (:func:`apply_cuts`), so a mirror that ignores them still gives a clean catalog.
+
+    Parameters
+    ----------
+    sql_url : str
+        SkyServer ``SqlSearch`` URL (or a mirror).
+    n : int, optional
+        Rows wanted; None: every row passing the cuts.
+    page_size : int
+        Rows per SQL page.
+    timeout, retries, backoff
+        Seconds per network operation; retries and first back-off of :func:`http_retry`.
+    progress : bool
+    http : urllib3.PoolManager, optional
+        Default: a new one.
+    **cuts
+        Keyword arguments of :func:`build_query`.
+
+    Returns
+    -------
+    DataFrame
+        The catalog columns (underscore names, RV_ADOP in km/s).
     """
     from tqdm.auto import tqdm
 
@@ -633,18 +663,38 @@ def download(catalog, out, sas_url: str = DEFAULT_SAS_URL, *, lite: bool = True,
              on_file=None, http=None) -> dict:
     """Download the spectrum of every catalog row into ``OUT/spectra/`` and return a summary.
 
-    catalog: DataFrame (or .parquet/.fits path) with PLATE, MJD, FIBERID, RUN2D.
     Files that are already complete are kept; corrupt ones are fetched again; ``.part`` files
     left by an interrupted run are continued (HTTP Range). Each file is retried ``retries``
     times on 5xx/408/429 answers, time-outs (``timeout`` seconds per network operation), cut
     connections and short bodies, waiting ``backoff * 2**k`` seconds or what ``Retry-After``
     asks (:func:`http_retry`); a 404 tries the other DR12 reductions only when RUN2D is
     unknown. Every failure, with its reason, goes to ``OUT/failures.csv``.
-    ``on_file(FileResult)`` is called after each file (raise from it to stop the run).
-    ``http``: a urllib3 PoolManager (default: a new one).
 
-    Returns {files, downloaded, present, failed, failed_by_reason, bytes_downloaded, seconds,
-    mb_per_s, failures_csv}.
+    Parameters
+    ----------
+    catalog : DataFrame or path
+        PLATE, MJD, FIBERID, RUN2D (.parquet/.fits path or a DataFrame).
+    out : str or Path
+        The fetch folder; spectra go to ``OUT/spectra/``.
+    sas_url : str
+        SAS root URL (or a mirror).
+    lite : bool
+        Lite files (no per-exposure HDUs).
+    concurrency : int
+        Parallel downloads.
+    retries, timeout, backoff
+        See above and :func:`http_retry`.
+    progress : bool
+    on_file : callable, optional
+        ``on_file(FileResult)`` after each file (raise from it to stop the run).
+    http : urllib3.PoolManager, optional
+        Default: a new one.
+
+    Returns
+    -------
+    dict
+        files, downloaded, present, failed, failed_by_reason, bytes_downloaded, seconds,
+        mb_per_s, failures_csv.
     """
     df = catalog if isinstance(catalog, pd.DataFrame) else read_catalog(catalog)
     missing = [c for c in ("PLATE", "MJD", "FIBERID") if c not in df]
@@ -673,7 +723,20 @@ def download(catalog, out, sas_url: str = DEFAULT_SAS_URL, *, lite: bool = True,
 
 def download_sspp_fits(out, sas_url: str = DEFAULT_SAS_URL, *, retries: int = 4, timeout: float = 30.0,
                        backoff: float = 1.0, progress: bool = True, http=None) -> Path:
-    """Download (or resume) the DR12 SSPP catalog FITS into ``OUT/sspp/`` and return its path."""
+    """Download (or resume) the DR12 SSPP catalog FITS into ``OUT/sspp/``.
+
+    Parameters
+    ----------
+    out : str or Path
+    sas_url : str
+    retries, timeout, backoff, progress, http
+        As in :func:`download`.
+
+    Returns
+    -------
+    Path
+        The downloaded, checked FITS file.
+    """
     dest = Path(out) / "sspp" / Path(SSPP_FITS_PATH).name
     url = sas_url.rstrip("/") + "/" + SSPP_FITS_PATH
     results: list[FileResult] = []
@@ -694,16 +757,48 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
           concurrency: int = 8, retries: int = 4, timeout: float = 30.0, backoff: float = 1.0,
           page_size: int = DEFAULT_PAGE_SIZE, spectra: bool = True, refresh_catalog: bool = False,
           progress: bool = True, on_file=None, wait: bool = False, http=None) -> dict:
-    """Select ``n`` SSPP stars, write the catalog, download their spectra; returns a summary.
+    """Select ``n`` SSPP stars, write the catalog, download their spectra.
 
-    source: "skyserver" (SQL on ``sql_url``) or "sas-fits" (the SSPP FITS file under ``sas_url``).
-    sample: "random" draws ``n`` of all stars passing the cuts with ``seed`` (the whole
-    selection is fetched, page by page); "first" keeps the first ``n`` by SPECOBJID (cheaper,
-    but early plates only). The catalog is reused when ``OUT/fetch.json`` shows the same
-    selection, unless ``refresh_catalog``. Writes OUT/catalog.{fits,parquet}, OUT/spectra/,
-    OUT/failures.csv and OUT/fetch.json. One fetch at a time writes OUT: another one fails at
-    once with :class:`files.OutputBusy` naming the holder's PID, or waits with ``wait=True``.
-    ``http``: a urllib3 PoolManager for every request (default: new ones).
+    The catalog is reused when ``OUT/fetch.json`` shows the same selection, unless
+    ``refresh_catalog``. Writes OUT/catalog.{fits,parquet}, OUT/spectra/, OUT/failures.csv and
+    OUT/fetch.json. One fetch at a time writes OUT (an advisory lock).
+
+    Parameters
+    ----------
+    n : int
+        Stars wanted.
+    out : str or Path
+        The fetch folder.
+    sql_url, sas_url : str
+        SkyServer SqlSearch URL and SAS root URL (or mirrors).
+    source : str
+        "skyserver" (SQL on ``sql_url``) or "sas-fits" (the SSPP FITS file under ``sas_url``).
+    min_snr, teff_range, feh_range, logg_range, primary_only
+        The cuts of :func:`build_query`.
+    sample : str
+        "random" draws ``n`` of all stars passing the cuts with ``seed`` (the whole selection
+        is fetched, page by page); "first" keeps the first ``n`` by SPECOBJID (cheaper, but
+        early plates only).
+    seed : int
+    lite, concurrency, retries, timeout, backoff, on_file
+        As in :func:`download`.
+    page_size : int
+        Rows per SQL page.
+    spectra : bool
+        Also download the spectra (False: the catalog only).
+    refresh_catalog : bool
+    progress : bool
+    wait : bool
+        When another fetch writes OUT: wait (True) or raise :class:`files.OutputBusy`,
+        naming the holder's PID (False).
+    http : urllib3.PoolManager, optional
+        For every request (default: new ones).
+
+    Returns
+    -------
+    dict
+        {"catalog": {rows, reused, fits, parquet}, "spectra": the :func:`download` summary,
+        "seconds"}.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
