@@ -27,7 +27,9 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
 ``preprocess``, ``version``, ``input_hash``, ``created``.
 Side files written by ``prepare``: ``rejects.csv`` (file, plate, mjd, fiberid, reason,
-detail: every file or catalog row left out) and ``summary.json`` (counts by reason).
+detail: every file or catalog row left out) and ``summary.json`` (counts by reason, the
+``input_hash`` of the job and the ``dataset_sha256`` of the published ``dataset.h5``: a
+re-run is a no-op only when both match). ``.lock`` is the advisory lock of the one writer.
 """
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ from .physics import rv_from_z
 from .workers import pool as worker_pool
 
 CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".txt")
-_STR_WIDTHS = {"reject_reason": 24, "reject_detail": 160}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -385,7 +384,8 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         model = model if isinstance(model, Model) else load_model(model)
         items = collect_inputs(inputs, catalog)
         if not items:
-            raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, inputs)) if isinstance(inputs, (list, tuple)) else inputs}")
+            names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+            raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
         return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress)
 
 

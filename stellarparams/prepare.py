@@ -10,7 +10,10 @@ Per spectrum (:func:`preprocess`):
 :func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
-resumes where it stopped and a finished run with the same inputs is a no-op.
+resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
+The dataset is read back and checked before it is renamed into place, and summary.json
+records its sha256: a re-run is a no-op only when the inputs are the same and the
+published file still matches that record.
 """
 from __future__ import annotations
 

@@ -4,12 +4,10 @@ Every case must end as a kept row with sane numbers or as a reject with a named 
 never as a crash of the batch, an unnamed error, or a wrong number. ``bench/fuzz.py`` runs
 many more cases with the same functions.
 """
-import json
 import shutil
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from stellarparams import prepare as prep, sdss
 from stellarparams.dataset import Dataset

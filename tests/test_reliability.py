@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ from stellarparams import cli, prepare as prep, sdss
 from stellarparams.dataset import Dataset
 from stellarparams.files import OutputBusy, output_lock
 
-from test_prepare import analytic, catalog_row, good_set, write_star
+from test_prepare import catalog_row, good_set, write_star
 
 PY = sys.executable
 
