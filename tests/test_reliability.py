@@ -445,3 +445,20 @@ def test_help_gives_each_default_once_and_none_for_required(command, capsys):
 def test_top_level_help_names_the_ridge_comparison(capsys):
     cli.main([])
     assert "Ridge" in capsys.readouterr().out
+
+
+def test_one_file_rule_for_prepare_and_predict(tmp_path, monkeypatch):
+    from stellarparams.predict import collect_inputs
+
+    spectra, cat = good_set(tmp_path, n=3)
+    (tmp_path / "cats").mkdir()
+    files = sorted(spectra.rglob("spec-*.fits"))
+    cat["FILE"] = [os.path.relpath(f, tmp_path / "cats") for f in files]  # relative to the catalog's folder
+    cat.loc[2, "FILE"] = str(files[2])  # absolute paths work too
+    cat.to_csv(tmp_path / "cats" / "cat.csv", index=False)
+    monkeypatch.chdir(spectra)  # the current folder plays no part
+    s = prep.prepare(tmp_path / "cats" / "cat.csv", spectra, tmp_path / "ds", workers=1, progress=False)
+    with Dataset(tmp_path / "ds") as ds:
+        prepared = [os.path.realpath(f) for f in ds.meta().file]
+    predicted = [os.path.realpath(f) for f, _, _ in collect_inputs([tmp_path / "cats" / "cat.csv"])]
+    assert s["kept"] == 3 and prepared == predicted == [str(f) for f in files]
