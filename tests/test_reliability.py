@@ -462,3 +462,42 @@ def test_one_file_rule_for_prepare_and_predict(tmp_path, monkeypatch):
         prepared = [os.path.realpath(f) for f in ds.meta().file]
     predicted = [os.path.realpath(f) for f, _, _ in collect_inputs([tmp_path / "cats" / "cat.csv"])]
     assert s["kept"] == 3 and prepared == predicted == [str(f) for f in files]
+
+
+RACE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import stellarparams.prepare as m
+real = m._run_chunk
+def held(*a):
+    Path(sys.argv[1], "inside").write_text("")
+    while not Path(sys.argv[1], "go").exists():
+        time.sleep(0.02)
+    return real(*a)
+m._run_chunk = held
+from stellarparams.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_prepare_processes_on_one_output(tmp_path):
+    """The issue's reproduction with two real processes: the second fails at once, naming the first."""
+    spectra, cat = good_set(tmp_path, n=3)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    args = ["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--workers", "1",
+            "--no-progress"]
+    prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "solo", workers=1, progress=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([PY, "-c", RACE_SCRIPT, str(tmp_path)] + args + ["--out", str(tmp_path / "ds")], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "inside").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.02)
+        second = subprocess.run([PY, "-m", "stellarparams.cli"] + args + ["--out", str(tmp_path / "ds")], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 3 and f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        (tmp_path / "go").write_text("")
+        assert first.wait(120) == 0
+    finally:
+        first.kill()
+    assert_same_dataset(tmp_path / "ds", tmp_path / "solo")
