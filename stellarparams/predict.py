@@ -221,7 +221,7 @@ def _fits_table(df: pd.DataFrame):
     return hdu
 
 
-def write_table(path, frames) -> int:
+def write_table(path, frames, n_rows: int | None = None) -> int:
     """Write DataFrames as one table (CSV, Parquet or FITS by suffix), verified, atomically.
 
     Parameters
@@ -231,6 +231,8 @@ def write_table(path, frames) -> int:
     frames : list of callables
         Each returns the next block of rows (read lazily, so memory stays at one block for
         CSV and Parquet; FITS holds the whole table).
+    n_rows : int, optional
+        Rows the table must have.
 
     Returns
     -------
@@ -269,8 +271,8 @@ def write_table(path, frames) -> int:
             fits.HDUList([fits.PrimaryHDU(), _fits_table(df)]).writeto(tmp)
             with fits.open(tmp) as h:
                 back = len(h["PREDICTIONS"].data)
-        if back != n:
-            raise RuntimeError(f"{path}: wrote {n} rows but read back {back}; nothing was published")
+        if back != n or n_rows is not None and n != n_rows:
+            raise RuntimeError(f"wrote {n} rows and read back {back}, expected {n_rows}; nothing was published")
         return n
 
     try:
@@ -462,7 +464,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
             return df
         return get
 
-    write_table(out, [read_part(f) for f in part_file])
+    write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
     for f in part_file:
         f.unlink()
     (partial / "job.json").unlink()
