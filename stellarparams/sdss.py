@@ -14,7 +14,9 @@ Problems raise :class:`SpectrumError`, whose ``reason`` is a short code that
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +170,7 @@ def read_spectrum(path) -> Spectrum:
 
 def _read_spectrum(path: Path) -> Spectrum:
     try:
+        check_headers(path)
         with open_fits(path) as f:
             hdr0 = f[0].read_header()
             if "COADD" in f or len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
@@ -183,7 +186,6 @@ def _read_spectrum(path: Path) -> Spectrum:
         raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
 
 
-MAX_PIXELS = 100_000  # no SDSS spectrum is longer; a header that says so is damaged
 
 
 def _number(hdr, key, default=np.nan) -> float:
@@ -204,18 +206,62 @@ def _int(v) -> int:
     return int(f) if np.isfinite(f) and abs(f) < 2**31 else 0
 
 
-def _check_size(path, hdu, what: str):
-    """Refuse an HDU whose header declares more pixels than any SDSS spectrum has."""
-    h = hdu.read_header()
-    n = [_number(h, f"NAXIS{i}", -1) for i in (1, 2)]
-    rows = n[1] if hdu.get_exttype() == "BINARY_TBL" else n[0]
-    if not 0 < rows <= MAX_PIXELS or not 0 < n[1] <= MAX_PIXELS:
-        raise SpectrumError(path, "unreadable", f"{what} header declares {n[0]:.0f} x {n[1]:.0f}: not a spectrum")
+MAX_HDU_BYTES = 1 << 28  # 256 MB: an SDSS spectrum file is a few MB
+FITS_BLOCK = 2880
+
+
+def _card_int(cards: dict, key: bytes, default: int) -> int:
+    try:
+        return int(float(cards.get(key, default)))
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
+def check_headers(path) -> None:
+    """Walk the raw header cards of every HDU before cfitsio reads them.
+
+    cfitsio trusts a header: a damaged one that declares 10**8 table fields or terabytes of
+    data makes it allocate gigabytes and take minutes. Such a file is refused here with a
+    :class:`SpectrumError` ("unreadable"); anything else (truncated, not FITS) is left to
+    cfitsio to report. Gzip files are read through :mod:`gzip`.
+    """
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+    try:
+        _walk_headers(path, gz)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return  # a damaged gzip stream: cfitsio reports it
+
+
+def _walk_headers(path, gz: bool) -> None:
+    with (gzip.open if gz else open)(path, "rb") as f:
+        for hdu in range(64):
+            cards, end = {}, False
+            while not end:
+                block = f.read(FITS_BLOCK)
+                if len(block) < FITS_BLOCK:
+                    return
+                for i in range(0, FITS_BLOCK, 80):
+                    key = block[i:i + 8].strip()
+                    end = key == b"END"
+                    if end:
+                        break
+                    if block[i + 8:i + 10] == b"= ":
+                        cards[key] = block[i + 10:i + 80].split(b"/")[0].strip()
+            naxis = _card_int(cards, b"NAXIS", 0)
+            size = abs(_card_int(cards, b"BITPIX", 8)) // 8 if naxis else 0
+            for k in range(1, min(naxis, 999) + 1):
+                size *= _card_int(cards, b"NAXIS%d" % k, 0)
+            size += _card_int(cards, b"PCOUNT", 0)
+            fields = _card_int(cards, b"TFIELDS", 0)
+            if not 0 <= size <= MAX_HDU_BYTES or not 0 <= fields <= 999 or naxis > 999:
+                raise SpectrumError(path, "unreadable", f"HDU {hdu} header declares {size} bytes, {fields} fields: "
+                                    "damaged")
+            f.seek(-(-size // FITS_BLOCK) * FITS_BLOCK, 1)
 
 
 def _read_spec(path, f, hdr0) -> Spectrum:
     hdu = f["COADD"] if "COADD" in f else f[1]
-    _check_size(path, hdu, "COADD")
     data = hdu.read()  # the whole table: faster with fitsio than picking columns
     names = {n.lower(): n for n in data.dtype.names or ()}
     missing = [c for c in ("loglam", "flux", "ivar") if c not in names]
@@ -242,7 +288,6 @@ def _read_spec(path, f, hdr0) -> Spectrum:
 
 
 def _read_spspec(path, f, hdr0) -> Spectrum:
-    _check_size(path, f[0], "DR7 image")
     img = f[0].read()
     if img is None or img.ndim != 2 or img.shape[0] < 3:
         raise SpectrumError(path, "missing_columns", "DR7 image needs rows flux, -, error")

@@ -177,3 +177,26 @@ def test_text_and_empty_cells_in_number_columns_are_missing(tmp_path):
     cat = sdss.read_catalog(tmp_path / "c.csv")
     assert np.isnan(cat["TEFF_ADOP"][0]) and cat["TEFF_ADOP"][1] == 5000 and np.isnan(cat["RV_ADOP"][0])
     assert np.isnan(cat["PLATE"][2]) and cat["PLATE"].dtype.kind == "f" and cat["NOTE"][1] == "y"
+
+
+@pytest.mark.parametrize("key,value,gz", [(b"TFIELDS", b"99999999", False), (b"NAXIS2", b"2147483647", False),
+                                          (b"NAXIS2", b"2147483647", True)])
+def test_absurd_header_is_refused_before_cfitsio_allocates_it(tmp_path, key, value, gz):
+    import gzip
+
+    loglam, flux, ivar, mask = _spectrum()
+    if key == b"TFIELDS":
+        path = sdss.write_spec_lite(tmp_path / "spec-0001-00002-0003.fits", loglam, flux, ivar, plate=1, mjd=2, fiberid=3)
+    else:
+        path = sdss.write_spspec_dr7(tmp_path / "spSpec-00002-0001-003.fit", loglam[0], flux, 1 / np.sqrt(ivar),
+                                     plate=1, mjd=2, fiberid=3)
+    data = path.read_bytes()
+    i = data.index(key.ljust(8) + b"= ")
+    data = data[:i + 10] + value.rjust(20) + data[i + 30:]
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    with pytest.raises(sdss.SpectrumError, match="header declares") as e:
+        sdss.read_spectrum(path)
+    assert e.value.reason == "unreadable"
