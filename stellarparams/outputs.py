@@ -63,7 +63,17 @@ def locked_output(folder, wait: bool):
 
 
 def file_sha256(path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    """sha256 of a file's bytes, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -173,7 +173,17 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
 
 # ---------------------------------------------------------------------- output
 def output_kind(path) -> str:
-    """'csv', 'parquet' or 'fits' from the output's suffix; ValueError for anything else."""
+    """The output format from the file's suffix.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    str
+        'csv' (.csv, .txt), 'parquet' (.parquet, .pq) or 'fits' (.fits, .fit); ValueError otherwise.
+    """
     name = Path(path).name.lower()
     kind = ("parquet" if name.endswith((".parquet", ".pq")) else "fits" if name.endswith((".fits", ".fit")) else
             "csv" if name.endswith((".csv", ".txt")) else None)
@@ -311,7 +321,18 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
 
 
 def weights_sha256(model) -> str:
-    """sha256 of the model's weights: ``model.weights_sha256`` when set, else of ``net.state_dict()``."""
+    """sha256 of the model's weights (the resume key: a hand-built model has one too).
+
+    Parameters
+    ----------
+    model : Model
+
+    Returns
+    -------
+    str
+        ``model.weights_sha256`` when set, else the sha256 of ``model.net.state_dict()``
+        (names and bytes of every tensor).
+    """
     sha = getattr(model, "weights_sha256", None)
     if sha:
         return sha

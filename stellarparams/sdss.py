@@ -224,6 +224,19 @@ def check_headers(path) -> None:
     data makes it allocate gigabytes and take minutes. Such a file is refused here with a
     :class:`SpectrumError` ("unreadable"); anything else (truncated, not FITS) is left to
     cfitsio to report. Gzip files are read through :mod:`gzip`.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    SpectrumError
+        A header declares more than 256 MB of data or more than 999 fields.
     """
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
