@@ -21,7 +21,8 @@ import pandas as pd
 
 from stellarparams import sdss
 from stellarparams.dataset import Dataset, Grid
-from stellarparams.prepare import doppler_log_shift, prepare
+from stellarparams.physics import doppler_log_shift
+from stellarparams.prepare import prepare
 
 
 def _write(args):

@@ -1,6 +1,6 @@
 """Fetch SDSS DR12 stars: the SSPP label catalog and the spectra (`stellarparams fetch`).
 
-Two steps, both resumable (METHOD.md, "Data"):
+Two steps, both resumable (docs/method.md, "Data"):
 
 1. The catalog. Either the DR12 SkyServer SQL service (``SqlSearch``, CSV), joining
    ``sppParams`` (SSPP labels) with ``specObjAll`` (PLATE, MJD, FIBERID, RUN2D, CLASS), paged
@@ -9,16 +9,19 @@ Two steps, both resumable (METHOD.md, "Data"):
    ``prepare`` reads: PLATE, MJD, FIBERID, RUN2D, TEFF_ADOP(_UNC), FEH_ADOP(_UNC),
    LOGG_ADOP(_UNC), RV_ADOP (km/s), RV_ADOP_ERR, SNR, ...
 2. The spectra, from the SAS DR12 tree (lite files by default), with bounded concurrency,
-   retries with exponential back-off, resumable ``.part`` files (HTTP Range), a FITS check of
-   every file, and a table of every failure with its reason.
+   retries with exponential back-off (``urllib3.util.Retry``: 5xx, 408, 429, time-outs and
+   cut connections; ``Retry-After`` is honoured), resumable ``.part`` files (HTTP Range), a
+   FITS check of every file, and a table of every failure with its reason.
 
 Layout of OUT::
 
-    catalog.fits, catalog.parquet   one row per spectrum; FILE is the spectrum's name in OUT/spectra
+    catalog.fits, catalog.parquet   one row per spectrum; FILE is the spectrum's path relative to
+                                    OUT (spectra/spec-...fits), the rule of ``prepare`` and ``predict``
     spectra/spec-PLATE4-MJD5-FIBER4.fits
     failures.csv                    file, url, reason, attempts of every spectrum not fetched
     fetch.json                      version, configuration, SQL query and summary of the last run
     sspp/ssppOut-dr12.fits          only with source="sas-fits"
+    .lock                           one `fetch` at a time writes OUT (``--wait`` to queue)
 
 Re-running the same command skips complete files, re-fetches corrupt ones and resumes
 partial ones.
@@ -31,21 +34,24 @@ import os
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.util import Retry
 
 from . import __version__
 from .files import atomic_write
-from .sdss import read_catalog, spec_filename
+from .outputs import locked_output
+from .sdss import open_fits, read_catalog, spec_filename
 
 DEFAULT_SQL_URL = "https://skyserver.sdss.org/dr12/SkyServerWS/SearchTools/SqlSearch"
 DEFAULT_SAS_URL = "https://data.sdss.org/sas/"
@@ -163,24 +169,68 @@ def parse_skyserver_csv(text: str, source: str = "SkyServer") -> pd.DataFrame:
     return df
 
 
-def _http_get_text(url: str, params: dict, *, timeout: float, retries: int, backoff: float) -> str:
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def http_retry(retries: int, backoff: float) -> Retry:
+    """The retry policy of every request: ``retries`` retries of time-outs, cut connections and
+    5xx/408/429 answers, waiting ``backoff * 2**k`` seconds (or what ``Retry-After`` asks).
+
+    Parameters
+    ----------
+    retries : int
+    backoff : float
+        Seconds; the first wait.
+
+    Returns
+    -------
+    urllib3.util.Retry
+    """
+    return Retry(total=retries, connect=retries, read=retries, status=retries, other=retries, redirect=5,
+                 backoff_factor=backoff, status_forcelist=RETRY_STATUS, allowed_methods={"GET"},
+                 respect_retry_after_header=True, raise_on_status=False)
+
+
+def http_pool(url: str, maxsize: int = 8) -> urllib3.PoolManager:
+    """A connection pool for ``url``'s host (through the environment's proxy, if it sets one).
+
+    Parameters
+    ----------
+    url : str
+    maxsize : int
+        Connections kept per host (the download concurrency).
+
+    Returns
+    -------
+    urllib3.PoolManager
+    """
+    u = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(u.scheme)
+    headers = {"User-Agent": USER_AGENT}
+    if proxy and not urllib.request.proxy_bypass(u.hostname or ""):
+        return urllib3.ProxyManager(proxy, maxsize=maxsize, headers=headers)
+    return urllib3.PoolManager(maxsize=maxsize, headers=headers)
+
+
+def _attempts(retry: Retry) -> int:
+    return len(retry.history) + 1
+
+
+def _http_get_text(url: str, params: dict, *, timeout: float, retries: int, backoff: float, http=None) -> str:
     full = url + ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
-    reason = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        try:
-            req = urllib.request.Request(full, headers={"User-Agent": USER_AGENT})
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as e:
-            body = e.read().decode("utf-8", errors="replace") if e.fp else ""
-            reason = f"HTTP {e.code}: {_snippet(body) or e.reason}"
-            if e.code < 500 and e.code not in (408, 429):
-                break
-        except (OSError, HTTPException) as e:  # time-outs, refused connections, cut answers
-            reason = f"{type(e).__name__}: {e}"
-    raise CatalogQueryError(f"SQL query to {url} failed after {attempt + 1} attempt(s): {reason} "
+    http = http or http_pool(url, 1)
+    try:
+        r = http.request("GET", full, retries=http_retry(retries, backoff), timeout=timeout)
+    except MaxRetryError as e:
+        reason, attempts = _net_reason(e.reason), retries + 1
+    except Urllib3Error as e:
+        reason, attempts = _net_reason(e), 1
+    else:
+        if r.status < 400:
+            return r.data.decode("utf-8", errors="replace")
+        reason = f"HTTP {r.status}: {_snippet(r.data.decode('utf-8', errors='replace')) or r.reason}"
+        attempts = _attempts(r.retries) if r.retries else 1
+    raise CatalogQueryError(f"SQL query to {url} failed after {attempts} attempt(s): {reason} "
                             "(check --sql-url, try again later, or use --source sas-fits)")
 
 
@@ -204,24 +254,45 @@ def _to_catalog(df: pd.DataFrame, rename: dict) -> pd.DataFrame:
 
 def query_catalog(sql_url: str = DEFAULT_SQL_URL, n: int | None = None, *, page_size: int = DEFAULT_PAGE_SIZE,
                   timeout: float = 600.0, retries: int = 4, backoff: float = 2.0, progress: bool = True,
-                  **cuts) -> pd.DataFrame:
+                  http=None, **cuts) -> pd.DataFrame:
     """Run :func:`build_query` on a SkyServer ``SqlSearch`` URL, ``page_size`` rows at a time.
 
     Pages are keyset pages ('SELECT TOP k ... WHERE specObjID > last ORDER BY specObjID'), so
     a selection larger than SkyServer's row limit comes back whole. ``n=None``: every row.
     ``cuts``: keyword arguments of :func:`build_query`; they are applied again to every page
-    (:func:`apply_cuts`), so a mirror that ignores them still gives a clean catalog. Returns the
-    catalog columns (underscore names, RV_ADOP in km/s).
+    (:func:`apply_cuts`), so a mirror that ignores them still gives a clean catalog.
+
+    Parameters
+    ----------
+    sql_url : str
+        SkyServer ``SqlSearch`` URL (or a mirror).
+    n : int, optional
+        Rows wanted; None: every row passing the cuts.
+    page_size : int
+        Rows per SQL page.
+    timeout, retries, backoff
+        Seconds per network operation; retries and first back-off of :func:`http_retry`.
+    progress : bool
+    http : urllib3.PoolManager, optional
+        Default: a new one.
+    **cuts
+        Keyword arguments of :func:`build_query`.
+
+    Returns
+    -------
+    DataFrame
+        The catalog columns (underscore names, RV_ADOP in km/s).
     """
     from tqdm.auto import tqdm
 
+    http = http or http_pool(sql_url, 1)
     frames, got, last = [], 0, None
     with tqdm(total=n, unit="row", desc="catalog", disable=not progress) as bar:
         while n is None or got < n:
             k = page_size if n is None else min(page_size, n - got)
             sql = build_query(None, top=k, after_specobjid=last, **cuts)
             text = _http_get_text(sql_url, {"cmd": sql, "format": "csv"}, timeout=timeout, retries=retries,
-                                  backoff=backoff)
+                                  backoff=backoff, http=http)
             page = parse_skyserver_csv(text, sql_url)
             if page.empty:
                 break
@@ -242,9 +313,7 @@ def query_catalog(sql_url: str = DEFAULT_SQL_URL, n: int | None = None, *, page_
 
 def read_sspp_fits(path) -> pd.DataFrame:
     """The catalog columns of an SSPP ``ssppOut-drNN.fits`` file (HDU 1), no cuts applied."""
-    import fitsio
-
-    with fitsio.FITS(str(path)) as f:
+    with open_fits(path) as f:
         hdu = f[1]
         have = set(hdu.get_colnames())
         need = ("PLATE", "MJD", "FIBER", "TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP", "RV_ADOP")
@@ -349,13 +418,11 @@ def _fits_error(e: Exception) -> str:
 
 def check_spectrum_file(path) -> str | None:
     """None if ``path`` is a complete spectrum (whole FITS blocks, COADD table readable), else why not."""
-    import fitsio
-
     bad = _size_problem(path)
     if bad:
         return bad
     try:
-        with fitsio.FITS(str(path)) as f:
+        with open_fits(path) as f:
             if "COADD" not in f:
                 return "no COADD HDU"
             hdu = f["COADD"]
@@ -372,13 +439,11 @@ def check_spectrum_file(path) -> str | None:
 
 def check_fits_table(path) -> str | None:
     """None if ``path`` is a complete FITS file with a non-empty table in HDU 1, else why not."""
-    import fitsio
-
     bad = _size_problem(path)
     if bad:
         return bad
     try:
-        with fitsio.FITS(str(path)) as f:
+        with open_fits(path) as f:
             if len(f) < 2 or f[1].get_exttype() != "BINARY_TBL":
                 return "no binary table in HDU 1"
             n = f[1].get_nrows()
@@ -405,15 +470,19 @@ class FileResult:
     reason: str = ""
 
 
-class _Retry(Exception):
-    pass
+class _Again(Exception):
+    """The body came short or the file is corrupt: fetch it again (counts against the retries)."""
 
 
-class _NotFound(Exception):
-    pass
+class _Failed(Exception):
+    """No more tries: the reason, and how many requests were made."""
+
+    def __init__(self, reason: str, attempts: int):
+        super().__init__(reason)
+        self.attempts = attempts
 
 
-class _Permanent(Exception):
+class _NotFound(_Failed):
     pass
 
 
@@ -422,106 +491,105 @@ class _Stopped(Exception):
 
 
 def _net_reason(e: BaseException) -> str:
-    if isinstance(e, TimeoutError) or "timed out" in str(e):
+    if "timed out" in str(e) or isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
         return "timeout"
-    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
-        return f"network: {e.reason}"
     return f"network: {type(e).__name__}: {e}"[:200]
 
 
-def _get_to_file(url: str, part: Path, timeout: float, stop: threading.Event, count) -> int:
+def _get_to_file(http, url: str, part: Path, retry: Retry, timeout: float, stop: threading.Event, count):
     """GET ``url`` into ``part``, continuing a partial ``part`` with an HTTP Range request.
 
-    Returns the size of ``part``. Raises _Retry (5xx, time-out, cut or short body), _NotFound
-    (404) or _Permanent (other 4xx).
+    urllib3 retries time-outs, refused connections and 5xx/408/429 answers under ``retry``.
+    Returns (size of ``part``, the retry state after this request). Raises _Again (body cut
+    short: retry the body), _NotFound (404), _Failed (other 4xx, retries used up).
     """
     have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": USER_AGENT}
-    if have:
-        headers["Range"] = f"bytes={have}-"
+    headers = {"Range": f"bytes={have}-"} if have else {}
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 404:
-            raise _NotFound("http_404 not found") from None
-        if e.code == 416:  # our partial file does not fit the server's: start again
+        resp = http.request("GET", url, headers=headers, retries=retry, timeout=timeout, preload_content=False,
+                            enforce_content_length=False)  # we keep and count what came, then compare
+    except MaxRetryError as e:
+        raise _Failed(_net_reason(e.reason), _attempts(retry) + retry.total) from None
+    retry = resp.retries or retry
+    try:
+        if resp.status == 404:
+            raise _NotFound("http_404 not found", _attempts(retry))
+        if resp.status == 416:  # our partial file does not fit the server's: start again
             part.unlink(missing_ok=True)
-            raise _Retry("http_416 range not satisfiable") from None
-        if e.code >= 500 or e.code in (408, 429):
-            raise _Retry(f"http_{e.code} {e.reason}") from None
-        raise _Permanent(f"http_{e.code} {e.reason}") from None
-    except (OSError, HTTPException) as e:
-        raise _Retry(_net_reason(e)) from None
-    with resp:
+            raise _Again("http_416 range not satisfiable")
+        if resp.status >= 400:
+            raise _Failed(f"http_{resp.status} {resp.reason}", _attempts(retry))
         m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
         append = have > 0 and resp.status == 206 and m is not None and int(m.group(1)) == have
         expected = resp.headers.get("Content-Length")
         n = 0
         try:
             with open(part, "ab" if append else "wb") as f:
-                while chunk := resp.read(CHUNK):
+                for chunk in resp.stream(CHUNK):
                     if stop.is_set():
                         raise _Stopped()
                     f.write(chunk)
                     n += len(chunk)
                     count(len(chunk))
-        except (OSError, HTTPException) as e:  # time-out or connection cut mid-body: keep the part
-            raise _Retry("truncated: " + _net_reason(e)) from None
+        except (OSError, Urllib3Error) as e:  # time-out or connection cut mid-body: keep the part
+            raise _Again("truncated: " + _net_reason(e)) from None
         if expected is not None and n != int(expected):
-            raise _Retry(f"truncated: got {n} of {expected} bytes")
-    return (have if append else 0) + n
+            raise _Again(f"truncated: got {n} of {expected} bytes")
+    finally:
+        resp.release_conn()
+    return (have if append else 0) + n, retry
 
 
-def _fetch_one(dest: Path, urls: list[str], check, *, retries: int, timeout: float, backoff: float,
-               stop: threading.Event, count) -> FileResult:
-    """Make ``dest`` a complete file: keep it if ``check`` passes, else download (retrying)."""
+def _fetch_one(dest: Path, urls: list[str], check, *, http, retry: Retry, stop: threading.Event, timeout: float,
+               count) -> FileResult:
+    """Make ``dest`` a complete file: keep it if ``check`` passes, else download (retrying under ``retry``)."""
+    url = urls[0]
     try:
         if dest.exists():
             bad = check(dest)
             if bad is None:
-                return FileResult(str(dest), urls[0], "present", dest.stat().st_size)
+                return FileResult(str(dest), url, "present", dest.stat().st_size)
             dest.unlink()  # corrupt or incomplete on disk: fetch it again
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
-        attempts, reason = 0, ""
-        for url in urls:
-            for attempt in range(retries + 1):
-                if attempt and stop.wait(backoff * 2 ** (attempt - 1)):
-                    return FileResult(str(dest), url, "failed", 0, attempts, "interrupted")
+        not_found = 0  # URLs that answered 404 before this one
+        for i, url in enumerate(urls):
+            while True:
                 if stop.is_set():
-                    return FileResult(str(dest), url, "failed", 0, attempts, "interrupted")
-                attempts += 1
+                    return FileResult(str(dest), url, "failed", 0, _attempts(retry) - 1, "interrupted")
                 try:
-                    size = _get_to_file(url, part, timeout, stop, count)
-                except _NotFound as e:
-                    reason = str(e)
-                    break  # try the next candidate URL, if any
-                except _Permanent as e:
-                    return FileResult(str(dest), url, "failed", 0, attempts, str(e))
-                except _Retry as e:
-                    reason = str(e)
-                    continue
-                bad = check(part)
-                if bad:
+                    size, retry = _get_to_file(http, url, part, retry, timeout, stop, count)
+                    bad = check(part)
+                    if bad is None:
+                        os.replace(part, dest)
+                        return FileResult(str(dest), url, "downloaded", size, _attempts(retry) + not_found)
                     part.unlink(missing_ok=True)
-                    reason = f"corrupt: {bad}"
-                    continue
-                os.replace(part, dest)
-                return FileResult(str(dest), url, "downloaded", size, attempts)
-            else:
-                return FileResult(str(dest), url, "failed", 0, attempts, reason)
-        return FileResult(str(dest), urls[-1], "failed", 0, attempts, reason)
+                    raise _Again(f"corrupt: {bad}")
+                except _NotFound as e:
+                    if i == len(urls) - 1:
+                        return FileResult(str(dest), url, "failed", 0, e.attempts + not_found, str(e))
+                    not_found += 1
+                    break  # try the next candidate URL
+                except _Again as e:
+                    try:
+                        retry = retry.increment("GET", url, error=ProtocolError(str(e)))
+                    except MaxRetryError:
+                        return FileResult(str(dest), url, "failed", 0, _attempts(retry) + not_found, str(e))
+                    retry.sleep()
+        raise AssertionError("unreachable: the last URL returns")
+    except _Failed as e:
+        return FileResult(str(dest), url, "failed", 0, e.attempts + not_found, str(e))
     except _Stopped:
-        return FileResult(str(dest), urls[0], "failed", 0, 0, "interrupted")
+        return FileResult(str(dest), url, "failed", 0, 0, "interrupted")
     except Exception as e:  # a bug or a full disk must not stop the batch
-        return FileResult(str(dest), urls[0], "failed", 0, 0, f"error: {type(e).__name__}: {e}"[:300])
+        return FileResult(str(dest), url, "failed", 0, 0, f"error: {type(e).__name__}: {e}"[:300])
 
 
 def _run_jobs(jobs, check, *, concurrency: int, retries: int, timeout: float, backoff: float, progress: bool,
-              desc: str, results: list, on_file=None) -> list[FileResult]:
+              desc: str, results: list, on_file=None, http=None) -> list[FileResult]:
     """Fetch ``jobs`` [(dest, [url, ...]), ...] with ``concurrency`` threads; fills ``results``.
 
+    ``http``: a urllib3 PoolManager (default: a new one; tests inject one).
     On KeyboardInterrupt (or any exception from ``on_file``) the queued jobs are cancelled, the
     running ones stop at their next chunk (their .part files stay for the next run) and the
     exception propagates.
@@ -537,9 +605,11 @@ def _run_jobs(jobs, check, *, concurrency: int, retries: int, timeout: float, ba
     t0, nfail = time.monotonic(), 0
     bar = tqdm(total=len(jobs), unit="file", desc=desc, disable=not progress, dynamic_ncols=True)
     pool = ThreadPoolExecutor(max_workers=max(1, int(concurrency)))
+    http = http or (http_pool(jobs[0][1][0], max(1, int(concurrency))) if jobs else None)
+    retry = http_retry(retries, backoff)
     try:
-        pending = {pool.submit(_fetch_one, d, u, check, retries=retries, timeout=timeout, backoff=backoff,
-                               stop=stop, count=count) for d, u in jobs}
+        pending = {pool.submit(_fetch_one, d, u, check, http=http, retry=retry, timeout=timeout, stop=stop,
+                               count=count) for d, u in jobs}
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -590,19 +660,41 @@ def _summarise(results: list[FileResult], seconds: float) -> dict:
 
 def download(catalog, out, sas_url: str = DEFAULT_SAS_URL, *, lite: bool = True, concurrency: int = 8,
              retries: int = 4, timeout: float = 30.0, backoff: float = 1.0, progress: bool = True,
-             on_file=None) -> dict:
+             on_file=None, http=None) -> dict:
     """Download the spectrum of every catalog row into ``OUT/spectra/`` and return a summary.
 
-    catalog: DataFrame (or .parquet/.fits path) with PLATE, MJD, FIBERID, RUN2D.
     Files that are already complete are kept; corrupt ones are fetched again; ``.part`` files
     left by an interrupted run are continued (HTTP Range). Each file is retried ``retries``
-    times on 5xx answers, time-outs (``timeout`` seconds per network operation) and short
-    bodies, waiting ``backoff * 2**k`` seconds; a 404 tries the other DR12 reductions only
-    when RUN2D is unknown. Every failure, with its reason, goes to ``OUT/failures.csv``.
-    ``on_file(FileResult)`` is called after each file (raise from it to stop the run).
+    times on 5xx/408/429 answers, time-outs (``timeout`` seconds per network operation), cut
+    connections and short bodies, waiting ``backoff * 2**k`` seconds or what ``Retry-After``
+    asks (:func:`http_retry`); a 404 tries the other DR12 reductions only when RUN2D is
+    unknown. Every failure, with its reason, goes to ``OUT/failures.csv``.
 
-    Returns {files, downloaded, present, failed, failed_by_reason, bytes_downloaded, seconds,
-    mb_per_s, failures_csv}.
+    Parameters
+    ----------
+    catalog : DataFrame or path
+        PLATE, MJD, FIBERID, RUN2D (.parquet/.fits path or a DataFrame).
+    out : str or Path
+        The fetch folder; spectra go to ``OUT/spectra/``.
+    sas_url : str
+        SAS root URL (or a mirror).
+    lite : bool
+        Lite files (no per-exposure HDUs).
+    concurrency : int
+        Parallel downloads.
+    retries, timeout, backoff
+        See above and :func:`http_retry`.
+    progress : bool
+    on_file : callable, optional
+        ``on_file(FileResult)`` after each file (raise from it to stop the run).
+    http : urllib3.PoolManager, optional
+        Default: a new one.
+
+    Returns
+    -------
+    dict
+        files, downloaded, present, failed, failed_by_reason, bytes_downloaded, seconds,
+        mb_per_s, failures_csv.
     """
     df = catalog if isinstance(catalog, pd.DataFrame) else read_catalog(catalog)
     missing = [c for c in ("PLATE", "MJD", "FIBERID") if c not in df]
@@ -621,7 +713,7 @@ def download(catalog, out, sas_url: str = DEFAULT_SAS_URL, *, lite: bool = True,
     t0 = time.monotonic()
     try:
         _run_jobs(jobs, check_spectrum_file, concurrency=concurrency, retries=retries, timeout=timeout,
-                  backoff=backoff, progress=progress, desc="spectra", results=results, on_file=on_file)
+                  backoff=backoff, progress=progress, desc="spectra", results=results, on_file=on_file, http=http)
     finally:  # also on interrupt: record what is known so far
         _write_failures(out, results)
     summary = _summarise(results, time.monotonic() - t0)
@@ -630,13 +722,26 @@ def download(catalog, out, sas_url: str = DEFAULT_SAS_URL, *, lite: bool = True,
 
 
 def download_sspp_fits(out, sas_url: str = DEFAULT_SAS_URL, *, retries: int = 4, timeout: float = 30.0,
-                       backoff: float = 1.0, progress: bool = True) -> Path:
-    """Download (or resume) the DR12 SSPP catalog FITS into ``OUT/sspp/`` and return its path."""
+                       backoff: float = 1.0, progress: bool = True, http=None) -> Path:
+    """Download (or resume) the DR12 SSPP catalog FITS into ``OUT/sspp/``.
+
+    Parameters
+    ----------
+    out : str or Path
+    sas_url : str
+    retries, timeout, backoff, progress, http
+        As in :func:`download`.
+
+    Returns
+    -------
+    Path
+        The downloaded, checked FITS file.
+    """
     dest = Path(out) / "sspp" / Path(SSPP_FITS_PATH).name
     url = sas_url.rstrip("/") + "/" + SSPP_FITS_PATH
     results: list[FileResult] = []
     _run_jobs([(dest, [url])], check_fits_table, concurrency=1, retries=retries, timeout=timeout, backoff=backoff,
-              progress=progress, desc="sspp catalog", results=results)
+              progress=progress, desc="sspp catalog", results=results, http=http)
     r = results[0]
     if r.status == "failed":
         raise CatalogQueryError(f"could not download {url}: {r.reason}. Check --sas-url, or re-run to resume.")
@@ -651,15 +756,49 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
           logg_range=None, primary_only: bool = True, sample: str = "random", seed: int = 0, lite: bool = True,
           concurrency: int = 8, retries: int = 4, timeout: float = 30.0, backoff: float = 1.0,
           page_size: int = DEFAULT_PAGE_SIZE, spectra: bool = True, refresh_catalog: bool = False,
-          progress: bool = True, on_file=None) -> dict:
-    """Select ``n`` SSPP stars, write the catalog, download their spectra; returns a summary.
+          progress: bool = True, on_file=None, wait: bool = False, http=None) -> dict:
+    """Select ``n`` SSPP stars, write the catalog, download their spectra.
 
-    source: "skyserver" (SQL on ``sql_url``) or "sas-fits" (the SSPP FITS file under ``sas_url``).
-    sample: "random" draws ``n`` of all stars passing the cuts with ``seed`` (the whole
-    selection is fetched, page by page); "first" keeps the first ``n`` by SPECOBJID (cheaper,
-    but early plates only). The catalog is reused when ``OUT/fetch.json`` shows the same
-    selection, unless ``refresh_catalog``. Writes OUT/catalog.{fits,parquet}, OUT/spectra/,
-    OUT/failures.csv and OUT/fetch.json.
+    The catalog is reused when ``OUT/fetch.json`` shows the same selection, unless
+    ``refresh_catalog``. Writes OUT/catalog.{fits,parquet}, OUT/spectra/, OUT/failures.csv and
+    OUT/fetch.json. One fetch at a time writes OUT (an advisory lock).
+
+    Parameters
+    ----------
+    n : int
+        Stars wanted.
+    out : str or Path
+        The fetch folder.
+    sql_url, sas_url : str
+        SkyServer SqlSearch URL and SAS root URL (or mirrors).
+    source : str
+        "skyserver" (SQL on ``sql_url``) or "sas-fits" (the SSPP FITS file under ``sas_url``).
+    min_snr, teff_range, feh_range, logg_range, primary_only
+        The cuts of :func:`build_query`.
+    sample : str
+        "random" draws ``n`` of all stars passing the cuts with ``seed`` (the whole selection
+        is fetched, page by page); "first" keeps the first ``n`` by SPECOBJID (cheaper, but
+        early plates only).
+    seed : int
+    lite, concurrency, retries, timeout, backoff, on_file
+        As in :func:`download`.
+    page_size : int
+        Rows per SQL page.
+    spectra : bool
+        Also download the spectra (False: the catalog only).
+    refresh_catalog : bool
+    progress : bool
+    wait : bool
+        When another fetch writes OUT: wait (True) or raise :class:`files.OutputBusy`,
+        naming the holder's PID (False).
+    http : urllib3.PoolManager, optional
+        For every request (default: new ones).
+
+    Returns
+    -------
+    dict
+        {"catalog": {rows, reused, fits, parquet}, "spectra": the :func:`download` summary,
+        "seconds"}.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -671,8 +810,15 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
     cuts = dict(min_snr=float(min_snr), teff_range=_range(teff_range, "Teff"), feh_range=_range(feh_range, "[Fe/H]"),
                 logg_range=_range(logg_range, "log g"), primary_only=bool(primary_only))
     selection = {"source": source, "n": n, "sample": sample, "seed": int(seed), **cuts}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with locked_output(out, wait) as out:
+        return _fetch(n, out, selection, cuts, sql_url=sql_url, sas_url=sas_url, source=source, sample=sample,
+                      seed=seed, lite=lite, concurrency=concurrency, retries=retries, timeout=timeout,
+                      backoff=backoff, page_size=page_size, spectra=spectra, refresh_catalog=refresh_catalog,
+                      progress=progress, on_file=on_file, http=http)
+
+
+def _fetch(n, out: Path, selection, cuts, *, sql_url, sas_url, source, sample, seed, lite, concurrency, retries,
+           timeout, backoff, page_size, spectra, refresh_catalog, progress, on_file, http) -> dict:
     meta_path, cat_path = out / "fetch.json", out / "catalog.parquet"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     query = build_query(None if sample == "random" else n, top=page_size, **cuts) if source == "skyserver" else None
@@ -686,10 +832,10 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
     else:
         if source == "skyserver":
             df = query_catalog(sql_url, None if sample == "random" else n, page_size=page_size, progress=progress,
-                               **cuts)
+                               http=http, **cuts)
         else:
             fits_path = download_sspp_fits(out, sas_url, retries=retries, timeout=timeout, backoff=backoff,
-                                           progress=progress)
+                                           progress=progress, http=http)
             df = read_sspp_fits(fits_path)
         parent = len(df)
         df = apply_cuts(df, **cuts)  # the query's cuts again: a mirror or the FITS file may not apply them
@@ -697,7 +843,8 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
         if sample == "random" and len(df) > n:
             df = df.sample(n=n, random_state=int(seed)).sort_index().reset_index(drop=True)  # keeps SPECOBJID order
         df = df.iloc[:n].copy()
-        df["FILE"] = [spec_filename(int(p), int(m), int(f)) for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
+        df["FILE"] = ["spectra/" + spec_filename(int(p), int(m), int(f))  # relative to the catalog's folder
+                      for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
         df = df[[c for c in CATALOG_COLUMNS if c in df] + [c for c in df if c not in CATALOG_COLUMNS]]
         write_catalog(df, out, {"source": source, "config": selection, "query": query, "selected": parent})
         if progress and len(df) < n:
@@ -712,7 +859,8 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
     if spectra:
         try:
             summary["spectra"] = download(df, out, sas_url, lite=lite, concurrency=concurrency, retries=retries,
-                                          timeout=timeout, backoff=backoff, progress=progress, on_file=on_file)
+                                          timeout=timeout, backoff=backoff, progress=progress, on_file=on_file,
+                                          http=http)
         except BaseException:
             record["status"] = "interrupted during the spectra; re-run to resume"
             atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
@@ -762,11 +910,14 @@ def add_arguments(parser):
     parser.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="rows per SQL page")
     parser.add_argument("--catalog-only", action="store_true", help="write the catalog, download no spectra")
     parser.add_argument("--refresh-catalog", action="store_true", help="query the catalog again even if present")
+    parser.add_argument("--wait", action="store_true", help="if another fetch is writing OUT, wait for it instead of failing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_cli(args) -> int:
     import sys
+
+    from .files import OutputBusy
 
     try:
         ranges = {k: _pair(v) if v else None for k, v in
@@ -775,7 +926,10 @@ def run_cli(args) -> int:
                   min_snr=args.min_snr, primary_only=not args.all_spectra, sample=args.sample, seed=args.seed,
                   lite=not args.full, concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
                   page_size=args.page_size, spectra=not args.catalog_only, refresh_catalog=args.refresh_catalog,
-                  progress=not args.quiet, **ranges)
+                  progress=not args.quiet, wait=args.wait, **ranges)
+    except OutputBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (CatalogQueryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,8 +20,20 @@ COMMANDS = {
     "evaluate": ("stellarparams.evaluate", "metrics, tables and figures for a model"),
     "benchmark": ("stellarparams.benchmark", "the paper's baselines and ablations on one split"),
     "predict": ("stellarparams.predict", "run a model on new spectra"),
-    "run": ("stellarparams.pipeline", "main job: simulate, prepare, train, evaluate"),
+    "run": ("stellarparams.pipeline", "main job: simulate, prepare, train, evaluate, and compare with a Ridge baseline"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help once: not when the help already gives a default,
+    not for required options, flags or options without a default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.required or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: {action.default})"
 
 
 def build_parser(argv):
@@ -36,7 +48,7 @@ def build_parser(argv):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         # only the chosen command's module is imported (keeps --help fast)
         if name == chosen:
             importlib.import_module(modname).add_arguments(p)
@@ -54,8 +66,8 @@ def main(argv=None):
     module = importlib.import_module(args._module)
     try:
         return module.run_cli(args) or 0
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a stage may say what was kept (str(e)); else the general advice
+        print(str(e) or "interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,12 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 
     flux       (N, P) float32   standardized rest-frame flux on the common grid
     valid      (N, P) bool      pixel came from good data (not ivar==0/masked/clamped)
+    sigma      (N, P) float32   per-pixel 1-sigma noise of ``flux``, in the same standardized
+                                units (the file's 1/sqrt(ivar), resampled onto the grid by linear
+                                interpolation between good pixels and divided by the spectrum's
+                                std); +inf where ``valid`` is False (no data there). Written by
+                                ``prepare``; datasets made before it, or by :func:`write_dataset`
+                                without ``sigma``, lack it (:meth:`Dataset.sigma` returns None).
     labels     (N, L) float32   physical units; NaN where the catalog had -9999
     label_err  (N, L) float32   catalog uncertainties; NaN where not given
     split      (N,)   uint8     0 train, 1 val, 2 test
@@ -21,18 +27,21 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
 ``preprocess``, ``version``, ``input_hash``, ``created``.
 Side files written by ``prepare``: ``rejects.csv`` (file, plate, mjd, fiberid, reason,
-detail: every file or catalog row left out) and ``summary.json`` (counts by reason).
+detail: every file or catalog row left out) and ``summary.json`` (counts by reason, the
+``input_hash`` of the job and the ``dataset_sha256`` of the published ``dataset.h5``: a
+re-run is a no-op only when both match). ``.lock`` is the advisory lock of the one writer.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
+
+from .files import atomic_write
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 DATA_FILE = "dataset.h5"
@@ -41,7 +50,7 @@ LABEL_UNITS = {"teff": "K", "feh": "dex", "logg": "dex"}
 
 @dataclass(frozen=True)
 class Grid:
-    """Common wavelength grid, uniform in log10(lambda / Angstrom) (METHOD.md step 1)."""
+    """Common wavelength grid, uniform in log10(lambda / Angstrom) (docs/method.md step 1)."""
 
     loglam_min: float = 3.5754
     loglam_max: float = 3.9670
@@ -65,14 +74,34 @@ _STR = h5py.string_dtype()
 _META_COLUMNS = ("plate", "mjd", "fiberid", "object_id", "file", "rv", "snr")
 
 
-def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256):
+def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256, sigma: bool = False):
     """Create an empty, resizable store at ``path`` (a .h5 file) and return the open h5py File.
 
-    Rows are appended with :func:`append_rows`. ``attrs`` values are stored as JSON.
+    Parameters
+    ----------
+    path : str or Path
+        The .h5 file to create (it must not exist).
+    n_pix : int
+        Grid pixels per spectrum.
+    label_names : list of str
+        Label columns, e.g. ["teff", "feh", "logg"].
+    attrs : dict
+        File attributes, each stored as JSON.
+    chunk_rows : int
+        Rows per HDF5 chunk of the (N, P) datasets.
+    sigma : bool
+        Also create the (N, P) ``sigma`` dataset; :func:`append_rows` then needs ``sigma``.
+
+    Returns
+    -------
+    h5py.File
+        Open for writing; rows are appended with :func:`append_rows`.
     """
-    f = h5py.File(path, "w")
+    f = h5py.File(path, "w-")
     L = len(label_names)
     f.create_dataset("flux", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
+    if sigma:
+        f.create_dataset("sigma", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
     f.create_dataset("valid", (0, n_pix), bool, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix),
                      compression="gzip", compression_opts=1)
     f.create_dataset("labels", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
@@ -87,10 +116,37 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
     return f
 
 
-def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None):
-    """Append a block of rows. ``meta`` has the columns plate, mjd, fiberid, object_id, file, rv, snr."""
+def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None,
+                sigma=None):
+    """Append a block of rows to a store made by :func:`create_dataset`.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open store.
+    flux, valid : (n, P) arrays
+        Standardized flux and its validity mask.
+    labels, label_err : (n, L) arrays
+    split : (n,) uint8
+        0 train, 1 val, 2 test.
+    meta : DataFrame
+        Columns plate, mjd, fiberid, object_id, file, rv, snr.
+    extra : DataFrame, optional
+        Other numeric catalog columns (stored under ``extra/``).
+    sigma : (n, P) array, optional
+        Standardized per-pixel noise; required when the store has a ``sigma`` dataset.
+
+    Returns
+    -------
+    int
+        The number of rows now in the store.
+    """
     n0, n = f["flux"].shape[0], len(flux)
+    if ("sigma" in f) != (sigma is not None):
+        raise ValueError("sigma must be given exactly when the store was created with sigma=True")
     arrays = {"flux": flux, "valid": valid, "labels": labels, "label_err": label_err, "split": split}
+    if sigma is not None:
+        arrays["sigma"] = sigma
     arrays.update({c: meta[c].to_numpy() for c in _META_COLUMNS})
     for name, a in arrays.items():
         ds = f[name]
@@ -111,11 +167,29 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
 
 def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg"), valid=None,
                   label_err=None, meta: pd.DataFrame | None = None, extra: pd.DataFrame | None = None,
-                  attrs: dict | None = None):
+                  attrs: dict | None = None, sigma=None):
     """Write a whole dataset from in-memory arrays (tests, simulations, notebooks).
 
-    ``path`` is the dataset folder; the file is written to a temporary name and renamed.
-    ``split`` is an array of 0/1/2 or of "train"/"val"/"test".
+    Parameters
+    ----------
+    path : str or Path
+        The dataset folder; ``dataset.h5`` is written atomically (:func:`files.atomic_write`).
+    flux : (N, P) array
+    labels : (N, L) array
+    split : (N,) array
+        0/1/2 or "train"/"val"/"test".
+    label_names : list of str
+    valid, label_err, meta, extra : optional
+        See :func:`append_rows`; defaults: all valid, NaN errors, placeholder identifiers.
+    attrs : dict, optional
+        Extra file attributes.
+    sigma : (N, P) array, optional
+        Standardized per-pixel noise (+inf where no data); stored only when given.
+
+    Returns
+    -------
+    Dataset
+        The written dataset, open for reading.
     """
     from . import __version__
 
@@ -144,11 +218,13 @@ def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg")
          "preprocess": {}, "version": __version__, "input_hash": "", "created": pd.Timestamp.now("UTC").isoformat()}
     a.update(attrs or {})
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (DATA_FILE + ".tmp")
-    with create_dataset(tmp, p, label_names, a) as f:
-        append_rows(f, flux, valid, labels, label_err, split.astype(np.uint8), meta, extra)
-    os.replace(tmp, folder / DATA_FILE)
+
+    def write(tmp):
+        with create_dataset(tmp, p, label_names, a, sigma=sigma is not None) as f:
+            append_rows(f, flux, valid, labels, label_err, split.astype(np.uint8), meta, extra,
+                        sigma=None if sigma is None else np.asarray(sigma, np.float32))
+
+    atomic_write(folder / DATA_FILE, write)
     return Dataset(folder)
 
 
@@ -196,9 +272,11 @@ class Dataset:
         return np.flatnonzero(self.split == SPLITS[split])
 
     def _rows(self, name, idx):
+        """Rows ``idx`` of one dataset, in the asked order; strings come back as str (UTF-8)."""
         ds = self._f[name]
+        read = ds.asstr() if ds.dtype == _STR else ds
         if idx is None:
-            return ds[:]
+            return read[:]
         idx = np.asarray(idx)
         if idx.size == 0:
             return np.empty((0,) + ds.shape[1:], ds.dtype)
@@ -206,10 +284,10 @@ class Dataset:
         sorted_idx = idx[order]
         lo, hi = int(sorted_idx[0]), int(sorted_idx[-1]) + 1
         if hi - lo <= 4 * len(idx):  # dense: one contiguous read, then pick
-            block = ds[lo:hi][sorted_idx - lo]
+            block = read[lo:hi][sorted_idx - lo]
         else:
             uniq, inv = np.unique(sorted_idx, return_inverse=True)
-            block = ds[uniq][inv]
+            block = read[uniq][inv]
         out = np.empty_like(block)
         out[order] = block
         return out
@@ -226,12 +304,26 @@ class Dataset:
     def label_err(self, idx=None) -> np.ndarray:
         return self._rows("label_err", idx)
 
+    def sigma(self, idx=None) -> np.ndarray | None:
+        """Per-pixel 1-sigma noise of the standardized flux, (n, P) float32; +inf where there was no data.
+
+        Parameters
+        ----------
+        idx : array of int, optional
+            Rows, in any order (default: all).
+
+        Returns
+        -------
+        ndarray or None
+            None for a dataset written without noise (made before ``prepare`` stored it).
+        """
+        return self._rows("sigma", idx) if "sigma" in self._f else None
+
     def meta(self, idx=None) -> pd.DataFrame:
         """Identifiers, RV, S/N, split name and extra catalog columns as a DataFrame."""
         cols = {}
         for c in _META_COLUMNS:
-            v = self._rows(c, idx)
-            cols[c] = v.astype(str) if v.dtype == object else v
+            cols[c] = self._rows(c, idx)
         names = {i: s for s, i in SPLITS.items()}
         cols["split"] = [names[int(s)] for s in self._rows("split", idx)]
         if "extra" in self._f:

@@ -3,15 +3,18 @@
 Files are read and preprocessed in a pool of processes (chunks of ``chunk_size`` files,
 at most 2 chunks per worker in flight), the network runs in the main process, and rows
 are appended to the output as they come, so memory stays flat for any number of files.
-Finished parts go to ``.OUT.partial/`` (so a killed run resumes), and the output (CSV,
-Parquet or FITS by suffix) is assembled from them under a temporary name and renamed. One row per input file, in input order::
+Finished parts go to ``.OUT.partial/`` (so a killed run resumes; its ``.lock`` lets one
+process at a time write OUT), and the output (CSV, Parquet or FITS by suffix) is assembled
+from them, read back and checked, then renamed into place. One row per input file, in
+input order::
 
     file, plate, mjd, fiberid, <label columns (teff, feh, logg)>, sigma_<label> ...,
     ood_score, snr, rv, flag_rejected, reject_reason, reject_detail, flag_out_of_range,
     flag_label_hull, flag_unlike_training, flag_low_snr
 
 Rejected inputs (unreadable, not a star, too little good data, ...) keep their row with
-NaN labels and the reason. ``sigma_<label>``: calibrated 1-sigma uncertainty (same units;
+NaN labels, the reason and its detail, and plate/mjd/fiberid from the catalog or the file
+name. Text in the FITS output is UTF-8 (any path fits; astropy reads it back as text). ``sigma_<label>``: calibrated 1-sigma uncertainty (same units;
 NaN for a model trained without calibration); ``ood_score``: how unlike the training
 spectra the flux is (> 1: less alike than 99.5% of held-out training-like stars;
 ``flag_unlike_training``); ``flag_out_of_range``: a label outside the range seen in
@@ -24,20 +27,21 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import sdss
+from .files import LOCK_NAME, atomic_write, write_text
+from .outputs import check_output_folder, locked_output
+from .physics import rv_from_z
+from .workers import pool as worker_pool
 
 CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".txt")
-_STR_WIDTHS = {"reject_reason": 24, "reject_detail": 160}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -47,9 +51,7 @@ def _is_catalog(path: Path) -> bool:
         return True
     if name.endswith((".fits", ".fit", ".fits.gz")) and not name.startswith(("spec-", "spspec-")):
         try:  # a FITS table with a FILE column is a catalog; anything else is taken as a spectrum
-            import fitsio
-
-            with fitsio.FITS(str(path)) as f:
+            with sdss.open_fits(path) as f:
                 return len(f) > 1 and f[1].get_exttype() == "BINARY_TBL" and \
                     "FILE" in [c.upper() for c in f[1].get_colnames()]
         except (OSError, ValueError):
@@ -57,27 +59,49 @@ def _is_catalog(path: Path) -> bool:
     return False
 
 
-def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple[str, float]]:
+def _ids(cat: pd.DataFrame, i: int):
+    """(plate, mjd, fiberid) of catalog row ``i`` when the catalog has them, else None."""
+    if not all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
+        return None
+    k = cat.loc[i, list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+    return tuple(int(v) for v in k) if np.isfinite(k).all() else None
+
+
+def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
+    """Rows of a catalog with a FILE column -> [(file, rv, ids)]; relative FILE: from the catalog's folder."""
+    from .prepare import _resolve_file
+
     cat = sdss.read_catalog(path)
     if "FILE" not in cat.columns:
         raise ValueError(f"{path}: a catalog given as input needs a FILE column with spectrum paths "
                          f"(it has {', '.join(cat.columns[:20])})")
-    base = Path(path).parent if not isinstance(path, pd.DataFrame) else Path(".")
+    base = Path.cwd() if isinstance(path, pd.DataFrame) else Path(path).parent
     rv = cat[rv_column].to_numpy(np.float64) if rv_column in cat.columns else np.full(len(cat), np.nan)
     items = []
-    for f, v in zip(cat["FILE"].astype(str), rv):
-        p = Path(f.strip())
-        if not p.is_absolute() and not p.exists() and (base / p).exists():
-            p = base / p
-        items.append((str(p), float(v)))
+    for i, (f, v) in enumerate(zip(cat["FILE"], rv)):
+        p = _resolve_file(f, base)
+        items.append(("" if p is None else str(p), float(v), _ids(cat, i)))
     return items
 
 
-def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple[str, float]]:
-    """Spectrum files, folders (searched recursively) and catalogs -> [(file, rv_kms or NaN)].
+def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple]:
+    """Spectrum files, folders (searched recursively) and catalogs -> [(file, rv_kms or NaN, ids)].
 
-    ``catalog`` (path or DataFrame) may carry RV_ADOP for files given otherwise, matched by
-    FILE or by (PLATE, MJD, FIBERID) parsed from the file name; NaN RV -> the file's redshift.
+    Parameters
+    ----------
+    inputs : path or list of paths
+        Spectrum files, folders and catalogs with a FILE column (absolute paths, or paths
+        relative to the catalog's folder: the rule of ``prepare`` too).
+    catalog : path or DataFrame, optional
+        Carries RV_ADOP for files given otherwise, matched by FILE name or by (PLATE, MJD,
+        FIBERID) parsed from the file name; NaN RV -> the file's redshift.
+    rv_column : str
+
+    Returns
+    -------
+    list of (str, float, tuple or None)
+        File, RV in km/s (NaN: use the file's redshift) and (plate, mjd, fiberid) from a
+        catalog row (None: from the file).
     """
     from .prepare import find_spectra, parse_spectrum_name
 
@@ -87,11 +111,11 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple[str,
     for x in inputs:
         p = Path(x)
         if p.is_dir():
-            items += [(str(f), np.nan) for f in find_spectra(p)]
+            items += [(str(f), np.nan, None) for f in find_spectra(p)]
         elif p.exists() and _is_catalog(p):
             items += _catalog_items(p, rv_column)
         else:  # a missing file is kept: it becomes a rejected row, not a crash
-            items.append((str(p), np.nan))
+            items.append((str(p), np.nan, None))
     if catalog is not None:
         cat = sdss.read_catalog(catalog)
         if rv_column in cat.columns:
@@ -99,11 +123,11 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple[str,
             if "FILE" in cat.columns:
                 rv_by.update({Path(str(f).strip()).name: v for f, v in zip(cat["FILE"], cat[rv_column])})
             if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-                ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.int64)
-                rv_by.update({tuple(k): v for k, v in zip(map(tuple, ids), cat[rv_column])})
+                ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+                rv_by.update({tuple(int(v) for v in k): r for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all()})
             items = [(f, v if np.isfinite(v) else
-                      float(rv_by.get(Path(f).name, rv_by.get(parse_spectrum_name(Path(f).name), np.nan))))
-                     for f, v in items]
+                      float(rv_by.get(Path(f).name, rv_by.get(parse_spectrum_name(Path(f).name), np.nan))), k)
+                     for f, v, k in items]
         if not items and "FILE" in cat.columns:
             items = _catalog_items(catalog, rv_column)
     return items
@@ -111,9 +135,8 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple[str,
 
 # ---------------------------------------------------------------------- workers
 def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
-    """Read + preprocess a list of (file, rv). Never raises: problems become reasons."""
-    from .model_io import rv_from_z
-    from .prepare import PrepareConfig, preprocess
+    """Read + preprocess a list of (file, rv, ids). Never raises: problems become reasons."""
+    from .prepare import PrepareConfig, parse_spectrum_name, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
     n = len(items)
@@ -122,8 +145,15 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
     info = {k: np.zeros(n, np.int32) for k in ("plate", "mjd", "fiberid")}
     snr, rv_used = np.full(n, np.nan), np.full(n, np.nan)
     reason, detail = [""] * n, [""] * n
-    for i, (path, rv) in enumerate(items):
+    for i, (path, rv, ids) in enumerate(items):
+        ids = ids or parse_spectrum_name(Path(path).name)  # identity of a row even when it is rejected
+        if ids:
+            info["plate"][i], info["mjd"][i], info["fiberid"][i] = ids
         try:
+            if not path:
+                raise sdss.SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
+            if not Path(path).exists():
+                raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
             spec = sdss.read_spectrum(path)
             info["plate"][i], info["mjd"][i], info["fiberid"][i] = spec.plate, spec.mjd, spec.fiberid
             snr[i] = spec.snr
@@ -142,65 +172,125 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
 
 
 # ---------------------------------------------------------------------- output
-class TableWriter:
-    """Append DataFrames to OUT.tmp (CSV, Parquet or FITS by suffix); ``close`` renames it to OUT."""
+def output_kind(path) -> str:
+    """The output format from the file's suffix.
 
-    def __init__(self, path, file_width: int = 256):
-        self.path = Path(path)
-        name = self.path.name.lower()
-        self.kind = ("parquet" if name.endswith((".parquet", ".pq")) else
-                     "fits" if name.endswith((".fits", ".fit")) else "csv" if name.endswith((".csv", ".txt")) else None)
-        if self.kind is None:
-            raise ValueError(f"{path}: output must end in .csv, .parquet or .fits")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.tmp.unlink(missing_ok=True)
-        self.file_width, self._w, self.n = max(8, file_width), None, 0
+    Parameters
+    ----------
+    path : str or Path
 
-    def append(self, df: pd.DataFrame):
-        if self.kind == "csv":
-            df.to_csv(self.tmp, mode="a", header=self.n == 0, index=False)
-        elif self.kind == "parquet":
+    Returns
+    -------
+    str
+        'csv' (.csv, .txt), 'parquet' (.parquet, .pq) or 'fits' (.fits, .fit); ValueError otherwise.
+    """
+    name = Path(path).name.lower()
+    kind = ("parquet" if name.endswith((".parquet", ".pq")) else "fits" if name.endswith((".fits", ".fit")) else
+            "csv" if name.endswith((".csv", ".txt")) else None)
+    if kind is None:
+        raise ValueError(f"{path}: output must end in .csv, .parquet or .fits")
+    return kind
+
+
+def check_output_file(path) -> Path:
+    """Check, before any work, that ``path`` can be written: a known suffix, not a folder, a writable folder.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        With a one-line reason.
+    """
+    path = Path(path)
+    output_kind(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; --out must name a table file (.csv, .parquet or .fits)")
+    check_output_folder(path.parent)
+    return path
+
+
+def _fits_table(df: pd.DataFrame):
+    """DataFrame -> astropy BinTableHDU; text columns are stored as UTF-8 bytes (any path fits)."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    t = Table()
+    for c in df.columns:
+        v = df[c].to_numpy()
+        t[c] = np.array([str(s).encode("utf-8") for s in v], dtype=bytes) if v.dtype == object else v
+    hdu = fits.table_to_hdu(t)
+    hdu.name = "PREDICTIONS"
+    hdu.header["COMMENT"] = "text columns (file, reject_reason, reject_detail) are UTF-8"
+    return hdu
+
+
+def write_table(path, frames, n_rows: int | None = None) -> int:
+    """Write DataFrames as one table (CSV, Parquet or FITS by suffix), verified, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output; any characters in its name.
+    frames : list of callables
+        Each returns the next block of rows (read lazily, so memory stays at one block for
+        CSV and Parquet; FITS holds the whole table).
+    n_rows : int, optional
+        Rows the table must have.
+
+    Returns
+    -------
+    int
+        Rows written. The file is read back and its row count checked before it is renamed
+        into place; on any failure nothing is published.
+    """
+    path = Path(path)
+    kind = output_kind(path)
+
+    def write(tmp):
+        n = 0
+        if kind == "csv":
+            for get in frames:
+                df = get()
+                df.to_csv(tmp, mode="a", header=n == 0, index=False)
+                n += len(df)
+            back = sum(len(b) for b in pd.read_csv(tmp, chunksize=1 << 16, usecols=[0]))
+        elif kind == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            if self._w is None:
-                self._w = pq.ParquetWriter(self.tmp, table.schema)
-            self._w.write_table(table.cast(self._w.schema))
+            w = None
+            for get in frames:
+                table = pa.Table.from_pandas(get(), preserve_index=False)
+                w = w or pq.ParquetWriter(tmp, table.schema)
+                w.write_table(table.cast(w.schema))
+                n += table.num_rows
+            w.close()
+            back = pq.ParquetFile(tmp).metadata.num_rows
         else:
-            import fitsio
+            from astropy.io import fits
 
-            if self._w is None:
-                self._w = fitsio.FITS(str(self.tmp), "rw", clobber=True)
-            rec = self._records(df)
-            if self.n == 0:
-                self._w.write(rec, extname="PREDICTIONS")
-            else:
-                self._w[-1].append(rec)
-        self.n += len(df)
+            df = pd.concat([get() for get in frames], ignore_index=True)
+            n = len(df)
+            fits.HDUList([fits.PrimaryHDU(), _fits_table(df)]).writeto(tmp)
+            with fits.open(tmp) as h:
+                back = len(h["PREDICTIONS"].data)
+        if back != n or n_rows is not None and n != n_rows:
+            raise RuntimeError(f"wrote {n} rows and read back {back}, expected {n_rows}; nothing was published")
+        return n
 
-    def _records(self, df):
-        cols = []
-        for c in df.columns:
-            v = df[c].to_numpy()
-            if v.dtype == object:
-                w = self.file_width if c == "file" else _STR_WIDTHS.get(c, 64)
-                v = np.array([str(s)[:w] for s in v], dtype=f"U{w}")
-            cols.append((c, v))
-        return np.rec.fromarrays([v for _, v in cols], names=[c for c, _ in cols])
-
-    def close(self):
-        if self._w is not None:
-            self._w.close()
-        if not self.tmp.exists():  # nothing appended: still write an empty table with a header
-            raise ValueError(f"{self.path}: nothing to write")
-        os.replace(self.tmp, self.path)
-
-    def abort(self):
-        if self._w is not None:
-            self._w.close()
-        self.tmp.unlink(missing_ok=True)
+    try:
+        rows = []
+        atomic_write(path, lambda tmp: rows.append(write(tmp)))
+    except (OSError, ValueError, UnicodeError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot write the {kind} output: {e}") from e
+    return rows[0]
 
 
 def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
@@ -211,7 +301,7 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
         full = model._full(r["flux"], batch_size)
         pred[ok], sigma[ok], ood[ok] = full["pred"], full["sigma"], full["ood_score"]
         unlike[ok], hull[ok] = full["flag_unlike_training"], full["flag_label_hull"]
-    df = pd.DataFrame({"file": [f for f, _ in items], "plate": r["plate"], "mjd": r["mjd"], "fiberid": r["fiberid"]})
+    df = pd.DataFrame({"file": [f for f, _, _ in items], "plate": r["plate"], "mjd": r["mjd"], "fiberid": r["fiberid"]})
     for j, name in enumerate(model.label_names):
         df[name] = pred[:, j]
     for j, name in enumerate(model.label_names):
@@ -230,44 +320,110 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     return df
 
 
+def weights_sha256(model) -> str:
+    """sha256 of the model's weights (the resume key: a hand-built model has one too).
+
+    Parameters
+    ----------
+    model : Model
+
+    Returns
+    -------
+    str
+        ``model.weights_sha256`` when set, else the sha256 of ``model.net.state_dict()``
+        (names and bytes of every tensor).
+    """
+    sha = getattr(model, "weights_sha256", None)
+    if sha:
+        return sha
+    h = hashlib.sha256()
+    for name, t in model.net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _job_key(model, items, min_snr) -> str:
-    h = hashlib.sha256(json.dumps([model.fingerprint, model.label_names, model.center.tolist(), min_snr,
-                                  "sigma", getattr(model, "uncertainty", None) is not None]).encode())
-    for f, rv in items:
-        h.update(f"{f}|{rv}\n".encode())
+    """What a finished part depends on: the weights, scaler, preprocessing, options and each input file."""
+    h = hashlib.sha256(json.dumps([weights_sha256(model), model.label_names, model.center.tolist(),
+                                   model.scale.tolist(), model.prepare_config, min_snr, "sigma",
+                                   getattr(model, "uncertainty", None) is not None], default=str).encode())
+    for f, rv, ids in items:
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{f}|{rv}|{ids}|{stamp}\n".encode())
     return h.hexdigest()[:24]
 
 
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
-            min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True) -> dict:
+            min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
+            wait: bool = False) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
-    model: a Model or a model folder; inputs: spectrum files, folders, catalogs with FILE
-    (see :func:`collect_inputs`); out: .csv / .parquet / .fits; workers: reading
-    processes (default: all CPUs; 0 or 1 reads in this process).
-    Finished parts (``part_chunks`` x ``chunk_size`` files) are kept in ``.OUT.partial/``;
-    killed and run again with the same inputs, only the missing parts are read.
-    Returns a summary dict: counts by outcome, rejection reasons, seconds, spectra/s.
-    """
-    from tqdm.auto import tqdm
+    Parameters
+    ----------
+    model : Model or str or Path
+        A Model or a model folder.
+    inputs : path or list of paths
+        Spectrum files, folders, catalogs with FILE (see :func:`collect_inputs`).
+    out : str or Path
+        .csv / .parquet / .fits; checked before any work. One writer at a time: the lock is
+        ``.OUT.partial/.lock``.
+    catalog : path or DataFrame, optional
+        RV_ADOP for the inputs.
+    batch_size : int
+        Spectra per network batch.
+    workers : int, optional
+        Reading processes (default: all CPUs; 0 or 1 reads in this process).
+    min_snr : float
+        ``flag_low_snr`` below this median S/N per pixel.
+    chunk_size, part_chunks : int
+        Finished parts (``part_chunks`` x ``chunk_size`` files) are kept in ``.OUT.partial/``;
+        killed and run again with the same inputs, only the missing parts are read.
+    progress : bool
+    wait : bool
+        When another process is writing ``out``: wait (True) or raise
+        :class:`files.OutputBusy` (False).
 
+    Returns
+    -------
+    dict
+        Counts by outcome, rejection reasons, seconds, spectra/s.
+
+    Raises
+    ------
+    sdss.NoUsableInput
+        No input file at all.
+    ValueError
+        Bad output location or suffix, bad catalog.
+    """
     from .model_io import Model, load_model
 
+    out = check_output_file(out)
+    with locked_output(out.parent / f".{out.name}.partial", wait) as partial:
+        model = model if isinstance(model, Model) else load_model(model)
+        items = collect_inputs(inputs, catalog)
+        if not items:
+            names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+            raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
+        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress)
+
+
+def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress) -> dict:
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
-    model = model if isinstance(model, Model) else load_model(model)
-    items = collect_inputs(inputs, catalog)
-    if not items:
-        raise ValueError(f"no spectrum files found in {inputs}")
-    out = Path(out)
-    writer = TableWriter(out, file_width=max(len(f) for f, _ in items))  # checks the suffix early
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     parts = [chunks[i:i + part_chunks] for i in range(0, len(chunks), part_chunks)]
-    partial = out.parent / f".{out.name}.partial"
     key = _job_key(model, items, min_snr)
-    if partial.exists() and _read_key(partial) != key:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "job.json").write_text(json.dumps({"key": key, "n_files": len(items)}))
+    if _read_key(partial) != key:  # another job's parts: remove them (the lock file stays)
+        for f in partial.iterdir():
+            if f.name != LOCK_NAME:
+                f.unlink()
+    write_text(partial / "job.json", json.dumps({"key": key, "n_files": len(items)}))
     part_file = [partial / f"part-{k:05d}.parquet" for k in range(len(parts))]
     todo = [k for k in range(len(parts)) if not part_file[k].exists()]
     n_done = sum(len(c) for k in range(len(parts)) if k not in todo for c in parts[k])
@@ -276,14 +432,15 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     workers = (os.cpu_count() or 1) if workers is None else workers
     args = (model.prepare_config, model.n_in)
     buffers = {k: [] for k in todo}
+    kept = [n_done]
     bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
 
     def consume(k, chunk, r):
         buffers[k].append(_rows(model, chunk, r, min_snr, batch_size))
         if len(buffers[k]) == len(parts[k]):  # part complete: publish it
-            tmp = part_file[k].with_suffix(".tmp")
-            pd.concat(buffers.pop(k), ignore_index=True).to_parquet(tmp, index=False)
-            os.replace(tmp, part_file[k])
+            df = pd.concat(buffers.pop(k), ignore_index=True)
+            atomic_write(part_file[k], lambda tmp: df.to_parquet(tmp, index=False))
+            kept[0] += len(df)
         bar.update(len(chunk))
 
     jobs = [(k, chunk) for k in todo for chunk in parts[k]]
@@ -292,7 +449,7 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
             for k, chunk in jobs:
                 consume(k, chunk, _read_chunk(chunk, *args))
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 pending = deque()
                 for k, chunk in jobs:  # keep <= 2 chunks per worker in flight; consume in input order
                     pending.append((k, chunk, pool.submit(_read_chunk, chunk, *args)))
@@ -302,28 +459,36 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
                 while pending:
                     k0, c0, fut = pending.popleft()
                     consume(k0, c0, fut.result())
+    except KeyboardInterrupt:
+        if kept[0]:
+            raise KeyboardInterrupt(f"interrupted; {kept[0]} of {len(items)} spectra are kept in {partial}: "
+                                    "re-run the same command to resume") from None
+        raise KeyboardInterrupt(f"interrupted before the first {sum(len(c) for c in parts[0])} spectra were "
+                                "finished; nothing was kept") from None
     finally:
         bar.close()
 
     # assemble the parts, in input order, into the requested format
     counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0, "unlike_training": 0, "label_hull": 0}
     reasons = {}
-    try:
-        for f in part_file:
+
+    def read_part(f):
+        def get():
             df = pd.read_parquet(f)
-            writer.append(df)
             counts["rejected"] += int(df["flag_rejected"].sum())
             counts["out_of_range"] += int(df["flag_out_of_range"].sum())
             counts["low_snr"] += int(df["flag_low_snr"].sum())
-            counts["unlike_training"] += int(df["flag_unlike_training"].sum()) if "flag_unlike_training" in df else 0
-            counts["label_hull"] += int(df["flag_label_hull"].sum()) if "flag_label_hull" in df else 0
+            counts["unlike_training"] += int(df["flag_unlike_training"].sum())
+            counts["label_hull"] += int(df["flag_label_hull"].sum())
             for reason, v in df.loc[df["flag_rejected"], "reject_reason"].value_counts().items():
                 reasons[reason] = reasons.get(reason, 0) + int(v)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    shutil.rmtree(partial, ignore_errors=True)
+            return df
+        return get
+
+    write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
+    for f in part_file:
+        f.unlink()
+    (partial / "job.json").unlink()
     seconds = time.perf_counter() - t0
     summary = {"out": str(out), "n_files": len(items), "n_predicted": len(items) - counts["rejected"],
                "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
@@ -366,27 +531,38 @@ def add_arguments(p: argparse.ArgumentParser):
                      "inputs (and why), labels outside the training range, and low S/N. Every row also "
                      "carries calibrated 1-sigma uncertainties (sigma_teff, ...) and ood_score / "
                      "flag_unlike_training (flux unlike the training spectra: cut on ood_score) and "
-                     "flag_label_hull (labels outside the training labels' convex hull).")
+                     "flag_label_hull (labels outside the training labels' convex hull). A catalog's FILE "
+                     "column holds absolute paths or paths relative to the catalog's folder. Exit status: 0 done, "
+                     "1 nothing predicted (no input, or every input rejected), 2 bad input or options, "
+                     "3 the output is being written by another process.")
     p.add_argument("model", help="model folder (from `stellarparams train` or `stellarparams run`)")
     p.add_argument("inputs", nargs="+", help="spectrum files, folders (searched recursively), or catalogs "
                    "(.csv/.parquet/.fits) with a FILE column and optional RV_ADOP")
     p.add_argument("--out", required=True, help="output table: .csv, .parquet or .fits")
     p.add_argument("--catalog", help="catalog with RV_ADOP (km/s) for the inputs, matched by FILE or PLATE/MJD/FIBERID")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
-    p.add_argument("--workers", type=int, default=None, help="reading processes; None: all CPUs")
+    p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
+    p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_cli(args) -> int:
+    from .files import OutputBusy
     from .model_io import ModelFileError
 
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet)
-    except (ModelFileError, ValueError, FileNotFoundError) as e:
+                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait)
+    except OutputBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except sdss.NoUsableInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ModelFileError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.quiet:
         print(format_summary(summary))
     return 0 if summary["n_predicted"] else 1

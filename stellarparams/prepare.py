@@ -1,4 +1,4 @@
-"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (METHOD.md steps 1-4).
+"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (docs/method.md steps 1-4).
 
 Per spectrum (:func:`preprocess`):
 1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
@@ -10,7 +10,10 @@ Per spectrum (:func:`preprocess`):
 :func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
-resumes where it stopped and a finished run with the same inputs is a no-op.
+resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
+The dataset is read back and checked before it is renamed into place, and summary.json
+records its sha256: a re-run is a no-op only when the inputs are the same and the
+published file still matches that record.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,19 +34,23 @@ import pandas as pd
 from scipy.interpolate import CubicSpline
 
 from . import sdss
-from .files import write_text
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
+from .files import atomic_write, write_text
+from .outputs import file_sha256, locked_output
+from .physics import doppler_log_shift
+from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "summary.json"
 PARTIAL_DIR = ".partial"
 REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail"]
 MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
+LOGLAM_RANGE = (3.0, 4.7)  # 1000 A - 5 um: anything outside is a damaged wavelength solution
 
 
 @dataclass
 class PrepareConfig:
-    """Preprocessing options; the defaults are the paper's (METHOD.md).
+    """Preprocessing options; the defaults are the paper's (docs/method.md).
 
     grid: common log10-wavelength grid (4000 pixels, 3.5754-3.9670)
     bad_mask: SPPIXMASK bits that make a pixel unusable (sdss.DEFAULT_BAD_MASK)
@@ -80,19 +87,6 @@ class PrepareConfig:
 # ---------------------------------------------------------------------------------------------
 # one spectrum
 
-@lru_cache(maxsize=1)
-def _c_kms() -> float:
-    from astropy.constants import c
-
-    return float(c.to_value("km/s"))
-
-
-def doppler_log_shift(rv_kms: float) -> float:
-    """log10(1+z) of the relativistic Doppler factor 1+z = sqrt((1+b)/(1-b)), b = v/c."""
-    b = float(rv_kms) / _c_kms()
-    return 0.5 * np.log10((1.0 + b) / (1.0 - b))
-
-
 @lru_cache(maxsize=8)
 def _grid_loglam(grid: Grid) -> np.ndarray:
     g = grid.loglam
@@ -100,15 +94,37 @@ def _grid_loglam(grid: Grid) -> np.ndarray:
     return g
 
 
-def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig()):
+def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig(),
+               return_sigma: bool = False):
     """Resample one spectrum onto the common rest-frame grid and standardize it.
 
-    spec: a Spectrum on its native grid (observed frame)
-    rv_kms: heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False)
-    Returns flux (P,) float32 with mean 0 and population std 1 over the P grid pixels, and
-    valid (P,) bool: True where the pixel lies inside the good coverage and within
-    ~2 native pixels of a good pixel. Raises sdss.SpectrumError (reasons: missing_rv,
-    bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels, low_coverage, constant_flux).
+    Parameters
+    ----------
+    spec : sdss.Spectrum
+        A spectrum on its native grid (observed frame).
+    rv_kms : float
+        Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
+    config : PrepareConfig
+    return_sigma : bool
+        Also return the per-pixel noise.
+
+    Returns
+    -------
+    flux : (P,) float32
+        Mean 0 and population std 1 over the P grid pixels.
+    valid : (P,) bool
+        True where the pixel lies inside the good coverage and within ~2 native pixels of a
+        good pixel.
+    sigma : (P,) float32, only with ``return_sigma``
+        1-sigma noise of ``flux`` in the same standardized units: 1/sqrt(ivar) of the good
+        pixels, linearly interpolated onto the grid and divided by the std that standardized
+        the flux; +inf where ``valid`` is False.
+
+    Raises
+    ------
+    sdss.SpectrumError
+        Reasons: missing_rv, bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels,
+        low_coverage, constant_flux.
     """
     path = spec.path
     loglam = np.asarray(spec.loglam, np.float64)
@@ -127,6 +143,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     dx = np.diff(x)
     if not np.isfinite(loglam[[0, -1]]).all() or not (dx > 0).all():
         raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
+    if not (LOGLAM_RANGE[0] < x[0] and x[-1] < LOGLAM_RANGE[1]):
+        raise sdss.SpectrumError(path, "bad_wavelength", f"loglam {x[0]:.4g}-{x[-1]:.4g} is not an optical spectrum "
+                                 f"(log10 Angstrom between {LOGLAM_RANGE[0]} and {LOGLAM_RANGE[1]})")
     if config.rest_frame:
         if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
             raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
@@ -156,7 +175,11 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     mean, std = out.mean(), out.std()
     if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
         raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
-    return ((out - mean) / std).astype(np.float32), valid
+    flux_out = ((out - mean) / std).astype(np.float32)
+    if not return_sigma:
+        return flux_out, valid
+    noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
+    return flux_out, valid, np.where(valid, noise, np.inf).astype(np.float32)
 
 
 def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
@@ -249,13 +272,14 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
     valid = np.empty((len(items), P), bool)
+    sigma = np.empty((len(items), P), np.float32)
     rows, snr, rejects = [], [], []
     for row, path, rv in items:
         try:
             spec = sdss.read_spectrum(path)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
-            f, v = preprocess(spec, rv, config)
+            f, v, sg = preprocess(spec, rv, config, return_sigma=True)
         except sdss.SpectrumError as e:
             rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
             continue
@@ -263,15 +287,13 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
             rejects.append({"row": row, "file": str(path), "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]})
             continue
         k = len(rows)
-        flux[k], valid[k] = f, v
+        flux[k], valid[k], sigma[k] = f, v, sg
         rows.append(row)
         snr.append(spec.snr)
     n = len(rows)
-    out = Path(partial) / f"chunk-{chunk_id:05d}.npz"
-    tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(tmp, flux=flux[:n], valid=valid[:n], rows=np.array(rows, np.int64), snr=np.array(snr, np.float32),
-             rejects=np.array(json.dumps(rejects)))
-    os.replace(tmp, out)
+    atomic_write(Path(partial) / f"chunk-{chunk_id:05d}.npz", lambda tmp: np.savez(
+        tmp, flux=flux[:n], valid=valid[:n], sigma=sigma[:n], rows=np.array(rows, np.int64),
+        snr=np.array(snr, np.float32), rejects=np.array(json.dumps(rejects))))
     return {"chunk": chunk_id, "n": len(items), "kept": n, "rejects": rejects}
 
 
@@ -283,28 +305,140 @@ def _load_chunk_summary(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the whole job
 
-
-
 def _log(msg, progress):
     if progress:
         print(msg, file=sys.stderr, flush=True)
 
 
+def verify_dataset(path, n_rows: int, block_rows: int = 4096) -> None:
+    """Read every dataset of a freshly written ``dataset.h5`` back before it is published.
+
+    Parameters
+    ----------
+    path : str or Path
+        The .h5 file.
+    n_rows : int
+        Rows it must hold.
+
+    Raises
+    ------
+    RuntimeError
+        A dataset has the wrong number of rows or cannot be read, or a flux row is all zeros
+        (a standardized spectrum never is).
+    """
+    import h5py
+
+    def fail(why):
+        raise RuntimeError(f"{path}: the written dataset is damaged ({why}); nothing was published")
+
+    names = []
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            for name in names:
+                ds = f[name]
+                if ds.shape[0] != n_rows:
+                    fail(f"{name} has {ds.shape[0]} rows, expected {n_rows}")
+                for lo in range(0, n_rows, block_rows):
+                    block = ds[lo:lo + block_rows]
+                    if name == "flux":
+                        zero = np.flatnonzero(~block.any(axis=1))
+                        if len(zero):
+                            fail(f"flux row {lo + int(zero[0])} is all zeros")
+    except (OSError, KeyError) as e:
+        fail(f"{type(e).__name__}: {e}")
+    if "flux" not in names:
+        fail("no flux dataset")
+
+
+def _up_to_date(out: Path, input_hash: str) -> dict | None:
+    """The summary of a finished job with these inputs whose dataset still matches its sha256, else None."""
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    final = out / DATA_FILE
+    if summary.get("input_hash") != input_hash or not final.is_file() or "dataset_sha256" not in summary:
+        return None
+    if file_sha256(final) != summary["dataset_sha256"]:
+        return None
+    return summary
+
+
+def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
+    missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
+               | (pd.to_numeric(col, errors="coerce") <= sdss.SENTINEL).to_numpy())
+    values = col
+    if pd.api.types.is_float_dtype(col) and np.all(np.mod(col[~missing], 1) == 0):
+        values = col.astype("Int64")  # 3.0 -> "3" when a NaN made an integer column float
+    return values.astype(str).to_numpy(dtype=object), missing
+
+
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
-            split_column: str | None = None, chunk_size: int = 256, progress: bool = True) -> dict:
+            split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
+            wait: bool = False) -> dict:
     """Turn a folder of SDSS spectra plus an SSPP catalog into ``out/dataset.h5``.
 
-    catalog: path (FITS/CSV/Parquet) or DataFrame, read with :func:`sdss.read_catalog`
-    spectra: folder searched recursively for spec-*.fits / spSpec-*.fit(.gz); rows match files
-        by (PLATE, MJD, FIBERID), or by a FILE column (absolute, or relative to ``spectra``)
-    out: dataset folder; gets dataset.h5, rejects.csv, summary.json
-    workers: processes (default: all CPUs); seed, fractions: the shuffled train/val/test split
-    group_by: catalog column whose rows stay in one split (default STAR_ID when present)
-    split_column: catalog column with train/val/test (or 0/1/2) to use as given
-    Returns the summary dict (also saved as summary.json). Rejected rows and files are
-    listed in rejects.csv with their reason; none stops the batch.
+    Parameters
+    ----------
+    catalog : str, Path or DataFrame
+        Read with :func:`sdss.read_catalog` (FITS, CSV or Parquet).
+    spectra : str or Path
+        Folder searched recursively for spec-*.fits / spSpec-*.fit(.gz). Catalog rows match
+        files by (PLATE, MJD, FIBERID), or by a FILE column: an absolute path, or a path
+        relative to the catalog file's folder (the current folder for a DataFrame); the same
+        rule as ``predict``.
+    out : str or Path
+        Dataset folder; gets dataset.h5, rejects.csv, summary.json. One writer at a time
+        (an advisory lock, :func:`files.output_lock`).
+    config : PrepareConfig
+    workers : int, optional
+        Reading processes (default: all CPUs).
+    seed, fractions
+        The shuffled train/val/test split.
+    group_by : str, optional
+        Catalog column whose rows stay in one split (default STAR_ID when present). A row
+        without a value (NaN, -9999, empty) is a group of its own.
+    split_column : str, optional
+        Catalog column with train/val/test (or 0/1/2) to use as given.
+    chunk_size : int
+        Spectra per resumable chunk.
+    progress : bool
+        Progress bar and summary on stderr.
+    wait : bool
+        When another process is writing ``out``: wait for it (True) or raise
+        :class:`files.OutputBusy` at once (False).
+
+    Returns
+    -------
+    dict
+        The summary (also saved as summary.json, with the dataset's sha256). Rejected rows and
+        files are listed in rejects.csv with their reason; none stops the batch.
+
+    Raises
+    ------
+    sdss.NoUsableInput
+        No spectrum was kept, or no kept spectrum has a label; nothing is published.
+    ValueError
+        Bad catalog, options or output folder.
     """
+    with locked_output(out, wait):
+        return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
+                        chunk_size, progress)
+
+
+def _resolve_file(f, base: Path):
+    """A FILE cell -> Path (absolute, or relative to ``base``), None when empty."""
+    if f is None or (isinstance(f, float) and np.isnan(f)) or str(f).strip() == "":
+        return None
+    p = Path(str(f).strip())
+    return p if p.is_absolute() else base / p
+
+
+def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
+             progress) -> dict:
     from tqdm.auto import tqdm
 
     from . import __version__
@@ -312,8 +446,6 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     t0 = time.perf_counter()
     config = PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
                                       "labels": {k: v.upper() for k, v in config.labels.items()}})
-    out = Path(out)
-    spectra = Path(spectra)
     cat = sdss.read_catalog(catalog)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
     for c in sdss.CATALOG_ID_COLUMNS:
@@ -321,8 +453,9 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
             raise ValueError(f"{cat_name}: catalog needs PLATE, MJD, FIBERID (or FILE) columns; it has "
                              f"{', '.join(cat.columns[:30])}")
     if config.rest_frame and config.rv_column not in cat.columns:
-        raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; "
-                         f"map it with PrepareConfig(rv_column=...) or set rest_frame=False")
+        raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; name the RV column "
+                         f"with --rv-column (Python: PrepareConfig(rv_column=...)), or skip the shift with "
+                         f"--no-rest-frame")
     for c in (split_column, group_by):
         if c is not None and c.upper() not in cat.columns:
             raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(cat.columns[:30])})")
@@ -333,26 +466,23 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
     files = find_spectra(spectra)
+    base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
+    row_files = [_resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve())}
-    input_hash = _input_hash(cat, files, job)
+    input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
 
-    out.mkdir(parents=True, exist_ok=True)
     final = out / DATA_FILE
-    if final.exists() and (out / SUMMARY_FILE).exists():
-        import h5py
-
-        try:
-            with h5py.File(final, "r") as f:
-                done_hash = json.loads(f.attrs.get("input_hash", '""'))
-        except OSError:
-            done_hash = None
-        if done_hash == input_hash:
-            summary = json.loads((out / SUMMARY_FILE).read_text())
-            summary["up_to_date"] = True
-            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # left over if killed right after finishing
-            _log(f"{final}: already prepared from the same inputs (input_hash {input_hash}); nothing to do", progress)
-            return summary
+    done = _up_to_date(out, input_hash)
+    if done is not None:
+        done["up_to_date"] = True
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)  # left over if killed right after finishing
+        _log(f"{final}: already prepared from the same inputs (input_hash {input_hash}, sha256 checked); "
+             "nothing to do", progress)
+        return done
+    if final.exists():
+        _log(f"{final}: made from other inputs, or does not match its summary.json record; preparing again",
+             progress)
 
     # --- match catalog rows and files ------------------------------------------------------
     rejects = []  # dicts with REJECT_COLUMNS (+ row)
@@ -360,11 +490,6 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     by_key = {}
     for p in files:
         by_key.setdefault(parse_spectrum_name(p.name), p)
-    if "FILE" in cat.columns:
-        row_files = [None if pd.isna(f) or str(f) == "" else
-                     (Path(f) if Path(f).is_absolute() else spectra / f) for f in cat["FILE"]]
-    else:
-        row_files = [None] * len(cat)
     if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
         ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
         keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
@@ -388,14 +513,14 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
             reject(i, f, "duplicate_row", "same spectrum as an earlier catalog row; kept the first")
             continue
         if f is None or (row_files[i] is not None and not f.exists()):
-            reject(i, f, "no_file", f"no spectrum file for catalog row {i}")
+            reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
         used.add(Path(f).resolve())
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
         if config.rest_frame and not np.isfinite(rv[i]):
-            reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999)")
+            reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         work.append((i, str(f), float(rv[i])))
     for p in files:
@@ -426,14 +551,13 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     n_todo = sum(len(chunks[k]) for k in todo)
-    _c_kms()  # import astropy.constants once here, not in every forked worker
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if workers == 1 or len(todo) <= 1:
         for k in todo:
             r = _run_chunk(k, chunks[k], config, str(partial))
             bar.update(r["n"])
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             futs = [pool.submit(_run_chunk, k, chunks[k], config, str(partial)) for k in todo]
             for fut in as_completed(futs):
                 bar.update(fut.result()["n"])
@@ -449,16 +573,25 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
     kept = cat.iloc[rows].reset_index(drop=True)
 
+    key_text = np.array([f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else Path(file_of_row[int(r)]).stem
+                         for r, k in zip(rows, (keys[int(r)] for r in rows))], dtype=object)
+    id_col = group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
+    if id_col:
+        object_id, no_id = _group_keys(kept[id_col])
+        object_id[no_id] = key_text[no_id]  # a row without an ID is a star of its own
+        if no_id.any():
+            _log(f"warning: {int(no_id.sum())} of {len(kept)} kept rows have no {id_col} (NaN, -9999 or empty); "
+                 "each of them is a group of its own", progress)
+    else:
+        object_id = key_text
     if split_column:
         split = _parse_split_values(kept[split_column])
         bad = split == 255
-        if bad.any():
-            for i in np.flatnonzero(bad):
-                reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
-                       f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
+        for i in np.flatnonzero(bad):
+            reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
+                   f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
     else:
-        groups = kept[group_by].astype(str).to_numpy() if group_by else None
-        split = assign_splits(len(kept), seed, fractions, groups)
+        split = assign_splits(len(kept), seed, fractions, object_id if group_by else None)
         bad = np.zeros(len(kept), bool)
 
     names = list(config.labels)
@@ -467,22 +600,29 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     for j, (name, col) in enumerate(config.labels.items()):
         col = col.upper()
         if col in kept.columns:
-            labels[:, j] = kept[col].to_numpy(np.float64, na_value=np.nan)
+            labels[:, j] = pd.to_numeric(kept[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
             ecol = sdss.error_column(kept, col)
             if ecol:
-                label_err[:, j] = kept[ecol].to_numpy(np.float64, na_value=np.nan)
+                label_err[:, j] = pd.to_numeric(kept[ecol], errors="coerce").to_numpy(np.float64, na_value=np.nan)
         else:
             _log(f"warning: catalog has no {col} column; label {name} is NaN for every row", progress)
-    id_col = group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
-    if id_col:
-        object_id = kept[id_col].astype(str).to_numpy()
-    else:
-        object_id = np.array([f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else Path(file_of_row[int(r)]).stem
-                              for r, k in zip(rows, (keys[int(r)] for r in rows))], dtype=object)
+    keep_mask = ~bad
+    n_kept = int(keep_mask.sum())
+    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
+    why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
+    if n_kept == 0:
+        raise sdss.NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
+    if np.isnan(labels[keep_mask]).all():
+        raise sdss.NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
+                                 f"all missing or -9999); nothing was written to {out}")
+
+    def ints(col):
+        return pd.to_numeric(kept[col], errors="coerce").fillna(0).to_numpy(np.int32) if col in kept \
+            else np.zeros(len(kept), np.int32)
+
     meta = pd.DataFrame({
-        "plate": kept["PLATE"].to_numpy(np.int32) if "PLATE" in kept else np.zeros(len(kept), np.int32),
-        "mjd": kept["MJD"].to_numpy(np.int32) if "MJD" in kept else np.zeros(len(kept), np.int32),
-        "fiberid": kept["FIBERID"].to_numpy(np.int32) if "FIBERID" in kept else np.zeros(len(kept), np.int32),
+        "plate": ints("PLATE"), "mjd": ints("MJD"), "fiberid": ints("FIBERID"),
         "object_id": object_id,
         "file": [file_of_row[int(r)] for r in rows],
         "rv": kept[config.rv_column].to_numpy(np.float32, na_value=np.nan) if config.rv_column in kept else np.nan,
@@ -499,41 +639,40 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
              "input_hash": input_hash, "created": pd.Timestamp.now("UTC").isoformat(),
              "seed": seed, "fractions": list(fractions), "group_by": group_by, "split_column": split_column,
              "catalog": cat_name, "spectra": str(spectra)}
-    tmp = partial / (DATA_FILE + ".tmp")
-    keep_mask = ~bad
-    with create_dataset(tmp, config.grid.n_pix, names, attrs) as f:
-        start = 0
-        for k, part in enumerate(parts):
-            n = len(part["rows"])
-            sel = np.flatnonzero(keep_mask[start:start + n])
-            if len(sel):
-                with np.load(partial / f"chunk-{k:05d}.npz") as z:
-                    fl, va = z["flux"][sel], z["valid"][sel]
-                idx = start + sel
-                append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
-                            meta.iloc[idx].reset_index(drop=True),
-                            None if extra is None else extra.iloc[idx].reset_index(drop=True))
-            start += n
 
-    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    def write_h5(tmp):
+        with create_dataset(tmp, config.grid.n_pix, names, attrs, sigma=True) as f:
+            start = 0
+            for k, part in enumerate(parts):
+                n = len(part["rows"])
+                sel = np.flatnonzero(keep_mask[start:start + n])
+                if len(sel):
+                    with np.load(partial / f"chunk-{k:05d}.npz") as z:
+                        fl, va, sg = z["flux"][sel], z["valid"][sel], z["sigma"][sel]
+                    idx = start + sel
+                    append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
+                                meta.iloc[idx].reset_index(drop=True),
+                                None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg)
+                start += n
+        verify_dataset(tmp, n_kept)  # before it is renamed into place
+
     for c in ("plate", "mjd", "fiberid"):
         rej[c] = pd.to_numeric(rej[c], errors="coerce").astype("Int64")
-    n_kept = int(keep_mask.sum())
     seconds = time.perf_counter() - t0
     summary = {
         "dataset": str(final), "input_hash": input_hash, "catalog_rows": len(cat), "files_found": len(files),
-        "read": len(work), "kept": n_kept, "rejected": int(len(rej)),
-        "rejected_by_reason": {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()},
+        "read": len(work), "kept": n_kept, "rejected": int(len(rej)), "rejected_by_reason": by_reason,
         "splits": {s: int(((split == i) & keep_mask).sum()) for s, i in SPLITS.items()},
         "group_by": group_by, "split_column": split_column, "seed": seed,
         "seconds": round(seconds, 2), "spectra_per_s": round(len(work) / max(seconds, 1e-9), 1),
         "version": __version__,
     }
-    # publish: rejects and summary first, the dataset last (its presence marks a finished job)
-    rej.to_csv(partial / REJECTS_FILE, index=False)
-    os.replace(partial / REJECTS_FILE, out / REJECTS_FILE)
+    # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
+    # (a summary whose sha256 matches the dataset marks a finished job)
+    atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
+    atomic_write(final, write_h5)
+    summary["dataset_sha256"] = file_sha256(final)
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
-    os.replace(tmp, final)
     shutil.rmtree(partial, ignore_errors=True)
     if progress:
         print(format_summary(summary), file=sys.stderr)
@@ -560,7 +699,10 @@ def add_arguments(p):
                      "into a prepared dataset: rest-frame shift with RV_ADOP, one cubic-spline resampling onto "
                      "the 4000-pixel grid, per-spectrum standardization, shuffled 60/10/30 split. Writes "
                      "OUT/dataset.h5, OUT/rejects.csv (every file or row left out, with its reason) and "
-                     "OUT/summary.json. An interrupted run resumes; re-running with the same inputs does nothing.")
+                     "OUT/summary.json. An interrupted run resumes; re-running with the same inputs does nothing. "
+                     "A FILE column in the catalog holds absolute paths or paths relative to the catalog's folder. "
+                     "Exit status: 0 done, 1 nothing usable (no spectrum kept, no label), 2 bad input or options, "
+                     "3 the output is being written by another process.")
     p.add_argument("--catalog", required=True, help="SSPP sppParams catalog (.fits, .csv or .parquet)")
     p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively)")
     p.add_argument("--out", required=True, help="dataset folder to write")
@@ -571,22 +713,33 @@ def add_arguments(p):
                    "(default: STAR_ID when the catalog has it)")
     p.add_argument("--split-column", default=None, help="catalog column with train/val/test (or 0/1/2) to use as given")
     p.add_argument("--min-coverage", type=float, default=0.5, help="fraction of the grid that must come from good pixels")
+    p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s")
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
+    p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def run_cli(args) -> int:
+    from .files import OutputBusy
+
     try:
         fractions = tuple(float(x) for x in args.fractions.split(","))
     except ValueError:
         print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
         return 2
-    config = PrepareConfig(min_coverage=args.min_coverage, rest_frame=not args.no_rest_frame)
+    config = PrepareConfig(min_coverage=args.min_coverage, rest_frame=not args.no_rest_frame,
+                           rv_column=args.rv_column)
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+                progress=not args.no_progress, wait=args.wait)
+    except OutputBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except sdss.NoUsableInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,11 +13,17 @@ Problems raise :class:`SpectrumError`, whose ``reason`` is a short code that
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .files import atomic_write
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
@@ -51,6 +57,10 @@ class SpectrumError(ValueError):
     def __init__(self, path, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class NoUsableInput(ValueError):
+    """Nothing usable in the input (no spectrum kept, no label, no file); nothing was written."""
 
 
 @dataclass
@@ -92,20 +102,83 @@ def _median_snr(flux, ivar):
     return float(np.median(flux[ok] * np.sqrt(ivar[ok]))) if ok.any() else 0.0
 
 
-def read_spectrum(path) -> Spectrum:
-    """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format."""
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def open_fits(path):
+    """Open a FITS file for reading with fitsio so that no character of its path has meaning.
+
+    cfitsio reads ``[...]``, ``(...)``, ``+N``, a leading ``!`` or ``-`` and ``mem://`` in a file
+    name as extended-filename syntax. We open the file ourselves and give cfitsio
+    ``/proc/self/fd/N`` (Linux), a name with no such characters; gzip files still work.
+    Elsewhere the path is passed as is.
+
+    Parameters
+    ----------
+    path : str or Path
+        Any file name (brackets, spaces, non-ASCII characters).
+
+    Returns
+    -------
+    context manager yielding fitsio.FITS
+    """
     import fitsio
 
-    path = Path(path)
-    try:
+    if not _PROC_FD:
         with fitsio.FITS(str(path)) as f:
+            yield f
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with fitsio.FITS(f"/proc/self/fd/{fd}") as f:
+            yield f
+    finally:
+        os.close(fd)
+
+
+def read_spectrum(path) -> Spectrum:
+    """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file; any character is allowed in its name (see :func:`open_fits`).
+
+    Returns
+    -------
+    Spectrum
+
+    Raises
+    ------
+    SpectrumError
+        ``missing_file``, ``unreadable`` (``empty file`` for 0 bytes), ``not_sdss``,
+        ``missing_columns``.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
+    for _ in range(3):
+        # fitsio decodes cfitsio's error-message stack, which may still hold raw bytes from an
+        # earlier damaged file; the failed decode drains it, so a second try sees only this file
+        try:
+            return _read_spectrum(path)
+        except UnicodeDecodeError:
+            continue
+    raise SpectrumError(path, "unreadable", "a header holds bytes that are not ASCII text")
+
+
+def _read_spectrum(path: Path) -> Spectrum:
+    try:
+        check_headers(path)
+        with open_fits(path) as f:
             hdr0 = f[0].read_header()
             if "COADD" in f or len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
                 return _read_spec(path, f, hdr0)
             if "COEFF0" in hdr0:
                 return _read_spspec(path, f, hdr0)
             raise SpectrumError(path, "not_sdss", "neither a COADD table nor a DR7 image with COEFF0/COEFF1")
-    except SpectrumError:
+    except (SpectrumError, UnicodeDecodeError):
         raise
     except (OSError, ValueError, KeyError, IndexError) as e:
         if not path.exists():
@@ -113,10 +186,97 @@ def read_spectrum(path) -> Spectrum:
         raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
 
 
+
+
+def _number(hdr, key, default=np.nan) -> float:
+    """A header value as a float; ``default`` when missing or not a number."""
+    v = hdr.get(key, default)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _int(v) -> int:
+    """An identifier as int; 0 (unknown) when it is not a finite number."""
+    try:
+        f = float(v.decode() if isinstance(v, bytes) else v)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return 0
+    return int(f) if np.isfinite(f) and abs(f) < 2**31 else 0
+
+
+MAX_HDU_BYTES = 1 << 28  # 256 MB: an SDSS spectrum file is a few MB
+FITS_BLOCK = 2880
+
+
+def _card_int(cards: dict, key: bytes, default: int) -> int:
+    try:
+        return int(float(cards.get(key, default)))
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
+def check_headers(path) -> None:
+    """Walk the raw header cards of every HDU before cfitsio reads them.
+
+    cfitsio trusts a header: a damaged one that declares 10**8 table fields or terabytes of
+    data makes it allocate gigabytes and take minutes. Such a file is refused here with a
+    :class:`SpectrumError` ("unreadable"); anything else (truncated, not FITS) is left to
+    cfitsio to report. Gzip files are read through :mod:`gzip`.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    SpectrumError
+        A header declares more than 256 MB of data or more than 999 fields.
+    """
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+    try:
+        _walk_headers(path, gz)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return  # a damaged gzip stream: cfitsio reports it
+
+
+def _walk_headers(path, gz: bool) -> None:
+    with (gzip.open if gz else open)(path, "rb") as f:
+        for hdu in range(64):
+            cards, end = {}, False
+            while not end:
+                block = f.read(FITS_BLOCK)
+                if len(block) < FITS_BLOCK:
+                    return
+                for i in range(0, FITS_BLOCK, 80):
+                    key = block[i:i + 8].strip()
+                    end = key == b"END"
+                    if end:
+                        break
+                    if block[i + 8:i + 10] == b"= ":
+                        cards[key] = block[i + 10:i + 80].split(b"/")[0].strip()
+            naxis = _card_int(cards, b"NAXIS", 0)
+            size = abs(_card_int(cards, b"BITPIX", 8)) // 8 if naxis else 0
+            for k in range(1, min(naxis, 999) + 1):
+                size *= _card_int(cards, b"NAXIS%d" % k, 0)
+            size += _card_int(cards, b"PCOUNT", 0)
+            fields = _card_int(cards, b"TFIELDS", 0)
+            if not 0 <= size <= MAX_HDU_BYTES or not 0 <= fields <= 999 or naxis > 999:
+                raise SpectrumError(path, "unreadable", f"HDU {hdu} header declares {size} bytes, {fields} fields: "
+                                    "damaged")
+            f.seek(-(-size // FITS_BLOCK) * FITS_BLOCK, 1)
+
+
 def _read_spec(path, f, hdr0) -> Spectrum:
     hdu = f["COADD"] if "COADD" in f else f[1]
     data = hdu.read()  # the whole table: faster with fitsio than picking columns
-    names = {n.lower(): n for n in data.dtype.names}
+    names = {n.lower(): n for n in data.dtype.names or ()}
     missing = [c for c in ("loglam", "flux", "ivar") if c not in names]
     if missing:
         raise SpectrumError(path, "missing_columns", "COADD lacks " + ", ".join(missing))
@@ -128,17 +288,15 @@ def _read_spec(path, f, hdr0) -> Spectrum:
     objclass, snr, z = "", float("nan"), float("nan")
     if "SPECOBJ" in f:
         so = f["SPECOBJ"].read(rows=[0])
-        if len(so):
-            row = so[0]
-            get = {n.upper(): row[n] for n in so.dtype.names}
+        if so is not None and so.dtype.names and len(so):  # a damaged SPECOBJ only loses the extras
+            get = {n.upper(): so[0][n] for n in so.dtype.names}
             plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)
             c = get.get("CLASS", b"")
-            objclass = (c.decode() if isinstance(c, bytes) else str(c)).strip().upper()
-            snr = float(get.get("SN_MEDIAN_ALL", np.nan))
-            z = float(get.get("Z", np.nan))
+            objclass = (c.decode("ascii", "replace") if isinstance(c, bytes) else str(c)).strip().upper()
+            snr, z = _number(get, "SN_MEDIAN_ALL"), _number(get, "Z")
     if not np.isfinite(snr):
         snr = _median_snr(flux, ivar)
-    return Spectrum(loglam, flux, ivar, and_mask, int(plate), int(mjd), int(fiber), objclass, snr, str(path),
+    return Spectrum(loglam, flux, ivar, and_mask, _int(plate), _int(mjd), _int(fiber), objclass, snr, str(path),
                     {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}, z)
 
 
@@ -147,16 +305,19 @@ def _read_spspec(path, f, hdr0) -> Spectrum:
     if img is None or img.ndim != 2 or img.shape[0] < 3:
         raise SpectrumError(path, "missing_columns", "DR7 image needs rows flux, -, error")
     n = img.shape[1]
-    loglam = hdr0["COEFF0"] + hdr0["COEFF1"] * np.arange(n, dtype=np.float64)
+    c0, c1 = _number(hdr0, "COEFF0"), _number(hdr0, "COEFF1")
+    if not (np.isfinite(c0) and np.isfinite(c1)):
+        raise SpectrumError(path, "bad_wavelength", f"COEFF0 = {hdr0.get('COEFF0')!r}, COEFF1 = {hdr0.get('COEFF1')!r}")
+    loglam = c0 + c1 * np.arange(n, dtype=np.float64)
     flux = img[0].astype(np.float32)
     err = img[2].astype(np.float32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         ivar = np.where(err > 0, 1.0 / err.astype(np.float64) ** 2, 0.0).astype(np.float32)
     and_mask = img[3].astype(np.int32) if img.shape[0] > 3 else np.zeros(n, np.int32)
-    objclass = _DR7_CLASS.get(int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
-    return Spectrum(loglam, flux, ivar, and_mask, int(hdr0.get("PLATEID", 0)), int(hdr0.get("MJD", 0)),
-                    int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
-                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0}, float(hdr0.get("Z", np.nan)))
+    objclass = _DR7_CLASS.get(_int(hdr0.get("SPEC_CLN", 0)), "UNKNOWN")
+    return Spectrum(loglam, flux, ivar, and_mask, _int(hdr0.get("PLATEID", 0)), _int(hdr0.get("MJD", 0)),
+                    _int(hdr0.get("FIBERID", 0)), objclass, _median_snr(flux, ivar), str(path),
+                    {k: hdr0[k] for k in ("RAOBJ", "DECOBJ") if k in hdr0}, _number(hdr0, "Z"))
 
 
 def spec_filename(plate: int, mjd: int, fiberid: int) -> str:
@@ -168,11 +329,9 @@ def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd:
                     wdisp=None, header: dict | None = None):
     """Write a DR8+ lite spectrum file (SDSS datamodel: primary, COADD, SPECOBJ, SPZLINE).
 
-    The file is written to a temporary name and renamed, so a reader never sees half a file.
-    ``model`` defaults to zeros: it must never carry a noiseless truth.
+    The file is written atomically (:func:`files.atomic_write`), so a reader never sees half a
+    file. ``model`` defaults to zeros: it must never carry a noiseless truth.
     """
-    import os
-
     from astropy.io import fits
 
     n = len(flux)
@@ -207,19 +366,12 @@ def write_spec_lite(path, loglam, flux, ivar, and_mask=None, *, plate: int, mjd:
         fits.Column("ZWARNING", "J", array=[0]), fits.Column("SN_MEDIAN_ALL", "E", array=[snr]),
     ], name="SPECOBJ")
     spzline = fits.BinTableHDU.from_columns([fits.Column("LINENAME", "13A", array=[])], name="SPZLINE")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fits.HDUList([primary, coadd, specobj, spzline]).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, fits.HDUList([primary, coadd, specobj, spzline]).writeto)
 
 
 def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, mjd: int, fiberid: int,
                      spec_cln: int = 1, z: float | None = None):
-    """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask)."""
-    import os
-
+    """Write a DR7 spSpec image file (rows: flux, continuum-subtracted flux, error, mask), atomically."""
     from astropy.io import fits
 
     n = len(flux)
@@ -233,12 +385,7 @@ def write_spspec_dr7(path, loglam0: float, flux, err, mask=None, *, plate: int, 
     if z is not None:
         h["Z"] = z
     h["BUNIT"] = FLUX_UNIT
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    hdu.writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, hdu.writeto)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +410,8 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
     Column names come back upper-case. ``columns`` maps our names to the catalog's where
     they differ, e.g. ``{"TEFF_ADOP": "teff_spec", "FIBERID": "fiber"}``; a plain SSPP
     ``FIBER`` column is renamed ``FIBERID``. Missing values (-9999 and any value <= -9000)
-    become NaN in every numeric column except PLATE/MJD/FIBERID. Multi-dimensional FITS
+    become NaN in every numeric column except PLATE/MJD/FIBERID; text or empty cells in the
+    standard number columns below become NaN too. Multi-dimensional FITS
     columns are dropped, string columns are stripped. Standard columns: PLATE, MJD, FIBERID,
     TEFF_ADOP, FEH_ADOP, LOGG_ADOP, RV_ADOP and their ``_UNC``/``_ERR`` uncertainties;
     an optional FILE column names the spectrum file of a row directly.
@@ -299,6 +447,11 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
         df = df.drop(columns=[o for t, o in ren.items() if o in df.columns and o != t]).rename(columns=ren)
     if "FIBERID" not in df.columns and "FIBER" in df.columns:
         df = df.rename(columns={"FIBER": "FIBERID"})
+    numeric = set(CATALOG_ID_COLUMNS) | {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+    for c in numeric & set(df.columns):  # a text or empty cell in a number column is a missing value
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            df[c] = pd.to_numeric(df[c].map(lambda v: v.decode("ascii", "replace") if isinstance(v, bytes) else v),
+                                  errors="coerce")
     for c in df.columns:
         col = df[c]
         if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):

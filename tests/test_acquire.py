@@ -2,7 +2,6 @@
 import json
 import re
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,14 +47,16 @@ def csv_row(plate, mjd, fiber, run2d, teff, feh, logg, rv, snr):
 class FakeSDSS:
     """SkyServer SqlSearch (canned CSV, honours TOP and 'specObjID > N') + a SAS-like file tree.
 
-    ``actions[path]`` is a list consumed one per request: "500", "hang", "trunc", "404";
-    afterwards (or when empty) the file is served, honouring Range requests.
+    ``actions[path]`` is a list consumed one per request: "500", "503-retry-after",
+    "429-retry-after-7", "trunc",
+    "404"; afterwards (or when empty) the file is served, honouring Range requests. Time-outs
+    are not made by waiting: :func:`timing_out` injects them into the client.
     """
 
     def __init__(self, root: Path, rows):
         self.root, self.rows = root, sorted(rows, key=lambda r: int(r.split(",")[0]))
         self.requests, self.queries, self.range_requests = Counter(), [], []
-        self.actions, self.sql_error, self.hang_s = {}, None, 1.0
+        self.actions, self.sql_error = {}, None
         self.lock = threading.Lock()
         fake = self
 
@@ -113,9 +114,10 @@ class FakeSDSS:
         f = self.root / u.path.lstrip("/")
         if action == "500":
             return self.send(h, 500, b"<html>Internal Server Error</html>")
-        if action == "hang":
-            time.sleep(self.hang_s)
-            return
+        if action == "503-retry-after":
+            return self.send(h, 503, b"busy", [("Retry-After", "0")])
+        if action == "429-retry-after-7":
+            return self.send(h, 429, b"slow down", [("Retry-After", "7")])
         if action == "404" or not f.is_file():
             return self.send(h, 404, b"not found")
         data = f.read_bytes()
@@ -151,6 +153,38 @@ def sdss(tmp_path, monkeypatch):
     fake = FakeSDSS(root, [csv_row(*s) for s in STARS])
     yield fake
     fake.close()
+
+
+def timing_out(paths):
+    """A urllib3 PoolManager whose connections time out reading the answer to each request in
+    ``paths`` (a Counter: path -> how many times): the request reaches the server, the client
+    sees a read time-out, as if the answer never came. No clock is involved."""
+    import socket
+
+    import urllib3
+    from urllib3.connectionpool import HTTPConnectionPool
+
+    lock = threading.Lock()
+
+    class Conn(urllib3.connection.HTTPConnection):
+        def request(self, method, url, *a, **kw):
+            self._path = urlparse(url).path
+            return super().request(method, url, *a, **kw)
+
+        def getresponse(self, *a, **kw):
+            with lock:
+                hang = paths[self._path] > 0
+                paths[self._path] -= hang
+            if hang:
+                raise socket.timeout("timed out")
+            return super().getresponse(*a, **kw)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    http = urllib3.PoolManager(maxsize=4)
+    http.pool_classes_by_scheme = {"http": Pool}
+    return http
 
 
 def sql_url(fake):
@@ -253,8 +287,9 @@ def test_full_fetch_then_rerun_skips_everything(sdss, tmp_path):
     assert np.allclose(np.sort(fcat["TEFF_ADOP"]), np.sort([s[4] for s in GOOD]))
     row = cat[cat["FIBERID"] == 45].iloc[0]
     assert row["RV_ADOP"] == 5.0 and row["RV_ADOP_ERR"] == 1.5 and row["RUN2D"] == "v5_7_0" and row["CLASS"] == "STAR"
+    assert all(f.startswith("spectra/spec-") for f in cat["FILE"])  # relative to the catalog's folder
     for f in cat["FILE"]:
-        sp = read_spectrum(out / "spectra" / f)
+        sp = read_spectrum(out / f)
         assert sp.objclass == "STAR" and len(sp.flux) == 300
     assert (out / "failures.csv").read_text().strip() == "file,url,reason,attempts"
     meta = json.loads((out / "fetch.json").read_text())
@@ -294,7 +329,7 @@ def test_killed_run_resumes_with_only_the_missing_files(sdss, tmp_path):
               on_file=kill_after_two, **FAST)
     assert json.loads((out / "fetch.json").read_text())["status"].startswith("interrupted")
     cat = pd.read_parquet(out / "catalog.parquet")
-    complete = {f for f in cat["FILE"] if check_spectrum_file(out / "spectra" / f) is None}
+    complete = {Path(f).name for f in cat["FILE"] if check_spectrum_file(out / f) is None}
     assert 2 <= len(complete) <= 3 < len(cat)  # the one in flight may or may not have finished
     missing = {spectrum_path(s[0], s[1], s[2], s[3]) for s in GOOD
                if spec_filename(s[0], s[1], s[2]) not in complete}
@@ -308,16 +343,17 @@ def test_killed_run_resumes_with_only_the_missing_files(sdss, tmp_path):
 
 def test_retries_then_manifest_of_persistent_failures(sdss, tmp_path):
     p = {i: spectrum_path(*GOOD[i][:4]) for i in range(len(GOOD))}
-    sdss.hang_s = 0.8
     sdss.actions = {p[0]: ["500", "500"],  # recovers on the 3rd attempt
                     p[1]: ["500"] * 10,  # persistent 5xx
-                    p[2]: ["hang"],  # one time-out, then fine
                     p[3]: ["trunc"],  # one short body, resumed with a Range request
                     p[4]: ["trunc"] * 10,  # always short
-                    p[5]: ["404"]}  # not on the server: no retry
+                    p[5]: ["404"],  # not on the server: no retry
+                    p[6]: ["503-retry-after"]}  # busy, says when to come back: honoured, then fine
+    hangs = Counter({p[2]: 1})  # one time-out, then fine
     cat = pd.DataFrame(GOOD, columns=["PLATE", "MJD", "FIBERID", "RUN2D", "T", "F", "G", "R", "S"])
     out = tmp_path / "out"
-    s = download(cat, out, sdss.url, concurrency=4, retries=2, timeout=0.3, backoff=0.01, progress=False)
+    s = download(cat, out, sdss.url, concurrency=4, retries=2, timeout=30, backoff=0.01, progress=False,
+                 http=timing_out(hangs))
     assert s["downloaded"] == 4 and s["failed"] == 3
     assert s["failed_by_reason"] == {"http_500": 1, "truncated": 1, "http_404": 1}
     fails = pd.read_csv(out / "failures.csv")
@@ -327,7 +363,8 @@ def test_retries_then_manifest_of_persistent_failures(sdss, tmp_path):
     assert "truncated" in by_file[spec_filename(*GOOD[4][:3])][0]
     assert by_file[spec_filename(*GOOD[5][:3])] == ("http_404 not found", 1)
     assert sdss.requests[p[0]] == 3 and sdss.requests[p[1]] == 3 and sdss.requests[p[5]] == 1
-    assert sdss.requests[p[2]] == 2 and sdss.requests[p[3]] == 2
+    assert sdss.requests[p[2]] == 2 and sdss.requests[p[3]] == 2 and sdss.requests[p[6]] == 2
+    assert hangs[p[2]] == 0  # the time-out happened
     assert any(path == p[3] for path, _ in sdss.range_requests)  # the short body was continued
     for i in (0, 2, 3, 6):
         assert check_spectrum_file(out / "spectra" / spec_filename(*GOOD[i][:3])) is None
@@ -336,7 +373,7 @@ def test_retries_then_manifest_of_persistent_failures(sdss, tmp_path):
     # the server recovers: a re-run fetches just the three failures
     sdss.reset()
     sdss.actions = {}
-    s2 = download(cat, out, sdss.url, concurrency=4, retries=2, timeout=0.3, backoff=0.01, progress=False)
+    s2 = download(cat, out, sdss.url, concurrency=4, retries=2, timeout=30, backoff=0.01, progress=False)
     assert s2["downloaded"] == 3 and s2["present"] == 4 and s2["failed"] == 0
     assert set(sdss.requests) == {p[1], p[4], p[5]}
     assert (out / "failures.csv").read_text().strip() == "file,url,reason,attempts"
@@ -434,3 +471,32 @@ def test_catalog_and_spectra_feed_prepare(tmp_path, monkeypatch):
     for cat in ("catalog.parquet", "catalog.fits"):
         s = prepare(out / cat, out / "spectra", tmp_path / ("ds_" + cat.split(".")[1]), workers=1, progress=False)
         assert s["kept"] == 4, s
+
+
+def test_retry_after_is_honoured(sdss, tmp_path, monkeypatch):
+    import urllib3.util.retry
+
+    slept = []
+    monkeypatch.setattr(urllib3.util.retry.time, "sleep", slept.append)  # the injected clock: no real wait
+    p = spectrum_path(*GOOD[0][:4])
+    sdss.actions = {p: ["429-retry-after-7", "500"]}
+    cat = pd.DataFrame(GOOD[:1], columns=["PLATE", "MJD", "FIBERID", "RUN2D", "T", "F", "G", "R", "S"])
+    s = download(cat, tmp_path / "out", sdss.url, concurrency=1, retries=3, timeout=30, backoff=0.5, progress=False)
+    assert s["downloaded"] == 1 and sdss.requests[p] == 3
+    assert slept[0] == 7 and slept[1] == pytest.approx(1.0)  # what the server asked, then backoff * 2**1
+
+
+def test_one_fetch_per_output(sdss, tmp_path, capsys):
+    import os
+
+    from stellarparams.cli import main
+    from stellarparams.files import OutputBusy, output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(OutputBusy, match=f"PID {os.getpid()}"):
+            fetch(3, out, sql_url=sql_url(sdss), sas_url=sdss.url, sample="first", **FAST)
+        rc = main(["fetch", "--n", "3", "--out", str(out), "--sql-url", sql_url(sdss), "--sas-url", sdss.url, "--quiet"])
+        assert rc == 3 and str(out) in capsys.readouterr().err
+    assert sdss.queries == [] and sum(sdss.requests.values()) == 0  # the busy runs did nothing
+    assert fetch(3, out, sql_url=sql_url(sdss), sas_url=sdss.url, sample="first", **FAST)["spectra"]["downloaded"] == 3

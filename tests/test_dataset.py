@@ -110,3 +110,29 @@ def test_missing_dataset_says_what_to_do(tmp_path):
         Dataset(tmp_path / "nothing")
     assert dataset_file(tmp_path) == tmp_path / "dataset.h5"
     assert dataset_file(tmp_path / "x.h5") == tmp_path / "x.h5"
+
+
+def test_sigma_round_trip_and_old_datasets_without_it(tmp_path):
+    flux, labels, split = _arrays(n=9, p=12)
+    sigma = np.abs(flux) + 0.1
+    sigma[2, 3:5] = np.inf  # no data there
+    with write_dataset(tmp_path / "a", flux, labels, split, sigma=sigma) as ds:
+        np.testing.assert_array_equal(ds.sigma(), sigma)
+        np.testing.assert_array_equal(ds.sigma([4, 2]), sigma[[4, 2]])
+    with write_dataset(tmp_path / "b", flux, labels, split) as ds:  # as written before sigma existed
+        assert ds.sigma() is None and ds.flux().shape == (9, 12)
+    meta = pd.DataFrame({"plate": 0, "mjd": 0, "fiberid": np.arange(9), "object_id": "x", "file": "",
+                         "rv": 0.0, "snr": 1.0})
+    with create_dataset(tmp_path / "d.h5", 12, ["teff"], {}, sigma=True) as f, pytest.raises(ValueError, match="sigma"):
+        append_rows(f, flux, flux > 0, labels[:, :1], labels[:, :1], np.zeros(9, np.uint8), meta)
+
+
+def test_meta_decodes_unicode_strings(tmp_path):
+    flux, labels, split = _arrays(n=5, p=8)
+    flux, labels, split = flux[:3], labels[:3], split[:3]
+    meta = pd.DataFrame({"plate": 1, "mjd": 2, "fiberid": [1, 2, 3], "rv": 0.0, "snr": 1.0,
+                         "object_id": ["é", "b", "星"], "file": ["a[1] b ñ/spec.fits", "x", "y"]})
+    with write_dataset(tmp_path, flux, labels, split, meta=meta) as ds:
+        m = ds.meta()
+        assert list(m.file) == list(meta.file) and list(m.object_id) == ["é", "b", "星"]
+        assert ds.meta([2, 0]).file.tolist() == ["y", "a[1] b ñ/spec.fits"]

@@ -131,7 +131,8 @@ def test_predict_mix_of_good_and_broken_files(tmp_path, suffix):
         assert np.isnan(r["teff"]) and not r["flag_out_of_range"]
     assert rows.loc[str(broken["not_a_star"]), "reject_reason"] == "not_a_star"
     assert rows.loc[str(missing), "reject_reason"] == "missing_file"
-    assert not out.with_name(f".{out.name}.tmp").exists() and len(list(tmp_path.glob(".res*"))) == 0
+    assert [p.name for p in tmp_path.glob(".res*")] == [f".{out.name}.partial"]  # no temp file left
+    assert [p.name for p in (tmp_path / f".{out.name}.partial").iterdir()] == [".lock"]  # only the lock stays
 
 
 def test_predict_catalog_rv_and_flags(tmp_path):
@@ -163,24 +164,24 @@ def test_predict_resumes_after_kill(tmp_path, monkeypatch):
     real, seen = P._read_chunk, []
 
     def dies_on_file_6(items, *a):
-        if any(f.endswith("0006.fits") for f, _ in items):
+        if any(f.endswith("0006.fits") for f, _, _ in items):
             raise KeyboardInterrupt  # the user pressed Ctrl-C
-        seen.extend(f for f, _ in items)
+        seen.extend(f for f, _, _ in items)
         return real(items, *a)
 
     monkeypatch.setattr(P, "_read_chunk", dies_on_file_6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="4 of 8 spectra are kept.*resume"):
         predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)  # parts of 4 files
     assert not out.exists() and len(seen) == 4  # part 0 (files 1-4) finished, part 1 did not
     seen.clear()
-    monkeypatch.setattr(P, "_read_chunk", lambda items, *a: (seen.extend(f for f, _ in items), real(items, *a))[1])
+    monkeypatch.setattr(P, "_read_chunk", lambda items, *a: (seen.extend(f for f, _, _ in items), real(items, *a))[1])
     s = predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
     assert sorted(seen) == [str(f) for f in files[4:]] and s["resumed_from"] == 4
     df = pd.read_parquet(out)
     assert list(df["file"]) == [str(f) for f in files] and not df["flag_rejected"].any()
     X = np.stack([preprocess(sdss.read_spectrum(f), rv_from_z(1e-4), PrepareConfig(grid=GRID))[0] for f in files])
     np.testing.assert_allclose(df[["teff", "feh", "logg"]].to_numpy(), m.predict(X), rtol=1e-4)
-    assert not (tmp_path / ".r.parquet.partial").exists()
+    assert [p.name for p in (tmp_path / ".r.parquet.partial").iterdir()] == [".lock"]
 
 
 def test_predict_writes_sigma_and_extrapolation_columns(tmp_path):

@@ -1,4 +1,4 @@
-"""Preprocessing (METHOD.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
+"""Preprocessing (docs/method.md steps 1-4), splits, and the prepare job: bad input, resume, re-run."""
 import gzip
 import json
 import os
@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from astropy.constants import c as C_LIGHT
 from astropy.io import fits
+from scipy.interpolate import CubicSpline
 
 from stellarparams import cli, prepare as prep, sdss
 from stellarparams.dataset import Dataset, Grid
@@ -61,10 +62,13 @@ def test_lines_land_on_rest_positions(rv):
         assert abs(rv) < 1000 or np.abs(off - classical).min() > 0.15
 
 
-def test_doppler_is_relativistic():
+def test_doppler_is_relativistic_and_shared():
+    from stellarparams import physics
+
     b = 0.6  # (1+z)^2 = (1+b)/(1-b) = 4 -> log10(1+z) = log10(2)
-    assert prep.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
-    assert prep.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
+    assert physics.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
+    assert physics.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
+    assert prep.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
 
 
 def test_standardized_rows():
@@ -396,9 +400,10 @@ def test_catalog_with_file_column_and_dr7(tmp_path):
     write_star(spectra, 500, 55000, 2, 0.0, sub="x")
     (spectra / "x" / sdss.spec_filename(500, 55000, 2)).rename(spectra / "x" / "renamed.fits")
     cat = pd.DataFrame([catalog_row(300, 52000, 7, 50.0), catalog_row(500, 55000, 1),
-                        catalog_row(500, 55000, 2, FILE="x/renamed.fits")])
+                        catalog_row(500, 55000, 2, FILE="spectra/x/renamed.fits")])  # relative to the catalog
     cat["FILE"] = cat["FILE"].fillna("")
-    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    s = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", workers=1, progress=False)
     assert s["kept"] == 3 and s["rejected"] == 0
     with Dataset(tmp_path / "ds") as ds:
         assert ds.meta().file[2].endswith("renamed.fits")
@@ -421,3 +426,34 @@ def test_cli(tmp_path, capsys):
     rc = cli.main(["prepare", "--catalog", str(tmp_path / "missing.csv"), "--spectra", str(spectra), "--out",
                    str(tmp_path / "ds")])
     assert rc == 2 and "missing.csv" in capsys.readouterr().err
+
+
+def test_sigma_is_the_resampled_noise_in_standardized_units(tmp_path):
+    s = analytic(0.0, n=3000, loglam0=3.6000)  # covers part of the grid: the rest has no data
+    s.ivar[:1500] = 4.0  # noise 0.5 in the blue half, 1 in the red half
+    f, valid, sigma = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3), return_sigma=True)
+    assert sigma.dtype == np.float32 and sigma.shape == f.shape
+    assert np.isinf(sigma[~valid]).all() and np.isfinite(sigma[valid]).all() and (~valid).any()
+    x = GRID.loglam
+    blue, red = valid & (x < s.loglam[1400]), valid & (x > s.loglam[1600])
+    np.testing.assert_allclose(sigma[red] / sigma[blue].mean(), 2.0, rtol=1e-5)
+    # the same star 3x brighter (noise 3x too) gives the same standardized flux and noise
+    s3 = sdss.Spectrum(s.loglam, 3 * s.flux + 7, s.ivar / 9, s.and_mask)
+    f3, _, sigma3 = preprocess(s3, 0.0, PrepareConfig(min_coverage=0.3), return_sigma=True)
+    np.testing.assert_allclose(f3, f, atol=1e-5)
+    np.testing.assert_allclose(sigma3[valid], sigma[valid], rtol=1e-5)
+    # and it is 1/sqrt(ivar) divided by the std that standardized the flux
+    raw, _ = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
+    spl = CubicSpline(s.loglam, s.flux.astype(np.float64))(np.clip(x, s.loglam[0], s.loglam[-1]))
+    np.testing.assert_allclose(sigma[red], 1.0 / spl.std(), rtol=1e-5)
+
+
+def test_prepare_stores_sigma(tmp_path):
+    spectra, cat = good_set(tmp_path, n=4)
+    prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    with Dataset(tmp_path / "ds") as ds:
+        sig, m = ds.sigma(), ds.meta()
+        assert sig.shape == (4, 4000) and (sig > 0).all()
+        for i in range(4):
+            _, _, ref = preprocess(sdss.read_spectrum(m.file[i]), cat.RV_ADOP[i], return_sigma=True)
+            np.testing.assert_array_equal(sig[i], ref)

@@ -152,3 +152,51 @@ def test_read_catalog_bad_files(tmp_path):
     (tmp_path / "bad.fits").write_text("not fits")
     with pytest.raises(ValueError, match="bad.fits"):
         sdss.read_catalog(tmp_path / "bad.fits")
+
+
+@pytest.mark.parametrize("folder", ["a[1] b ñ", "x(2)+1", "!bang", "mem:", "-dash"])
+def test_paths_are_data_not_fits_syntax(tmp_path, folder):
+    loglam, flux, ivar, mask = _spectrum()
+    path = sdss.write_spec_lite(tmp_path / folder / sdss.spec_filename(1, 2, 3), loglam, flux, ivar, mask,
+                                plate=1, mjd=2, fiberid=3)
+    s = sdss.read_spectrum(path)
+    assert s.path == str(path) and s.fiberid == 3
+    np.testing.assert_array_equal(s.flux, flux)
+    assert list((tmp_path / folder).iterdir()) == [path]  # no temp file left beside it
+
+
+def test_empty_file_says_empty(tmp_path):
+    (tmp_path / "spec-0001-00002-0003.fits").write_bytes(b"")
+    with pytest.raises(sdss.SpectrumError, match="empty file") as e:
+        sdss.read_spectrum(tmp_path / "spec-0001-00002-0003.fits")
+    assert e.value.reason == "unreadable" and "107" not in str(e.value)
+
+
+def test_text_and_empty_cells_in_number_columns_are_missing(tmp_path):
+    (tmp_path / "c.csv").write_text("PLATE,MJD,FIBERID,TEFF_ADOP,RV_ADOP,NOTE\n1,2,3,abc,,x\n1,2,4,5000,7.5,y\nz,2,5,6000,1,\n")
+    cat = sdss.read_catalog(tmp_path / "c.csv")
+    assert np.isnan(cat["TEFF_ADOP"][0]) and cat["TEFF_ADOP"][1] == 5000 and np.isnan(cat["RV_ADOP"][0])
+    assert np.isnan(cat["PLATE"][2]) and cat["PLATE"].dtype.kind == "f" and cat["NOTE"][1] == "y"
+
+
+@pytest.mark.parametrize("key,value,gz", [(b"TFIELDS", b"99999999", False), (b"NAXIS2", b"2147483647", False),
+                                          (b"NAXIS2", b"2147483647", True)])
+def test_absurd_header_is_refused_before_cfitsio_allocates_it(tmp_path, key, value, gz):
+    import gzip
+
+    loglam, flux, ivar, mask = _spectrum()
+    if key == b"TFIELDS":
+        path = sdss.write_spec_lite(tmp_path / "spec-0001-00002-0003.fits", loglam, flux, ivar, plate=1, mjd=2, fiberid=3)
+    else:
+        path = sdss.write_spspec_dr7(tmp_path / "spSpec-00002-0001-003.fit", loglam[0], flux, 1 / np.sqrt(ivar),
+                                     plate=1, mjd=2, fiberid=3)
+    data = path.read_bytes()
+    i = data.index(key.ljust(8) + b"= ")
+    data = data[:i + 10] + value.rjust(20) + data[i + 30:]
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    with pytest.raises(sdss.SpectrumError, match="header declares") as e:
+        sdss.read_spectrum(path)
+    assert e.value.reason == "unreadable"
