@@ -86,16 +86,65 @@ class TrainConfig:
     threads: int | None = None    # torch threads (None: torch's default)
     eval_batch_size: int = 4096
     calib_folds: int = 3          # out-of-fold models for the sigma calibration (0: validation split only)
+    recipe: str = "paper"         # the preset these values started from (RECIPES); a record, not a switch
+    # Physical augmentation of the noisy copies (k >= 1), stellarparams.augment; 0 = off (the paper).
+    aug_shift_pix: float = 0.0    # residual RV / wavelength shift, U(-a, a) grid pixels (67.6 km/s each)
+    aug_calib_sigma: float = 0.0  # flux-calibration / response distortion, Legendre coefficients N(0, s)
+    aug_calib_order: int = 5      # ... of degrees 1..order
+    aug_ebv: float = 0.0          # extra reddening E(B-V) ~ U(-a/3, a) mag, G23 curve as in `simulate`
+    aug_lsf_pix: float = 0.0      # LSF jitter: extra Gaussian sigma U(0, a) grid pixels
+    aug_mask_runs: int = 0        # up to this many bridged pixel runs of 1-30 px (cosmic rays, bad columns)
+    aug_telluric: float = 0.0     # residual O2/H2O band depth U(-a, a)
+    aug_pixnoise: float = 0.0     # extra noise from each pixel's own sigma, scale U(0, a) (replaces the paper's)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return config_from_dict(cls, d, "train")
+        """Keys missing from ``d`` take the values of its ``recipe`` (the paper's when none is named)."""
+        base = RECIPES.get(d.get("recipe", "paper"))
+        if base is None:
+            raise ValueError(f"unknown recipe {d['recipe']!r}; choose one of {sorted(RECIPES)}")
+        return config_from_dict(cls, {**base, **d}, "train")
+
+    @property
+    def augments(self) -> bool:
+        """Whether any physical augmentation is on."""
+        return any(getattr(self, f.name) for f in fields(self) if f.name.startswith("aug_") and f.name != "aug_calib_order")
 
 
-def load_config(path) -> tuple[ModelConfig, TrainConfig]:
+# Named training recipes: TrainConfig values on top of the dataclass defaults (the paper's).
+# "paper" is the paper's recipe bit for bit; "default" is what generalises to unseen stars and
+# other spectrographs (README, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).
+RECIPES = {
+    "paper": {"recipe": "paper"},
+    "default": {"recipe": "default", "epochs": 12, "aug_shift_pix": 1.0, "aug_calib_sigma": 0.05,
+                "aug_ebv": 0.15, "aug_lsf_pix": 1.0, "aug_mask_runs": 3, "aug_telluric": 0.05},
+}
+DEFAULT_RECIPE = "default"
+
+
+def recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
+    """The TrainConfig of a named recipe, with ``overrides`` on top.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`RECIPES`: "paper" (the paper's recipe, exactly) or "default".
+    **overrides
+        TrainConfig fields to change (e.g. ``seed=1``).
+
+    Returns
+    -------
+    TrainConfig
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return TrainConfig.from_dict({**RECIPES[name], **overrides})
+
+
+def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainConfig]:
     """Read a TOML file with optional ``[model]`` (and ``[model.heads]``) and ``[train]`` tables.
 
     Example::
@@ -113,6 +162,9 @@ def load_config(path) -> tuple[ModelConfig, TrainConfig]:
     ----------
     path : str or Path
         The TOML file.
+    recipe_name : str
+        The recipe whose values ``[train]`` keys override, unless the file names its own
+        (``recipe = "default"`` in ``[train]``).
 
     Returns
     -------
@@ -133,7 +185,8 @@ def load_config(path) -> tuple[ModelConfig, TrainConfig]:
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; use [model] and [train]")
     try:
-        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict(d.get("train", {}))
+        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict({"recipe": recipe_name,
+                                                                                  **d.get("train", {})})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 

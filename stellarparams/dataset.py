@@ -9,6 +9,8 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 
     flux       (N, P) float32   standardized rest-frame flux on the common grid
     valid      (N, P) bool      pixel came from good data (not ivar==0/masked/clamped)
+    offset     (N,)   float32   mean/std of the resampled flux before standardization (flux + offset is
+                                the physical flux in units of its std); absent in older datasets
     sigma      (N, P) float32   per-pixel 1-sigma noise of ``flux``, in the same standardized
                                 units (the file's 1/sqrt(ivar), resampled onto the grid by linear
                                 interpolation between good pixels and divided by the spectrum's
@@ -74,7 +76,8 @@ _STR = h5py.string_dtype()
 _META_COLUMNS = ("plate", "mjd", "fiberid", "object_id", "file", "rv", "snr")
 
 
-def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256, sigma: bool = False):
+def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256, sigma: bool = False,
+                   offset: bool = False):
     """Create an empty, resizable store at ``path`` (a .h5 file) and return the open h5py File.
 
     Parameters
@@ -91,6 +94,8 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
         Rows per HDF5 chunk of the (N, P) datasets.
     sigma : bool
         Also create the (N, P) ``sigma`` dataset; :func:`append_rows` then needs ``sigma``.
+    offset : bool
+        Also create the (N,) ``offset`` dataset; :func:`append_rows` then needs ``offset``.
 
     Returns
     -------
@@ -102,6 +107,8 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
     f.create_dataset("flux", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
     if sigma:
         f.create_dataset("sigma", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
+    if offset:
+        f.create_dataset("offset", (0,), np.float32, maxshape=(None,), chunks=(4096,))
     f.create_dataset("valid", (0, n_pix), bool, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix),
                      compression="gzip", compression_opts=1)
     f.create_dataset("labels", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
@@ -117,7 +124,7 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
 
 
 def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None,
-                sigma=None):
+                sigma=None, offset=None):
     """Append a block of rows to a store made by :func:`create_dataset`.
 
     Parameters
@@ -135,6 +142,8 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
         Other numeric catalog columns (stored under ``extra/``).
     sigma : (n, P) array, optional
         Standardized per-pixel noise; required when the store has a ``sigma`` dataset.
+    offset : (n,) array, optional
+        mean/std of each spectrum before standardization; required when the store has ``offset``.
 
     Returns
     -------
@@ -144,9 +153,13 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
     n0, n = f["flux"].shape[0], len(flux)
     if ("sigma" in f) != (sigma is not None):
         raise ValueError("sigma must be given exactly when the store was created with sigma=True")
+    if ("offset" in f) != (offset is not None):
+        raise ValueError("offset must be given exactly when the store was created with offset=True")
     arrays = {"flux": flux, "valid": valid, "labels": labels, "label_err": label_err, "split": split}
     if sigma is not None:
         arrays["sigma"] = sigma
+    if offset is not None:
+        arrays["offset"] = offset
     arrays.update({c: meta[c].to_numpy() for c in _META_COLUMNS})
     for name, a in arrays.items():
         ds = f[name]
@@ -167,7 +180,7 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
 
 def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg"), valid=None,
                   label_err=None, meta: pd.DataFrame | None = None, extra: pd.DataFrame | None = None,
-                  attrs: dict | None = None, sigma=None):
+                  attrs: dict | None = None, sigma=None, offset=None):
     """Write a whole dataset from in-memory arrays (tests, simulations, notebooks).
 
     Parameters
@@ -185,6 +198,8 @@ def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg")
         Extra file attributes.
     sigma : (N, P) array, optional
         Standardized per-pixel noise (+inf where no data); stored only when given.
+    offset : (N,) array, optional
+        mean/std of each spectrum before standardization; stored only when given.
 
     Returns
     -------
@@ -220,9 +235,10 @@ def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg")
     folder = Path(path)
 
     def write(tmp):
-        with create_dataset(tmp, p, label_names, a, sigma=sigma is not None) as f:
+        with create_dataset(tmp, p, label_names, a, sigma=sigma is not None, offset=offset is not None) as f:
             append_rows(f, flux, valid, labels, label_err, split.astype(np.uint8), meta, extra,
-                        sigma=None if sigma is None else np.asarray(sigma, np.float32))
+                        sigma=None if sigma is None else np.asarray(sigma, np.float32),
+                        offset=None if offset is None else np.asarray(offset, np.float32))
 
     atomic_write(folder / DATA_FILE, write)
     return Dataset(folder)
@@ -318,6 +334,15 @@ class Dataset:
             None for a dataset written without noise (made before ``prepare`` stored it).
         """
         return self._rows("sigma", idx) if "sigma" in self._f else None
+
+    def offset(self, idx=None) -> np.ndarray | None:
+        """mean/std of each spectrum's resampled flux before standardization, (n,) float32.
+
+        ``flux * std + mean`` is the physical flux, so ``flux + offset`` is it in units of the
+        std: what multiplicative augmentations (reddening, flux calibration) need. None for a
+        dataset written without it.
+        """
+        return self._rows("offset", idx) if "offset" in self._f else None
 
     def meta(self, idx=None) -> pd.DataFrame:
         """Identifiers, RV, S/N, split name and extra catalog columns as a DataFrame."""

@@ -2,8 +2,10 @@
 
     simulate  OUT/survey/     SDSS-like spectra of MILES stars + sppParams.fits catalog
     prepare   OUT/dataset/    prepared dataset (60/10/30 split grouped by star)
-    train     OUT/model/      the paper's network and training schedule
-    evaluate  OUT/results.json, OUT/results.md: test-split MAE per label, network vs a Ridge
+    train     OUT/model/      the paper's network, trained with the default recipe (--recipe paper:
+                              the paper's schedule exactly)
+    evaluate  OUT/report/     report.html with the figures (predicted vs true, ...) of the test split;
+              OUT/results.json, OUT/results.md: test-split MAE per label, network vs a Ridge
               baseline (alpha chosen on the validation split) trained on the same split, and
               the coverage of the calibrated 1/2-sigma error bars per label and S/N bin
 
@@ -26,10 +28,11 @@ import numpy as np
 
 from ._version import __version__
 from .baselines import RIDGE_ALPHAS
+from .config import DEFAULT_RECIPE, RECIPES
 from .files import write_text
 from .records import dumps
 
-DEFAULT_N = 50_000       # spectra simulated, as in the paper (811 distinct MILES stars, ~60 spectra each)
+DEFAULT_N = 50_000       # spectra simulated, as in the paper (812 distinct MILES stars, ~60 spectra each)
 MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
 
 
@@ -125,13 +128,36 @@ def format_table(res: dict) -> str:
 
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
-        workers: int | None = None, threads: int | None = None, config=None, progress: bool = True) -> dict:
+        workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
+        progress: bool = True) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
-    config: optional TOML with [model]/[train] tables (defaults: the paper's);
-    epochs/threads override it; seed drives the simulation, the split and the training.
+    Parameters
+    ----------
+    out : str or Path
+        Output folder: survey/, dataset/, model/, report/, results.json, results.md.
+    n : int
+        Spectra to simulate.
+    seed : int
+        Seed of the simulation, the split and the training.
+    epochs, threads : int, optional
+        Override the recipe's epochs and torch's threads.
+    workers : int, optional
+        Processes for simulate and prepare (None: all CPUs).
+    config : str or Path, optional
+        TOML with [model]/[train] tables on top of the recipe.
+    recipe_name : str
+        "default" or "paper" (stellarparams.config.RECIPES).
+    progress : bool
+        Progress bars and stage lines.
+
+    Returns
+    -------
+    dict
+        The content of OUT/results.json.
     """
-    from .config import ModelConfig, TrainConfig, load_config
+    from .config import ModelConfig, load_config, recipe
+    from .evaluate import evaluate
     from .dataset import Dataset
     from .prepare import prepare
     from .simulate import simulate
@@ -152,7 +178,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     prepare(catalog, out / "survey" / "spectra", out / "dataset", seed=seed, workers=workers, progress=progress)
     times["prepare"] = time.perf_counter() - t0
 
-    mc, tc = load_config(config) if config else (ModelConfig(), TrainConfig())
+    mc, tc = load_config(config, recipe_name) if config else (ModelConfig(), recipe(recipe_name))
     tc = replace(tc, seed=seed, threads=threads or tc.threads or os.cpu_count())
     if epochs is not None:
         tc = replace(tc, epochs=epochs)
@@ -174,12 +200,16 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         else:
             res = compare(model, ds, progress=progress)
         cal = old.get("calibration") if old.get("key") == key and old.get("calibration") else calibration(model, ds)
+        report = out / "report" / "report.html"
+        if old.get("key") != key or not report.exists():
+            evaluate(model, ds, out / "report", split="test", progress=progress)
         times["evaluate"] = time.perf_counter() - t0
         n_spectra = {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}
     times = {k: round(v, 1) for k, v in times.items()}
     results = {"key": key, "comparison": res, "calibration": cal, "all_pass": all(res["pass"].values()),
                "seconds": times, "total_seconds": round(time.perf_counter() - t_all, 1),
                "n_simulated": n, "n_spectra": n_spectra, "seed": seed, "model": str(out / "model"),
+               "report": str(report), "recipe": tc.recipe,
                "model_config": mc.to_dict(), "train_config": tc.to_dict(), "model_metrics": model.metrics,
                "stellarparams_version": __version__}
     if old.get("key") == key:  # keep the first run's stage timings
@@ -192,20 +222,24 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
               + f"; total {time.perf_counter() - t_all:.0f} s")
         print(f"model: {out / 'model'}  results: {res_path}")
+        print(f"report (predicted vs true, residuals, calibration figures): {report}")
     return results
 
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser):
     p.description = ("The main job on the embedded default data: simulate an SDSS-like survey from the MILES "
-                     "stars, prepare it (split by star), train the paper's network, and compare its test MAE "
+                     "stars, prepare it (split by star), train the paper's network with the default recipe, write "
+                     "the evaluation report of the test split (OUT/report/report.html), and compare its test MAE "
                      "with a Ridge baseline (PASS when network MAE <= 0.85 x Ridge on every label). Stages "
                      "that are already complete are skipped; a killed run resumes.")
     p.add_argument("--out", default="runs/default", help="output folder (survey/, dataset/, model/, results.json)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help="spectra to simulate")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
     p.add_argument("--epochs", type=int, help="training epochs (default: the paper's 30)")
-    p.add_argument("--config", help="TOML file with [model] and [train] tables")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="training recipe: 'default' (generalises to unseen stars) or 'paper' (arXiv:2606.13868 exactly)")
+    p.add_argument("--config", help="TOML file with [model] and [train] tables on top of the recipe")
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
     p.add_argument("--quiet", action="store_true", help="only the final table")
@@ -214,7 +248,7 @@ def add_arguments(p: argparse.ArgumentParser):
 def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                      threads=args.threads, config=args.config, progress=not args.quiet)
+                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

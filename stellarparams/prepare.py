@@ -95,7 +95,7 @@ def _grid_loglam(grid: Grid) -> np.ndarray:
 
 
 def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig(),
-               return_sigma: bool = False):
+               return_sigma: bool = False, return_offset: bool = False):
     """Resample one spectrum onto the common rest-frame grid and standardize it.
 
     Parameters
@@ -107,6 +107,8 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     config : PrepareConfig
     return_sigma : bool
         Also return the per-pixel noise.
+    return_offset : bool
+        Also return mean/std of the resampled flux (after sigma when both are asked).
 
     Returns
     -------
@@ -119,6 +121,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         1-sigma noise of ``flux`` in the same standardized units: 1/sqrt(ivar) of the good
         pixels, linearly interpolated onto the grid and divided by the std that standardized
         the flux; +inf where ``valid`` is False.
+    offset : float, only with ``return_offset``
+        mean / std of the resampled flux: ``flux + offset`` is the physical flux in units of
+        its std (what multiplicative augmentations such as reddening act on).
 
     Raises
     ------
@@ -175,11 +180,13 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
     mean, std = out.mean(), out.std()
     if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
         raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
-    flux_out = ((out - mean) / std).astype(np.float32)
-    if not return_sigma:
-        return flux_out, valid
-    noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
-    return flux_out, valid, np.where(valid, noise, np.inf).astype(np.float32)
+    result = [((out - mean) / std).astype(np.float32), valid]
+    if return_sigma:
+        noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
+        result.append(np.where(valid, noise, np.inf).astype(np.float32))
+    if return_offset:
+        result.append(float(mean / std))
+    return tuple(result)
 
 
 def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
@@ -273,13 +280,14 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
     flux = np.empty((len(items), P), np.float32)
     valid = np.empty((len(items), P), bool)
     sigma = np.empty((len(items), P), np.float32)
+    offset = np.empty(len(items), np.float32)
     rows, snr, rejects = [], [], []
     for row, path, rv in items:
         try:
             spec = sdss.read_spectrum(path)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
-            f, v, sg = preprocess(spec, rv, config, return_sigma=True)
+            f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
         except sdss.SpectrumError as e:
             rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
             continue
@@ -287,12 +295,12 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
             rejects.append({"row": row, "file": str(path), "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]})
             continue
         k = len(rows)
-        flux[k], valid[k], sigma[k] = f, v, sg
+        flux[k], valid[k], sigma[k], offset[k] = f, v, sg, o
         rows.append(row)
         snr.append(spec.snr)
     n = len(rows)
     atomic_write(Path(partial) / f"chunk-{chunk_id:05d}.npz", lambda tmp: np.savez(
-        tmp, flux=flux[:n], valid=valid[:n], sigma=sigma[:n], rows=np.array(rows, np.int64),
+        tmp, flux=flux[:n], valid=valid[:n], sigma=sigma[:n], offset=offset[:n], rows=np.array(rows, np.int64),
         snr=np.array(snr, np.float32), rejects=np.array(json.dumps(rejects))))
     return {"chunk": chunk_id, "n": len(items), "kept": n, "rejects": rejects}
 
@@ -469,7 +477,8 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
     row_files = [_resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
-           "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve())}
+           "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
+           "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
     input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
 
     final = out / DATA_FILE
@@ -641,18 +650,19 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
              "catalog": cat_name, "spectra": str(spectra)}
 
     def write_h5(tmp):
-        with create_dataset(tmp, config.grid.n_pix, names, attrs, sigma=True) as f:
+        with create_dataset(tmp, config.grid.n_pix, names, attrs, sigma=True, offset=True) as f:
             start = 0
             for k, part in enumerate(parts):
                 n = len(part["rows"])
                 sel = np.flatnonzero(keep_mask[start:start + n])
                 if len(sel):
                     with np.load(partial / f"chunk-{k:05d}.npz") as z:
-                        fl, va, sg = z["flux"][sel], z["valid"][sel], z["sigma"][sel]
+                        fl, va, sg, of = z["flux"][sel], z["valid"][sel], z["sigma"][sel], z["offset"][sel]
                     idx = start + sel
                     append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
                                 meta.iloc[idx].reset_index(drop=True),
-                                None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg)
+                                None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
+                                offset=of)
                 start += n
         verify_dataset(tmp, n_kept)  # before it is renamed into place
 

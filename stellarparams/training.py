@@ -191,6 +191,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     label_ranges = {l: [float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] for j, l in enumerate(labels)}
 
     n_tr = len(itr)
+    augment, Otr, Str = _augmenter(ds, itr, tc)
     g0 = torch.Generator().manual_seed(tc.seed)
     row_std = Xtr.std(dim=1, unbiased=False)                               # sigma_S, (n_tr,)
     levels = torch.zeros(1 + tc.n_augment, n_tr)                           # copy 0 is the clean spectrum
@@ -253,6 +254,9 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             noisy = sigma > 0
             if noisy.any():
                 x[noisy] += torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
+            if augment is not None and (k > 0).any():  # physical augmentation: the copies, never the clean row
+                a = torch.nonzero(k > 0)[:, 0]
+                x[a] = augment(x[a], None if Otr is None else Otr[row[a]], None if Str is None else Str[row[a]], g)
             loss = masked_huber(net(x), Ytr[row], weights, tc.huber_delta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,6 +294,23 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
                "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,
                "n_val": len(iva), "n_params": count_parameters(net)}
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+
+
+def _augmenter(ds, rows, tc: TrainConfig):
+    """(Augmenter or None, offsets or None, per-pixel sigma or None) for the training rows."""
+    if not tc.augments:
+        return None, None, None
+    from .augment import Augmenter
+
+    augment = Augmenter(tc, ds.grid.loglam)
+    offset = ds.offset(rows) if augment.needs_offset else None
+    sigma = ds.sigma(rows) if tc.aug_pixnoise else None
+    if augment.needs_offset and offset is None or tc.aug_pixnoise and sigma is None:
+        raise ValueError(f"{ds.path}: the recipe's augmentation needs each spectrum's flux offset and noise, which "
+                         "datasets prepared before stellarparams stored them lack; prepare the dataset again, or "
+                         "train with --recipe paper")
+    return (augment, None if offset is None else torch.from_numpy(offset),
+            None if sigma is None else torch.from_numpy(sigma))
 
 
 def write_log(path, history):

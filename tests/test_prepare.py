@@ -457,3 +457,17 @@ def test_prepare_stores_sigma(tmp_path):
         for i in range(4):
             _, _, ref = preprocess(sdss.read_spectrum(m.file[i]), cat.RV_ADOP[i], return_sigma=True)
             np.testing.assert_array_equal(sig[i], ref)
+
+
+def test_prepare_stores_each_spectrums_offset(tmp_path):
+    """offset = mean/std of the resampled flux, so flux + offset is the physical flux over its std."""
+    from stellarparams.simulate import simulate
+
+    cat = simulate(tmp_path / "sim", n=6, seed=3, workers=1, progress=False)
+    prep.prepare(cat, tmp_path / "sim" / "spectra", tmp_path / "ds", workers=1, progress=False)
+    with Dataset(tmp_path / "ds") as d:
+        off, m = d.offset(), d.meta()
+        assert off.shape == (d.n,) and np.isfinite(off).all() and (off > 0).all()  # positive stellar flux
+        for i in range(d.n):
+            _, _, o = preprocess(sdss.read_spectrum(m.file[i]), m.rv[i], return_offset=True)
+            assert o == pytest.approx(off[i], rel=1e-6)

@@ -234,3 +234,15 @@ def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, monkey
     monkeypatch.setattr(files.time, "sleep", nap)
     model = train(ds, out, TINY, tc, progress=False, wait=True)
     assert len(naps) == 1 and (out / "model.json").exists() and len(model.history) == 1
+
+
+def test_paper_recipe_is_the_papers_schedule_on_the_542771_parameter_network():
+    from stellarparams.config import RECIPES, recipe
+    from stellarparams.model import StellarNet, count_parameters
+
+    tc = recipe("paper")
+    assert (tc.lr, tc.weight_decay, tc.batch_size, tc.epochs, tc.warmup_frac, tc.huber_delta, tc.n_augment,
+            tc.noise_min, tc.noise_max) == (7e-4, 0.01, 256, 30, 0.05, 1.0, 2, 0.01, 0.05)
+    assert not tc.augments and tc == TrainConfig()
+    assert count_parameters(StellarNet(ModelConfig())) == 542_771
+    assert recipe("default").augments and set(RECIPES) == {"paper", "default"}

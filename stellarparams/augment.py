@@ -1,0 +1,335 @@
+"""On-the-fly physical augmentation of prepared spectra, and a continuum-normalised input.
+
+Every function works on a batch ``x`` (B, P) of *standardized* flux on the common
+rest-frame grid, uniform in log10(lambda) with pixel step ``dloglam`` (the default
+grid: 3.5754-3.9670 in 4000 pixels, step 9.79e-5 dex = 67.6 km/s per pixel).
+
+Multiplicative effects (reddening, flux-calibration / instrument response, tellurics)
+act on the *flux*, not on the standardized numbers. A prepared spectrum is
+x = (f - m) / s with m, s the mean and std of the resampled flux f over the grid, so
+f / s = x + m / s. The functions that multiply take ``offset`` = m / s per row (B,)
+(:func:`to_flux` / :func:`restandardize`), apply the effect to x + offset and
+standardize the result again, exactly as ``prepare`` would have done with the distorted
+spectrum. Without the true offset they cannot know where zero flux is.
+
+All functions are pure: they return new tensors and draw random numbers only from the
+``generator`` they are given. Parameters that vary per spectrum are (B,) tensors, so
+the caller decides the distributions; the ``draw_*`` helpers give the documented ones.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .physics import doppler
+
+DLOGLAM = (3.9670 - 3.5754) / 3999  # log10 A per pixel of the default grid
+TELLURIC_BANDS = (  # (centre A, FWHM A, relative depth): O2 B, H2O, O2 A, H2O, H2O (vacuum, approximate)
+    (6880.0, 30.0, 1.0), (7220.0, 120.0, 0.6), (7620.0, 40.0, 1.0), (8230.0, 160.0, 0.5), (9350.0, 250.0, 1.0))
+
+
+# --------------------------------------------------------------------------- flux <-> standardized
+
+def to_flux(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Standardized flux (B, P) and offset m/s (B,) -> flux in units of the original std, f / s."""
+    return x + offset[:, None]
+
+
+def restandardize(f: torch.Tensor):
+    """Flux (B, P) -> (standardized flux (B, P), new offset mean/std (B,)), as ``prepare`` does
+    (mean 0 and population std 1 over the P pixels)."""
+    m = f.mean(1, keepdim=True)
+    s = f.std(1, unbiased=False, keepdim=True).clamp(min=1e-12)
+    return (f - m) / s, (m / s)[:, 0]
+
+
+# --------------------------------------------------------------------------- wavelength shift
+
+def shift(x: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Move each spectrum by ``pixels`` (B,) grid pixels toward the red (sub-pixel allowed).
+
+    Physical parameter: a residual radial velocity v = pixels * ln(10) * dloglam * c
+    (67.6 km/s per pixel on the default grid) or a wavelength-solution offset of the same
+    size. Range used in training: |pixels| <= 1 (catalog RV errors are ~2 km/s = 0.03 px,
+    wavelength solutions of another pipeline differ by up to ~0.5 px). Linear interpolation
+    between pixels; the ends are clamped (like ``prepare``'s spline clamps). Works on
+    standardized flux directly (a shift commutes with the per-spectrum standardization up to
+    the edge pixels).
+    """
+    B, P = x.shape
+    pos = torch.arange(P, dtype=x.dtype, device=x.device)[None, :] - pixels.to(x.dtype)[:, None]
+    pos = pos.clamp(0, P - 1)
+    lo = pos.floor().long().clamp(max=P - 2)
+    w = pos - lo
+    return torch.gather(x, 1, lo) * (1 - w) + torch.gather(x, 1, lo + 1) * w
+
+
+def velocity_to_pixels(v_kms, dloglam: float = DLOGLAM):
+    """Radial velocity (km/s) -> shift in grid pixels (relativistic Doppler)."""
+    return np.log10(doppler(v_kms)) / dloglam
+
+
+# --------------------------------------------------------------------------- smooth distortions
+
+@functools.lru_cache(maxsize=16)
+def legendre_basis(n_pix: int, order: int, dtype=torch.float32) -> torch.Tensor:
+    """(order, P) Legendre polynomials P_1..P_order over the grid mapped to [-1, 1]."""
+    t = np.linspace(-1.0, 1.0, n_pix)
+    return torch.tensor(np.polynomial.legendre.legvander(t, order)[:, 1:].T.copy(), dtype=dtype)
+
+
+def continuum_distortion(x: torch.Tensor, offset: torch.Tensor, coeffs: torch.Tensor):
+    """Multiply the flux by 1 + sum_k coeffs[:, k-1] P_k(t), t in [-1, 1] across the grid.
+
+    Physical parameter: a smooth flux-calibration error or instrument response, as
+    ``simulate`` step 5 draws it (Legendre P_1..P_3, coefficients N(0, 0.02)); a change of
+    spectrograph or reduction is ~0.06 up to order 5. Training range: coefficients
+    N(0, sigma) with sigma <= 0.1, order <= 5. The factor is clipped at 0.2 from below.
+    ``coeffs`` (B, K). Returns (standardized flux, new offset).
+    """
+    basis = legendre_basis(x.shape[1], coeffs.shape[1], x.dtype).to(x.device)
+    factor = (1.0 + coeffs.to(x.dtype) @ basis).clamp(min=0.2)
+    return restandardize(to_flux(x, offset) * factor)
+
+
+def extinction_curve(loglam, rv_dust: float = 3.1) -> np.ndarray:
+    """A(lambda) / E(B-V) of the G23 law (Gordon et al. 2023, ``dust_extinction``) at 10**loglam A,
+    the curve ``simulate`` reddens with."""
+    from astropy import units as u
+    from dust_extinction.parameter_averages import G23
+
+    lam = 10 ** np.asarray(loglam, np.float64)
+    return -2.5 * np.log10(G23(Rv=rv_dust).extinguish(lam * u.AA, Ebv=1.0))
+
+
+def redden(x: torch.Tensor, offset: torch.Tensor, ebv: torch.Tensor, curve: torch.Tensor):
+    """Multiply the flux by 10**(-0.4 * ebv * curve): extra reddening of E(B-V) = ``ebv`` (B,) mag.
+
+    ``curve`` (P,) is A(lambda)/E(B-V) on the grid (:func:`extinction_curve`). Negative ebv
+    de-reddens. Physical range: the survey has E(B-V) exponential with mean 0.05 mag, clipped
+    at 0.5; training uses ebv ~ U(-0.05, 0.15). Returns (standardized flux, new offset).
+    """
+    factor = torch.pow(10.0, -0.4 * ebv.to(x.dtype)[:, None] * curve.to(x.dtype)[None, :])
+    return restandardize(to_flux(x, offset) * factor)
+
+
+def telluric(x: torch.Tensor, offset: torch.Tensor, depth: torch.Tensor, loglam: torch.Tensor,
+             bands=TELLURIC_BANDS):
+    """Multiply the flux by 1 - depth * sum_b d_b G_b(lambda): residual telluric absorption
+    (depth > 0, under-corrected) or emission (depth < 0, over-corrected) of the O2 and H2O bands.
+
+    ``depth`` (B,) is the residual at the core of a band of relative depth 1; bands are Gaussians of
+    the given FWHM (A) at their vacuum centres (rest frame ~ observed: RVs move them < 2 px).
+    ``loglam`` (P,) is log10 of the grid wavelengths (A).
+    The bands do not overlap, so the product is the sum of the profiles (:func:`telluric_profile`).
+    Physical range: an uncorrected O2 B band at airmass 1.2 is ~0.3 deep; partial-correction
+    residuals are |depth| <= 0.1. Returns (standardized flux, new offset).
+    """
+    prof = telluric_profile(loglam, bands).to(x.dtype).to(x.device)
+    trans = 1.0 - depth.to(x.dtype)[:, None] * prof[None, :]
+    return restandardize(to_flux(x, offset) * trans.clamp(min=0.05))
+
+
+def telluric_profile(loglam: torch.Tensor, bands=TELLURIC_BANDS) -> torch.Tensor:
+    """(P,) sum over bands of relative depth x Gaussian(centre, FWHM) at 10**loglam A (bands do not overlap)."""
+    lam = 10 ** loglam.to(torch.float64)
+    prof = torch.zeros_like(lam)
+    for c, fwhm, d in bands:
+        prof = prof + d * torch.exp(-0.5 * ((lam - c) / (fwhm / 2.3548)) ** 2)
+    return prof
+
+
+# --------------------------------------------------------------------------- resolution
+
+def gaussian_kernel(sigma_pix: float, half: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """Normalized Gaussian (2h+1,) of std ``sigma_pix`` pixels."""
+    half = half if half is not None else max(1, int(math.ceil(4 * max(sigma_pix, 1e-3))))
+    k = torch.arange(-half, half + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (k / max(sigma_pix, 1e-6)) ** 2)
+    return (g / g.sum()).to(dtype)
+
+
+def broaden(x: torch.Tensor, sigma_pix: torch.Tensor, half: int = 6) -> torch.Tensor:
+    """Convolve each spectrum with a Gaussian of std ``sigma_pix`` (B,) pixels (0 = unchanged).
+
+    Physical parameter: extra line-spread width. On the default grid the survey's LSF
+    (R = 2000) has sigma = 1/(R ln10 2.3548 dloglam) = 0.94 px; R = 1500 needs an extra
+    sqrt(1.25^2 - 0.94^2) = 0.83 px. Training range: U(0, 1) px. Edge pixels are replicated.
+    Linear in the flux, so it acts on standardized flux directly (the std shrinks slightly;
+    the result is standardized again).
+    """
+    B, P = x.shape
+    k = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+    s = sigma_pix.to(x.dtype).clamp(min=1e-3)[:, None]
+    w = torch.exp(-0.5 * (k[None, :] / s) ** 2)
+    w = w / w.sum(1, keepdim=True)  # (B, 2h+1)
+    xp = F.pad(x[None], (half, half), mode="replicate")  # (1, B, P + 2h)
+    out = F.conv1d(xp, w.flip(1)[:, None, :], groups=B)[0]
+    m = out.mean(1, keepdim=True)
+    return (out - m) / out.std(1, unbiased=False, keepdim=True).clamp(min=1e-12)
+
+
+# --------------------------------------------------------------------------- bad pixels and noise
+
+def mask_runs(x: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Replace runs of pixels by the straight line between their neighbours, as ``prepare``'s
+    spline bridges pixels it has no good data for (bad columns, sky-line residuals, cosmic rays).
+
+    ``starts``, ``lengths`` (B, R) integers: R runs per spectrum (length 0 = no run).
+    Physical range: cosmic rays 1-3 px, bright sky-line residuals ~5-10 px, bad columns up to
+    ~30 px; training uses up to 5 runs of 1-30 px.
+    Returns the bridged flux (not restandardized: a few pixels change the moments negligibly).
+    """
+    B, P = x.shape
+    out = x.clone()
+    pix = torch.arange(P, device=x.device)[None, :]
+    for r in range(starts.shape[1]):
+        a = starts[:, r].clamp(0, P - 1)
+        n = lengths[:, r].clamp(min=0)
+        b = (a + n).clamp(max=P)  # exclusive
+        left = (a - 1).clamp(min=0)
+        right = b.clamp(max=P - 1)
+        yl = torch.gather(out, 1, left[:, None])
+        yr = torch.gather(out, 1, right[:, None])
+        span = (right - left).clamp(min=1).to(x.dtype)[:, None]
+        line = yl + (yr - yl) * (pix - left[:, None]).to(x.dtype) / span
+        inside = (pix >= a[:, None]) & (pix < b[:, None]) & (n[:, None] > 0)
+        out = torch.where(inside, line, out)
+    return out
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor, scale: torch.Tensor, generator=None) -> torch.Tensor:
+    """Add Gaussian noise of std ``scale`` (B,) x ``sigma`` (B, P) to each pixel.
+
+    ``sigma`` is the spectrum's own per-pixel error resampled onto the grid, in standardized
+    units (error / s). scale = 1 doubles the variance (S/N / sqrt(2)); the training range
+    U(0, 1) spans S/N from the observed one to 0.7 of it.
+    """
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x + noise * sigma.to(x.dtype) * scale.to(x.dtype)[:, None]
+
+
+# --------------------------------------------------------------------------- continuum normalisation
+
+@functools.lru_cache(maxsize=8)
+def _legendre_design(n_pix: int, order: int):
+    """(P, K) Legendre design matrix P_0..P_order over [-1, 1] and its (P, K*K) outer products."""
+    t = np.linspace(-1.0, 1.0, n_pix)
+    V = np.polynomial.legendre.legvander(t, order)
+    VV = (V[:, :, None] * V[:, None, :]).reshape(n_pix, -1)
+    return torch.tensor(V, dtype=torch.float32), torch.tensor(VV, dtype=torch.float32)
+
+
+def continuum(f: torch.Tensor, order: int = 10, iters: int = 3, clip: float = 1.0, stride: int = 4) -> torch.Tensor:
+    """Smooth pseudo-continuum (B, P) of flux ``f`` (B, P), fitted as a Legendre series of degree
+    ``order`` across the grid by iteratively reweighted least squares that drops pixels more than
+    ``clip`` robust sigmas below the fit (absorption lines), like The Cannon's continuum pixels
+    chosen on the fly. Degree 10 over 3760-9270 A follows structure wider than ~500 A: the SED,
+    reddening and calibration, but not the lines (Balmer wings included). Costs two (B, P) x (P, K^2)
+    products per iteration, on every ``stride``-th pixel (the fit is smooth; the continuum is then
+    evaluated on all pixels)."""
+    B, P = f.shape
+    K = order + 1
+    Vfull, VV = _legendre_design(P, order)
+    V, VV = Vfull[::stride].contiguous().to(f.device), VV[::stride].contiguous().to(f.device)
+    f32 = f[:, ::stride].to(torch.float32).contiguous()
+    w = torch.ones_like(f32)
+    eye = 1e-6 * torch.eye(K, dtype=torch.float64, device=f.device)
+    for _ in range(iters):
+        A = (w @ VV).reshape(B, K, K).to(torch.float64) + eye * V.shape[0]
+        rhs = ((w * f32) @ V).to(torch.float64)
+        coef = torch.linalg.solve(A, rhs).to(torch.float32)
+        cont = coef @ V.T
+        r = f32 - cont
+        s = 1.2533 * (r.abs() * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)  # ~sigma from mean |r|
+        w = (r > -clip * s).to(torch.float32)
+    return (coef @ Vfull.T.to(f.device)).to(f.dtype)
+
+
+def continuum_normalise(x: torch.Tensor, offset: torch.Tensor, order: int = 10, scale: float = 0.1) -> torch.Tensor:
+    """Continuum-normalised channel: (f / continuum(f) - 1) / ``scale``, from standardized flux and
+    its offset. Independent of any smooth multiplicative factor (reddening, flux calibration,
+    instrument response) up to the fit's flexibility. ``scale`` sets the size of the numbers
+    (a 10% deep line -> -1)."""
+    f = to_flux(x, offset)
+    c = continuum(f, order).clamp(min=1e-3 * f.abs().mean(1, keepdim=True))
+    return (f / c - 1.0) / scale
+
+
+# --------------------------------------------------------------------------- a recipe's augmentation
+
+class Augmenter:
+    """The physical augmentation a TrainConfig asks for, as one batch transform.
+
+    Applied by the training loop to the noisy copies (k >= 1) of training spectra only, in
+    this order: LSF jitter, shift, reddening, calibration distortion, telluric residual,
+    masked runs, per-pixel noise. Each step is off when its ``aug_*`` field is 0.
+
+    Parameters
+    ----------
+    config : stellarparams.config.TrainConfig
+        Its ``aug_*`` fields (ranges documented there and in each function above).
+    loglam : (P,) array
+        log10 wavelength (A) of the dataset's grid.
+    """
+
+    def __init__(self, config, loglam):
+        self.c = config
+        loglam = np.asarray(loglam, np.float64)
+        self.n_pix = len(loglam)
+        self.loglam = torch.tensor(loglam)
+        self.curve = torch.tensor(extinction_curve(loglam), dtype=torch.float32) if config.aug_ebv else None
+
+    @property
+    def needs_offset(self) -> bool:
+        """Multiplicative steps need each spectrum's mean/std (the dataset's ``offset``)."""
+        return bool(self.c.aug_ebv or self.c.aug_calib_sigma or self.c.aug_telluric)
+
+    def __call__(self, x, offset, sigma, generator):
+        """Augment a batch.
+
+        Parameters
+        ----------
+        x : (B, P) tensor
+            Standardized flux.
+        offset : (B,) tensor or None
+            mean/std of each spectrum before standardization (needed by :attr:`needs_offset`).
+        sigma : (B, P) tensor or None
+            Per-pixel noise in standardized units (needed by ``aug_pixnoise``); +inf is no data.
+        generator : torch.Generator
+            The only source of random numbers.
+
+        Returns
+        -------
+        (B, P) tensor
+            The augmented, standardized flux.
+        """
+        c, B = self.c, x.shape[0]
+
+        def u():
+            return torch.rand(B, generator=generator)
+
+        if c.aug_lsf_pix:
+            x = broaden(x, u() * c.aug_lsf_pix)
+        if c.aug_shift_pix:
+            x = shift(x, (2 * u() - 1) * c.aug_shift_pix)
+        if c.aug_ebv:
+            x, offset = redden(x, offset, (u() * 4 / 3 - 1 / 3) * c.aug_ebv, self.curve)
+        if c.aug_calib_sigma:
+            coeffs = torch.randn(B, c.aug_calib_order, generator=generator) * c.aug_calib_sigma
+            x, offset = continuum_distortion(x, offset, coeffs)
+        if c.aug_telluric:
+            x, offset = telluric(x, offset, (2 * u() - 1) * c.aug_telluric, self.loglam)
+        if c.aug_mask_runs:
+            R = c.aug_mask_runs
+            starts = torch.randint(0, self.n_pix, (B, R), generator=generator)
+            lengths = torch.randint(1, 31, (B, R), generator=generator) * (torch.rand(B, R, generator=generator) < 0.5)
+            x = mask_runs(x, starts, lengths)
+        if c.aug_pixnoise:
+            finite = torch.where(torch.isfinite(sigma), sigma, torch.zeros(()))
+            x = add_noise(x, finite, u() * c.aug_pixnoise, generator)
+        return x
