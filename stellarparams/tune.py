@@ -54,14 +54,14 @@ import sys
 import time
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from ._version import __version__
-from .config import ModelConfig, TrainConfig, config_toml  # noqa: F401  (config_toml re-exported)
+from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe  # noqa: F401  (config_toml re-exported)
 from .dataset import Dataset
 from .files import atomic_write, write_text
 from .records import dumps
@@ -78,6 +78,17 @@ PAPER_RANGES = {
     "head_dropout": (0.0, 0.4),
     "lr": (1e-4, 5e-3),
     "weight_decay": (1e-5, 1e-2),
+}
+# The default recipe's switches (stellarparams.config.TrainConfig, README "Accuracy"): (low, high) a search may
+# use; none is searched unless the space names it (then the recipe's value is left out of the trial).
+AUG_RANGES = {
+    "aug_shift_pix": (0.0, 3.0),
+    "aug_calib_sigma": (0.0, 0.2),
+    "aug_ebv": (0.0, 0.5),
+    "aug_lsf_pix": (0.0, 2.0),
+    "aug_mask_runs": (0, 10),
+    "aug_telluric": (0.0, 0.3),
+    "aug_pixnoise": (0.0, 2.0),
 }
 WIDTH_STEP = 16  # stem and block widths are searched in steps of 16 units (ours)
 # "from a single 16-unit layer up to 48-32-16": every strictly decreasing pick from {48, 32, 16}
@@ -116,6 +127,7 @@ class SearchSpace:
     head_dropout: tuple = PAPER_RANGES["head_dropout"]
     lr: tuple = PAPER_RANGES["lr"]
     weight_decay: tuple = PAPER_RANGES["weight_decay"]
+    augment: dict = field(default_factory=dict)  # {aug_* switch: (low, high)} within AUG_RANGES; others fixed
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "search space") -> "SearchSpace":
@@ -124,7 +136,8 @@ class SearchSpace:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"{source}: unknown search-space keys {unknown}; known: {known}")
-        space = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
+        space = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else
+                       {a: tuple(r) for a, r in v.items()} if isinstance(v, dict) else v for k, v in d.items()})
         space.validate(source)
         return space
 
@@ -166,9 +179,16 @@ class SearchSpace:
                              f"(a single 16-unit layer up to 48-32-16): choose from {list(HEAD_TEMPLATES)}")
         if len(set(t)) != len(t):
             raise ValueError(f"{source}: head_templates lists a template twice: {list(t)}")
+        for name, v in self.augment.items():
+            if name not in AUG_RANGES:
+                raise ValueError(f"{source}: augment.{name} is not a recipe switch; choose from {sorted(AUG_RANGES)}")
+            plo, phi = AUG_RANGES[name]
+            if not (isinstance(v, tuple) and len(v) == 2 and plo <= v[0] <= v[1] <= phi):
+                raise ValueError(f"{source}: augment.{name} = {list(v)} must be [low, high] within [{plo}, {phi}]")
 
     def to_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
+        return {k: {a: list(r) for a, r in v.items()} if isinstance(v, dict) else list(v)
+                for k, v in asdict(self).items()}
 
     def suggest(self, trial, labels) -> dict:
         """Ask an Optuna trial for one point; returns its params (names as in the module docstring)."""
@@ -182,6 +202,9 @@ class SearchSpace:
             p[name] = trial.suggest_float(name, *map(float, getattr(self, name)))
         p["lr"] = trial.suggest_float("lr", *map(float, self.lr), log=True)
         p["weight_decay"] = trial.suggest_float("weight_decay", *map(float, self.weight_decay), log=True)
+        for name, (lo, hi) in sorted(self.augment.items()):
+            p[name] = (trial.suggest_int(name, int(lo), int(hi)) if isinstance(AUG_RANGES[name][0], int)
+                       else trial.suggest_float(name, float(lo), float(hi)))
         return p
 
     def contains(self, params: dict, labels) -> bool:
@@ -193,17 +216,19 @@ class SearchSpace:
         return (within("stem_width", "stem_width") and within("n_blocks", "n_blocks")
                 and all(within("block_width", f"block_width_{i}") for i in range(n))
                 and all(params[f"head_{l}"] in self.head_templates for l in labels)
-                and all(within(k, k) for k in ("stem_dropout", "trunk_dropout", "head_dropout", "lr", "weight_decay")))
+                and all(within(k, k) for k in ("stem_dropout", "trunk_dropout", "head_dropout", "lr", "weight_decay"))
+                and all(k in params and lo <= params[k] <= hi for k, (lo, hi) in self.augment.items()))
 
 
-def configs_from_params(params: dict, labels, n_in: int, epochs: int = 30, seed: int = 0):
-    """Trial params -> (ModelConfig, TrainConfig); everything not searched keeps the paper's default."""
+def configs_from_params(params: dict, labels, n_in: int, epochs: int = 30, seed: int = 0, recipe_name: str = "paper"):
+    """Trial params -> (ModelConfig, TrainConfig); everything not searched keeps the recipe's value."""
     mc = ModelConfig(n_in=n_in, stem_width=params["stem_width"],
                      block_widths=tuple(params[f"block_width_{i}"] for i in range(params["n_blocks"])),
                      heads={l: template_widths(params[f"head_{l}"]) for l in labels},
                      stem_dropout=params["stem_dropout"], trunk_dropout=params["trunk_dropout"],
                      head_dropout=params["head_dropout"])
-    tc = TrainConfig(lr=params["lr"], weight_decay=params["weight_decay"], epochs=epochs, seed=seed)
+    tc = recipe(recipe_name, lr=params["lr"], weight_decay=params["weight_decay"], epochs=epochs, seed=seed,
+                **{k: v for k, v in params.items() if k in AUG_RANGES})
     return mc, tc
 
 
@@ -217,13 +242,15 @@ def params_from_configs(mc: ModelConfig, tc: TrainConfig) -> dict:
     return p
 
 
-def paper_default_params(labels) -> dict | None:
-    """The paper's selected configuration as trial params, or None if a label has no default head."""
+def paper_default_params(labels, space: SearchSpace | None = None, recipe_name: str = "paper") -> dict | None:
+    """The paper's selected network with the recipe's training as trial params (the searched
+    augmentation switches at the recipe's values), or None if a label has no default head."""
     mc = ModelConfig()
     if not set(labels) <= set(mc.heads):
         return None
     mc = ModelConfig(heads={l: mc.heads[l] for l in labels})
-    return params_from_configs(mc, TrainConfig())
+    tc = recipe(recipe_name)
+    return {**params_from_configs(mc, tc), **{k: getattr(tc, k) for k in (space.augment if space else {})}}
 
 
 # ------------------------------------------------------------------ small writers
@@ -323,9 +350,9 @@ def _open_study(storage, name, settings, reference):
         time.sleep(0.1)
     if stored is None:
         raise ValueError(f"study {name!r} exists but was not made by `stellarparams tune`; use another --study name")
-    for key in ("epochs", "space", "labels", "dataset"):
-        if stored.get(key) != settings[key]:
-            raise ValueError(f"study {name!r} was started with {key} = {stored.get(key)}, this run asks for "
+    for key in ("epochs", "space", "labels", "dataset", "recipe"):
+        if stored.get(key, "paper" if key == "recipe" else None) != settings[key]:  # old studies: the paper's
+            raise ValueError(f"study {name!r} was started with {key} = {stored.get(key, 'paper')}, this run asks for "
                              f"{settings[key]}; use the same settings to join it, or a new --study name")
     return study, False
 
@@ -333,7 +360,7 @@ def _open_study(storage, name, settings, reference):
 def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, study_name: str = "stellarparams",
          sampler: str = "tpe", epochs: int = 30, seed: int = 0, timeout: float | None = None,
          space: SearchSpace | None = None, prune: bool = True, threads: int | None = None,
-         heartbeat: float = 60.0, progress: bool = True, callbacks=()) -> optuna.Study:
+         heartbeat: float = 60.0, progress: bool = True, callbacks=(), recipe_name: str = "default") -> optuna.Study:
     """Run (or continue, or join) a search until the study holds ``trials`` finished trials.
 
     dataset: prepared dataset folder or Dataset; out_dir: where the summary files go.
@@ -345,6 +372,8 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     space: SearchSpace (default: the paper's, docs/method.md); validated against the paper's ranges.
     threads: torch threads per trial; heartbeat: seconds between liveness pings of a trial.
     callbacks: extra Optuna callbacks(study, frozen_trial) run after every trial.
+    recipe_name: the training recipe every trial starts from ("default" or "paper"); the space's
+        ``augment`` ranges search its switches.
     Returns the optuna.Study; writes best.toml, summary.json/.md, history.png, importance.png.
     """
     space = space or SearchSpace()
@@ -363,11 +392,14 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    reference = paper_default_params(labels)
+    if recipe_name not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe_name!r}; choose one of {sorted(RECIPES)}")
+    reference = paper_default_params(labels, space, recipe_name)
     if reference is not None and not space.contains(reference, labels):
         log("the paper's default configuration lies outside this search space: no reference trial")
         reference = None
     settings = {"epochs": epochs, "space": space.to_dict(), "labels": labels, "seed": seed, "sampler": sampler,
+                "recipe": recipe_name,
                 "prune": prune, "version": __version__,
                 "dataset": {"n": ds.n, "n_pix": n_in, "input_hash": ds.attrs.get("input_hash", "")}}
     study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
@@ -387,7 +419,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
             study.stop()
             raise BudgetTaken(f"all {trials} trials are finished or running in other workers; this worker stops")
         params = space.suggest(trial, labels)
-        mc, tc = configs_from_params(params, labels, n_in, epochs, seed)
+        mc, tc = configs_from_params(params, labels, n_in, epochs, seed, recipe_name)
         tc.threads = threads
         is_reference = "reference" in trial.user_attrs
         best = math.inf
@@ -450,7 +482,8 @@ def write_report(study, out_dir, storage_url: str = "") -> dict:
                   "seconds": sum(t.duration.total_seconds() for t in done if t.duration is not None)},
          "best": None, "reference": None, "importance": None, "importance_note": ""}
     if best is not None:
-        mc, tc = configs_from_params(best.params, labels, settings["dataset"]["n_pix"], epochs, seed)
+        mc, tc = configs_from_params(best.params, labels, settings["dataset"]["n_pix"], epochs, seed,
+                                     settings.get("recipe", "paper"))
         s["best"] = {"trial": best.number, "val_loss": best.value, "params": best.params,
                      "model": mc.to_dict(), "train": tc.to_dict(), "val_metrics": best.user_attrs.get("val_metrics")}
         header = (f"best trial {best.number} of study {study.study_name!r}: val loss {best.value:.6g}\n"
@@ -587,6 +620,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--sampler", choices=("tpe", "gp"), default="tpe",
                    help="TPE handles the conditional/categorical space and learns from pruned trials; "
                    "gp: Gaussian process")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="training recipe of every trial; a --space file's [augment] table searches its switches")
     p.add_argument("--epochs", type=int, default=30, help="epochs per trial (the paper's 30)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial and sampler seed")
     p.add_argument("--space", help="TOML file narrowing the search space, e.g. `lr = [3e-4, 2e-3]`, "
@@ -604,7 +639,8 @@ def run_cli(args) -> int:
         space = SearchSpace.from_toml(args.space) if args.space else SearchSpace()
         s = tune(args.dataset, args.out, trials=args.trials, storage=args.storage, study_name=args.study,
                  sampler=args.sampler, epochs=args.epochs, seed=args.seed, timeout=args.timeout, space=space,
-                 prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet)
+                 prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet,
+                 recipe_name=args.recipe)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

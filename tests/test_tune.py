@@ -35,7 +35,7 @@ def dataset(tmp_path_factory):
     y = X @ rng.normal(size=(p, 3)) * [300, 0.3, 0.3] + [6000, -1, 4] + rng.normal(size=(n, 3)) * [30, 0.03, 0.03]
     split = np.array(["train"] * 120 + ["val"] * 20 + ["test"] * 20)
     path = tmp_path_factory.mktemp("tune") / "ds"
-    write_dataset(path, X, y, split).close()
+    write_dataset(path, X, y, split, offset=np.full(n, 2.0, np.float32)).close()  # the default recipe reddens
     return path
 
 
@@ -229,3 +229,24 @@ def test_trials_skip_calibration(dataset, tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, no_calibration)
     study = tune(dataset, tmp_path / "search", trials=1, epochs=1, progress=False, prune=False)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_recipe_switches_are_searched(dataset, tmp_path, monkeypatch):
+    """A space's [augment] ranges become trial parameters and reach the training config."""
+    from stellarparams import tune as T
+
+    seen = []
+    real_fit = T.fit
+    monkeypatch.setattr(T, "fit", lambda ds, rows, mc, tc, **kw: seen.append(tc) or real_fit(ds, rows, mc, tc, **kw))
+    space = SearchSpace.from_dict({"augment": {"aug_shift_pix": [0.5, 2.0], "aug_mask_runs": [0, 4]}})
+    study = tune(dataset, tmp_path / "search", trials=3, epochs=1, space=space, progress=False, prune=False)
+    ref, *others = study.get_trials()
+    assert ref.params["aug_shift_pix"] == 1.0 and "reference" in ref.user_attrs   # the default recipe's value
+    for t, tc in zip(study.get_trials(), seen):
+        assert 0.5 <= t.params["aug_shift_pix"] <= 2.0 and t.params["aug_mask_runs"] in range(5)
+        assert (tc.aug_shift_pix, tc.aug_mask_runs, tc.recipe) == (t.params["aug_shift_pix"], t.params["aug_mask_runs"],
+                                                                   "default")
+    with pytest.raises(ValueError, match="within"):
+        SearchSpace.from_dict({"augment": {"aug_ebv": [0, 2]}})
+    with pytest.raises(ValueError, match="not a recipe switch"):
+        SearchSpace.from_dict({"augment": {"lr": [0, 1]}})
