@@ -1,0 +1,177 @@
+"""Accuracy on stars the model never saw: Ridge, the paper recipe, the default recipe and its ablations.
+
+    .venv/bin/python bench/accuracy.py --work runs/bench            # the default survey (50,000 spectra)
+    .venv/bin/python bench/accuracy.py --work /tmp/b --n 3000 --epochs 2 --seeds 0   # a quick look
+
+Builds (or reuses) the default simulated survey and its dataset in WORK/ (as `stellarparams run`
+does: `simulate --n N --seed 0`, `prepare --seed 0`, split by star), then on the test split, against
+the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_TRUE), prints MAE per label as mean +- std over the
+training seeds, for:
+
+- Ridge (alpha per label on the validation split; one fit, it has no seed);
+- the paper recipe and the default recipe (model folders kept in WORK/models/RECIPE_sSEED, with
+  the validation-split calibration, for bench/robustness.py);
+- the default recipe with each ingredient switched off in turn (``--ablation-seeds`` seeds);
+- the same three at a small training set: ``--small-stars`` training stars (all their spectra).
+
+Also: MAE at S/N > 50, ratios to Ridge, training time. Writes WORK/accuracy.json and
+WORK/accuracy.md (the README's table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stellarparams.baselines import RidgeVal
+from stellarparams.config import RECIPES, ModelConfig, recipe
+from stellarparams.dataset import Dataset
+from stellarparams.files import write_text
+from stellarparams.prepare import prepare
+from stellarparams.simulate import simulate
+from stellarparams.train import train
+from stellarparams.training import fit
+
+LABELS = ["teff", "feh", "logg"]
+TRUE = [f"{l.upper()}_TRUE" for l in LABELS]
+UNITS = ["K", "dex", "dex"]
+
+
+def ablations(name: str = "default") -> dict:
+    """Each ingredient of a recipe switched back to the paper's value: {'no aug_shift_pix': TrainConfig overrides}."""
+    paper = recipe("paper")
+    return {f"no {k}": {k: getattr(paper, k)} for k in RECIPES[name] if k != "recipe"}
+
+
+def survey(work: Path, n: int, workers: int) -> Path:
+    cat = simulate(work / "survey", n=n, seed=0, workers=workers, progress=False)
+    prepare(cat, work / "survey" / "spectra", work / "dataset", seed=0, workers=workers, progress=False)
+    return work / "dataset"
+
+
+def predict_net(net, center, scale, X, batch=4096) -> np.ndarray:
+    net.eval()
+    with torch.inference_mode():
+        out = torch.cat([net(torch.from_numpy(X[i:i + batch])) for i in range(0, len(X), batch)])
+    return out.numpy().astype(np.float64) * scale + center
+
+
+def scores(pred, truth, snr) -> dict:
+    hi = snr > 50
+    return {"mae": np.abs(pred - truth).mean(0).tolist(), "mae_snr50": np.abs(pred[hi] - truth[hi]).mean(0).tolist()}
+
+
+def small_rows(ds: Dataset, n_stars: int, seed: int = 1234) -> np.ndarray:
+    itr = ds.indices("train")
+    stars = ds.meta(itr)["object_id"].to_numpy()
+    keep = np.random.default_rng(seed).choice(np.unique(stars), n_stars, replace=False)
+    return itr[np.isin(stars, keep)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/bench", help="survey/, dataset/, models/, accuracy.json/.md")
+    p.add_argument("--n", type=int, default=50_000, help="spectra of the simulated survey")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds")
+    p.add_argument("--ablation-seeds", type=int, default=1, help="seeds (from the list's start) for the ablations")
+    p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
+    p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    skip = set(filter(None, a.skip.split(",")))
+    t0 = time.perf_counter()
+    ds = Dataset(survey(work, a.n, a.workers))
+    print(f"survey + dataset ready in {time.perf_counter() - t0:.0f} s: {ds.n} spectra", file=sys.stderr)
+    tr, va, te = ds.indices("train"), ds.indices("val"), ds.indices("test")
+    meta = ds.meta(te)
+    truth, snr, Xte = meta[TRUE].to_numpy(np.float64), meta["snr"].to_numpy(np.float64), ds.flux(te)
+    mc = ModelConfig(n_in=ds.n_pix)
+    results = {}
+
+    def ridge(rows_tr):
+        t = time.perf_counter()
+        r = RidgeVal().fit(ds.flux(rows_tr), ds.labels(rows_tr), ds.flux(va), ds.labels(va))
+        return dict(scores(r.predict(Xte), truth, snr), train_time_s=time.perf_counter() - t, runs=1)
+
+    def run_fits(name, tc_list, rows_tr):
+        runs = []
+        for tc in tc_list:
+            tc = replace(tc, epochs=a.epochs or tc.epochs, threads=a.threads, calib_folds=0)
+            f = fit(ds, (rows_tr, va), mc, tc)
+            runs.append(dict(scores(predict_net(f.net, f.center, f.scale, Xte), truth, snr),
+                             train_time_s=f.metrics["train_time_s"], best_epoch=f.metrics["best_epoch"]))
+            print(f"{name} seed {tc.seed}: MAE {np.round(runs[-1]['mae'], 3).tolist()}", file=sys.stderr)
+        return summarise(runs)
+
+    def run_folders(name):
+        runs = []
+        for s in seeds:
+            tc = recipe(name, seed=s, calib_folds=0, threads=a.threads, epochs=a.epochs or recipe(name).epochs)
+            m = train(ds, work / "models" / f"{name}_s{s}", mc, tc, progress=False, overwrite=True)
+            runs.append(dict(scores(m.predict(Xte), truth, snr), train_time_s=m.metrics["train_time_s"],
+                             best_epoch=m.metrics["best_epoch"]))
+            print(f"{name} seed {s}: MAE {np.round(runs[-1]['mae'], 3).tolist()}", file=sys.stderr)
+        return summarise(runs)
+
+    results["Ridge"] = summarise([ridge(tr)])
+    for name in ("paper", "default"):
+        results[f"{name} recipe"] = run_folders(name)
+    if "ablations" not in skip:
+        for label, over in ablations().items():
+            results[f"default, {label}"] = run_fits(label, [recipe("default", seed=s, **over)
+                                                            for s in seeds[:a.ablation_seeds]], tr)
+    if "small" not in skip:
+        rows = small_rows(ds, a.small_stars)
+        results[f"Ridge, {a.small_stars} stars"] = summarise([ridge(rows)])
+        for name in ("paper", "default"):
+            results[f"{name} recipe, {a.small_stars} stars"] = run_fits(
+                f"{name} {a.small_stars} stars", [recipe(name, seed=s) for s in seeds], rows)
+    ds.close()
+    out = {"n": a.n, "seeds": seeds, "ablation_seeds": seeds[:a.ablation_seeds], "epochs_override": a.epochs,
+           "n_test": int(len(te)), "n_train": int(len(tr)), "results": results,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    write_text(work / "accuracy.json", json.dumps(out, indent=1))
+    table = format_table(out)
+    write_text(work / "accuracy.md", table + "\n")
+    print(table)
+    return 0
+
+
+def summarise(runs: list) -> dict:
+    s = {k: np.array([r[k] for r in runs]) for k in ("mae", "mae_snr50")}
+    return {"runs": len(runs), "mae_mean": s["mae"].mean(0).tolist(), "mae_std": s["mae"].std(0).tolist(),
+            "mae_snr50_mean": s["mae_snr50"].mean(0).tolist(),
+            "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
+            "best_epoch": [r.get("best_epoch") for r in runs]}
+
+
+def format_table(out: dict) -> str:
+    res = out["results"]
+    ridge_full = np.array(res["Ridge"]["mae_mean"])
+    small = [k for k in res if k.startswith("Ridge, ")]
+    ridge_small = np.array(res[small[0]]["mae_mean"]) if small else None
+    lines = ["| model | seeds | Teff (K) | [Fe/H] (dex) | log g (dex) | / Ridge | S/N > 50 | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        ref = ridge_small if ("stars" in name and ridge_small is not None) else ridge_full
+        m, sd = np.array(r["mae_mean"]), np.array(r["mae_std"])
+        cells = [f"{m[j]:.{0 if j == 0 else 3}f} ± {sd[j]:.{0 if j == 0 else 3}f}" for j in range(3)]
+        ratio = "/".join(f"{x:.2f}" for x in m / ref)
+        hi = "/".join(f"{x:.{0 if j == 0 else 3}f}" for j, x in enumerate(r["mae_snr50_mean"]))
+        lines.append(f"| {name} | {r['runs']} | {' | '.join(cells)} | {ratio} | {hi} | {r['train_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
