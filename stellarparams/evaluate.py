@@ -308,16 +308,17 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     if getattr(model, "uncertainty", None) is not None:
         from .uncertainty import coverage_table
 
-        full = {"sigma": [], "ood": []}
+        full = {"sigma": [], "ood": [], "half95": []}
 
         def run_full(X):
             r = model._full(X, batch_size)
             full["ood"].append(r["ood_score"])
+            full["half95"].append((r["hi95"] - r["lo95"]) / 2)
             return r["sigma"]
 
         sigma = predict_rows(run_full, ds, idx, batch_size, progress, desc=f"sigma {split}")
         ood = np.concatenate(full["ood"])
-        calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES)
+        calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES, half95=np.concatenate(full["half95"]))
         tables["calibration"] = write_table(calib, out / "calibration")
     else:
         notes.append("the model has no uncertainty calibration (trained before stellarparams had it): "
@@ -328,6 +329,8 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
         pred_df[f"pred_{n}"] = y_pred[:, j]
         if sigma is not None:
             pred_df[f"sigma_{n}"] = sigma[:, j]
+            half = np.concatenate(full["half95"])[:, j]
+            pred_df[f"lo95_{n}"], pred_df[f"hi95_{n}"] = y_pred[:, j] - half, y_pred[:, j] + half
     if sigma is not None:
         pred_df["ood_score"] = ood
     write_text(out / "predictions.csv", pred_df.to_csv(index=False))

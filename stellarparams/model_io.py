@@ -256,7 +256,8 @@ class Model:
     def predict_full(self, flux, batch_size: int = 4096, rv_kms=None) -> pd.DataFrame:
         """Everything about each spectrum as a table, one row per input row.
 
-        Columns: ``<labels>``, ``sigma_<label>`` (1-sigma, same units), ``ood_score``,
+        Columns: ``<labels>``, ``sigma_<label>`` (half-width of the 68.3% interval, same units),
+        ``lo95_<label>``, ``hi95_<label>`` (the 95.4% interval), ``ood_score``,
         ``flag_unlike_training``, ``flag_label_hull``, ``flag_out_of_range``.
         ``ood_score`` > 1: the flux is less like the training spectra than 99.5% of held-out
         training-distribution stars (cut on it); ``flag_label_hull``: the predicted labels lie
@@ -277,6 +278,8 @@ class Model:
         df = pd.DataFrame(r["pred"], columns=self.label_names)
         for j, name in enumerate(self.label_names):
             df[f"sigma_{name}"] = r["sigma"][:, j]
+        for j, name in enumerate(self.label_names):
+            df[f"lo95_{name}"], df[f"hi95_{name}"] = r["lo95"][:, j], r["hi95"][:, j]
         df["ood_score"] = r["ood_score"]
         df["flag_unlike_training"] = r["flag_unlike_training"]
         df["flag_label_hull"] = r["flag_label_hull"]

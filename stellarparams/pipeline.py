@@ -96,7 +96,8 @@ def calibration(model, dataset, split="test") -> dict:
     cols = [dataset.label_names.index(l) for l in model.label_names]
     full = model._full(dataset.flux(idx))
     table = coverage_table(dataset.labels(idx)[:, cols], full["pred"], full["sigma"],
-                           dataset.meta(idx)["snr"].to_numpy(np.float64), model.label_names)
+                           dataset.meta(idx)["snr"].to_numpy(np.float64), model.label_names,
+                           half95=(full["hi95"] - full["lo95"]) / 2)
     return {"table": table.replace({np.nan: None}).to_dict("records"),
             "fraction_unlike_training": float(np.mean(full["flag_unlike_training"])),
             "fraction_outside_label_hull": float(np.mean(full["flag_label_hull"]))}

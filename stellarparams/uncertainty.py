@@ -16,6 +16,12 @@ sigma, per star and label, in physical units::
 - ``noise``: the spectrum's own noise level from the DER_SNR estimator (Stoehr et al. 2008)
   on the prepared (standardized) flux: 1.482602/sqrt(6) median|2 f_i - f_{i-2} - f_{i+2}|,
   in units of the spectrum's std, i.e. the noise the network sees. Needs no catalog S/N.
+- conformal factors: the residuals are not Gaussian (a few stars far off, many close), so no
+  Gaussian sigma holds both the 68.3% and the 95.4% band. Per label and per quartile of the
+  noise, k68 and k95 are the 68.3% and 95.4% quantiles of |residual| / sigma_raw on the same
+  held-out residuals (split-conformal, normalised scores); the reported ``sigma`` is
+  k68 x sigma_raw (a 68.3% interval) and the 95.4% interval is pred -+ k95 x sigma_raw
+  (``lo95_<label>``, ``hi95_<label>``). Models calibrated before this have k68 = 1, k95 = 2.
 - ``a, b, c >= 0`` per label: fitted by the Gaussian negative log-likelihood of residuals on
   stars the predicting model never saw: the validation split (final model) plus, by default,
   every training star predicted by one of K out-of-fold models (stellarparams.calibrate,
@@ -67,6 +73,8 @@ MAX_PCA_ROWS = 20_000    # training rows used to fit the PCA
 SIGNAL_FACTOR = 3.0      # a component counts as signal when its variance > this x the mean noise variance
 DER_SNR_FACTOR = 1.482602 / math.sqrt(6.0)   # Stoehr et al. 2008: MAD->sigma for a 1,-2,1 (step 2) difference
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
+NOISE_BINS = 4           # conformal scale factors per quantile bin of the spectrum's noise (a S/N proxy)
+Q68, Q95 = 0.6827, 0.9545
 
 
 # ---------------------------------------------------------------------- ingredients
@@ -198,13 +206,15 @@ def coverage(y_true, y_pred, sigma, ks=(1, 2)) -> dict:
     return {k: np.where(n > 0, ((z <= k) & ok).sum(0) / np.maximum(n, 1), np.nan) for k in ks}
 
 
-def coverage_table(y_true, y_pred, sigma, snr, label_names, edges=SNR_EDGES) -> pd.DataFrame:
-    """Coverage at 1 and 2 sigma per label, for all rows and per S/N bin.
+def coverage_table(y_true, y_pred, sigma, snr, label_names, edges=SNR_EDGES, half95=None) -> pd.DataFrame:
+    """Coverage at 1 and 2 sigma (and of the 95.4% interval) per label, for all rows and per S/N bin.
 
-    One row per (bin, label): snr_lo, snr_hi (NaN for 'all'), label, n, cov1, cov2,
-    median_sigma (physical units). Targets: cov1 0.683, cov2 0.954.
+    One row per (bin, label): snr_lo, snr_hi (NaN for 'all'), label, n, cov1, cov2, cov95
+    (NaN without ``half95``, the (N, L) half-widths of the 95.4% interval), median_sigma
+    (physical units). Targets: cov1 0.683, cov95 0.954 (and cov2 0.954 for a Gaussian sigma).
     """
     y_true, y_pred, sigma = (np.asarray(a, np.float64) for a in (y_true, y_pred, sigma))
+    half95 = np.full_like(sigma, np.nan) if half95 is None else np.asarray(half95, np.float64)
     snr = np.asarray(snr, np.float64)
     bins = [(np.nan, np.nan, np.ones(len(snr), bool))]
     bins += [(lo, hi, np.isfinite(snr) & (snr >= lo) & (snr < hi)) for lo, hi in zip(edges[:-1], edges[1:])]
@@ -213,21 +223,26 @@ def coverage_table(y_true, y_pred, sigma, snr, label_names, edges=SNR_EDGES) -> 
         if not sel.any():
             continue
         cov = coverage(y_true[sel], y_pred[sel], sigma[sel])
+        cov95 = coverage(y_true[sel], y_pred[sel], half95[sel], ks=(1,))[1]
         for j, name in enumerate(label_names):
             n = int((np.isfinite(y_true[sel, j]) & np.isfinite(sigma[sel, j])).sum())
             rows.append({"snr_lo": lo, "snr_hi": hi, "label": name, "n": n, "cov1": cov[1][j], "cov2": cov[2][j],
-                         "median_sigma": float(np.nanmedian(sigma[sel, j])) if n else np.nan})
-    return pd.DataFrame(rows, columns=["snr_lo", "snr_hi", "label", "n", "cov1", "cov2", "median_sigma"])
+                         "cov95": cov95[j], "median_sigma": float(np.nanmedian(sigma[sel, j])) if n else np.nan})
+    return pd.DataFrame(rows, columns=["snr_lo", "snr_hi", "label", "n", "cov1", "cov2", "cov95", "median_sigma"])
 
 
 def format_coverage(table: pd.DataFrame) -> str:
-    """Plain-text coverage table: one line per S/N bin, cov1/cov2 per label (targets 68.3% / 95.4%)."""
+    """Plain-text coverage table: one line per S/N bin, coverage of sigma and of the 95.4% interval
+    (of 2 sigma for a table without it) per label (targets 68.3% / 95.4%)."""
     labels = list(dict.fromkeys(table["label"]))
-    head = f"{'S/N bin':12s} {'n':>6s} " + " ".join(f"{l + ' 1s/2s':>16s}" for l in labels)
-    lines = ["coverage of |pred - label| within 1 and 2 sigma (target 68.3% +- 5 / 95.4% +- 3)", head]
+    wide = "cov95" in table and table["cov95"].notna().any()
+    col = "cov95" if wide else "cov2"
+    head = f"{'S/N bin':12s} {'n':>6s} " + " ".join(f"{l + (' 1s/95%' if wide else ' 1s/2s'):>16s}" for l in labels)
+    lines = [f"coverage of |pred - label| within sigma and {'the 95% interval' if wide else '2 sigma'} "
+             "(target 68.3% +- 5 / 95.4% +- 3)", head]
     for (lo, hi), g in table.groupby(["snr_lo", "snr_hi"], dropna=False, sort=False):
         name = "all" if not np.isfinite(lo) else f"{lo:g}-{hi:g}"
-        cells = [f"{100 * r.cov1:6.1f}% /{100 * r.cov2:5.1f}%" for r in g.itertuples()]
+        cells = [f"{100 * r.cov1:6.1f}% /{100 * getattr(r, col):5.1f}%" for r in g.itertuples()]
         lines.append(f"{name:12s} {int(g['n'].max()):6d} " + " ".join(f"{c:>16s}" for c in cells))
     return "\n".join(lines)
 
@@ -260,6 +275,9 @@ class Uncertainty:
     qn_ref: float = 1.0
     stats: dict = field(default_factory=dict)      # validation coverage etc.
     version: str = __version__
+    noise_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))   # (NOISE_BINS - 1,) bin edges
+    k68: np.ndarray = None                         # (L, NOISE_BINS) conformal factor of the 68.3% interval
+    k95: np.ndarray = None                         # (L, NOISE_BINS) ... of the 95.4% interval
     _hull: object = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ use
@@ -312,18 +330,33 @@ class Uncertainty:
             inside[ok] = self._hull.find_simplex(y[ok]) >= 0
         return inside
 
-    def sigma_scaled(self, s_mc, noise) -> np.ndarray:
-        """(N, L) MC std and (N,) noise -> (N, L) sigma in scaled units."""
+    def raw_sigma(self, s_mc, noise) -> np.ndarray:
+        """(N, L) MC std and (N,) noise -> (N, L) sqrt((a s_mc)^2 + (b noise)^2 + c^2), scaled units."""
         s_mc = np.asarray(s_mc, np.float64)
         noise = np.asarray(noise, np.float64)[:, None]
         return np.sqrt((self.a * s_mc) ** 2 + (self.b * noise) ** 2 + self.c ** 2)
+
+    def _factor(self, k, noise, default: float) -> np.ndarray:
+        """(N, L) conformal factor of each row's noise bin (``default`` for a model without them)."""
+        noise = np.asarray(noise, np.float64)
+        if k is None:
+            return np.full((len(noise), len(self.label_names)), default)
+        return np.asarray(k)[:, np.searchsorted(self.noise_edges, noise)].T
+
+    def sigma_scaled(self, s_mc, noise) -> np.ndarray:
+        """(N, L) MC std and (N,) noise -> (N, L) sigma in scaled units: the 68.3% half-width."""
+        return self.raw_sigma(s_mc, noise) * self._factor(self.k68, noise, 1.0)
+
+    def halfwidth95(self, s_mc, noise) -> np.ndarray:
+        """(N, L) half-width of the 95.4% interval, scaled units."""
+        return self.raw_sigma(s_mc, noise) * self._factor(self.k95, noise, 2.0)
 
     def summary(self, seconds: float) -> str:
         """One line: what the sigmas were fitted on, how long it took, the coverage there."""
         s = self.stats
         return (f"uncertainties calibrated on {s['calibrated_on']} in {seconds:.0f} s; there "
-                + ", ".join(f"{n} within 1/2 sigma {100 * s['cal_cov1'][n]:.0f}%/{100 * s['cal_cov2'][n]:.0f}%"
-                            for n in self.label_names))
+                + ", ".join(f"{n} within sigma {100 * s['cal_cov1'][n]:.0f}%, within the 95% interval "
+                            f"{100 * s.get('cal_cov95', s['cal_cov2'])[n]:.0f}%" for n in self.label_names))
 
     # ------------------------------------------------------------------ files
     def save(self, folder, weights_sha256: str = "") -> list:
@@ -356,6 +389,9 @@ class Uncertainty:
                 "c": list(map(float, self.c)), "n_passes": self.n_passes, "seed": self.seed,
                 "n_components": int(len(self.pca_var)), "n_signal": self.n_signal, "noise_var": self.noise_var,
                 "qn_ref": self.qn_ref, "q_ref": self.q_ref, "t2_ref": self.t2_ref,
+                "noise_edges": list(map(float, self.noise_edges)),
+                "k68": None if self.k68 is None else np.asarray(self.k68).tolist(),
+                "k95": None if self.k95 is None else np.asarray(self.k95).tolist(),
                 "ood_quantile": OOD_QUANTILE, "stats": self.stats, "stellarparams_version": self.version,
                 "weights_sha256": weights_sha256, "tensors_sha256": sha256_bytes(data)}
         write_text(folder / UNC_JSON, json.dumps(meta, indent=1) + "\n")
@@ -378,7 +414,49 @@ class Uncertainty:
                    t["pca_mean"], t["pca_components"], t["pca_var"], float(meta["q_ref"]),
                    float(meta["t2_ref"]), t["hull_points"], int(meta["n_passes"]), int(meta["seed"]),
                    int(meta.get("n_signal", 0)), float(meta.get("noise_var", 0.0)), float(meta.get("qn_ref", 1.0)),
-                   meta.get("stats", {}), meta.get("stellarparams_version", "")), meta
+                   meta.get("stats", {}), meta.get("stellarparams_version", ""),
+                   np.array(meta.get("noise_edges", [])), _array_or_none(meta.get("k68")),
+                   _array_or_none(meta.get("k95"))), meta
+
+
+def _array_or_none(v):
+    return None if v is None else np.array(v, np.float64)
+
+
+def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int = 30):
+    """Split-conformal scale factors of held-out residuals.
+
+    Parameters
+    ----------
+    r, sigma_raw : (N, L) arrays
+        Residuals and raw sigmas (scaled units); NaN residuals are ignored.
+    noise : (N,) array
+        Each row's noise (DER_SNR), binned by its quantiles.
+    bins : int
+        Noise bins.
+    min_rows : int
+        A bin with fewer known residuals takes the factors of all rows.
+
+    Returns
+    -------
+    (edges, k68, k95)
+        (bins - 1,) noise edges; (L, bins) 68.27% and 95.45% quantiles of |r| / sigma_raw.
+    """
+    noise = np.asarray(noise, np.float64)
+    edges = np.quantile(noise[np.isfinite(noise)], np.linspace(0, 1, bins + 1)[1:-1]) if len(noise) else np.zeros(0)
+    b = np.searchsorted(edges, noise)
+    z = np.abs(np.asarray(r, np.float64)) / np.asarray(sigma_raw, np.float64)
+    L = z.shape[1]
+    k68, k95 = np.ones((L, bins)), np.full((L, bins), 2.0)
+    for j in range(L):
+        ok = np.isfinite(z[:, j])
+        if not ok.any():
+            continue
+        all68, all95 = np.quantile(z[ok, j], [Q68, Q95])
+        for i in range(bins):
+            sel = ok & (b == i)
+            k68[j, i], k95[j, i] = np.quantile(z[sel, j], [Q68, Q95]) if sel.sum() >= min_rows else (all68, all95)
+    return edges, k68, k95
 
 
 # ---------------------------------------------------------------------- fitting
@@ -435,16 +513,19 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], pca.mean_.astype(np.float32),
                     pca.components_.astype(np.float32), pca.explained_variance_.astype(np.float64), 1.0, 1.0,
                     hull, n_passes, seed, 0, noise_var)
+    u.noise_edges, u.k68, u.k95 = conformal_factors(r_fit, u.raw_sigma(m_fit, n_fit), n_fit)
     q, qn, t2 = u.novelty(flux_val, noise)
     u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
     sigma = u.sigma_scaled(s_mc, noise)
     cov = coverage(resid, np.zeros_like(resid), sigma)
     cal = coverage(r_fit, np.zeros_like(r_fit), u.sigma_scaled(m_fit, n_fit))
+    cal95 = coverage(r_fit, np.zeros_like(r_fit), u.halfwidth95(m_fit, n_fit), ks=(1,))[1]
     n_oof = 0 if oof is None else len(oof["noise"])
     u.stats = {"calibrated_on": (f"{n_oof} out-of-fold training + " if n_oof else "") + f"{len(y_val)} validation spectra",
                "n_val": int(len(y_val)), "n_oof": int(n_oof),
                "cal_cov1": dict(zip(model.label_names, map(float, cal[1]))),
                "cal_cov2": dict(zip(model.label_names, map(float, cal[2]))),
+               "cal_cov95": dict(zip(model.label_names, map(float, cal95))),
                "val_cov1": dict(zip(model.label_names, map(float, cov[1]))),
                "val_cov2": dict(zip(model.label_names, map(float, cov[2]))),
                "val_median_sigma": {n: float(np.nanmedian(sigma[:, j]) * model.scale[j])
@@ -469,7 +550,8 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     Returns
     -------
     dict
-        "pred" (N, L), "sigma" (N, L) (NaN without calibration), "ood_score" (N,),
+        "pred" (N, L), "sigma" (N, L) (the 68.3% half-width; NaN without calibration), "lo95" and
+        "hi95" (N, L) (the 95.4% interval), "ood_score" (N,),
         "flag_unlike_training" (N,) bool, "flag_label_hull" (N,) bool.
     """
     import warnings
@@ -478,7 +560,8 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float()
     n, L = len(x), len(model.label_names)
     if n == 0:
-        return {"pred": np.zeros((0, L)), "sigma": np.zeros((0, L)), "ood_score": np.zeros(0),
+        return {"pred": np.zeros((0, L)), "sigma": np.zeros((0, L)), "lo95": np.zeros((0, L)),
+                "hi95": np.zeros((0, L)), "ood_score": np.zeros(0),
                 "flag_unlike_training": np.zeros(0, bool), "flag_label_hull": np.zeros(0, bool)}
     bad = ~torch.isfinite(x).all(1).numpy()
     if bad.any():
@@ -487,11 +570,14 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     if u is None:
         pred = model.predict_scaled(x, batch_size).astype(np.float64)
         return {"pred": pred * model.scale + model.center, "sigma": np.full((n, L), np.nan),
+                "lo95": np.full((n, L), np.nan), "hi95": np.full((n, L), np.nan),
                 "ood_score": np.where(bad, np.inf, np.nan), "flag_unlike_training": bad,
                 "flag_label_hull": np.zeros(n, bool)}
     pred, s_mc, noise = raw_uncertainty(model.net, x, u.n_passes, u.seed, batch_size)
     ood = u.ood_score(x, noise)
     ood[bad] = np.inf
-    return {"pred": pred * model.scale + model.center, "sigma": u.sigma_scaled(s_mc, noise) * model.scale,
+    half95 = u.halfwidth95(s_mc, noise) * model.scale
+    pred = pred * model.scale + model.center
+    return {"pred": pred, "sigma": u.sigma_scaled(s_mc, noise) * model.scale, "lo95": pred - half95, "hi95": pred + half95,
             "ood_score": ood, "flag_unlike_training": ood > 1,
-            "flag_label_hull": ~u.in_hull(pred) & np.isfinite(pred).all(1)}
+            "flag_label_hull": ~u.in_hull((pred - model.center) / model.scale) & np.isfinite(pred).all(1)}

@@ -68,5 +68,7 @@ def test_run_reports_test_coverage_of_the_error_bars(toy_run):
     overall = [r for r in cal["table"] if r["snr_lo"] is None]
     assert [r["label"] for r in overall] == ["teff", "feh", "logg"]
     assert all(0 <= r["cov1"] <= r["cov2"] <= 1 and r["n"] == res["n_spectra"]["test"] for r in overall)
+    assert all(r["cov1"] <= r["cov95"] <= 1 for r in overall)   # the 95.4% interval is wider than sigma
     assert 0 <= cal["fraction_unlike_training"] <= 1
-    assert "within 1 and 2 sigma" in (out / "results.md").read_text()
+    assert "within sigma and the 95% interval" in (out / "results.md").read_text()
+    assert (out / "report" / "report.html").exists()

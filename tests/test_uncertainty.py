@@ -315,3 +315,22 @@ def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path
     for k in oof:
         np.testing.assert_array_equal(again[k], oof[k])
     ds.close()
+
+
+def test_conformal_factors_put_heavy_tailed_residuals_in_both_bands():
+    """Student-t residuals (no Gaussian sigma holds 68.3% and 95.4% at once) land in both bands per noise bin."""
+    from stellarparams.uncertainty import Q68, Q95, conformal_factors
+
+    rng = np.random.default_rng(0)
+    n = 40_000
+    noise = rng.uniform(0.01, 0.2, n)
+    raw = np.c_[0.1 + noise, 0.2 + 2 * noise]
+    r = rng.standard_t(3, size=(n, 2)) * raw * np.where(noise[:, None] > 0.1, 1.5, 1.0)  # scale differs with S/N
+    edges, k68, k95 = conformal_factors(r[: n // 2], raw[: n // 2], noise[: n // 2])
+    assert (k95 / k68 > 2.2).all()                   # a Gaussian would have 2.0: the tails are heavier
+    b = np.searchsorted(edges, noise[n // 2:])
+    z = np.abs(r[n // 2:]) / raw[n // 2:]
+    for i in range(len(edges) + 1):
+        sel = b == i
+        assert np.mean(z[sel] <= k68[:, i], axis=0) == pytest.approx([Q68, Q68], abs=0.03)
+        assert np.mean(z[sel] <= k95[:, i], axis=0) == pytest.approx([Q95, Q95], abs=0.015)

@@ -74,6 +74,11 @@ def record(model, digest):
     x = fixed_inputs()
     pred, sigma = model.predict(x, return_sigma=True)
     u = model.uncertainty
+    if hasattr(u, "raw_sigma"):  # since the conformal factors, sigma = k68 x raw sigma; the fixture holds the raw
+        from stellarparams.uncertainty import raw_uncertainty
+
+        _, s_mc, noise = raw_uncertainty(model.net, x, u.n_passes, u.seed)
+        sigma = u.raw_sigma(s_mc, noise) * model.scale
     return {"weights_sha256": digest, "pred": pred.tolist(), "sigma": sigma.tolist(),
             "a": u.a.tolist(), "b": u.b.tolist(), "c": u.c.tolist(), "n_oof": u.stats["n_oof"]}
 
