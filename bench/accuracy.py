@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds (from the list's start) for the ablations")
     p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small (rows of an earlier "
+                   "run in WORK/accuracy.json are kept)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
             results[f"{name} recipe, {a.small_stars} stars"] = run_fits(
                 f"{name} {a.small_stars} stars", [recipe(name, seed=s) for s in seeds], rows)
     ds.close()
+    old = work / "accuracy.json"
+    if old.exists() and skip:  # a partial run adds to (or replaces) the rows of an earlier one
+        results = {**json.loads(old.read_text())["results"], **results}
     out = {"n": a.n, "seeds": seeds, "ablation_seeds": seeds[:a.ablation_seeds], "epochs_override": a.epochs,
            "n_test": int(len(te)), "n_train": int(len(tr)), "results": results,
            "seconds": round(time.perf_counter() - t0, 1)}
