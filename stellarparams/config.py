@@ -96,6 +96,8 @@ class TrainConfig:
     aug_mask_runs: int = 0        # up to this many bridged pixel runs of 1-30 px (cosmic rays, bad columns)
     aug_telluric: float = 0.0     # residual O2/H2O band depth U(-a, a)
     aug_pixnoise: float = 0.0     # extra noise from each pixel's own sigma, scale U(0, a) (replaces the paper's)
+    ema: float = 0.0              # decay of an exponential moving average of the weights, validated and kept
+                                  # instead of the raw weights (0: off, the paper; ~0.998 = a ~500-step memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,8 +121,8 @@ class TrainConfig:
 # other spectrographs (README, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).
 RECIPES = {
     "paper": {"recipe": "paper"},
-    "default": {"recipe": "default", "epochs": 12, "aug_shift_pix": 1.0, "aug_calib_sigma": 0.05,
-                "aug_ebv": 0.15, "aug_lsf_pix": 1.0, "aug_mask_runs": 3, "aug_telluric": 0.05},
+    "default": {"recipe": "default", "epochs": 12, "ema": 0.998, "aug_shift_pix": 1.0, "aug_calib_sigma": 0.05,
+                "aug_calib_order": 8, "aug_ebv": 0.15, "aug_lsf_pix": 1.0, "aug_mask_runs": 3, "aug_telluric": 0.05},
 }
 DEFAULT_RECIPE = "default"
 

@@ -80,12 +80,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, net, best_state, opt, sched, state: dict):
+def save_checkpoint(path, net, best_state, opt, sched, state: dict, ema=None):
     """Weights, best weights and optimizer moments as tensors; ``state`` + schedule as JSON metadata."""
     from safetensors.torch import save
 
     tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     for i, s in osd["state"].items():
         for k, v in s.items():
@@ -105,8 +107,10 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     return state, tensors
 
 
-def _restore(net, opt, sched, state, tensors):
+def _restore(net, opt, sched, state, tensors, ema=None):
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     opt_state = {}
     for k, v in tensors.items():
@@ -210,22 +214,26 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- resume
     history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
-    best_state = copy.deepcopy(net.state_dict())
+    # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights
+    ema = None if not tc.ema else torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema))
+    kept = net if ema is None else ema.module   # the weights that are validated and kept
+    best_state = copy.deepcopy(kept.state_dict())
     if checkpoint is not None and Path(checkpoint).exists():
         state, tensors = load_checkpoint(checkpoint)
         if state.get("fingerprint") != fingerprint:
             raise ValueError(f"{checkpoint}: checkpoint of a run with another config or dataset; choose another --out "
                              "or delete the checkpoint to start over")
-        best_state = _restore(net, opt, sched, state, tensors)
+        best_state = _restore(net, opt, sched, state, tensors, ema)
         history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
         start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
         if progress:
             print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
 
     def evaluate(X, Y, y_phys):
-        net.eval()
+        kept.eval()
         with torch.inference_mode():
-            pred = torch.cat([net(X[i:i + tc.eval_batch_size]) for i in range(0, len(X), tc.eval_batch_size)])
+            pred = torch.cat([kept(X[i:i + tc.eval_batch_size]) for i in range(0, len(X), tc.eval_batch_size)])
             loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
         p = pred.numpy().astype(np.float64) * scale + center
         mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
@@ -262,6 +270,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             run_loss += loss.detach()
             if progress and b % 50 == 49:
                 bar.set_postfix(loss=f"{float(run_loss) / (b + 1):.4f}")
@@ -271,7 +281,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         train_time += time.perf_counter() - t0
         if val_loss < best_val:
             best_val, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(net.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **mae,
                         "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
         if progress:
@@ -282,13 +292,14 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             write_log(Path(checkpoint).parent / LOG, history)
             save_checkpoint(checkpoint, net, best_state, opt, sched,
                             {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
-                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__})
+                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__}, ema)
         if on_epoch is not None:
             on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
 
     # ---- the best weights
     net.load_state_dict(best_state)
     net.eval()
+    kept = net
     _, best_mae = evaluate(Xva, Yva, yva)
     metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
                "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,

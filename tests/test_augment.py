@@ -184,3 +184,28 @@ def test_paper_recipe_never_augments_and_default_needs_offsets(tmp_path, monkeyp
     fit(ds, rows, ModelConfig(n_in=200, **TINY), TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="prepare the dataset again"):
         fit(ds, rows, ModelConfig(n_in=200, **TINY), recipe("default", epochs=1))
+
+
+def test_ema_run_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path):
+    from stellarparams.config import ModelConfig, recipe
+    from stellarparams.training import fit
+
+    ds = _dataset(tmp_path / "ds")
+    rows = (ds.indices("train"), ds.indices("val"))
+    mc, tc = ModelConfig(n_in=200, **TINY), recipe("default", epochs=3, batch_size=32)
+    assert tc.ema > 0
+    whole = fit(ds, rows, mc, tc)
+
+    def stop(epoch, *a):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "m" / "checkpoint.safetensors"
+    ckpt.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        fit(ds, rows, mc, tc, checkpoint=ckpt, fingerprint="x", on_epoch=stop)
+    resumed = fit(ds, rows, mc, tc, checkpoint=ckpt, fingerprint="x")
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    drop = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731 (timings differ)
+    assert drop(resumed.history) == drop(whole.history)
