@@ -63,6 +63,53 @@ class Grid:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_angstrom(cls, lo: float, hi: float, n_pix: int) -> "Grid":
+        """N pixels uniform in log10(lambda) from ``lo`` to ``hi`` Angstrom (both included).
+
+        Parameters
+        ----------
+        lo, hi : float
+            First and last pixel, Angstrom; 0 < lo < hi.
+        n_pix : int
+            Number of pixels, at least 2.
+
+        Returns
+        -------
+        Grid
+        """
+        lo, hi, n_pix = float(lo), float(hi), int(n_pix)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi) or n_pix < 2:
+            raise ValueError(f"a grid needs 0 < MIN < MAX Angstrom and N >= 2, got {lo}, {hi}, {n_pix}")
+        return cls(float(np.log10(lo)), float(np.log10(hi)), n_pix)
+
+
+def parse_grid(text: str) -> Grid:
+    """``"MIN_A,MAX_A,N"`` (the ``--grid`` option) -> :class:`Grid`.
+
+    Parameters
+    ----------
+    text : str
+        e.g. ``"3900,5000,1500"``: 1500 pixels uniform in log10 lambda, 3900-5000 Angstrom.
+
+    Returns
+    -------
+    Grid
+
+    Raises
+    ------
+    ValueError
+        Not three numbers, or not 0 < MIN < MAX and N >= 2.
+    """
+    parts = str(text).split(",")
+    try:
+        lo, hi, n = float(parts[0]), float(parts[1]), parts[2].strip()
+        if len(parts) != 3 or not n.isdigit():
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"--grid: expected MIN_A,MAX_A,N like 3900,5000,1500, got {text!r}") from None
+    return Grid.from_angstrom(lo, hi, int(n))
+
 
 def dataset_file(path) -> Path:
     """Accept either the dataset folder or the .h5 file itself."""

@@ -125,15 +125,18 @@ def format_table(res: dict) -> str:
 
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
-        workers: int | None = None, threads: int | None = None, config=None, progress: bool = True) -> dict:
+        workers: int | None = None, threads: int | None = None, config=None, progress: bool = True,
+        grid=None) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     config: optional TOML with [model]/[train] tables (defaults: the paper's);
     epochs/threads override it; seed drives the simulation, the split and the training.
+    grid: the common wavelength grid of prepare (a ``dataset.Grid``, or "MIN_A,MAX_A,N"; default the paper's).
     """
     from .config import ModelConfig, TrainConfig, load_config
     from .dataset import Dataset
-    from .prepare import prepare
+    from .dataset import parse_grid
+    from .prepare import PrepareConfig, prepare
     from .simulate import simulate
     from .train import train
 
@@ -149,7 +152,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
 
     _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
     t0 = time.perf_counter()
-    prepare(catalog, out / "survey" / "spectra", out / "dataset", seed=seed, workers=workers, progress=progress)
+    prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
+    prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
+            progress=progress)
     times["prepare"] = time.perf_counter() - t0
 
     mc, tc = load_config(config) if config else (ModelConfig(), TrainConfig())
@@ -209,12 +214,14 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
     p.add_argument("--quiet", action="store_true", help="only the final table")
+    p.add_argument("--grid", metavar="MIN_A,MAX_A,N", help="prepare onto N pixels uniform in log10 wavelength "
+                   "from MIN_A to MAX_A Angstrom (default: the paper's 4000-pixel grid)")
 
 
 def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                      threads=args.threads, config=args.config, progress=not args.quiet)
+                      threads=args.threads, config=args.config, progress=not args.quiet, grid=args.grid)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -343,10 +343,10 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def _job_key(model, items, min_snr) -> str:
+def _job_key(model, items, min_snr, prepare_config=None) -> str:
     """What a finished part depends on: the weights, scaler, preprocessing, options and each input file."""
     h = hashlib.sha256(json.dumps([weights_sha256(model), model.label_names, model.center.tolist(),
-                                   model.scale.tolist(), model.prepare_config, min_snr, "sigma",
+                                   model.scale.tolist(), prepare_config or model.prepare_config, min_snr, "sigma",
                                    getattr(model, "uncertainty", None) is not None], default=str).encode())
     for f, rv, ids in items:
         try:
@@ -360,7 +360,7 @@ def _job_key(model, items, min_snr) -> str:
 
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
-            wait: bool = False) -> dict:
+            wait: bool = False, min_coverage: float | None = None) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -387,6 +387,10 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     wait : bool
         When another process is writing ``out``: wait (True) or raise
         :class:`files.OutputBusy` (False).
+    min_coverage : float, optional
+        Fraction of the model's grid an input must cover with good pixels (after the shift to
+        the rest frame); less is the reject ``low_coverage`` on that file's row. Default: the
+        model's training value (0.5).
 
     Returns
     -------
@@ -409,16 +413,23 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         if not items:
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
             raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
-        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress)
+        prep = dict(model.prepare_config or {})
+        if min_coverage is not None:
+            if not 0 <= min_coverage <= 1:
+                raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
+            prep["min_coverage"] = float(min_coverage)
+        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
+                        prep)
 
 
-def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress) -> dict:
+def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
+             prepare_config=None) -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     parts = [chunks[i:i + part_chunks] for i in range(0, len(chunks), part_chunks)]
-    key = _job_key(model, items, min_snr)
+    key = _job_key(model, items, min_snr, prepare_config)
     if _read_key(partial) != key:  # another job's parts: remove them (the lock file stays)
         for f in partial.iterdir():
             if f.name != LOCK_NAME:
@@ -430,7 +441,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
     if n_done and progress:
         print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    args = (model.prepare_config, model.n_in)
+    args = (prepare_config or model.prepare_config, model.n_in)
     buffers = {k: [] for k in todo}
     kept = [n_done]
     bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
@@ -543,6 +554,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
+    p.add_argument("--min-coverage", type=float, default=None, help="fraction of the model's grid an input must "
+                   "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -553,7 +566,8 @@ def run_cli(args) -> int:
 
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait)
+                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
+                          min_coverage=args.min_coverage)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -34,7 +34,7 @@ import pandas as pd
 from scipy.interpolate import CubicSpline
 
 from . import sdss
-from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
+from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import file_sha256, locked_output
 from .physics import doppler_log_shift
@@ -82,6 +82,50 @@ class PrepareConfig:
         if "reject_classes" in d:
             d["reject_classes"] = tuple(d["reject_classes"])
         return cls(**d)
+
+
+MODEL_META = "model.json"  # the model folder's description (written by model_io; read here as plain JSON)
+FLUX_KEYS = ("grid", "bad_mask", "rest_frame")  # the preprocessing that changes the flux a model sees
+
+
+def config_from_model(model_folder, config: PrepareConfig | None = None) -> PrepareConfig:
+    """``config`` with the grid and flux preprocessing of a trained model (``--grid-from``).
+
+    The model folder's ``model.json`` records the grid and the ``prepare`` config of its
+    training data; it is read as JSON (prepare sits below the model layer). Label and RV
+    column names, ``min_coverage`` and ``reject_classes`` stay those of ``config``: they
+    do not change the flux the model sees.
+
+    Parameters
+    ----------
+    model_folder : str or Path
+        A model folder (from ``train`` or ``run``), or its model.json.
+    config : PrepareConfig, optional
+        The rest of the options (default: the defaults).
+
+    Returns
+    -------
+    PrepareConfig
+
+    Raises
+    ------
+    ValueError
+        No readable model.json, or it records no grid.
+    """
+    path = Path(model_folder)
+    path = path if path.suffix == ".json" else path / MODEL_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the model's description ({e}); --grid-from needs a model folder") from e
+    prep = dict(meta.get("prepare_config") or {})
+    grid = meta.get("grid") or prep.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{path}: the model records no wavelength grid")
+    d = (config or PrepareConfig()).to_dict()
+    d.update({k: prep[k] for k in FLUX_KEYS if k in prep})
+    d["grid"] = Grid(**{k: grid[k] for k in ("loglam_min", "loglam_max", "n_pix")})
+    return PrepareConfig.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,10 +757,53 @@ def add_arguments(p):
                    "(default: STAR_ID when the catalog has it)")
     p.add_argument("--split-column", default=None, help="catalog column with train/val/test (or 0/1/2) to use as given")
     p.add_argument("--min-coverage", type=float, default=0.5, help="fraction of the grid that must come from good pixels")
+    add_grid_arguments(p)
     p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s")
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+
+
+def add_grid_arguments(p) -> None:
+    """``--grid MIN_A,MAX_A,N`` and ``--grid-from MODEL`` (one or the other), for every command that prepares.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grid", default=None, metavar="MIN_A,MAX_A,N",
+                   help="common grid: N pixels uniform in log10 wavelength from MIN_A to MAX_A Angstrom "
+                        "(default 3761-9268 A, 4000 pixels: log10 3.5754-3.9670)")
+    g.add_argument("--grid-from", default=None, metavar="MODEL",
+                   help="prepare exactly as this model folder expects: its grid and flux preprocessing "
+                        "(read from MODEL/model.json)")
+
+
+def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig:
+    """``config`` with the grid named by ``--grid`` or ``--grid-from`` (unchanged when neither is given).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        With ``grid`` and ``grid_from`` (see :func:`add_grid_arguments`).
+    config : PrepareConfig, optional
+
+    Returns
+    -------
+    PrepareConfig
+
+    Raises
+    ------
+    ValueError
+        A malformed ``--grid`` or an unreadable model.
+    """
+    config = config or PrepareConfig()
+    if getattr(args, "grid_from", None):
+        return config_from_model(args.grid_from, config)
+    if getattr(args, "grid", None):
+        return PrepareConfig.from_dict({**config.to_dict(), "grid": parse_grid(args.grid)})
+    return config
 
 
 def run_cli(args) -> int:
@@ -727,8 +814,12 @@ def run_cli(args) -> int:
     except ValueError:
         print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
         return 2
-    config = PrepareConfig(min_coverage=args.min_coverage, rest_frame=not args.no_rest_frame,
-                           rv_column=args.rv_column)
+    try:
+        config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
+                                                      rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
