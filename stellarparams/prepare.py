@@ -144,8 +144,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
 
     Parameters
     ----------
-    spec : sdss.Spectrum
-        A spectrum on its native grid (observed frame).
+    spec : sdss.Spectrum or readers.Record
+        A spectrum on its native grid (observed frame), of any survey; a record whose reader
+        found it unusable (``problem``) raises that reason.
     rv_kms : float
         Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
     config : PrepareConfig
@@ -171,6 +172,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         low_coverage, constant_flux.
     """
     path = spec.path
+    problem = getattr(spec, "problem", None)  # found by the reader (readers.Record)
+    if problem:
+        raise sdss.SpectrumError(path, *problem)
     loglam = np.asarray(spec.loglam, np.float64)
     flux = np.asarray(spec.flux)
     good = spec.good(config.bad_mask) & np.isfinite(loglam)
