@@ -189,3 +189,114 @@ def test_unknown_file_is_a_named_error(tmp_path):
     with pytest.raises(sdss.SpectrumError) as e:
         readers.read(tmp_path / "spec-57000-X_sp01-001.fits")
     assert e.value.reason == "not_lamost"
+
+
+# ---------------------------------------------------------------- prepare on each survey
+def _labels(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(4000, 7000, n), rng.uniform(-2, 0.3, n), rng.uniform(1, 5, n)
+
+
+def _lamost_folder(tmp_path, n=6):
+    folder = tmp_path / "lamost"
+    folder.mkdir()
+    names = []
+    for k in range(n):
+        wave, flux, ivar = spectrum(n=2500, lo=3700, hi=9100, seed=k)
+        name = lamost.spec_filename(57000 + k, "GAC116N20B1", 3, 10 + k)
+        lamost.write_spectrum(folder / name, wave, flux, ivar, layout="dr8" if k % 2 else "early",
+                              obsid=1000 + k, lmjd=57000 + k, planid="GAC116N20B1", spid=3, fiberid=10 + k)
+        names.append(name)
+    # a damaged file (3 rows instead of 5) that the catalog asks for
+    from astropy.io import fits
+
+    wave, flux, ivar = spectrum(n=2500, lo=3700, hi=9100)
+    fits.PrimaryHDU(np.stack([flux, ivar, wave]).astype(np.float32)).writeto(
+        folder / lamost.spec_filename(58000, "BROKEN", 1, 1))
+    return folder
+
+
+@pytest.mark.parametrize("match", ["obsid", "keys"])
+def test_prepare_lamost_matches_catalog_rows_by_obsid_and_by_keys(tmp_path, match):
+    import pandas as pd
+
+    from stellarparams.dataset import Dataset
+    from stellarparams.prepare import prepare
+
+    folder = _lamost_folder(tmp_path)
+    teff, feh, logg = _labels(7)
+    cat = pd.DataFrame({"teff": teff, "teff_err": 50.0, "feh": feh, "feh_err": 0.1, "logg": logg, "logg_err": 0.2,
+                        "rv": 5.0, "rv_err": 1.0, "snrg": 50.0})
+    if match == "obsid":
+        cat["obsid"] = [1000 + k for k in range(6)] + [2000]       # 2000: no file has it
+    else:
+        cat["lmjd"] = [57000 + k for k in range(6)] + [58000]
+        cat["planid"] = ["GAC116N20B1"] * 6 + ["BROKEN"]
+        cat["spid"] = [3] * 6 + [1]
+        cat["fiberid"] = [10 + k for k in range(6)] + [1]
+    cat.to_csv(tmp_path / "dr8_afgk.csv", index=False)
+    s = prepare(tmp_path / "dr8_afgk.csv", folder, tmp_path / "ds", workers=1, progress=False)
+    assert s["kept"] == 6
+    with Dataset(tmp_path / "ds") as ds:
+        order = np.argsort(ds.labels()[:, 0])
+        assert np.allclose(np.sort(ds.labels()[:, 0]), np.sort(teff[:6]))
+        assert np.allclose(ds.label_err()[:, 0], 50.0) and np.allclose(ds.meta()["rv"], 5.0)
+        assert len(order) == 6
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv", keep_default_na=False)
+    if match == "obsid":
+        assert list(rej["reason"]) == ["no_file", "no_catalog_row"]
+        assert str(rej["id"][0]) == "2000" and "BROKEN" in rej["file"][1]
+    else:
+        assert list(rej["reason"]) == ["bad_layout"] and "BROKEN" in rej["file"][0]
+
+
+def test_prepare_desi_names_a_zero_ivar_target_and_keeps_the_rest(tmp_path):
+    import pandas as pd
+    from astropy.table import Table
+
+    from stellarparams.dataset import Dataset
+    from stellarparams.prepare import prepare
+
+    folder = tmp_path / "desi"
+    folder.mkdir()
+    n = 5
+    rows = [spectrum(n=3000, lo=3600, hi=9800, seed=k) for k in range(n)]
+    wave = rows[0][0]
+    b, r = wave < 5900, wave > 5700  # overlap 5700-5900
+    flux = np.stack([x[1] for x in rows])
+    ivar = np.stack([x[2] for x in rows])
+    ivar[2] = 0  # target 102: no data at all
+    desi.write_coadd(folder / "coadd-main-bright-100.fits", 100 + np.arange(n),
+                     {"B": (wave[b], flux[:, b], ivar[:, b], None), "R": (wave[r], flux[:, r], ivar[:, r], None)})
+    teff, feh, logg = _labels(n + 1)
+    Table({"TARGETID": np.r_[100 + np.arange(n), 999], "TEFF": teff, "FEH": feh, "LOGG": logg,
+           "TEFF_ERR": np.full(n + 1, 30.0), "VRAD": np.zeros(n + 1)}).write(tmp_path / "mwsall.fits")
+    s = prepare(tmp_path / "mwsall.fits", folder, tmp_path / "ds", workers=1, progress=False)
+    assert s["kept"] == 4
+    with Dataset(tmp_path / "ds") as ds:
+        assert sorted(ds.meta()["object_id"]) == ["100", "101", "103", "104"]
+        assert np.allclose(np.sort(ds.labels()[:, 0]), np.sort(np.delete(teff[:n], 2)))
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv", keep_default_na=False)
+    by = dict(zip(rej["reason"], rej["id"].astype(str)))
+    assert by == {"no_good_pixels": "102", "no_file": "999"}
+    assert rej.loc[rej["reason"] == "no_good_pixels", "file"].item().endswith("coadd-main-bright-100.fits")
+
+
+def test_prepare_a_table_with_its_own_labels(tmp_path):
+    from stellarparams.dataset import Dataset
+    from stellarparams.prepare import prepare
+
+    n = 8
+    rows = [spectrum(n=2000, lo=3700, hi=9300, seed=k) for k in range(n)]
+    teff, feh, logg = _labels(n)
+    ivar = np.stack([x[2] for x in rows])
+    ivar[3] = 0
+    tables.write_table(tmp_path / "mine.parquet", rows[0][0], np.stack([x[1] for x in rows]), ivar,
+                       columns={"ID": np.array([f"s{k}" for k in range(n)]), "TEFF": teff, "FEH": feh,
+                                "LOGG": logg})
+    s = prepare(None, tmp_path / "mine.parquet", tmp_path / "ds", workers=1, progress=False,
+                config=PrepareConfig(rest_frame=False))
+    assert s["kept"] == n - 1 and s["rejected_by_reason"] == {"no_good_pixels": 1}
+    with Dataset(tmp_path / "ds") as ds:
+        assert "s3" not in set(ds.meta()["object_id"])
+        assert np.allclose(np.sort(ds.labels()[:, 0]), np.sort(np.delete(teff, 3)))
