@@ -181,8 +181,9 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
         h[k] = v
     hdus = [primary]
     if layout == "dr8":
+        norm = np.ones(n) if normalization is None else normalization
         cols = [("FLUX", "E", flux), ("IVAR", "E", ivar), ("WAVELENGTH", "D", wave), ("ANDMASK", "J", andmask),
-                ("ORMASK", "J", andmask), ("NORMALIZATION", "E", np.ones(n) if normalization is None else normalization)]
+                ("ORMASK", "J", andmask), ("NORMALIZATION", "E", norm)]
         hdus.append(fits.BinTableHDU.from_columns([fits.Column(c, f"{n}{t}", array=np.asarray(a)[None])
                                                    for c, t, a in cols]))
     elif layout != "early":

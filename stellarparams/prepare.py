@@ -904,7 +904,8 @@ def format_summary(s: dict) -> str:
 def add_arguments(p):
     p.description = ("Turn a folder of survey spectra (SDSS spec-*.fits/spSpec-*.fit, LAMOST "
                      "spec-LMJD-PLANID_spSS-FFF.fits, DESI coadd-*.fits, or a FITS/Parquet/HDF5 spectrum table) "
-                     "plus a label catalog into a prepared dataset: rest-frame shift with the catalog RV (SDSS RV_ADOP, LAMOST rv, DESI VRAD), one cubic-spline resampling onto "
+                     "plus a label catalog into a prepared dataset: rest-frame shift with the catalog RV (SDSS RV_ADOP, "
+                     "LAMOST rv, DESI VRAD), one cubic-spline resampling onto "
                      "the 4000-pixel grid, per-spectrum standardization, shuffled 60/10/30 split. Writes "
                      "OUT/dataset.h5, OUT/rejects.csv (every file or row left out, with its reason) and "
                      "OUT/summary.json. An interrupted run resumes; re-running with the same inputs does nothing. "
@@ -926,7 +927,8 @@ def add_arguments(p):
     p.add_argument("--split-column", default=None, help="catalog column with train/val/test (or 0/1/2) to use as given")
     p.add_argument("--min-coverage", type=float, default=0.5, help="fraction of the grid that must come from good pixels")
     add_grid_arguments(p)
-    p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s (default RV_ADOP; LAMOST rv, DESI VRAD, table RV)")
+    p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s "
+                   "(default RV_ADOP; LAMOST rv, DESI VRAD, table RV)")
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")

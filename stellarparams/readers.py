@@ -1,8 +1,8 @@
 """One interface for the spectrum files of every survey: detect the format, read records.
 
 Every reader returns a list of :class:`Record` (one per spectrum; a DESI coadd or a table
-holds many). A record (:class:`stellarparams.spectrum.Record`) is an :class:`sdss.Spectrum` (so ``prepare.preprocess`` and
-``Model.predict`` take it as they are) with these additions:
+holds many). A record (:class:`stellarparams.spectrum.Record`) is an :class:`sdss.Spectrum`
+(so ``prepare.preprocess`` and ``Model.predict`` take it as they are) with these additions:
 
 - ``ident``: the survey's identifier (SDSS PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID,
   a table's ID column or its row number);
