@@ -140,6 +140,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .simulate import simulate
     from .train import train
 
+    prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -152,7 +153,6 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
 
     _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
     t0 = time.perf_counter()
-    prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
     prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
             progress=progress)
     times["prepare"] = time.perf_counter() - t0

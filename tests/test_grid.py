@@ -123,3 +123,35 @@ def test_predict_resamples_onto_the_model_grid_and_names_a_low_coverage_file(gri
         "--min-coverage", "0.1")
     q = pd.read_csv(tmp_path / "q.csv")
     assert not q["flag_rejected"][0], q["reject_detail"][0]
+
+
+def test_run_grid_passes_the_grid_to_prepare(tmp_path):
+    from stellarparams.pipeline import run
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[model]\nstem_width = 16\nblock_widths = [8]\n[train]\nbatch_size = 16\ncalib_folds = 0\n")
+    run(tmp_path / "r", n=40, seed=2, epochs=1, workers=1, threads=1, config=cfg, progress=False,
+        grid="4000,6000,500")
+    with Dataset(tmp_path / "r" / "dataset") as ds:
+        assert ds.grid == Grid.from_angstrom(4000, 6000, 500) and ds.n_pix == 500
+    assert json.loads((tmp_path / "r" / "model" / "model.json").read_text())["grid"]["n_pix"] == 500
+    r = cli("run", "--out", tmp_path / "bad", "--grid", "6000,4000,10", "--quiet", ok=False)
+    assert r.returncode != 0 and "MIN" in r.stderr
+
+
+def test_prepare_cli_reads_a_spectrum_table_without_a_catalog(tmp_path):
+    from stellarparams import tables
+
+    rng = np.random.default_rng(0)
+    wave = np.geomspace(3700, 9300, 2000)
+    n = 6
+    flux = 1 + 0.2 * np.sin(wave / 40) + 0.02 * rng.normal(size=(n, len(wave)))
+    tables.write_table(tmp_path / "mine.fits", wave, flux, np.full(flux.shape, 100.0),
+                       columns={"ID": np.array([f"s{k}" for k in range(n)]), "TEFF": rng.uniform(4000, 7000, n),
+                                "FEH": np.zeros(n), "LOGG": np.full(n, 4.0)}, shared_wave=True)
+    cli("prepare", "--spectra", tmp_path / "mine.fits", "--out", tmp_path / "ds", "--no-rest-frame",
+        "--grid", "4000,9000,800", "--workers", "1", "--no-progress")
+    with Dataset(tmp_path / "ds") as ds:
+        assert len(ds) == n and ds.n_pix == 800 and sorted(ds.meta()["object_id"]) == [f"s{k}" for k in range(n)]
+    r = cli("prepare", "--spectra", tmp_path / "mine.fits", "--out", tmp_path / "ds2", "--survey", "sdss", ok=False)
+    assert r.returncode == 2 and "catalog" in r.stderr
