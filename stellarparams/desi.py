@@ -9,9 +9,11 @@ Data model followed (docs/surveys.md has the links):
   TARGET_RA, TARGET_DEC, ...); per arm X in B, R, Z the HDUs X_WAVELENGTH (nwave,) float64
   Angstrom (vacuum), X_FLUX and X_IVAR (nspec, nwave) float32 in 1e-17 erg/(s cm2 A) and
   its inverse square, X_MASK (nspec, nwave) int32 (nonzero = bad), X_RESOLUTION (not used).
-- desi-mws-edr-datamodel ``docs/mwsall.rst`` (desimilkyway/desi-mws-edr-datamodel): the
-  ``mwsall`` catalog, HDU RVTAB with TARGETID, VRAD, VRAD_ERR, TEFF, LOGG, FEH and their
-  ``_ERR`` columns (RVSpecfit).
+- desi-mws-edr-datamodel ``docs/mwsall.rst`` (desimilkyway/desi-mws-edr-datamodel, commit
+  16f6edc): the ``mwsall`` catalog, HDU 1 RVTAB with TARGETID, VRAD, VRAD_ERR, TEFF, LOGG,
+  FEH and their ``_ERR`` columns (RVSpecfit), SURVEY, PROGRAM and PRIMARY (one row per
+  survey/program observation of a target). ``prepare`` matches a row to the coadd of its
+  SURVEY and PROGRAM and, of several rows of one spectrum, keeps the PRIMARY one.
 
 Arms are merged into one spectrum per TARGETID on the union of the arms' wavelengths:
 where arms overlap at one wavelength, flux is the ivar-weighted mean of the arms whose pixel
@@ -20,6 +22,7 @@ A pixel no arm can use keeps ivar 0 (and the plain mean flux of the arms there).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,22 @@ ARMS = ("B", "R", "Z")
 LABELS = {"teff": "TEFF", "feh": "FEH", "logg": "LOGG"}
 RV_COLUMN = "VRAD"
 FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "MWS_TARGET", "COADD_NUMEXP", "COADD_EXPTIME")
+NAME_RE = re.compile(r"^coadd-([a-z0-9]+)-([a-z0-9]+)-(\d+)\.fits(\.gz)?$", re.I)
+
+
+def parse_name(name: str):
+    """(survey, program) from ``coadd-SURVEY-PROGRAM-PIXNUM.fits``, lower-case; None for another name.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    tuple of (str, str), or None
+    """
+    m = NAME_RE.match(name)
+    return (m[1].lower(), m[2].lower()) if m else None
 
 
 def merge_arms(arms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

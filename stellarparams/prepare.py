@@ -557,15 +557,21 @@ def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> lis
         tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
         where = {}
         for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
+            sp = desi.parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
             try:
                 for j, t in enumerate(desi.target_ids(p)):
                     where.setdefault((p, int(t)), (p, j))
+                    where.setdefault((sp, int(t)), (p, j))
                     where.setdefault((None, int(t)), (p, j))
             except (OSError, ValueError, KeyError):
                 continue  # an unreadable coadd: its rows become no_file, the file a reject when read
+        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
+                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
         for i in range(n):
             if np.isfinite(tid[i]):
-                loc[i] = where.get((row_files[i], int(tid[i])))
+                t = int(tid[i])
+                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
+                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
             elif row_files[i] is not None:
                 loc[i] = (row_files[i], 0)
         return loc
@@ -698,7 +704,13 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    dup = pd.Series(ident).duplicated().to_numpy() & np.array([i is not None for i in ident], bool)
+    first = np.arange(len(cat))
+    if survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
+        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
+        first = np.argsort(~primary, kind="stable")
+    dup = np.zeros(len(cat), bool)
+    dup[first] = pd.Series([ident[i] for i in first]).duplicated().to_numpy()
+    dup &= np.array([i is not None for i in ident], bool)
 
     def reject(row, file, reason, detail=""):
         key = keys[row] or (None, None, None)
@@ -712,7 +724,8 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     for i in range(len(cat)):
         f, index = located[i]
         if dup[i]:
-            reject(i, f, "duplicate_row", "same spectrum as an earlier catalog row; kept the first")
+            reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
+                   + (" PRIMARY one" if survey == "desi" and "PRIMARY" in cat.columns else ""))
             continue
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))

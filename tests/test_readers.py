@@ -269,16 +269,19 @@ def test_prepare_desi_names_a_zero_ivar_target_and_keeps_the_rest(tmp_path):
     desi.write_coadd(folder / "coadd-main-bright-100.fits", 100 + np.arange(n),
                      {"B": (wave[b], flux[:, b], ivar[:, b], None), "R": (wave[r], flux[:, r], ivar[:, r], None)})
     teff, feh, logg = _labels(n + 1)
-    Table({"TARGETID": np.r_[100 + np.arange(n), 999], "TEFF": teff, "FEH": feh, "LOGG": logg,
-           "TEFF_ERR": np.full(n + 1, 30.0), "VRAD": np.zeros(n + 1)}).write(tmp_path / "mwsall.fits")
+    # mwsall: one row per survey/program observation; the non-PRIMARY row of 100 comes first
+    Table({"TARGETID": np.r_[100, 100 + np.arange(n), 999], "TEFF": np.r_[1.0, teff], "FEH": np.r_[0, feh],
+           "LOGG": np.r_[0, logg], "TEFF_ERR": np.full(n + 2, 30.0), "VRAD": np.zeros(n + 2),
+           "SURVEY": ["main"] * (n + 2), "PROGRAM": ["bright"] * (n + 2),
+           "PRIMARY": np.r_[False, np.ones(n + 1, bool)]}).write(tmp_path / "mwsall.fits")
     s = prepare(tmp_path / "mwsall.fits", folder, tmp_path / "ds", workers=1, progress=False)
     assert s["kept"] == 4
     with Dataset(tmp_path / "ds") as ds:
         assert sorted(ds.meta()["object_id"]) == ["100", "101", "103", "104"]
-        assert np.allclose(np.sort(ds.labels()[:, 0]), np.sort(np.delete(teff[:n], 2)))
+        assert np.allclose(np.sort(ds.labels()[:, 0]), np.sort(np.delete(teff[:n], 2)))  # PRIMARY row's labels
     rej = pd.read_csv(tmp_path / "ds" / "rejects.csv", keep_default_na=False)
     by = dict(zip(rej["reason"], rej["id"].astype(str)))
-    assert by == {"no_good_pixels": "102", "no_file": "999"}
+    assert by == {"duplicate_row": "100", "no_good_pixels": "102", "no_file": "999"}
     assert rej.loc[rej["reason"] == "no_good_pixels", "file"].item().endswith("coadd-main-bright-100.fits")
 
 
