@@ -330,8 +330,8 @@ def _read_record(path, index, survey, cache: dict):
 def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
 
-    items: list of (row, file, rv, index of the spectrum in the file or None). Returns counts
-    and rejects (small, for the main process).
+    items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
+    None). Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
@@ -339,7 +339,9 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
     sigma = np.empty((len(items), P), np.float32)
     rows, snr, rejects = [], [], []
     cache = {}
-    for row, path, rv, index in items:
+    for item in items:
+        row, path, rv = item[:3]
+        index = item[3] if len(item) > 3 else None
         try:
             spec = _read_record(path, index, survey, cache)
             if spec.objclass in config.reject_classes:
