@@ -19,7 +19,8 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
     label_err  (N, L) float32   catalog uncertainties; NaN where not given
     split      (N,)   uint8     0 train, 1 val, 2 test
     plate, mjd, fiberid (N,) int32
-    object_id  (N,)   str       grouping key (STAR_ID or PLATE-MJD-FIBER)
+    object_id  (N,)   str       grouping key (STAR_ID, else the spectrum's identifier: SDSS
+                                PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID, a table's ID)
     file       (N,)   str       source spectrum path
     rv, snr    (N,)   float32   km/s; median S/N per pixel
     extra/NAME (N,)   float64   other numeric catalog columns (e.g. TEFF_TRUE)
@@ -27,7 +28,7 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
 ``preprocess``, ``version``, ``input_hash``, ``created``.
 Side files written by ``prepare``: ``rejects.csv`` (file, plate, mjd, fiberid, reason,
-detail: every file or catalog row left out) and ``summary.json`` (counts by reason, the
+detail, id: every file, catalog row or spectrum left out) and ``summary.json`` (counts by reason, the
 ``input_hash`` of the job and the ``dataset_sha256`` of the published ``dataset.h5``: a
 re-run is a no-op only when both match). ``.lock`` is the advisory lock of the one writer.
 """
@@ -50,7 +51,11 @@ LABEL_UNITS = {"teff": "K", "feh": "dex", "logg": "dex"}
 
 @dataclass(frozen=True)
 class Grid:
-    """Common wavelength grid, uniform in log10(lambda / Angstrom) (docs/method.md step 1)."""
+    """Common wavelength grid, uniform in log10(lambda / Angstrom) (docs/method.md step 1).
+
+    The default is the paper's; ``Grid.from_angstrom(3900, 5000, 1500)`` or
+    :func:`parse_grid` (``--grid``) make any other (docs/surveys.md).
+    """
 
     loglam_min: float = 3.5754
     loglam_max: float = 3.9670
