@@ -755,6 +755,9 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
 
+    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
+        work.sort(key=lambda w: (w[1], w[3] or 0))
+
     # --- resumable parallel preprocessing ---------------------------------------------------
     partial = out / PARTIAL_DIR
     job_file = partial / "job.json"
