@@ -34,6 +34,7 @@ ARMS = ("B", "R", "Z")
 LABELS = {"teff": "TEFF", "feh": "FEH", "logg": "LOGG"}
 RV_COLUMN = "VRAD"
 FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "MWS_TARGET", "COADD_NUMEXP", "COADD_EXPTIME")
+MAX_HDU_BYTES = 1 << 34  # 16 GB: a coadd's X_RESOLUTION HDU of thousands of targets exceeds SDSS's 256 MB limit
 NAME_RE = re.compile(r"^coadd-([a-z0-9]+)-([a-z0-9]+)-(\d+)\.fits(\.gz)?$", re.I)
 
 
@@ -124,7 +125,7 @@ def read_coadd(path) -> list[Record]:
     if not path.is_file():
         raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
     try:
-        sdss.check_headers(path)
+        sdss.check_headers(path, MAX_HDU_BYTES)
         with sdss.open_fits(path) as f:
             if "FIBERMAP" not in f:
                 raise sdss.SpectrumError(path, "missing_columns", "no FIBERMAP HDU")
