@@ -21,7 +21,8 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
     label_err  (N, L) float32   catalog uncertainties; NaN where not given
     split      (N,)   uint8     0 train, 1 val, 2 test
     plate, mjd, fiberid (N,) int32
-    object_id  (N,)   str       grouping key (STAR_ID or PLATE-MJD-FIBER)
+    object_id  (N,)   str       grouping key (STAR_ID, else the spectrum's identifier: SDSS
+                                PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID, a table's ID)
     file       (N,)   str       source spectrum path
     rv, snr    (N,)   float32   km/s; median S/N per pixel
     extra/NAME (N,)   float64   other numeric catalog columns (e.g. TEFF_TRUE)
@@ -29,7 +30,7 @@ Layout of ``DATASET/dataset.h5`` (N spectra, P grid pixels, L labels)::
 File attributes (JSON strings): ``label_names``, ``label_units``, ``grid``,
 ``preprocess``, ``version``, ``input_hash``, ``created``.
 Side files written by ``prepare``: ``rejects.csv`` (file, plate, mjd, fiberid, reason,
-detail: every file or catalog row left out) and ``summary.json`` (counts by reason, the
+detail, id: every file, catalog row or spectrum left out) and ``summary.json`` (counts by reason, the
 ``input_hash`` of the job and the ``dataset_sha256`` of the published ``dataset.h5``: a
 re-run is a no-op only when both match). ``.lock`` is the advisory lock of the one writer.
 """
@@ -52,7 +53,11 @@ LABEL_UNITS = {"teff": "K", "feh": "dex", "logg": "dex"}
 
 @dataclass(frozen=True)
 class Grid:
-    """Common wavelength grid, uniform in log10(lambda / Angstrom) (docs/method.md step 1)."""
+    """Common wavelength grid, uniform in log10(lambda / Angstrom) (docs/method.md step 1).
+
+    The default is the paper's; ``Grid.from_angstrom(3900, 5000, 1500)`` or
+    :func:`parse_grid` (``--grid``) make any other (docs/surveys.md).
+    """
 
     loglam_min: float = 3.5754
     loglam_max: float = 3.9670
@@ -64,6 +69,53 @@ class Grid:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_angstrom(cls, lo: float, hi: float, n_pix: int) -> "Grid":
+        """N pixels uniform in log10(lambda) from ``lo`` to ``hi`` Angstrom (both included).
+
+        Parameters
+        ----------
+        lo, hi : float
+            First and last pixel, Angstrom; 0 < lo < hi.
+        n_pix : int
+            Number of pixels, at least 2.
+
+        Returns
+        -------
+        Grid
+        """
+        lo, hi, n_pix = float(lo), float(hi), int(n_pix)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi) or n_pix < 2:
+            raise ValueError(f"a grid needs 0 < MIN < MAX Angstrom and N >= 2, got {lo}, {hi}, {n_pix}")
+        return cls(float(np.log10(lo)), float(np.log10(hi)), n_pix)
+
+
+def parse_grid(text: str) -> Grid:
+    """``"MIN_A,MAX_A,N"`` (the ``--grid`` option) -> :class:`Grid`.
+
+    Parameters
+    ----------
+    text : str
+        e.g. ``"3900,5000,1500"``: 1500 pixels uniform in log10 lambda, 3900-5000 Angstrom.
+
+    Returns
+    -------
+    Grid
+
+    Raises
+    ------
+    ValueError
+        Not three numbers, or not 0 < MIN < MAX and N >= 2.
+    """
+    parts = str(text).split(",")
+    try:
+        lo, hi, n = float(parts[0]), float(parts[1]), parts[2].strip()
+        if len(parts) != 3 or not n.isdigit():
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"--grid: expected MIN_A,MAX_A,N like 3900,5000,1500, got {text!r}") from None
+    return Grid.from_angstrom(lo, hi, int(n))
 
 
 def dataset_file(path) -> Path:

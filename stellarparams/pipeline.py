@@ -130,7 +130,7 @@ def format_table(res: dict) -> str:
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
         workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
-        progress: bool = True) -> dict:
+        progress: bool = True, grid=None) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     Parameters
@@ -151,6 +151,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         "default" or "paper" (stellarparams.config.RECIPES).
     progress : bool
         Progress bars and stage lines.
+    grid : dataset.Grid or str, optional
+        The common wavelength grid of prepare ("MIN_A,MAX_A,N"; default the paper's).
 
     Returns
     -------
@@ -158,12 +160,13 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         The content of OUT/results.json.
     """
     from .config import ModelConfig, load_config, recipe
+    from .dataset import Dataset, parse_grid
     from .evaluate import evaluate
-    from .dataset import Dataset
-    from .prepare import prepare
+    from .prepare import PrepareConfig, prepare
     from .simulate import simulate
     from .train import train
 
+    prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -176,7 +179,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
 
     _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
     t0 = time.perf_counter()
-    prepare(catalog, out / "survey" / "spectra", out / "dataset", seed=seed, workers=workers, progress=progress)
+    prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
+            progress=progress)
     times["prepare"] = time.perf_counter() - t0
 
     mc, tc = load_config(config, recipe_name) if config else (ModelConfig(), recipe(recipe_name))
@@ -244,12 +248,15 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
     p.add_argument("--quiet", action="store_true", help="only the final table")
+    p.add_argument("--grid", metavar="MIN_A,MAX_A,N", help="prepare onto N pixels uniform in log10 wavelength "
+                   "from MIN_A to MAX_A Angstrom (default: the paper's 4000-pixel grid)")
 
 
 def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet)
+                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
+                      grid=args.grid)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

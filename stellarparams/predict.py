@@ -1,21 +1,30 @@
-"""Run a trained model on new SDSS spectra: files, folders or a catalog with a FILE column.
+"""Run a trained model on new spectra of any survey: files, folders or a catalog with a FILE column.
+
+Inputs are SDSS, LAMOST, DESI coadd files or spectrum tables (:mod:`stellarparams.readers`;
+detected per file, or ``survey=``); each is resampled onto the model's grid with the model's
+own preprocessing, and one covering less than ``min_coverage`` of that grid is rejected
+(``low_coverage``).
 
 Files are read and preprocessed in a pool of processes (chunks of ``chunk_size`` files,
 at most 2 chunks per worker in flight), the network runs in the main process, and rows
 are appended to the output as they come, so memory stays flat for any number of files.
 Finished parts go to ``.OUT.partial/`` (so a killed run resumes; its ``.lock`` lets one
 process at a time write OUT), and the output (CSV, Parquet or FITS by suffix) is assembled
-from them, read back and checked, then renamed into place. One row per input file, in
-input order::
+from them, read back and checked, then renamed into place. One row per input spectrum (a
+file; each target of a DESI coadd, each row of a table), in input order (``id``: the
+survey's identifier: PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID, a table's ID)::
 
-    file, plate, mjd, fiberid, <label columns (teff, feh, logg)>, sigma_<label> ...,
+    file, plate, mjd, fiberid, id, <label columns (teff, feh, logg)>, sigma_<label> ...,
+    lo95_<label>, hi95_<label> ...,
     ood_score, snr, rv, flag_rejected, reject_reason, reject_detail, flag_out_of_range,
     flag_label_hull, flag_unlike_training, flag_low_snr
 
 Rejected inputs (unreadable, not a star, too little good data, ...) keep their row with
 NaN labels, the reason and its detail, and plate/mjd/fiberid from the catalog or the file
-name. Text in the FITS output is UTF-8 (any path fits; astropy reads it back as text). ``sigma_<label>``: calibrated 1-sigma uncertainty (same units;
-NaN for a model trained without calibration); ``ood_score``: how unlike the training
+name. Text in the FITS output is UTF-8 (any path fits; astropy reads it back as text).
+``sigma_<label>``: calibrated uncertainty, the half-width of a 68.3% interval (same units;
+NaN for a model trained without calibration); ``lo95_<label>``, ``hi95_<label>``: the 95.4%
+interval (conformal; not 2 sigma: the errors are heavy-tailed); ``ood_score``: how unlike the training
 spectra the flux is (> 1: less alike than 99.5% of held-out training-like stars;
 ``flag_unlike_training``); ``flag_out_of_range``: a label outside the range seen in
 training; ``flag_label_hull``: the labels outside the convex hull of the training labels;
@@ -47,6 +56,14 @@ CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".txt")
 # ---------------------------------------------------------------------- inputs
 def _is_catalog(path: Path) -> bool:
     name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):  # a catalog has FILE; a spectrum table has FLUX
+        import pyarrow.parquet as pq
+
+        try:
+            cols = {c.upper() for c in pq.read_schema(path).names}
+        except (OSError, ValueError):
+            return True
+        return "FILE" in cols or "FLUX" not in cols
     if name.endswith(CATALOG_SUFFIXES):
         return True
     if name.endswith((".fits", ".fit", ".fits.gz")) and not name.startswith(("spec-", "spspec-")):
@@ -84,7 +101,34 @@ def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
     return items
 
 
-def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple]:
+def _expand(items, survey=None) -> list[tuple]:
+    """One item per spectrum: a file of another survey than SDSS becomes (file, rv, member) items, one per
+    spectrum it holds (DESI targets, table rows), ``member`` = {"survey", "index", "id"}."""
+    from . import desi, readers, tables
+
+    out = []
+    for f, rv, ids in items:
+        try:
+            s = survey or (readers.detect(f) if f and Path(f).is_file() else "sdss")
+        except sdss.SpectrumError:
+            s = "sdss"  # not recognised: read as SDSS, which names what is wrong with it
+        if s == "sdss":
+            out.append((f, rv, ids))
+            continue
+        try:
+            if s == "desi":
+                out += [(f, rv, {"survey": s, "index": j, "id": str(t)}) for j, t in enumerate(desi.target_ids(f))]
+            elif s == "table":
+                out += [(f, rv if np.isfinite(rv) else r.rv, {"survey": s, "index": j, "id": r.ident})
+                        for j, r in enumerate(tables.read_table(f))]
+            else:
+                out.append((f, rv, {"survey": s, "index": None, "id": ""}))
+        except (sdss.SpectrumError, OSError, ValueError, KeyError):
+            out.append((f, rv, {"survey": s, "index": None, "id": ""}))  # rejected, with its reason, when read
+    return out
+
+
+def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> list[tuple]:
     """Spectrum files, folders (searched recursively) and catalogs -> [(file, rv_kms or NaN, ids)].
 
     Parameters
@@ -96,14 +140,20 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple]:
         Carries RV_ADOP for files given otherwise, matched by FILE name or by (PLATE, MJD,
         FIBERID) parsed from the file name; NaN RV -> the file's redshift.
     rv_column : str
+        The catalog's RV column; when it has none, VRAD (DESI) or RV (LAMOST, tables).
+    survey : str, optional
+        Read every file as this survey (:data:`readers.SURVEYS`); default: detected per file.
 
     Returns
     -------
-    list of (str, float, tuple or None)
-        File, RV in km/s (NaN: use the file's redshift) and (plate, mjd, fiberid) from a
-        catalog row (None: from the file).
+    list of (str, float, tuple or dict or None)
+        File, RV in km/s (NaN: the file's own RV or redshift) and, for SDSS, (plate, mjd,
+        fiberid) from a catalog row (None: from the file); for the spectra of other surveys a
+        dict {"survey", "index" (position in the file: DESI target, table row), "id"}, one
+        item per spectrum.
     """
-    from .prepare import find_spectra, parse_spectrum_name
+    from .prepare import parse_spectrum_name
+    from .readers import find_files
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -111,13 +161,17 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple]:
     for x in inputs:
         p = Path(x)
         if p.is_dir():
-            items += [(str(f), np.nan, None) for f in find_spectra(p)]
+            items += [(str(f), np.nan, None) for f in find_files(p, survey)]
         elif p.exists() and _is_catalog(p):
             items += _catalog_items(p, rv_column)
         else:  # a missing file is kept: it becomes a rejected row, not a crash
             items.append((str(p), np.nan, None))
+    items = _expand(items, survey)
     if catalog is not None:
+        from .lamost import parse_name as lamost_name
+
         cat = sdss.read_catalog(catalog)
+        rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
         if rv_column in cat.columns:
             rv_by = {}
             if "FILE" in cat.columns:
@@ -125,18 +179,37 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP") -> list[tuple]:
             if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
                 ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
                 rv_by.update({tuple(int(v) for v in k): r for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all()})
-            items = [(f, v if np.isfinite(v) else
-                      float(rv_by.get(Path(f).name, rv_by.get(parse_spectrum_name(Path(f).name), np.nan))), k)
-                     for f, v, k in items]
+            if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
+                for lm, pl, sp, fi, r in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column))):
+                    if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))):
+                        rv_by[(int(lm), str(pl).strip(), int(sp), int(fi))] = r
+            for c in ("TARGETID", "OBSID", "ID"):
+                if c in cat.columns:
+                    rv_by.update({("id", _id_text(t)): r for t, r in zip(cat[c], cat[rv_column])})
+
+            def rv_of(f, k):
+                name = Path(f).name
+                keys = [name, parse_spectrum_name(name), lamost_name(name)]
+                if isinstance(k, dict):
+                    keys.insert(0, ("id", k["id"]))
+                return float(next((rv_by[x] for x in keys if x is not None and x in rv_by), np.nan))
+
+            items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
         if not items and "FILE" in cat.columns:
-            items = _catalog_items(catalog, rv_column)
+            items = _expand(_catalog_items(catalog, rv_column), survey)
     return items
+
+
+def _id_text(v) -> str:
+    from .prepare import _id_text as text
+
+    return text(v)
 
 
 # ---------------------------------------------------------------------- workers
 def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
     """Read + preprocess a list of (file, rv, ids). Never raises: problems become reasons."""
-    from .prepare import PrepareConfig, parse_spectrum_name, preprocess
+    from .prepare import PrepareConfig, _read_record, parse_spectrum_name, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
     n = len(items)
@@ -144,21 +217,33 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
     ok = np.zeros(n, bool)
     info = {k: np.zeros(n, np.int32) for k in ("plate", "mjd", "fiberid")}
     snr, rv_used = np.full(n, np.nan), np.full(n, np.nan)
-    reason, detail = [""] * n, [""] * n
+    reason, detail, ident = [""] * n, [""] * n, [""] * n
+    cache = {}
     for i, (path, rv, ids) in enumerate(items):
-        ids = ids or parse_spectrum_name(Path(path).name)  # identity of a row even when it is rejected
+        member = ids if isinstance(ids, dict) else None  # a spectrum of another survey (collect_inputs)
+        ids = None if member else ids or parse_spectrum_name(Path(path).name)  # identity even when rejected
         if ids:
             info["plate"][i], info["mjd"][i], info["fiberid"][i] = ids
+            ident[i] = f"{ids[0]:04d}-{ids[1]:05d}-{ids[2]:04d}"
+        if member:
+            ident[i] = member["id"]
         try:
             if not path:
                 raise sdss.SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
             if not Path(path).exists():
                 raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
-            spec = sdss.read_spectrum(path)
-            info["plate"][i], info["mjd"][i], info["fiberid"][i] = spec.plate, spec.mjd, spec.fiberid
+            if member:
+                spec = _read_record(path, member["index"], member["survey"], cache)
+                ident[i] = spec.ident
+            else:
+                spec = sdss.read_spectrum(path)
+                info["plate"][i], info["mjd"][i], info["fiberid"][i] = spec.plate, spec.mjd, spec.fiberid
+                ident[i] = spec.name
             snr[i] = spec.snr
             if spec.objclass and spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+            if not np.isfinite(rv):
+                rv = getattr(spec, "rv", np.nan)  # LAMOST HELIO_RV, a table's RV column
             if not np.isfinite(rv):
                 rv = rv_from_z(getattr(spec, "z", np.nan))
             rv_used[i] = rv
@@ -168,7 +253,8 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
             reason[i], detail[i] = e.reason, e.detail
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
             reason[i], detail[i] = "error", f"{type(e).__name__}: {e}"[:300]
-    return {"flux": flux[ok], "ok": ok, "snr": snr, "rv": rv_used, "reason": reason, "detail": detail, **info}
+    return {"flux": flux[ok], "ok": ok, "snr": snr, "rv": rv_used, "reason": reason, "detail": detail, "id": ident,
+            **info}
 
 
 # ---------------------------------------------------------------------- output
@@ -295,17 +381,21 @@ def write_table(path, frames, n_rows: int | None = None) -> int:
 
 def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     n, ok = len(items), r["ok"]
-    pred, sigma = np.full((n, len(model.label_names)), np.nan), np.full((n, len(model.label_names)), np.nan)
+    pred, sigma, lo95, hi95 = (np.full((n, len(model.label_names)), np.nan) for _ in range(4))
     ood, unlike, hull = np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, bool)
     if ok.any():
         full = model._full(r["flux"], batch_size)
         pred[ok], sigma[ok], ood[ok] = full["pred"], full["sigma"], full["ood_score"]
+        lo95[ok], hi95[ok] = full["lo95"], full["hi95"]
         unlike[ok], hull[ok] = full["flag_unlike_training"], full["flag_label_hull"]
-    df = pd.DataFrame({"file": [f for f, _, _ in items], "plate": r["plate"], "mjd": r["mjd"], "fiberid": r["fiberid"]})
+    df = pd.DataFrame({"file": [f for f, _, _ in items], "plate": r["plate"], "mjd": r["mjd"], "fiberid": r["fiberid"],
+                       "id": r.get("id", [""] * n)})
     for j, name in enumerate(model.label_names):
         df[name] = pred[:, j]
     for j, name in enumerate(model.label_names):
         df[f"sigma_{name}"] = sigma[:, j]
+    for j, name in enumerate(model.label_names):
+        df[f"lo95_{name}"], df[f"hi95_{name}"] = lo95[:, j], hi95[:, j]
     df["ood_score"] = ood.astype(np.float32)
     df["snr"] = r["snr"].astype(np.float32)
     df["rv"] = r["rv"].astype(np.float32)
@@ -343,10 +433,10 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def _job_key(model, items, min_snr) -> str:
+def _job_key(model, items, min_snr, prepare_config=None) -> str:
     """What a finished part depends on: the weights, scaler, preprocessing, options and each input file."""
     h = hashlib.sha256(json.dumps([weights_sha256(model), model.label_names, model.center.tolist(),
-                                   model.scale.tolist(), model.prepare_config, min_snr, "sigma",
+                                   model.scale.tolist(), prepare_config or model.prepare_config, min_snr, "sigma", "lo95",
                                    getattr(model, "uncertainty", None) is not None], default=str).encode())
     for f, rv, ids in items:
         try:
@@ -360,7 +450,7 @@ def _job_key(model, items, min_snr) -> str:
 
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
-            wait: bool = False) -> dict:
+            wait: bool = False, min_coverage: float | None = None, survey: str | None = None) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -387,6 +477,13 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     wait : bool
         When another process is writing ``out``: wait (True) or raise
         :class:`files.OutputBusy` (False).
+    min_coverage : float, optional
+        Fraction of the model's grid an input must cover with good pixels (after the shift to
+        the rest frame); less is the reject ``low_coverage`` on that file's row. Default: the
+        model's training value (0.5).
+    survey : str, optional
+        Read every input as this survey's format (``sdss``, ``lamost``, ``desi``, ``table``);
+        default: detected per file. A DESI coadd or a table gives one row per spectrum.
 
     Returns
     -------
@@ -405,20 +502,27 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     out = check_output_file(out)
     with locked_output(out.parent / f".{out.name}.partial", wait) as partial:
         model = model if isinstance(model, Model) else load_model(model)
-        items = collect_inputs(inputs, catalog)
+        items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
             raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
-        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress)
+        prep = dict(model.prepare_config or {})
+        if min_coverage is not None:
+            if not 0 <= min_coverage <= 1:
+                raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
+            prep["min_coverage"] = float(min_coverage)
+        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
+                        prep)
 
 
-def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress) -> dict:
+def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
+             prepare_config=None) -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     parts = [chunks[i:i + part_chunks] for i in range(0, len(chunks), part_chunks)]
-    key = _job_key(model, items, min_snr)
+    key = _job_key(model, items, min_snr, prepare_config)
     if _read_key(partial) != key:  # another job's parts: remove them (the lock file stays)
         for f in partial.iterdir():
             if f.name != LOCK_NAME:
@@ -430,7 +534,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
     if n_done and progress:
         print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    args = (model.prepare_config, model.n_in)
+    args = (prepare_config or model.prepare_config, model.n_in)
     buffers = {k: [] for k in todo}
     kept = [n_done]
     bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
@@ -543,6 +647,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
+    p.add_argument("--survey", choices=("sdss", "lamost", "desi", "table"), default=None,
+                   help="format of the inputs (default: detected per file; docs/surveys.md)")
+    p.add_argument("--min-coverage", type=float, default=None, help="fraction of the model's grid an input must "
+                   "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -553,7 +661,8 @@ def run_cli(args) -> int:
 
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait)
+                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
+                          min_coverage=args.min_coverage, survey=args.survey)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

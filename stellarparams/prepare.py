@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy.interpolate import CubicSpline
 
-from . import sdss
-from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset
+from . import desi, lamost, readers, sdss, tables
+from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import file_sha256, locked_output
 from .physics import doppler_log_shift
@@ -43,7 +43,7 @@ from .workers import pool as worker_pool
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "summary.json"
 PARTIAL_DIR = ".partial"
-REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail"]
+REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail", "id"]  # id: the survey's identifier
 MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
 LOGLAM_RANGE = (3.0, 4.7)  # 1000 A - 5 um: anything outside is a damaged wavelength solution
 
@@ -84,6 +84,50 @@ class PrepareConfig:
         return cls(**d)
 
 
+MODEL_META = "model.json"  # the model folder's description (written by model_io; read here as plain JSON)
+FLUX_KEYS = ("grid", "bad_mask", "rest_frame")  # the preprocessing that changes the flux a model sees
+
+
+def config_from_model(model_folder, config: PrepareConfig | None = None) -> PrepareConfig:
+    """``config`` with the grid and flux preprocessing of a trained model (``--grid-from``).
+
+    The model folder's ``model.json`` records the grid and the ``prepare`` config of its
+    training data; it is read as JSON (prepare sits below the model layer). Label and RV
+    column names, ``min_coverage`` and ``reject_classes`` stay those of ``config``: they
+    do not change the flux the model sees.
+
+    Parameters
+    ----------
+    model_folder : str or Path
+        A model folder (from ``train`` or ``run``), or its model.json.
+    config : PrepareConfig, optional
+        The rest of the options (default: the defaults).
+
+    Returns
+    -------
+    PrepareConfig
+
+    Raises
+    ------
+    ValueError
+        No readable model.json, or it records no grid.
+    """
+    path = Path(model_folder)
+    path = path if path.suffix == ".json" else path / MODEL_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the model's description ({e}); --grid-from needs a model folder") from e
+    prep = dict(meta.get("prepare_config") or {})
+    grid = meta.get("grid") or prep.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{path}: the model records no wavelength grid")
+    d = (config or PrepareConfig()).to_dict()
+    d.update({k: prep[k] for k in FLUX_KEYS if k in prep})
+    d["grid"] = Grid(**{k: grid[k] for k in ("loglam_min", "loglam_max", "n_pix")})
+    return PrepareConfig.from_dict(d)
+
+
 # ---------------------------------------------------------------------------------------------
 # one spectrum
 
@@ -100,8 +144,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
 
     Parameters
     ----------
-    spec : sdss.Spectrum
-        A spectrum on its native grid (observed frame).
+    spec : sdss.Spectrum or readers.Record
+        A spectrum on its native grid (observed frame), of any survey; a record whose reader
+        found it unusable (``problem``) raises that reason.
     rv_kms : float
         Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
     config : PrepareConfig
@@ -132,6 +177,9 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         low_coverage, constant_flux.
     """
     path = spec.path
+    problem = getattr(spec, "problem", None)  # found by the reader (readers.Record)
+    if problem:
+        raise sdss.SpectrumError(path, *problem)
     loglam = np.asarray(spec.loglam, np.float64)
     flux = np.asarray(spec.flux)
     good = spec.good(config.bad_mask) & np.isfinite(loglam)
@@ -271,10 +319,26 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) -> dict:
+def _read_record(path, index, survey, cache: dict):
+    """Spectrum ``index`` of a file (SDSS: the file's one spectrum); the last file's records are cached."""
+    if survey == "sdss":
+        return sdss.read_spectrum(path)
+    if cache.get("path") != path:
+        cache.clear()
+        try:
+            cache.update(path=path, records=readers.read(path, survey))
+        except sdss.SpectrumError as e:
+            cache.update(path=path, error=e)
+    if "error" in cache:
+        raise cache["error"]
+    return cache["records"][index or 0]
+
+
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
 
-    items: list of (row, file, rv). Returns counts and rejects (small, for the main process).
+    items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
+    None). Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
@@ -282,9 +346,12 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str) 
     sigma = np.empty((len(items), P), np.float32)
     offset = np.empty(len(items), np.float32)
     rows, snr, rejects = [], [], []
-    for row, path, rv in items:
+    cache = {}
+    for item in items:
+        row, path, rv = item[:3]
+        index = item[3] if len(item) > 3 else None
         try:
-            spec = sdss.read_spectrum(path)
+            spec = _read_record(path, index, survey, cache)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
@@ -386,18 +453,22 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False) -> dict:
-    """Turn a folder of SDSS spectra plus an SSPP catalog into ``out/dataset.h5``.
+            wait: bool = False, survey: str | None = None) -> dict:
+    """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
     ----------
-    catalog : str, Path or DataFrame
-        Read with :func:`sdss.read_catalog` (FITS, CSV or Parquet).
+    catalog : str, Path or DataFrame, or None
+        Read with :func:`sdss.read_catalog` (FITS, CSV or Parquet); column names are
+        upper-cased. None only for a spectrum table (``survey="table"``), whose scalar columns
+        are the catalog.
     spectra : str or Path
-        Folder searched recursively for spec-*.fits / spSpec-*.fit(.gz). Catalog rows match
-        files by (PLATE, MJD, FIBERID), or by a FILE column: an absolute path, or a path
-        relative to the catalog file's folder (the current folder for a DataFrame); the same
-        rule as ``predict``.
+        Folder searched recursively for spectrum files (or one file). Catalog rows match files
+        by a FILE column (an absolute path, or a path relative to the catalog file's folder,
+        the current folder for a DataFrame; the same rule as ``predict``), or by survey:
+        SDSS (PLATE, MJD, FIBERID) from the file name; LAMOST OBSID from the file header or
+        (LMJD, PLANID, SPID, FIBERID) from the file name; DESI TARGETID in the coadd's
+        FIBERMAP; a table: its rows.
     out : str or Path
         Dataset folder; gets dataset.h5, rejects.csv, summary.json. One writer at a time
         (an advisory lock, :func:`files.output_lock`).
@@ -418,6 +489,10 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     wait : bool
         When another process is writing ``out``: wait for it (True) or raise
         :class:`files.OutputBusy` at once (False).
+    survey : str, optional
+        ``sdss``, ``lamost``, ``desi`` or ``table`` (:data:`readers.SURVEYS`); default:
+        detected from the files. For a survey other than SDSS, a config with the SDSS default
+        columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (:data:`SURVEY_COLUMNS`).
 
     Returns
     -------
@@ -434,7 +509,115 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     """
     with locked_output(out, wait):
         return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress)
+                        chunk_size, progress, survey)
+
+
+# labels and RV column of each survey's catalog (upper-case, as read)
+SURVEY_COLUMNS = {"lamost": (lamost.LABELS, lamost.RV_COLUMN), "desi": (desi.LABELS, desi.RV_COLUMN),
+                  "table": (tables.LABELS, tables.RV_COLUMN)}
+
+
+def detect_survey(spectra) -> str:
+    """The survey of a spectra folder (or file): the one survey its file names (or content) show.
+
+    Parameters
+    ----------
+    spectra : str or Path
+
+    Returns
+    -------
+    str
+        One of :data:`readers.SURVEYS`.
+
+    Raises
+    ------
+    ValueError
+        Files of more than one survey, or none; name it with ``--survey``.
+    """
+    spectra = Path(spectra)
+    if spectra.is_file():
+        try:
+            return readers.detect(spectra)
+        except sdss.SpectrumError as e:
+            raise ValueError(str(e)) from e
+    files = readers.find_files(spectra)
+    found = sorted({readers.detect(p) for p in files})
+    if not found and readers.find_files(spectra, "table"):
+        found = ["table"]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return "sdss"  # an empty folder: the SDSS path reports it as before
+    raise ValueError(f"{spectra}: files of several surveys ({', '.join(found)}); choose one with --survey")
+
+
+def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> list:
+    """Where each catalog row's spectrum is, for LAMOST, DESI and tables: [(file, index in file) or None]."""
+    n = len(cat)
+    loc = [None] * n
+    col = {c: cat[c].to_numpy() for c in cat.columns}
+    if survey == "table":
+        rows = pd.to_numeric(cat["ROW"], errors="coerce").to_numpy() if "ROW" in cat else np.arange(n)
+        only = files[0] if len(files) == 1 else None
+        for i in range(n):
+            f = row_files[i] or only
+            loc[i] = (f, int(rows[i])) if f is not None and np.isfinite(rows[i]) else None
+        return loc
+    if survey == "desi":
+        tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
+        where = {}
+        for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
+            sp = desi.parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
+            try:
+                for j, t in enumerate(desi.target_ids(p)):
+                    where.setdefault((p, int(t)), (p, j))
+                    where.setdefault((sp, int(t)), (p, j))
+                    where.setdefault((None, int(t)), (p, j))
+            except (OSError, ValueError, KeyError):
+                continue  # an unreadable coadd: its rows become no_file, the file a reject when read
+        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
+                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
+        for i in range(n):
+            if np.isfinite(tid[i]):
+                t = int(tid[i])
+                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
+                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
+            elif row_files[i] is not None:
+                loc[i] = (row_files[i], 0)
+        return loc
+    # lamost: FILE, else (LMJD, PLANID, SPID, FIBERID) from the file name, else OBSID from the headers
+    by_name = {lamost.parse_name(p.name): p for p in files}
+    if all(c in col for c in lamost.KEY_COLUMNS):
+        num = {c: pd.to_numeric(cat[c], errors="coerce").to_numpy() for c in ("LMJD", "SPID", "FIBERID")}
+        for i in range(n):
+            if all(np.isfinite(num[c][i]) for c in num):
+                key = (int(num["LMJD"][i]), str(col["PLANID"][i]).strip(), int(num["SPID"][i]), int(num["FIBERID"][i]))
+                loc[i] = (by_name[key], None) if key in by_name else None
+    for i in range(n):
+        if row_files[i] is not None:
+            loc[i] = (row_files[i], None)
+    if "OBSID" in col and any(v is None for v in loc):
+        obsid = pd.to_numeric(cat["OBSID"], errors="coerce").to_numpy()
+        by_obsid = {}
+        for p in files:
+            try:
+                with sdss.open_fits(p) as f:
+                    by_obsid.setdefault(sdss._int(f[0].read_header().get("OBSID", 0)), p)
+            except (OSError, ValueError):
+                continue
+        for i in range(n):
+            if loc[i] is None and np.isfinite(obsid[i]) and int(obsid[i]) in by_obsid:
+                loc[i] = (by_obsid[int(obsid[i])], None)
+    return loc
+
+
+def _id_text(v) -> str:
+    """A catalog identifier as text (an integer stored as float loses its '.0'); '' when missing."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v).strip()
 
 
 def _resolve_file(f, base: Path):
@@ -446,20 +629,35 @@ def _resolve_file(f, base: Path):
 
 
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress) -> dict:
+             progress, survey=None) -> dict:
     from tqdm.auto import tqdm
 
     from . import __version__
 
     t0 = time.perf_counter()
+    survey = survey or detect_survey(spectra)
+    if survey not in readers.SURVEYS:
+        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
+    default = PrepareConfig()
+    if survey in SURVEY_COLUMNS and config.labels == default.labels and config.rv_column == default.rv_column:
+        labels, rv_column = SURVEY_COLUMNS[survey]
+        config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(labels), "rv_column": rv_column})
     config = PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
                                       "labels": {k: v.upper() for k, v in config.labels.items()}})
+    if catalog is None:
+        if survey != "table":
+            raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
+        found = readers.find_files(spectra, "table")
+        catalog = pd.concat([tables.catalog(p).assign(FILE=str(p.resolve())) for p in found], ignore_index=True) \
+            if found else pd.DataFrame()
     cat = sdss.read_catalog(catalog)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
-    for c in sdss.CATALOG_ID_COLUMNS:
-        if c not in cat.columns and "FILE" not in cat.columns:
-            raise ValueError(f"{cat_name}: catalog needs PLATE, MJD, FIBERID (or FILE) columns; it has "
-                             f"{', '.join(cat.columns[:30])}")
+    need = {"sdss": (sdss.CATALOG_ID_COLUMNS,), "lamost": (("OBSID",), lamost.KEY_COLUMNS),
+            "desi": (("TARGETID",),), "table": (("ROW",),)}[survey]
+    if "FILE" not in cat.columns and not any(all(c in cat.columns for c in cols) for cols in need) \
+            and not (survey == "table" and len(readers.find_files(spectra, "table")) == 1):
+        raise ValueError(f"{cat_name}: a {survey} catalog needs " + " or ".join(", ".join(c) for c in need)
+                         + f" (or FILE) columns; it has {', '.join(cat.columns[:30])}")
     if config.rest_frame and config.rv_column not in cat.columns:
         raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; name the RV column "
                          f"with --rv-column (Python: PrepareConfig(rv_column=...)), or skip the shift with "
@@ -473,12 +671,14 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         group_by = "STAR_ID"
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
-    files = find_spectra(spectra)
+    files = find_spectra(spectra) if survey == "sdss" else readers.find_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
     row_files = [_resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
+    if survey != "sdss":
+        job["survey"] = survey
     input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
 
     final = out / DATA_FILE
@@ -497,29 +697,46 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     rejects = []  # dicts with REJECT_COLUMNS (+ row)
 
     by_key = {}
-    for p in files:
-        by_key.setdefault(parse_spectrum_name(p.name), p)
-    if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
+    if survey == "sdss":
+        for p in files:
+            by_key.setdefault(parse_spectrum_name(p.name), p)
+    if survey == "sdss" and all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
         ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
         keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
     else:
         keys = [None] * len(cat)
-    ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
-    dup = pd.Series(ident).duplicated().to_numpy() & np.array([i is not None for i in ident], bool)
+    if survey == "sdss":
+        located = [(row_files[i] or by_key.get(keys[i]), None) for i in range(len(cat))]
+        ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
+        row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
+    else:
+        located = [loc or (None, None) for loc in _locate(cat, files, row_files, survey)]
+        ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
+        id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
+        row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
+            [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
+    first = np.arange(len(cat))
+    if survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
+        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
+        first = np.argsort(~primary, kind="stable")
+    dup = np.zeros(len(cat), bool)
+    dup[first] = pd.Series([ident[i] for i in first]).duplicated().to_numpy()
+    dup &= np.array([i is not None for i in ident], bool)
 
     def reject(row, file, reason, detail=""):
         key = keys[row] or (None, None, None)
         rejects.append({"file": str(file or ""), "plate": key[0], "mjd": key[1], "fiberid": key[2],
-                        "reason": reason, "detail": detail})
+                        "reason": reason, "detail": detail, "id": row_id[row]})
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    work = []  # (row, file, rv)
+    work = []  # (row, file, rv, index of the spectrum in the file or None)
     used = set()
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
-        f = row_files[i] or by_key.get(keys[i])
+        f, index = located[i]
         if dup[i]:
-            reject(i, f, "duplicate_row", "same spectrum as an earlier catalog row; kept the first")
+            reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
+                   + (" PRIMARY one" if survey == "desi" and "PRIMARY" in cat.columns else ""))
             continue
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
@@ -531,8 +748,13 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         if config.rest_frame and not np.isfinite(rv[i]):
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
-        work.append((i, str(f), float(rv[i])))
+        work.append((i, str(f), float(rv[i]), index))
     for p in files:
+        if survey != "sdss":
+            if p.resolve() not in used:
+                rejects.append({"file": str(p), "reason": "no_catalog_row",
+                                "detail": "no catalog row matches a spectrum of this file", "id": ""})
+            continue
         if p.resolve() not in used:
             k = parse_spectrum_name(p.name)
             twin = by_key[k]
@@ -540,7 +762,10 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
                               if twin != p and twin.resolve() in used else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
-                            "reason": reason, "detail": detail})
+                            "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
+
+    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
+        work.sort(key=lambda w: (w[1], w[3] or 0))
 
     # --- resumable parallel preprocessing ---------------------------------------------------
     partial = out / PARTIAL_DIR
@@ -563,18 +788,18 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if workers == 1 or len(todo) <= 1:
         for k in todo:
-            r = _run_chunk(k, chunks[k], config, str(partial))
+            r = _run_chunk(k, chunks[k], config, str(partial), survey)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], config, str(partial)) for k in todo]
+            futs = [pool.submit(_run_chunk, k, chunks[k], config, str(partial), survey) for k in todo]
             for fut in as_completed(futs):
                 bar.update(fut.result()["n"])
     bar.close()
 
     # --- assemble ---------------------------------------------------------------------------
     parts = [_load_chunk_summary(partial / f"chunk-{k:05d}.npz") for k in range(len(chunks))]
-    file_of_row = {i: f for i, f, _ in work}
+    file_of_row = {i: f for i, f, _, _ in work}
     for part in parts:
         for r in part["rejects"]:
             reject(r["row"], file_of_row.get(r["row"], r["file"]), r["reason"], r["detail"])
@@ -582,8 +807,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
     kept = cat.iloc[rows].reset_index(drop=True)
 
-    key_text = np.array([f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else Path(file_of_row[int(r)]).stem
-                         for r, k in zip(rows, (keys[int(r)] for r in rows))], dtype=object)
+    key_text = np.array([row_id[int(r)] or Path(file_of_row[int(r)]).stem for r in rows], dtype=object)
     id_col = group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
     if id_col:
         object_id, no_id = _group_keys(kept[id_col])
@@ -668,6 +892,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
 
     for c in ("plate", "mjd", "fiberid"):
         rej[c] = pd.to_numeric(rej[c], errors="coerce").astype("Int64")
+    rej["id"] = rej["id"].fillna("")
     seconds = time.perf_counter() - t0
     summary = {
         "dataset": str(final), "input_hash": input_hash, "catalog_rows": len(cat), "files_found": len(files),
@@ -705,16 +930,22 @@ def format_summary(s: dict) -> str:
 # command line
 
 def add_arguments(p):
-    p.description = ("Turn a folder of SDSS spectra (spec-*.fits, spSpec-*.fit) plus an SSPP label catalog "
-                     "into a prepared dataset: rest-frame shift with RV_ADOP, one cubic-spline resampling onto "
+    p.description = ("Turn a folder of survey spectra (SDSS spec-*.fits/spSpec-*.fit, LAMOST "
+                     "spec-LMJD-PLANID_spSS-FFF.fits, DESI coadd-*.fits, or a FITS/Parquet/HDF5 spectrum table) "
+                     "plus a label catalog into a prepared dataset: rest-frame shift with the catalog RV (SDSS RV_ADOP, "
+                     "LAMOST rv, DESI VRAD), one cubic-spline resampling onto "
                      "the 4000-pixel grid, per-spectrum standardization, shuffled 60/10/30 split. Writes "
                      "OUT/dataset.h5, OUT/rejects.csv (every file or row left out, with its reason) and "
                      "OUT/summary.json. An interrupted run resumes; re-running with the same inputs does nothing. "
                      "A FILE column in the catalog holds absolute paths or paths relative to the catalog's folder. "
                      "Exit status: 0 done, 1 nothing usable (no spectrum kept, no label), 2 bad input or options, "
                      "3 the output is being written by another process.")
-    p.add_argument("--catalog", required=True, help="SSPP sppParams catalog (.fits, .csv or .parquet)")
-    p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively)")
+    p.add_argument("--catalog", default=None, help="label catalog (.fits, .csv or .parquet): SDSS SSPP sppParams, "
+                   "the LAMOST A/F/G/K parameter table, DESI mwsall (RVTAB); not needed for a spectrum table "
+                   "with label columns")
+    p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively), or one file")
+    p.add_argument("--survey", choices=readers.SURVEYS, default=None,
+                   help="format of the spectra (default: detected from the files; see docs/surveys.md)")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled split")
@@ -723,10 +954,54 @@ def add_arguments(p):
                    "(default: STAR_ID when the catalog has it)")
     p.add_argument("--split-column", default=None, help="catalog column with train/val/test (or 0/1/2) to use as given")
     p.add_argument("--min-coverage", type=float, default=0.5, help="fraction of the grid that must come from good pixels")
-    p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s")
+    add_grid_arguments(p)
+    p.add_argument("--rv-column", default="RV_ADOP", help="catalog column with the radial velocity in km/s "
+                   "(default RV_ADOP; LAMOST rv, DESI VRAD, table RV)")
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+
+
+def add_grid_arguments(p) -> None:
+    """``--grid MIN_A,MAX_A,N`` and ``--grid-from MODEL`` (one or the other), for every command that prepares.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grid", default=None, metavar="MIN_A,MAX_A,N",
+                   help="common grid: N pixels uniform in log10 wavelength from MIN_A to MAX_A Angstrom "
+                        "(default 3761-9268 A, 4000 pixels: log10 3.5754-3.9670)")
+    g.add_argument("--grid-from", default=None, metavar="MODEL",
+                   help="prepare exactly as this model folder expects: its grid and flux preprocessing "
+                        "(read from MODEL/model.json)")
+
+
+def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig:
+    """``config`` with the grid named by ``--grid`` or ``--grid-from`` (unchanged when neither is given).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        With ``grid`` and ``grid_from`` (see :func:`add_grid_arguments`).
+    config : PrepareConfig, optional
+
+    Returns
+    -------
+    PrepareConfig
+
+    Raises
+    ------
+    ValueError
+        A malformed ``--grid`` or an unreadable model.
+    """
+    config = config or PrepareConfig()
+    if getattr(args, "grid_from", None):
+        return config_from_model(args.grid_from, config)
+    if getattr(args, "grid", None):
+        return PrepareConfig.from_dict({**config.to_dict(), "grid": parse_grid(args.grid)})
+    return config
 
 
 def run_cli(args) -> int:
@@ -737,12 +1012,16 @@ def run_cli(args) -> int:
     except ValueError:
         print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
         return 2
-    config = PrepareConfig(min_coverage=args.min_coverage, rest_frame=not args.no_rest_frame,
-                           rv_column=args.rv_column)
+    try:
+        config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
+                                                      rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait)
+                progress=not args.no_progress, wait=args.wait, survey=args.survey)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

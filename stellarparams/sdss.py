@@ -217,7 +217,7 @@ def _card_int(cards: dict, key: bytes, default: int) -> int:
         return default
 
 
-def check_headers(path) -> None:
+def check_headers(path, max_bytes: int = MAX_HDU_BYTES) -> None:
     """Walk the raw header cards of every HDU before cfitsio reads them.
 
     cfitsio trusts a header: a damaged one that declares 10**8 table fields or terabytes of
@@ -228,6 +228,8 @@ def check_headers(path) -> None:
     Parameters
     ----------
     path : str or Path
+    max_bytes : int
+        Largest HDU accepted (default 256 MB; a DESI coadd holds larger ones).
 
     Returns
     -------
@@ -236,17 +238,17 @@ def check_headers(path) -> None:
     Raises
     ------
     SpectrumError
-        A header declares more than 256 MB of data or more than 999 fields.
+        A header declares more than ``max_bytes`` of data or more than 999 fields.
     """
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
     try:
-        _walk_headers(path, gz)
+        _walk_headers(path, gz, max_bytes)
     except (EOFError, zlib.error, gzip.BadGzipFile):
         return  # a damaged gzip stream: cfitsio reports it
 
 
-def _walk_headers(path, gz: bool) -> None:
+def _walk_headers(path, gz: bool, max_bytes: int = MAX_HDU_BYTES) -> None:
     with (gzip.open if gz else open)(path, "rb") as f:
         for hdu in range(64):
             cards, end = {}, False
@@ -267,7 +269,7 @@ def _walk_headers(path, gz: bool) -> None:
                 size *= _card_int(cards, b"NAXIS%d" % k, 0)
             size += _card_int(cards, b"PCOUNT", 0)
             fields = _card_int(cards, b"TFIELDS", 0)
-            if not 0 <= size <= MAX_HDU_BYTES or not 0 <= fields <= 999 or naxis > 999:
+            if not 0 <= size <= max_bytes or not 0 <= fields <= 999 or naxis > 999:
                 raise SpectrumError(path, "unreadable", f"HDU {hdu} header declares {size} bytes, {fields} fields: "
                                     "damaged")
             f.seek(-(-size // FITS_BLOCK) * FITS_BLOCK, 1)

@@ -212,3 +212,41 @@ def test_predict_writes_sigma_and_extrapolation_columns(tmp_path):
         assert (r[["sigma_teff", "sigma_feh", "sigma_logg"]] > 0).all()
     assert df.loc[str(bad), ["sigma_teff", "ood_score"]].isna().all() and not df.loc[str(bad), "flag_unlike_training"]
     assert summary["calibrated"] and summary["n_unlike_training"] == int(df["flag_unlike_training"].sum())
+
+
+def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
+    """Each survey's file goes through the model's own preprocessing; a DESI coadd gives one row per
+    TARGETID, its all-zero-ivar target is a named reject, and the rows equal Model.predict on the records."""
+    from stellarparams import desi, lamost, readers, tables
+
+    m = tiny_model()
+    lam = 10 ** LOGLAM
+    rng = np.random.default_rng(0)
+    flux = (100 * (lam / 5000) ** -1.5 + rng.normal(size=len(lam))).astype(np.float32)
+    ivar = np.full(len(lam), 4.0, np.float32)
+    lam_file = tmp_path / lamost.spec_filename(57000, "GAC1", 2, 7)
+    lamost.write_spectrum(lam_file, lam, flux, ivar, obsid=77, lmjd=57000, planid="GAC1", spid=2, fiberid=7,
+                          helio_rv=12.0)
+    half = len(lam) // 2 + 100  # arms overlap by 200 pixels
+    arms = {"B": (lam[:half], np.stack([flux, flux])[:, :half], np.stack([ivar, 0 * ivar])[:, :half], None),
+            "R": (lam[half - 200:], np.stack([flux, flux])[:, half - 200:], np.stack([ivar, 0 * ivar])[:, half - 200:],
+                  None)}
+    desi_file = tmp_path / "coadd-main-bright-5.fits"
+    desi.write_coadd(desi_file, [501, 502], arms)
+    table_file = tables.write_table(tmp_path / "t.h5", lam, flux[None], ivar[None],
+                                    columns={"ID": np.array(["mine"]), "RV": np.array([3.0])}, shared_wave=True)
+    cat = tmp_path / "mws.csv"
+    pd.DataFrame({"TARGETID": [501, 502], "VRAD": [-20.0, -20.0]}).to_csv(cat, index=False)
+    s = predict(m, [lam_file, desi_file, table_file], tmp_path / "p.csv", catalog=cat, workers=0, progress=False)
+    df = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert s["n_files"] == 4 and len(df) == 4
+    assert list(df["id"].astype(str)) == ["77", "501", "502", "mine"]
+    assert list(df["flag_rejected"].astype(str)) == ["False", "False", "True", "False"]
+    assert df["reject_reason"][2] == "no_good_pixels" and "502" in df["reject_detail"][2]
+    assert list(pd.to_numeric(df["rv"])[[0, 1, 3]]) == [12.0, -20.0, 3.0]  # HELIO_RV, catalog VRAD, table RV
+    recs = [readers.read(lam_file)[0], readers.read(desi_file)[0], readers.read(table_file)[0]]
+    want = m.predict(recs, rv_kms=[12.0, -20.0, 3.0])
+    got = df.loc[[0, 1, 3], ["teff", "feh", "logg"]].apply(pd.to_numeric).to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # plain arrays through the model's prediction path
+    np.testing.assert_allclose(m.predict(readers.from_arrays(lam, flux, ivar, rv_kms=3.0)), want[2:], rtol=1e-5)
