@@ -1,8 +1,7 @@
-"""Output locations: checked before the work starts, locked while written, hashed when published."""
+"""Output locations: checked before the work starts and locked while written."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -60,22 +59,3 @@ def locked_output(folder, wait: bool):
         except PermissionError as e:
             raise ValueError(f"{folder}: cannot write in the output folder ({e.strerror})") from None
         yield folder
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks.
-
-    Parameters
-    ----------
-    path : str or Path
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

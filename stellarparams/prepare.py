@@ -36,7 +36,8 @@ from scipy.interpolate import CubicSpline
 from . import desi, lamost, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
-from .outputs import file_sha256, locked_output
+from .outputs import locked_output
+from .records import sha256_file
 from .physics import doppler_log_shift
 from .workers import pool as worker_pool
 
@@ -435,7 +436,7 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
     final = out / DATA_FILE
     if summary.get("input_hash") != input_hash or not final.is_file() or "dataset_sha256" not in summary:
         return None
-    if file_sha256(final) != summary["dataset_sha256"]:
+    if sha256_file(final) != summary["dataset_sha256"]:
         return None
     return summary
 
@@ -906,7 +907,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     # (a summary whose sha256 matches the dataset marks a finished job)
     atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
     atomic_write(final, write_h5)
-    summary["dataset_sha256"] = file_sha256(final)
+    summary["dataset_sha256"] = sha256_file(final)
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     if progress:

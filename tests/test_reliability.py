@@ -95,7 +95,7 @@ def test_damaged_published_dataset_is_not_up_to_date(tmp_path):
     prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
     h5 = tmp_path / "ds" / "dataset.h5"
     summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
-    assert summary["dataset_sha256"] == prep.file_sha256(h5)
+    assert summary["dataset_sha256"] == prep.sha256_file(h5)
     assert prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)["up_to_date"]
     data = bytearray(h5.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the flux
