@@ -37,8 +37,8 @@ from . import desi, lamost, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
-from .records import sha256_file
 from .physics import doppler_log_shift
+from .records import sha256_file
 from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
