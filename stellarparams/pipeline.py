@@ -130,7 +130,7 @@ def format_table(res: dict) -> str:
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
         workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
-        progress: bool = True) -> dict:
+        progress: bool = True, device=None, precision: str = "fp32") -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     Parameters
@@ -151,6 +151,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         "default" or "paper" (stellarparams.config.RECIPES).
     progress : bool
         Progress bars and stage lines.
+    device, precision : optional
+        Where and how the network trains and predicts (None: ``"auto"``, a GPU when present);
+        an unavailable device is refused before any work.
 
     Returns
     -------
@@ -162,8 +165,11 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .dataset import Dataset
     from .prepare import prepare
     from .simulate import simulate
+    from .devices import check_precision, resolve_device
     from .train import train
 
+    device = resolve_device(device)
+    check_precision(device, precision)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -186,7 +192,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     _say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}", progress)
     t0 = time.perf_counter()
     with Dataset(out / "dataset") as ds:
-        model = train(ds, out / "model", mc, tc, progress=progress, overwrite=True)
+        model = train(ds, out / "model", mc, tc, progress=progress, overwrite=True, device=device,
+                      precision=precision)
         times["train"] = time.perf_counter() - t0
 
         _say("[4/4] evaluate on the test split", progress)
@@ -244,12 +251,16 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
     p.add_argument("--quiet", action="store_true", help="only the final table")
+    from .devices import add_arguments as add_device_arguments
+
+    add_device_arguments(p)
 
 
 def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet)
+                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
+                      device=args.device, precision=args.precision)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
