@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: the pinned CPU wheel on local disk (an unpinned torch pulls a CUDA build)
+	# torch first: the exact CPU wheel on local disk (pyproject.toml only asks torch>=2.4,<3, so a CUDA build stays)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)

@@ -226,7 +226,7 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, scale: torch.Tensor, generat
     units (error / s). scale = 1 doubles the variance (S/N / sqrt(2)); the training range
     U(0, 1) spans S/N from the observed one to 0.7 of it.
     """
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # drawn on the CPU
     return x + noise * sigma.to(x.dtype) * scale.to(x.dtype)[:, None]
 
 
@@ -290,6 +290,10 @@ class Augmenter:
     this order: LSF jitter, shift, reddening, calibration distortion, telluric residual,
     masked runs, per-pixel noise. Each step is off when its ``aug_*`` field is 0.
 
+    It runs on the device of ``x`` (the training device): its fixed curves are copied there
+    once, and every random number is drawn on the CPU from ``generator`` and moved there, so
+    a seed gives the same draws on every device (:mod:`stellarparams.devices`).
+
     Parameters
     ----------
     config : stellarparams.config.TrainConfig
@@ -305,6 +309,14 @@ class Augmenter:
         self.loglam = torch.tensor(loglam)
         self.curve = torch.tensor(extinction_curve(loglam), dtype=torch.float32) if config.aug_ebv else None
         self.telluric_profile = telluric_profile(self.loglam).float() if config.aug_telluric else None
+        self._on = {}
+
+    def _const(self, name, device):
+        """The fixed curve ``name`` (``curve``, ``telluric_profile``, ``basis``) on ``device``, cached."""
+        if (name, device) not in self._on:
+            t = legendre_basis(self.n_pix, self.c.aug_calib_order) if name == "basis" else getattr(self, name)
+            self._on[name, device] = t.to(device)
+        return self._on[name, device]
 
     @property
     def needs_offset(self) -> bool:
@@ -330,10 +342,10 @@ class Augmenter:
         (B, P) tensor
             The augmented, standardized flux.
         """
-        c, B = self.c, x.shape[0]
+        c, B, dev = self.c, x.shape[0], x.device
 
         def u():
-            return torch.rand(B, generator=generator)
+            return torch.rand(B, generator=generator).to(dev)
 
         if c.aug_lsf_pix:
             x = broaden(x, u() * c.aug_lsf_pix)
@@ -342,22 +354,23 @@ class Augmenter:
         # reddening x calibration x telluric: one factor on the flux, one re-standardization
         factor = None
         if c.aug_ebv:
-            factor = _times(factor, torch.pow(10.0, -0.4 * ((u() * 4 / 3 - 1 / 3) * c.aug_ebv)[:, None] * self.curve))
+            curve = self._const("curve", dev)
+            factor = _times(factor, torch.pow(10.0, -0.4 * ((u() * 4 / 3 - 1 / 3) * c.aug_ebv)[:, None] * curve))
         if c.aug_calib_sigma:
-            coeffs = torch.randn(B, c.aug_calib_order, generator=generator) * c.aug_calib_sigma
-            basis = legendre_basis(self.n_pix, c.aug_calib_order, x.dtype)
+            coeffs = (torch.randn(B, c.aug_calib_order, generator=generator) * c.aug_calib_sigma).to(dev)
+            basis = self._const("basis", dev).to(x.dtype)
             factor = _times(factor, (1.0 + coeffs @ basis).clamp(min=0.2))
         if c.aug_telluric:
             depth = (2 * u() - 1) * c.aug_telluric
-            factor = _times(factor, (1.0 - depth[:, None] * self.telluric_profile).clamp(min=0.05))
+            factor = _times(factor, (1.0 - depth[:, None] * self._const("telluric_profile", dev)).clamp(min=0.05))
         if factor is not None:
             x, offset = restandardize(to_flux(x, offset) * factor)
         if c.aug_mask_runs:
             R = c.aug_mask_runs
             starts = torch.randint(0, self.n_pix, (B, R), generator=generator)
             lengths = torch.randint(1, 31, (B, R), generator=generator) * (torch.rand(B, R, generator=generator) < 0.5)
-            x = mask_runs(x, starts, lengths)
+            x = mask_runs(x, starts.to(dev), lengths.to(dev))
         if c.aug_pixnoise:
-            finite = torch.where(torch.isfinite(sigma), sigma, torch.zeros(()))
+            finite = torch.where(torch.isfinite(sigma), sigma, torch.zeros((), device=dev))
             x = add_noise(x, finite, u() * c.aug_pixnoise, generator)
         return x

@@ -137,7 +137,8 @@ def fit_network(name, ctx) -> _Fitted:
         net = DNN(P, L)
     else:
         mc = ModelConfig(**ABLATIONS[name])
-    model = train(ctx.ds, ctx.out / "models" / name / "model", mc, ctx.train_config, net=net, progress=ctx.progress)
+    model = train(ctx.ds, ctx.out / "models" / name / "model", mc, ctx.train_config, net=net, progress=ctx.progress,
+                  device=getattr(ctx, "device", "cpu"), precision=getattr(ctx, "precision", "fp32"))
     info = {"model_config": mc.to_dict() if net is None else {"architecture": type(net).__name__, **net.to_dict()},
             "train_metrics": model.metrics}
     return _Fitted(model.predict, count_parameters(model.net), info)
@@ -218,7 +219,8 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
 
 
 def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: int | None = None, models=None,
-              threads: int | None = None, progress: bool = True, batch_size: int = 1024) -> dict:
+              threads: int | None = None, progress: bool = True, batch_size: int = 1024, device=None,
+              precision: str = "fp32") -> dict:
     """Train, evaluate and time the paper's baselines and ablations on one dataset split.
 
     dataset: prepared dataset (path or :class:`Dataset`) with labels teff, feh, logg.
@@ -226,6 +228,8 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     models: names from :data:`MODELS` (default all), or a dict ``{name: fit(name, ctx) -> _Fitted}``
         to add custom entries. threads: torch/BLAS threads for training and timing (default: torch's).
     batch_size: rows per prediction call, the same for every model (timing and evaluation).
+    device, precision: where and how the networks train and predict (None: ``"auto"``); the
+        linear models stay on the CPU.
     Returns the content of ``results.json`` (per-model metrics, params, timings, errors, claims).
     """
     import torch
@@ -234,6 +238,10 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     from .dataset import Dataset
     from .config import TrainConfig
 
+    from .devices import check_precision, resolve_device
+
+    device = resolve_device(device)
+    check_precision(device, precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
@@ -252,6 +260,7 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
             raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
         fitters = {m: FITTERS[m] for m in models}
     ctx = _Context(ds, out, seed, epochs, threads, progress)
+    ctx.device, ctx.precision = device, precision
     test_idx = ds.indices("test")
     if len(test_idx) == 0 or len(ds.indices("train")) == 0 or len(ds.indices("val")) == 0:
         raise ValueError(f"{ds.path}: the benchmark needs train, val and test rows "
@@ -488,13 +497,17 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, help="torch/BLAS threads for training and timing; unset: torch's default")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per prediction call, same for every model")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    from .devices import add_arguments as add_device_arguments
+
+    add_device_arguments(p)
 
 
 def run_cli(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     try:
         res = benchmark(args.dataset, args.out, quick=args.quick, seed=args.seed, epochs=args.epochs, models=models,
-                        threads=args.threads, progress=not args.quiet, batch_size=args.batch_size)
+                        threads=args.threads, progress=not args.quiet, batch_size=args.batch_size,
+                        device=args.device, precision=args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ def fold_of(groups, k: int, seed: int = 0) -> np.ndarray:
 
 
 def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, tag: str = "",
-                progress: bool = False) -> dict | None:
+                progress: bool = False, device=None, precision: str = "fp32") -> dict | None:
     """Out-of-fold predictions for every training row, for the sigma calibration.
 
     Parameters
@@ -49,6 +49,8 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         trained without fold k (selected on ``iva``) and predicts it with MC dropout.
     folder : Path, optional
         Where finished folds are kept (``oof_<tag>_fold<k>.npz``) to resume.
+    device, precision : optional
+        Where and how the fold models train (:func:`stellarparams.training.fit`).
 
     Returns
     -------
@@ -75,7 +77,7 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
             continue
         held = itr[folds == f]
         fm = fit(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
-                 on_epoch=lambda *a: bar.update(1))
+                 on_epoch=lambda *a: bar.update(1), device=device, precision=precision)
         pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
         parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
         if path is not None:
@@ -89,7 +91,8 @@ def _savez(path, arrays: dict):
         np.savez(f, **arrays)
 
 
-def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", progress: bool = True) -> Uncertainty:
+def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", progress: bool = True,
+              device=None, precision: str = "fp32") -> Uncertainty:
     """Fit the uncertainty model of a trained model on a prepared dataset's train/val splits.
 
     Parameters
@@ -105,6 +108,11 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         Where finished folds are kept, and the run identity in their names.
     progress : bool
         Progress bar and a one-line summary on stderr.
+    device : str or torch.device, optional
+        Where the fold models train (None: the model's own device); the MC-dropout passes run
+        on the device of each network.
+    precision : str
+        Autocast of the fold models' training (:func:`stellarparams.training.fit`).
 
     Returns
     -------
@@ -120,7 +128,8 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         oof = None
         if folds >= 2:
             t0 = time.perf_counter()
-            oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress)
+            oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress,
+                              device=model.device if device is None else device, precision=precision)
             model.metrics["calib_folds_s"] = round(time.perf_counter() - t0, 1)
             if oof is not None:
                 oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]

@@ -242,11 +242,13 @@ def dataset_metadata(ds) -> dict:
 
 
 def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: bool = True,
-             batch_size: int = 4096) -> dict:
+             batch_size: int = 4096, device=None) -> dict:
     """Evaluate a model on one split of a prepared dataset and write the report folder.
 
     model_or_path: a loaded model (anything with ``predict((N, P) flux) -> (N, L)``,
     ``label_names``, ``label_units``) or a model folder. dataset: a :class:`Dataset` or its path.
+    device: where the network predicts (``"auto"``, ``"cpu"``, ``"cuda[:N]"``, ``"mps"``); None
+    keeps a loaded model where it is and loads a folder onto the CPU.
     Returns the content of ``metrics.json`` (per-label metrics, binned tables, metadata,
     figure paths, notes about anything skipped).
     """
@@ -259,10 +261,12 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
         from .model_io import load_model
 
         path = Path(model_or_path)
-        model = load_model(path)
+        model = load_model(path, "cpu" if device is None else device)
     else:
         model = model_or_path
         path = getattr(model, "path", None)
+        if device is not None:
+            model.to(device)
     ds = _open_dataset(dataset)
     names = list(model.label_names)
     units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
@@ -481,6 +485,8 @@ def add_arguments(p):
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     p.add_argument("--batch-size", type=int, default=4096, help="spectra per prediction batch")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device", default="auto",
+                   help="where the network predicts: auto (CUDA when present, then MPS, else CPU), cpu, cuda, cuda:N, mps")
 
 
 def run_cli(args) -> int:
@@ -488,7 +494,7 @@ def run_cli(args) -> int:
 
     try:
         r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ import torch
 
 from ._version import __version__
 from .config import ModelConfig, TrainConfig
+from .devices import module_device, resolve_device, to_device
 from .files import write_bytes, write_text
 from .model import StellarNet, count_parameters
 from .physics import rv_from_z  # noqa: F401  (re-exported: stellarparams.predict imports it from here)
@@ -186,6 +187,27 @@ class Model:
                 f"version={self.version!r})")
 
     @property
+    def device(self) -> torch.device:
+        """Where the network runs (predictions move each batch there and back to the CPU)."""
+        return module_device(self.net)
+
+    def to(self, device) -> "Model":
+        """Move the network to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``).
+
+        Parameters
+        ----------
+        device : str or torch.device
+            As for :func:`stellarparams.devices.resolve_device`.
+
+        Returns
+        -------
+        Model
+            This model.
+        """
+        self.net.to(resolve_device(device))
+        return self
+
+    @property
     def n_in(self) -> int:
         return int(self.grid.get("n_pix") or getattr(self.model_config, "n_in", 0))
 
@@ -211,11 +233,12 @@ class Model:
     def predict_scaled(self, flux, batch_size: int = 4096) -> np.ndarray:
         """flux (N, P) float32 -> (N, L) float32 in scaled target units."""
         x = self._flux(flux, None)
-        x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        x = x.cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
         self.net.eval()
+        dev = self.device
         out = np.empty((x.shape[0], len(self.label_names)), np.float32)
         for i in range(0, x.shape[0], batch_size):
-            out[i:i + batch_size] = self.net(x[i:i + batch_size]).numpy()
+            out[i:i + batch_size] = self.net(to_device(x[i:i + batch_size], dev)).cpu().numpy()
         return out
 
     def predict(self, flux, batch_size: int = 4096, rv_kms=None, return_sigma: bool = False):
@@ -463,13 +486,17 @@ def _check_manifest(folder: Path, meta: dict, text: str):
         _check_file(folder / name, digest, folder / META)
 
 
-def load_model(folder) -> Model:
+def load_model(folder, device="cpu") -> Model:
     """Rebuild a model folder written by :func:`save_model`. Only tensors and JSON are read.
 
     Parameters
     ----------
     folder : str or Path
         The model folder.
+    device : str or torch.device
+        Where the network runs (:func:`stellarparams.devices.resolve_device`; ``"auto"``: a
+        GPU when present). The folder holds CPU tensors whatever device trained it; they are
+        read onto the CPU and moved there (like ``torch.load``'s ``map_location``).
 
     Returns
     -------
@@ -484,7 +511,7 @@ def load_model(folder) -> Model:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder, dev = Path(folder), resolve_device(device)
     if not folder.is_dir():
         raise ModelFileError(f"{folder}: no model folder here (train one with `stellarparams train` or `stellarparams run`)")
     meta_path, weights_path = folder / META, folder / WEIGHTS
@@ -506,14 +533,14 @@ def load_model(folder) -> Model:
     _check_file(weights_path, meta.get("weights_sha256", ""), meta_path)
     net = _build_net(meta, folder)
     try:
-        net.load_state_dict(load_file(weights_path))
+        net.load_state_dict(load_file(weights_path, device="cpu"))
     except (SafetensorError, RuntimeError) as e:
         raise ModelFileError(f"{weights_path}: weights do not fit the architecture in {meta_path} ({str(e)[:300]})") from e
     if meta.get("stellarparams_version") != __version__:
         warnings.warn(f"{folder}: model written by stellarparams {meta.get('stellarparams_version')}, "
                       f"this is {__version__}", stacklevel=2)
     tc, mc = meta.get("train_config"), meta.get("model_config")
-    return Model(net, meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
+    return Model(net.to(dev), meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
                  model_config=ModelConfig.from_dict(mc) if mc else None,
                  train_config=TrainConfig.from_dict(tc) if tc else None,
                  label_units=meta.get("label_units"), label_ranges=meta.get("label_ranges"),

@@ -130,7 +130,7 @@ def format_table(res: dict) -> str:
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
         workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
-        progress: bool = True, grid=None) -> dict:
+        progress: bool = True, grid=None, device=None, precision: str = "fp32") -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     Parameters
@@ -153,6 +153,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         Progress bars and stage lines.
     grid : dataset.Grid or str, optional
         The common wavelength grid of prepare ("MIN_A,MAX_A,N"; default the paper's).
+    device, precision : optional
+        Where and how the network trains and predicts (None: ``"auto"``, a GPU when present);
+        an unavailable device is refused before any work.
 
     Returns
     -------
@@ -163,10 +166,13 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .dataset import Dataset, parse_grid
     from .evaluate import evaluate
     from .prepare import PrepareConfig, prepare
+    from .devices import check_precision, resolve_device
     from .simulate import simulate
     from .train import train
 
     prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
+    device = resolve_device(device)
+    check_precision(device, precision)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -190,7 +196,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     _say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}", progress)
     t0 = time.perf_counter()
     with Dataset(out / "dataset") as ds:
-        model = train(ds, out / "model", mc, tc, progress=progress, overwrite=True)
+        model = train(ds, out / "model", mc, tc, progress=progress, overwrite=True, device=device,
+                      precision=precision)
         times["train"] = time.perf_counter() - t0
 
         _say("[4/4] evaluate on the test split", progress)
@@ -250,13 +257,16 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--quiet", action="store_true", help="only the final table")
     p.add_argument("--grid", metavar="MIN_A,MAX_A,N", help="prepare onto N pixels uniform in log10 wavelength "
                    "from MIN_A to MAX_A Angstrom (default: the paper's 4000-pixel grid)")
+    from .devices import add_arguments as add_device_arguments
+
+    add_device_arguments(p)
 
 
 def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
                       threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
-                      grid=args.grid)
+                      grid=args.grid, device=args.device, precision=args.precision)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from . import sdss
+from .devices import add_arguments as add_device_arguments
 from .files import LOCK_NAME, atomic_write, write_text
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
@@ -450,7 +451,8 @@ def _job_key(model, items, min_snr, prepare_config=None) -> str:
 
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
-            wait: bool = False, min_coverage: float | None = None, survey: str | None = None) -> dict:
+            wait: bool = False, min_coverage: float | None = None, survey: str | None = None,
+            device=None) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -484,6 +486,9 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     survey : str, optional
         Read every input as this survey's format (``sdss``, ``lamost``, ``desi``, ``table``);
         default: detected per file. A DESI coadd or a table gives one row per spectrum.
+    device : str, optional
+        Where the network runs for a model given as a folder ("auto": a GPU when present);
+        files are read and resampled on the CPU.
 
     Returns
     -------
@@ -497,11 +502,13 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     ValueError
         Bad output location or suffix, bad catalog.
     """
+    from .devices import resolve_device
     from .model_io import Model, load_model
 
+    device = resolve_device(device)
     out = check_output_file(out)
     with locked_output(out.parent / f".{out.name}.partial", wait) as partial:
-        model = model if isinstance(model, Model) else load_model(model)
+        model = model if isinstance(model, Model) else load_model(model, device=device)
         items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -653,6 +660,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_arguments(p, precision=False)
 
 
 def run_cli(args) -> int:
@@ -662,7 +670,7 @@ def run_cli(args) -> int:
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
                           workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey)
+                          min_coverage=args.min_coverage, survey=args.survey, device=args.device)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

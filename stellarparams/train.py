@@ -25,6 +25,7 @@ from .calibrate import calibrate, fold_of  # noqa: F401  (fold_of re-exported: i
 from .config import (DEFAULT_RECIPE, RECIPES, ModelConfig, TrainConfig, config_from_dict,  # noqa: F401
                      load_config, recipe)
 from .dataset import Dataset
+from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .files import OutputBusy, output_lock
 from .model import count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
@@ -72,7 +73,8 @@ def check_output(out) -> Path:
 
 
 def train(dataset, out=None, model_config: ModelConfig = None, train_config: TrainConfig = None, *, net=None,
-          on_epoch=None, progress: bool = True, overwrite: bool = False, wait: bool = False) -> Model:
+          on_epoch=None, progress: bool = True, overwrite: bool = False, wait: bool = False, device=None,
+          precision: str = "fp32") -> Model:
     """Train on a prepared dataset's train split, select on its val split, calibrate; return a Model.
 
     Parameters
@@ -101,6 +103,12 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         of an error); `stellarparams run` uses this for its own model folder.
     wait : bool
         Wait for another process holding ``out`` instead of failing at once.
+    device : str or torch.device, optional
+        Where to train and calibrate (None: ``"auto"``, a GPU when present); the returned
+        model's network lives there, the folder holds CPU tensors. Not part of the run's
+        fingerprint: a run killed on one device resumes on another.
+    precision : str
+        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast of the training.
 
     Returns
     -------
@@ -113,7 +121,9 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     stellarparams.files.OutputBusy
         Another process is writing ``out`` (and ``wait`` is False).
     """
-    args = (model_config or ModelConfig(), train_config or recipe(), net, on_epoch, progress, overwrite)
+    dev = resolve_device(device)
+    args = (model_config or ModelConfig(), train_config or recipe(), net, on_epoch, progress, overwrite, dev,
+            check_precision(dev, precision))
     if out is None:
         return _with_dataset(dataset, None, *args)
     out = check_output(out)
@@ -128,7 +138,7 @@ def _with_dataset(dataset, out, *args):
         return _train(ds, out, *args)
 
 
-def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite):
+def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precision):
     if tc.threads:
         import torch
 
@@ -150,9 +160,9 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite):
             if progress:
                 print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
                       file=sys.stderr)
-            model = load_model(out)
+            model = load_model(out, device)
             if model.uncertainty is None:
-                _calibrate(model, ds, 0, out, fingerprint, progress)
+                _calibrate(model, ds, 0, out, fingerprint, progress, precision)
                 save_model(model, out)
             return model
         if not overwrite:
@@ -171,14 +181,14 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite):
 
     # ---- train -> calibrate -> save
     fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
-                 fingerprint=fingerprint, on_epoch=on_epoch, progress=progress)
+                 fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
     cols = [ds.label_names.index(l) for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
                   label_units=[ds.label_units[c] for c in cols], label_ranges=fitted.label_ranges,
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    _calibrate(model, ds, folds, out, fingerprint, progress)
+    _calibrate(model, ds, folds, out, fingerprint, progress, precision)
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
@@ -191,10 +201,10 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite):
     return model
 
 
-def _calibrate(model, ds, folds, folder, fingerprint, progress):
+def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32"):
     """Calibrate (sets model.uncertainty); a failure only warns: the model then predicts without sigma."""
     try:
-        calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, progress=progress)
+        calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, progress=progress, precision=precision)
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
 
@@ -227,6 +237,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--wait", action="store_true",
                    help="when another run is writing --out, wait for it to finish instead of failing at once")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(p)
 
 
 def run_cli(args) -> int:
@@ -238,7 +249,7 @@ def run_cli(args) -> int:
             wanted = [s.strip() for s in args.labels.split(",") if s.strip()]
             mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
         model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
-                      wait=args.wait)
+                      wait=args.wait, device=args.device, precision=args.precision)
     except (ValueError, FileNotFoundError, OutputBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ._version import __version__
 from .config import ModelConfig, TrainConfig
+from .devices import autocast, check_precision, resolve_device, to_device
 from .files import atomic_write, write_text
 from .model import StellarNet, count_parameters
 
@@ -84,14 +85,14 @@ def save_checkpoint(path, net, best_state, opt, sched, state: dict, ema=None):
     """Weights, best weights and optimizer moments as tensors; ``state`` + schedule as JSON metadata."""
     from safetensors.torch import save
 
-    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
-    tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best_state.items()})
     if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     for i, s in osd["state"].items():
         for k, v in s.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous() if torch.is_tensor(v) else torch.tensor(v)
     state = dict(state, param_groups=osd["param_groups"], scheduler=sched.state_dict())
     data = save(tensors, metadata={"state": json.dumps(state)})
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -138,7 +139,7 @@ class Fitted:
 
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
-        fingerprint: str = "", on_epoch=None, progress: bool = False) -> Fitted:
+        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32") -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -161,6 +162,14 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         ``on_epoch(epoch, val_loss, metrics)`` after every epoch; may raise to stop.
     progress : bool
         Progress bars and one line per epoch on stderr.
+    device : str or torch.device, optional
+        Where to train (:func:`stellarparams.devices.resolve_device`; None: ``"auto"``). The
+        data stay on the CPU; each batch is moved there (pinned, non-blocking on CUDA) and
+        noise and augmentation run there, from random numbers drawn on the CPU generator, so
+        the random streams are the same on every device. The returned net lives there.
+    precision : str
+        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler):
+        autocast of the forward passes.
 
     Returns
     -------
@@ -170,6 +179,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     from tqdm.auto import tqdm
 
     mc, tc = model_config, train_config
+    dev = resolve_device(device)
+    check_precision(dev, precision)
     labels = mc.labels
     cols = [ds.label_names.index(l) for l in labels]
     units = [ds.label_units[c] for c in cols]
@@ -192,6 +203,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
     Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
     weights = torch.tensor(loss_weights(Ytr.numpy()), dtype=torch.float32)
+    weights_dev = weights.to(dev)
     label_ranges = {l: [float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] for j, l in enumerate(labels)}
 
     n_tr = len(itr)
@@ -204,13 +216,14 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- model, optimizer, schedule
     torch.manual_seed(tc.seed)
-    net = StellarNet(mc) if net is None else net
+    net = (StellarNet(mc) if net is None else net).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n_items = n_tr * (1 + tc.n_augment)
     steps_per_epoch = math.ceil(n_items / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, tc.warmup_frac, tc.lr_floor))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # its state is not checkpointed
 
     # ---- resume
     history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
@@ -232,8 +245,9 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     def evaluate(X, Y, y_phys):
         kept.eval()
-        with torch.inference_mode():
-            pred = torch.cat([kept(X[i:i + tc.eval_batch_size]) for i in range(0, len(X), tc.eval_batch_size)])
+        with torch.inference_mode(), autocast(dev, precision):
+            pred = torch.cat([kept(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
+                              for i in range(0, len(X), tc.eval_batch_size)])
             loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
         p = pred.numpy().astype(np.float64) * scale + center
         mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
@@ -251,24 +265,34 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         torch.manual_seed(es + 1)  # dropout
         perm = torch.randperm(n_items, generator=g)
         net.train()
-        run_loss = torch.zeros(())
+        run_loss = torch.zeros((), device=dev)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
                    leave=False, unit="batch", mininterval=1.0)
         for b in bar:
             j = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
             row, k = j % n_tr, j // n_tr
-            x = Xtr[row]
+            x = to_device(Xtr[row], dev)
             sigma = noise_std[k, row]
             noisy = sigma > 0
-            if noisy.any():
-                x[noisy] += torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
+            if noisy.any():  # drawn on the CPU generator, added on the device
+                noise = torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
+                x[noisy.to(dev)] += to_device(noise, dev)
             if augment is not None and (k > 0).any():  # physical augmentation: the copies, never the clean row
                 a = torch.nonzero(k > 0)[:, 0]
-                x[a] = augment(x[a], None if Otr is None else Otr[row[a]], None if Str is None else Str[row[a]], g)
-            loss = masked_huber(net(x), Ytr[row], weights, tc.huber_delta)
+                a_dev = a.to(dev)
+                x[a_dev] = augment(x[a_dev], None if Otr is None else to_device(Otr[row[a]], dev),
+                                   None if Str is None else to_device(Str[row[a]], dev), g)
+            with autocast(dev, precision):
+                out = net(x)
+            loss = masked_huber(out.float(), to_device(Ytr[row], dev), weights_dev, tc.huber_delta)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             if ema is not None:
                 ema.update_parameters(net)

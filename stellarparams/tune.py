@@ -63,6 +63,7 @@ from optuna.trial import TrialState
 from ._version import __version__
 from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe  # noqa: F401  (config_toml re-exported)
 from .dataset import Dataset
+from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .files import atomic_write, write_text
 from .records import dumps
 from .training import fit
@@ -360,7 +361,8 @@ def _open_study(storage, name, settings, reference):
 def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, study_name: str = "stellarparams",
          sampler: str = "tpe", epochs: int = 30, seed: int = 0, timeout: float | None = None,
          space: SearchSpace | None = None, prune: bool = True, threads: int | None = None,
-         heartbeat: float = 60.0, progress: bool = True, callbacks=(), recipe_name: str = "default") -> optuna.Study:
+         heartbeat: float = 60.0, progress: bool = True, callbacks=(), recipe_name: str = "default",
+         device=None, precision: str = "fp32") -> optuna.Study:
     """Run (or continue, or join) a search until the study holds ``trials`` finished trials.
 
     dataset: prepared dataset folder or Dataset; out_dir: where the summary files go.
@@ -374,8 +376,12 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     callbacks: extra Optuna callbacks(study, frozen_trial) run after every trial.
     recipe_name: the training recipe every trial starts from ("default" or "paper"); the space's
         ``augment`` ranges search its switches.
+    device, precision: where and how every trial trains (:func:`stellarparams.training.fit`;
+        None: ``"auto"``); refused before any work when the machine lacks the device.
     Returns the optuna.Study; writes best.toml, summary.json/.md, history.png, importance.png.
     """
+    device = resolve_device(device)
+    check_precision(device, precision)
     space = space or SearchSpace()
     space.validate()
     if trials < 1:
@@ -434,7 +440,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
             if trial.should_prune() and not is_reference:
                 raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs (best val loss {best:.4g})")
 
-        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch)
+        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, device=device, precision=precision)
         trial.set_user_attr("val_metrics", {k: v for k, v in fitted.metrics.items() if isinstance(v, (int, float))})
         return fitted.best_val_loss
 
@@ -632,6 +638,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between a trial's liveness pings; "
                    f"a trial silent for {GRACE_FACTOR}x this long (killed worker) is re-queued")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log")
+    add_device_arguments(p)
 
 
 def run_cli(args) -> int:
@@ -640,7 +647,7 @@ def run_cli(args) -> int:
         s = tune(args.dataset, args.out, trials=args.trials, storage=args.storage, study_name=args.study,
                  sampler=args.sampler, epochs=args.epochs, seed=args.seed, timeout=args.timeout, space=space,
                  prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet,
-                 recipe_name=args.recipe)
+                 recipe_name=args.recipe, device=args.device, precision=args.precision)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

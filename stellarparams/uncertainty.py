@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
+from .devices import module_device, to_device
 from .files import write_bytes, write_text
 from .records import sha256_bytes, sha256_file
 
@@ -103,23 +104,27 @@ class FixedMasks:
     "thinned" networks, the usual reading of MC dropout. Masks come from ``seed`` and the
     layer's position among the net's Dropout layers with p > 0. Called on (B, d) rows it
     fans them out into (T, B, d); on (T, B, d) it applies mask t to copy t.
+    The masks are drawn on the CPU (the same on every device) and kept on the device of the
+    rows they multiply, so the T passes run batched there.
     """
 
     def __init__(self, drops, n_passes, seed):
         self.index = {id(m): i for i, m in enumerate(drops)}
         self.T, self.seed, self.masks = n_passes, seed, {}
 
-    def mask(self, layer, width):
-        i = self.index[id(layer)]
-        if (i, width) not in self.masks:
+    def mask(self, layer, width, device="cpu"):
+        """(T, width) mask of a Dropout layer, on ``device``."""
+        i, device = self.index[id(layer)], torch.device(device)
+        if (i, width, device) not in self.masks:
             g = torch.Generator().manual_seed(self.seed * 1000 + i)
-            self.masks[i, width] = (torch.rand(self.T, width, generator=g) >= layer.p).float() / (1.0 - layer.p)
-        return self.masks[i, width]
+            m = (torch.rand(self.T, width, generator=g) >= layer.p).float() / (1.0 - layer.p)
+            self.masks[i, width, device] = m.to(device)
+        return self.masks[i, width, device]
 
     def __call__(self, layer, x):
         if layer.p == 0:
             return x
-        return x * self.mask(layer, x.shape[-1])[:, None, :]
+        return x * self.mask(layer, x.shape[-1], x.device)[:, None, :]
 
 
 def _hooked_passes(net, x, masks, drops):
@@ -127,7 +132,7 @@ def _hooked_passes(net, x, masks, drops):
     forward hooks multiply each (eval-mode) Dropout output by mask t. (T, B, L)."""
     draws = []
     for t in range(masks.T):
-        handles = [m.register_forward_hook(lambda mod, inp, out, t=t: out * masks.mask(mod, out.shape[-1])[t])
+        handles = [m.register_forward_hook(lambda mod, inp, out, t=t: out * masks.mask(mod, out.shape[-1], out.device)[t])
                    for m in drops]
         try:
             draws.append(net(x))
@@ -148,7 +153,7 @@ def mc_predict(net, x, n_passes: int = N_PASSES, seed: int = 0):
         passes, fanning out at the first dropout: the stem runs once) or any module
         (then T full passes with hooks on its Dropout layers).
     x : torch.Tensor
-        (B, P) float32.
+        (B, P) float32, on the net's device (the passes run there).
 
     Returns
     -------
@@ -461,13 +466,15 @@ def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int
 
 # ---------------------------------------------------------------------- fitting
 def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
-    """Run the net with MC dropout over flux (N, P): (pred, s_mc) (N, L) scaled, noise (N,)."""
+    """Run the net with MC dropout over flux (N, P): (pred, s_mc) (N, L) scaled, noise (N,).
+    Each batch runs on the net's device."""
     x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float()
+    x, dev = x.cpu(), module_device(net)
     preds, stds = [], []
     for i in range(0, len(x), batch_size):
-        p, s = mc_predict(net, x[i:i + batch_size], n_passes, seed)
-        preds.append(p.numpy())
-        stds.append(s.numpy())
+        p, s = mc_predict(net, to_device(x[i:i + batch_size], dev), n_passes, seed)
+        preds.append(p.cpu().numpy())
+        stds.append(s.cpu().numpy())
     L = len(getattr(net, "labels", [])) or (preds[0].shape[1] if preds else 0)
     cat = (lambda a: np.concatenate(a).astype(np.float64)) if preds else (lambda a: np.zeros((0, L)))
     return cat(preds), cat(stds), der_snr_noise(x) if len(x) else np.zeros(0)
@@ -557,7 +564,7 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     import warnings
 
     u = getattr(model, "uncertainty", None)
-    x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float()
+    x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float().cpu()
     n, L = len(x), len(model.label_names)
     if n == 0:
         return {"pred": np.zeros((0, L)), "sigma": np.zeros((0, L)), "lo95": np.zeros((0, L)),
