@@ -246,3 +246,37 @@ def test_paper_recipe_is_the_papers_schedule_on_the_542771_parameter_network():
     assert not tc.augments and tc == TrainConfig()
     assert count_parameters(StellarNet(ModelConfig())) == 542_771
     assert recipe("default").augments and set(RECIPES) == {"paper", "default"}
+
+
+def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(tmp_path):
+    """Ten races of two train() calls on one --out (threads: each holds its own lock file
+    description, so they exclude each other as two processes would): exactly one trains, the
+    other fails at once naming the folder, and the model equals a solo run's."""
+    import threading
+
+    from stellarparams.files import OutputBusy
+
+    ds = make_dataset(tmp_path / "ds", n=60)
+    tc = TrainConfig(epochs=1, batch_size=32, calib_folds=0)
+    solo = train(ds, tmp_path / "solo", TINY, tc, progress=False).weights_sha256
+    for i in range(10):
+        out, results, go = tmp_path / f"race{i}", [], threading.Barrier(2)
+
+        def race():
+            go.wait()
+            try:
+                results.append(train(ds, out, TINY, tc, progress=False).weights_sha256)
+            except OutputBusy as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=race) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done = [r for r in results if isinstance(r, str)]
+        busy = [r for r in results if isinstance(r, OutputBusy)]
+        # either one waits out the other's lock (then it loads the finished model) or it is refused
+        assert len(done) >= 1 and len(done) + len(busy) == 2 and all(d == solo for d in done)
+        assert all(str(out) in str(b) for b in busy)
+        assert load_model(out).weights_sha256 == solo
