@@ -239,7 +239,21 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
 
 
 def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
-    """Read one SDSS spectrum file and preprocess it; returns (Spectrum, flux (P,), valid (P,))."""
+    """Read one SDSS spectrum file and preprocess it.
+
+    Parameters
+    ----------
+    path : str or Path
+        An SDSS spec-*.fits or spSpec-*.fit file.
+    rv_kms : float
+        Radial velocity for the rest-frame shift, km/s.
+    config : PrepareConfig
+
+    Returns
+    -------
+    tuple
+        (Spectrum, flux (P,) float32, valid (P,) bool), as :func:`preprocess`.
+    """
     spec = sdss.read_spectrum(path)
     flux, valid = preprocess(spec, rv_kms, config)
     return spec, flux, valid
@@ -253,7 +267,18 @@ _SPSPEC_RE = re.compile(r"^spSpec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
 
 
 def parse_spectrum_name(name: str):
-    """(plate, mjd, fiberid) from ``spec-PLATE-MJD-FIBER.fits`` or ``spSpec-MJD-PLATE-FIBER.fit``, else None."""
+    """The SDSS key of a spectrum file name.
+
+    Parameters
+    ----------
+    name : str
+        ``spec-PLATE-MJD-FIBER.fits(.gz)`` or ``spSpec-MJD-PLATE-FIBER.fit(s)(.gz)``.
+
+    Returns
+    -------
+    tuple of int or None
+        (plate, mjd, fiberid), or None for any other name.
+    """
     m = _SPEC_RE.match(name)
     if m:
         return int(m[1]), int(m[2]), int(m[3])
@@ -264,7 +289,21 @@ def parse_spectrum_name(name: str):
 
 
 def find_spectra(folder) -> list[Path]:
-    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted."""
+    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted.
+
+    Parameters
+    ----------
+    folder : str or Path
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` is not a folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
@@ -290,6 +329,21 @@ def assign_splits(n: int, seed: int = 0, fractions=(0.6, 0.1, 0.3), groups=None)
 
     With ``groups`` ((n,) keys), all rows of one group land in the same split; groups are
     shuffled with the seed and filled in order until each split holds its fraction of rows.
+
+    Parameters
+    ----------
+    n : int
+        Rows.
+    seed : int
+    fractions : sequence of 3 floats
+        Train, val and test shares (normalized to sum 1).
+    groups : array-like, optional
+        (n,) group key of each row.
+
+    Returns
+    -------
+    np.ndarray
+        (n,) uint8: 0 train, 1 val, 2 test.
     """
     f = np.asarray(fractions, np.float64)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
@@ -1052,6 +1106,17 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
 
 
 def format_summary(s: dict) -> str:
+    """The summary as the lines printed on stderr.
+
+    Parameters
+    ----------
+    s : dict
+        What :func:`prepare` returns.
+
+    Returns
+    -------
+    str
+    """
     lines = [f"prepared {s['kept']} of {s['read']} spectra read ({s['files_found']} files, "
              f"{s['catalog_rows']} catalog rows) in {s['seconds']:.1f} s ({s['spectra_per_s']:.0f} spectra/s)",
              "  splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items())]
@@ -1067,6 +1132,12 @@ def format_summary(s: dict) -> str:
 # command line
 
 def add_arguments(p):
+    """Add the ``prepare`` options to an argparse parser.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
     p.description = ("Turn a folder of survey spectra (SDSS spec-*.fits/spSpec-*.fit, LAMOST "
                      "spec-LMJD-PLANID_spSS-FFF.fits, DESI coadd-*.fits, or a FITS/Parquet/HDF5 spectrum table) "
                      "plus a label catalog into a prepared dataset: rest-frame shift with the catalog RV (SDSS RV_ADOP, "
@@ -1142,6 +1213,17 @@ def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig
 
 
 def run_cli(args) -> int:
+    """Run ``stellarparams prepare`` with parsed arguments.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
     from .files import OutputBusy
 
     try:
