@@ -239,7 +239,21 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
 
 
 def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
-    """Read one SDSS spectrum file and preprocess it; returns (Spectrum, flux (P,), valid (P,))."""
+    """Read one SDSS spectrum file and preprocess it.
+
+    Parameters
+    ----------
+    path : str or Path
+        An SDSS spec-*.fits or spSpec-*.fit file.
+    rv_kms : float
+        Radial velocity for the rest-frame shift, km/s.
+    config : PrepareConfig
+
+    Returns
+    -------
+    tuple
+        (Spectrum, flux (P,) float32, valid (P,) bool), as :func:`preprocess`.
+    """
     spec = sdss.read_spectrum(path)
     flux, valid = preprocess(spec, rv_kms, config)
     return spec, flux, valid
@@ -253,7 +267,18 @@ _SPSPEC_RE = re.compile(r"^spSpec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
 
 
 def parse_spectrum_name(name: str):
-    """(plate, mjd, fiberid) from ``spec-PLATE-MJD-FIBER.fits`` or ``spSpec-MJD-PLATE-FIBER.fit``, else None."""
+    """The SDSS key of a spectrum file name.
+
+    Parameters
+    ----------
+    name : str
+        ``spec-PLATE-MJD-FIBER.fits(.gz)`` or ``spSpec-MJD-PLATE-FIBER.fit(s)(.gz)``.
+
+    Returns
+    -------
+    tuple of int or None
+        (plate, mjd, fiberid), or None for any other name.
+    """
     m = _SPEC_RE.match(name)
     if m:
         return int(m[1]), int(m[2]), int(m[3])
@@ -264,7 +289,21 @@ def parse_spectrum_name(name: str):
 
 
 def find_spectra(folder) -> list[Path]:
-    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted."""
+    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted.
+
+    Parameters
+    ----------
+    folder : str or Path
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` is not a folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
@@ -290,6 +329,21 @@ def assign_splits(n: int, seed: int = 0, fractions=(0.6, 0.1, 0.3), groups=None)
 
     With ``groups`` ((n,) keys), all rows of one group land in the same split; groups are
     shuffled with the seed and filled in order until each split holds its fraction of rows.
+
+    Parameters
+    ----------
+    n : int
+        Rows.
+    seed : int
+    fractions : sequence of 3 floats
+        Train, val and test shares (normalized to sum 1).
+    groups : array-like, optional
+        (n,) group key of each row.
+
+    Returns
+    -------
+    np.ndarray
+        (n,) uint8: 0 train, 1 val, 2 test.
     """
     f = np.asarray(fractions, np.float64)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
@@ -629,28 +683,95 @@ def _resolve_file(f, base: Path):
     return p if p.is_absolute() else base / p
 
 
+# ---------------------------------------------------------------------------------------------
+# the job, top to bottom: check -> match -> read -> split -> write
+
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
              progress, survey=None) -> dict:
-    from tqdm.auto import tqdm
-
-    from . import __version__
-
+    """:func:`prepare` inside the output lock."""
     t0 = time.perf_counter()
-    survey = survey or detect_survey(spectra)
-    if survey not in readers.SURVEYS:
-        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
+    job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
+    done = _finished(out, job.input_hash, progress)
+    if done is not None:
+        return done
+    matched = _match(job)
+    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress)
+    splits = _split(job, matched, parts, seed, fractions, progress)
+    return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+
+
+@dataclass
+class _Job:
+    """The checked inputs of one prepare job (what :func:`_check` hands on)."""
+    cat: pd.DataFrame        # the label catalog, upper-case column names
+    cat_name: str            # its path, or "<DataFrame>"
+    spectra: Path
+    survey: str
+    config: PrepareConfig    # with the survey's label and RV columns, upper-cased
+    group_by: str | None     # upper-cased
+    split_column: str | None  # upper-cased
+    files: list              # spectrum files found under ``spectra``
+    row_files: list          # each catalog row's FILE as a Path, or None
+    input_hash: str
+
+
+@dataclass
+class _Matched:
+    """Catalog rows matched to spectra (:func:`_match`): what to read, and the rejects so far."""
+    keys: list               # SDSS (plate, mjd, fiberid) of each catalog row, or None
+    row_id: list             # the survey's identifier of each catalog row, as text ('' when none)
+    work: list               # (row, file, rv, index of the spectrum in the file or None), in reading order
+    rejects: list = field(default_factory=list)  # dicts with REJECT_COLUMNS
+
+    def reject(self, row, file, reason, detail=""):
+        """Add a rejected catalog row."""
+        key = self.keys[row] or (None, None, None)
+        self.rejects.append({"file": str(file or ""), "plate": key[0], "mjd": key[1], "fiberid": key[2],
+                             "reason": reason, "detail": detail, "id": self.row_id[row]})
+
+
+@dataclass
+class _Splits:
+    """The spectra that were read and kept, with their groups and splits (:func:`_split`)."""
+    rows: np.ndarray         # catalog row of each, in dataset order
+    snr: np.ndarray
+    kept: pd.DataFrame       # those catalog rows
+    file_of_row: dict        # catalog row -> spectrum file
+    object_id: np.ndarray    # group key of each
+    split: np.ndarray        # SPLITS value of each (255: a bad split_column value)
+    bad: np.ndarray          # rows rejected for a bad split_column value (not written)
+
+
+# --- check ---------------------------------------------------------------------------------
+
+def _survey_config(survey: str, config: PrepareConfig) -> PrepareConfig:
+    """The survey's label and RV columns when ``config`` has the SDSS defaults; column names upper-cased."""
     default = PrepareConfig()
     if survey in SURVEY_COLUMNS and config.labels == default.labels and config.rv_column == default.rv_column:
         labels, rv_column = SURVEY_COLUMNS[survey]
         config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(labels), "rv_column": rv_column})
-    config = PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
-                                      "labels": {k: v.upper() for k, v in config.labels.items()}})
+    return PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
+                                    "labels": {k: v.upper() for k, v in config.labels.items()}})
+
+
+def _table_catalog(spectra: Path, survey: str) -> pd.DataFrame:
+    """Without a catalog: a spectrum table's scalar columns (with FILE) are the catalog."""
+    if survey != "table":
+        raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
+    found = readers.find_files(spectra, "table")
+    return pd.concat([tables.catalog(p).assign(FILE=str(p.resolve())) for p in found], ignore_index=True) \
+        if found else pd.DataFrame()
+
+
+def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fractions, group_by, split_column,
+           chunk_size, progress) -> _Job:
+    """Read the catalog, find the files, check columns and options, and hash the inputs."""
+    survey = survey or detect_survey(spectra)
+    if survey not in readers.SURVEYS:
+        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
+    config = _survey_config(survey, config)
     if catalog is None:
-        if survey != "table":
-            raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
-        found = readers.find_files(spectra, "table")
-        catalog = pd.concat([tables.catalog(p).assign(FILE=str(p.resolve())) for p in found], ignore_index=True) \
-            if found else pd.DataFrame()
+        catalog = _table_catalog(spectra, survey)
     cat = sdss.read_catalog(catalog)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
     need = {"sdss": (sdss.CATALOG_ID_COLUMNS,), "lamost": (("OBSID",), lamost.KEY_COLUMNS),
@@ -681,7 +802,11 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     if survey != "sdss":
         job["survey"] = survey
     input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
+    return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash)
 
+
+def _finished(out: Path, input_hash: str, progress) -> dict | None:
+    """The summary of a finished, still intact job with these inputs (marked ``up_to_date``), else None."""
     final = out / DATA_FILE
     done = _up_to_date(out, input_hash)
     if done is not None:
@@ -693,10 +818,17 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     if final.exists():
         _log(f"{final}: made from other inputs, or does not match its summary.json record; preparing again",
              progress)
+    return None
 
-    # --- match catalog rows and files ------------------------------------------------------
-    rejects = []  # dicts with REJECT_COLUMNS (+ row)
 
+# --- match catalog rows and files ----------------------------------------------------------
+
+def _identify(job: _Job):
+    """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
+
+    Returns (by_key, keys, located, ident, row_id); ``by_key`` maps an SDSS key to its first file.
+    """
+    cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
     by_key = {}
     if survey == "sdss":
         for p in files:
@@ -716,21 +848,31 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
+    return by_key, keys, located, ident, row_id
+
+
+def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
+    """Rows whose spectrum an earlier row (for DESI: a PRIMARY one first) already has."""
+    cat = job.cat
     first = np.arange(len(cat))
-    if survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
+    if job.survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
         primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
         first = np.argsort(~primary, kind="stable")
     dup = np.zeros(len(cat), bool)
     dup[first] = pd.Series([ident[i] for i in first]).duplicated().to_numpy()
     dup &= np.array([i is not None for i in ident], bool)
+    return dup
 
-    def reject(row, file, reason, detail=""):
-        key = keys[row] or (None, None, None)
-        rejects.append({"file": str(file or ""), "plate": key[0], "mjd": key[1], "fiberid": key[2],
-                        "reason": reason, "detail": detail, "id": row_id[row]})
+
+def _match(job: _Job) -> _Matched:
+    """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
+    cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
+    by_key, keys, located, ident, row_id = _identify(job)
+    dup = _duplicate_rows(job, ident)
+    matched = _Matched(keys, row_id, [])
+    reject = matched.reject
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    work = []  # (row, file, rv, index of the spectrum in the file or None)
     used = set()
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
@@ -749,9 +891,18 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         if config.rest_frame and not np.isfinite(rv[i]):
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
-        work.append((i, str(f), float(rv[i]), index))
-    for p in files:
-        if survey != "sdss":
+        matched.work.append((i, str(f), float(rv[i]), index))
+    _reject_unused_files(job, by_key, used, matched.rejects)
+
+    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
+        matched.work.sort(key=lambda w: (w[1], w[3] or 0))
+    return matched
+
+
+def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list) -> None:
+    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
+    for p in job.files:
+        if job.survey != "sdss":
             if p.resolve() not in used:
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
@@ -765,23 +916,32 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
 
-    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
-        work.sort(key=lambda w: (w[1], w[3] or 0))
 
-    # --- resumable parallel preprocessing ---------------------------------------------------
-    partial = out / PARTIAL_DIR
+# --- read: resumable parallel preprocessing ------------------------------------------------
+
+def _chunk_path(partial: Path, k: int) -> Path:
+    return partial / f"chunk-{k:05d}.npz"
+
+
+def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progress) -> list:
+    """Preprocess ``work`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
+
+    Returns each chunk's summary (rows kept, their S/N, rejects), in chunk order.
+    """
+    from tqdm.auto import tqdm
+
     job_file = partial / "job.json"
     if partial.exists():
         try:
             old = json.loads(job_file.read_text()).get("input_hash")
         except (OSError, ValueError):
             old = None
-        if old != input_hash:
+        if old != job.input_hash:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    write_text(job_file, json.dumps({"input_hash": input_hash, "n_work": len(work)}))
+    write_text(job_file, json.dumps({"input_hash": job.input_hash, "n_work": len(work)}))
     chunks = [work[i:i + chunk_size] for i in range(0, len(work), chunk_size)]
-    todo = [k for k in range(len(chunks)) if not (partial / f"chunk-{k:05d}.npz").exists()]
+    todo = [k for k in range(len(chunks)) if not _chunk_path(partial, k).exists()]
     if len(todo) < len(chunks):
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -789,27 +949,31 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if workers == 1 or len(todo) <= 1:
         for k in todo:
-            r = _run_chunk(k, chunks[k], config, str(partial), survey)
+            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], config, str(partial), survey) for k in todo]
+            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey) for k in todo]
             for fut in as_completed(futs):
                 bar.update(fut.result()["n"])
     bar.close()
+    return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(len(chunks))]
 
-    # --- assemble ---------------------------------------------------------------------------
-    parts = [_load_chunk_summary(partial / f"chunk-{k:05d}.npz") for k in range(len(chunks))]
-    file_of_row = {i: f for i, f, _, _ in work}
+
+# --- split: train/val/test, grouped -----------------------------------------------------------
+
+def _split(job: _Job, matched: _Matched, parts: list, seed, fractions, progress) -> _Splits:
+    """Collect the spectra read (their rejects into ``matched``), group them and assign splits."""
+    file_of_row = {i: f for i, f, _, _ in matched.work}
     for part in parts:
         for r in part["rejects"]:
-            reject(r["row"], file_of_row.get(r["row"], r["file"]), r["reason"], r["detail"])
+            matched.reject(r["row"], file_of_row.get(r["row"], r["file"]), r["reason"], r["detail"])
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
-    kept = cat.iloc[rows].reset_index(drop=True)
+    kept = job.cat.iloc[rows].reset_index(drop=True)
 
-    key_text = np.array([row_id[int(r)] or Path(file_of_row[int(r)]).stem for r in rows], dtype=object)
-    id_col = group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
+    key_text = np.array([matched.row_id[int(r)] or Path(file_of_row[int(r)]).stem for r in rows], dtype=object)
+    id_col = job.group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
     if id_col:
         object_id, no_id = _group_keys(kept[id_col])
         object_id[no_id] = key_text[no_id]  # a row without an ID is a star of its own
@@ -818,18 +982,24 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
                  "each of them is a group of its own", progress)
     else:
         object_id = key_text
+    split_column = job.split_column
     if split_column:
         split = _parse_split_values(kept[split_column])
         bad = split == 255
         for i in np.flatnonzero(bad):
-            reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
-                   f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
+            matched.reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
+                           f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
     else:
-        split = assign_splits(len(kept), seed, fractions, object_id if group_by else None)
+        split = assign_splits(len(kept), seed, fractions, object_id if job.group_by else None)
         bad = np.zeros(len(kept), bool)
+    return _Splits(rows, snr, kept, file_of_row, object_id, split, bad)
 
-    names = list(config.labels)
-    labels = np.full((len(kept), len(names)), np.nan, np.float32)
+
+# --- write: assemble, verify, publish ----------------------------------------------------------
+
+def _label_arrays(kept: pd.DataFrame, config: PrepareConfig, progress):
+    """Labels and their errors (NaN where missing) of the kept rows, in ``config.labels`` order."""
+    labels = np.full((len(kept), len(config.labels)), np.nan, np.float32)
     label_err = np.full_like(labels, np.nan)
     for j, (name, col) in enumerate(config.labels.items()):
         col = col.upper()
@@ -840,16 +1010,12 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
                 label_err[:, j] = pd.to_numeric(kept[ecol], errors="coerce").to_numpy(np.float64, na_value=np.nan)
         else:
             _log(f"warning: catalog has no {col} column; label {name} is NaN for every row", progress)
-    keep_mask = ~bad
-    n_kept = int(keep_mask.sum())
-    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
-    why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
-    if n_kept == 0:
-        raise sdss.NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
-    if np.isnan(labels[keep_mask]).all():
-        raise sdss.NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
-                                 f"all missing or -9999); nothing was written to {out}")
+    return labels, label_err
+
+
+def _row_meta(splits: _Splits, job: _Job):
+    """Per-row metadata, and the catalog's other numeric columns (None when there are none)."""
+    kept, config = splits.kept, job.config
 
     def ints(col):
         return pd.to_numeric(kept[col], errors="coerce").fillna(0).to_numpy(np.int32) if col in kept \
@@ -857,56 +1023,80 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
 
     meta = pd.DataFrame({
         "plate": ints("PLATE"), "mjd": ints("MJD"), "fiberid": ints("FIBERID"),
-        "object_id": object_id,
-        "file": [file_of_row[int(r)] for r in rows],
+        "object_id": splits.object_id,
+        "file": [splits.file_of_row[int(r)] for r in splits.rows],
         "rv": kept[config.rv_column].to_numpy(np.float32, na_value=np.nan) if config.rv_column in kept else np.nan,
-        "snr": snr,
+        "snr": splits.snr,
     })
-    standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, split_column or ""}
+    standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, job.split_column or ""}
     for col in config.labels.values():
         standard |= {col.upper(), col.upper() + "_UNC", col.upper() + "_ERR"}
     extra_cols = [c for c in kept.columns if c not in standard and pd.api.types.is_numeric_dtype(kept[c])
                   and not pd.api.types.is_bool_dtype(kept[c])]
     extra = kept[extra_cols].astype(np.float64) if extra_cols else None
+    return meta, extra
 
+
+def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
+    """Write the kept rows of every chunk to ``tmp`` and read it back (:func:`verify_dataset`)."""
+    with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
+        start = 0
+        for k, part in enumerate(parts):
+            n = len(part["rows"])
+            sel = np.flatnonzero(keep_mask[start:start + n])
+            if len(sel):
+                with np.load(_chunk_path(partial, k)) as z:
+                    fl, va, sg, of = z["flux"][sel], z["valid"][sel], z["sigma"][sel], z["offset"][sel]
+                idx = start + sel
+                append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
+                            meta.iloc[idx].reset_index(drop=True),
+                            None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
+                            offset=of)
+            start += n
+    verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
+
+
+def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
+           progress) -> dict:
+    """Publish rejects.csv, the verified dataset.h5, then summary.json with its sha256; return the summary."""
+    from . import __version__
+
+    config, partial, final = job.config, out / PARTIAL_DIR, out / DATA_FILE
+    labels, label_err = _label_arrays(splits.kept, config, progress)
+    keep_mask = ~splits.bad
+    n_kept = int(keep_mask.sum())
+    rej = pd.DataFrame(matched.rejects, columns=REJECT_COLUMNS)
+    by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
+    why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
+    if n_kept == 0:
+        raise sdss.NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
+    if np.isnan(labels[keep_mask]).all():
+        raise sdss.NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
+                                 f"all missing or -9999); nothing was written to {out}")
+    meta, extra = _row_meta(splits, job)
     attrs = {"grid": config.grid.to_dict(), "preprocess": config.to_dict(), "version": __version__,
-             "input_hash": input_hash, "created": pd.Timestamp.now("UTC").isoformat(),
-             "seed": seed, "fractions": list(fractions), "group_by": group_by, "split_column": split_column,
-             "catalog": cat_name, "spectra": str(spectra)}
-
-    def write_h5(tmp):
-        with create_dataset(tmp, config.grid.n_pix, names, attrs, sigma=True, offset=True) as f:
-            start = 0
-            for k, part in enumerate(parts):
-                n = len(part["rows"])
-                sel = np.flatnonzero(keep_mask[start:start + n])
-                if len(sel):
-                    with np.load(partial / f"chunk-{k:05d}.npz") as z:
-                        fl, va, sg, of = z["flux"][sel], z["valid"][sel], z["sigma"][sel], z["offset"][sel]
-                    idx = start + sel
-                    append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
-                                meta.iloc[idx].reset_index(drop=True),
-                                None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
-                                offset=of)
-                start += n
-        verify_dataset(tmp, n_kept)  # before it is renamed into place
-
+             "input_hash": job.input_hash, "created": pd.Timestamp.now("UTC").isoformat(),
+             "seed": seed, "fractions": list(fractions), "group_by": job.group_by, "split_column": job.split_column,
+             "catalog": job.cat_name, "spectra": str(job.spectra)}
     for c in ("plate", "mjd", "fiberid"):
         rej[c] = pd.to_numeric(rej[c], errors="coerce").astype("Int64")
     rej["id"] = rej["id"].fillna("")
     seconds = time.perf_counter() - t0
+    n_read = len(matched.work)
     summary = {
-        "dataset": str(final), "input_hash": input_hash, "catalog_rows": len(cat), "files_found": len(files),
-        "read": len(work), "kept": n_kept, "rejected": int(len(rej)), "rejected_by_reason": by_reason,
-        "splits": {s: int(((split == i) & keep_mask).sum()) for s, i in SPLITS.items()},
-        "group_by": group_by, "split_column": split_column, "seed": seed,
-        "seconds": round(seconds, 2), "spectra_per_s": round(len(work) / max(seconds, 1e-9), 1),
+        "dataset": str(final), "input_hash": job.input_hash, "catalog_rows": len(job.cat),
+        "files_found": len(job.files), "read": n_read, "kept": n_kept, "rejected": int(len(rej)),
+        "rejected_by_reason": by_reason,
+        "splits": {s: int(((splits.split == i) & keep_mask).sum()) for s, i in SPLITS.items()},
+        "group_by": job.group_by, "split_column": job.split_column, "seed": seed,
+        "seconds": round(seconds, 2), "spectra_per_s": round(n_read / max(seconds, 1e-9), 1),
         "version": __version__,
     }
     # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
     # (a summary whose sha256 matches the dataset marks a finished job)
     atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
-    atomic_write(final, write_h5)
+    atomic_write(final, lambda tmp: _write_h5(tmp, partial, parts, keep_mask, config, attrs, labels, label_err,
+                                              splits.split, meta, extra))
     summary["dataset_sha256"] = sha256_file(final)
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
@@ -916,6 +1106,17 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
 
 
 def format_summary(s: dict) -> str:
+    """The summary as the lines printed on stderr.
+
+    Parameters
+    ----------
+    s : dict
+        What :func:`prepare` returns.
+
+    Returns
+    -------
+    str
+    """
     lines = [f"prepared {s['kept']} of {s['read']} spectra read ({s['files_found']} files, "
              f"{s['catalog_rows']} catalog rows) in {s['seconds']:.1f} s ({s['spectra_per_s']:.0f} spectra/s)",
              "  splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items())]
@@ -931,6 +1132,12 @@ def format_summary(s: dict) -> str:
 # command line
 
 def add_arguments(p):
+    """Add the ``prepare`` options to an argparse parser.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
     p.description = ("Turn a folder of survey spectra (SDSS spec-*.fits/spSpec-*.fit, LAMOST "
                      "spec-LMJD-PLANID_spSS-FFF.fits, DESI coadd-*.fits, or a FITS/Parquet/HDF5 spectrum table) "
                      "plus a label catalog into a prepared dataset: rest-frame shift with the catalog RV (SDSS RV_ADOP, "
@@ -1006,6 +1213,17 @@ def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig
 
 
 def run_cli(args) -> int:
+    """Run ``stellarparams prepare`` with parsed arguments.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
     from .files import OutputBusy
 
     try:
