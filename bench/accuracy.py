@@ -11,6 +11,9 @@ training seeds, for:
 - Ridge (alpha per label on the validation split; one fit, it has no seed);
 - the paper recipe and the default recipe (model folders kept in WORK/models/RECIPE_sSEED, with
   the validation-split calibration, for bench/robustness.py);
+
+Each measured (configuration, seed) is kept in WORK/runs/, so a killed run resumes and several
+processes can share the work (e.g. ``--recipes paper --seeds 1,2`` next to ``--recipes default``);
 - the default recipe with each ingredient switched off in turn (``--ablation-seeds`` seeds);
 - the same three at a small training set: ``--small-stars`` training stars (all their spectra).
 
@@ -76,14 +79,14 @@ def small_rows(ds: Dataset, n_stars: int, seed: int = 1234) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="runs/bench", help="survey/, dataset/, models/, accuracy.json/.md")
+    p.add_argument("--work", default="runs/bench", help="survey/, dataset/, models/, runs/, accuracy.json/.md")
     p.add_argument("--n", type=int, default=50_000, help="spectra of the simulated survey")
     p.add_argument("--seeds", default="0,1,2", help="training seeds")
+    p.add_argument("--recipes", default="paper,default", help="recipes trained on the whole training split")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds (from the list's start) for the ablations")
     p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small (rows of an earlier "
-                   "run in WORK/accuracy.json are kept)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -98,53 +101,46 @@ def main(argv=None) -> int:
     meta = ds.meta(te)
     truth, snr, Xte = meta[TRUE].to_numpy(np.float64), meta["snr"].to_numpy(np.float64), ds.flux(te)
     mc = ModelConfig(n_in=ds.n_pix)
-    results = {}
 
-    def ridge(rows_tr):
-        t = time.perf_counter()
-        r = RidgeVal().fit(ds.flux(rows_tr), ds.labels(rows_tr), ds.flux(va), ds.labels(va))
-        return dict(scores(r.predict(Xte), truth, snr), train_time_s=time.perf_counter() - t, runs=1)
+    def ridge(name, rows_tr):
+        if not done(work, name, "-"):
+            t = time.perf_counter()
+            r = RidgeVal().fit(ds.flux(rows_tr), ds.labels(rows_tr), ds.flux(va), ds.labels(va))
+            record(work, name, "-", dict(scores(r.predict(Xte), truth, snr), train_time_s=time.perf_counter() - t))
 
-    def run_fits(name, tc_list, rows_tr):
-        runs = []
+    def fits(name, tc_list, rows_tr):
         for tc in tc_list:
+            if done(work, name, tc.seed):
+                continue
             tc = replace(tc, epochs=a.epochs or tc.epochs, threads=a.threads, calib_folds=0)
             f = fit(ds, (rows_tr, va), mc, tc)
-            runs.append(dict(scores(predict_net(f.net, f.center, f.scale, Xte), truth, snr),
-                             train_time_s=f.metrics["train_time_s"], best_epoch=f.metrics["best_epoch"]))
-            print(f"{name} seed {tc.seed}: MAE {np.round(runs[-1]['mae'], 3).tolist()}", file=sys.stderr)
-        return summarise(runs)
+            record(work, name, tc.seed, dict(scores(predict_net(f.net, f.center, f.scale, Xte), truth, snr),
+                                             train_time_s=f.metrics["train_time_s"], best_epoch=f.metrics["best_epoch"]))
 
-    def run_folders(name):
-        runs = []
+    def folders(name):
         for s in seeds:
+            if done(work, f"{name} recipe", s):
+                continue
             tc = recipe(name, seed=s, calib_folds=0, threads=a.threads, epochs=a.epochs or recipe(name).epochs)
             m = train(ds, work / "models" / f"{name}_s{s}", mc, tc, progress=False, overwrite=True)
-            runs.append(dict(scores(m.predict(Xte), truth, snr), train_time_s=m.metrics["train_time_s"],
-                             best_epoch=m.metrics["best_epoch"]))
-            print(f"{name} seed {s}: MAE {np.round(runs[-1]['mae'], 3).tolist()}", file=sys.stderr)
-        return summarise(runs)
+            record(work, f"{name} recipe", s, dict(scores(m.predict(Xte), truth, snr),
+                                                   train_time_s=m.metrics["train_time_s"],
+                                                   best_epoch=m.metrics["best_epoch"]))
 
-    results["Ridge"] = summarise([ridge(tr)])
-    for name in ("paper", "default"):
-        results[f"{name} recipe"] = run_folders(name)
+    ridge("Ridge", tr)
+    for name in a.recipes.split(","):
+        folders(name)
     if "ablations" not in skip:
         for label, over in ablations().items():
-            results[f"default, {label}"] = run_fits(label, [recipe("default", seed=s, **over)
-                                                            for s in seeds[:a.ablation_seeds]], tr)
+            fits(f"default, {label}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr)
     if "small" not in skip:
         rows = small_rows(ds, a.small_stars)
-        results[f"Ridge, {a.small_stars} stars"] = summarise([ridge(rows)])
+        ridge(f"Ridge, {a.small_stars} stars", rows)
         for name in ("paper", "default"):
-            results[f"{name} recipe, {a.small_stars} stars"] = run_fits(
-                f"{name} {a.small_stars} stars", [recipe(name, seed=s) for s in seeds], rows)
+            fits(f"{name} recipe, {a.small_stars} stars", [recipe(name, seed=s) for s in seeds], rows)
     ds.close()
-    old = work / "accuracy.json"
-    if old.exists() and skip:  # a partial run adds to (or replaces) the rows of an earlier one
-        results = {**json.loads(old.read_text())["results"], **results}
-    out = {"n": a.n, "seeds": seeds, "ablation_seeds": seeds[:a.ablation_seeds], "epochs_override": a.epochs,
-           "n_test": int(len(te)), "n_train": int(len(tr)), "results": results,
-           "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"n": a.n, "n_test": int(len(te)), "n_train": int(len(tr)), "epochs_override": a.epochs,
+           "results": collect(work)}
     write_text(work / "accuracy.json", json.dumps(out, indent=1))
     table = format_table(out)
     write_text(work / "accuracy.md", table + "\n")
@@ -152,10 +148,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def _run_file(work: Path, name: str, seed) -> Path:
+    return work / "runs" / (name.replace(" ", "_").replace(",", "").replace("/", "-") + f"__s{seed}.json")
+
+
+def done(work: Path, name: str, seed) -> bool:
+    """Whether this (configuration, seed) is measured already (several processes may share WORK)."""
+    return _run_file(work, name, seed).exists()
+
+
+def record(work: Path, name: str, seed, run: dict) -> None:
+    run = dict(run, name=name, seed=seed)
+    write_text(_run_file(work, name, seed), json.dumps(run))
+    print(f"{name} seed {seed}: MAE {np.round(run['mae'], 3).tolist()}", file=sys.stderr)
+
+
+def collect(work: Path) -> dict:
+    """Every measured run in WORK/runs, summarised per configuration (in the order first measured)."""
+    runs = {}
+    for f in sorted((work / "runs").glob("*.json"), key=lambda f: f.stat().st_mtime):
+        r = json.loads(f.read_text())
+        runs.setdefault(r["name"], []).append(r)
+    order = lambda n: (0 if n == "Ridge" else 1 if n.endswith("recipe") else 3 if "stars" in n else 2)  # noqa: E731
+    return {n: summarise(runs[n]) for n in sorted(runs, key=order)}
+
+
 def summarise(runs: list) -> dict:
     s = {k: np.array([r[k] for r in runs]) for k in ("mae", "mae_snr50")}
-    return {"runs": len(runs), "mae_mean": s["mae"].mean(0).tolist(), "mae_std": s["mae"].std(0).tolist(),
-            "mae_snr50_mean": s["mae_snr50"].mean(0).tolist(),
+    return {"runs": len(runs), "seeds": [r.get("seed") for r in runs], "mae_mean": s["mae"].mean(0).tolist(),
+            "mae_std": s["mae"].std(0).tolist(), "mae_snr50_mean": s["mae_snr50"].mean(0).tolist(),
             "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
             "best_epoch": [r.get("best_epoch") for r in runs]}
 

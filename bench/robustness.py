@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     tr, va, te = base.indices("train"), base.indices("val"), base.indices("test")
     test_stars = set(base.meta(te)["object_id"].astype(str))
     ridge = RidgeVal().fit(base.flux(tr), base.labels(tr), base.flux(va), base.labels(va))
-    models = {r: sorted((work / "models").glob(f"{r}_s*")) for r in a.recipes.split(",")}
+    models = {r: sorted(f for f in (work / "models").glob(f"{r}_s*") if (f / "model.json").exists())
+              for r in a.recipes.split(",")}  # finished folders only (bench/accuracy.py may still be training)
     if not all(models.values()):
         print(f"error: no model folders {work}/models/RECIPE_sSEED for {a.recipes}; run bench/accuracy.py first",
               file=sys.stderr)
