@@ -125,6 +125,7 @@ RECIPES = {
                 "aug_calib_order": 8, "aug_ebv": 0.15, "aug_lsf_pix": 1.0, "aug_mask_runs": 3, "aug_telluric": 0.05},
 }
 DEFAULT_RECIPE = "default"
+RECIPE_HELP = "training recipe: 'default' (generalises to unseen stars) or 'paper' (arXiv:2606.13868 exactly)"
 
 
 def recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ._version import __version__
 from .baselines import RIDGE_ALPHAS
-from .config import DEFAULT_RECIPE, RECIPES
+from .config import DEFAULT_RECIPE, RECIPE_HELP, RECIPES
 from .files import write_text
 from .records import dumps
 
@@ -248,9 +248,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/default", help="output folder (survey/, dataset/, model/, results.json)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help="spectra to simulate")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the paper's 30)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help="training recipe: 'default' (generalises to unseen stars) or 'paper' (arXiv:2606.13868 exactly)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, 12 default, 30 paper)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE, help=RECIPE_HELP)
     p.add_argument("--config", help="TOML file with [model] and [train] tables on top of the recipe")
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")

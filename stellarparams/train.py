@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .calibrate import calibrate, fold_of  # noqa: F401  (fold_of re-exported: its old home)
-from .config import (DEFAULT_RECIPE, RECIPES, ModelConfig, TrainConfig, config_from_dict,  # noqa: F401
+from .config import (DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainConfig, config_from_dict,  # noqa: F401
                      load_config, recipe)
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
@@ -222,8 +222,7 @@ def add_arguments(p: argparse.ArgumentParser):
                      "resumes from OUT/checkpoint.safetensors and the finished folds.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="model folder to write (weights.safetensors, model.json, train_log.csv)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help="training recipe: 'default' (generalises to unseen stars) or 'paper' (arXiv:2606.13868 exactly)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE, help=RECIPE_HELP)
     p.add_argument("--config", help="TOML file with [model] and [train] tables overriding the recipe")
     p.add_argument("--epochs", type=int, help="override [train] epochs")
     p.add_argument("--seed", type=int, help="override [train] seed")
