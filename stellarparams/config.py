@@ -97,7 +97,8 @@ class TrainConfig:
     aug_telluric: float = 0.0     # residual O2/H2O band depth U(-a, a)
     aug_pixnoise: float = 0.0     # extra noise from each pixel's own sigma, scale U(0, a) (replaces the paper's)
     ema: float = 0.0              # decay of an exponential moving average of the weights, validated and kept
-                                  # instead of the raw weights (0: off, the paper; ~0.998 = a ~500-step memory)
+                                  # instead of the raw weights (0: off, the paper; ~0.998 = a ~500-step memory),
+                                  # capped at 1 - 0.5 / steps per epoch (a memory of ~2 epochs) for small sets
 
     def to_dict(self) -> dict:
         return asdict(self)

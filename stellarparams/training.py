@@ -227,9 +227,12 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- resume
     history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
-    # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights
+    # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
+    # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
+    # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
+    ema_decay = min(tc.ema, 1.0 - 0.5 / steps_per_epoch)
     ema = None if not tc.ema else torch.optim.swa_utils.AveragedModel(
-        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema))
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
     kept = net if ema is None else ema.module   # the weights that are validated and kept
     best_state = copy.deepcopy(kept.state_dict())
     if checkpoint is not None and Path(checkpoint).exists():

@@ -209,3 +209,16 @@ def test_ema_run_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(v, resumed.net.state_dict()[k]), k
     drop = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731 (timings differ)
     assert drop(resumed.history) == drop(whole.history)
+
+
+def test_ema_memory_is_capped_at_about_two_epochs(tmp_path, monkeypatch):
+    from stellarparams.config import ModelConfig, recipe
+    from stellarparams.training import fit
+
+    seen = []
+    real = torch.optim.swa_utils.get_ema_multi_avg_fn
+    monkeypatch.setattr(torch.optim.swa_utils, "get_ema_multi_avg_fn", lambda d: seen.append(d) or real(d))
+    ds = _dataset(tmp_path / "ds")                       # 72 training rows x 3 copies / 32 = 7 steps an epoch
+    fit(ds, (ds.indices("train"), ds.indices("val")), ModelConfig(n_in=200, **TINY),
+        recipe("default", epochs=1, batch_size=32))
+    assert seen == [pytest.approx(1 - 0.5 / 7)]
