@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="training seeds")
     p.add_argument("--recipes", default="paper,default", help="recipes trained on the whole training split")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds (from the list's start) for the ablations")
+    p.add_argument("--ablations", help="comma-separated ingredients to switch off (default: each of the recipe's)")
     p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
@@ -131,7 +132,10 @@ def main(argv=None) -> int:
     for name in a.recipes.split(","):
         folders(name)
     if "ablations" not in skip:
+        wanted = None if not a.ablations else {f"no {x.strip()}" for x in a.ablations.split(",")}
         for label, over in ablations().items():
+            if wanted is not None and label not in wanted:
+                continue
             fits(f"default, {label}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr)
     if "small" not in skip:
         rows = small_rows(ds, a.small_stars)
