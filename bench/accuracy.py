@@ -53,8 +53,8 @@ def ablations(name: str = "default") -> dict:
 
 
 def survey(work: Path, n: int, workers: int) -> Path:
-    cat = simulate(work / "survey", n=n, seed=0, workers=workers, progress=False)
-    prepare(cat, work / "survey" / "spectra", work / "dataset", seed=0, workers=workers, progress=False)
+    cat = simulate(work / "survey", n=n, seed=0, workers=workers, progress=False, wait=True)  # processes may share WORK
+    prepare(cat, work / "survey" / "spectra", work / "dataset", seed=0, workers=workers, progress=False, wait=True)
     return work / "dataset"
 
 
