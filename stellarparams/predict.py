@@ -411,32 +411,9 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     return df
 
 
-def weights_sha256(model) -> str:
-    """sha256 of the model's weights (the resume key: a hand-built model has one too).
-
-    Parameters
-    ----------
-    model : Model
-
-    Returns
-    -------
-    str
-        ``model.weights_sha256`` when set, else the sha256 of ``model.net.state_dict()``
-        (names and bytes of every tensor).
-    """
-    sha = getattr(model, "weights_sha256", None)
-    if sha:
-        return sha
-    h = hashlib.sha256()
-    for name, t in model.net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _job_key(model, items, min_snr, prepare_config=None) -> str:
     """What a finished part depends on: the weights, scaler, preprocessing, options and each input file."""
-    h = hashlib.sha256(json.dumps([weights_sha256(model), model.label_names, model.center.tolist(),
+    h = hashlib.sha256(json.dumps([model.weights_sha256, model.label_names, model.center.tolist(),
                                    model.scale.tolist(), prepare_config or model.prepare_config, min_snr, "sigma", "lo95",
                                    getattr(model, "uncertainty", None) is not None], default=str).encode())
     for f, rv, ids in items:

@@ -365,7 +365,7 @@ def test_resume_never_reuses_another_models_or_changed_files_parts(tmp_path, mon
 
     m, d, files = _predict_setup(tmp_path, n=8)
     other = tiny_model(seed=1)  # hand-built: no fingerprint, other weights
-    assert P.weights_sha256(m) != P.weights_sha256(other)
+    assert m.weights_sha256 != other.weights_sha256  # the resume key's first part
     real = P._read_chunk
 
     def dies_on_file_6(items, *a):
