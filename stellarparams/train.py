@@ -29,7 +29,7 @@ from .devices import add_arguments as add_device_arguments, check_precision, res
 from .files import OutputBusy, output_lock
 from .model import count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
-from .training import LOG, fit, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
+from .training import LOG, fit, fit_ensemble, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -173,15 +173,21 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         for name in (META, WEIGHTS, LOG):
             (out / name).unlink(missing_ok=True)
     checkpoint = None if out is None else out / CHECKPOINT
-    if checkpoint is not None and overwrite and checkpoint.exists():
+    if checkpoint is not None and overwrite:  # the run's own checkpoint and its ensemble members' (_m<i>)
         from .training import load_checkpoint
 
-        if load_checkpoint(checkpoint)[0].get("fingerprint") != fingerprint:
-            checkpoint.unlink()
+        for ck in [checkpoint, *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
+            if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
+                ck.unlink()
 
     # ---- train -> calibrate -> save
-    fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
-                 fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
+    if net is None:
+        fitted = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
+                              fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
+                              precision=precision)
+    else:
+        fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
+                     fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
     cols = [ds.label_names.index(l) for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
                   label_units=[ds.label_units[c] for c in cols], label_ranges=fitted.label_ranges,
@@ -192,7 +198,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
-        for f in out.glob("oof_*.npz"):
+        for f in [*out.glob("oof_*.npz"), *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
             f.unlink()
     if progress:
         m = model.metrics
@@ -230,6 +236,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calib-folds", type=int, dest="calib_folds",
                    help="out-of-fold models whose residuals calibrate the sigmas (default 3: 2x the training time "
                         "again); 0 calibrates on the validation split alone")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help="train K networks (seeds SEED..SEED+K-1) into one model folder: predictions are their mean "
+                        "and sigma includes their spread; K times the training time (the out-of-fold calibration "
+                        "models are ensembles of K too)")
     p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
@@ -242,7 +252,7 @@ def add_arguments(p: argparse.ArgumentParser):
 def run_cli(args) -> int:
     try:
         mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
-        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds") if getattr(args, k) is not None}
+        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble") if getattr(args, k) is not None}
         tc = replace(tc, **over)
         if args.labels:
             wanted = [s.strip() for s in args.labels.split(",") if s.strip()]
