@@ -154,8 +154,23 @@ def _source_configs(tc, model_config, net):
     return src, replace(tc, init_sha256=source.weights_sha256, freeze=parse_freeze(tc.freeze, src.labels))
 
 
-def _init(tc, mc, ds):
-    """The :class:`finetune.Init` of a run with ``tc.init_from`` (None without): the stem is fresh when grids differ."""
+def source_init(tc, mc, ds):
+    """The :class:`finetune.Init` of a run with ``tc.init_from`` (None without).
+
+    Parameters
+    ----------
+    tc : TrainConfig
+        With ``init_from`` (a model folder) and ``freeze``.
+    mc : ModelConfig
+        The run's architecture (its labels must be the source's).
+    ds : Dataset
+        The dataset trained on: when its grid (``attrs["grid"]``) differs from the source
+        model's, the stem's input layer starts fresh (``Init.reinit_stem``).
+
+    Returns
+    -------
+    finetune.Init or None
+    """
     if not tc.init_from:
         return None
     source = load_model(tc.init_from)
@@ -218,7 +233,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
             checkpoint.unlink()
 
     # ---- train -> calibrate -> save
-    init = _init(tc, mc, ds)
+    init = source_init(tc, mc, ds)
     if init is not None and progress:
         print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
               + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
