@@ -52,6 +52,12 @@ Their values go to ``simulate.json`` (key ``shifts``) and to each file's header 
 TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
 O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
 
+Other surveys (issue 15; ``survey="lamost"`` or ``"desi"``, :mod:`stellarparams.simulate_surveys`):
+the same steps on that survey's fixed pixels (no start offset) and with its line-spread
+function in step 2 (LAMOST R = 1800; DESI is sharper than MILES, so nothing is broadened),
+LAMOST with a survey-wide smooth instrument response (relative flux), written in its file
+format with a catalog in its column names. SDSS's files stay byte-identical.
+
 Nothing in a spectrum file holds the truth: the COADD ``model`` column is zeros, SPECOBJ
 ``Z`` is the catalog's (noisy) RV, and the header has only the S/N target ``SNR5000``.
 
