@@ -132,7 +132,7 @@ def format_table(out: dict) -> str:
             m, sd = np.mean(runs, 0), np.std(runs, 0)
             cells = [f"{m[j]:.{0 if j == 0 else 3}f}" + (f" ± {sd[j]:.{0 if j == 0 else 3}f}" if len(runs) > 1 else "")
                      for j in range(3)]
-            lines.append(f"| {survey.upper() if survey == 'desi' else survey.upper()} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {survey.upper()} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
