@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
+                   help="also train the default recipe with these overrides (TrainConfig fields; 'model.' prefix "
+                        "for ModelConfig), e.g. 'wd 0.1:weight_decay=0.1'; repeatable; --ablation-seeds seeds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
             r = RidgeVal().fit(ds.flux(rows_tr), ds.labels(rows_tr), ds.flux(va), ds.labels(va))
             record(work, name, "-", dict(scores(r.predict(Xte), truth, snr), train_time_s=time.perf_counter() - t))
 
-    def fits(name, tc_list, rows_tr):
+    def fits(name, tc_list, rows_tr, mc=mc):
         for tc in tc_list:
             if done(work, name, tc.seed):
                 continue
@@ -137,6 +140,10 @@ def main(argv=None) -> int:
             if wanted is not None and label not in wanted:
                 continue
             fits(f"default, {label}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr)
+    for v in a.variant:
+        name, over = parse_variant(v)
+        mco = replace(mc, **over.pop("model", {}))
+        fits(f"default, {name}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr, mco)
     if "small" not in skip:
         rows = small_rows(ds, a.small_stars)
         ridge(f"Ridge, {a.small_stars} stars", rows)
@@ -150,6 +157,22 @@ def main(argv=None) -> int:
     write_text(work / "accuracy.md", table + "\n")
     print(table)
     return 0
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:KEY=VAL,KEY=VAL' -> (NAME, overrides); values are Python literals, 'model.KEY' goes to ModelConfig."""
+    import ast
+
+    name, _, body = text.partition(":")
+    over = {}
+    for item in filter(None, body.split(",")):
+        k, _, v = item.partition("=")
+        v = ast.literal_eval(v.strip())
+        if k.strip().startswith("model."):
+            over.setdefault("model", {})[k.strip()[6:]] = v
+        else:
+            over[k.strip()] = v
+    return name.strip(), over
 
 
 def _run_file(work: Path, name: str, seed) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .dataset import Dataset
 from .files import atomic_write
-from .training import fit
+from .training import fit_ensemble
 from .uncertainty import Uncertainty, fit_uncertainty, raw_uncertainty
 
 
@@ -67,7 +67,7 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
     if len(np.unique(groups)) < k:
         return None
     folds = fold_of(groups, k, tc.seed)
-    bar = tqdm(total=k * tc.epochs, desc=f"calibration: {k} out-of-fold models", unit="epoch",
+    bar = tqdm(total=k * tc.epochs * max(1, tc.ensemble), desc=f"calibration: {k} out-of-fold models", unit="epoch",
                disable=not progress, mininterval=1.0)
     parts = []
     for f in range(k):
@@ -75,11 +75,11 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         if path is not None and path.exists():
             with np.load(path, allow_pickle=False) as z:
                 parts.append({name: z[name] for name in z.files})
-            bar.update(tc.epochs)
+            bar.update(tc.epochs * max(1, tc.ensemble))
             continue
         held = itr[folds == f]
-        fm = fit(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
-                 on_epoch=lambda *a: bar.update(1), device=device, precision=precision, init=init)
+        fm = fit_ensemble(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
+                          on_epoch=lambda *a: bar.update(1), device=device, precision=precision, init=init)
         pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
         parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
         if path is not None:

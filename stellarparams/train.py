@@ -32,7 +32,7 @@ from .files import OutputBusy, output_lock
 from .finetune import Init, parse_freeze
 from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
-from .training import LOG, fit, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
+from .training import LOG, fit, fit_ensemble, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -226,11 +226,12 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         for name in (META, WEIGHTS, LOG):
             (out / name).unlink(missing_ok=True)
     checkpoint = None if out is None else out / CHECKPOINT
-    if checkpoint is not None and overwrite and checkpoint.exists():
+    if checkpoint is not None and overwrite:  # the run's own checkpoint and its ensemble members' (_m<i>)
         from .training import load_checkpoint
 
-        if load_checkpoint(checkpoint)[0].get("fingerprint") != fingerprint:
-            checkpoint.unlink()
+        for ck in [checkpoint, *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
+            if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
+                ck.unlink()
 
     # ---- train -> calibrate -> save
     init = source_init(tc, mc, ds)
@@ -238,9 +239,13 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
               + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
               + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
-    fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
-                 fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision,
-                 init=init)
+    if net is None:
+        fitted = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
+                              fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
+                              precision=precision, init=init)
+    else:
+        fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
+                     fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
     cols = [ds.label_names.index(l) for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
                   label_units=[ds.label_units[c] for c in cols], label_ranges=fitted.label_ranges,
@@ -251,7 +256,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
-        for f in out.glob("oof_*.npz"):
+        for f in [*out.glob("oof_*.npz"), *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
             f.unlink()
     if progress:
         m = model.metrics
@@ -290,6 +295,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calib-folds", type=int, dest="calib_folds",
                    help="out-of-fold models whose residuals calibrate the sigmas (default 3: 2x the training time "
                         "again); 0 calibrates on the validation split alone")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help="train K networks (seeds SEED..SEED+K-1) into one model folder: predictions are their mean "
+                        "and sigma includes their spread; K times the training time (the out-of-fold calibration "
+                        "models are ensembles of K too)")
     p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
     p.add_argument("--init-from", dest="init_from", metavar="MODEL",
                    help="start from this model folder's weights and target scaler, with its architecture (fine-tuning, "
@@ -320,8 +329,8 @@ def _tables(path) -> set:
 def run_cli(args) -> int:
     try:
         mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
-        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "init_from", "freeze")
-                if getattr(args, k) is not None}
+        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
+                                              "freeze") if getattr(args, k) is not None}
         if over.get("freeze") and not (over.get("init_from") or tc.init_from):
             raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
         tc = replace(tc, **over)
