@@ -106,7 +106,7 @@ def run_survey(survey: str, ds: Dataset, source: Path, a) -> dict:
     truth, Xte, Xva, yva = ds.meta(te)[TRUE].to_numpy(np.float64), ds.flux(te), ds.flux(va), ds.labels(va)
     src = load_model(source)
     mae = lambda pred: np.abs(pred - truth).mean(0).tolist()  # noqa: E731
-    res = {"source model, no fine-tuning": [mae(src.predict(Xte))]}
+    res = {"SDSS model as it is, no fine-tuning": [mae(src.predict(Xte))]}
     mc = ModelConfig.from_dict({**src.model_config.to_dict(), "n_in": ds.n_pix})
     for seed in a.seeds:
         rows = stars_rows(ds, a.stars, seed)
