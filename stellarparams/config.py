@@ -102,6 +102,13 @@ class TrainConfig:
     ema: float = 0.0              # decay of an exponential moving average of the weights, validated and kept
                                   # instead of the raw weights (0: off, the paper; ~0.998 = a ~500-step memory),
                                   # capped at 1 - 0.5 / steps per epoch (a memory of ~2 epochs) for small sets
+    init_from: str | None = None  # model folder whose weights and target scaler training starts from (finetune.py)
+    init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
+    freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
+
+    def __post_init__(self):
+        f = self.freeze or ()
+        self.freeze = tuple(x.strip() for x in (f.split(",") if isinstance(f, str) else f) if x.strip())
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -140,7 +140,8 @@ class Fitted:
 
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
-        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32") -> Fitted:
+        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32",
+        init=None) -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -171,6 +172,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     precision : str
         ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler):
         autocast of the forward passes.
+    init : stellarparams.finetune.Init, optional
+        Start from another model's weights and target scaler (``train --init-from``;
+        :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
+        validation loss of those starting weights is ``metrics["init_val_loss"]``.
 
     Returns
     -------
@@ -201,6 +206,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             raise ValueError(f"{ds.path}: label {l!r} is known for fewer than 2 training rows")
     scaler = RobustScaler().fit(ytr)  # NaN-aware: missing values are ignored in fit
     center, scale = scaler.center_, scaler.scale_
+    if init is not None:  # the source's scaler: its heads' outputs keep their meaning
+        center, scale = np.asarray(init.center, np.float64), np.asarray(init.scale, np.float64)
     Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
     Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
     weights = torch.tensor(loss_weights(Ytr.numpy()), dtype=torch.float32)
@@ -218,7 +225,12 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- model, optimizer, schedule
     torch.manual_seed(tc.seed)
-    net = (StellarNet(mc) if net is None else net).to(dev)
+    net = StellarNet(mc) if net is None else net
+    if init is not None:
+        from .finetune import apply_init
+
+        apply_init(net, init)
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n_items = n_tr * (1 + tc.n_augment)
     steps_per_epoch = math.ceil(n_items / tc.batch_size)
@@ -229,6 +241,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- resume
     history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
+    init_val = None
     # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
     # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
     # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
@@ -245,6 +258,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         best_state = _restore(net, opt, sched, state, tensors, ema)
         history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
         start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
+        init_val = state.get("init_val_loss")
         if progress:
             print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
 
@@ -258,6 +272,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
         return loss, mae
 
+    if init is not None and start_epoch == 0:  # where the source's weights start, before any step
+        init_val = evaluate(Xva, Yva, yva)[0]
+        if progress:
+            print(f"starting from the source model's weights: val loss {init_val:.4f}", file=sys.stderr)
     if progress:
         print(f"training {count_parameters(net):,} parameters on {n_tr} spectra (+{tc.n_augment} noisy copies), "
               f"validating on {len(iva)}; {tc.epochs} epochs x {steps_per_epoch} batches of {tc.batch_size}",
@@ -324,7 +342,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             write_log(Path(checkpoint).parent / LOG, history)
             save_checkpoint(checkpoint, net, best_state, opt, sched,
                             {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
-                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__}, ema)
+                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__,
+                             "init_val_loss": init_val}, ema)
         if on_epoch is not None:
             on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
 
@@ -336,12 +355,14 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
                "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,
                "n_val": len(iva), "n_params": count_parameters(net)}
+    if init_val is not None:
+        metrics["init_val_loss"] = init_val
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
 
 
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
                  fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
-                 precision: str = "fp32") -> Fitted:
+                 precision: str = "fp32", init=None) -> Fitted:
     """:func:`fit` ``train_config.ensemble`` = K networks (seeds seed .. seed+K-1) into one :class:`Ensemble`.
 
     K = 1 is :func:`fit` itself. Otherwise member i trains with its own checkpoint
@@ -351,7 +372,7 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
     loss and MAE.
     """
     tc, k = train_config, int(train_config.ensemble)
-    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision)
+    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init)
     if k <= 1:
         return fit(ds, rows, model_config, tc, checkpoint=checkpoint, fingerprint=fingerprint, **kw)
     members = []
