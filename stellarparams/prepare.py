@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import CubicSpline
 
 from . import desi, lamost, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
@@ -39,6 +38,7 @@ from .files import atomic_write, write_text
 from .outputs import locked_output
 from .physics import doppler_log_shift
 from .records import sha256_file
+from .resample import cubic_spline
 from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
@@ -206,7 +206,8 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         x = x - doppler_log_shift(rv_kms)
 
     grid = _grid_loglam(config.grid)
-    out = CubicSpline(x, y, extrapolate=False)(np.clip(grid, x[0], x[-1]))  # clamp = nearest flux
+    at = np.clip(grid, x[0], x[-1])  # clamp = nearest flux
+    out = cubic_spline(x, y, at)  # SciPy's CubicSpline(x, y)(at), bit for bit
 
     # validity: inside the good coverage and near a good pixel
     step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
@@ -231,7 +232,7 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
     result = [((out - mean) / std).astype(np.float32), valid]
     if return_sigma:
-        noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
+        noise = np.interp(at, x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
         result.append(np.where(valid, noise, np.inf).astype(np.float32))
     if return_offset:
         result.append(float(mean / std))
