@@ -865,9 +865,29 @@ def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
     return dup
 
 
+def _resolver():
+    """A ``Path.resolve`` for many files in few folders: each folder is resolved once, each file costs one lstat.
+
+    ``realpath(folder/name) == realpath(folder)/name`` unless ``name`` is itself a link (then resolved in full).
+    """
+    folders = {}
+
+    def resolve(path) -> Path:
+        path = os.path.abspath(path)
+        if os.path.islink(path):
+            return Path(path).resolve()
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        return Path(folders[folder], name)
+
+    return resolve
+
+
 def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
+    resolve = _resolver()
     by_key, keys, located, ident, row_id = _identify(job)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
@@ -885,7 +905,7 @@ def _match(job: _Job) -> _Matched:
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
-        used.add(Path(f).resolve())
+        used.add(resolve(f))
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
@@ -893,26 +913,26 @@ def _match(job: _Job) -> _Matched:
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, by_key, used, matched.rejects)
+    _reject_unused_files(job, by_key, used, matched.rejects, resolve)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list) -> None:
+def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, resolve=Path.resolve) -> None:
     """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
     for p in job.files:
         if job.survey != "sdss":
-            if p.resolve() not in used:
+            if resolve(p) not in used:
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
             continue
-        if p.resolve() not in used:
+        if resolve(p) not in used:
             k = parse_spectrum_name(p.name)
             twin = by_key[k]
             reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
-                              if twin != p and twin.resolve() in used else
+                              if twin != p and resolve(twin) in used else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})

@@ -161,25 +161,25 @@ def read_spectrum(path, plain: bool = True) -> Spectrum:
         ``missing_columns``.
     """
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
-    for _ in range(3):
-        # fitsio decodes cfitsio's error-message stack, which may still hold raw bytes from an
-        # earlier damaged file; the failed decode drains it, so a second try sees only this file
-        try:
-            return _read_spectrum(path, plain)
-        except UnicodeDecodeError:
-            continue
-    raise SpectrumError(path, "unreadable", "a header holds bytes that are not ASCII text")
-
-
-def _read_spectrum(path: Path, plain: bool = True) -> Spectrum:
     try:
         spec = read_spec_plain(path) if plain else None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         spec = None  # cfitsio below reads it, or names what is wrong with it
     if spec is not None:
         return spec
+    if path.is_file() and path.stat().st_size == 0:
+        raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
+    for _ in range(3):
+        # fitsio decodes cfitsio's error-message stack, which may still hold raw bytes from an
+        # earlier damaged file; the failed decode drains it, so a second try sees only this file
+        try:
+            return _read_spectrum(path)
+        except UnicodeDecodeError:
+            continue
+    raise SpectrumError(path, "unreadable", "a header holds bytes that are not ASCII text")
+
+
+def _read_spectrum(path: Path) -> Spectrum:
     try:
         check_headers(path)
         with open_fits(path) as f:
@@ -442,7 +442,9 @@ def _plain_table(raw: bytes, hdu, want: tuple, rows: int | None = None) -> dict 
     width, found, text = layout
     n_rows = n_rows if rows is None else min(rows, n_rows)
     for at, n in text:  # fitsio decodes every text cell it reads as ASCII, and fails on other bytes
-        if not np.ndarray((n_rows,), f"S{n}", raw, start + at, (width,)).tobytes().isascii():
+        cells = raw[start + at:start + at + n] if n_rows == 1 else \
+            np.ndarray((n_rows,), f"S{n}", raw, start + at, (width,)).tobytes()
+        if not cells.isascii():
             return None
     return {name: np.ndarray((n_rows,), dtype, raw, start + at, (width,)) for name, (dtype, at) in found}
 
