@@ -371,33 +371,63 @@ def _plain_hdus(raw: bytes) -> list | None:
                 return None  # truncated, no END card, or bytes that are not printable ASCII
             text = block.decode("ascii")
             lines += [text[i:i + 80] for i in range(0, FITS_BLOCK, 80)]
-        parsed = list(map(_CARDS.__getitem__, lines[:lines.index(_END_CARD)]))
-        if _NOT_PLAIN in parsed:
+        header = lines[:lines.index(_END_CARD)]
+        rows = None
+        if hdus and len(header) > 4 and header[4].startswith("NAXIS2  = "):
+            rows, header[4] = header[4], _ROWS_CARD  # the row count of a table varies from file to file
+        parsed = _plain_header(tuple(header), not hdus)
+        if parsed is None:
             return None
-        order = [k for k, _ in parsed]
-        cards = {k: v for k, v in parsed if v is not None}
-        if len(cards) != sum(v is not None for _, v in parsed):
-            return None  # a keyword given twice
-        naxis, bitpix = _plain_int(cards, "NAXIS"), _plain_int(cards, "BITPIX")
-        if order[:3] != ["XTENSION" if hdus else "SIMPLE", "BITPIX", "NAXIS"] or not 0 <= naxis <= 9 \
-                or order[3:3 + naxis] != [f"NAXIS{k}" for k in range(1, naxis + 1)] \
-                or bitpix not in (8, 16, 32, 64, -32, -64):
-            return None
-        nbytes = abs(bitpix) // 8 if naxis else 0
-        for k in range(1, naxis + 1):
-            nbytes *= _plain_int(cards, f"NAXIS{k}")
-        if hdus:
-            if order[3 + naxis:5 + naxis] != ["PCOUNT", "GCOUNT"] or _plain_int(cards, "GCOUNT") != 1:
+        cards, order, nbytes = parsed
+        if rows is not None:  # the header was parsed with one row
+            key, value = _CARDS[rows]
+            if key != "NAXIS2" or value is None:
                 return None
-            nbytes += _plain_int(cards, "PCOUNT")
-        elif _plain_value(cards["SIMPLE"]) is not True:
-            return None
-        if not 0 <= nbytes <= MAX_HDU_BYTES or not 0 <= _plain_int(cards, "TFIELDS", 0) <= 999 or "HDUNAME" in cards:
-            return None  # check_headers refuses the first two
-        _plain_int(cards, "EXTVER", 0)  # fitsio reads it: an integer, or not plain (ValueError)
+            cards = {**cards, "NAXIS2": value}
+            heap = _plain_int(cards, "PCOUNT")
+            nbytes = (nbytes - heap) * int(value.split("/")[0]) + heap
+            if not 0 <= nbytes <= MAX_HDU_BYTES:
+                return None  # check_headers refuses it
         hdus.append((cards, order, pos, nbytes))
         pos += -(-nbytes // FITS_BLOCK) * FITS_BLOCK
     return hdus if pos == size else None
+
+
+_ROWS_CARD = "NAXIS2  =                    1 / the row count, parsed apart".ljust(80)
+
+
+@lru_cache(maxsize=512)
+def _plain_header(header: tuple, primary: bool):
+    """(cards, keywords in order, data bytes) of one header's cards (END excluded), or None when not plain.
+
+    Cached: the headers of the table HDUs repeat from file to file (their row counts apart: the
+    caller puts ``_ROWS_CARD`` in place of NAXIS2).
+    """
+    parsed = list(map(_CARDS.__getitem__, header))
+    if _NOT_PLAIN in parsed:
+        return None
+    order = [k for k, _ in parsed]
+    cards = {k: v for k, v in parsed if v is not None}
+    if len(cards) != len(parsed) - [v for _, v in parsed].count(None):
+        return None  # a keyword given twice
+    naxis, bitpix = _plain_int(cards, "NAXIS"), _plain_int(cards, "BITPIX")
+    if order[:3] != ["SIMPLE" if primary else "XTENSION", "BITPIX", "NAXIS"] or not 0 <= naxis <= 9 \
+            or order[3:3 + naxis] != [f"NAXIS{k}" for k in range(1, naxis + 1)] \
+            or bitpix not in (8, 16, 32, 64, -32, -64):
+        return None
+    nbytes = abs(bitpix) // 8 if naxis else 0
+    for k in range(1, naxis + 1):
+        nbytes *= _plain_int(cards, f"NAXIS{k}")
+    if not primary:
+        if order[3 + naxis:5 + naxis] != ["PCOUNT", "GCOUNT"] or _plain_int(cards, "GCOUNT") != 1:
+            return None
+        nbytes += _plain_int(cards, "PCOUNT")
+    elif _plain_value(cards["SIMPLE"]) is not True:
+        return None
+    if not 0 <= nbytes <= MAX_HDU_BYTES or not 0 <= _plain_int(cards, "TFIELDS", 0) <= 999 or "HDUNAME" in cards:
+        return None  # check_headers refuses the first two
+    _plain_int(cards, "EXTVER", 0)  # fitsio reads it: an integer, or not plain (ValueError)
+    return cards, order, nbytes
 
 
 def _plain_int(cards: dict, key: str, default: int | None = None) -> int:
