@@ -6,13 +6,41 @@ slopes, solves it with the same LAPACK routine (``gtsv``, what ``scipy.linalg.so
 calls for one band on each side) and evaluates each cubic with the same formula in the
 same order as SciPy's ``PPoly``, so the result equals SciPy's to the last bit (a test checks
 it). It costs less than half of ``CubicSpline``: no input checks (the caller guarantees them),
-no ``PPoly`` object, and it imports ``scipy.linalg.lapack`` (~0.1 s) instead of
-``scipy.interpolate`` (~0.3 s). Imported here, at start-up, so that forked workers have it.
+no ``PPoly`` object, and at start-up it loads SciPy's compiled LAPACK module alone (~0.02 s)
+instead of importing ``scipy.interpolate`` (~0.25 s) or ``scipy.linalg`` (~0.12 s). It is
+loaded when this module is imported, so that forked workers have it.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
-from scipy.linalg.lapack import dgtsv
+
+
+def _load_dgtsv():
+    """LAPACK ``dgtsv`` from ``scipy.linalg._flapack``, without running ``scipy.linalg``'s imports."""
+    if "scipy.linalg._flapack" in sys.modules:
+        return sys.modules["scipy.linalg._flapack"].dgtsv
+    spec = importlib.util.find_spec("scipy")
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES if spec and spec.submodule_search_locations else ():
+        path = Path(spec.submodule_search_locations[0], "linalg", "_flapack" + suffix)
+        if path.is_file():
+            try:
+                lapack = importlib.util.spec_from_file_location("scipy.linalg._flapack", path)
+                module = importlib.util.module_from_spec(lapack)
+                lapack.loader.exec_module(module)
+                return module.dgtsv
+            except (ImportError, AttributeError):
+                break
+    from scipy.linalg.lapack import dgtsv  # the ordinary way
+
+    return dgtsv
+
+
+dgtsv = _load_dgtsv()
 
 
 def cubic_spline(x: np.ndarray, y: np.ndarray, xnew: np.ndarray) -> np.ndarray:
