@@ -3,8 +3,9 @@
 Per spectrum (:func:`preprocess`):
 1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
 2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
-3. one cubic spline (SciPy) through the good pixels, evaluated on the common grid, with
-   the ends clamped (nearest available flux outside the spectrum's coverage);
+3. one not-a-knot cubic spline through the good pixels (SciPy's ``CubicSpline``, bit for bit:
+   :func:`resample.cubic_spline`), evaluated on the common grid, with the ends clamped
+   (nearest available flux outside the spectrum's coverage);
 4. standardize: subtract the mean over the P grid pixels, divide by the population std.
 
 :func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
