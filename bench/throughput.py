@@ -99,7 +99,8 @@ def prepare_end_to_end(bar: Path, workers: int, repeat: int):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "stellarparams.cli", "prepare", "--catalog",
                             str(bar / "sppParams.fits"), "--spectra", str(bar / "spectra"), "--out", str(out),
-                            "--workers", str(workers), "--no-progress"], check=True, cwd=ROOT, env=_env())
+                            "--workers", str(workers), "--no-progress"], check=True, cwd=_tree(), env=_env(),
+                           stdout=subprocess.DEVNULL)
             dt = time.perf_counter() - t
             s = json.loads((out / "summary.json").read_text())
             rates.append(s["read"] / dt)
@@ -110,8 +111,15 @@ def prepare_end_to_end(bar: Path, workers: int, repeat: int):
           f"{statistics.median(rates):,.0f}/s end to end; in-process best {max(inner):,.0f}/s (goal 2,000/s)")
 
 
+def _tree() -> Path:
+    """The source tree of the stellarparams this script imports (PYTHONPATH picks it); commands run there."""
+    import stellarparams
+
+    return Path(stellarparams.__file__).resolve().parents[1]
+
+
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(_tree()) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -151,7 +159,7 @@ def predict_from_fits(spectra: Path, model_folder: Path, workers: int, repeat: i
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stellarparams.cli", "predict", str(model_folder), str(spectra),
                         "--out", str(Path(tmp) / "cli.parquet"), "--workers", str(workers), "--quiet"],
-                       check=True, cwd=ROOT, env=_env(), stderr=subprocess.DEVNULL)
+                       check=True, cwd=_tree(), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dt = time.perf_counter() - t
     n = s["n_files"]
     print(f"predict, {n} files from FITS, {workers} workers: best {max(rates):,.0f}/s, median "
