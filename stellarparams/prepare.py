@@ -874,7 +874,7 @@ def _resolver():
     folders = {}
 
     def resolve(path) -> Path:
-        path = os.path.abspath(path)
+        path = os.path.join(os.getcwd(), path)  # not abspath: '..' after a linked folder is resolved by realpath
         if os.path.islink(path):
             return Path(path).resolve()
         folder, name = os.path.split(path)
