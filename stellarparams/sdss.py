@@ -775,7 +775,8 @@ def _read_fits_table_plain(path) -> pd.DataFrame | None:
             return None
         hdr = f[1].read_header()
         for k in range(1, int(hdr.get("TFIELDS", 0)) + 1):
-            if f"TDIM{k}" in hdr or f"TSCAL{k}" in hdr or _NOT_PLAIN_COLUMN.search(str(hdr.get(f"TFORM{k}", "")).upper()):
+            form = str(hdr.get(f"TFORM{k}", "")).upper()
+            if f"TDIM{k}" in hdr or f"TSCAL{k}" in hdr or _NOT_PLAIN_COLUMN.search(form):
                 return None
         data = f[1].read()
     columns = {}
