@@ -68,9 +68,8 @@ def kernels(bar: Path, n: int = 1000):
         out = fn(*args)
         return 1e3 * (time.process_time() - t) / len(files), out
 
-    plain, specs = per_spectrum(lambda: [sdss.read_spectrum(f) for f in files])
-    cfitsio, _ = per_spectrum(lambda: [sdss.read_spectrum(f, plain=False) for f in files])
-    print(f"read a lite file:     {plain:.3f} ms numpy (plain path), {cfitsio:.3f} ms cfitsio   [{load()}]")
+    read, specs = per_spectrum(lambda: [sdss.read_spectrum(f) for f in files])
+    print(f"read a lite file:     {read:.3f} ms (fitsio)   [{load()}]")
     grid = config.grid.loglam
     xy = []
     for s in specs:
