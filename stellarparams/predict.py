@@ -45,7 +45,6 @@ import numpy as np
 import pandas as pd
 
 from . import engine, sdss
-from .devices import add_arguments as add_device_arguments
 from .files import LOCK_NAME, atomic_write, write_text
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
@@ -648,6 +647,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     engine.add_argument(p)
+    from .devices import add_arguments as add_device_arguments  # here: reading workers need no torch
+
     add_device_arguments(p, precision=False)
 
 
