@@ -112,7 +112,8 @@ def connect(address, progress: bool = False):
     with contextlib.ExitStack() as stack:
         if n_local:
             cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=n_local, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None))
+                n_workers=n_local, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=":0"))  # any free port: a second job or a notebook may hold 8787
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:

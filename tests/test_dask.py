@@ -23,7 +23,7 @@ from test_prepare import _dataset_arrays, good_set
 def cluster():
     """A client of a 2-worker LocalCluster (processes, one thread each), stopped after the module."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, memory_limit=0) as c, distributed.Client(c) as client:
+                                  dashboard_address=":0", memory_limit=0) as c, distributed.Client(c) as client:
         yield client
 
 
