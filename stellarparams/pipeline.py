@@ -178,11 +178,11 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     device = resolve_device(device)
     check_precision(device, precision)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     times = {}
     t_all = time.perf_counter()
 
-    with engine.connect(dask, progress) as client:
+    with engine.connect(dask, progress) as client:  # before anything is written: a dead address leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
         _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
         t0 = time.perf_counter()
         catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress, dask=client)
