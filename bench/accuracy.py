@@ -14,7 +14,9 @@ training seeds, for:
 
 Each measured (configuration, seed) is kept in WORK/runs/, so a killed run resumes and several
 processes can share the work (e.g. ``--recipes paper --seeds 1,2`` next to ``--recipes default``);
-- the default recipe with each ingredient switched off in turn (``--ablation-seeds`` seeds);
+- the default recipe with each ingredient switched off in turn (``--ablation-seeds`` seeds), and
+  ``--variant`` configurations; both kept as model folders WORK/models/<name>_sSEED
+  (e.g. ``default_no_aug_ebv_s0``) that bench/robustness.py ``--recipes`` scores under shift;
 - the same three at a small training set: ``--small-stars`` training stars (all their spectra).
 
 Also: MAE at S/N > 50, ratios to Ridge, training time. Writes WORK/accuracy.json and
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--small-stars", type=int, default=100, help="training stars of the small-set comparison")
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks only)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, small")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
+                   help="also train the default recipe with these overrides (TrainConfig fields; 'model.' prefix "
+                        "for ModelConfig), e.g. 'wd 0.1:weight_decay=0.1'; repeatable; --ablation-seeds seeds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -109,14 +114,21 @@ def main(argv=None) -> int:
             r = RidgeVal().fit(ds.flux(rows_tr), ds.labels(rows_tr), ds.flux(va), ds.labels(va))
             record(work, name, "-", dict(scores(r.predict(Xte), truth, snr), train_time_s=time.perf_counter() - t))
 
-    def fits(name, tc_list, rows_tr):
+    def fits(name, tc_list, rows_tr, mc=mc, keep=False):
+        """Train and score; ``keep``: as a model folder WORK/models/<name>_sSEED, for bench/robustness.py."""
         for tc in tc_list:
-            if done(work, name, tc.seed):
+            folder = work / "models" / f"{slug(name)}_s{tc.seed}"
+            if done(work, name, tc.seed) and (not keep or (folder / "model.json").exists()):
                 continue
             tc = replace(tc, epochs=a.epochs or tc.epochs, threads=a.threads, calib_folds=0)
-            f = fit(ds, (rows_tr, va), mc, tc)
-            record(work, name, tc.seed, dict(scores(predict_net(f.net, f.center, f.scale, Xte), truth, snr),
-                                             train_time_s=f.metrics["train_time_s"], best_epoch=f.metrics["best_epoch"]))
+            if keep:
+                m = train(ds, folder, mc, tc, progress=False, overwrite=True)
+                pred, metrics = m.predict(Xte), m.metrics
+            else:
+                f = fit(ds, (rows_tr, va), mc, tc)
+                pred, metrics = predict_net(f.net, f.center, f.scale, Xte), f.metrics
+            record(work, name, tc.seed, dict(scores(pred, truth, snr), train_time_s=metrics["train_time_s"],
+                                             best_epoch=metrics["best_epoch"]))
 
     def folders(name):
         for s in seeds:
@@ -136,7 +148,13 @@ def main(argv=None) -> int:
         for label, over in ablations().items():
             if wanted is not None and label not in wanted:
                 continue
-            fits(f"default, {label}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr)
+            fits(f"default, {label}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr,
+                 keep=True)
+    for v in a.variant:
+        name, over = parse_variant(v)
+        mco = replace(mc, **over.pop("model", {}))
+        fits(f"default, {name}", [recipe("default", seed=s, **over) for s in seeds[:a.ablation_seeds]], tr, mco,
+             keep=True)
     if "small" not in skip:
         rows = small_rows(ds, a.small_stars)
         ridge(f"Ridge, {a.small_stars} stars", rows)
@@ -152,8 +170,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:KEY=VAL,KEY=VAL' -> (NAME, overrides); values are Python literals, 'model.KEY' goes to ModelConfig."""
+    import ast
+
+    name, _, body = text.partition(":")
+    over = {}
+    for item in filter(None, body.split(",")):
+        k, _, v = item.partition("=")
+        v = ast.literal_eval(v.strip())
+        if k.strip().startswith("model."):
+            over.setdefault("model", {})[k.strip()[6:]] = v
+        else:
+            over[k.strip()] = v
+    return name.strip(), over
+
+
+def slug(name: str) -> str:
+    """A configuration's name as a file name: 'default, no aug_ebv' -> 'default_no_aug_ebv'."""
+    return name.replace(" ", "_").replace(",", "").replace("/", "-")
+
+
 def _run_file(work: Path, name: str, seed) -> Path:
-    return work / "runs" / (name.replace(" ", "_").replace(",", "").replace("/", "-") + f"__s{seed}.json")
+    return work / "runs" / (slug(name) + f"__s{seed}.json")
 
 
 def done(work: Path, name: str, seed) -> bool:

@@ -230,6 +230,70 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, scale: torch.Tensor, generat
     return x + noise * sigma.to(x.dtype) * scale.to(x.dtype)[:, None]
 
 
+# --------------------------------------------------------------------------- label-space mixup
+
+def mix(xa: torch.Tensor, oa: torch.Tensor, xb: torch.Tensor, ob: torch.Tensor, lam: torch.Tensor):
+    """Blend two batches of spectra: lam * a + (1 - lam) * b of the flux, each divided by its mean.
+
+    A new star between two stars with nearby labels: its labels are the same blend of theirs
+    (``lam`` (B,) in [0, 1]). Each spectrum is first divided by its mean flux (f / m = x / offset + 1)
+    so that the blend does not depend on how bright either star was, then standardized again.
+
+    Returns
+    -------
+    (standardized flux (B, P), offset (B,))
+    """
+    fa = xa / oa.clamp(min=1e-3)[:, None] + 1.0
+    fb = xb / ob.clamp(min=1e-3)[:, None] + 1.0
+    lam = lam[:, None].to(xa.dtype)
+    return restandardize(lam * fa + (1.0 - lam) * fb)
+
+
+class Neighbours:
+    """For every training row, the rows of the ``k`` stars nearest to its star in label space.
+
+    Stars are the distinct ``star_ids``; a star's labels are the mean over its rows (NaN = unknown,
+    filled with the label's mean for the distance); distances are in units of each label's spread.
+    :meth:`draw` picks, per row, one of its star's k neighbour stars and one of that star's rows.
+    Rows of one star share labels, so a partner from another star gives a new point in label space.
+    """
+
+    def __init__(self, star_ids, y, k: int = 4):
+        from sklearn.neighbors import NearestNeighbors
+
+        stars, self.star_of = np.unique(np.asarray(star_ids), return_inverse=True)
+        if len(stars) < 2:
+            raise ValueError("label-space mixup needs at least 2 training stars")
+        y = np.asarray(y, np.float64)
+        mean = np.zeros((len(stars), y.shape[1]))
+        for j in range(y.shape[1]):
+            ok = np.isfinite(y[:, j])
+            s = np.bincount(self.star_of[ok], y[ok, j], len(stars))
+            n = np.bincount(self.star_of[ok], minlength=len(stars))
+            mean[:, j] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+        mean = (mean - np.nanmean(mean, 0)) / np.maximum(np.nanstd(mean, 0), 1e-12)
+        mean = np.nan_to_num(mean)
+        self.k = min(int(k), len(stars) - 1)
+        _, nbr = NearestNeighbors(n_neighbors=self.k + 1).fit(mean).kneighbors(mean)
+        # drop the star itself (normally the first column; duplicates of its labels may come first)
+        own = np.arange(len(stars))[:, None]
+        nbr = np.array([[m for m in row if m != i][:self.k] for i, row in zip(own[:, 0], nbr)])
+        self.nbr = torch.from_numpy(nbr)
+        self.order = torch.from_numpy(np.argsort(self.star_of, kind="stable"))
+        count = np.bincount(self.star_of, minlength=len(stars))
+        self.start = torch.from_numpy(np.concatenate([[0], np.cumsum(count)[:-1]]))
+        self.count = torch.from_numpy(count)
+        self.star_of = torch.from_numpy(self.star_of)
+
+    def draw(self, rows: torch.Tensor, generator) -> torch.Tensor:
+        """A partner row (of a neighbour star) for each of ``rows`` (B,)."""
+        B = len(rows)
+        pick = torch.randint(0, self.k, (B,), generator=generator)
+        star = self.nbr[self.star_of[rows], pick]
+        within = (torch.rand(B, generator=generator) * self.count[star]).long()
+        return self.order[self.start[star] + within]
+
+
 # --------------------------------------------------------------------------- continuum normalisation
 
 @functools.lru_cache(maxsize=8)

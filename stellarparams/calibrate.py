@@ -19,7 +19,7 @@ import numpy as np
 
 from .dataset import Dataset
 from .files import atomic_write
-from .training import fit
+from .training import fit_ensemble
 from .uncertainty import Uncertainty, fit_uncertainty, raw_uncertainty
 
 
@@ -33,7 +33,7 @@ def fold_of(groups, k: int, seed: int = 0) -> np.ndarray:
 
 
 def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, tag: str = "",
-                progress: bool = False, device=None, precision: str = "fp32") -> dict | None:
+                progress: bool = False, device=None, precision: str = "fp32", init=None) -> dict | None:
     """Out-of-fold predictions for every training row, for the sigma calibration.
 
     Parameters
@@ -51,6 +51,8 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         Where finished folds are kept (``oof_<tag>_fold<k>.npz``) to resume.
     device, precision : optional
         Where and how the fold models train (:func:`stellarparams.training.fit`).
+    init : stellarparams.finetune.Init, optional
+        The fold models start where the final model started (``train --init-from``).
 
     Returns
     -------
@@ -65,7 +67,7 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
     if len(np.unique(groups)) < k:
         return None
     folds = fold_of(groups, k, tc.seed)
-    bar = tqdm(total=k * tc.epochs, desc=f"calibration: {k} out-of-fold models", unit="epoch",
+    bar = tqdm(total=k * tc.epochs * max(1, tc.ensemble), desc=f"calibration: {k} out-of-fold models", unit="epoch",
                disable=not progress, mininterval=1.0)
     parts = []
     for f in range(k):
@@ -73,11 +75,11 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         if path is not None and path.exists():
             with np.load(path, allow_pickle=False) as z:
                 parts.append({name: z[name] for name in z.files})
-            bar.update(tc.epochs)
+            bar.update(tc.epochs * max(1, tc.ensemble))
             continue
         held = itr[folds == f]
-        fm = fit(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
-                 on_epoch=lambda *a: bar.update(1), device=device, precision=precision)
+        fm = fit_ensemble(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
+                          on_epoch=lambda *a: bar.update(1), device=device, precision=precision, init=init)
         pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
         parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
         if path is not None:
@@ -92,7 +94,7 @@ def _savez(path, arrays: dict):
 
 
 def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", progress: bool = True,
-              device=None, precision: str = "fp32") -> Uncertainty:
+              device=None, precision: str = "fp32", init=None) -> Uncertainty:
     """Fit the uncertainty model of a trained model on a prepared dataset's train/val splits.
 
     Parameters
@@ -113,6 +115,8 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         on the device of each network.
     precision : str
         Autocast of the fold models' training (:func:`stellarparams.training.fit`).
+    init : stellarparams.finetune.Init, optional
+        Where the fold models start (the final model's ``--init-from``).
 
     Returns
     -------
@@ -129,7 +133,7 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         if folds >= 2:
             t0 = time.perf_counter()
             oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress,
-                              device=model.device if device is None else device, precision=precision)
+                              device=model.device if device is None else device, precision=precision, init=init)
             model.metrics["calib_folds_s"] = round(time.perf_counter() - t0, 1)
             if oof is not None:
                 oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]

@@ -96,9 +96,19 @@ class TrainConfig:
     aug_mask_runs: int = 0        # up to this many bridged pixel runs of 1-30 px (cosmic rays, bad columns)
     aug_telluric: float = 0.0     # residual O2/H2O band depth U(-a, a)
     aug_pixnoise: float = 0.0     # extra noise from each pixel's own sigma, scale U(0, a) (replaces the paper's)
+    aug_mixup: float = 0.0        # fraction of noisy copies replaced by a blend with a label-neighbour star
+    mixup_k: int = 4              # ... one of the k stars nearest in label space; blend weight U(0, 1)
+    ensemble: int = 1             # members trained with seeds seed, seed+1, ...; predictions averaged (one folder)
     ema: float = 0.0              # decay of an exponential moving average of the weights, validated and kept
                                   # instead of the raw weights (0: off, the paper; ~0.998 = a ~500-step memory),
                                   # capped at 1 - 0.5 / steps per epoch (a memory of ~2 epochs) for small sets
+    init_from: str | None = None  # model folder whose weights and target scaler training starts from (finetune.py)
+    init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
+    freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
+
+    def __post_init__(self):
+        f = self.freeze or ()
+        self.freeze = tuple(x.strip() for x in (f.split(",") if isinstance(f, str) else f) if x.strip())
 
     def to_dict(self) -> dict:
         return asdict(self)

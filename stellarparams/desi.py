@@ -185,7 +185,7 @@ def target_ids(path) -> np.ndarray:
         return f["FIBERMAP"].read(columns=["TARGETID"])["TARGETID"].astype(np.int64)
 
 
-def write_coadd(path, targetid, arms: dict, fiberstatus=None):
+def write_coadd(path, targetid, arms: dict, fiberstatus=None, header: dict | None = None, durable: bool = True):
     """Write a DESI coadd file with the data model's HDUs (tests, simulations), atomically.
 
     Parameters
@@ -196,6 +196,10 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None):
         ``{"B": (wave (n,), flux (N, n), ivar (N, n), mask (N, n) or None), ...}``.
     fiberstatus : (N,) int, optional
         COADD_FIBERSTATUS (default 0).
+    header : dict, optional
+        Primary-header keywords (e.g. HPXPIXEL).
+    durable : bool
+        fsync before the rename (:func:`stellarparams.files.atomic_write`).
 
     Returns
     -------
@@ -207,7 +211,10 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None):
 
     targetid = np.asarray(targetid, np.int64)
     status = np.zeros(len(targetid), np.int32) if fiberstatus is None else np.asarray(fiberstatus, np.int32)
-    hdus = [fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+    primary = fits.PrimaryHDU()
+    for k, v in (header or {}).items():
+        primary.header[k] = v
+    hdus = [primary, fits.BinTableHDU.from_columns(
         [fits.Column("TARGETID", "K", array=targetid), fits.Column("COADD_FIBERSTATUS", "J", array=status),
          fits.Column("TARGET_RA", "D", array=np.zeros(len(targetid))),
          fits.Column("TARGET_DEC", "D", array=np.zeros(len(targetid)))], name="FIBERMAP")]
@@ -218,4 +225,4 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None):
                  fits.ImageHDU(flux, name=f"{arm}_FLUX"),
                  fits.ImageHDU(np.asarray(ivar, np.float32), name=f"{arm}_IVAR"),
                  fits.ImageHDU(mask, name=f"{arm}_MASK")]
-    return atomic_write(path, fits.HDUList(hdus).writeto)
+    return atomic_write(path, fits.HDUList(hdus).writeto, durable=durable)

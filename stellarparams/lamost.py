@@ -143,7 +143,8 @@ def read_spectrum(path) -> Record:
 
 def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8", obsid: int = 0, lmjd: int = 0,
                    planid: str = "", spid: int = 0, fiberid: int = 0, z: float = 0.0, helio_rv: float = 0.0,
-                   objclass: str = "STAR", normalization=None, header: dict | None = None):
+                   objclass: str = "STAR", normalization=None, header: dict | None = None, ormask=None,
+                   durable: bool = True):
     """Write a LAMOST LRS file in one of its two layouts (tests, simulations), atomically.
 
     Parameters
@@ -161,6 +162,10 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
         DR8 NORMALIZATION (default ones).
     header : dict, optional
         More primary-header keywords.
+    ormask : (n,) array, optional
+        ORMASK (default: ``andmask``).
+    durable : bool
+        fsync before the rename (:func:`stellarparams.files.atomic_write`).
 
     Returns
     -------
@@ -172,7 +177,8 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
 
     n = len(flux)
     andmask = np.zeros(n, np.int32) if andmask is None else np.asarray(andmask, np.int32)
-    primary = fits.PrimaryHDU(np.stack([flux, ivar, wave, andmask, andmask]).astype(np.float32)
+    ormask = andmask if ormask is None else np.asarray(ormask, np.int32)
+    primary = fits.PrimaryHDU(np.stack([flux, ivar, wave, andmask, ormask]).astype(np.float32)
                               if layout == "early" else None)
     h = primary.header
     h["TELESCOP"] = "LAMOST"
@@ -183,9 +189,9 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
     if layout == "dr8":
         norm = np.ones(n) if normalization is None else normalization
         cols = [("FLUX", "E", flux), ("IVAR", "E", ivar), ("WAVELENGTH", "D", wave), ("ANDMASK", "J", andmask),
-                ("ORMASK", "J", andmask), ("NORMALIZATION", "E", norm)]
+                ("ORMASK", "J", ormask), ("NORMALIZATION", "E", norm)]
         hdus.append(fits.BinTableHDU.from_columns([fits.Column(c, f"{n}{t}", array=np.asarray(a)[None])
                                                    for c, t, a in cols]))
     elif layout != "early":
         raise ValueError(f"layout must be 'dr8' or 'early', got {layout!r}")
-    return atomic_write(path, fits.HDUList(hdus).writeto)
+    return atomic_write(path, fits.HDUList(hdus).writeto, durable=durable)

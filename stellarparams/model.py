@@ -155,3 +155,37 @@ class StellarNet(nn.Module):
 
     def forward(self, x, dropout=None):
         return self.tail(self.features(x), dropout)
+
+
+class Ensemble(nn.Module):
+    """K networks of one architecture trained with different seeds; the prediction is their mean.
+
+    :meth:`features` runs each member's :meth:`StellarNet.features`; :meth:`tail` averages the
+    members' outputs, or, with a ``dropout`` of T passes (MC dropout), returns the K x T draws
+    of all members as (K*T, B, L), so a spread over them holds both each member's dropout
+    spread and the spread between members.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.config = self.members[0].config
+        self.labels = self.members[0].labels
+
+    def to_dict(self) -> dict:
+        """What :meth:`from_dict` rebuilds the (untrained) ensemble from (saved in model.json)."""
+        return {"members": len(self.members), "model_config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ensemble":
+        return cls([StellarNet(ModelConfig.from_dict(d["model_config"])) for _ in range(int(d["members"]))])
+
+    def features(self, x):
+        return [m.features(x) for m in self.members]
+
+    def tail(self, h, dropout=None):
+        outs = [m.tail(hm, dropout) for m, hm in zip(self.members, h)]
+        return torch.stack(outs).mean(0) if dropout is None else torch.cat(outs, 0)
+
+    def forward(self, x, dropout=None):
+        return self.tail(self.features(x), dropout)

@@ -3,8 +3,9 @@
 Per spectrum (:func:`preprocess`):
 1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
 2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
-3. one cubic spline (SciPy) through the good pixels, evaluated on the common grid, with
-   the ends clamped (nearest available flux outside the spectrum's coverage);
+3. one not-a-knot cubic spline through the good pixels (SciPy's ``CubicSpline``, bit for bit:
+   :func:`resample.cubic_spline`), evaluated on the common grid, with the ends clamped
+   (nearest available flux outside the spectrum's coverage);
 4. standardize: subtract the mean over the P grid pixels, divide by the population std.
 
 :func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import CubicSpline
 
 from . import desi, engine, lamost, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
@@ -39,6 +39,7 @@ from .files import atomic_write, write_text
 from .outputs import locked_output
 from .physics import doppler_log_shift
 from .records import sha256_file
+from .resample import cubic_spline
 from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
@@ -206,7 +207,8 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         x = x - doppler_log_shift(rv_kms)
 
     grid = _grid_loglam(config.grid)
-    out = CubicSpline(x, y, extrapolate=False)(np.clip(grid, x[0], x[-1]))  # clamp = nearest flux
+    at = np.clip(grid, x[0], x[-1])  # clamp = nearest flux
+    out = cubic_spline(x, y, at)  # SciPy's CubicSpline(x, y)(at), bit for bit
 
     # validity: inside the good coverage and near a good pixel
     step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
@@ -231,7 +233,7 @@ def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = Prepa
         raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
     result = [((out - mean) / std).astype(np.float32), valid]
     if return_sigma:
-        noise = np.interp(np.clip(grid, x[0], x[-1]), x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
+        noise = np.interp(at, x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
         result.append(np.where(valid, noise, np.inf).astype(np.float32))
     if return_offset:
         result.append(float(mean / std))
@@ -870,9 +872,29 @@ def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
     return dup
 
 
+def _resolver():
+    """A ``Path.resolve`` for many files in few folders: each folder is resolved once, each file costs one lstat.
+
+    ``realpath(folder/name) == realpath(folder)/name`` unless ``name`` is itself a link (then resolved in full).
+    """
+    folders = {}
+
+    def resolve(path) -> Path:
+        path = os.path.join(os.getcwd(), path)  # not abspath: '..' after a linked folder is resolved by realpath
+        if os.path.islink(path):
+            return Path(path).resolve()
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        return Path(folders[folder], name)
+
+    return resolve
+
+
 def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
+    resolve = _resolver()
     by_key, keys, located, ident, row_id = _identify(job)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
@@ -890,7 +912,7 @@ def _match(job: _Job) -> _Matched:
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
-        used.add(Path(f).resolve())
+        used.add(resolve(f))
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
@@ -898,26 +920,26 @@ def _match(job: _Job) -> _Matched:
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, by_key, used, matched.rejects)
+    _reject_unused_files(job, by_key, used, matched.rejects, resolve)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list) -> None:
+def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, resolve=Path.resolve) -> None:
     """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
     for p in job.files:
         if job.survey != "sdss":
-            if p.resolve() not in used:
+            if resolve(p) not in used:
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
             continue
-        if p.resolve() not in used:
+        if resolve(p) not in used:
             k = parse_spectrum_name(p.name)
             twin = by_key[k]
             reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
-                              if twin != p and twin.resolve() in used else
+                              if twin != p and resolve(twin) in used else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})

@@ -52,6 +52,12 @@ Their values go to ``simulate.json`` (key ``shifts``) and to each file's header 
 TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
 O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
 
+Other surveys (issue 15; ``survey="lamost"`` or ``"desi"``, :mod:`stellarparams.simulate_surveys`):
+the same steps on that survey's fixed pixels (no start offset) and with its line-spread
+function in step 2 (LAMOST R = 1800; DESI is sharper than MILES, so nothing is broadened),
+LAMOST with a survey-wide smooth instrument response (relative flux), written in its file
+format with a catalog in its column names. SDSS's files stay byte-identical.
+
 Nothing in a spectrum file holds the truth: the COADD ``model`` column is zeros, SPECOBJ
 ``Z`` is the catalog's (noisy) RV, and the header has only the S/N target ``SNR5000``.
 
@@ -81,7 +87,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, engine, sdss
+from . import __version__, engine, sdss, simulate_surveys
 from .files import OutputBusy, atomic_write, output_lock, write_text
 from .physics import C_KMS, doppler
 
@@ -623,17 +629,19 @@ class Simulator:
     cover: (n_star, 2) the wavelength range (vacuum, rest, A) where a star has good flux.
     The SDSS lattice (``loglam``, K pixels) covers every start offset; per-spectrum grids
     are slices of it. ``shifts`` (:class:`Shifts`) are fixed here, once: the LSF, the
-    response curve (drawn from ``seed``), the wavelength-solution offset (``lam_edges_true``:
+    response curve (drawn from ``seed``), the wavelength-solution offset (``lo_true``, ``hi_true``:
     the wavelengths the pixels really see), the telluric optical depth and the sky lines.
     """
 
-    def __init__(self, cfg: SimConfig = SimConfig(), shifts: Shifts = Shifts(), seed: int = 0):
+    def __init__(self, cfg: SimConfig = SimConfig(), shifts: Shifts = Shifts(), seed: int = 0, survey: str = "sdss"):
         from astropy import units as u
         from dust_extinction.parameter_averages import G23
 
-        self.cfg, self.shifts = cfg, shifts
+        self.cfg, self.shifts, self.survey = cfg, shifts, simulate_surveys.check(survey)
         lsf = parse_lsf(shifts.lsf)
         resolution = cfg.resolution if lsf is None else C_KMS / lsf[0]
+        if survey != "sdss" and lsf is None:  # the survey's own LSF: R at each wavelength it is used at
+            resolution = functools.partial(simulate_surveys.resolution, survey)
         h3, h4 = (0.0, 0.0) if lsf is None else lsf[1:]
         wave_air, flux, self.labels = load_miles(cfg.teff_range)
         self.fwhm_lib = self.labels.attrs["fwhm"]
@@ -649,16 +657,22 @@ class Simulator:
         self.cover = np.stack([self.edges[lo], self.edges[hi]], 1)  # (n_star, 2) A, vacuum rest frame
         idx = np.clip(np.arange(n_pix), lo[:, None], hi[:, None] - 1)
         flux = np.take_along_axis(flux, idx, 1)
-        self.flux = match_resolution(self.wave, flux, self.fwhm_lib, resolution, h3, h4)
+        self.flux = match_resolution(self.wave, flux, self.fwhm_lib, _at(resolution, self.wave), h3, h4)
         # cumulative integral of f_lambda over the library pixels, for flux-conserving rebinning
         self.cum = np.concatenate([np.zeros((len(flux), 1)), np.cumsum(self.flux * np.diff(self.edges), 1)], 1)
-        n_lat = int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 + 2 * cfg.offset_max
-        self.loglam = LOGLAM0 + DLOGLAM * (np.arange(n_lat) - cfg.offset_max)  # (K,)
-        self.lam = 10 ** self.loglam
-        self.lam_edges = 10 ** (self.loglam[0] - DLOGLAM / 2 + DLOGLAM * np.arange(n_lat + 1))
+        if survey == "sdss":
+            n_lat = int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 + 2 * cfg.offset_max
+            self.loglam = LOGLAM0 + DLOGLAM * (np.arange(n_lat) - cfg.offset_max)  # (K,)
+            self.lam = 10 ** self.loglam
+            lam_edges = 10 ** (self.loglam[0] - DLOGLAM / 2 + DLOGLAM * np.arange(n_lat + 1))
+            lo, hi = lam_edges[:-1], lam_edges[1:]
+        else:  # the survey's fixed pixels (simulate_surveys); every spectrum gets all of them
+            self.lam, lo, hi = simulate_surveys.pixels(survey)
+            self.loglam = np.log10(self.lam)
         # a wavelength solution off by +P pixels: the pixel written at lambda sees lambda * 10^(-P dloglam)
         to_true = 10 ** (-shifts.wave_offset * DLOGLAM)  # exactly 1.0 for P = 0
-        self.lam_edges_true, lam_true = self.lam_edges * to_true, self.lam * to_true
+        self.lo_true, self.hi_true, lam_true = lo * to_true, hi * to_true, self.lam * to_true
+        resolution = _at(resolution, lam_true)
         ext = G23(Rv=cfg.rv_dust)
         self.ext_per_ebv = -2.5 * np.log10(ext.extinguish(self.lam * u.AA, Ebv=1.0))  # A(lambda)/E(B-V)
         x = 2 * (self.loglam - LOGLAM0) / (LOGLAM1 - LOGLAM0) - 1  # [-1, 1] over 3800-9200 A
@@ -666,7 +680,8 @@ class Simulator:
         self.sky = sky_spectrum(lam_true, resolution)
         self.sky_lines = sky_spectrum(lam_true, resolution, continuum=False) if shifts.sky_residual else None
         self.tau = telluric_tau(lam_true, resolution) if shifts.telluric else None
-        self.response = None if shifts.response is None else instrument_response(self.loglam, shifts.response, seed)
+        response = shifts.response or (simulate_surveys.LAMOST_RESPONSE if survey == "lamost" else None)
+        self.response = None if response is None else instrument_response(self.loglam, response, seed)
         from scipy.ndimage import median_filter
         self.sky_line = self.sky > 1.25 * median_filter(self.sky, 99, mode="nearest")  # SDSS BRIGHTSKY shape test
         self.wdisp = sdss_sigma(self.lam, resolution, self.fwhm_lib) / (self.lam * np.log(10) * DLOGLAM)
@@ -675,14 +690,17 @@ class Simulator:
     def realize(self, plan: dict, seed: int) -> dict:
         """One spectrum for ``plan`` (from :func:`draw_plan`): loglam, flux, ivar, and_mask, sky, wdisp (n,)."""
         cfg, shifts = self.cfg, self.shifts
-        k0 = cfg.offset_max + plan["offset"]
-        sl = slice(k0, k0 + int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 - plan["offset"])
-        edges = self.lam_edges_true[sl.start:sl.stop + 1]
+        sl = slice(None)  # LAMOST, DESI: fixed pixels
+        if self.survey == "sdss":
+            k0 = cfg.offset_max + plan["offset"]
+            sl = slice(k0, k0 + int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 - plan["offset"])
+        edge_lo, edge_hi = self.lo_true[sl], self.hi_true[sl]
         # steps 3 + 7: Doppler-shift the library pixel edges, rebin conserving flux
         obs_edges = self.edges * doppler(plan["rv"])
         lo, hi = self.cover[plan["star"]] * doppler(plan["rv"])
-        covered = (edges[:-1] >= lo) & (edges[1:] <= hi)
-        flux = np.diff(np.interp(edges, obs_edges, self.cum[plan["star"]])) / np.diff(edges)
+        covered = (edge_lo >= lo) & (edge_hi <= hi)
+        cum = self.cum[plan["star"]]
+        flux = (np.interp(edge_hi, obs_edges, cum) - np.interp(edge_lo, obs_edges, cum)) / (edge_hi - edge_lo)
         # steps 4-6: reddening, calibration error, absolute scale (smooth factors)
         flux *= 10 ** (-0.4 * plan["ebv"] * self.ext_per_ebv[sl])
         flux *= np.clip(1.0 + np.asarray(plan["calib"]) @ self.legendre[:, sl], 0.5, None)
@@ -714,7 +732,8 @@ class Simulator:
         ivar[hits] = 0.0
         and_mask[~covered] = sdss.pixmask("NODATA")
         flux[~covered], ivar[~covered], sky[~covered] = 0.0, 0.0, 0.0
-        return dict(loglam=self.loglam[sl], flux=flux, ivar=ivar, and_mask=and_mask, sky=sky, wdisp=self.wdisp[sl])
+        return dict(loglam=self.loglam[sl], flux=flux, ivar=ivar, and_mask=and_mask, sky=sky, wdisp=self.wdisp[sl],
+                    wave=self.lam[sl])
 
     def header(self, plan: dict, seed: int) -> dict:
         """FITS keywords of the shifts of ``plan``'s spectrum ({} when every shift is neutral)."""
@@ -722,6 +741,11 @@ class Simulator:
         if self.shifts.telluric:
             h["AIRMASS"] = round(plate_airmass(seed, plan["plate"], self.shifts.airmass), 4)
         return h
+
+
+def _at(resolution, wave):
+    """The resolving power at ``wave``: a number as it is, a function of wavelength evaluated there."""
+    return resolution(wave) if callable(resolution) else resolution
 
 
 def catalog_row(plan: dict, labels, cfg: SimConfig) -> dict:
@@ -781,17 +805,19 @@ def spectrum_path(out, plate: int, mjd: int, fiberid: int) -> Path:
 _SIM: Simulator | None = None  # one per worker process
 
 
-def _init_worker(cfg_dict, shifts: Shifts = Shifts(), seed: int = 0):
+def _init_worker(cfg_dict, shifts: Shifts = Shifts(), seed: int = 0, survey: str = "sdss"):
     global _SIM
     cfg = SimConfig.from_dict(cfg_dict)
-    key = (cfg, shifts, seed if shifts.response else None)
+    key = (cfg, shifts, seed if shifts.response or survey == "lamost" else None, survey)
     if _SIM is None or _SIM.key != key:  # kept between calls in one process (notebooks, tests)
-        _SIM = Simulator(cfg, shifts, seed)
+        _SIM = Simulator(cfg, shifts, seed, survey)
         _SIM.key = key
 
 
-def _run_chunk(out, seed, plans):
+def _run_chunk(out, seed, plans, survey: str = "sdss"):
     """Write the spectra of ``plans``; returns [(index, None or error message)]."""
+    if survey != "sdss":
+        return _run_survey_chunk(out, seed, plans, survey)
     results = []
     for plan in plans:
         try:
@@ -808,20 +834,46 @@ def _run_chunk(out, seed, plans):
     return results
 
 
-def _run_chunk_on_worker(init_args, out, seed, plans):
+def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
     """:func:`_run_chunk` on a Dask worker: sets up the worker's simulator first (kept between chunks)."""
     _init_worker(*init_args)
-    return _run_chunk(out, seed, plans)
+    return _run_chunk(out, seed, plans, survey)
+
+
+def _run_survey_chunk(out, seed, plans, survey):
+    """:func:`_run_chunk` for LAMOST and DESI: one file per group of plans (a DESI coadd: all or nothing)."""
+    results = []
+    groups = {}
+    for plan in plans:
+        groups.setdefault(simulate_surveys.spectrum_path(survey, out, plan["index"]), []).append(plan)
+    header = {"ORIGIN": f"stellarparams {__version__} simulate --survey {survey}"}
+    for group in groups.values():
+        items, failed = [], {}
+        for plan in group:
+            try:
+                spec = _SIM.realize(plan, seed)
+                items.append((plan["index"], spec, catalog_row(plan, _SIM.labels, _SIM.cfg)))
+            except Exception as e:  # recorded, the rest of the batch goes on
+                failed[plan["index"]] = f"{type(e).__name__}: {e}"
+        try:
+            if failed:
+                raise RuntimeError(f"{len(failed)} of its spectra failed")
+            simulate_surveys.write_files(survey, out, items, {**header, **_SIM.header(group[0], seed)})
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+            failed = {p["index"]: failed.get(p["index"], f"not written ({why})") for p in group}
+        results += [(p["index"], failed.get(p["index"])) for p in group]
+    return results
 
 
 def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, teff_range=(4000, 9500),
              snr_range=(5, 100), progress: bool = True, wait: bool = False, response: str | None = None,
              telluric: float = 0.0, airmass=(1.0, 1.5), lsf: str | None = None, wave_offset: float = 0.0,
-             sky_residual: float = 0.0, dask=None, **options) -> Path:
-    """Simulate ``n`` SDSS-like spectra of MILES stars into folder ``out``; returns the catalog path.
+             sky_residual: float = 0.0, survey: str = "sdss", dask=None, **options) -> Path:
+    """Simulate ``n`` SDSS-like (or LAMOST-, DESI-like) spectra of MILES stars into folder ``out``; returns the catalog path.
 
-    Resumes: spectra already in ``out`` are kept; the catalog ``out/sppParams.fits`` is
-    (re)written last. A folder made with other settings is refused, so files from two
+    Resumes: spectra already in ``out`` are kept; the catalog (``out/sppParams.fits`` for
+    SDSS; :data:`stellarparams.simulate_surveys.CATALOG`) is (re)written last. A folder made with other settings is refused, so files from two
     settings never mix. One writer at a time (:func:`stellarparams.files.output_lock`).
 
     Parameters
@@ -843,6 +895,11 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     response, telluric, airmass, lsf, wave_offset, sky_residual
         Instrument and calibration shifts, as in :class:`Shifts`; the defaults are neutral
         and give today's files byte for byte.
+    survey : str
+        ``"sdss"`` (default: spec-lite files, sppParams), ``"lamost"`` (LRS DR8 files, the
+        A/F/G/K catalog) or ``"desi"`` (coadds, an mwsall catalog): each survey's format,
+        pixels, resolution and flux convention (:mod:`stellarparams.simulate_surveys`).
+        ``resolution`` is SDSS's: another survey uses its own (``lsf`` still replaces it).
     dask : str or distributed.Client, optional
         Write the spectra on a Dask cluster instead of ``workers`` processes here:
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
@@ -853,22 +910,26 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     Returns
     -------
     Path
-        ``out/sppParams.fits``.
+        The catalog: ``out/sppParams.fits``, ``out/LRS_stellar.fits`` or ``out/mwsall.fits``.
     """
     if n < 1:
         raise ValueError(f"--n must be at least 1 (got {n})")
     cfg = SimConfig(teff_range=tuple(float(t) for t in teff_range), snr_range=tuple(float(s) for s in snr_range),
                     **options)
+    simulate_surveys.check(survey)
+    if survey != "sdss" and cfg.resolution != SimConfig().resolution:
+        raise ValueError(f"--resolution is SDSS's; --survey {survey} has its own line-spread function "
+                         "(docs/surveys.md); use --lsf to replace it")
     if response is not None and not response.startswith("legendre:"):
         response = str(Path(response).resolve())
     shifts = Shifts(response=response, telluric=float(telluric), airmass=tuple(airmass), lsf=lsf,
                     wave_offset=float(wave_offset), sky_residual=float(sky_residual))
     out = Path(out)
     with engine.connect(dask, progress) as client:
-        return _simulate(out, n, seed, workers, cfg, shifts, progress, wait, client)
+        return _simulate(out, n, seed, workers, cfg, shifts, progress, wait, survey, client)
 
 
-def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, client) -> Path:
+def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, survey, client) -> Path:
     """:func:`simulate` with checked settings, on ``client``'s cluster when given."""
     from astropy.table import Table
     from tqdm.auto import tqdm
@@ -877,11 +938,13 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
         settings["shifts"] = shifts.to_dict()
+    if survey != "sdss":  # absent for SDSS, whose simulate.json stays as it was
+        settings["survey"] = survey
     meta_path = out / "simulate.json"
     with output_lock(out, wait=wait):
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
-            if {k: old[k] for k in ("seed", "config", "shifts") if k in old} != settings:
+            if {k: old[k] for k in ("seed", "config", "shifts", "survey") if k in old} != settings:
                 raise ValueError(f"{out} holds a simulation with other settings ({meta_path}); "
                                  "use a new --out folder or delete this one")
         write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
@@ -889,32 +952,41 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
         for tmp in [*out.glob(".*.tmp*"), *(out / "spectra").glob("lite/*/.*.tmp*"),
                     *(out / "spectra").glob("lite/*/*.tmp")]:
             tmp.unlink()
+        if survey != "sdss":
+            for tmp in (out / "spectra").rglob(".*.tmp*"):
+                tmp.unlink()
 
         t0 = time.time()
         labels = miles_labels(cfg.teff_range)
         plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
-        todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
+        if survey == "sdss":
+            todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
+        else:
+            todo = _survey_todo(out, plans, survey)
         if client is not None:
             workers = max(1, engine.threads(client))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
         size = max(1, min(200, -(-len(todo) // (4 * workers))))
-        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        if survey == "desi":  # one chunk per coadd file: a file is written whole by one worker
+            chunks = _by_file(out, todo, survey)
+        else:
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
         failed = {}
         bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)
-        init_args = (cfg.to_dict(), shifts, int(seed))
+        init_args = (cfg.to_dict(), shifts, int(seed), survey)
         if client is not None:  # on the cluster; the workers write into out (absolute: they may run elsewhere)
-            calls = ((init_args, engine.absolute(out), seed, chunk) for chunk in chunks)
+            calls = ((init_args, Path(engine.absolute(out)), seed, chunk, survey) for chunk in chunks)
             for res in engine.map_unordered(client, _run_chunk_on_worker, calls):
                 failed.update({i: e for i, e in res if e})
                 bar.update(len(res))
         elif workers == 1:
             _init_worker(*init_args)
             for chunk in chunks:
-                failed.update({i: e for i, e in _run_chunk(out, seed, chunk) if e})
+                failed.update({i: e for i, e in _run_chunk(out, seed, chunk, survey) if e})
                 bar.update(len(chunk))
         else:
             with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
-                futures = [pool.submit(_run_chunk, out, seed, chunk) for chunk in chunks]
+                futures = [pool.submit(_run_chunk, out, seed, chunk, survey) for chunk in chunks]
                 try:
                     for fut in as_completed(futures):
                         res = fut.result()
@@ -926,9 +998,15 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
         bar.close()
 
         rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
-        table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
-        table.meta.update({"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"})
-        cat = atomic_write(out / "sppParams.fits", lambda tmp: table.write(tmp, format="fits"))
+        meta = {"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"}
+        if survey == "sdss":
+            table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
+            table.meta.update(meta)
+            cat = atomic_write(out / "sppParams.fits", lambda tmp: table.write(tmp, format="fits"))
+        else:
+            kept = [p["index"] for p in plans if p["index"] not in failed]
+            cat = simulate_surveys.write_catalog(
+                survey, out, [simulate_surveys.catalog_row(survey, i, r) for i, r in zip(kept, rows)], meta)
         problems = out / "simulate_problems.json"
         if failed:
             write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
@@ -942,13 +1020,40 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
     return cat
 
 
+def _by_file(out, plans, survey) -> list:
+    """``plans`` grouped by the file that holds them (in order)."""
+    groups = {}
+    for p in plans:
+        groups.setdefault(simulate_surveys.spectrum_path(survey, out, p["index"]), []).append(p)
+    return list(groups.values())
+
+
+def _survey_todo(out, plans, survey) -> list:
+    """The plans whose file is not finished (a DESI coadd: missing, or without all its targets)."""
+    todo = []
+    for group in _by_file(out, plans, survey):
+        path = simulate_surveys.spectrum_path(survey, out, group[0]["index"])
+        if not simulate_surveys.is_done(survey, path, len(group)):
+            todo += group
+    return todo
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.description = ("Simulate an SDSS DR12-like survey from the MILES stars (sdss-mangadap): spectra in "
                           "OUT/spectra/lite/PLATE/spec-PLATE-MJD-FIBER.fits and the label catalog OUT/sppParams.fits "
-                          "(noisy *_ADOP labels, true *_TRUE labels, STAR_ID). Re-running resumes.")
+                          "(noisy *_ADOP labels, true *_TRUE labels, STAR_ID). --survey lamost or desi writes the same "
+                          "stars in that survey's files, pixels, resolution and flux convention, with its catalog "
+                          "(docs/surveys.md, \"Simulated surveys\"). Re-running resumes.")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--survey", choices=simulate_surveys.SURVEYS, default="sdss",
+                        help="file format, pixels, resolution and catalog: sdss (spec-lite, R 2000, 3800-9200 A, "
+                             "sppParams.fits), lamost (LRS DR8 one-row tables spec-LMJD-PLANID_spSS-FFF.fits, R 1800, "
+                             "3700-9100 A, relative flux with a smooth instrument response, LRS_stellar.fits with "
+                             "lower-case columns), desi (coadd-main-bright-PIXNUM.fits of 500 targets, B/R/Z arms "
+                             "3600-9824 A, MILES' own resolution (DESI's is sharper), mwsall.fits). MILES stops at "
+                             "7410 A: redder pixels are written with ivar 0 and a NODATA mask bit")
     parser.add_argument("--n", type=int, default=20000, help="number of spectra")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -1001,7 +1106,8 @@ def run_cli(args) -> int:
         cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
                        snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
                        telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
-                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, dask=args.dask, **options)
+                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
+                       dask=args.dask, **options)
     except (ModuleNotFoundError, FileNotFoundError, ValueError, OutputBusy) as e:
         print(f"stellarparams simulate: {e}", file=sys.stderr)
         return 2

@@ -21,15 +21,18 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from .calibrate import calibrate, fold_of  # noqa: F401  (fold_of re-exported: its old home)
 from .config import (DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainConfig, config_from_dict,  # noqa: F401
                      load_config, recipe)
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .files import OutputBusy, output_lock
-from .model import count_parameters
+from .finetune import Init, parse_freeze
+from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
-from .training import LOG, fit, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
+from .training import LOG, fit, fit_ensemble, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -122,13 +125,63 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         Another process is writing ``out`` (and ``wait`` is False).
     """
     dev = resolve_device(device)
-    args = (model_config or ModelConfig(), train_config or recipe(), net, on_epoch, progress, overwrite, dev,
+    tc = train_config or recipe()
+    if tc.init_from:
+        model_config, tc = _source_configs(tc, model_config, net)
+    args = (model_config or ModelConfig(), tc, net, on_epoch, progress, overwrite, dev,
             check_precision(dev, precision))
     if out is None:
         return _with_dataset(dataset, None, *args)
     out = check_output(out)
     with output_lock(out, wait=wait):
         return _with_dataset(dataset, out, *args)
+
+
+def _source_configs(tc, model_config, net):
+    """(ModelConfig, TrainConfig) of a run with ``tc.init_from``: the source's architecture, its weights' sha256."""
+    if net is not None:
+        raise ValueError("init_from starts a StellarNet from a model folder; it cannot start another net")
+    source = load_model(tc.init_from)
+    if tc.init_sha256 and tc.init_sha256 != source.weights_sha256:
+        raise ValueError(f"{tc.init_from}: its weights (sha256 {source.weights_sha256[:12]}...) are not the ones the "
+                         f"config records ({tc.init_sha256[:12]}...)")
+    src = source.model_config
+    if src is None or not isinstance(source.net, StellarNet):
+        raise ValueError(f"{tc.init_from}: not a StellarNet model; --init-from needs one")
+    if model_config is not None and replace(model_config, n_in=src.n_in) != src:
+        raise ValueError(f"{tc.init_from}: --init-from keeps the source's architecture, which differs from the given "
+                         "[model] config; drop the [model] table (or --labels)")
+    return src, replace(tc, init_sha256=source.weights_sha256, freeze=parse_freeze(tc.freeze, src.labels))
+
+
+def source_init(tc, mc, ds):
+    """The :class:`finetune.Init` of a run with ``tc.init_from`` (None without).
+
+    Parameters
+    ----------
+    tc : TrainConfig
+        With ``init_from`` (a model folder) and ``freeze``.
+    mc : ModelConfig
+        The run's architecture (its labels must be the source's).
+    ds : Dataset
+        The dataset trained on: when its grid (``attrs["grid"]``) differs from the source
+        model's, the stem's input layer starts fresh (``Init.reinit_stem``).
+
+    Returns
+    -------
+    finetune.Init or None
+    """
+    if not tc.init_from:
+        return None
+    source = load_model(tc.init_from)
+    grid, src_grid = ds.attrs.get("grid") or {}, source.grid or {}
+    same = (int(src_grid.get("n_pix", -1)) == ds.n_pix
+            and all(np.isclose(float(src_grid.get(k, np.nan)), float(grid.get(k, np.nan)), rtol=0, atol=1e-9)
+                    for k in ("loglam_min", "loglam_max")))
+    if list(source.label_names) != list(mc.labels):
+        raise ValueError(f"{tc.init_from}: labels {source.label_names}, this run {mc.labels}")
+    return Init({k: v.detach().cpu() for k, v in source.net.state_dict().items()}, source.center, source.scale,
+                reinit_stem=not same, freeze=tuple(tc.freeze))
 
 
 def _with_dataset(dataset, out, *args):
@@ -173,26 +226,37 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         for name in (META, WEIGHTS, LOG):
             (out / name).unlink(missing_ok=True)
     checkpoint = None if out is None else out / CHECKPOINT
-    if checkpoint is not None and overwrite and checkpoint.exists():
+    if checkpoint is not None and overwrite:  # the run's own checkpoint and its ensemble members' (_m<i>)
         from .training import load_checkpoint
 
-        if load_checkpoint(checkpoint)[0].get("fingerprint") != fingerprint:
-            checkpoint.unlink()
+        for ck in [checkpoint, *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
+            if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
+                ck.unlink()
 
     # ---- train -> calibrate -> save
-    fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
-                 fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
+    init = source_init(tc, mc, ds)
+    if init is not None and progress:
+        print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
+              + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
+              + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
+    if net is None:
+        fitted = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
+                              fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
+                              precision=precision, init=init)
+    else:
+        fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
+                     fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
     cols = [ds.label_names.index(l) for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
                   label_units=[ds.label_units[c] for c in cols], label_ranges=fitted.label_ranges,
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    _calibrate(model, ds, folds, out, fingerprint, progress, precision)
+    _calibrate(model, ds, folds, out, fingerprint, progress, precision, init)
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
-        for f in out.glob("oof_*.npz"):
+        for f in [*out.glob("oof_*.npz"), *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
             f.unlink()
     if progress:
         m = model.metrics
@@ -201,10 +265,11 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     return model
 
 
-def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32"):
+def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32", init=None):
     """Calibrate (sets model.uncertainty); a failure only warns: the model then predicts without sigma."""
     try:
-        calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, progress=progress, precision=precision)
+        calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, progress=progress, precision=precision,
+                  init=init)
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
 
@@ -230,7 +295,20 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calib-folds", type=int, dest="calib_folds",
                    help="out-of-fold models whose residuals calibrate the sigmas (default 3: 2x the training time "
                         "again); 0 calibrates on the validation split alone")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help="train K networks (seeds SEED..SEED+K-1) into one model folder: predictions are their mean "
+                        "and sigma includes their spread; K times the training time (the out-of-fold calibration "
+                        "models are ensembles of K too)")
     p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
+    p.add_argument("--init-from", dest="init_from", metavar="MODEL",
+                   help="start from this model folder's weights and target scaler, with its architecture (fine-tuning, "
+                        "e.g. on another survey). When the dataset's wavelength grid differs from the model's, the "
+                        "stem's input layer (trunks.*.stem.0, the only grid-dependent one) starts fresh and the rest is "
+                        "copied. The path and the weights' sha256 are recorded in model.json (train_config)")
+    p.add_argument("--freeze", metavar="PARTS",
+                   help="with --init-from: comma-separated parts of the network kept fixed (bitwise): stem (the input "
+                        "Linear + its LayerNorm), blocks (the residual blocks), ln_out (the shared LayerNorm), trunk "
+                        "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--wait", action="store_true",
@@ -239,14 +317,28 @@ def add_arguments(p: argparse.ArgumentParser):
     add_device_arguments(p)
 
 
+def _tables(path) -> set:
+    import tomllib
+
+    try:
+        return set(tomllib.loads(Path(path).read_text()))
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()
+
+
 def run_cli(args) -> int:
     try:
         mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
-        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds") if getattr(args, k) is not None}
+        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
+                                              "freeze") if getattr(args, k) is not None}
+        if over.get("freeze") and not (over.get("init_from") or tc.init_from):
+            raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
         tc = replace(tc, **over)
         if args.labels:
             wanted = [s.strip() for s in args.labels.split(",") if s.strip()]
             mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
+        if tc.init_from and not args.labels and not (args.config and "model" in _tables(args.config)):
+            mc = None  # the source's architecture
         model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
                       wait=args.wait, device=args.device, precision=args.precision)
     except (ValueError, FileNotFoundError, OutputBusy) as e:

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ._version import __version__
+from .augment import Neighbours, mix
 from .config import ModelConfig, TrainConfig
 from .devices import autocast, check_precision, resolve_device, to_device
 from .files import atomic_write, write_text
-from .model import StellarNet, count_parameters
+from .model import Ensemble, StellarNet, count_parameters
 
 LOG = "train_log.csv"      # the per-epoch history, beside the checkpoint
 
@@ -139,7 +140,8 @@ class Fitted:
 
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
-        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32") -> Fitted:
+        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32",
+        init=None) -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -170,6 +172,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     precision : str
         ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler):
         autocast of the forward passes.
+    init : stellarparams.finetune.Init, optional
+        Start from another model's weights and target scaler (``train --init-from``;
+        :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
+        validation loss of those starting weights is ``metrics["init_val_loss"]``.
 
     Returns
     -------
@@ -200,6 +206,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             raise ValueError(f"{ds.path}: label {l!r} is known for fewer than 2 training rows")
     scaler = RobustScaler().fit(ytr)  # NaN-aware: missing values are ignored in fit
     center, scale = scaler.center_, scaler.scale_
+    if init is not None:  # the source's scaler: its heads' outputs keep their meaning
+        center, scale = np.asarray(init.center, np.float64), np.asarray(init.scale, np.float64)
     Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
     Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
     weights = torch.tensor(loss_weights(Ytr.numpy()), dtype=torch.float32)
@@ -208,6 +216,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     n_tr = len(itr)
     augment, Otr, Str = _augmenter(ds, itr, tc)
+    mixer = Neighbours(ds.meta(itr)["object_id"].to_numpy(), Ytr.numpy(), tc.mixup_k) if tc.aug_mixup else None
     g0 = torch.Generator().manual_seed(tc.seed)
     row_std = Xtr.std(dim=1, unbiased=False)                               # sigma_S, (n_tr,)
     levels = torch.zeros(1 + tc.n_augment, n_tr)                           # copy 0 is the clean spectrum
@@ -216,7 +225,12 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- model, optimizer, schedule
     torch.manual_seed(tc.seed)
-    net = (StellarNet(mc) if net is None else net).to(dev)
+    net = StellarNet(mc) if net is None else net
+    if init is not None:
+        from .finetune import apply_init
+
+        apply_init(net, init)
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n_items = n_tr * (1 + tc.n_augment)
     steps_per_epoch = math.ceil(n_items / tc.batch_size)
@@ -227,6 +241,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
 
     # ---- resume
     history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
+    init_val = None
     # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
     # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
     # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
@@ -243,6 +258,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         best_state = _restore(net, opt, sched, state, tensors, ema)
         history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
         start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
+        init_val = state.get("init_val_loss")
         if progress:
             print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
 
@@ -256,6 +272,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
         return loss, mae
 
+    if init is not None and start_epoch == 0:  # where the source's weights start, before any step
+        init_val = evaluate(Xva, Yva, yva)[0]
+        if progress:
+            print(f"starting from the source model's weights: val loss {init_val:.4f}", file=sys.stderr)
     if progress:
         print(f"training {count_parameters(net):,} parameters on {n_tr} spectra (+{tc.n_augment} noisy copies), "
               f"validating on {len(iva)}; {tc.epochs} epochs x {steps_per_epoch} batches of {tc.batch_size}",
@@ -274,7 +294,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         for b in bar:
             j = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
             row, k = j % n_tr, j // n_tr
-            x = to_device(Xtr[row], dev)
+            x, y = to_device(Xtr[row], dev), Ytr[row]
+            o = None if Otr is None else to_device(Otr[row], dev)
+            if mixer is not None:
+                x, o, y = _mixup(mixer, tc.aug_mixup, row, k, x, o, y, (Xtr, Otr, Ytr), g, dev)
             sigma = noise_std[k, row]
             noisy = sigma > 0
             if noisy.any():  # drawn on the CPU generator, added on the device
@@ -283,11 +306,11 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             if augment is not None and (k > 0).any():  # physical augmentation: the copies, never the clean row
                 a = torch.nonzero(k > 0)[:, 0]
                 a_dev = a.to(dev)
-                x[a_dev] = augment(x[a_dev], None if Otr is None else to_device(Otr[row[a]], dev),
+                x[a_dev] = augment(x[a_dev], None if o is None else o[a_dev],
                                    None if Str is None else to_device(Str[row[a]], dev), g)
             with autocast(dev, precision):
                 out = net(x)
-            loss = masked_huber(out.float(), to_device(Ytr[row], dev), weights_dev, tc.huber_delta)
+            loss = masked_huber(out.float(), to_device(y, dev), weights_dev, tc.huber_delta)
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -319,7 +342,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             write_log(Path(checkpoint).parent / LOG, history)
             save_checkpoint(checkpoint, net, best_state, opt, sched,
                             {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
-                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__}, ema)
+                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__,
+                             "init_val_loss": init_val}, ema)
         if on_epoch is not None:
             on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
 
@@ -331,7 +355,66 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
                "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,
                "n_val": len(iva), "n_params": count_parameters(net)}
+    if init_val is not None:
+        metrics["init_val_loss"] = init_val
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+
+
+def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
+                 fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
+                 precision: str = "fp32", init=None) -> Fitted:
+    """:func:`fit` ``train_config.ensemble`` = K networks (seeds seed .. seed+K-1) into one :class:`Ensemble`.
+
+    K = 1 is :func:`fit` itself. Otherwise member i trains with its own checkpoint
+    (``checkpoint`` with ``_m<i>`` before the suffix; a finished one is reused, so a killed
+    run resumes at the member it was training), and the returned record holds member 0's
+    history, every member's best epoch and training time, and the ensemble's own validation
+    loss and MAE.
+    """
+    tc, k = train_config, int(train_config.ensemble)
+    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init)
+    if k <= 1:
+        return fit(ds, rows, model_config, tc, checkpoint=checkpoint, fingerprint=fingerprint, **kw)
+    members = []
+    for i in range(k):
+        ck = None if checkpoint is None else Path(checkpoint).with_name(
+            f"{Path(checkpoint).stem}_m{i}{Path(checkpoint).suffix}")
+        if progress:
+            print(f"ensemble member {i + 1}/{k} (seed {tc.seed + i})", file=sys.stderr)
+        members.append(fit(ds, rows, model_config, replace(tc, seed=tc.seed + i, ensemble=1), checkpoint=ck,
+                           fingerprint=f"{fingerprint}-m{i}", **kw))
+    net, first = Ensemble([m.net for m in members]).eval(), members[0]
+    iva = rows[1]
+    cols = [ds.label_names.index(l) for l in first.labels]
+    y = ds.labels(iva)[:, cols].astype(np.float64)
+    X = torch.from_numpy(ds.flux(iva))
+    with torch.inference_mode(), autocast(resolve_device(device), precision):
+        dev = next(net.parameters()).device
+        pred = torch.cat([net(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
+                          for i in range(0, len(X), tc.eval_batch_size)])
+    w = torch.tensor([first.metrics["loss_weights"][l] for l in first.labels], dtype=torch.float32)
+    val_loss = float(masked_huber(pred, torch.tensor((y - first.center) / first.scale, dtype=torch.float32), w,
+                                  tc.huber_delta))
+    p = pred.numpy().astype(np.float64) * first.scale + first.center
+    metrics = dict(first.metrics, val_loss=val_loss, n_params=count_parameters(net), members=k,
+                   member_best_epochs=[m.metrics["best_epoch"] for m in members],
+                   train_time_s=sum(m.metrics["train_time_s"] for m in members),
+                   **{f"val_mae_{l}": float(np.nanmean(np.abs(p[:, j] - y[:, j]))) for j, l in enumerate(first.labels)})
+    return Fitted(net, first.labels, first.center, first.scale, first.label_ranges, first.history, val_loss, metrics)
+
+
+def _mixup(mixer, frac, row, k, x, o, y, train, g, dev):
+    """Label-space mixup: a fraction ``frac`` of the noisy copies (k > 0) in a batch become blends
+    (:func:`stellarparams.augment.mix`) with a row of a label-neighbour star, labels blended alike."""
+    m = torch.nonzero((k > 0) & (torch.rand(len(row), generator=g) < frac))[:, 0]
+    if len(m) == 0:
+        return x, o, y
+    X, O, Y = train
+    partner, lam = mixer.draw(row[m], g), torch.rand(len(m), generator=g)
+    md = m.to(dev)
+    x[md], o[md] = mix(x[md], o[md], to_device(X[partner], dev), to_device(O[partner], dev), to_device(lam, dev))
+    y[m] = lam[:, None] * y[m] + (1 - lam[:, None]) * Y[partner]
+    return x, o, y
 
 
 def _augmenter(ds, rows, tc: TrainConfig):
@@ -341,9 +424,10 @@ def _augmenter(ds, rows, tc: TrainConfig):
     from .augment import Augmenter
 
     augment = Augmenter(tc, ds.grid.loglam)
-    offset = ds.offset(rows) if augment.needs_offset else None
+    needs_offset = augment.needs_offset or bool(tc.aug_mixup)
+    offset = ds.offset(rows) if needs_offset else None
     sigma = ds.sigma(rows) if tc.aug_pixnoise else None
-    if augment.needs_offset and offset is None or tc.aug_pixnoise and sigma is None:
+    if needs_offset and offset is None or tc.aug_pixnoise and sigma is None:
         raise ValueError(f"{ds.path}: the recipe's augmentation needs each spectrum's flux offset and noise, which "
                          "datasets prepared before stellarparams stored them lack; prepare the dataset again, or "
                          "train with --recipe paper")

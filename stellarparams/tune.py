@@ -90,6 +90,7 @@ AUG_RANGES = {
     "aug_mask_runs": (0, 10),
     "aug_telluric": (0.0, 0.3),
     "aug_pixnoise": (0.0, 2.0),
+    "aug_mixup": (0.0, 1.0),
 }
 WIDTH_STEP = 16  # stem and block widths are searched in steps of 16 units (ours)
 # "from a single 16-unit layer up to 48-32-16": every strictly decreasing pick from {48, 32, 16}

@@ -153,7 +153,8 @@ def _dataset(folder, n=120, p=200, with_offset=True):
 TINY = dict(stem_width=8, block_widths=(8,), heads={"teff": (4,), "feh": (4,), "logg": (4,)})
 
 
-def test_augmentation_sees_only_the_noisy_copies_of_training_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_augmentation_sees_only_the_noisy_copies_of_training_rows(tmp_path, monkeypatch, mixup):
     from stellarparams.config import ModelConfig, recipe
     from stellarparams.training import fit
 
@@ -166,11 +167,11 @@ def test_augmentation_sees_only_the_noisy_copies_of_training_rows(tmp_path, monk
         return real(self, x, offset, sigma, generator)
 
     monkeypatch.setattr(A.Augmenter, "__call__", spy)
-    tc = recipe("default", epochs=2, calib_folds=0, batch_size=32, aug_pixnoise=0.5)
+    tc = recipe("default", epochs=2, calib_folds=0, batch_size=32, aug_pixnoise=0.5, aug_mixup=mixup)
     fit(ds, (ds.indices("train"), ds.indices("val")), ModelConfig(n_in=200, **TINY), tc)
     rows = torch.cat(seen)
     assert len(rows) == 2 * 72 * tc.n_augment            # every noisy copy, every epoch; never a clean row
-    assert not (rows[:, 0] > 50).any()                   # never a validation or test row
+    assert not (rows[:, 0] > 5).any()                    # never a validation or test row, nor a blend with one
 
 
 def test_paper_recipe_never_augments_and_default_needs_offsets(tmp_path, monkeypatch):
@@ -222,3 +223,24 @@ def test_ema_memory_is_capped_at_about_two_epochs(tmp_path, monkeypatch):
     fit(ds, (ds.indices("train"), ds.indices("val")), ModelConfig(n_in=200, **TINY),
         recipe("default", epochs=1, batch_size=32))
     assert seen == [pytest.approx(1 - 0.5 / 7)]
+
+
+def test_mixup_blends_neighbour_stars_spectra_and_labels():
+    from stellarparams.augment import Neighbours, mix, restandardize
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([[5000.0, 0.0], [5100.0, 0.1], [9000.0, -2.0], [5050.0, 0.05]], 3, axis=0)  # 4 stars x 3 rows
+    nb = Neighbours(np.repeat(["a", "b", "c", "d"], 3), y, k=1)
+    partner = nb.draw(torch.arange(12), torch.Generator().manual_seed(0)).numpy()
+    star = partner // 3
+    assert set(star[:3]) <= {1, 3} and set(star[3:6]) <= {0, 3} and star[6:9].tolist() != [2, 2, 2]
+    assert (star != np.arange(12) // 3).all()  # never the row's own star
+    # the blend of two mean-normalised fluxes, standardized again: lam = 1 gives a, 0.5 the midpoint
+    f = torch.tensor(rng.uniform(1, 3, (2, 50)), dtype=torch.float32)
+    x, o = restandardize(f)
+    xa, oa = mix(x[:1], o[:1], x[1:], o[1:], torch.tensor([1.0]))
+    np.testing.assert_allclose(xa.numpy(), x[:1].numpy(), atol=1e-5)
+    xm, _ = mix(x[:1], o[:1], x[1:], o[1:], torch.tensor([0.5]))
+    want, _ = restandardize((f[:1] / f[:1].mean() + f[1:] / f[1:].mean()) / 2)
+    np.testing.assert_allclose(xm.numpy(), want.numpy(), atol=1e-5)
+

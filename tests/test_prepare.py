@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -471,3 +472,22 @@ def test_prepare_stores_each_spectrums_offset(tmp_path):
         for i in range(d.n):
             _, _, o = preprocess(sdss.read_spectrum(m.file[i]), m.rv[i], return_offset=True)
             assert o == pytest.approx(off[i], rel=1e-6)
+
+
+def test_resolver_equals_path_resolve_through_links(tmp_path):
+    """The matching's folder-cached resolve gives Path.resolve for linked folders, linked files and missing files."""
+    real = tmp_path / "real" / "0500"
+    real.mkdir(parents=True)
+    (real / "spec-0500-55000-0001.fits").write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")                                  # a linked folder
+    (real / "spec-0500-55000-0002.fits").symlink_to(real / "spec-0500-55000-0001.fits")  # a linked file
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "plate").symlink_to(real)  # '..' after it is real's parent, not other/
+    resolve = prep._resolver()
+    for p in [real / "spec-0500-55000-0001.fits", tmp_path / "linked" / "0500" / "spec-0500-55000-0001.fits",
+              tmp_path / "linked" / "0500" / "spec-0500-55000-0002.fits", tmp_path / "linked" / "0500" / "nope.fits",
+              tmp_path / "real" / ".." / "linked" / "0500" / "spec-0500-55000-0001.fits",
+              tmp_path / "linked" / "0500" / ".." / "0500" / "spec-0500-55000-0001.fits",
+              tmp_path / "other" / "plate" / ".." / "0500" / "spec-0500-55000-0001.fits",
+              Path(os.path.relpath(real / "spec-0500-55000-0001.fits"))]:
+        assert resolve(p) == p.resolve(), p

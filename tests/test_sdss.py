@@ -200,3 +200,24 @@ def test_absurd_header_is_refused_before_cfitsio_allocates_it(tmp_path, key, val
     with pytest.raises(sdss.SpectrumError, match="header declares") as e:
         sdss.read_spectrum(path)
     assert e.value.reason == "unreadable"
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_fits_catalog_read_with_fitsio_equals_astropy(tmp_path, vector):
+    """The fitsio reader of catalogs (no astropy import) gives astropy's table: types, text, nulls, unsigned."""
+    cols = [fits.Column("PLATE", "J", array=[1, 2, 3]), fits.Column("F", "D", array=[1.5, np.nan, -9999]),
+            fits.Column("E", "E", array=[1, 2, 3]), fits.Column("S", "8A", array=["ab  ", "", " x y "]),
+            fits.Column("B", "L", array=[True, False, True]), fits.Column("N", "J", array=[5, -1, 7], null=-1),
+            fits.Column("U", "I", array=np.array([1, 2, 40000], np.uint16), bzero=32768),
+            fits.Column("U32", "J", array=np.array([1, 2, 4000000000], np.uint32), bzero=2**31),
+            fits.Column("K", "K", array=[1, 2, 3]), fits.Column("BY", "B", array=[1, 2, 3]),
+            fits.Column("S1", "1A", array=["a", "", "b"]), fits.Column("T", "5A", array=["a\tb", "\t", "nul"])]
+    if vector:  # dropped by both readers
+        cols.append(fits.Column("M", "3E", array=np.ones((3, 3))))
+    path = tmp_path / "sppParams.fits"
+    fits.BinTableHDU.from_columns(cols).writeto(path)
+    plain = sdss._read_fits_table_plain(path)
+    assert plain is not None  # the fitsio path takes it
+    pd.testing.assert_frame_equal(plain, sdss._read_fits_table_astropy(path), check_exact=True)
+    pd.testing.assert_frame_equal(sdss.read_catalog(path), sdss.read_catalog(sdss._read_fits_table_astropy(path)),
+                                  check_exact=True)

@@ -280,3 +280,27 @@ def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(
         assert len(done) >= 1 and len(done) + len(busy) == 2 and all(d == solo for d in done)
         assert all(str(out) in str(b) for b in busy)
         assert load_model(out).weights_sha256 == solo
+
+
+def test_ensemble_averages_its_members_and_its_sigma_holds_their_spread(tmp_path):
+    from stellarparams.uncertainty import raw_uncertainty
+
+    ds = make_dataset(tmp_path / "ds", n=200)
+    ens = train(ds, tmp_path / "ens", TINY, TrainConfig(epochs=2, batch_size=32, seed=3, calib_folds=0, ensemble=2),
+                progress=False)
+    members = [train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=s, calib_folds=0), progress=False)
+               for s in (3, 4)]
+    X = ds.flux(ds.indices("test"))
+    np.testing.assert_allclose(ens.predict(X), np.mean([m.predict(X) for m in members], 0), rtol=1e-5, atol=1e-3)
+    back = load_model(tmp_path / "ens")  # one folder: both members, no checkpoints left
+    np.testing.assert_array_equal(back.predict(X), ens.predict(X))
+    assert sorted(p.name for p in (tmp_path / "ens").glob("checkpoint*")) == []
+    assert back.train_config.ensemble == 2 and back.metrics["members"] == 2
+    # the MC spread of the ensemble includes the members' disagreement: wider than either member's
+    _, s_ens, _ = raw_uncertainty(ens.net, X)
+    spread = np.abs(members[0].predict_scaled(X) - members[1].predict_scaled(X)) / 2
+    _, s0, _ = raw_uncertainty(members[0].net, X)
+    assert np.median(s_ens) > np.median(s0)
+    assert np.corrcoef(s_ens.ravel() ** 2 - s0.ravel() ** 2, spread.ravel() ** 2)[0, 1] > 0.3
+    assert np.isfinite(ens.predict_full(X).filter(like="sigma_").to_numpy()).all()
+

@@ -310,7 +310,7 @@ def test_out_of_fold_models_never_saw_the_stars_they_predict_and_resume(tmp_path
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(calibrate, "fit", no_training)
+    monkeypatch.setattr(calibrate, "fit_ensemble", no_training)
     again = calibrate.out_of_fold(ds, itr, iva, mc, tc, 4, tmp_path / "m", "f" * 16)
     for k in oof:
         np.testing.assert_array_equal(again[k], oof[k])
