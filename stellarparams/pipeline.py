@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import engine
 from ._version import __version__
 from .baselines import RIDGE_ALPHAS
 from .config import DEFAULT_RECIPE, RECIPE_HELP, RECIPES
@@ -130,7 +131,7 @@ def format_table(res: dict) -> str:
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
         workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
-        progress: bool = True, grid=None, device=None, precision: str = "fp32") -> dict:
+        progress: bool = True, grid=None, device=None, precision: str = "fp32", dask=None) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     Parameters
@@ -156,6 +157,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     device, precision : optional
         Where and how the network trains and predicts (None: ``"auto"``, a GPU when present);
         an unavailable device is refused before any work.
+    dask : str or distributed.Client, optional
+        Run simulate's and prepare's per-file work on this Dask cluster (``tcp://HOST:PORT`` or
+        ``local:N``; :mod:`stellarparams.engine`), connected once for both.
 
     Returns
     -------
@@ -174,20 +178,21 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     device = resolve_device(device)
     check_precision(device, precision)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     times = {}
     t_all = time.perf_counter()
 
-    _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
-    t0 = time.perf_counter()
-    catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress)
-    times["simulate"] = time.perf_counter() - t0
+    with engine.connect(dask, progress) as client:  # before anything is written: a dead address leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
+        _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
+        t0 = time.perf_counter()
+        catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress, dask=client)
+        times["simulate"] = time.perf_counter() - t0
 
-    _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
-    t0 = time.perf_counter()
-    prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
-            progress=progress)
-    times["prepare"] = time.perf_counter() - t0
+        _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
+        t0 = time.perf_counter()
+        prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
+                progress=progress, dask=client)
+        times["prepare"] = time.perf_counter() - t0
 
     mc, tc = load_config(config, recipe_name) if config else (ModelConfig(), recipe(recipe_name))
     tc = replace(tc, seed=seed, threads=threads or tc.threads or os.cpu_count())
@@ -253,6 +258,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--config", help="TOML file with [model] and [train] tables on top of the recipe")
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
+    engine.add_argument(p)
     p.add_argument("--quiet", action="store_true", help="only the final table")
     p.add_argument("--grid", metavar="MIN_A,MAX_A,N", help="prepare onto N pixels uniform in log10 wavelength "
                    "from MIN_A to MAX_A Angstrom (default: the paper's 4000-pixel grid)")
@@ -265,7 +271,7 @@ def run_cli(args) -> int:
     try:
         results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
                       threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
-                      grid=args.grid, device=args.device, precision=args.precision)
+                      grid=args.grid, device=args.device, precision=args.precision, dask=args.dask)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import sdss
-from .devices import add_arguments as add_device_arguments
+from . import engine, sdss
 from .files import LOCK_NAME, atomic_write, write_text
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
@@ -429,7 +428,7 @@ def _job_key(model, items, min_snr, prepare_config=None) -> str:
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
             wait: bool = False, min_coverage: float | None = None, survey: str | None = None,
-            device=None) -> dict:
+            device=None, dask=None) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -466,6 +465,11 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     device : str, optional
         Where the network runs for a model given as a folder ("auto": a GPU when present);
         files are read and resampled on the CPU.
+    dask : str or distributed.Client, optional
+        Read and resample the files on a Dask cluster instead of ``workers`` processes here:
+        ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
+        network still runs in this process, and the output is the same. Connected before
+        anything is written.
 
     Returns
     -------
@@ -477,14 +481,15 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     sdss.NoUsableInput
         No input file at all.
     ValueError
-        Bad output location or suffix, bad catalog.
+        Bad output location or suffix, bad catalog; :class:`engine.DaskError` when ``dask``
+        names no scheduler that answers.
     """
     from .devices import resolve_device
     from .model_io import Model, load_model
 
     device = resolve_device(device)
     out = check_output_file(out)
-    with locked_output(out.parent / f".{out.name}.partial", wait) as partial:
+    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait) as partial:
         model = model if isinstance(model, Model) else load_model(model, device=device)
         items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
@@ -496,11 +501,11 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
                 raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
             prep["min_coverage"] = float(min_coverage)
         return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-                        prep)
+                        prep, client)
 
 
 def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-             prepare_config=None) -> dict:
+             prepare_config=None, client=None) -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -533,7 +538,11 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
 
     jobs = [(k, chunk) for k in todo for chunk in parts[k]]
     try:
-        if workers <= 1 or len(jobs) <= 1:
+        if client is not None:  # read on the cluster (absolute paths: workers may run elsewhere), in input order
+            calls = (([(engine.absolute(f), rv, ids) for f, rv, ids in chunk], *args) for _, chunk in jobs)
+            for (k, chunk), r in zip(jobs, engine.map_ordered(client, _read_chunk, calls)):
+                consume(k, chunk, r)
+        elif workers <= 1 or len(jobs) <= 1:
             for k, chunk in jobs:
                 consume(k, chunk, _read_chunk(chunk, *args))
         else:
@@ -637,6 +646,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    engine.add_argument(p)
+    from .devices import add_arguments as add_device_arguments  # here: reading workers need no torch
+
     add_device_arguments(p, precision=False)
 
 
@@ -647,7 +659,7 @@ def run_cli(args) -> int:
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
                           workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey, device=args.device)
+                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import desi, lamost, readers, sdss, tables
+from . import desi, engine, lamost, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
@@ -510,7 +510,7 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False, survey: str | None = None) -> dict:
+            wait: bool = False, survey: str | None = None, dask=None) -> dict:
     """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
@@ -550,6 +550,11 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         ``sdss``, ``lamost``, ``desi`` or ``table`` (:data:`readers.SURVEYS`); default:
         detected from the files. For a survey other than SDSS, a config with the SDSS default
         columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (:data:`SURVEY_COLUMNS`).
+    dask : str or distributed.Client, optional
+        Read the chunks on a Dask cluster instead of ``workers`` processes here:
+        ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`). Workers
+        write the chunks into ``out/.partial/`` themselves, so they must share the file system
+        with this process. Connected before anything is written; the dataset is the same.
 
     Returns
     -------
@@ -562,11 +567,12 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     sdss.NoUsableInput
         No spectrum was kept, or no kept spectrum has a label; nothing is published.
     ValueError
-        Bad catalog, options or output folder.
+        Bad catalog, options or output folder; :class:`engine.DaskError` when ``dask`` names no
+        scheduler that answers.
     """
-    with locked_output(out, wait):
+    with engine.connect(dask, progress) as client, locked_output(out, wait):
         return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress, survey)
+                        chunk_size, progress, survey, client)
 
 
 # labels and RV column of each survey's catalog (upper-case, as read)
@@ -689,7 +695,7 @@ def _resolve_file(f, base: Path):
 # the job, top to bottom: check -> match -> read -> split -> write
 
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress, survey=None) -> dict:
+             progress, survey=None, client=None) -> dict:
     """:func:`prepare` inside the output lock."""
     t0 = time.perf_counter()
     job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
@@ -697,7 +703,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     if done is not None:
         return done
     matched = _match(job)
-    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress)
+    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
     splits = _split(job, matched, parts, seed, fractions, progress)
     return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
 
@@ -945,8 +951,10 @@ def _chunk_path(partial: Path, k: int) -> Path:
     return partial / f"chunk-{k:05d}.npz"
 
 
-def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progress) -> list:
+def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progress, client=None) -> list:
     """Preprocess ``work`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
+
+    In a process pool of ``workers``, or on the Dask cluster of ``client`` when given.
 
     Returns each chunk's summary (rows kept, their S/N, rejects), in chunk order.
     """
@@ -969,7 +977,12 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     n_todo = sum(len(chunks[k]) for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
-    if workers == 1 or len(todo) <= 1:
+    if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
+        calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
+                  engine.absolute(partial), job.survey) for k in todo)
+        for r in engine.map_unordered(client, _run_chunk, calls):
+            bar.update(r["n"])
+    elif workers == 1 or len(todo) <= 1:
         for k in todo:
             r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey)
             bar.update(r["n"])
@@ -1190,6 +1203,7 @@ def add_arguments(p):
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    engine.add_argument(p)
 
 
 def add_grid_arguments(p) -> None:
@@ -1262,7 +1276,7 @@ def run_cli(args) -> int:
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey)
+                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -87,7 +87,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, sdss, simulate_surveys
+from . import __version__, engine, sdss, simulate_surveys
 from .files import OutputBusy, atomic_write, output_lock, write_text
 from .physics import C_KMS, doppler
 
@@ -834,6 +834,12 @@ def _run_chunk(out, seed, plans, survey: str = "sdss"):
     return results
 
 
+def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
+    """:func:`_run_chunk` on a Dask worker: sets up the worker's simulator first (kept between chunks)."""
+    _init_worker(*init_args)
+    return _run_chunk(out, seed, plans, survey)
+
+
 def _run_survey_chunk(out, seed, plans, survey):
     """:func:`_run_chunk` for LAMOST and DESI: one file per group of plans (a DESI coadd: all or nothing)."""
     results = []
@@ -863,7 +869,7 @@ def _run_survey_chunk(out, seed, plans, survey):
 def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, teff_range=(4000, 9500),
              snr_range=(5, 100), progress: bool = True, wait: bool = False, response: str | None = None,
              telluric: float = 0.0, airmass=(1.0, 1.5), lsf: str | None = None, wave_offset: float = 0.0,
-             sky_residual: float = 0.0, survey: str = "sdss", **options) -> Path:
+             sky_residual: float = 0.0, survey: str = "sdss", dask=None, **options) -> Path:
     """Simulate ``n`` SDSS-like (or LAMOST-, DESI-like) spectra of MILES stars into folder ``out``; returns the catalog path.
 
     Resumes: spectra already in ``out`` are kept; the catalog (``out/sppParams.fits`` for
@@ -894,6 +900,10 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         A/F/G/K catalog) or ``"desi"`` (coadds, an mwsall catalog): each survey's format,
         pixels, resolution and flux convention (:mod:`stellarparams.simulate_surveys`).
         ``resolution`` is SDSS's: another survey uses its own (``lsf`` still replaces it).
+    dask : str or distributed.Client, optional
+        Write the spectra on a Dask cluster instead of ``workers`` processes here:
+        ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
+        workers must share ``out``'s file system. Same files either way.
     **options
         The other :class:`SimConfig` fields (e.g. ``rv_sigma=0, noise=False``).
 
@@ -902,9 +912,6 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     Path
         The catalog: ``out/sppParams.fits``, ``out/LRS_stellar.fits`` or ``out/mwsall.fits``.
     """
-    from astropy.table import Table
-    from tqdm.auto import tqdm
-
     if n < 1:
         raise ValueError(f"--n must be at least 1 (got {n})")
     cfg = SimConfig(teff_range=tuple(float(t) for t in teff_range), snr_range=tuple(float(s) for s in snr_range),
@@ -918,6 +925,15 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     shifts = Shifts(response=response, telluric=float(telluric), airmass=tuple(airmass), lsf=lsf,
                     wave_offset=float(wave_offset), sky_residual=float(sky_residual))
     out = Path(out)
+    with engine.connect(dask, progress) as client:
+        return _simulate(out, n, seed, workers, cfg, shifts, progress, wait, survey, client)
+
+
+def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, survey, client) -> Path:
+    """:func:`simulate` with checked settings, on ``client``'s cluster when given."""
+    from astropy.table import Table
+    from tqdm.auto import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
@@ -947,6 +963,8 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
             todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
         else:
             todo = _survey_todo(out, plans, survey)
+        if client is not None:
+            workers = max(1, engine.threads(client))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
         size = max(1, min(200, -(-len(todo) // (4 * workers))))
         if survey == "desi":  # one chunk per coadd file: a file is written whole by one worker
@@ -956,7 +974,12 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         failed = {}
         bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)
         init_args = (cfg.to_dict(), shifts, int(seed), survey)
-        if workers == 1:
+        if client is not None:  # on the cluster; the workers write into out (absolute: they may run elsewhere)
+            calls = ((init_args, Path(engine.absolute(out)), seed, chunk, survey) for chunk in chunks)
+            for res in engine.map_unordered(client, _run_chunk_on_worker, calls):
+                failed.update({i: e for i, e in res if e})
+                bar.update(len(res))
+        elif workers == 1:
             _init_worker(*init_args)
             for chunk in chunks:
                 failed.update({i: e for i, e in _run_chunk(out, seed, chunk, survey) if e})
@@ -1034,6 +1057,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--n", type=int, default=20000, help="number of spectra")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    engine.add_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     parser.add_argument("--wait", action="store_true", help="if another process writes to --out, wait for it "
                         "(default: stop with a message)")
@@ -1082,7 +1106,8 @@ def run_cli(args) -> int:
         cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
                        snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
                        telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
-                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey, **options)
+                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
+                       dask=args.dask, **options)
     except (ModuleNotFoundError, FileNotFoundError, ValueError, OutputBusy) as e:
         print(f"stellarparams simulate: {e}", file=sys.stderr)
         return 2

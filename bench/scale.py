@@ -1,0 +1,239 @@
+"""Scale test of the per-file stages: prepare and predict on the process pool and on Dask.
+
+Simulates the largest N of ``--n`` once (``WORK/survey``; a re-run reuses it), links the
+first N spectra of it into ``WORK/nN/`` for each smaller N, and for each N runs, each as its
+own ``stellarparams`` command (so start-up counts and memory is measured per run):
+
+- ``prepare`` with the default pool (all CPUs), ``--dask local:1`` and ``--dask local:2``;
+- ``predict`` of all N spectra (FITS files) with the same three engines, with the model of
+  ``--model`` or, without it, one trained for one epoch on the smallest N (speed only).
+
+It prints spectra/s and the peak resident memory (psutil samples every 0.1 s) of the main
+process, of the largest worker process and of all of them together, checks that every engine
+gives the same dataset and the same predictions, then projects the wall time for 20 million
+spectra on W workers from the CPU seconds of the local:1 run of the largest N: the workers'
+(spectra per CPU second: the per-worker rate) and the main process's (the part that does
+not spread over workers: matching, splitting and writing the dataset; the network in
+predict). CPU seconds, not wall time, because this machine may be shared. Results go to
+``WORK/scale.json``.
+
+    .venv/bin/python bench/scale.py --work runs/scale                    # N = 200,000
+    .venv/bin/python bench/scale.py --work runs/scale --n 10000 30000    # two sizes: is memory flat?
+"""
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stellarparams.files import atomic_write, write_text  # noqa: E402
+from stellarparams.records import dumps  # noqa: E402
+
+ENGINES = ("pool", "local:1", "local:2")
+TARGET = 20_000_000
+PROJECT_WORKERS = (1, 8, 32, 128, 512)
+
+
+def measured(cmd, log: Path) -> dict:
+    """Run ``cmd``; its wall time, peak resident memory (MB: main process, largest worker, all together) and
+    CPU seconds (the main process's own; all its descendants': pool or Dask workers and nannies)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    peak = {"main_mb": 0.0, "worker_mb": 0.0, "total_mb": 0.0}
+    cpu = {}  # pid -> latest user + system seconds (main: "main")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        done = threading.Event()
+
+        def sample():
+            me = psutil.Process(proc.pid)
+            while not done.is_set():
+                workers, main = [], 0
+                try:
+                    main = me.memory_info().rss
+                    t = me.cpu_times()
+                    cpu["main"] = t.user + t.system
+                    for c in me.children(recursive=True):
+                        with c.oneshot():
+                            t = c.cpu_times()
+                            workers.append(c.memory_info().rss)
+                        cpu[c.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+                peak["main_mb"] = max(peak["main_mb"], main / 2**20)
+                peak["worker_mb"] = max(peak["worker_mb"], max(workers, default=0) / 2**20)
+                peak["total_mb"] = max(peak["total_mb"], (main + sum(workers)) / 2**20)
+                done.wait(0.1)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        rc = proc.wait()
+        seconds = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    if rc != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed with exit status {rc}; see {log}")
+    main_cpu = cpu.pop("main", 0.0)
+    return {"seconds": round(seconds, 2), **{k: round(v) for k, v in peak.items()},
+            "main_cpu_s": round(main_cpu, 1), "worker_cpu_s": round(sum(cpu.values()), 1)}
+
+
+def cli(*args) -> list:
+    return [sys.executable, "-m", "stellarparams.cli", *map(str, args)]
+
+
+def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
+    """The catalog of ``n_max`` simulated spectra in ``work/survey`` (simulated once, resumable)."""
+    from stellarparams.sdss import read_catalog
+    from stellarparams.simulate import simulate
+
+    t0 = time.perf_counter()
+    catalog = simulate(work / "survey", n=n_max, seed=seed, progress=True)
+    print(f"survey: {n_max} spectra in {work / 'survey'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return read_catalog(catalog)
+
+
+def subset(work: Path, cat: pd.DataFrame, n: int) -> tuple:
+    """The first ``n`` spectra of the survey as their own folder (hard links) and catalog."""
+    from stellarparams.simulate import spectrum_path
+
+    folder = work / f"n{n}"
+    sub = cat.iloc[:n]
+    for p, m, f in zip(sub.PLATE, sub.MJD, sub.FIBERID):
+        src, dst = spectrum_path(work / "survey", p, m, f), spectrum_path(folder, p, m, f)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+    catalog = folder / "sppParams.parquet"
+    if not catalog.exists():
+        atomic_write(catalog, lambda tmp: sub.to_parquet(tmp, index=False))
+    return catalog, folder / "spectra"
+
+
+def engine_args(engine: str) -> list:
+    return [] if engine == "pool" else ["--dask", engine]
+
+
+def quick_model(work: Path, dataset: Path) -> Path:
+    """A model of the default architecture trained for one epoch (paper recipe, calibrated on val): speed only."""
+    from stellarparams.config import recipe
+    from stellarparams.model import ModelConfig
+    from stellarparams.train import train
+
+    out = work / "model"
+    if not (out / "model.json").exists():
+        train(dataset, out, ModelConfig(), recipe("paper", epochs=1, calib_folds=0, threads=1), progress=False,
+              overwrite=True)
+    return out
+
+
+def same_datasets(folders) -> bool:
+    """Same rows, flux, labels and split, and the same rejects.csv, in every dataset folder."""
+    from stellarparams.dataset import Dataset
+
+    first = None
+    for f in folders:
+        with Dataset(f) as ds:
+            n = len(ds)
+            h = [ds.split.copy(), ds.labels(), ds.meta()["file"].to_numpy()]
+            h.append(np.array([float(ds.flux(np.arange(i, min(i + 4096, n))).astype(np.float64).sum())
+                               for i in range(0, n, 4096)]))
+        h.append((Path(f) / "rejects.csv").read_bytes())
+        if first is None:
+            first = h
+        elif not all(np.array_equal(a, b) if not isinstance(a, bytes) else a == b for a, b in zip(first, h)):
+            return False
+    return True
+
+
+def same_predictions(files) -> bool:
+    frames = [pd.read_parquet(f) for f in files]
+    return all(frames[0].equals(f) for f in frames[1:])
+
+
+def project(rows: list, sizes: list) -> dict:
+    """Per stage, from the local:1 runs: the rate of one worker (spectra per CPU second of the worker
+    processes), the main process's CPU seconds per spectrum (the part that does not spread over workers:
+    matching, splitting and writing the dataset; the network in predict), and the hours for 20M spectra on
+    W workers, t = 20M * (main per spectrum + 1 / (W * rate)): no overlap counted, one core per worker.
+    With two sizes or more the costs per spectrum are the slopes between the smallest and the largest N
+    (start-up, imports and the model load cancel); with one size they include them."""
+    out = {}
+    for stage in ("prepare", "predict"):
+        run = {r["n"]: r for r in rows if r["stage"] == stage and r["engine"] == "local:1"}
+        lo, hi = (run[sizes[0]], run[sizes[-1]]) if len(sizes) > 1 else ({"n": 0, "main_cpu_s": 0, "worker_cpu_s": 0},
+                                                                           run[sizes[-1]])
+        dn = hi["n"] - lo["n"]
+        worker = max(hi["worker_cpu_s"] - lo["worker_cpu_s"], 1e-9) / dn
+        main = max(hi["main_cpu_s"] - lo["main_cpu_s"], 0.0) / dn
+        out[stage] = {"worker_rate": round(1 / worker, 1), "main_ms_per_spectrum": round(1000 * main, 3),
+                      "hours_20M": {w: round(TARGET * (main + worker / w) / 3600, 2) for w in PROJECT_WORKERS}}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="folder for the survey, datasets, predictions and scale.json")
+    ap.add_argument("--n", type=int, nargs="+", default=[200_000], help="survey sizes (spectra), e.g. 20000 60000")
+    ap.add_argument("--model", help="model folder for predict (default: one trained for one epoch here)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    sizes = sorted(set(args.n))
+    cat = survey(work, sizes[-1], args.seed)
+    rows, model = [], Path(args.model).resolve() if args.model else None
+    cpus = os.cpu_count()
+    print(f"{cpus} CPUs; load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+    print(f"{'N':>8} {'stage':8} {'engine':8} {'seconds':>8} {'spec/s':>8} {'main MB':>8} {'worker MB':>9} "
+          f"{'total MB':>8} {'main cpu':>8} {'wrk cpu':>8}", flush=True)
+    checks = {}
+    for n in sizes:
+        catalog, spectra = subset(work, cat, n)
+        for engine in ENGINES:
+            out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            r = measured(cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out", out, "--no-progress",
+                             *engine_args(engine)), work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
+            rows.append({"n": n, "stage": "prepare", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
+            print(f"{n:>8} {'prepare':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
+                  f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
+        datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in ENGINES]
+        checks[f"prepare n={n} identical"] = same_datasets(datasets)
+        if model is None:
+            model = quick_model(work, datasets[0])
+        for engine in ENGINES:
+            out = work / f"n{n}" / f"pred-{engine.replace(':', '')}.parquet"
+            out.unlink(missing_ok=True)
+            r = measured(cli("predict", model, spectra, "--out", out, "--quiet", *engine_args(engine)),
+                         work / "logs" / f"predict-n{n}-{engine.replace(':', '')}.log")
+            rows.append({"n": n, "stage": "predict", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
+            print(f"{n:>8} {'predict':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
+                  f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
+        checks[f"predict n={n} identical"] = same_predictions(
+            [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in ENGINES])
+    for k, v in checks.items():
+        print(f"{k}: {'yes' if v else 'NO'}")
+    proj = project(rows, sizes)
+    print(f"\nprojection for {TARGET:,} spectra from the local:1 runs of N = {', '.join(map(str, sizes))}: "
+          "hours = 20M x (main CPU per spectrum + 1 / (W x worker rate))")
+    print(f"{'stage':8} {'spec/s/worker':>13} {'main ms/spec':>12} " + " ".join(f"{'W=' + str(w):>8}" for w in PROJECT_WORKERS))
+    for stage, p in proj.items():
+        print(f"{stage:8} {p['worker_rate']:>13.0f} {p['main_ms_per_spectrum']:>12.3f} "
+              + " ".join(f"{p['hours_20M'][w]:>7.2f}h" for w in PROJECT_WORKERS))
+    write_text(work / "scale.json", dumps({"sizes": sizes, "runs": rows, "checks": checks, "projection": proj,
+                                           "cpus": cpus, "load_average_end": os.getloadavg()}))
+    print(f"results: {work / 'scale.json'}")
+
+
+if __name__ == "__main__":
+    main()
