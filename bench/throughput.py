@@ -8,7 +8,7 @@ warm file cache). The data are simulated into DATA once (`stellarparams simulate
                                          [--only kernels,prepare,predict]
 
 Prints, each with the load average at that moment (the machine is shared; numbers move with it):
-- kernels, one process, CPU time per spectrum: reading a lite file (numpy / cfitsio), the
+- kernels, one process, CPU time per spectrum: reading a lite file (fitsio), the
   spline (kernel / SciPy's CubicSpline), `preprocess`, and a whole chunk of `prepare`;
 - `prepare` end to end: the `stellarparams prepare` command from launch to exit (start-up
   included), best and median of --repeat runs, and its own in-process rate (summary.json);
