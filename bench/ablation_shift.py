@@ -4,8 +4,8 @@
     .venv/bin/python bench/robustness.py --work runs/bench                # builds the shifted surveys
     .venv/bin/python bench/ablation_shift.py --work runs/bench
 
-For the paper and default recipes' models (WORK/models/RECIPE_sSEED) and each ablation model
-(WORK/models/default_no_<ingredient>_sSEED), on the test stars of the seed-7 survey without a
+For the paper and default recipes' models (WORK/models/RECIPE_sSEED), each ablation model
+(WORK/models/default_no_<ingredient>_sSEED) and each ``--variant`` of bench/accuracy.py, on the test stars of the seed-7 survey without a
 shift ("none") and with every shift of bench/robustness.py together ("all"), against the
 noiseless truth: MAE per label and all / none. An ingredient helps under shift when switching
 it off raises the all-shifts MAE by more than the default's seed-to-seed spread.
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
         ds = Dataset(work / "shifted" / name / "dataset")
         rows = test_star_rows(ds, stars)
         sets[name] = (ds.flux(rows), ds.meta(rows)[TRUE].to_numpy(np.float64))
-    groups = {r: sorted((work / "models").glob(f"{r}_s*")) for r in ("paper", "default")}
-    for f in sorted((work / "models").glob("default_no_*_s*")):
+    groups = {"paper": [], "default": []}  # then every other model folder (ablations, variants), by name
+    for f in sorted((work / "models").glob("*_s*")):
         groups.setdefault(f.name.rsplit("_s", 1)[0], []).append(f)
     fmt = lambda v: f"{v[0]:.0f} / {v[1]:.3f} / {v[2]:.3f}"  # noqa: E731
     lines = ["| model | seeds | MAE, no shift | MAE, all shifts | all / none |", "|---|---|---|---|---|"]
