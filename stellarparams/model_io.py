@@ -219,8 +219,12 @@ class Model:
 
     # ------------------------------------------------------------------ inference
     def _flux(self, flux, rv_kms):
+        from .readers import from_specutils, is_specutils
         from .sdss import Spectrum
 
+        if is_specutils(flux) or (isinstance(flux, (list, tuple)) and flux and is_specutils(flux[0])):
+            recs = [from_specutils(s) for s in (flux if isinstance(flux, (list, tuple)) else [flux])]
+            flux = [r for rec in recs for r in (rec if isinstance(rec, list) else [rec])]
         if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
             return self.prepare_spectra(flux, rv_kms=rv_kms)
         x = flux.to(torch.float32) if isinstance(flux, torch.Tensor) else np.asarray(flux, np.float32)
@@ -246,10 +250,12 @@ class Model:
 
         Parameters
         ----------
-        flux : array, torch.Tensor, Spectrum or list of Spectrum
+        flux : array, torch.Tensor, Spectrum, specutils Spectrum or a list of them
             Prepared spectra (N, P) float32 on the model's grid (rows of a Dataset; N may be
-            0), or :class:`stellarparams.sdss.Spectrum` records (then preprocessed here with
-            the model's own preprocessing config).
+            0), or :class:`stellarparams.sdss.Spectrum` records (any survey's reader, or
+            :func:`stellarparams.readers.from_arrays`) or specutils ``Spectrum``/``Spectrum1D``
+            objects (:func:`stellarparams.readers.from_specutils`), then preprocessed here with
+            the model's own preprocessing config.
         batch_size : int
             Spectra per forward pass.
         rv_kms : float or array, optional

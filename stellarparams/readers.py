@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import desi, lamost, sdss, tables
-from .physics import doppler
+from .physics import doppler, rv_from_z
 from .spectrum import Record, make_record
 
 SURVEYS = ("sdss", "lamost", "desi", "table")
@@ -64,6 +64,47 @@ def from_arrays(wave, flux, ivar, mask=None, *, rv_kms: float = float("nan"), id
     """
     z = float(doppler(rv_kms)) - 1.0 if np.isfinite(rv_kms) else float("nan")
     return make_record(wave, flux, ivar, mask, ident=ident, survey="arrays", rv=rv_kms, z=z)
+
+
+def is_specutils(obj) -> bool:
+    """Whether ``obj`` is a specutils ``Spectrum`` (``Spectrum1D`` before specutils 2), by its attributes."""
+    return hasattr(obj, "spectral_axis") and hasattr(obj, "flux") and hasattr(obj, "uncertainty")
+
+
+def from_specutils(spectrum, *, ident: str = "") -> Record | list:
+    """A specutils ``Spectrum`` (``Spectrum1D`` in specutils < 2) as record(s), for ``preprocess``
+    and ``Model.predict``.
+
+    The spectral axis is converted to Angstrom (any spectral unit); it must be **vacuum**
+    wavelength, as every survey here uses. The uncertainty may be an ``InverseVariance``,
+    ``StdDevUncertainty`` or ``VarianceUncertainty`` (astropy.nddata), converted to inverse
+    variance; ``mask`` (True = bad) is kept. A nonzero ``radial_velocity`` (or ``redshift``)
+    becomes the record's RV, so ``Model.predict(spectrum)`` shifts it to the rest frame.
+    A 2-D flux (N spectra sharing one spectral axis) gives a list of N records.
+
+    Raises
+    ------
+    ValueError
+        No uncertainty: without one the pixels cannot be weighted (give ``uncertainty=``).
+    """
+    import astropy.units as u
+    from astropy.nddata import InverseVariance
+
+    if spectrum.uncertainty is None:
+        raise ValueError("the specutils spectrum has no uncertainty; give one (InverseVariance, StdDevUncertainty "
+                         "or VarianceUncertainty) so that its pixels can be weighted")
+    wave = spectrum.spectral_axis.to_value(u.AA, equivalencies=u.spectral())
+    flux = np.asarray(spectrum.flux.value, np.float64)
+    ivar = np.asarray(spectrum.uncertainty.represent_as(InverseVariance).array, np.float64)
+    mask = None if spectrum.mask is None else np.asarray(spectrum.mask)
+    rv = float(getattr(spectrum, "radial_velocity", 0 * u.km / u.s).to_value(u.km / u.s))
+    z = float(getattr(spectrum, "redshift", 0.0))
+    rv = rv if rv else (rv_from_z(z) if z else float("nan"))
+    if flux.ndim == 1:
+        return from_arrays(wave, flux, ivar, mask, rv_kms=rv, ident=ident)
+    masks = [None] * len(flux) if mask is None else mask
+    return [from_arrays(wave, f, v, m, rv_kms=rv, ident=f"{ident}{k}") for k, (f, v, m) in
+            enumerate(zip(flux, ivar, masks))]
 
 
 def from_sdss(spec: sdss.Spectrum) -> Record:

@@ -250,3 +250,17 @@ def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4)
     # plain arrays through the model's prediction path
     np.testing.assert_allclose(m.predict(readers.from_arrays(lam, flux, ivar, rv_kms=3.0)), want[2:], rtol=1e-5)
+    # a specutils Spectrum: wavelength in nm, a sigma uncertainty, its radial velocity
+    import astropy.units as u
+    from astropy.nddata import StdDevUncertainty
+    import specutils
+
+    spec = getattr(specutils, "Spectrum", None) or specutils.Spectrum1D
+    one = spec(flux=flux * u.Jy, spectral_axis=lam / 10 * u.nm, uncertainty=StdDevUncertainty(ivar ** -0.5),
+               radial_velocity=3.0 * u.km / u.s)
+    np.testing.assert_allclose(m.predict(one), want[2:], rtol=1e-5)
+    two = spec(flux=np.stack([flux, flux]) * u.Jy, spectral_axis=lam * u.AA,
+               uncertainty=StdDevUncertainty(np.stack([ivar, ivar]) ** -0.5), radial_velocity=3.0 * u.km / u.s)
+    np.testing.assert_allclose(m.predict(two), np.repeat(want[2:], 2, axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="no uncertainty"):
+        m.predict(spec(flux=flux * u.Jy, spectral_axis=lam * u.AA))
