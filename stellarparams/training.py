@@ -262,15 +262,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         if progress:
             print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
 
-    def evaluate(X, Y, y_phys):
-        kept.eval()
-        with torch.inference_mode(), autocast(dev, precision):
-            pred = torch.cat([kept(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
-                              for i in range(0, len(X), tc.eval_batch_size)])
-            loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
-        p = pred.numpy().astype(np.float64) * scale + center
-        mae = {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
-        return loss, mae
+    def evaluate(X, Y, y_phys):  # the weights kept at this point (the EMA's, when on)
+        return validate(kept, X, Y, y_phys, weights, center, scale, labels, tc, dev, precision)
 
     if init is not None and start_epoch == 0:  # where the source's weights start, before any step
         init_val = evaluate(Xva, Yva, yva)[0]
@@ -360,6 +353,21 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
 
 
+def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig, dev, precision: str = "fp32"):
+    """(loss, {"mae_<label>": MAE in physical units}) of ``net`` on rows ``X`` in batches of ``tc.eval_batch_size``.
+
+    ``Y`` are the scaled targets (NaN = missing), ``y_phys`` the same in physical units, ``weights``
+    the per-label loss weights; ``net`` runs in eval mode on ``dev`` (autocast as in training).
+    """
+    net.eval()
+    with torch.inference_mode(), autocast(dev, precision):
+        pred = torch.cat([net(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
+                          for i in range(0, len(X), tc.eval_batch_size)])
+        loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
+    p = pred.numpy().astype(np.float64) * scale + center
+    return loss, {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
+
+
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
                  fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
                  precision: str = "fp32", init=None) -> Fitted:
@@ -383,23 +391,17 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
             print(f"ensemble member {i + 1}/{k} (seed {tc.seed + i})", file=sys.stderr)
         members.append(fit(ds, rows, model_config, replace(tc, seed=tc.seed + i, ensemble=1), checkpoint=ck,
                            fingerprint=f"{fingerprint}-m{i}", **kw))
-    net, first = Ensemble([m.net for m in members]).eval(), members[0]
+    net, first = Ensemble([m.net for m in members]), members[0]
     iva = rows[1]
-    cols = [ds.label_names.index(l) for l in first.labels]
-    y = ds.labels(iva)[:, cols].astype(np.float64)
-    X = torch.from_numpy(ds.flux(iva))
-    with torch.inference_mode(), autocast(resolve_device(device), precision):
-        dev = next(net.parameters()).device
-        pred = torch.cat([net(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
-                          for i in range(0, len(X), tc.eval_batch_size)])
+    y = ds.labels(iva)[:, [ds.label_names.index(l) for l in first.labels]].astype(np.float64)
     w = torch.tensor([first.metrics["loss_weights"][l] for l in first.labels], dtype=torch.float32)
-    val_loss = float(masked_huber(pred, torch.tensor((y - first.center) / first.scale, dtype=torch.float32), w,
-                                  tc.huber_delta))
-    p = pred.numpy().astype(np.float64) * first.scale + first.center
+    val_loss, mae = validate(net, torch.from_numpy(ds.flux(iva)),
+                             torch.tensor((y - first.center) / first.scale, dtype=torch.float32), y, w,
+                             first.center, first.scale, first.labels, tc, resolve_device(device), precision)
     metrics = dict(first.metrics, val_loss=val_loss, n_params=count_parameters(net), members=k,
                    member_best_epochs=[m.metrics["best_epoch"] for m in members],
                    train_time_s=sum(m.metrics["train_time_s"] for m in members),
-                   **{f"val_mae_{l}": float(np.nanmean(np.abs(p[:, j] - y[:, j]))) for j, l in enumerate(first.labels)})
+                   **{f"val_{name}": v for name, v in mae.items()})
     return Fitted(net, first.labels, first.center, first.scale, first.label_ranges, first.history, val_loss, metrics)
 
 
