@@ -168,6 +168,7 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
             items.append((str(p), np.nan, None))
     items = _expand(items, survey)
     if catalog is not None:
+        from .lamost import file_keys as lamost_keys
         from .lamost import parse_name as lamost_name
 
         cat = sdss.read_catalog(catalog)
@@ -192,7 +193,12 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
                 keys = [name, parse_spectrum_name(name), lamost_name(name)]
                 if isinstance(k, dict):
                     keys.insert(0, ("id", k["id"]))
-                return float(next((rv_by[x] for x in keys if x is not None and x in rv_by), np.nan))
+                hit = next((x for x in keys if x is not None and x in rv_by), None)
+                if hit is None and isinstance(k, dict) and k["survey"] == "lamost" and f:
+                    fk = lamost_keys(f)  # a file not named after its keys: LMJD..FIBERID, OBSID from its header
+                    ids = (fk.get("lmjd_planid_spid_fiberid"), ("id", str(fk["obsid"])) if "obsid" in fk else None)
+                    hit = next((x for x in ids if x is not None and x in rv_by), None)
+                return float(rv_by[hit]) if hit is not None else np.nan
 
             items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
         if not items and "FILE" in cat.columns:

@@ -36,7 +36,7 @@ from .spectrum import Record, make_record
 
 SURVEYS = ("sdss", "lamost", "desi", "table")
 _SDSS_NAME = re.compile(r"^(spec-\d+-\d+-\d+\.fits|spSpec-\d+-\d+-\d+\.fits?)(\.gz)?$", re.I)
-_LAMOST_NAME = re.compile(r"^spec-\d+-.+_sp\d+-\d+\.fits?(\.gz)?$", re.I)
+_LAMOST_NAME = lamost.NAME_RE
 _DESI_NAME = re.compile(r"^coadd-.+\.fits(\.gz)?$", re.I)
 _TABLE_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")
 SPECTRUM_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fts") + _TABLE_SUFFIXES
