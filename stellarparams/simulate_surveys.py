@@ -189,7 +189,8 @@ def write_files(survey: str, out, items: list, header: dict) -> None:
             lamost.write_spectrum(spectrum_path(survey, out, index), spec["wave"], flux,
                                   spec["ivar"].astype(np.float32), andmask, ormask=ormask, durable=False,
                                   obsid=i["obsid"], lmjd=i["lmjd"], planid=i["planid"], spid=i["spid"],
-                                  fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0), helio_rv=float(row["RV_ADOP"]),
+                                  fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
+                                  helio_rv=helio_correction(i["lmjd"]),
                                   normalization=_normalization(flux, ~bad),
                                   header={"SNRG": round(float(row["SNR"]), 4), **header})
         return
@@ -205,9 +206,23 @@ def write_files(survey: str, out, items: list, header: dict) -> None:
         arms[arm] = (wave, np.stack([s["flux"][sl] for _, s, _ in items]),
                      np.stack([s["ivar"][sl] for _, s, _ in items]), np.stack(masks))
     pix = ids(survey, items[0][0])["pixnum"]
-    desi.write_coadd(spectrum_path(survey, out, items[0][0]), [ids(survey, k)["targetid"] for k, _, _ in items],
+    coadd = spectrum_path(survey, out, items[0][0])
+    tids = [ids(survey, k)["targetid"] for k, _, _ in items]
+    # Redrock's redshifts beside the coadd (first: a coadd on disk means its Redrock file is there too)
+    desi.write_redrock(coadd.with_name("redrock" + coadd.name[len("coadd"):]), tids,
+                       [float(doppler(row["RV_ADOP"]) - 1.0) for _, _, row in items], durable=False)
+    desi.write_coadd(coadd, tids,
                      arms, header={"HPXPIXEL": pix, "HPXNSIDE": 64, "HPXNEST": True, "SURVEY": DESI_SURVEY,
                                    "PROGRAM": DESI_PROGRAM, **header}, durable=False)
+
+
+def helio_correction(lmjd: int) -> float:
+    """LAMOST's HELIO_RV header value for a night: the heliocentric correction applied (km/s).
+
+    A stand-in: Earth's orbital speed projected with the season, 29.8 cos(2 pi LMJD / 365.25).
+    It is not the star's RV (that is Z), and a reader that takes it for one gets it wrong.
+    """
+    return round(29.8 * float(np.cos(2 * np.pi * lmjd / 365.25)), 5)
 
 
 def _normalization(flux, good, width: int = 201):

@@ -92,7 +92,7 @@ def test_desi_bad_target_is_named_and_the_others_are_kept(tmp_path):
     f = np.stack([flux, flux * 2, flux * 3])
     i = np.stack([ivar, np.zeros_like(ivar), ivar])
     path = tmp_path / "coadd-main-dark-7.fits"
-    desi.write_coadd(path, [11, 22, 33], {"B": (wave, f, i, None)}, fiberstatus=[0, 0, 8])
+    desi.write_coadd(path, [11, 22, 33], {"B": (wave, f, i, None)}, fiberstatus=[1 << 3, 0, 1 << 2])  # RESTRICTED: info
     recs = readers.read(path, "desi")
     assert [r.ident for r in recs] == ["11", "22", "33"]
     assert np.array_equal(recs[0].flux, f[0]) and np.array_equal(recs[0].ivar, i[0])
