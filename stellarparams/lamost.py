@@ -290,10 +290,8 @@ def _catalog_keys(cat) -> list:
 
 def row_ids(cat) -> list:
     """Each catalog row's identifier text: OBSID, else LMJD-PLANID-SPID-FIBERID, else ``row N``."""
-    from .prepare import _id_text
-
     if "OBSID" in cat.columns:
-        return [_id_text(v) for v in cat["OBSID"]]
+        return ["" if not sdss._int(v) else str(sdss._int(v)) for v in cat["OBSID"]]
     keys = _catalog_keys(cat)
     if keys:
         return [f"{k[0]}-{k[1]}-{k[2]:02d}-{k[3]:03d}" if k else "" for k in keys]
@@ -304,8 +302,9 @@ def locate(cat, files: list, row_files: list) -> list:
     """Which file holds each catalog row's spectrum: [(file, None) or None].
 
     A row's FILE first; else its (LMJD, PLANID, SPID, FIBERID) against the file names, then
-    against the files' headers (read only when some row is still unmatched: real files are not
-    always named after their keys); else its OBSID against the headers' OBSID.
+    against the headers of the files no row has taken yet (real files are not always named
+    after their keys; when every file is matched by name, no header is read); else its OBSID
+    against those headers' OBSID.
 
     Parameters
     ----------
@@ -342,9 +341,11 @@ def locate(cat, files: list, row_files: list) -> list:
             if keys[i] is not None and keys[i] in by_key:
                 loc[i] = (by_key[keys[i]], None)
     todo = unmatched()
-    if todo and (keys or obsid is not None):
+    taken = {x[0] for x in loc if x is not None}
+    rest = [p for p in files if p not in taken]  # a file holds one spectrum: only these can still match
+    if todo and rest and (keys or obsid is not None):
         by_header, by_obsid = {}, {}
-        for p in files:
+        for p in rest:
             fk = file_keys(p)
             if "lmjd_planid_spid_fiberid" in fk:
                 by_header.setdefault(fk["lmjd_planid_spid_fiberid"], p)

@@ -249,7 +249,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
             if spec.objclass and spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             if not np.isfinite(rv):
-                rv = getattr(spec, "rv", np.nan)  # LAMOST HELIO_RV, a table's RV column
+                rv = getattr(spec, "rv", np.nan)  # LAMOST c Z, DESI Redrock c Z, a table's RV column
             if not np.isfinite(rv):
                 rv = rv_from_z(getattr(spec, "z", np.nan))
             rv_used[i] = rv
