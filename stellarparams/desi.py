@@ -49,8 +49,9 @@ RV_COLUMN = "VRAD"
 FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "MWS_TARGET", "COADD_NUMEXP", "COADD_EXPTIME")
 MAX_HDU_BYTES = 1 << 34  # 16 GB: a coadd's X_RESOLUTION HDU of thousands of targets exceeds SDSS's 256 MB limit
 NAME_RE = re.compile(r"^coadd-([a-z0-9]+)-([a-z0-9]+)-(\d+)\.fits(\.gz)?$", re.I)
-# FIBERSTATUS bits (desidatamodel bitmasks.rst): informational ones, and the one camera each BADAMP bit spoils
-FIBERSTATUS_INFO = (1 << 1) | (1 << 3) | (1 << 13) | (1 << 14)   # STUCKPOSITIONER, RESTRICTED, NEARCHARGETRAP, VARIABLETHRU
+# FIBERSTATUS bits (desidatamodel bitmasks.rst): the informational ones (STUCKPOSITIONER, RESTRICTED,
+# NEARCHARGETRAP, VARIABLETHRU), and the one camera each BADAMP bit spoils
+FIBERSTATUS_INFO = (1 << 1) | (1 << 3) | (1 << 13) | (1 << 14)
 BADAMP = {"B": 1 << 22, "R": 1 << 23, "Z": 1 << 24}
 SPECMASK = {"SOMEBADPIX": 1 << 0, "ALLBADPIX": 1 << 1, "COSMIC": 1 << 2, "LOWFLAT": 1 << 3, "BADFIBERFLAT": 1 << 4,
             "BRIGHTSKY": 1 << 5, "BADSKY": 1 << 6, "BAD2DFIT": 1 << 7, "NODATA": 1 << 8, "BADFIBER": 1 << 9,

@@ -642,8 +642,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("inputs", nargs="+", help="spectrum files, folders (searched recursively), or catalogs "
                    "(.csv/.parquet/.fits) with a FILE column and optional RV_ADOP")
     p.add_argument("--out", required=True, help="output table: .csv, .parquet or .fits")
-    p.add_argument("--catalog", help="catalog with RV_ADOP, VRAD or RV (km/s) for the inputs, matched by FILE, SDSS "
-                   "PLATE/MJD/FIBERID, LAMOST LMJD/PLANID/SPID/FIBERID (from the file name or header), TARGETID or OBSID")
+    p.add_argument("--catalog", help="catalog with RV_ADOP, VRAD or RV (km/s) for the inputs, matched by FILE, "
+                   "SDSS PLATE/MJD/FIBERID, LAMOST LMJD/PLANID/SPID/FIBERID (from the file name or header), "
+                   "TARGETID or OBSID")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
