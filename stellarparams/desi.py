@@ -15,7 +15,7 @@ Data model followed (docs/surveys.md has the links):
 - desidatamodel ``bitmasks.rst``: COADD_FIBERSTATUS is the bitwise AND of the exposures'
   FIBERSTATUS; bits STUCKPOSITIONER (1), RESTRICTED (3), NEARCHARGETRAP (13) and
   VARIABLETHRU (14) are informational, BADAMPB/BADAMPR/BADAMPZ (22-24) make one camera's
-  data unusable (that arm is dropped, as desispec does since PR #1674), any other bit makes
+  data unusable (that arm is dropped, as desispec does since desihub/desispec pull request 1674), any other bit makes
   the spectrum unusable.
 - desidatamodel ``redrock-SURVEY-PROGRAM-PIXNUM.rst``: the Redrock file beside each coadd
   (``zbest-`` in releases before "everest"), HDU REDSHIFTS with TARGETID, Z, ZERR, ZWARN

@@ -1,4 +1,4 @@
-"""Readers behind one interface (issue #15): LAMOST (both layouts), DESI coadds, plain tables, arrays."""
+"""Readers behind one interface: LAMOST (both layouts), DESI coadds, plain tables, arrays."""
 import gzip
 import shutil
 

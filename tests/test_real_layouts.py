@@ -170,6 +170,7 @@ def test_prepare_and_predict_a_dr1_plate_matched_by_lmjd_planid_spid_fiberid(tmp
         assert ds.n == 6
         np.testing.assert_allclose(np.sort(ds.labels()[:, 0]), np.sort(cat["teff"][:6]), rtol=1e-6)
         np.testing.assert_allclose(np.sort(ds.meta()["rv"]), np.sort(cat["rv"][:6]), rtol=1e-6)  # the catalog's
+        assert sorted(ds.meta()["object_id"]) == [f"55859-F5902-01-{k:03d}" for k in range(1, 7)]
     rej = pd.read_csv(tmp_path / "ds" / "rejects.csv", keep_default_na=False).sort_values("id")
     assert list(rej["reason"]) == ["bad_wavelength", "bad_wavelength", "no_file"]
     assert list(rej["id"]) == ["55859-F5902-02-001", "55859-F5902-02-002", "55859-F5902-03-007"]
