@@ -2,7 +2,7 @@
 that made them (run from the repository root: ``python tests/data/make_fixtures.py``).
 
 - ``model_v0/``: a tiny model folder as `train` wrote it before the architecture refactor
-  (issue #13), plus ``model_v0_inputs.npy`` and its outputs ``model_v0_pred.npy`` /
+  (the refactor into model and uncertainty parts), plus ``model_v0_inputs.npy`` and its outputs ``model_v0_pred.npy`` /
   ``model_v0_sigma.npy`` / ``model_v0_ood.npy`` on those inputs.
 - ``survey_v0.npz``: every header card and table column of the 3-spectrum simulated survey of
   :func:`survey_v0` (seed 11, defaults, version string pinned), as written by commit c6ccbd1,
