@@ -54,7 +54,6 @@ HEADER_KEYS = ("OBSID", "DESIG", "RA", "DEC", "LMJD", "MJD", "PLANID", "SPID", "
                "Z", "Z_ERR", "HELIO_RV", "SNRU", "SNRG", "SNRR", "SNRI", "SNRZ", "DATA_V", "VERSPIPE")
 WAVE_RANGE = (1000.0, 100000.0)   # A: a row outside this is not a wavelength array in Angstrom
 WAVE_RTOL = 1e-5                  # a wavelength row and the header solution agree to this (a pixel is 2.3e-4)
-LOG_STEP = 1e-4                   # LAMOST LRS pixels: log10 step (COEFF1)
 
 
 
@@ -150,7 +149,7 @@ def _wavelength(path, row, hdr, n: int, where: str) -> np.ndarray:
         if hw is not None and not np.allclose(row, hw, rtol=WAVE_RTOL, atol=0):
             k = int(np.argmax(np.abs(row / hw - 1)))
             raise sdss.SpectrumError(path, "bad_wavelength", f"{where} ({row[k]:.3f} A at pixel {k}) disagrees with "
-                                     f"the header's COEFF0/COEFF1 ({hw[k]:.3f} A)")
+                                     f"the header's wavelength solution ({hw[k]:.3f} A)")
         return row
     if hw is not None:
         return hw
@@ -187,9 +186,10 @@ def file_keys(path) -> dict:
         empty for an unreadable file with an unparseable name.
     """
     try:
+        sdss.check_headers(path)  # a damaged header must not make cfitsio allocate gigabytes
         with sdss.open_fits(path) as f:
             hdr = f[0].read_header()
-    except (OSError, ValueError, KeyError, UnicodeDecodeError):
+    except (sdss.SpectrumError, OSError, ValueError, KeyError, UnicodeDecodeError):
         hdr = {}
     return _header_keys(hdr, Path(path).name)
 
