@@ -56,6 +56,11 @@ def test_desi_survey_reads_back_through_prepare_with_its_labels(surveys):
     coadd = readers.find_files(sim / "spectra", "desi")
     assert [p.name for p in coadd] == ["coadd-main-bright-10000.fits"]
     np.testing.assert_array_equal(desi.target_ids(coadd[0]), cat["TARGETID"])
+    # Redrock's file beside the coadd: each target's Z is the redshift of its catalog VRAD
+    assert desi.redrock_path(coadd[0]).name == "redrock-main-bright-10000.fits"
+    recs = readers.read(coadd[0])
+    np.testing.assert_allclose([r.rv for r in recs], cat["VRAD"], atol=1e-6)
+    assert {r.objclass for r in recs} == {"STAR"}
 
 
 def test_lamost_file_layout_pixels_and_header(surveys):
