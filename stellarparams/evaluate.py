@@ -192,11 +192,11 @@ def predict_rows(predict, ds, idx, batch_size: int = 4096, progress: bool = True
 
 
 def _label_columns(ds, names):
-    missing = [n for n in names if n not in ds.label_names]
-    if missing:
-        raise ValueError(f"{ds.path}: the model predicts {names} but the dataset has no "
-                         f"{missing} (it has {ds.label_names}); evaluate on a dataset prepared with those labels")
-    return [ds.label_names.index(n) for n in names]
+    """Which of the model's labels the dataset has (ValueError when none): metrics come only where truth exists."""
+    if not any(n in ds.label_names for n in names):
+        raise ValueError(f"{ds.path}: the model predicts {names} but the dataset has none of them (it has "
+                         f"{ds.label_names}); evaluate on a dataset prepared with those labels")
+    return [n for n in names if n in ds.label_names]
 
 
 def _example_rows(teff, idx, k=N_EXAMPLE_SPECTRA):
@@ -253,6 +253,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     figure paths, notes about anything skipped).
     """
     from . import plots
+    from .training import label_matrix
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -271,7 +272,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     names = list(model.label_names)
     units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
                                                           if n in ds.label_names else "" for n in names])
-    cols = _label_columns(ds, names)
+    _label_columns(ds, names)
     if hasattr(model, "check_dataset"):  # grid / preprocessing must match the training data's
         model.check_dataset(ds)
     idx = ds.indices(split)
@@ -282,7 +283,11 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     y_pred = predict_rows(model.predict, ds, idx, batch_size, progress, desc=f"predict {split}")
     if y_pred.shape != (len(idx), len(names)):
         raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
-    y_true = ds.labels(idx)[:, cols].astype(np.float64)
+    y_true = label_matrix(ds, idx, names)   # NaN where the catalog has no truth: left out of that label's metrics
+    unknown = [n for j, n in enumerate(names) if not np.isfinite(y_true[:, j]).any()]
+    if unknown:
+        notes.append(f"no {', '.join(unknown)} labels in the {split} split of {ds.path}: no metrics for "
+                     f"{'it' if len(unknown) == 1 else 'them'} (n = 0)")
     meta = ds.meta(idx)
     snr = meta["snr"].to_numpy(np.float64)
     teff = y_true[:, names.index("teff")] if "teff" in names else (
@@ -342,7 +347,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     # figures
     figs = {}
     fig_dir = out / "figures"
-    by_split = {s: ds.labels(ds.indices(s))[:, cols] for s in ("train", "val", "test") if len(ds.indices(s))}
+    by_split = {s: label_matrix(ds, ds.indices(s), names) for s in ("train", "val", "test") if len(ds.indices(s))}
     figs["label_densities"] = plots.label_densities(by_split, names, units, fig_dir / "label_densities.png")
     ex = _example_rows(teff, idx)
     ex_meta = ds.meta(ex)
