@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": ("stellarparams.evaluate", "metrics, tables and figures for a model"),
     "benchmark": ("stellarparams.benchmark", "the paper's baselines and ablations on one split"),
     "predict": ("stellarparams.predict", "run a model on new spectra"),
+    "diagnose": ("stellarparams.diagnose", "how unlike a model's training spectra a set of spectra is, and where"),
     "run": ("stellarparams.pipeline", "main job: simulate, prepare, train, evaluate, and compare with a Ridge baseline"),
 }
 
