@@ -80,6 +80,7 @@ N_PASSES = 16            # MC-dropout passes (std of a std from 16 draws: ~18%; 
 N_COMPONENTS = 32        # PCA components of the flux novelty score
 OOD_QUANTILE = 99.5      # percentile of the validation scores that maps to ood_score = 1
 MAX_PCA_ROWS = 20_000    # training rows used to fit the PCA
+EMU_ROWS = 5_000         # ... and the label -> spectrum emulator (10 coefficients per pixel)
 SIGNAL_FACTOR = 3.0      # a component counts as signal when its variance > this x the mean noise variance
 DER_SNR_FACTOR = 1.482602 / math.sqrt(6.0)   # Stoehr et al. 2008: MAD->sigma for a 1,-2,1 (step 2) difference
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
@@ -498,9 +499,9 @@ def fit_emulator(flux, y_scaled, alpha: float = 1e-3):
     scatter (P,)): the robust (1.4826 MAD) scatter of the training spectra about the emulator.
     """
     F = emulator_features(y_scaled)
-    X = np.asarray(flux, np.float64)
-    coef = np.linalg.solve(F.T @ F + alpha * len(F) * np.eye(F.shape[1]), F.T @ X)
-    r = X - F @ coef
+    X = np.asarray(flux, np.float32)
+    coef = np.linalg.solve(F.T @ F + alpha * len(F) * np.eye(F.shape[1]), (F.T @ X).astype(np.float64))
+    r = X - (F @ coef).astype(np.float32)
     scatter = 1.482602 * np.median(np.abs(r - np.median(r, 0)), 0)
     return coef.astype(np.float32), np.maximum(scatter, 1e-6).astype(np.float32)
 
@@ -607,7 +608,7 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
     val_ood = np.maximum.reduce([q / u.q_ref, qn / u.qn_ref, t2 / u.t2_ref])
     # what training spectra look like at the labels the model gives them (stellarparams.diagnose)
-    fit_rows = np.sort(rows)
+    fit_rows = np.sort(rows[:EMU_ROWS])
     u.emu_coef, u.emu_scatter = fit_emulator(flux_train[fit_rows], raw_uncertainty(model.net, flux_train[fit_rows], 0)[0])
     sigma = u.sigma_scaled(s_mc, noise)
     cov = coverage(resid, np.zeros_like(resid), sigma)
