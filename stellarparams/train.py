@@ -268,8 +268,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
               + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
               + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
-        kept = [l for l in init.frozen_heads(labels) if l not in ds.label_names
-                or known_counts(ds, ds.indices("train"), [l])[0] < 2]
+        kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
         if kept:
             print(f"the dataset has no {', '.join(kept)} labels: "
                   f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
@@ -335,7 +334,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="train K networks (seeds SEED..SEED+K-1) into one model folder: predictions are their mean "
                         "and sigma includes their spread; K times the training time (the out-of-fold calibration "
                         "models are ensembles of K too)")
-    p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
+    p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads); with "
+                   "--init-from, the source's heads to keep (the others are dropped). A label no training row has "
+                   "cannot be learned from scratch; with --init-from its head is kept frozen, as in the source")
     p.add_argument("--init-from", dest="init_from", metavar="MODEL",
                    help="start from this model folder's weights and target scaler, with its architecture (fine-tuning, "
                         "e.g. on another survey). When the dataset's wavelength grid differs from the model's, the "
