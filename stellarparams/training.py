@@ -11,7 +11,10 @@ One loop: batch -> (noise for augmented copies) -> forward -> masked, weighted H
 - Loss: sum over labels of w_l * mean Huber(delta) over rows where label l is known,
   w_l = 1 / var(scaled training labels l). Rows with a missing label train the others. A
   label no training row knows is an error from scratch; starting from a model
-  (``init``), its head must be frozen (``train`` does so) and its weight is 0.
+  (``init``), its head must be frozen (``train`` does so), and on the same grid its targets
+  are the source network's own outputs for the training spectra (learning without
+  forgetting, Li & Hoiem 2016): the trunk learns the new labels while keeping what the frozen
+  heads read from it (without them, the frozen heads' errors grew by half: docs/benchmarks.md).
 - AdamW; linear warm-up over warmup_frac of all steps, cosine decay to lr_floor * lr.
 - The weights with the best validation loss are kept.
 - Resumable: after each epoch the checkpoint file holds weights, best weights and AdamW
@@ -233,12 +236,16 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         center, scale = scaler.center_, scaler.scale_
     Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
     Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
-    has = known >= 2
+    distilled = absent if init is not None and not init.reinit_stem else []
+    if distilled:  # learning without forgetting: the frozen heads' targets are the source's own outputs
+        cols = [labels.index(l) for l in distilled]
+        Ytr[:, cols] = _source_outputs(mc, init, Xtr, tc.eval_batch_size)[:, cols]
+    has = np.isfinite(Ytr.numpy()).sum(0) >= 2
     w = np.zeros(len(labels))
     w[has] = loss_weights(Ytr.numpy()[:, has])
     weights = torch.tensor(w, dtype=torch.float32)
     weights_dev = weights.to(dev)
-    label_ranges = {l: ([float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] if has[j]
+    label_ranges = {l: ([float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] if known[j] >= 2
                         else list(init.label_ranges.get(l, [np.nan, np.nan]))) for j, l in enumerate(labels)}
 
     n_tr = len(itr)
@@ -379,7 +386,20 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         metrics["init_val_loss"] = init_val
     if absent:
         metrics["heads_kept_from_source"] = absent
+    if distilled:
+        metrics["heads_distilled"] = distilled
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+
+
+@torch.inference_mode()
+def _source_outputs(mc, init, X, batch_size: int) -> torch.Tensor:
+    """(N, L) scaled outputs of the source network (``init``'s weights, eval mode, CPU) for rows ``X``."""
+    from .finetune import apply_init
+
+    net = StellarNet(mc)
+    apply_init(net, replace(init, freeze=()))
+    net.eval()
+    return torch.cat([net(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).float()
 
 
 def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig, dev, precision: str = "fp32"):

@@ -8,6 +8,7 @@ import torch
 
 from stellarparams import load_model
 from stellarparams.cli import main
+from stellarparams import training
 from stellarparams.dataset import write_dataset
 from stellarparams.evaluate import evaluate
 from stellarparams.finetune import OptionError, in_part
@@ -69,6 +70,19 @@ def test_finetune_on_feh_only_keeps_the_other_heads_frozen(source):
     y, sigma = ft.predict(feh.flux(te), return_sigma=True)
     assert np.isfinite(y).all() and np.isfinite(sigma).all() and (sigma > 0).all()
     assert "val_mae_teff" in ft.metrics and not np.isfinite(ft.metrics["val_mae_teff"])
+    assert ft.metrics["heads_distilled"] == ["teff", "logg"]
+
+
+def test_distilling_the_frozen_heads_keeps_their_predictions(source, monkeypatch):
+    """The trunk moves under the frozen heads; with the source's outputs as their targets it moves less."""
+    root, _, feh, src = source
+    tc = TrainConfig(epochs=6, seed=3, init_from=str(root / "src"), **TC)
+    x = feh.flux(feh.indices("test"))
+    drift = lambda m: np.abs(m.predict(x)[:, [0, 2]] - src.predict(x)[:, [0, 2]]).mean(0) / src.scale[[0, 2]]  # noqa: E731
+    kept = train(feh, None, None, tc, progress=False)
+    monkeypatch.setattr(training, "_source_outputs", lambda mc, init, X, b: torch.full((len(X), 3), float("nan")))
+    free = train(feh, None, None, tc, progress=False)
+    assert (drift(kept) < 0.7 * drift(free)).all(), (drift(kept), drift(free))
 
 
 def test_labels_drops_the_heads_the_catalog_lacks(source, capsys):
