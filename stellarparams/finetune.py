@@ -18,7 +18,8 @@ their weight decay) alone and they stay bitwise equal to the source.
 
 Partial catalogs: a label of the source that the dataset does not have (no column, or fewer
 than 2 known training rows) keeps its head exactly as it was (``heads.LABEL`` is added to the
-frozen parts by `train` and recorded in model.json), or is dropped with ``--labels``
+frozen parts by `train` and recorded in model.json; on the same grid its training targets are
+the source network's outputs, :func:`stellarparams.training.fit`), or is dropped with ``--labels``
 (:func:`select_labels`: the network then has only the kept heads, and the target scaler the
 source's center/scale of those labels). With a new wavelength grid the stem's input layer
 is new, so freezing the stem (``stem`` or ``trunk``) is refused (:class:`OptionError`).
