@@ -345,7 +345,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--freeze", metavar="PARTS",
                    help="with --init-from: comma-separated parts of the network kept fixed (bitwise): stem (the input "
                         "Linear + its LayerNorm), blocks (the residual blocks), ln_out (the shared LayerNorm), trunk "
-                        "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff)")
+                        "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff). On another grid "
+                        "the stem's input layer is new, so stem and trunk are refused. Heads of labels the dataset "
+                        "lacks are frozen without asking")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--wait", action="store_true",
