@@ -376,10 +376,11 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _read_record(path, index, survey, cache: dict):
-    """Spectrum ``index`` of a file (SDSS: the file's one spectrum); the last file's records are cached."""
+def _read_record(path, index, survey, cache: dict, reader: str = "fast"):
+    """Spectrum ``index`` of a file (SDSS: the file's one spectrum, read by ``reader``); the last file's records
+    are cached."""
     if survey == "sdss":
-        return sdss.read_spectrum(path)
+        return sdss.read_spectrum(path, reader)
     if cache.get("path") != path:
         cache.clear()
         try:
@@ -391,11 +392,12 @@ def _read_record(path, index, survey, cache: dict):
     return cache["records"][index or 0]
 
 
-def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss") -> dict:
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss",
+               reader: str = "fast") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
 
     items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
-    None). Returns counts and rejects (small, for the main process).
+    None); reader: :data:`sdss.READERS`. Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
@@ -408,7 +410,7 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
         row, path, rv = item[:3]
         index = item[3] if len(item) > 3 else None
         try:
-            spec = _read_record(path, index, survey, cache)
+            spec = _read_record(path, index, survey, cache, reader)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
@@ -510,7 +512,7 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False, survey: str | None = None, dask=None) -> dict:
+            wait: bool = False, survey: str | None = None, dask=None, reader: str = "fast") -> dict:
     """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
@@ -555,6 +557,10 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`). Workers
         write the chunks into ``out/.partial/`` themselves, so they must share the file system
         with this process. Connected before anything is written; the dataset is the same.
+    reader : str
+        ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
+        with cfitsio; ``"fitsio"``: every file with cfitsio (:func:`sdss.read_spectrum`). The
+        dataset is the same.
 
     Returns
     -------
@@ -570,9 +576,11 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         Bad catalog, options or output folder; :class:`engine.DaskError` when ``dask`` names no
         scheduler that answers.
     """
+    if reader not in sdss.READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     with engine.connect(dask, progress) as client, locked_output(out, wait):
         return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress, survey, client)
+                        chunk_size, progress, survey, client, reader)
 
 
 # labels and RV column of each survey's catalog (upper-case, as read)
@@ -695,10 +703,11 @@ def _resolve_file(f, base: Path):
 # the job, top to bottom: check -> match -> read -> split -> write
 
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress, survey=None, client=None) -> dict:
+             progress, survey=None, client=None, reader="fast") -> dict:
     """:func:`prepare` inside the output lock."""
     t0 = time.perf_counter()
     job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
+    job.reader = reader
     done = _finished(out, job.input_hash, progress)
     if done is not None:
         return done
@@ -721,6 +730,7 @@ class _Job:
     files: list              # spectrum files found under ``spectra``
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
+    reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
 
 
 @dataclass
@@ -979,16 +989,17 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
         calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
-                  engine.absolute(partial), job.survey) for k in todo)
+                  engine.absolute(partial), job.survey, job.reader) for k in todo)
         for r in engine.map_unordered(client, _run_chunk, calls):
             bar.update(r["n"])
     elif workers == 1 or len(todo) <= 1:
         for k in todo:
-            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey)
+            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey) for k in todo]
+            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
+                    for k in todo]
             for fut in as_completed(futs):
                 bar.update(fut.result()["n"])
     bar.close()
@@ -1203,7 +1214,21 @@ def add_arguments(p):
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_reader_argument(p)
     engine.add_argument(p)
+
+
+def add_reader_argument(p) -> None:
+    """``--reader fast|fitsio`` for the commands that read SDSS spectra.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
+    p.add_argument("--reader", choices=sdss.READERS, default="fast",
+                   help="SDSS spectrum reader: fast (default) reads DR8+ files of the plain FITS layout with numpy "
+                        "and everything else with cfitsio; fitsio reads every file with cfitsio (the same results; "
+                        "use it if you distrust the fast path or meet a file it mishandles)")
 
 
 def add_grid_arguments(p) -> None:
@@ -1276,7 +1301,8 @@ def run_cli(args) -> int:
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
+                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
+                reader=getattr(args, "reader", "fast"))
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -491,3 +491,45 @@ def test_resolver_equals_path_resolve_through_links(tmp_path):
               tmp_path / "other" / "plate" / ".." / "0500" / "spec-0500-55000-0001.fits",
               Path(os.path.relpath(real / "spec-0500-55000-0001.fits"))]:
         assert resolve(p) == p.resolve(), p
+
+
+def content_sha256(path) -> str:
+    """sha256 of a dataset.h5's every array (name, dtype, shape, bytes) and attribute but its creation time."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        def add(name, obj):
+            h.update(name.encode())
+            for k in sorted(obj.attrs):
+                if k != "created":
+                    h.update(f"{k}={obj.attrs[k]!r}".encode())
+            if isinstance(obj, h5py.Dataset):
+                x = obj[()]
+                data = repr(x.tolist()).encode() if x.dtype == object else np.ascontiguousarray(x).tobytes()
+                h.update(f"{x.dtype}{np.shape(x)}".encode() + data)
+        add("/", f)
+        f.visititems(add)
+    return h.hexdigest()
+
+
+def test_fast_reader_and_fitsio_give_the_same_dataset_bit_for_bit(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=6)
+    (spectra / "spec-0500-55000-0099.fits").write_text("not a FITS file")  # no catalog row: the same reject
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    calls = []
+    fast = sdss.read_spec_fast
+    monkeypatch.setattr(sdss, "read_spec_fast", lambda p: calls.append(p) or fast(p))
+    a = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "fast", workers=1, progress=False)
+    assert len(calls) == 6  # every file with a catalog row went through the fast path first
+    calls.clear()
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra),
+                   "--out", str(tmp_path / "fitsio"), "--reader", "fitsio", "--workers", "1", "--no-progress"])
+    assert rc == 0 and not calls  # --reader fitsio: never the fast path
+    assert a["kept"] == 6
+    assert content_sha256(tmp_path / "fast" / "dataset.h5") == content_sha256(tmp_path / "fitsio" / "dataset.h5")
+    assert (tmp_path / "fast" / "rejects.csv").read_bytes() == (tmp_path / "fitsio" / "rejects.csv").read_bytes()
+    with pytest.raises(ValueError, match="unknown reader"):
+        prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "x", reader="numpy", progress=False)
