@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import desi, engine, lamost, readers, sdss, tables
+from . import desi, engine, lamost, matching, readers, sdss, tables
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
@@ -844,20 +844,24 @@ def _finished(out: Path, input_hash: str, progress) -> dict | None:
 def _identify(job: _Job):
     """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
 
-    Returns (by_key, keys, located, ident, row_id); ``by_key`` maps an SDSS key to its first file.
+    Returns (twin, keys, located, ident, row_id); ``twin``: for SDSS, the index in ``job.files`` of each
+    file's first file of the same key (matched by :func:`matching.first_match`), else None.
     """
     cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
-    by_key = {}
+    twin, match = None, np.full(len(cat), -1)
     if survey == "sdss":
-        for p in files:
-            by_key.setdefault(parse_spectrum_name(p.name), p)
+        file_keys, has_key = _sdss_file_keys(files)
+        table = matching.file_table(file_keys, has_key)
+        twin = matching.first_match(file_keys, table, has_key)
     if survey == "sdss" and all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
         ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-        keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
+        valid = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
+        match = matching.first_match(np.where(valid[:, None], ids, 0).astype(np.int64), table, valid)
+        keys = [tuple(int(v) for v in k) if ok else None for k, ok in zip(ids, valid)]
     else:
         keys = [None] * len(cat)
     if survey == "sdss":
-        located = [(row_files[i] or by_key.get(keys[i]), None) for i in range(len(cat))]
+        located = [(row_files[i] or (files[match[i]] if match[i] >= 0 else None), None) for i in range(len(cat))]
         ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
         row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
     else:
@@ -866,7 +870,17 @@ def _identify(job: _Job):
         id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    return by_key, keys, located, ident, row_id
+    return twin, keys, located, ident, row_id
+
+
+def _sdss_file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
+    """(m, 3) int64 (plate, mjd, fiberid) from each file's name, and (m,) bool: the name has one."""
+    keys, ok = np.zeros((len(files), 3), np.int64), np.zeros(len(files), bool)
+    for j, p in enumerate(files):
+        k = parse_spectrum_name(p.name)
+        if k is not None:
+            keys[j], ok[j] = k, True
+    return keys, ok
 
 
 def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
@@ -905,7 +919,7 @@ def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
     resolve = _resolver()
-    by_key, keys, located, ident, row_id = _identify(job)
+    twin, keys, located, ident, row_id = _identify(job)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
     reject = matched.reject
@@ -930,16 +944,17 @@ def _match(job: _Job) -> _Matched:
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, by_key, used, matched.rejects, resolve)
+    _reject_unused_files(job, twin, used, matched.rejects, resolve)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, resolve=Path.resolve) -> None:
-    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
-    for p in job.files:
+def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve) -> None:
+    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate;
+    ``twin``: each file's first file of the same key, an index in ``job.files``)."""
+    for j, p in enumerate(job.files):
         if job.survey != "sdss":
             if resolve(p) not in used:
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
@@ -947,9 +962,9 @@ def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, reso
             continue
         if resolve(p) not in used:
             k = parse_spectrum_name(p.name)
-            twin = by_key[k]
-            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
-                              if twin != p and resolve(twin) in used else
+            first = job.files[twin[j]]
+            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {first}")
+                              if first != p and resolve(first) in used else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})

@@ -533,3 +533,19 @@ def test_fast_reader_and_fitsio_give_the_same_dataset_bit_for_bit(tmp_path, monk
     assert (tmp_path / "fast" / "rejects.csv").read_bytes() == (tmp_path / "fitsio" / "rejects.csv").read_bytes()
     with pytest.raises(ValueError, match="unknown reader"):
         prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "x", reader="numpy", progress=False)
+
+
+def test_matching_finds_each_rows_first_file_as_a_dict_would():
+    from stellarparams import matching
+
+    rng = np.random.default_rng(0)
+    files = rng.integers(0, 4, (300, 3))  # many repeated keys
+    rows = rng.integers(0, 5, (200, 3))   # some keys with no file
+    valid = rng.random(200) > 0.1
+    first = {}
+    for j, k in enumerate(map(tuple, files)):
+        first.setdefault(k, j)
+    want = [first.get(tuple(k), -1) if ok else -1 for k, ok in zip(rows, valid)]
+    np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
+    np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
+    assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 100  # both outcomes exercised
