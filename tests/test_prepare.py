@@ -548,4 +548,4 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
     want = [first.get(tuple(k), -1) if ok else -1 for k, ok in zip(rows, valid)]
     np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
     np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
-    assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 100  # both outcomes exercised
+    assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
