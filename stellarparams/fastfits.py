@@ -59,7 +59,7 @@ def walk(f, describe, max_hdus: int = 64):
             if len(block) < FITS_BLOCK:
                 return
             blocks.append(block)
-            if any(block[i:i + 8].strip() == b"END" for i in range(0, FITS_BLOCK, 80)):
+            if b"END" in block and any(block[i:i + 8].strip() == b"END" for i in range(0, FITS_BLOCK, 80)):
                 break
         nbytes, info = describe(index, b"".join(blocks))
         yield info, f.tell(), nbytes
@@ -115,7 +115,19 @@ _CARDS = _CardCache()
 
 
 def _plain_header(index: int, header: bytes):
-    """:func:`walk`'s ``describe`` for the plain layout: (data bytes, (cards, keyword order)); ValueError if not plain."""
+    """:func:`walk`'s ``describe`` for the plain layout: (data bytes, (cards, keyword order)); ValueError if not plain.
+
+    Extension headers repeat from file to file (the same tables), so they are parsed once.
+    """
+    return _parse_header(index, header) if index == 0 else _parse_extension_header(header)
+
+
+@lru_cache(maxsize=64)
+def _parse_extension_header(header: bytes):
+    return _parse_header(1, header)
+
+
+def _parse_header(index: int, header: bytes):
     if header.translate(None, _PRINTABLE):
         raise ValueError("bytes that are not printable ASCII")
     text = header.decode("ascii")
