@@ -15,6 +15,12 @@ def _names(k: int) -> list:
     return [f"k{j}" for j in range(k)]
 
 
+def _as_keys(keys) -> np.ndarray:
+    """(n, k) int64 from an (n, k) or (n,) array."""
+    keys = np.asarray(keys, np.int64)
+    return keys.reshape(len(keys), 1) if keys.ndim == 1 else keys
+
+
 def file_table(keys: np.ndarray, valid: np.ndarray | None = None):
     """The files' keys as a pyarrow table of (key columns, ``file``: index of the first file with that key).
 
@@ -32,7 +38,7 @@ def file_table(keys: np.ndarray, valid: np.ndarray | None = None):
     """
     import pyarrow as pa
 
-    keys = np.asarray(keys, np.int64).reshape(len(keys), -1)
+    keys = _as_keys(keys)
     idx = np.arange(len(keys)) if valid is None else np.flatnonzero(valid)
     t = pa.table({**{n: keys[idx, j] for j, n in enumerate(_names(keys.shape[1]))}, "file": idx})
     return t.group_by(_names(keys.shape[1]), use_threads=False).aggregate([("file", "min")]) \
@@ -56,7 +62,7 @@ def first_match(keys: np.ndarray, files, valid: np.ndarray | None = None) -> np.
     """
     import pyarrow as pa
 
-    keys = np.asarray(keys, np.int64).reshape(len(keys), -1)
+    keys = _as_keys(keys)
     if not isinstance(files, pa.Table):
         files = file_table(files)
     idx = np.arange(len(keys)) if valid is None else np.flatnonzero(valid)

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from . import desi, engine, lamost, matching, readers, sdss, tables
-from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
+from .dataset import DATA_FILE, SPLITS, Grid, append_pixels, append_rows, append_table, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
 from .physics import doppler_log_shift
@@ -712,9 +713,13 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     if done is not None:
         return done
     matched = _match(job)
-    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
-    splits = _split(job, matched, parts, seed, fractions, progress)
-    return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    try:
+        parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
+        splits = _split(job, matched, parts, seed, fractions, progress)
+        return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    finally:
+        if job.stream is not None:
+            job.stream.close()
 
 
 @dataclass
@@ -731,6 +736,7 @@ class _Job:
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
+    stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
 @dataclass
@@ -1000,25 +1006,91 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     if len(todo) < len(chunks):
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    job.stream = stream = _StreamWriter(partial, job.config, len(chunks), set(range(len(chunks))) - set(todo))
     n_todo = sum(len(chunks[k]) for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
         calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
                   engine.absolute(partial), job.survey, job.reader) for k in todo)
         for r in engine.map_unordered(client, _run_chunk, calls):
+            stream.chunk_done(r["chunk"])
             bar.update(r["n"])
     elif workers == 1 or len(todo) <= 1:
         for k in todo:
             r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
+            stream.chunk_done(k)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
             futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
                     for k in todo]
             for fut in as_completed(futs):
+                stream.chunk_done(fut.result()["chunk"])
                 bar.update(fut.result()["n"])
     bar.close()
     return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(len(chunks))]
+
+
+class _StreamWriter:
+    """Appends the pixel arrays (flux, valid, sigma, offset) of finished chunks, in chunk order, to
+    ``partial/stream.h5`` in a thread, while the workers read the next chunks: the dataset's large
+    part is written by the time the last chunk is read, and :func:`_write` only adds the per-row
+    table (labels, split, metadata) when every read spectrum is kept (else it writes the file anew).
+
+    Parameters
+    ----------
+    partial : Path
+        The chunks' folder.
+    config : PrepareConfig
+    n_chunks : int
+    done : set of int
+        Chunks already finished (a resumed job).
+    """
+
+    NAME = "stream.h5"
+
+    def __init__(self, partial: Path, config: PrepareConfig, n_chunks: int, done: set):
+        self.path, self.partial, self.n_chunks = partial / self.NAME, partial, n_chunks
+        self.path.unlink(missing_ok=True)  # a killed run's half-written file
+        self.file = create_dataset(self.path, config.grid.n_pix, list(config.labels), {}, sigma=True, offset=True)
+        self.done, self.written, self.closing, self.error = set(done), 0, False, None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="prepare-stream", daemon=True)
+        self.thread.start()
+
+    def chunk_done(self, k: int) -> None:
+        """Chunk ``k``'s file is complete."""
+        with self.cond:
+            self.done.add(k)
+            self.cond.notify()
+
+    def _run(self):
+        try:
+            while self.written < self.n_chunks:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.written in self.done or self.closing)
+                    if self.closing:
+                        return
+                with np.load(_chunk_path(self.partial, self.written)) as z:
+                    append_pixels(self.file, z["flux"], z["valid"], z["sigma"], z["offset"])
+                self.written += 1
+        except Exception as e:  # noqa: BLE001 - reported by finish(); _write then writes the file anew
+            self.error = e
+
+    def finish(self) -> Path | None:
+        """Wait for the last chunk; the closed file holding every chunk's pixels, or None if that failed."""
+        self.thread.join()
+        self.close()
+        return self.path if self.error is None and self.written == self.n_chunks else None
+
+    def close(self) -> None:
+        """Stop the thread (a failed job) and close the file."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        self.thread.join()
+        if self.file.id.valid:
+            self.file.close()
 
 
 # --- split: train/val/test, grouped -----------------------------------------------------------
@@ -1098,8 +1170,36 @@ def _row_meta(splits: _Splits, job: _Job):
     return meta, extra
 
 
-def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
-    """Write the kept rows of every chunk to ``tmp`` and read it back (:func:`verify_dataset`)."""
+def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra,
+              stream: _StreamWriter | None = None) -> str:
+    """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
+
+    With ``stream`` and every row kept, its file (the pixels, written while the workers read)
+    becomes ``tmp`` and only the per-row table is added here. Returns the file's sha256.
+    """
+    import h5py
+
+    streamed = stream.finish() if stream is not None and keep_mask.all() else None
+    if streamed is not None:
+        os.replace(streamed, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v)
+            append_table(f, labels, label_err, split, meta, extra)
+    else:
+        _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
+    digest = {}
+    hasher = threading.Thread(target=lambda: digest.update(sha256=sha256_file(tmp)))  # hashlib frees the GIL
+    hasher.start()
+    try:
+        verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
+    finally:
+        hasher.join()
+    return digest["sha256"]
+
+
+def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
+    """Write the kept rows of every chunk to ``tmp``, from the chunk files."""
     with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
         start = 0
         for k, part in enumerate(parts):
@@ -1114,7 +1214,6 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
                             None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
                             offset=of)
             start += n
-    verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
 
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
@@ -1156,9 +1255,10 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
     # (a summary whose sha256 matches the dataset marks a finished job)
     atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
-    atomic_write(final, lambda tmp: _write_h5(tmp, partial, parts, keep_mask, config, attrs, labels, label_err,
-                                              splits.split, meta, extra))
-    summary["dataset_sha256"] = sha256_file(final)
+    digest = {}
+    atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
+        tmp, partial, parts, keep_mask, config, attrs, labels, label_err, splits.split, meta, extra, job.stream)))
+    summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     if progress:

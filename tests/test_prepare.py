@@ -14,6 +14,7 @@ from scipy.interpolate import CubicSpline
 from stellarparams import cli, prepare as prep, sdss
 from stellarparams.dataset import Dataset, Grid
 from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
+from stellarparams.records import sha256_file
 
 GRID = Grid()
 C_KMS = C_LIGHT.to_value("km/s")
@@ -549,3 +550,15 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
     np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
     np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
     assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
+    assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
+
+
+def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    streamed = prep.prepare(cat, spectra, tmp_path / "streamed", workers=2, chunk_size=2, progress=False)
+    monkeypatch.setattr(prep._StreamWriter, "finish", lambda self: self.close())  # the fallback: written anew
+    after = prep.prepare(cat, spectra, tmp_path / "after", workers=2, chunk_size=2, progress=False)
+    assert content_sha256(tmp_path / "streamed" / "dataset.h5") == content_sha256(tmp_path / "after" / "dataset.h5")
+    for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
+        assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
+        assert not (tmp_path / name / ".partial").exists()
