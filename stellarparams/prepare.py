@@ -850,8 +850,9 @@ def _finished(out: Path, input_hash: str, progress) -> dict | None:
 def _identify(job: _Job):
     """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
 
-    Returns (twin, keys, located, ident, row_id); ``twin``: for SDSS, the index in ``job.files`` of each
-    file's first file of the same key (matched by :func:`matching.first_match`), else None.
+    Returns (twin, match, keys, located, ident, row_id); ``twin``: for SDSS, the index in ``job.files``
+    of each file's first file of the same key, else None; ``match``: each row's file matched by its
+    SDSS key (:func:`matching.first_match`; -1: none, or not matched by key).
     """
     cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
     twin, match = None, np.full(len(cat), -1)
@@ -876,7 +877,7 @@ def _identify(job: _Job):
         id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    return twin, keys, located, ident, row_id
+    return twin, match, keys, located, ident, row_id
 
 
 def _sdss_file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
@@ -925,13 +926,13 @@ def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
     resolve = _resolver()
-    twin, keys, located, ident, row_id = _identify(job)
+    twin, match, keys, located, ident, row_id = _identify(job)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
     reject = matched.reject
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    used = set()
+    used, used_file = set(), np.zeros(len(job.files), bool)  # resolved paths; files used by their key
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
         f, index = located[i]
@@ -942,7 +943,10 @@ def _match(job: _Job) -> _Matched:
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
-        used.add(resolve(f))
+        if row_files[i] is None and match[i] >= 0:
+            used_file[match[i]] = True  # one of job.files: no path to resolve
+        else:
+            used.add(resolve(f))
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
@@ -950,27 +954,34 @@ def _match(job: _Job) -> _Matched:
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, twin, used, matched.rejects, resolve)
+    _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve) -> None:
+def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
     """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate;
-    ``twin``: each file's first file of the same key, an index in ``job.files``)."""
+    ``twin``: each file's first file of the same key, an index in ``job.files``; ``used``: the resolved
+    paths of the files used, ``used_file``: (files,) bool, the files used by index)."""
+    if used_file is None:
+        used_file = np.zeros(len(job.files), bool)
+
+    def is_used(j):
+        return used_file[j] or bool(used) and resolve(job.files[j]) in used
+
     for j, p in enumerate(job.files):
         if job.survey != "sdss":
-            if resolve(p) not in used:
+            if not is_used(j):
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
             continue
-        if resolve(p) not in used:
+        if not is_used(j):
             k = parse_spectrum_name(p.name)
             first = job.files[twin[j]]
             reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {first}")
-                              if first != p and resolve(first) in used else
+                              if first != p and is_used(twin[j]) else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
