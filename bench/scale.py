@@ -225,7 +225,8 @@ def main():
             out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             r = measured(cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out", out, "--no-progress",
-                             "--reader", args.reader, *engine_args(engine)), work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
+                             "--reader", args.reader, *engine_args(engine)),
+                         work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
             rows.append({"n": n, "stage": "prepare", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
             print(f"{n:>8} {'prepare':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
                   f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)

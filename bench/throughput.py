@@ -110,8 +110,8 @@ def prepare_end_to_end(bar: Path, workers: int, repeat: int, reader: str = "fast
             inner.append(s["spectra_per_s"])
             print(f"  prepare run {k + 1}: {s['read']} spectra in {dt:.2f} s = {rates[-1]:,.0f}/s end to end, "
                   f"{s['spectra_per_s']:,.0f}/s in-process (after start-up)   [{load()}]")
-    print(f"prepare, {s['read']} spec-lite files, {workers} workers, --reader {reader}: best {max(rates):,.0f}/s, median "
-          f"{statistics.median(rates):,.0f}/s end to end; in-process best {max(inner):,.0f}/s (goal 2,000/s)")
+    print(f"prepare, {s['read']} spec-lite files, {workers} workers, --reader {reader}: best {max(rates):,.0f}/s, "
+          f"median {statistics.median(rates):,.0f}/s end to end; in-process best {max(inner):,.0f}/s (goal 2,000/s)")
 
 
 def _tree() -> Path:

@@ -172,7 +172,8 @@ def rich_spec_file(path):
         fits.Column("SPECOBJID", "19A", array=["4037356001012563968"]), fits.Column("CLASS", "6A", array=["STAR  "]),
         fits.Column("Z", "D", array=[1.2e-4]), fits.Column("ZWARNING", "K", array=[4]),
         fits.Column("SN_MEDIAN_ALL", "E", array=[23.5]), fits.Column("SPECTROFLUX", "5E", array=[np.arange(5.0)]),
-        fits.Column("CALIBFLUX_IVAR", "5D", array=[np.arange(5.0)], dim="(5)"), fits.Column("PRIMARY", "L", array=[True]),
+        fits.Column("CALIBFLUX_IVAR", "5D", array=[np.arange(5.0)], dim="(5)"),
+        fits.Column("PRIMARY", "L", array=[True]),
         fits.Column("SPECBOSS", "B", array=[1]), fits.Column("BITS", "12X", array=[np.ones(12, bool)]),
         fits.Column("PSF", "2C", array=[np.ones(2, complex)])], name="SPECOBJ")
     spzline = fits.BinTableHDU.from_columns([fits.Column("LINENAME", "13A", array=["Ly_alpha", "H_beta"]),
