@@ -1181,6 +1181,9 @@ def _row_meta(splits: _Splits, job: _Job):
     return meta, extra
 
 
+TABLE_BLOCK = 1 << 14  # rows of the per-row table written at a time
+
+
 def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra,
               stream: _StreamWriter | None = None) -> str:
     """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
@@ -1196,7 +1199,10 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
         with h5py.File(tmp, "r+") as f:
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v)
-            append_table(f, labels, label_err, split, meta, extra)
+            for lo in range(0, len(labels), TABLE_BLOCK):  # blocks: text columns are copied on their way in
+                block = slice(lo, lo + TABLE_BLOCK)
+                append_table(f, labels[block], label_err[block], split[block], meta.iloc[block].reset_index(drop=True),
+                             None if extra is None else extra.iloc[block].reset_index(drop=True))
     else:
         _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
     digest = {}

@@ -555,6 +555,7 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
 
 def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, monkeypatch):
     spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 4)  # the per-row table in three blocks
     streamed = prep.prepare(cat, spectra, tmp_path / "streamed", workers=2, chunk_size=2, progress=False)
     monkeypatch.setattr(prep._StreamWriter, "finish", lambda self: self.close())  # the fallback: written anew
     after = prep.prepare(cat, spectra, tmp_path / "after", workers=2, chunk_size=2, progress=False)
