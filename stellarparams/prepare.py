@@ -1023,10 +1023,12 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
         calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
                   engine.absolute(partial), job.survey, job.reader) for k in todo)
+        stream.start()
         for r in engine.map_unordered(client, _run_chunk, calls):
             stream.chunk_done(r["chunk"])
             bar.update(r["n"])
     elif workers == 1 or len(todo) <= 1:
+        stream.start()
         for k in todo:
             r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
             stream.chunk_done(k)
@@ -1035,6 +1037,7 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
         with worker_pool(workers) as pool:
             futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
                     for k in todo]
+            stream.start()  # the forked workers exist by now
             for fut in as_completed(futs):
                 stream.chunk_done(fut.result()["chunk"])
                 bar.update(fut.result()["n"])
@@ -1067,7 +1070,11 @@ class _StreamWriter:
         self.done, self.written, self.closing, self.error = set(done), 0, False, None
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="prepare-stream", daemon=True)
-        self.thread.start()
+
+    def start(self) -> None:
+        """Start writing (after a forked pool has its workers: no fork while this thread holds a lock)."""
+        if self.thread.ident is None:  # not started yet
+            self.thread.start()
 
     def chunk_done(self, k: int) -> None:
         """Chunk ``k``'s file is complete."""
@@ -1090,6 +1097,7 @@ class _StreamWriter:
 
     def finish(self) -> Path | None:
         """Wait for the last chunk; the closed file holding every chunk's pixels, or None if that failed."""
+        self.start()
         self.thread.join()
         self.close()
         return self.path if self.error is None and self.written == self.n_chunks else None
@@ -1099,7 +1107,8 @@ class _StreamWriter:
         with self.cond:
             self.closing = True
             self.cond.notify()
-        self.thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
         if self.file.id.valid:
             self.file.close()
 
