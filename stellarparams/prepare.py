@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -1213,15 +1213,13 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
                 append_table(f, labels[block], label_err[block], split[block], meta.iloc[block].reset_index(drop=True),
                              None if extra is None else extra.iloc[block].reset_index(drop=True))
     else:
+        if stream is not None:
+            stream.close()
         _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
-    digest = {}
-    hasher = threading.Thread(target=lambda: digest.update(sha256=sha256_file(tmp)))  # hashlib frees the GIL
-    hasher.start()
-    try:
+    with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
+        digest = hasher.submit(sha256_file, tmp)
         verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
-    finally:
-        hasher.join()
-    return digest["sha256"]
+        return digest.result()
 
 
 def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
