@@ -213,8 +213,9 @@ def _id_text(v) -> str:
 
 
 # ---------------------------------------------------------------------- workers
-def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
-    """Read + preprocess a list of (file, rv, ids). Never raises: problems become reasons."""
+def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -> dict:
+    """Read + preprocess a list of (file, rv, ids), SDSS files with ``reader`` (:data:`sdss.READERS`).
+    Never raises: problems become reasons."""
     from .prepare import PrepareConfig, _read_record, parse_spectrum_name, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
@@ -242,7 +243,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
                 spec = _read_record(path, member["index"], member["survey"], cache)
                 ident[i] = spec.ident
             else:
-                spec = sdss.read_spectrum(path)
+                spec = sdss.read_spectrum(path, reader)
                 info["plate"][i], info["mjd"][i], info["fiberid"][i] = spec.plate, spec.mjd, spec.fiberid
                 ident[i] = spec.name
             snr[i] = spec.snr
@@ -434,7 +435,7 @@ def _job_key(model, items, min_snr, prepare_config=None) -> str:
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
             wait: bool = False, min_coverage: float | None = None, survey: str | None = None,
-            device=None, dask=None) -> dict:
+            device=None, dask=None, reader: str = "fast") -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -476,6 +477,9 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
         network still runs in this process, and the output is the same. Connected before
         anything is written.
+    reader : str
+        ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
+        with cfitsio; ``"fitsio"``: every file with cfitsio. The output is the same.
 
     Returns
     -------
@@ -493,6 +497,8 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     from .devices import resolve_device
     from .model_io import Model, load_model
 
+    if reader not in sdss.READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     device = resolve_device(device)
     out = check_output_file(out)
     with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait) as partial:
@@ -507,11 +513,11 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
                 raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
             prep["min_coverage"] = float(min_coverage)
         return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-                        prep, client)
+                        prep, client, reader)
 
 
 def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-             prepare_config=None, client=None) -> dict:
+             prepare_config=None, client=None, reader="fast") -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -529,7 +535,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
     if n_done and progress:
         print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    args = (prepare_config or model.prepare_config, model.n_in)
+    args = (prepare_config or model.prepare_config, model.n_in, reader)
     buffers = {k: [] for k in todo}
     kept = [n_done]
     bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
@@ -654,6 +660,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .prepare import add_reader_argument
+
+    add_reader_argument(p)
     engine.add_argument(p)
     from .devices import add_arguments as add_device_arguments  # here: reading workers need no torch
 
@@ -667,7 +676,8 @@ def run_cli(args) -> int:
     try:
         summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
                           workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask)
+                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,
+                          reader=getattr(args, "reader", "fast"))
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

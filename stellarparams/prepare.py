@@ -24,8 +24,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import desi, engine, lamost, readers, sdss, tables
-from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
+from . import desi, engine, lamost, matching, readers, sdss, tables
+from .dataset import DATA_FILE, SPLITS, Grid, append_pixels, append_rows, append_table, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
 from .physics import doppler_log_shift
@@ -376,10 +377,11 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _read_record(path, index, survey, cache: dict):
-    """Spectrum ``index`` of a file (SDSS: the file's one spectrum); the last file's records are cached."""
+def _read_record(path, index, survey, cache: dict, reader: str = "fast"):
+    """Spectrum ``index`` of a file (SDSS: the file's one spectrum, read by ``reader``); the last file's records
+    are cached."""
     if survey == "sdss":
-        return sdss.read_spectrum(path)
+        return sdss.read_spectrum(path, reader)
     if cache.get("path") != path:
         cache.clear()
         try:
@@ -391,11 +393,12 @@ def _read_record(path, index, survey, cache: dict):
     return cache["records"][index or 0]
 
 
-def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss") -> dict:
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss",
+               reader: str = "fast") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
 
     items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
-    None). Returns counts and rejects (small, for the main process).
+    None); reader: :data:`sdss.READERS`. Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
@@ -408,7 +411,7 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
         row, path, rv = item[:3]
         index = item[3] if len(item) > 3 else None
         try:
-            spec = _read_record(path, index, survey, cache)
+            spec = _read_record(path, index, survey, cache, reader)
             if spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
@@ -510,7 +513,7 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False, survey: str | None = None, dask=None) -> dict:
+            wait: bool = False, survey: str | None = None, dask=None, reader: str = "fast") -> dict:
     """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
@@ -555,6 +558,10 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`). Workers
         write the chunks into ``out/.partial/`` themselves, so they must share the file system
         with this process. Connected before anything is written; the dataset is the same.
+    reader : str
+        ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
+        with cfitsio; ``"fitsio"``: every file with cfitsio (:func:`sdss.read_spectrum`). The
+        dataset is the same.
 
     Returns
     -------
@@ -570,9 +577,11 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         Bad catalog, options or output folder; :class:`engine.DaskError` when ``dask`` names no
         scheduler that answers.
     """
+    if reader not in sdss.READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     with engine.connect(dask, progress) as client, locked_output(out, wait):
         return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress, survey, client)
+                        chunk_size, progress, survey, client, reader)
 
 
 # labels and RV column of each survey's catalog (upper-case, as read)
@@ -672,17 +681,22 @@ def _resolve_file(f, base: Path):
 # the job, top to bottom: check -> match -> read -> split -> write
 
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress, survey=None, client=None) -> dict:
+             progress, survey=None, client=None, reader="fast") -> dict:
     """:func:`prepare` inside the output lock."""
     t0 = time.perf_counter()
     job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
+    job.reader = reader
     done = _finished(out, job.input_hash, progress)
     if done is not None:
         return done
     matched = _match(job)
-    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
-    splits = _split(job, matched, parts, seed, fractions, progress)
-    return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    try:
+        parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
+        splits = _split(job, matched, parts, seed, fractions, progress)
+        return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    finally:
+        if job.stream is not None:
+            job.stream.close()
 
 
 @dataclass
@@ -698,6 +712,8 @@ class _Job:
     files: list              # spectrum files found under ``spectra``
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
+    reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
+    stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
 @dataclass
@@ -811,20 +827,25 @@ def _finished(out: Path, input_hash: str, progress) -> dict | None:
 def _identify(job: _Job):
     """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
 
-    Returns (by_key, keys, located, ident, row_id); ``by_key`` maps an SDSS key to its first file.
+    Returns (twin, match, keys, located, ident, row_id); ``twin``: for SDSS, the index in ``job.files``
+    of each file's first file of the same key, else None; ``match``: each row's file matched by its
+    SDSS key (:func:`matching.first_match`; -1: none, or not matched by key).
     """
     cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
-    by_key = {}
+    twin, match = None, np.full(len(cat), -1)
     if survey == "sdss":
-        for p in files:
-            by_key.setdefault(parse_spectrum_name(p.name), p)
+        file_keys, has_key = _sdss_file_keys(files)
+        table = matching.file_table(file_keys, has_key)
+        twin = matching.first_match(file_keys, table, has_key)
     if survey == "sdss" and all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
         ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-        keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
+        valid = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
+        match = matching.first_match(np.where(valid[:, None], ids, 0).astype(np.int64), table, valid)
+        keys = [tuple(int(v) for v in k) if ok else None for k, ok in zip(ids, valid)]
     else:
         keys = [None] * len(cat)
     if survey == "sdss":
-        located = [(row_files[i] or by_key.get(keys[i]), None) for i in range(len(cat))]
+        located = [(row_files[i] or (files[match[i]] if match[i] >= 0 else None), None) for i in range(len(cat))]
         ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
         row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
     else:
@@ -834,7 +855,17 @@ def _identify(job: _Job):
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
             lamost.row_ids(cat) if survey == "lamost" else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    return by_key, keys, located, ident, row_id
+    return twin, match, keys, located, ident, row_id
+
+
+def _sdss_file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
+    """(m, 3) int64 (plate, mjd, fiberid) from each file's name, and (m,) bool: the name has one."""
+    keys, ok = np.zeros((len(files), 3), np.int64), np.zeros(len(files), bool)
+    for j, p in enumerate(files):
+        k = parse_spectrum_name(p.name)
+        if k is not None:
+            keys[j], ok[j] = k, True
+    return keys, ok
 
 
 def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
@@ -873,13 +904,13 @@ def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
     resolve = _resolver()
-    by_key, keys, located, ident, row_id = _identify(job)
+    twin, match, keys, located, ident, row_id = _identify(job)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
     reject = matched.reject
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    used = set()
+    used, used_file = set(), np.zeros(len(job.files), bool)  # resolved paths; files used by their key
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
         f, index = located[i]
@@ -890,7 +921,10 @@ def _match(job: _Job) -> _Matched:
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
-        used.add(resolve(f))
+        if row_files[i] is None and match[i] >= 0:
+            used_file[match[i]] = True  # one of job.files: no path to resolve
+        else:
+            used.add(resolve(f))
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
@@ -898,26 +932,34 @@ def _match(job: _Job) -> _Matched:
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, by_key, used, matched.rejects, resolve)
+    _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, resolve=Path.resolve) -> None:
-    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
-    for p in job.files:
+def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
+    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate;
+    ``twin``: each file's first file of the same key, an index in ``job.files``; ``used``: the resolved
+    paths of the files used, ``used_file``: (files,) bool, the files used by index)."""
+    if used_file is None:
+        used_file = np.zeros(len(job.files), bool)
+
+    def is_used(j):
+        return used_file[j] or bool(used) and resolve(job.files[j]) in used
+
+    for j, p in enumerate(job.files):
         if job.survey != "sdss":
-            if resolve(p) not in used:
+            if not is_used(j):
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
             continue
-        if resolve(p) not in used:
+        if not is_used(j):
             k = parse_spectrum_name(p.name)
-            twin = by_key[k]
-            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
-                              if twin != p and resolve(twin) in used else
+            first = job.files[twin[j]]
+            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {first}")
+                              if first != p and is_used(twin[j]) else
                               ("no_catalog_row", "file has no matching catalog row"))
             rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                             "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
@@ -953,24 +995,100 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     if len(todo) < len(chunks):
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    job.stream = stream = _StreamWriter(partial, job.config, len(chunks), set(range(len(chunks))) - set(todo))
     n_todo = sum(len(chunks[k]) for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
         calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
-                  engine.absolute(partial), job.survey) for k in todo)
+                  engine.absolute(partial), job.survey, job.reader) for k in todo)
+        stream.start()
         for r in engine.map_unordered(client, _run_chunk, calls):
+            stream.chunk_done(r["chunk"])
             bar.update(r["n"])
     elif workers == 1 or len(todo) <= 1:
+        stream.start()
         for k in todo:
-            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey)
+            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
+            stream.chunk_done(k)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey) for k in todo]
+            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
+                    for k in todo]
+            stream.start()  # the forked workers exist by now
             for fut in as_completed(futs):
+                stream.chunk_done(fut.result()["chunk"])
                 bar.update(fut.result()["n"])
     bar.close()
     return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(len(chunks))]
+
+
+class _StreamWriter:
+    """Appends the pixel arrays (flux, valid, sigma, offset) of finished chunks, in chunk order, to
+    ``partial/stream.h5`` in a thread, while the workers read the next chunks: the dataset's large
+    part is written by the time the last chunk is read, and :func:`_write` only adds the per-row
+    table (labels, split, metadata) when every read spectrum is kept (else it writes the file anew).
+
+    Parameters
+    ----------
+    partial : Path
+        The chunks' folder.
+    config : PrepareConfig
+    n_chunks : int
+    done : set of int
+        Chunks already finished (a resumed job).
+    """
+
+    NAME = "stream.h5"
+
+    def __init__(self, partial: Path, config: PrepareConfig, n_chunks: int, done: set):
+        self.path, self.partial, self.n_chunks = partial / self.NAME, partial, n_chunks
+        self.path.unlink(missing_ok=True)  # a killed run's half-written file
+        self.file = create_dataset(self.path, config.grid.n_pix, list(config.labels), {}, sigma=True, offset=True)
+        self.done, self.written, self.closing, self.error = set(done), 0, False, None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="prepare-stream", daemon=True)
+
+    def start(self) -> None:
+        """Start writing (after a forked pool has its workers: no fork while this thread holds a lock)."""
+        if self.thread.ident is None:  # not started yet
+            self.thread.start()
+
+    def chunk_done(self, k: int) -> None:
+        """Chunk ``k``'s file is complete."""
+        with self.cond:
+            self.done.add(k)
+            self.cond.notify()
+
+    def _run(self):
+        try:
+            while self.written < self.n_chunks:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.written in self.done or self.closing)
+                    if self.closing:
+                        return
+                with np.load(_chunk_path(self.partial, self.written)) as z:
+                    append_pixels(self.file, z["flux"], z["valid"], z["sigma"], z["offset"])
+                self.written += 1
+        except Exception as e:  # noqa: BLE001 - reported by finish(); _write then writes the file anew
+            self.error = e
+
+    def finish(self) -> Path | None:
+        """Wait for the last chunk; the closed file holding every chunk's pixels, or None if that failed."""
+        self.start()
+        self.thread.join()
+        self.close()
+        return self.path if self.error is None and self.written == self.n_chunks else None
+
+    def close(self) -> None:
+        """Stop the thread (a failed job) and close the file."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        if self.thread.ident is not None:
+            self.thread.join()
+        if self.file.id.valid:
+            self.file.close()
 
 
 # --- split: train/val/test, grouped -----------------------------------------------------------
@@ -1050,8 +1168,40 @@ def _row_meta(splits: _Splits, job: _Job):
     return meta, extra
 
 
-def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
-    """Write the kept rows of every chunk to ``tmp`` and read it back (:func:`verify_dataset`)."""
+TABLE_BLOCK = 1 << 14  # rows of the per-row table written at a time
+
+
+def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra,
+              stream: _StreamWriter | None = None) -> str:
+    """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
+
+    With ``stream`` and every row kept, its file (the pixels, written while the workers read)
+    becomes ``tmp`` and only the per-row table is added here. Returns the file's sha256.
+    """
+    import h5py
+
+    streamed = stream.finish() if stream is not None and keep_mask.all() else None
+    if streamed is not None:
+        os.replace(streamed, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v)
+            for lo in range(0, len(labels), TABLE_BLOCK):  # blocks: text columns are copied on their way in
+                block = slice(lo, lo + TABLE_BLOCK)
+                append_table(f, labels[block], label_err[block], split[block], meta.iloc[block].reset_index(drop=True),
+                             None if extra is None else extra.iloc[block].reset_index(drop=True))
+    else:
+        if stream is not None:
+            stream.close()
+        _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
+    with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
+        digest = hasher.submit(sha256_file, tmp)
+        verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
+        return digest.result()
+
+
+def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
+    """Write the kept rows of every chunk to ``tmp``, from the chunk files."""
     with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
         start = 0
         for k, part in enumerate(parts):
@@ -1066,7 +1216,6 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
                             None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
                             offset=of)
             start += n
-    verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
 
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
@@ -1108,9 +1257,10 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
     # (a summary whose sha256 matches the dataset marks a finished job)
     atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
-    atomic_write(final, lambda tmp: _write_h5(tmp, partial, parts, keep_mask, config, attrs, labels, label_err,
-                                              splits.split, meta, extra))
-    summary["dataset_sha256"] = sha256_file(final)
+    digest = {}
+    atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
+        tmp, partial, parts, keep_mask, config, attrs, labels, label_err, splits.split, meta, extra, job.stream)))
+    summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     if progress:
@@ -1181,7 +1331,21 @@ def add_arguments(p):
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_reader_argument(p)
     engine.add_argument(p)
+
+
+def add_reader_argument(p) -> None:
+    """``--reader fast|fitsio`` for the commands that read SDSS spectra.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
+    p.add_argument("--reader", choices=sdss.READERS, default="fast",
+                   help="SDSS spectrum reader: fast (default) reads DR8+ files of the plain FITS layout with numpy "
+                        "and everything else with cfitsio; fitsio reads every file with cfitsio (the same results; "
+                        "use it if you distrust the fast path or meet a file it mishandles)")
 
 
 def add_grid_arguments(p) -> None:
@@ -1254,7 +1418,8 @@ def run_cli(args) -> int:
     try:
         prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
                 fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
+                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
+                reader=getattr(args, "reader", "fast"))
     except OutputBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import fastfits
 from .files import atomic_write
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
@@ -140,13 +141,20 @@ def open_fits(path):
         os.close(fd)
 
 
-def read_spectrum(path) -> Spectrum:
+READERS = ("fast", "fitsio")  # the spectrum readers (--reader): the plain-layout reader first, or cfitsio only
+
+
+def read_spectrum(path, reader: str = "fast") -> Spectrum:
     """Read an SDSS spectrum (DR8+ spec-*.fits or DR7 spSpec-*.fit), detecting the format.
 
     Parameters
     ----------
     path : str or Path
         The file; any character is allowed in its name (see :func:`open_fits`).
+    reader : str
+        ``"fast"``: a DR8+ file of the plain layout (:mod:`stellarparams.fastfits`) is read with
+        numpy (the same result as cfitsio, ~5x faster); any other file, and any file numpy
+        does not take, with cfitsio. ``"fitsio"``: every file with cfitsio.
 
     Returns
     -------
@@ -158,7 +166,16 @@ def read_spectrum(path) -> Spectrum:
         ``missing_file``, ``unreadable`` (``empty file`` for 0 bytes), ``not_sdss``,
         ``missing_columns``.
     """
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
     path = Path(path)
+    if reader == "fast":
+        try:
+            spec = read_spec_fast(path)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            spec = None  # cfitsio below reads it, or names what is wrong with it
+        if spec is not None:
+            return spec
     if path.is_file() and path.stat().st_size == 0:
         raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
     for _ in range(3):
@@ -207,8 +224,8 @@ def _int(v) -> int:
     return int(f) if np.isfinite(f) and abs(f) < 2**31 else 0
 
 
-MAX_HDU_BYTES = 1 << 28  # 256 MB: an SDSS spectrum file is a few MB
-FITS_BLOCK = 2880
+MAX_HDU_BYTES = fastfits.MAX_HDU_BYTES  # 256 MB: an SDSS spectrum file is a few MB
+FITS_BLOCK = fastfits.FITS_BLOCK
 
 
 def _card_int(cards: dict, key: bytes, default: int) -> int:
@@ -250,30 +267,22 @@ def check_headers(path, max_bytes: int = MAX_HDU_BYTES) -> None:
 
 
 def _walk_headers(path, gz: bool, max_bytes: int = MAX_HDU_BYTES) -> None:
+    def describe(hdu, header):
+        cards = fastfits.loose_cards(header)
+        naxis = _card_int(cards, b"NAXIS", 0)
+        size = abs(_card_int(cards, b"BITPIX", 8)) // 8 if naxis else 0
+        for k in range(1, min(naxis, 999) + 1):
+            size *= _card_int(cards, b"NAXIS%d" % k, 0)
+        size += _card_int(cards, b"PCOUNT", 0)
+        fields = _card_int(cards, b"TFIELDS", 0)
+        if not 0 <= size <= max_bytes or not 0 <= fields <= fastfits.MAX_FIELDS or naxis > fastfits.MAX_FIELDS:
+            raise SpectrumError(path, "unreadable", f"HDU {hdu} header declares {size} bytes, {fields} fields: "
+                                "damaged")
+        return size, None
+
     with (gzip.open if gz else open)(path, "rb") as f:
-        for hdu in range(64):
-            cards, end = {}, False
-            while not end:
-                block = f.read(FITS_BLOCK)
-                if len(block) < FITS_BLOCK:
-                    return
-                for i in range(0, FITS_BLOCK, 80):
-                    key = block[i:i + 8].strip()
-                    end = key == b"END"
-                    if end:
-                        break
-                    if block[i + 8:i + 10] == b"= ":
-                        cards[key] = block[i + 10:i + 80].split(b"/")[0].strip()
-            naxis = _card_int(cards, b"NAXIS", 0)
-            size = abs(_card_int(cards, b"BITPIX", 8)) // 8 if naxis else 0
-            for k in range(1, min(naxis, 999) + 1):
-                size *= _card_int(cards, b"NAXIS%d" % k, 0)
-            size += _card_int(cards, b"PCOUNT", 0)
-            fields = _card_int(cards, b"TFIELDS", 0)
-            if not 0 <= size <= max_bytes or not 0 <= fields <= 999 or naxis > 999:
-                raise SpectrumError(path, "unreadable", f"HDU {hdu} header declares {size} bytes, {fields} fields: "
-                                    "damaged")
-            f.seek(-(-size // FITS_BLOCK) * FITS_BLOCK, 1)
+        for _ in fastfits.walk(f, describe):
+            pass
 
 
 def _read_spec(path, f, hdr0) -> Spectrum:
@@ -302,6 +311,57 @@ def _read_spec(path, f, hdr0) -> Spectrum:
         snr = _median_snr(flux, ivar)
     return Spectrum(loglam, flux, ivar, and_mask, _int(plate), _int(mjd), _int(fiber), objclass, snr, str(path),
                     {k: hdr0[k] for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}, z)
+
+
+def read_spec_fast(path) -> Spectrum | None:
+    """Read a DR8+ ``spec-*.fits`` file of the plain layout with numpy alone, exactly as cfitsio would.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    Spectrum, or None
+        None for any file not of the plain layout (:mod:`stellarparams.fastfits`: gzip, DR7,
+        damaged, unusual); may also raise OSError/ValueError/KeyError for such a file.
+        :func:`read_spectrum` then reads it with cfitsio or names what is wrong with it:
+        this function never rejects a file by itself.
+    """
+    got = fastfits.read_plain(path)
+    if got is None:
+        return None
+    raw, hdus = got
+    names = [fastfits.extname(c) for c, _, _, _ in hdus]
+    coadd = hdus[names.index("coadd")] if "coadd" in names else hdus[1] if len(hdus) > 1 else None
+    cols = coadd and fastfits.plain_table(raw, coadd, ("loglam", "flux", "ivar", "and_mask"))
+    if not cols or any(c not in cols or cols[c].dtype.kind not in "fiu" for c in ("loglam", "flux", "ivar")) \
+            or "and_mask" in cols and cols["and_mask"].dtype.kind not in "iu":
+        return None
+    hdr0 = hdus[0][0]
+    header = {k: fastfits.plain_value(hdr0[k]) for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}
+    plate, mjd, fiber = (fastfits.plain_value(hdr0[k]) if k in hdr0 else 0 for k in ("PLATEID", "MJD", "FIBERID"))
+    objclass, snr, z = "", float("nan"), float("nan")
+    if "specobj" in names:
+        so = fastfits.plain_table(raw, hdus[names.index("specobj")],
+                                  ("plate", "mjd", "fiberid", "class", "sn_median_all", "z"), rows=1)
+        if not so or any((v.dtype.kind == "S") != (k == "class") for k, v in so.items()):
+            return None
+        get = {k.upper(): v[0] for k, v in so.items()}
+        plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)
+        c = get.get("CLASS", b"")
+        if not fastfits.is_printable(c):
+            return None  # control or non-ASCII bytes: cfitsio's reading of them decides
+        objclass = c.decode("ascii").strip().upper()
+        snr, z = _number(get, "SN_MEDIAN_ALL"), _number(get, "Z")
+    loglam = cols["loglam"].astype(np.float64)
+    flux = cols["flux"].astype(np.float32)
+    ivar = cols["ivar"].astype(np.float32)
+    and_mask = cols["and_mask"].astype(np.int32) if "and_mask" in cols else np.zeros(len(flux), np.int32)
+    if not np.isfinite(snr):
+        snr = _median_snr(flux, ivar)
+    return Spectrum(loglam, flux, ivar, and_mask, _int(plate), _int(mjd), _int(fiber), objclass, snr, str(path),
+                    header, z)
 
 
 def _read_spspec(path, f, hdr0) -> Spectrum:

@@ -16,7 +16,7 @@ import stellarparams.prepare as prep
 from stellarparams import cli, engine
 from stellarparams.predict import predict
 from test_predict import tiny_model, write_star as write_predict_star
-from test_prepare import _dataset_arrays, good_set
+from test_prepare import _dataset_arrays, content_sha256, good_set
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,12 @@ def test_bad_local_address_and_missing_dask_are_clear_errors(monkeypatch):
             pass
     with engine.connect(None) as client:  # no --dask: no Dask at all
         assert client is None
+
+
+def test_dask_and_both_readers_give_the_same_dataset_sha256(tmp_path, cluster):
+    spectra, cat = _with_rejects(tmp_path)
+    sums = set()
+    for name, kw in [("fast", {}), ("fitsio", {"reader": "fitsio"}), ("dask", {"dask": cluster.scheduler.address})]:
+        prep.prepare(cat, spectra, tmp_path / name, workers=1, progress=False, **kw)
+        sums.add(content_sha256(tmp_path / name / "dataset.h5"))
+    assert len(sums) == 1

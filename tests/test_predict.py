@@ -266,3 +266,17 @@ def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
     np.testing.assert_allclose(m.predict(two), np.repeat(want[2:], 2, axis=0), rtol=1e-5)
     with pytest.raises(ValueError, match="no uncertainty"):
         m.predict(spec(flux=flux * u.Jy, spectral_axis=lam * u.AA))
+
+
+def test_predict_with_either_reader_gives_the_same_table(tmp_path):
+    d = tmp_path / "spectra"
+    for i in range(1, 5):
+        write_star(d / f"spec-1000-52000-{i:04d}.fits", i)
+    (d / "spec-1000-52000-0101.fits").write_bytes((d / "spec-1000-52000-0001.fits").read_bytes()[:5000])  # truncated
+    m = tiny_model()
+    for reader in ("fast", "fitsio"):
+        predict(m, [d], tmp_path / f"{reader}.parquet", workers=1, progress=False, reader=reader)
+    fast, fitsio = (pd.read_parquet(tmp_path / f"{r}.parquet") for r in ("fast", "fitsio"))
+    pd.testing.assert_frame_equal(fast, fitsio)
+    # the truncated file: cfitsio sees its primary HDU only, with either reader
+    assert fast.flag_rejected.sum() == 1 and set(fast.reject_reason) == {"", "not_sdss"}

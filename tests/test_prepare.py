@@ -14,6 +14,7 @@ from scipy.interpolate import CubicSpline
 from stellarparams import cli, prepare as prep, sdss
 from stellarparams.dataset import Dataset, Grid
 from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
+from stellarparams.records import sha256_file
 
 GRID = Grid()
 C_KMS = C_LIGHT.to_value("km/s")
@@ -491,3 +492,74 @@ def test_resolver_equals_path_resolve_through_links(tmp_path):
               tmp_path / "other" / "plate" / ".." / "0500" / "spec-0500-55000-0001.fits",
               Path(os.path.relpath(real / "spec-0500-55000-0001.fits"))]:
         assert resolve(p) == p.resolve(), p
+
+
+def content_sha256(path) -> str:
+    """sha256 of a dataset.h5's every array (name, dtype, shape, bytes) and attribute but its creation time."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        def add(name, obj):
+            h.update(name.encode())
+            for k in sorted(obj.attrs):
+                if k != "created":
+                    h.update(f"{k}={obj.attrs[k]!r}".encode())
+            if isinstance(obj, h5py.Dataset):
+                x = obj[()]
+                data = repr(x.tolist()).encode() if x.dtype == object else np.ascontiguousarray(x).tobytes()
+                h.update(f"{x.dtype}{np.shape(x)}".encode() + data)
+        add("/", f)
+        f.visititems(add)
+    return h.hexdigest()
+
+
+def test_fast_reader_and_fitsio_give_the_same_dataset_bit_for_bit(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=6)
+    (spectra / "spec-0500-55000-0099.fits").write_text("not a FITS file")  # no catalog row: the same reject
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    calls = []
+    fast = sdss.read_spec_fast
+    monkeypatch.setattr(sdss, "read_spec_fast", lambda p: calls.append(p) or fast(p))
+    a = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "fast", workers=1, progress=False)
+    assert len(calls) == 6  # every file with a catalog row went through the fast path first
+    calls.clear()
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra),
+                   "--out", str(tmp_path / "fitsio"), "--reader", "fitsio", "--workers", "1", "--no-progress"])
+    assert rc == 0 and not calls  # --reader fitsio: never the fast path
+    assert a["kept"] == 6
+    assert content_sha256(tmp_path / "fast" / "dataset.h5") == content_sha256(tmp_path / "fitsio" / "dataset.h5")
+    assert (tmp_path / "fast" / "rejects.csv").read_bytes() == (tmp_path / "fitsio" / "rejects.csv").read_bytes()
+    with pytest.raises(ValueError, match="unknown reader"):
+        prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "x", reader="numpy", progress=False)
+
+
+def test_matching_finds_each_rows_first_file_as_a_dict_would():
+    from stellarparams import matching
+
+    rng = np.random.default_rng(0)
+    files = rng.integers(0, 4, (300, 3))  # many repeated keys
+    rows = rng.integers(0, 5, (200, 3))   # some keys with no file
+    valid = rng.random(200) > 0.1
+    first = {}
+    for j, k in enumerate(map(tuple, files)):
+        first.setdefault(k, j)
+    want = [first.get(tuple(k), -1) if ok else -1 for k, ok in zip(rows, valid)]
+    np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
+    np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
+    assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
+    assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
+
+
+def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 4)  # the per-row table in three blocks
+    streamed = prep.prepare(cat, spectra, tmp_path / "streamed", workers=2, chunk_size=2, progress=False)
+    monkeypatch.setattr(prep._StreamWriter, "finish", lambda self: self.close())  # the fallback: written anew
+    after = prep.prepare(cat, spectra, tmp_path / "after", workers=2, chunk_size=2, progress=False)
+    assert content_sha256(tmp_path / "streamed" / "dataset.h5") == content_sha256(tmp_path / "after" / "dataset.h5")
+    for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
+        assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
+        assert not (tmp_path / name / ".partial").exists()

@@ -112,7 +112,9 @@ def test_a_damaged_dataset_is_never_published(tmp_path, monkeypatch):
     def zeros(f, flux, *a, **kw):  # what a second writer truncating the file did
         return real(f, np.zeros_like(flux), *a, **kw)
 
+    real_pixels = prep.append_pixels
     monkeypatch.setattr(prep, "append_rows", zeros)
+    monkeypatch.setattr(prep, "append_pixels", lambda f, flux, *a, **kw: real_pixels(f, np.zeros_like(flux), *a, **kw))
     with pytest.raises(RuntimeError, match="all zeros.*nothing was published"):
         prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
     assert not (tmp_path / "ds" / "dataset.h5").exists() and not (tmp_path / "ds" / "summary.json").exists()
