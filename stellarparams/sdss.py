@@ -342,8 +342,9 @@ def read_spec_fast(path) -> Spectrum | None:
     header = {k: fastfits.plain_value(hdr0[k]) for k in ("RA", "DEC", "PLUG_RA", "PLUG_DEC") if k in hdr0}
     plate, mjd, fiber = (fastfits.plain_value(hdr0[k]) if k in hdr0 else 0 for k in ("PLATEID", "MJD", "FIBERID"))
     objclass, snr, z = "", float("nan"), float("nan")
-    if "specobj" in names:
-        so = fastfits.plain_table(raw, hdus[names.index("specobj")],
+    meta = next((h for h in ("specobj", "spall") if h in names), None)  # HDU 2 (SPALL in the current data model)
+    if meta:
+        so = fastfits.plain_table(raw, hdus[names.index(meta)],
                                   ("plate", "mjd", "fiberid", "class", "sn_median_all", "z"), rows=1)
         if not so or any((v.dtype.kind == "S") != (k == "class") for k, v in so.items()):
             return None
