@@ -158,7 +158,7 @@ def recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
     return TrainConfig.from_dict({**RECIPES[name], **overrides})
 
 
-def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainConfig]:
+def load_config(path, recipe_name: str | None = None, default_recipe: str = "paper") -> tuple[ModelConfig, TrainConfig]:
     """Read a TOML file with optional ``[model]`` (and ``[model.heads]``) and ``[train]`` tables.
 
     Example::
@@ -176,9 +176,13 @@ def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainCon
     ----------
     path : str or Path
         The TOML file.
-    recipe_name : str
-        The recipe whose values ``[train]`` keys override, unless the file names its own
-        (``recipe = "default"`` in ``[train]``).
+    recipe_name : str, optional
+        The recipe whose values ``[train]`` keys override, as given on the command line: it
+        wins over a ``recipe = "..."`` in ``[train]`` (the command line wins, as for every
+        option). None: the file's recipe, else ``default_recipe``. The TrainConfig's
+        ``recipe`` (recorded in model.json) names the one used.
+    default_recipe : str
+        The recipe when neither names one.
 
     Returns
     -------
@@ -199,8 +203,9 @@ def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainCon
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; use [model] and [train]")
     try:
-        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict({"recipe": recipe_name,
-                                                                                  **d.get("train", {})})
+        train = d.get("train", {})
+        name = recipe_name or train.get("recipe") or default_recipe
+        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict({**train, "recipe": name})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -225,3 +230,20 @@ def config_toml(mc: ModelConfig, tc: TrainConfig, header: str = "") -> str:
     train = {k: v for k, v in tc.to_dict().items() if v is not None and k != "threads"}
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + tomli_w.dumps({"model": model, "train": train})
+
+
+def parse_fractions(text) -> tuple:
+    """``"0.6,0.1,0.3"`` -> (train, val, test): three numbers >= 0 that sum to 1.
+
+    Raises
+    ------
+    ValueError
+        Anything else, in one line.
+    """
+    try:
+        f = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        f = ()
+    if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
+        raise ValueError(f"--fractions {text}: expected three numbers >= 0 that sum to 1, like 0.6,0.1,0.3")
+    return f

@@ -653,22 +653,9 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    from .files import OutputBusy
-    from .model_io import ModelFileError
-
-    try:
-        summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ModelFileError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
+                      workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
+                      min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask)
     if args.quiet:
         print(format_summary(summary))
-    return 0 if summary["n_predicted"] else 1
+    return 0

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from . import desi, engine, lamost, readers, sdss, tables
+from .config import parse_fractions
 from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
 from .files import atomic_write, write_text
 from .outputs import locked_output
@@ -1249,7 +1250,8 @@ def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig
 
 
 def run_cli(args) -> int:
-    """Run ``stellarparams prepare`` with parsed arguments.
+    """Run ``stellarparams prepare`` with parsed arguments (errors raise; :mod:`stellarparams.cli` maps them to
+    exit codes).
 
     Parameters
     ----------
@@ -1260,30 +1262,9 @@ def run_cli(args) -> int:
     int
         Exit status.
     """
-    from .files import OutputBusy
-
-    try:
-        fractions = tuple(float(x) for x in args.fractions.split(","))
-    except ValueError:
-        print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
-        return 2
-    try:
-        config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
-                                                      rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
-                fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
+                                                  rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
+    prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
+            fractions=parse_fractions(args.fractions), group_by=args.group_by, split_column=args.split_column,
+            progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
     return 0
