@@ -133,8 +133,8 @@ def exit_code(e: BaseException):
         return EXIT_BAD_INPUT, (f"{e.filename}: cannot write ({DISK_ERRNOS[e.errno]}); nothing half-written was "
                                 "kept: free space (or choose another output) and run the same command again to "
                                 "resume")
-    if isinstance(e, PermissionError):
-        return EXIT_BAD_INPUT, f"{e.filename or e}: permission denied"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return EXIT_BAD_INPUT, f"{e.filename}: {e.strerror}"
     if isinstance(e, (ValueError, OSError, LookupError, ImportError)) or type(e).__name__ == "CatalogQueryError":
         return EXIT_BAD_INPUT, str(e)
     return None, None

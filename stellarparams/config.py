@@ -127,6 +127,36 @@ class TrainConfig:
         return any(getattr(self, f.name) for f in fields(self) if f.name.startswith("aug_") and f.name != "aug_calib_order")
 
 
+# Physical limits of the labels (docs/design.md, "Failure modes"): a catalog value outside is an error of
+# the catalog, not a star. prepare rejects such a row as "bad_label"; predict ignores such catalog rows with
+# a warning. Change them here (stellarparams.config.LABEL_LIMITS[...] = (lo, hi)) for unusual stars.
+LABEL_LIMITS = {"teff": (2000.0, 60000.0),   # K: coolest M dwarfs to hot O stars
+                "logg": (-1.0, 6.0),         # dex (cgs): supergiants to white-dwarf-like compact stars
+                "feh": (-5.0, 1.5)}          # dex: the most metal-poor known stars to the most metal-rich
+DEFAULT_LABEL_LIMITS = dict(LABEL_LIMITS)
+
+
+def label_outside_limits(name: str, values) -> "np.ndarray":
+    """Mask of finite ``values`` of label ``name`` outside :data:`LABEL_LIMITS` (NaN is "missing", not bad).
+
+    Parameters
+    ----------
+    name : str
+        Label name (``teff``, ``logg``, ``feh``; others have no limits).
+    values : array-like
+        Label values in the label's unit.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+    """
+    import numpy as np
+
+    v = np.asarray(values, np.float64)
+    lo, hi = LABEL_LIMITS.get(name, (-np.inf, np.inf))
+    return np.isfinite(v) & ((v < lo) | (v > hi))
+
+
 # Named training recipes: TrainConfig values on top of the dataclass defaults (the paper's).
 # "paper" is the paper's recipe bit for bit; "default" is what generalises to unseen stars and
 # other spectrographs (README, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).

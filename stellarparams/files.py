@@ -113,6 +113,23 @@ def write_bytes(path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def check_readable(folder) -> None:
+    """Raise ``PermissionError`` naming ``folder`` when its entries cannot be listed (a folder that
+    cannot be read would otherwise look empty: "no spectrum files found").
+
+    Parameters
+    ----------
+    folder : str or Path
+        An existing folder.
+    """
+    try:
+        with os.scandir(folder):
+            pass
+    except PermissionError as e:
+        raise PermissionError(e.errno, "cannot read this folder (permission denied); check its permissions",
+                              str(folder)) from None
+
+
 class OutputBusy(RuntimeError):
     """Another process holds the output folder's lock."""
 
@@ -129,8 +146,8 @@ def output_lock(folder, wait: bool = False, poll_s: float = 0.2, remove: bool = 
         False: raise :class:`OutputBusy` at once, naming the folder and the holder's PID.
         True: wait until the holder finishes.
     remove : bool
-        When the body succeeds, delete the lock file (and ``folder`` when then empty) before
-        releasing it: for a scratch folder that should not outlive the job. A process that was
+        On leaving, delete the lock file (and ``folder`` when then empty) before releasing
+        it: for a scratch folder that should not outlive the job. A process that was
         waiting notices that the file it locked is gone and locks the new one.
 
     Raises
@@ -150,11 +167,11 @@ def output_lock(folder, wait: bool = False, poll_s: float = 0.2, remove: bool = 
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield folder
-        if remove:
-            lock.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                folder.rmdir()  # only when empty: the parts of an interrupted job stay for a re-run
         os.close(fd)  # closing releases the flock
 
 

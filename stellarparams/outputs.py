@@ -45,7 +45,7 @@ def check_output_folder(folder) -> Path:
 
 
 @contextlib.contextmanager
-def locked_output(folder, wait: bool):
+def locked_output(folder, wait: bool, remove: bool = False):
     """Hold :func:`files.output_lock` on ``folder`` after :func:`check_output_folder`.
 
     Parameters
@@ -53,6 +53,8 @@ def locked_output(folder, wait: bool):
     folder : str or Path
     wait : bool
         Wait for another holder (True) or raise :class:`files.OutputBusy` (False).
+    remove : bool
+        A scratch folder: remove the lock file, and the folder when then empty, on leaving.
 
     Returns
     -------
@@ -62,7 +64,7 @@ def locked_output(folder, wait: bool):
     folder = check_output_folder(folder)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(output_lock(folder, wait=wait))
+            stack.enter_context(output_lock(folder, wait=wait, remove=remove))
         except OSError as e:  # permission denied, read-only file system, full disk
             raise ValueError(f"{folder}: cannot write in the output folder ({e.strerror or e})") from None
         yield folder
