@@ -423,7 +423,8 @@ def _write_report(out: Path, r: dict, units) -> None:
     meta_lines = [
         f"- stellarparams {r['environment']['stellarparams']}, torch {r['environment']['torch']}, "
         f"scikit-learn {r['environment']['scikit-learn']}",
-        f"- model: `{model.get('path')}` (sha256 {str(model.get('sha256'))[:16]}), seed {model.get('seed')}, "
+        (f"- model: `{model['path']}` (sha256 {str(model.get('sha256'))[:16]}), " if model.get("path")
+         else "- model: in memory, never saved to a folder, ") + f"seed {model.get('seed')}, "
         f"epochs trained {model.get('epochs_trained')}",
         f"- dataset: `{data['path']}`, {data['n']:,} spectra x {data['n_pix']} pixels, splits {data['splits']}, "
         f"input hash {data.get('input_hash')!r}, written by stellarparams {data.get('version')}",
