@@ -172,9 +172,7 @@ def main(argv=None):
             return EXIT_BAD_INPUT
         check_options(args)
         module = importlib.import_module(args._module)
-        code = module.run_cli(args) or EXIT_DONE
-        sys.stdout.flush()
-        return code
+        return module.run_cli(args) or EXIT_DONE
     except BrokenPipeError:  # the reader of stdout left early (`| head -1`): not an error of ours
         _quiet_stdout()
         return EXIT_DONE
@@ -190,6 +188,12 @@ def main(argv=None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        try:  # what is still buffered (also after --help), while a broken pipe can still be caught
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        except (OSError, ValueError):
+            pass
 
 
 if __name__ == "__main__":

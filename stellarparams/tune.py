@@ -391,9 +391,9 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
+    out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     labels, n_in = list(ds.label_names), ds.n_pix
-    out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     if not progress:
