@@ -711,15 +711,16 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
 
 
-BYTES_PER_PIXEL = 9     # stored per spectrum and grid pixel: flux and sigma (float32), valid (bool)
-WORK_BYTES_PER_PIXEL = 100  # a worker's temporaries per grid pixel while one spectrum is resampled (float64)
+BYTES_PER_PIXEL = 9         # stored per spectrum and grid pixel: flux and sigma (float32), valid (bool)
+CHUNK_BYTES_PER_PIXEL = 20  # held in memory per spectrum of a chunk and grid pixel (measured: 18)
+WORK_BYTES_PER_PIXEL = 1200  # a reading process's resampling temporaries per grid pixel (measured: 1,100-1,200)
 
 
 def _check_resources(out: Path, job: _Job, n_work: int, chunk_size: int, workers) -> None:
     """Refuse, before reading, a job whose chunks and dataset would not fit on disk or in memory."""
     n_pix = job.config.grid.n_pix
     workers = max(1, min(workers or os.cpu_count() or 1, -(-n_work // chunk_size) or 1))
-    per_chunk = min(chunk_size, n_work) * n_pix * BYTES_PER_PIXEL
+    per_chunk = min(chunk_size, n_work) * n_pix * CHUNK_BYTES_PER_PIXEL
     check_disk(out, 2 * n_work * n_pix * BYTES_PER_PIXEL,  # the chunks, then the dataset beside them
                f"preparing {n_work:,} spectra x {n_pix:,} pixels")
     check_memory((workers + 1) * per_chunk + workers * n_pix * WORK_BYTES_PER_PIXEL,
