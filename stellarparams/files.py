@@ -76,8 +76,9 @@ def disk_error(e: BaseException, path) -> OSError | None:
     Parameters
     ----------
     e : BaseException
-        What the writer raised (``OSError`` from Python, h5py's ``OSError`` without errno whose
-        message holds the C library's text, fitsio's ``OSError``).
+        What the writer raised (``OSError`` from Python, h5py's ``OSError`` or ``RuntimeError``
+        without errno whose message holds the C library's text, safetensors' error, fitsio's
+        ``OSError``).
     path : str or Path
         The file being written (named in the message when ``e`` names none).
 
@@ -86,13 +87,14 @@ def disk_error(e: BaseException, path) -> OSError | None:
     OSError or None
         With ``errno`` one of :data:`DISK_ERRNOS` and ``filename`` set; None for any other error.
     """
-    if not isinstance(e, OSError):
+    if not isinstance(e, Exception):
         return None
-    code = e.errno if e.errno in DISK_ERRNOS else next(
+    errno_ = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    code = errno_ if errno_ in DISK_ERRNOS else next(
         (c for text, c in _DISK_TEXT.items() if text in str(e).lower()), None)
     if code is None:
         return None
-    if e.errno == code and e.filename:
+    if errno_ == code and e.filename:
         return e
     return OSError(code, DISK_ERRNOS[code], str(path))
 

@@ -112,8 +112,12 @@ def check_disk(folder, need_bytes: float, what: str) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if need_bytes * DISK_MARGIN > free:
-        raise ValueError(f"{folder}: {what} needs about {need_bytes / GB:.2f} GB, but only {free / GB:.2f} GB "
-                         "are free there; free some space or choose another output folder")
+        raise ValueError(f"{folder}: {what} needs about {_size(need_bytes)}, but only {_size(free)} are free "
+                         "there; free some space or choose another output folder")
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
 
 
 def available_memory() -> int:
@@ -148,5 +152,5 @@ def check_memory(need_bytes: float, what: str, change: str) -> None:
     """
     have = available_memory() * MEMORY_SHARE
     if need_bytes > have:
-        raise ValueError(f"{what} needs about {need_bytes / GB:.1f} GB of memory, but this machine has "
-                         f"{have / GB:.1f} GB to spare; lower {change}")
+        raise ValueError(f"{what} needs about {_size(need_bytes)} of memory, but this machine has "
+                         f"{_size(have)} to spare; lower {change}")

@@ -89,7 +89,7 @@ import numpy as np
 
 from . import __version__, engine, sdss, simulate_surveys
 from .files import atomic_write, write_text
-from .outputs import locked_output
+from .outputs import check_disk, locked_output
 from .physics import C_KMS, doppler
 from .workers import pool as worker_pool
 
@@ -97,6 +97,9 @@ INSTALL_HINT = ("the MILES stellar library comes with the PyPI package sdss-mang
                 "environment with `pip install sdss-mangadap` (e.g. `.venv/bin/pip install sdss-mangadap`)")
 LOGLAM0, LOGLAM1, DLOGLAM = 3.5798, 3.9638, 1e-4  # SDSS lattice: 3800-9200 A, vacuum
 PLATE0, MJD0, FIBERS_PER_PLATE = 1000, 53000, 640  # SDSS-I/II plates have 640 fibers
+# disk space per simulated spectrum, checked before the work (bytes; an SDSS spec-lite file of 4,620 pixels is
+# 164 kB; LAMOST's one-row tables are smaller; DESI's coadds carry a resolution matrix: a generous guess)
+FILE_BYTES = {"sdss": 170e3, "lamost": 170e3, "desi": 500e3}
 SNR_WINDOW = (4950.0, 5050.0)  # A (vacuum, observed): where SNR5000 is defined
 SKY_LINES_AIR = {  # A (air): peak height of the unscaled sky, 1e-17 erg/s/cm2/A
     5577.34: 150.0, 5889.95: 40.0, 5895.92: 40.0, 6300.30: 60.0, 6363.78: 20.0,
@@ -964,6 +967,7 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
             todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
         else:
             todo = _survey_todo(out, plans, survey)
+        check_disk(out, len(todo) * FILE_BYTES.get(survey, FILE_BYTES["desi"]), f"{len(todo):,} simulated spectra")
         if client is not None:
             workers = max(1, engine.threads(client))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))

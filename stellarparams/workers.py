@@ -54,7 +54,7 @@ class Pool(ProcessPoolExecutor):
 
     def kill(self) -> None:
         """Drop the queued work and SIGKILL the workers now (their running chunks are lost)."""
-        procs = list((self._processes or {}).values())
+        procs = list((self._processes or {}).values())  # private, but the only handle (3.14 adds kill_workers)
         self.shutdown(wait=False, cancel_futures=True)
         for p in procs:
             if p.is_alive():
