@@ -130,12 +130,12 @@ def exit_code(e: BaseException):
     if isinstance(e, NoUsableInput):
         return EXIT_NOTHING_USABLE, str(e)
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-        return EXIT_BAD_INPUT, (f"{e.filename}: cannot write ({DISK_ERRNOS[e.errno]}); nothing half-written was "
+        return EXIT_BAD_INPUT, (f"{e.filename or 'the output'}: cannot write ({DISK_ERRNOS[e.errno]}); nothing half-written was "
                                 "kept: free space (or choose another output) and run the same command again to "
                                 "resume")
     if isinstance(e, OSError) and e.filename and e.strerror:
         return EXIT_BAD_INPUT, f"{e.filename}: {e.strerror}"
-    if isinstance(e, (ValueError, OSError, LookupError, ImportError)) or type(e).__name__ == "CatalogQueryError":
+    if isinstance(e, (ValueError, OSError, ImportError)):  # ImportError: an optional dependency is missing
         return EXIT_BAD_INPUT, str(e)
     return None, None
 
