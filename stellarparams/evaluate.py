@@ -31,6 +31,7 @@ import pandas as pd
 from scipy.stats import median_abs_deviation
 
 from .files import write_text
+from .outputs import holds_lock
 from .records import dumps, jsonable
 
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
@@ -241,6 +242,7 @@ def dataset_metadata(ds) -> dict:
                       "splits": {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}})
 
 
+@holds_lock("out_dir")  # one writer per report folder
 def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: bool = True,
              batch_size: int = 4096, device=None) -> dict:
     """Evaluate a model on one split of a prepared dataset and write the report folder.
@@ -426,7 +428,8 @@ def _write_report(out: Path, r: dict, units) -> None:
     meta_lines = [
         f"- stellarparams {r['environment']['stellarparams']}, torch {r['environment']['torch']}, "
         f"scikit-learn {r['environment']['scikit-learn']}",
-        f"- model: `{model.get('path')}` (sha256 {str(model.get('sha256'))[:16]}), seed {model.get('seed')}, "
+        (f"- model: `{model['path']}` (sha256 {str(model.get('sha256'))[:16]}), " if model.get("path")
+         else "- model: in memory, never saved to a folder, ") + f"seed {model.get('seed')}, "
         f"epochs trained {model.get('epochs_trained')}",
         f"- dataset: `{data['path']}`, {data['n']:,} spectra x {data['n_pix']} pixels, splits {data['splits']}, "
         f"input hash {data.get('input_hash')!r}, written by stellarparams {data.get('version')}",
@@ -497,12 +500,8 @@ def add_arguments(p):
 def run_cli(args) -> int:
     import sys
 
-    try:
-        r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
-                     batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
+                 batch_size=args.batch_size, device=args.device)
     print(f"{r['split']} split, {r['n']:,} spectra")
     print(markdown_table(metrics_table(r["labels"], r["model"].get("label_units"))[
         ["label", "unit", "mae", "rmse", "bias", "scatter", "mae_pct_range", "n"]]))

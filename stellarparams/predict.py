@@ -171,22 +171,32 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
         from .lamost import file_keys as lamost_keys
         from .lamost import parse_name as lamost_name
 
-        cat = sdss.read_catalog(catalog)
+        cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
         rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
         if rv_column in cat.columns:
-            rv_by = {}
+            rv_by, pairs = {}, []  # the first row of a spectrum wins, as in prepare
             if "FILE" in cat.columns:
-                rv_by.update({Path(str(f).strip()).name: v for f, v in zip(cat["FILE"], cat[rv_column])})
+                pairs.append(zip((Path(str(f).strip()).name for f in cat["FILE"]), cat[rv_column]))
             if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
                 ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-                rv_by.update({tuple(int(v) for v in k): r for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all()})
+                pairs.append((tuple(int(v) for v in k), r) for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all())
             if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
-                for lm, pl, sp, fi, r in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column))):
-                    if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))):
-                        rv_by[(int(lm), str(pl).strip(), int(sp), int(fi))] = r
+                pairs.append(((int(lm), str(pl).strip(), int(sp), int(fi)), r) for lm, pl, sp, fi, r
+                             in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column)))
+                             if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
             for c in ("TARGETID", "OBSID", "ID"):
                 if c in cat.columns:
-                    rv_by.update({("id", _id_text(t)): r for t, r in zip(cat[c], cat[rv_column])})
+                    pairs.append(((("id", _id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
+            n_dup = 0
+            for kind in pairs:
+                first = {}
+                for key, r in kind:
+                    n_dup += key in first
+                    first.setdefault(key, r)
+                rv_by.update(first)
+            if n_dup:
+                print(f"warning: {_name(catalog)}: {n_dup} duplicate rows (a spectrum named twice); "
+                      "the first row's RV is used", file=sys.stderr)
 
             def rv_of(f, k):
                 name = Path(f).name
@@ -204,6 +214,30 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
         if not items and "FILE" in cat.columns:
             items = _expand(_catalog_items(catalog, rv_column), survey)
     return items
+
+
+def _name(catalog) -> str:
+    return "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
+
+
+# label columns checked against the physical limits in a catalog predict reads (prepare's, LAMOST's, DESI's)
+LABEL_COLUMNS = {"teff": ("TEFF_ADOP", "TEFF"), "logg": ("LOGG_ADOP", "LOGG"), "feh": ("FEH_ADOP", "FEH")}
+
+
+def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
+    """``cat`` without the rows whose labels are outside :data:`config.LABEL_LIMITS`, with a warning."""
+    from .config import label_outside_limits
+
+    bad = np.zeros(len(cat), bool)
+    for name, cols in LABEL_COLUMNS.items():
+        for c in cols:
+            if c in cat.columns:
+                bad |= label_outside_limits(name, pd.to_numeric(cat[c], errors="coerce").to_numpy(np.float64, na_value=np.nan))
+    if bad.any():
+        print(f"warning: {_name(catalog)}: {int(bad.sum())} rows with labels outside the physical limits "
+              f"(first: row {int(np.flatnonzero(bad)[0])}) are ignored (stellarparams.config.LABEL_LIMITS)",
+              file=sys.stderr)
+    return cat[~bad].reset_index(drop=True)
 
 
 def _id_text(v) -> str:
@@ -501,7 +535,8 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     device = resolve_device(device)
     out = check_output_file(out)
-    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait) as partial:
+    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait,
+                                                                  remove=True) as partial:
         model = model if isinstance(model, Model) else load_model(model, device=device)
         items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
@@ -594,6 +629,12 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
             return df
         return get
 
+    n_rejected = sum(int(pd.read_parquet(f, columns=["flag_rejected"])["flag_rejected"].sum()) for f in part_file)
+    if n_rejected == len(items):  # nothing usable: nothing is published (the parts stay for a re-run)
+        why = pd.concat([pd.read_parquet(f, columns=["reject_reason"]) for f in part_file])["reject_reason"]
+        raise sdss.NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
+                                 + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
+                                 + f"); nothing was written to {out}")
     write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
     for f in part_file:
         f.unlink()
@@ -670,23 +711,10 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    from .files import OutputBusy
-    from .model_io import ModelFileError
-
-    try:
-        summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,
-                          reader=getattr(args, "reader", "fast"))
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ModelFileError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
+                      workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
+                      min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,
+                      reader=getattr(args, "reader", "fast"))
     if args.quiet:
         print(format_summary(summary))
-    return 0 if summary["n_predicted"] else 1
+    return 0

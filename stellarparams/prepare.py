@@ -35,9 +35,10 @@ import numpy as np
 import pandas as pd
 
 from . import desi, engine, lamost, matching, readers, sdss, tables
+from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
 from .dataset import DATA_FILE, SPLITS, Grid, append_pixels, append_rows, append_table, create_dataset, parse_grid
-from .files import atomic_write, write_text
-from .outputs import locked_output
+from .files import atomic_write, check_readable, write_text
+from .outputs import check_disk, check_memory, locked_output
 from .physics import doppler_log_shift
 from .records import sha256_file
 from .resample import cubic_spline
@@ -310,6 +311,7 @@ def find_spectra(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
+    check_readable(folder)
     return sorted(p for p in folder.rglob("*") if parse_spectrum_name(p.name) and p.is_file())
 
 
@@ -690,6 +692,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     if done is not None:
         return done
     matched = _match(job)
+    _check_resources(out, job, len(matched.work), chunk_size, workers if client is None else 1)
     try:
         parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
         splits = _split(job, matched, parts, seed, fractions, progress)
@@ -697,6 +700,23 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     finally:
         if job.stream is not None:
             job.stream.close()
+
+
+BYTES_PER_PIXEL = 9         # stored per spectrum and grid pixel: flux and sigma (float32), valid (bool)
+CHUNK_BYTES_PER_PIXEL = 20  # held in memory per spectrum of a chunk and grid pixel (measured: 18)
+WORK_BYTES_PER_PIXEL = 1200  # a reading process's resampling temporaries per grid pixel (measured: 1,100-1,200)
+
+
+def _check_resources(out: Path, job: _Job, n_work: int, chunk_size: int, workers) -> None:
+    """Refuse, before reading, a job whose chunks and dataset would not fit on disk or in memory."""
+    n_pix = job.config.grid.n_pix
+    workers = max(1, min(workers or os.cpu_count() or 1, -(-n_work // chunk_size) or 1))
+    per_chunk = min(chunk_size, n_work) * n_pix * CHUNK_BYTES_PER_PIXEL
+    check_disk(out, 2 * n_work * n_pix * BYTES_PER_PIXEL,  # the chunks, then the dataset beside them
+               f"preparing {n_work:,} spectra x {n_pix:,} pixels")
+    check_memory((workers + 1) * per_chunk + workers * n_pix * WORK_BYTES_PER_PIXEL,
+                 f"preparing {n_work:,} spectra x {n_pix:,} pixels with {workers} worker(s)",
+                 "--workers or the grid's number of pixels (--grid MIN,MAX,N)")
 
 
 @dataclass
@@ -767,6 +787,8 @@ def _table_catalog(spectra: Path, survey: str) -> pd.DataFrame:
 def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fractions, group_by, split_column,
            chunk_size, progress) -> _Job:
     """Read the catalog, find the files, check columns and options, and hash the inputs."""
+    if spectra.is_dir():
+        check_readable(spectra)
     survey = survey or detect_survey(spectra)
     if survey not in readers.SURVEYS:
         raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
@@ -802,6 +824,8 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
     if survey != "sdss":
         job["survey"] = survey
+    if LABEL_LIMITS != DEFAULT_LABEL_LIMITS:  # absent for the defaults, so earlier datasets stay up to date
+        job["label_limits"] = dict(LABEL_LIMITS)
     input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
     return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash)
 
@@ -911,6 +935,7 @@ def _match(job: _Job) -> _Matched:
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
     used, used_file = set(), np.zeros(len(job.files), bool)  # resolved paths; files used by their key
+    bad_label = _bad_labels(cat, config)
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
         f, index = located[i]
@@ -931,12 +956,30 @@ def _match(job: _Job) -> _Matched:
         if config.rest_frame and not np.isfinite(rv[i]):
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
+        if bad_label[i]:
+            reject(i, f, "bad_label", bad_label[i])
+            continue
         matched.work.append((i, str(f), float(rv[i]), index))
     _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
 
     if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
+
+
+def _bad_labels(cat: pd.DataFrame, config: PrepareConfig) -> list:
+    """Per catalog row: "" or why a label is outside its physical limits (:data:`config.LABEL_LIMITS`)."""
+    why = [""] * len(cat)
+    for name, col in config.labels.items():
+        col = col.upper()
+        if col not in cat.columns:
+            continue
+        values = pd.to_numeric(cat[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        lo, hi = LABEL_LIMITS.get(name, (None, None))
+        for i in np.flatnonzero(label_outside_limits(name, values)):
+            why[i] = why[i] or (f"{col} = {values[i]:g} is outside the physical limits {lo:g} to {hi:g} "
+                                "(stellarparams.config.LABEL_LIMITS)")
+    return why
 
 
 def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
@@ -1220,7 +1263,7 @@ def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, label
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
            progress) -> dict:
-    """Publish rejects.csv, the verified dataset.h5, then summary.json with its sha256; return the summary."""
+    """Publish the verified dataset.h5, rejects.csv, then summary.json with its sha256; return the summary."""
     from . import __version__
 
     config, partial, final = job.config, out / PARTIAL_DIR, out / DATA_FILE
@@ -1254,12 +1297,13 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
         "seconds": round(seconds, 2), "spectra_per_s": round(n_read / max(seconds, 1e-9), 1),
         "version": __version__,
     }
-    # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
-    # (a summary whose sha256 matches the dataset marks a finished job)
-    atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
+    # publish: the verified dataset (the large file: a full disk stops the job before anything of it is
+    # published), then the rejects, then the summary with the dataset's sha256 (which marks a finished job)
+    check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
     digest = {}
     atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
         tmp, partial, parts, keep_mask, config, attrs, labels, label_err, splits.split, meta, extra, job.stream)))
+    atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
     summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
@@ -1391,7 +1435,8 @@ def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig
 
 
 def run_cli(args) -> int:
-    """Run ``stellarparams prepare`` with parsed arguments.
+    """Run ``stellarparams prepare`` with parsed arguments (errors raise; :mod:`stellarparams.cli` maps them to
+    exit codes).
 
     Parameters
     ----------
@@ -1402,31 +1447,10 @@ def run_cli(args) -> int:
     int
         Exit status.
     """
-    from .files import OutputBusy
-
-    try:
-        fractions = tuple(float(x) for x in args.fractions.split(","))
-    except ValueError:
-        print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
-        return 2
-    try:
-        config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
-                                                      rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
-                fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
-                reader=getattr(args, "reader", "fast"))
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
+                                                  rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
+    prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
+            fractions=parse_fractions(args.fractions), group_by=args.group_by, split_column=args.split_column,
+            progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
+            reader=getattr(args, "reader", "fast"))
     return 0

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import desi, lamost, sdss, tables
+from .files import check_readable
 from .physics import doppler, rv_from_z
 from .spectrum import Record, make_record
 
@@ -234,6 +235,7 @@ def find_files(folder, survey: str | None = None) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
+    check_readable(folder)
     pattern = {"sdss": _SDSS_NAME, "lamost": _LAMOST_NAME, "desi": _DESI_NAME}
 
     def wanted(p: Path) -> bool:

@@ -81,20 +81,25 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, engine, sdss, simulate_surveys
-from .files import OutputBusy, atomic_write, output_lock, write_text
+from .files import atomic_write, write_text
+from .outputs import check_disk, locked_output
 from .physics import C_KMS, doppler
+from .workers import pool as worker_pool
 
 INSTALL_HINT = ("the MILES stellar library comes with the PyPI package sdss-mangadap; install it into this "
                 "environment with `pip install sdss-mangadap` (e.g. `.venv/bin/pip install sdss-mangadap`)")
 LOGLAM0, LOGLAM1, DLOGLAM = 3.5798, 3.9638, 1e-4  # SDSS lattice: 3800-9200 A, vacuum
 PLATE0, MJD0, FIBERS_PER_PLATE = 1000, 53000, 640  # SDSS-I/II plates have 640 fibers
+# disk space per simulated spectrum, checked before the work (bytes; an SDSS spec-lite file of 4,620 pixels is
+# 164 kB; LAMOST's one-row tables are smaller; DESI's coadds carry a resolution matrix: a generous guess)
+FILE_BYTES = {"sdss": 170e3, "lamost": 170e3, "desi": 500e3}
 SNR_WINDOW = (4950.0, 5050.0)  # A (vacuum, observed): where SNR5000 is defined
 SKY_LINES_AIR = {  # A (air): peak height of the unscaled sky, 1e-17 erg/s/cm2/A
     5577.34: 150.0, 5889.95: 40.0, 5895.92: 40.0, 6300.30: 60.0, 6363.78: 20.0,
@@ -874,7 +879,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
 
     Resumes: spectra already in ``out`` are kept; the catalog (``out/sppParams.fits`` for
     SDSS; :data:`stellarparams.simulate_surveys.CATALOG`) is (re)written last. A folder made with other settings is refused, so files from two
-    settings never mix. One writer at a time (:func:`stellarparams.files.output_lock`).
+    settings never mix. One writer at a time (:func:`stellarparams.outputs.locked_output`).
 
     Parameters
     ----------
@@ -891,7 +896,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     progress : bool
         Progress bar and a summary line on stderr.
     wait : bool
-        When another process writes to ``out``: False raises :class:`OutputBusy`, True waits.
+        When another process writes to ``out``: False raises :class:`files.OutputBusy`, True waits.
     response, telluric, airmass, lsf, wave_offset, sky_residual
         Instrument and calibration shifts, as in :class:`Shifts`; the defaults are neutral
         and give today's files byte for byte.
@@ -934,14 +939,13 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
     from astropy.table import Table
     from tqdm.auto import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
         settings["shifts"] = shifts.to_dict()
     if survey != "sdss":  # absent for SDSS, whose simulate.json stays as it was
         settings["survey"] = survey
     meta_path = out / "simulate.json"
-    with output_lock(out, wait=wait):
+    with locked_output(out, wait):
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if {k: old[k] for k in ("seed", "config", "shifts", "survey") if k in old} != settings:
@@ -963,6 +967,7 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
             todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
         else:
             todo = _survey_todo(out, plans, survey)
+        check_disk(out, len(todo) * FILE_BYTES.get(survey, FILE_BYTES["desi"]), f"{len(todo):,} simulated spectra")
         if client is not None:
             workers = max(1, engine.threads(client))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
@@ -985,16 +990,12 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
                 failed.update({i: e for i, e in _run_chunk(out, seed, chunk, survey) if e})
                 bar.update(len(chunk))
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
+            with worker_pool(workers, _init_worker, init_args) as pool:  # Ctrl-C kills the workers; a re-run resumes
                 futures = [pool.submit(_run_chunk, out, seed, chunk, survey) for chunk in chunks]
-                try:
-                    for fut in as_completed(futures):
-                        res = fut.result()
-                        failed.update({i: e for i, e in res if e})
-                        bar.update(len(res))
-                except BaseException:  # Ctrl-C: drop the queued chunks; a re-run resumes
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    failed.update({i: e for i, e in res if e})
+                    bar.update(len(res))
         bar.close()
 
         rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
@@ -1102,14 +1103,10 @@ def run_cli(args) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)}
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     teff_range, snr_range = options.pop("teff_range"), options.pop("snr_range")
-    try:
-        cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
-                       snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
-                       telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
-                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
-                       dask=args.dask, **options)
-    except (ModuleNotFoundError, FileNotFoundError, ValueError, OutputBusy) as e:
-        print(f"stellarparams simulate: {e}", file=sys.stderr)
-        return 2
+    cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
+                   snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
+                   telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
+                   wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
+                   dask=args.dask, **options)
     print(cat)
     return 1 if (Path(args.out) / "simulate_problems.json").exists() else 0

@@ -28,10 +28,10 @@ from .config import (DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainCon
                      load_config, recipe)
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
-from .files import OutputBusy, output_lock
 from .finetune import Init, OptionError, check_freeze, parse_freeze, select_labels
 from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
+from .outputs import locked_output
 from .training import (LOG, fit, fit_ensemble, known_counts, loss_weights, lr_factor,  # noqa: F401  (re-exported)
                        masked_huber)
 
@@ -127,6 +127,8 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     """
     dev = resolve_device(device)
     tc = train_config or recipe()
+    if tc.epochs < 1:  # an untrained network would be published as a model
+        raise ValueError(f"epochs = {tc.epochs}: training needs at least 1 epoch")
     if tc.init_from:
         model_config, tc = _source_configs(tc, model_config, net)
     args = (model_config or ModelConfig(), tc, net, on_epoch, progress, overwrite, dev,
@@ -134,7 +136,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     if out is None:
         return _with_dataset(dataset, None, *args)
     out = check_output(out)
-    with output_lock(out, wait=wait):
+    with locked_output(out, wait):
         return _with_dataset(dataset, out, *args)
 
 
@@ -322,7 +324,8 @@ def add_arguments(p: argparse.ArgumentParser):
                      "resumes from OUT/checkpoint.safetensors and the finished folds.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="model folder to write (weights.safetensors, model.json, train_log.csv)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE, help=RECIPE_HELP)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help=RECIPE_HELP + f" (default: {DEFAULT_RECIPE}; beats a recipe named in --config)")
     p.add_argument("--config", help="TOML file with [model] and [train] tables overriding the recipe")
     p.add_argument("--epochs", type=int, help="override [train] epochs")
     p.add_argument("--seed", type=int, help="override [train] seed")
@@ -366,28 +369,22 @@ def _tables(path) -> set:
 
 
 def run_cli(args) -> int:
-    try:
-        mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
-        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
-                                              "freeze") if getattr(args, k) is not None}
-        if over.get("freeze") and not (over.get("init_from") or tc.init_from):
-            raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
-        tc = replace(tc, **over)
-        wanted = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+    mc, tc = (load_config(args.config, args.recipe, DEFAULT_RECIPE) if args.config
+              else (ModelConfig(), recipe(args.recipe or DEFAULT_RECIPE)))
+    over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
+                                          "freeze") if getattr(args, k) is not None}
+    if over.get("freeze") and not (over.get("init_from") or tc.init_from):
+        raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
+    tc = replace(tc, **over)
+    wanted = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+    if wanted:
+        mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
+    if tc.init_from and not (args.config and "model" in _tables(args.config)):
+        mc = None  # the source's architecture, with only the --labels heads when given
         if wanted:
-            mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
-        if tc.init_from and not (args.config and "model" in _tables(args.config)):
-            mc = None  # the source's architecture, with only the --labels heads when given
-            if wanted:
-                mc = source_heads(load_model(tc.init_from).model_config or ModelConfig(), wanted)
-        model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
-                      wait=args.wait, device=args.device, precision=args.precision)
-    except OptionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, OutputBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            mc = source_heads(load_model(tc.init_from).model_config or ModelConfig(), wanted)
+    model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
+                  wait=args.wait, device=args.device, precision=args.precision)
     m, frozen = model.metrics, model.metrics.get("heads_kept_from_source", [])
     print(f"{args.out}: best epoch {m['best_epoch']}, val loss {m['val_loss']:.4f}, " +
           ", ".join(f"{l} head frozen (no labels here; kept from {tc.init_from})" if l in frozen else

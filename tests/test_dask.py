@@ -151,7 +151,7 @@ def test_predict_on_dask_equals_the_pool_even_when_a_worker_dies(tmp_path, clust
     assert (tmp_path / "killed").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "killed.parquet"),
                                   pd.read_parquet(tmp_path / "pool.parquet"))
-    assert [p.name for p in (tmp_path / ".killed.parquet.partial").iterdir()] == [".lock"]
+    assert not (tmp_path / ".killed.parquet.partial").exists()
 
 
 def _free_port() -> int:
@@ -171,7 +171,7 @@ def test_an_address_that_does_not_answer_is_a_clear_error_and_publishes_nothing(
             "simulate": ["--out", str(out), "--n", "5"], "run": ["--out", str(out), "--n", "5"]}[command]
     t0 = time.monotonic()
     rc = cli.main([command, *args, "--dask", address])
-    assert rc == (1 if command == "run" else 2) and time.monotonic() - t0 < 10  # run: 1 for every failure
+    assert rc == 2 and time.monotonic() - t0 < 10  # bad input, for every command
     err = capsys.readouterr().err
     assert address in err and "local:N" in err and "within 1 s" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output folder, file or partial folder

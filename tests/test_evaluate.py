@@ -202,7 +202,7 @@ def test_evaluate_cli(trained, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     assert (tmp_path / "rep" / "report.html").exists()
     rc = main(["evaluate", str(tmp / "model"), "--dataset", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")])
-    assert rc == 1
+    assert rc == 2  # bad input
     assert "no prepared dataset" in capsys.readouterr().err
 
 

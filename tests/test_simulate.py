@@ -454,7 +454,7 @@ def test_shift_values_out_of_range_are_refused(tmp_path, capsys):
     for flags in (["--telluric", "2"], ["--airmass", "0.5", "1"], ["--wave-offset", "9"], ["--sky-residual", "-3"],
                   ["--response", "legendre:2"], ["--response", str(tmp_path / "missing.txt")], ["--lsf", "gh:1:0:0"]):
         assert cli.main(["simulate", "--out", str(tmp_path / "x"), "--n", "2", "--no-progress", *flags]) == 2
-        assert "stellarparams simulate:" in capsys.readouterr().err
+        assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_one_writer_per_output_folder(tmp_path, capsys):
@@ -463,5 +463,5 @@ def test_one_writer_per_output_folder(tmp_path, capsys):
     with output_lock(tmp_path):
         with pytest.raises(OutputBusy, match="--wait"):
             S.simulate(tmp_path, n=2, seed=0, workers=1, progress=False)
-        assert cli.main(["simulate", "--out", str(tmp_path), "--n", "2", "--no-progress"]) == 2
+        assert cli.main(["simulate", "--out", str(tmp_path), "--n", "2", "--no-progress"]) == 3  # busy
     assert "another stellarparams process" in capsys.readouterr().err
