@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_json, write_table
+from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_csv_md, write_json
 from .files import atomic_write, write_text
 from .outputs import holds_lock
 
@@ -235,11 +235,9 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     Returns the content of ``results.json`` (per-model metrics, params, timings, errors, claims).
     """
     import torch
-    from threadpoolctl import threadpool_limits
 
-    from .dataset import Dataset
     from .config import TrainConfig
-
+    from .dataset import Dataset
     from .devices import check_precision, resolve_device
 
     device = resolve_device(device)
@@ -252,55 +250,19 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     threads = int(threads or torch.get_num_threads())
     if epochs is None and quick:
         epochs = QUICK_EPOCHS
-    if models is None:
-        fitters = {m: FITTERS[m] for m in MODELS}
-    elif isinstance(models, dict):
-        fitters = dict(models)
-    else:
-        unknown = [m for m in models if m not in FITTERS]
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
-        fitters = {m: FITTERS[m] for m in models}
+    fitters = _fitters(models)
     ctx = _Context(ds, out, seed, epochs, threads, progress)
     ctx.device, ctx.precision = device, precision
-    test_idx = ds.indices("test")
-    if len(test_idx) == 0 or len(ds.indices("train")) == 0 or len(ds.indices("val")) == 0:
-        raise ValueError(f"{ds.path}: the benchmark needs train, val and test rows "
-                         f"(has {len(ds.indices('train'))}, {len(ds.indices('val'))}, {len(test_idx)})")
+    test_idx = _test_rows(ds)
     y_true = ds.labels(test_idx)[:, ctx.cols].astype(np.float64)
     X_test = ds.flux(test_idx)
     sig = _signature(ds, seed, ctx.train_config.epochs, batch_size, threads, ctx.labels)
-
-    results = {}
     t_all = time.perf_counter()
-    with threadpool_limits(limits=threads):
-        for i, (name, fitter) in enumerate(fitters.items()):
-            _log(f"[{i + 1}/{len(fitters)}] {name}", progress)
-            r = run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig)
-            results[name] = r
-            if r.get("error"):
-                _log(f"  {name} FAILED: {r['error']} ({r['where']}); continuing with the others", progress)
-            else:
-                maes = ", ".join(f"{l} {r['metrics'][l]['mae']:.4g} {u}" for l, u in zip(ctx.labels, ctx.units))
-                _log(f"  {name}: MAE {maes}; {r['n_params']:,} params; "
-                     f"inference {r['timing']['time_s']:.3g} s for {len(test_idx):,} spectra", progress)
-                edge = [l for l, e in r.get("info", {}).get("alpha_at_grid_edge", {}).items() if e]
-                if edge:
-                    _log(f"  warning: {name}'s best alpha for {edge} is at the end of the grid tried "
-                         f"({r['info']['alphas_tried'][0]:g}..{r['info']['alphas_tried'][-1]:g}); "
-                         "a wider grid might do better", progress)
-
+    results = _run_all(fitters, ctx, test_idx, X_test, y_true, batch_size, threads, sig)
     tables = make_tables(results, ctx.labels, ctx.units)
-    written = {k: write_table(df, out / k) for k, df in tables.items()}
+    written = {k: write_csv_md(df, out / k) for k, df in tables.items()}
     claims = paper_claims(results, ctx.labels)
-    pred_df = pd.DataFrame({"row": test_idx, "object_id": ds.meta(test_idx)["object_id"]})
-    for j, l in enumerate(ctx.labels):
-        pred_df[f"true_{l}"] = y_true[:, j]
-    for name, r in results.items():
-        if r.get("test_pred") is not None:
-            for j, l in enumerate(ctx.labels):
-                pred_df[f"{name}_{l}"] = r["test_pred"][:, j]
-    write_text(out / "predictions.csv", pred_df.to_csv(index=False))
+    _write_predictions(out, ds, test_idx, y_true, results, ctx.labels)
     summary = {
         "seed": seed, "quick": quick, "epochs": ctx.train_config.epochs, "threads": threads,
         "batch_size": batch_size, "n_timing_runs": N_TIMING_RUNS, "labels": ctx.labels, "units": ctx.units,
@@ -319,6 +281,68 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     if not isinstance(dataset, Dataset):
         ds.close()
     return summary
+
+
+def _fitters(models) -> dict:
+    """{name: fit function} of the models to run: ``models`` None (all of :data:`MODELS`), names, or a dict."""
+    if models is None:
+        return {m: FITTERS[m] for m in MODELS}
+    if isinstance(models, dict):
+        return dict(models)
+    unknown = [m for m in models if m not in FITTERS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    return {m: FITTERS[m] for m in models}
+
+
+def _test_rows(ds) -> np.ndarray:
+    """The test split's rows; ValueError unless train, val and test all have rows."""
+    test_idx = ds.indices("test")
+    if len(test_idx) == 0 or len(ds.indices("train")) == 0 or len(ds.indices("val")) == 0:
+        raise ValueError(f"{ds.path}: the benchmark needs train, val and test rows "
+                         f"(has {len(ds.indices('train'))}, {len(ds.indices('val'))}, {len(test_idx)})")
+    return test_idx
+
+
+def _run_all(fitters: dict, ctx, test_idx, X_test, y_true, batch_size: int, threads: int, sig) -> dict:
+    """Fit, evaluate and time each model in turn (one failing does not stop the others); {name: result}."""
+    from threadpoolctl import threadpool_limits
+
+    results = {}
+    with threadpool_limits(limits=threads):
+        for i, (name, fitter) in enumerate(fitters.items()):
+            _log(f"[{i + 1}/{len(fitters)}] {name}", ctx.progress)
+            r = run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig)
+            results[name] = r
+            _log_result(name, r, ctx, len(test_idx))
+    return results
+
+
+def _log_result(name: str, r: dict, ctx, n_test: int):
+    """One model's MAE, size and time (or its error), and a warning when its alpha is at the grid's end."""
+    if r.get("error"):
+        _log(f"  {name} FAILED: {r['error']} ({r['where']}); continuing with the others", ctx.progress)
+        return
+    maes = ", ".join(f"{l} {r['metrics'][l]['mae']:.4g} {u}" for l, u in zip(ctx.labels, ctx.units))
+    _log(f"  {name}: MAE {maes}; {r['n_params']:,} params; "
+         f"inference {r['timing']['time_s']:.3g} s for {n_test:,} spectra", ctx.progress)
+    edge = [l for l, e in r.get("info", {}).get("alpha_at_grid_edge", {}).items() if e]
+    if edge:
+        _log(f"  warning: {name}'s best alpha for {edge} is at the end of the grid tried "
+             f"({r['info']['alphas_tried'][0]:g}..{r['info']['alphas_tried'][-1]:g}); "
+             "a wider grid might do better", ctx.progress)
+
+
+def _write_predictions(out: Path, ds, test_idx, y_true, results: dict, labels):
+    """``predictions.csv``: truth and every model's prediction, one row per test spectrum."""
+    pred_df = pd.DataFrame({"row": test_idx, "object_id": ds.meta(test_idx)["object_id"]})
+    for j, l in enumerate(labels):
+        pred_df[f"true_{l}"] = y_true[:, j]
+    for name, r in results.items():
+        if r.get("test_pred") is not None:
+            for j, l in enumerate(labels):
+                pred_df[f"{name}_{l}"] = r["test_pred"][:, j]
+    write_text(out / "predictions.csv", pred_df.to_csv(index=False))
 
 
 # ----------------------------------------------------------------------------- tables

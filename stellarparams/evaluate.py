@@ -132,7 +132,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([head, sep] + body) + "\n"
 
 
-def write_table(df: pd.DataFrame, stem) -> dict:
+def write_csv_md(df: pd.DataFrame, stem) -> dict:
     """Write ``stem.csv`` and ``stem.md``; returns their paths."""
     stem = Path(stem)
     csv = write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
@@ -254,37 +254,72 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     Returns the content of ``metrics.json`` (per-label metrics, binned tables, metadata,
     figure paths, notes about anything skipped).
     """
-    from . import plots
-    from .training import label_matrix
+    from . import plots  # noqa: F401  (first: a missing plotting extra stops before any work)
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    path = None
-    if isinstance(model_or_path, (str, os.PathLike)):
-        from .model_io import load_model
-
-        path = Path(model_or_path)
-        model = load_model(path, "cpu" if device is None else device)
-    else:
-        model = model_or_path
-        path = getattr(model, "path", None)
-        if device is not None:
-            model.to(device)
+    model, path = _load(model_or_path, device)
     ds = _open_dataset(dataset)
     names = list(model.label_names)
     units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
                                                           if n in ds.label_names else "" for n in names])
+    idx = _split_rows(model, ds, names, split)
+    notes = []
+    y_pred = predict_rows(model.predict, ds, idx, batch_size, progress, desc=f"predict {split}")
+    if y_pred.shape != (len(idx), len(names)):
+        raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
+    y_true, meta, snr, teff = _truth(ds, idx, names, split, notes)
+    tables, m, m_true, by_snr, by_teff = _metric_tables(out, y_true, y_pred, meta, snr, teff, names, units, notes)
+    unc = _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, progress, notes)
+    if unc is not None:
+        tables["calibration"] = write_csv_md(unc["calibration"], out / "calibration")
+    _write_predictions(out, idx, meta, snr, y_true, y_pred, names, unc)
+    figs = _figures(out / "figures", ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes)
+    result = {
+        "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
+        "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
+        "calibration": unc["calibration"].to_dict("records") if unc is not None else None,
+        "ood": ({"n_unlike_training": int((unc["ood"] > 1).sum()),
+                 "fraction_unlike_training": float(np.mean(unc["ood"] > 1))} if unc is not None else None),
+        "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
+        "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
+    }
+    write_json(out / "metrics.json", result)
+    _write_report(out, result, units)
+    if isinstance(dataset, (str, os.PathLike)):
+        ds.close()
+    return result
+
+
+def _load(model_or_path, device):
+    """(model, its folder or None): a folder is loaded onto ``device`` (None: the CPU); a loaded
+    model is moved there when ``device`` is given."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .model_io import load_model
+
+        path = Path(model_or_path)
+        return load_model(path, "cpu" if device is None else device), path
+    model = model_or_path
+    if device is not None:
+        model.to(device)
+    return model, getattr(model, "path", None)
+
+
+def _split_rows(model, ds, names, split) -> np.ndarray:
+    """Dataset rows of ``split``, after checking that the model and the dataset fit together."""
     _label_columns(ds, names)
     if hasattr(model, "check_dataset"):  # grid / preprocessing must match the training data's
         model.check_dataset(ds)
     idx = ds.indices(split)
     if len(idx) == 0:
         raise ValueError(f"{ds.path}: the {split!r} split is empty; nothing to evaluate")
-    notes = []
+    return idx
 
-    y_pred = predict_rows(model.predict, ds, idx, batch_size, progress, desc=f"predict {split}")
-    if y_pred.shape != (len(idx), len(names)):
-        raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
+
+def _truth(ds, idx, names, split, notes):
+    """(y_true (N, L) with NaN where unknown, meta table, snr (N,), true Teff (N,)) of rows ``idx``."""
+    from .training import label_matrix
+
     y_true = label_matrix(ds, idx, names)   # NaN where the catalog has no truth: left out of that label's metrics
     unknown = [n for j, n in enumerate(names) if not np.isfinite(y_true[:, j]).any()]
     if unknown:
@@ -294,78 +329,84 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     snr = meta["snr"].to_numpy(np.float64)
     teff = y_true[:, names.index("teff")] if "teff" in names else (
         ds.labels(idx)[:, ds.label_names.index("teff")] if "teff" in ds.label_names else np.full(len(idx), np.nan))
+    return y_true, meta, snr, teff
 
-    # metrics and tables
+
+def _metric_tables(out: Path, y_true, y_pred, meta, snr, teff, names, units, notes):
+    """Per-label metrics (against the catalog, and the noiseless truth when the data carry it) and
+    MAE by S/N and by Teff, written as tables; returns (tables, m, m_true, by_snr, by_teff)."""
     m = metrics(y_true, y_pred, names)
-    tables = {"metrics": write_table(metrics_table(m, units), out / "metrics")}
+    tables = {"metrics": write_csv_md(metrics_table(m, units), out / "metrics")}
     # simulated data carry the noiseless truth as extra columns (TEFF_TRUE, ...): errors against it too
     true_cols = {n: f"{n.upper()}_TRUE" for n in names if f"{n.upper()}_TRUE" in meta}
     m_true = None
     if true_cols:
         y_exact = np.column_stack([meta[true_cols[n]].to_numpy(np.float64) if n in true_cols
-                                   else np.full(len(idx), np.nan) for n in names])
+                                   else np.full(len(y_true), np.nan) for n in names])
         m_true = metrics(y_exact, y_pred, names)
-        tables["metrics_vs_true"] = write_table(metrics_table(m_true, units), out / "metrics_vs_true")
+        tables["metrics_vs_true"] = write_csv_md(metrics_table(m_true, units), out / "metrics_vs_true")
     by_snr = binned_mae(y_true, y_pred, snr, SNR_EDGES, names, "snr")
     by_teff = binned_mae(y_true, y_pred, teff, TEFF_EDGES, names, "teff")
     if by_snr.empty:
         notes.append("no S/N known for these spectra: MAE by S/N not computed")
     if by_teff.empty:
         notes.append("no Teff known: MAE by Teff not computed")
-    tables["mae_by_snr"] = write_table(by_snr, out / "mae_by_snr")
-    tables["mae_by_teff"] = write_table(by_teff, out / "mae_by_teff")
-    # calibrated uncertainties: coverage at 1 and 2 sigma, per label and per S/N bin
-    sigma, calib = None, None
-    if getattr(model, "uncertainty", None) is not None:
-        from .uncertainty import coverage_table
+    tables["mae_by_snr"] = write_csv_md(by_snr, out / "mae_by_snr")
+    tables["mae_by_teff"] = write_csv_md(by_teff, out / "mae_by_teff")
+    return tables, m, m_true, by_snr, by_teff
 
-        full = {"sigma": [], "ood": [], "half95": []}
 
-        def run_full(X):
-            r = model._full(X, batch_size)
-            full["ood"].append(r["ood_score"])
-            full["half95"].append((r["hi95"] - r["lo95"]) / 2)
-            return r["sigma"]
-
-        sigma = predict_rows(run_full, ds, idx, batch_size, progress, desc=f"sigma {split}")
-        ood = np.concatenate(full["ood"])
-        calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES, half95=np.concatenate(full["half95"]))
-        tables["calibration"] = write_table(calib, out / "calibration")
-    else:
+def _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, progress, notes):
+    """Calibrated uncertainties of rows ``idx``: {"sigma", "half95" (N, L), "ood" (N,),
+    "calibration": coverage at 1 and 2 sigma per label and S/N bin}; None for a model without them."""
+    if getattr(model, "uncertainty", None) is None:
         notes.append("the model has no uncertainty calibration (trained before stellarparams had it): "
                      "no sigma, calibration table or reliability figure; retrain it to get them")
+        return None
+    from .uncertainty import coverage_table
+
+    parts = {"ood": [], "half95": []}
+
+    def run_full(X):
+        r = model.predict_arrays(X, batch_size)
+        parts["ood"].append(r["ood_score"])
+        parts["half95"].append((r["hi95"] - r["lo95"]) / 2)
+        return r["sigma"]
+
+    sigma = predict_rows(run_full, ds, idx, batch_size, progress, desc=f"sigma {split}")
+    half95 = np.concatenate(parts["half95"])
+    calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES, half95=half95)
+    return {"sigma": sigma, "half95": half95, "ood": np.concatenate(parts["ood"]), "calibration": calib}
+
+
+def _write_predictions(out: Path, idx, meta, snr, y_true, y_pred, names, unc):
+    """``predictions.csv``: one row per spectrum, truth, prediction and (with ``unc``) the error bars."""
     pred_df = pd.DataFrame({"row": idx, "object_id": meta["object_id"], "file": meta["file"], "snr": snr})
     for j, n in enumerate(names):
         pred_df[f"true_{n}"] = y_true[:, j]
         pred_df[f"pred_{n}"] = y_pred[:, j]
-        if sigma is not None:
-            pred_df[f"sigma_{n}"] = sigma[:, j]
-            half = np.concatenate(full["half95"])[:, j]
+        if unc is not None:
+            pred_df[f"sigma_{n}"] = unc["sigma"][:, j]
+            half = unc["half95"][:, j]
             pred_df[f"lo95_{n}"], pred_df[f"hi95_{n}"] = y_pred[:, j] - half, y_pred[:, j] + half
-    if sigma is not None:
-        pred_df["ood_score"] = ood
+    if unc is not None:
+        pred_df["ood_score"] = unc["ood"]
     write_text(out / "predictions.csv", pred_df.to_csv(index=False))
 
-    # figures
+
+def _figures(fig_dir: Path, ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes) -> dict:
+    """The report's figures; returns {name: path}; what cannot be drawn goes to ``notes``."""
+    from . import plots
+    from .training import label_matrix
+
     figs = {}
-    fig_dir = out / "figures"
     by_split = {s: label_matrix(ds, ds.indices(s), names) for s in ("train", "val", "test") if len(ds.indices(s))}
     figs["label_densities"] = plots.label_densities(by_split, names, units, fig_dir / "label_densities.png")
     ex = _example_rows(teff, idx)
     ex_meta = ds.meta(ex)
     ex_teff = ds.labels(ex)[:, ds.label_names.index("teff")] if "teff" in ds.label_names else np.full(len(ex), np.nan)
     titles = [f"{o}  Teff {t:.0f} K" if np.isfinite(t) else str(o) for o, t in zip(ex_meta["object_id"], ex_teff)]
-    spectra, raw_titles = [], []
-    from .sdss import SpectrumError, read_spectrum
-
-    for f, t in zip(ex_meta["file"], titles):
-        if not f:
-            continue
-        try:
-            spectra.append(read_spectrum(_resolve(f, ds.path)))
-            raw_titles.append(t)
-        except SpectrumError as e:
-            notes.append(f"raw spectrum not shown: {e}")
+    spectra, raw_titles = _raw_spectra(ex_meta["file"], titles, ds.path, notes)
     if spectra:
         figs["raw_spectra"] = plots.raw_spectra(spectra, fig_dir / "raw_spectra.png", raw_titles)
     else:
@@ -378,26 +419,28 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
                                                           fig_dir / "residuals_vs_snr.png")
     else:
         notes.append("residuals-vs-S/N figure skipped: no S/N known for these spectra")
-    if sigma is not None:
+    if unc is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
-            z = (y_pred - y_true) / sigma
+            z = (y_pred - y_true) / unc["sigma"]
         figs["reliability"] = plots.reliability(z, names, fig_dir / "reliability.png")
         figs["z_histograms"] = plots.z_histograms(z, names, fig_dir / "z_histograms.png")
+    return figs
 
-    result = {
-        "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
-        "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
-        "calibration": calib.to_dict("records") if calib is not None else None,
-        "ood": ({"n_unlike_training": int((ood > 1).sum()), "fraction_unlike_training": float(np.mean(ood > 1))}
-                if sigma is not None else None),
-        "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
-        "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
-    }
-    write_json(out / "metrics.json", result)
-    _write_report(out, result, units)
-    if isinstance(dataset, (str, os.PathLike)):
-        ds.close()
-    return result
+
+def _raw_spectra(files, titles, ds_path, notes):
+    """(spectra, titles) of the example stars whose source files can be read; the others go to ``notes``."""
+    from .sdss import SpectrumError, read_spectrum
+
+    spectra, raw_titles = [], []
+    for f, t in zip(files, titles):
+        if not f:
+            continue
+        try:
+            spectra.append(read_spectrum(_resolve(f, ds_path)))
+            raw_titles.append(t)
+        except SpectrumError as e:
+            notes.append(f"raw spectrum not shown: {e}")
+    return spectra, raw_titles
 
 
 # ----------------------------------------------------------------------------- report page

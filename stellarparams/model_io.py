@@ -298,6 +298,14 @@ class Model:
             self._warned_uncalibrated = True
         return predict_full(self, flux, batch_size)
 
+    def predict_arrays(self, flux, batch_size: int = 4096) -> dict:
+        """Labels, sigmas, 95% intervals and flags of prepared (N, P) flux as arrays, physical units.
+
+        Returns the dict of :func:`stellarparams.uncertainty.predict_full`: "pred", "sigma", "lo95",
+        "hi95" (N, L), "ood_score" (N,), "flag_unlike_training", "flag_label_hull" (N,) bool.
+        """
+        return self._full(flux, batch_size)
+
     def predict_full(self, flux, batch_size: int = 4096, rv_kms=None) -> pd.DataFrame:
         """Everything about each spectrum as a table, one row per input row.
 

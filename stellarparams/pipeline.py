@@ -95,7 +95,7 @@ def calibration(model, dataset, split="test") -> dict:
         return {"table": [], "fraction_unlike_training": None}
     idx = dataset.indices(split)
     cols = [dataset.label_names.index(l) for l in model.label_names]
-    full = model._full(dataset.flux(idx))
+    full = model.predict_arrays(dataset.flux(idx))
     table = coverage_table(dataset.labels(idx)[:, cols], full["pred"], full["sigma"],
                            dataset.meta(idx)["snr"].to_numpy(np.float64), model.label_names,
                            half95=(full["hi95"] - full["lo95"]) / 2)
@@ -166,22 +166,40 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     dict
         The content of OUT/results.json.
     """
-    from .config import ModelConfig, load_config, recipe
-    from .dataset import Dataset, parse_grid
-    from .evaluate import evaluate
-    from .outputs import check_output_folder
-    from .prepare import PrepareConfig, prepare
+    from .dataset import parse_grid
     from .devices import check_precision, resolve_device
-    from .simulate import simulate
-    from .train import train
+    from .prepare import PrepareConfig
 
     prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
     device = resolve_device(device)
     check_precision(device, precision)
     out = Path(out)
-    times = {}
     t_all = time.perf_counter()
+    times = _simulate_and_prepare(out, n, seed, workers, prep, progress, dask)
+    mc, tc = _train_configs(config, recipe_name, seed, threads, epochs)
+    stages = _train_and_evaluate(out, mc, tc, progress, device, precision, times)
+    times = {k: round(v, 1) for k, v in times.items()}
+    results = {"key": stages["key"], "comparison": stages["res"], "calibration": stages["cal"],
+               "all_pass": all(stages["res"]["pass"].values()),
+               "seconds": times, "total_seconds": round(time.perf_counter() - t_all, 1),
+               "n_simulated": n, "n_spectra": stages["n_spectra"], "seed": seed, "model": str(out / "model"),
+               "report": str(stages["report"]), "recipe": tc.recipe,
+               "model_config": mc.to_dict(), "train_config": tc.to_dict(), "model_metrics": stages["model"].metrics,
+               "stellarparams_version": __version__}
+    old = stages["old"]
+    if old.get("key") == stages["key"]:  # keep the first run's stage timings
+        results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
+    _write_results(out, results, stages, progress, times, t_all)
+    return results
 
+
+def _simulate_and_prepare(out: Path, n, seed, workers, prep, progress, dask) -> dict:
+    """Stages 1-2 of :func:`run`: OUT/survey/ and OUT/dataset/; returns their seconds."""
+    from .outputs import check_output_folder
+    from .prepare import prepare
+    from .simulate import simulate
+
+    times = {}
     with engine.connect(dask, progress) as client:  # before anything is written: a dead address leaves nothing
         check_output_folder(out)
         _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
@@ -194,12 +212,28 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
                 progress=progress, dask=client)
         times["prepare"] = time.perf_counter() - t0
+    return times
+
+
+def _train_configs(config, recipe_name, seed, threads, epochs):
+    """(ModelConfig, TrainConfig) of :func:`run`: the recipe or the TOML, with the run's seed and overrides."""
+    from .config import ModelConfig, load_config, recipe
 
     mc, tc = (load_config(config, recipe_name, DEFAULT_RECIPE) if config
               else (ModelConfig(), recipe(recipe_name or DEFAULT_RECIPE)))
     tc = replace(tc, seed=seed, threads=threads or tc.threads or os.cpu_count())
     if epochs is not None:
         tc = replace(tc, epochs=epochs)
+    return mc, tc
+
+
+def _train_and_evaluate(out: Path, mc, tc, progress, device, precision, times: dict) -> dict:
+    """Stages 3-4 of :func:`run`: OUT/model/ and OUT/report/, comparison and calibration reused
+    from OUT/results.json when its key matches. Adds the stages' seconds to ``times``."""
+    from .dataset import Dataset
+    from .evaluate import evaluate
+    from .train import train
+
     _say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}", progress)
     t0 = time.perf_counter()
     with Dataset(out / "dataset") as ds:
@@ -224,25 +258,22 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
             evaluate(model, ds, out / "report", split="test", progress=progress)
         times["evaluate"] = time.perf_counter() - t0
         n_spectra = {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}
-    times = {k: round(v, 1) for k, v in times.items()}
-    results = {"key": key, "comparison": res, "calibration": cal, "all_pass": all(res["pass"].values()),
-               "seconds": times, "total_seconds": round(time.perf_counter() - t_all, 1),
-               "n_simulated": n, "n_spectra": n_spectra, "seed": seed, "model": str(out / "model"),
-               "report": str(report), "recipe": tc.recipe,
-               "model_config": mc.to_dict(), "train_config": tc.to_dict(), "model_metrics": model.metrics,
-               "stellarparams_version": __version__}
-    if old.get("key") == key:  # keep the first run's stage timings
-        results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
+    return {"model": model, "key": key, "old": old, "res": res, "cal": cal, "report": report,
+            "n_spectra": n_spectra}
+
+
+def _write_results(out: Path, results: dict, stages: dict, progress, times: dict, t_all: float):
+    """OUT/results.json and OUT/results.md; with ``progress`` the table and where things are."""
+    res_path = out / "results.json"
     write_text(res_path, dumps(results))
-    table = format_table(res) + "\n\n" + format_calibration(cal)
+    table = format_table(stages["res"]) + "\n\n" + format_calibration(stages["cal"])
     write_text(out / "results.md", "```\n" + table + "\n```\n")
     if progress:
         print(table)
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
               + f"; total {time.perf_counter() - t_all:.0f} s")
         print(f"model: {out / 'model'}  results: {res_path}")
-        print(f"report (predicted vs true, residuals, calibration figures): {report}")
-    return results
+        print(f"report (predicted vs true, residuals, calibration figures): {stages['report']}")
 
 
 # ---------------------------------------------------------------------- CLI

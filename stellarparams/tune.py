@@ -393,31 +393,58 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
     out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    labels, n_in = list(ds.label_names), ds.n_pix
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = {"epochs": epochs, "space": space.to_dict(), "labels": list(ds.label_names), "seed": seed,
+                "sampler": sampler, "recipe": recipe_name, "prune": prune, "version": __version__,
+                "dataset": {"n": ds.n, "n_pix": ds.n_pix, "input_hash": ds.attrs.get("input_hash", "")}}
+    reference = _reference(list(ds.label_names), space, recipe_name, log)
+    study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
+    # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
+    study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
+    study.pruner = make_pruner(epochs, prune)
+    if threads:
+        import torch
 
+        torch.set_num_threads(int(threads))
+    objective = _objective(study, ds, space, trials, epochs, seed, recipe_name, threads, device, precision)
+    n_done = len(finished_trials(study))
+    remaining = trials - n_done
+    log(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
+        f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
+        f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
+    if remaining > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
+                                      *callbacks],
+                           gc_after_trial=True, show_progress_bar=progress)
+    write_report(study, out, storage_url=url)
+    if not isinstance(dataset, Dataset):
+        ds.close()
+    return study
+
+
+def _reference(labels, space: SearchSpace, recipe_name: str, log):
+    """The paper's default configuration as a trial's params, or None when the space leaves it out."""
     if recipe_name not in RECIPES:
         raise ValueError(f"unknown recipe {recipe_name!r}; choose one of {sorted(RECIPES)}")
     reference = paper_default_params(labels, space, recipe_name)
     if reference is not None and not space.contains(reference, labels):
         log("the paper's default configuration lies outside this search space: no reference trial")
         reference = None
-    settings = {"epochs": epochs, "space": space.to_dict(), "labels": labels, "seed": seed, "sampler": sampler,
-                "recipe": recipe_name,
-                "prune": prune, "version": __version__,
-                "dataset": {"n": ds.n, "n_pix": n_in, "input_hash": ds.attrs.get("input_hash", "")}}
-    study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
-    # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
-    study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
-    study.pruner = make_pruner(epochs, prune)
-    rows = (ds.indices("train"), ds.indices("val"))
-    if threads:
-        import torch
+    return reference
 
-        torch.set_num_threads(int(threads))
+
+def _objective(study, ds, space: SearchSpace, trials: int, epochs: int, seed: int, recipe_name: str,
+               threads, device, precision):
+    """Optuna's objective: train one suggested configuration, report the best validation loss per
+    epoch to the pruner, return it. Stops the worker once ``trials`` are finished or running."""
+    labels, n_in = list(ds.label_names), ds.n_pix
+    rows = (ds.indices("train"), ds.indices("val"))
 
     def objective(trial):
         live = study.get_trials(deepcopy=False, states=DONE + (TrialState.RUNNING,))
@@ -445,22 +472,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
         trial.set_user_attr("val_metrics", {k: v for k, v in fitted.metrics.items() if isinstance(v, (int, float))})
         return fitted.best_val_loss
 
-    n_done = len(finished_trials(study))
-    remaining = trials - n_done
-    log(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
-        f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
-        f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
-    if remaining > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
-                                      *callbacks],
-                           gc_after_trial=True, show_progress_bar=progress)
-    write_report(study, out, storage_url=url)
-    if not isinstance(dataset, Dataset):
-        ds.close()
-    return study
+    return objective
 
 
 # ------------------------------------------------------------------ report
