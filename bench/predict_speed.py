@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from stellarparams import sdss
+from stellarparams.config import ModelConfig
 from stellarparams.dataset import Grid
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.model import StellarNet
 from stellarparams.model_io import Model
 from stellarparams.predict import predict
 from stellarparams.prepare import PrepareConfig

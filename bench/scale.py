@@ -133,7 +133,7 @@ def engine_args(engine: str) -> list:
 def quick_model(work: Path, dataset: Path) -> Path:
     """A model of the default architecture trained for one epoch (paper recipe, calibrated on val): speed only."""
     from stellarparams.config import recipe
-    from stellarparams.model import ModelConfig
+    from stellarparams.config import ModelConfig
     from stellarparams.train import train
 
     out = work / "model"

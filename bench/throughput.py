@@ -132,7 +132,8 @@ def default_model(folder: Path) -> Path:
     import torch
 
     from stellarparams.dataset import Grid
-    from stellarparams.model import ModelConfig, StellarNet
+    from stellarparams.config import ModelConfig
+    from stellarparams.model import StellarNet
     from stellarparams.model_io import Model, save_model
     from stellarparams.prepare import PrepareConfig
 

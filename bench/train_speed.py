@@ -13,8 +13,9 @@ import time
 import numpy as np
 import torch
 
+from stellarparams.config import ModelConfig
 from stellarparams.dataset import write_dataset
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.model import StellarNet
 from stellarparams.train import TrainConfig, masked_huber, train
 
 

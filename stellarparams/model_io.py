@@ -38,7 +38,7 @@ from .config import ModelConfig, TrainConfig
 from .devices import module_device, resolve_device, to_device
 from .files import write_bytes, write_text
 from .model import StellarNet, count_parameters
-from .physics import rv_from_z  # noqa: F401  (re-exported: stellarparams.predict imports it from here)
+from .physics import rv_from_z
 from .records import jsonable, sha256_bytes, sha256_file
 from .uncertainty import UNC_JSON, UNC_TENSORS, Uncertainty, predict_full
 
@@ -339,10 +339,6 @@ class Model:
         df["flag_out_of_range"] = self.out_of_range(r["pred"])
         return df
 
-    def predict_spectra(self, spectra, rv_kms=None) -> np.ndarray:
-        """Spectrum record(s) -> (N, L) physical labels; raises SpectrumError for a bad one."""
-        return self.predict(self.prepare_spectra(spectra, rv_kms))
-
     def prepare_spectra(self, spectra, rv_kms=None) -> np.ndarray:
         """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data."""
         return self.preprocessing.apply(spectra, rv_kms)
@@ -354,10 +350,6 @@ class Model:
     def out_of_range(self, pred) -> np.ndarray:
         """(N, L) physical predictions -> (N,) bool, True where any label is outside the training range."""
         return self.scaler.out_of_range(pred)
-
-    def predict_frame(self, flux, batch_size: int = 4096) -> pd.DataFrame:
-        """Same as :meth:`predict_full` (labels, sigmas, ood_score, flags)."""
-        return self.predict_full(flux, batch_size)
 
     # ------------------------------------------------------------------ compatibility
     def check_dataset(self, dataset):

@@ -61,7 +61,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ._version import __version__
-from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe  # noqa: F401  (config_toml re-exported)
+from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .files import atomic_write, write_text

@@ -105,7 +105,7 @@ def make_dataset(tmp_path, n=48, n_pix=4000, with_files=True):
 
 def train_model(ds, out):
     """A real, small network trained for a few seconds by the project's own loop."""
-    from stellarparams.model import ModelConfig
+    from stellarparams.config import ModelConfig
     from stellarparams.train import TrainConfig, train
 
     mc = ModelConfig(stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (8,), "logg": (8,)},

@@ -7,8 +7,8 @@ import torch
 
 from stellarparams import load_model
 from stellarparams.cli import main
+from stellarparams.config import ModelConfig
 from stellarparams.finetune import in_part, parse_freeze
-from stellarparams.model import ModelConfig
 from stellarparams.train import TrainConfig, train
 
 from test_train import TINY, make_dataset

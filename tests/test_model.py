@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from stellarparams.model import ModelConfig, StellarNet, count_parameters
+from stellarparams.config import ModelConfig
+from stellarparams.model import StellarNet, count_parameters
 
 
 def lin(i, o):

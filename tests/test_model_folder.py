@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from stellarparams import load_model
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.config import ModelConfig
+from stellarparams.model import StellarNet
 from stellarparams.model_io import Model, ModelFileError, save_model
 from stellarparams.uncertainty import Uncertainty
 

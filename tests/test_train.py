@@ -11,8 +11,8 @@ import torch
 from sklearn.preprocessing import RobustScaler
 
 from stellarparams import load_model
+from stellarparams.config import ModelConfig
 from stellarparams.dataset import write_dataset
-from stellarparams.model import ModelConfig
 from stellarparams.train import TrainConfig, load_config, lr_factor, masked_huber, train
 
 torch.set_num_threads(1)

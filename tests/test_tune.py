@@ -15,10 +15,10 @@ import torch
 from optuna.trial import TrialState
 
 from stellarparams.cli import main
+from stellarparams.config import ModelConfig, config_toml
 from stellarparams.dataset import write_dataset
-from stellarparams.model import ModelConfig
 from stellarparams.train import TrainConfig, load_config, train
-from stellarparams.tune import (HEAD_TEMPLATES, SearchSpace, config_toml, configs_from_params, finished_trials,
+from stellarparams.tune import (HEAD_TEMPLATES, SearchSpace, configs_from_params, finished_trials,
                                 paper_default_params, params_from_configs, tune)
 
 torch.set_num_threads(1)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from stellarparams import load_model
+from stellarparams.config import ModelConfig
 from stellarparams.dataset import write_dataset
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.model import StellarNet
 from stellarparams.model_io import ModelFileError, save_model
 from stellarparams.train import TrainConfig, train
 from stellarparams.uncertainty import (Uncertainty, coverage, coverage_table, der_snr_noise, fit_variance,

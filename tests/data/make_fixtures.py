@@ -44,7 +44,7 @@ def tiny_dataset(folder, n=150, p=N_PIX, seed=0):
 
 
 def tiny_configs(calib_folds=0):
-    from stellarparams.model import ModelConfig
+    from stellarparams.config import ModelConfig
     from stellarparams.train import TrainConfig
 
     mc = ModelConfig(n_in=N_PIX, stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (4,), "logg": (8,)},
