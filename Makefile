@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the exact CPU wheel on local disk (pyproject.toml only asks torch>=2.4,<3, so a CUDA build stays)
 	$(PY) -m pip install -q torch==2.13.0
+	# what `make run` needs (the simulate and plots extras) and `make test` (every extra + pytest): .[test]
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -23,6 +23,7 @@ import signal
 import sys
 
 from . import __version__
+from .extras import requires
 
 EXIT_DONE, EXIT_NOTHING_USABLE, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 MAX_GRID_PIXELS = 100_000  # --grid N: survey spectra have 4,000-8,000 pixels; more only costs memory
@@ -39,6 +40,15 @@ COMMANDS = {
     "predict": ("stellarparams.predict", "run a model on new spectra"),
     "diagnose": ("stellarparams.diagnose", "how unlike a model's training spectra a set of spectra is, and where"),
     "run": ("stellarparams.pipeline", "main job: simulate, prepare, train, evaluate, and compare with a Ridge baseline"),
+}
+# name -> the optional dependencies it needs, as (pip extra, module); checked before its module is imported,
+# so a missing one is one line naming the extra to install (exit 2), not a traceback
+NEEDS = {
+    "simulate": (("simulate", "mangadap"),),
+    "tune": (("tune", "optuna"), ("tune", "matplotlib")),
+    "evaluate": (("plots", "matplotlib"),),
+    "diagnose": (("plots", "matplotlib"),),
+    "run": (("simulate", "mangadap"), ("plots", "matplotlib")),
 }
 
 
@@ -69,6 +79,8 @@ def build_parser(argv):
                            formatter_class=HelpFormatter)
         # only the chosen command's module is imported (keeps --help fast)
         if name == chosen:
+            for extra, module in NEEDS.get(name, ()):
+                requires(extra, module)
             importlib.import_module(modname).add_arguments(p)
             p.set_defaults(_module=modname)
     return parser

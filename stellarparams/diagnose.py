@@ -184,8 +184,11 @@ def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, 
     """
     from scipy.stats import kstest
 
+    from .extras import requires
     from .model_io import Model, load_model
 
+    if out is not None:
+        requires("plots", "matplotlib")  # the page's figures; before any work
     name = "" if isinstance(model, Model) else str(model)
     model = model if isinstance(model, Model) else load_model(model, device=device)
     if model.uncertainty is None:

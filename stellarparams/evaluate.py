@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import median_abs_deviation
 
+from .extras import requires
 from .files import write_text
 from .outputs import holds_lock
 from .records import dumps, jsonable
@@ -254,7 +255,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     Returns the content of ``metrics.json`` (per-label metrics, binned tables, metadata,
     figure paths, notes about anything skipped).
     """
-    from . import plots  # noqa: F401  (first: a missing plotting extra stops before any work)
+    requires("plots", "matplotlib")  # before any work
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)

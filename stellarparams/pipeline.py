@@ -168,8 +168,11 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     """
     from .dataset import parse_grid
     from .devices import check_precision, resolve_device
+    from .extras import requires
     from .prepare import PrepareConfig
 
+    requires("simulate", "mangadap")  # before any work: simulate's MILES stars,
+    requires("plots", "matplotlib")   # and the report's figures
     prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
     device = resolve_device(device)
     check_precision(device, precision)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from .extras import requires
 
+matplotlib = requires("plots", "matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

@@ -57,17 +57,19 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
-
 from ._version import __version__
 from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
+from .extras import requires
 from .files import atomic_write, write_text
 from .outputs import check_output_folder
 from .records import dumps
 from .training import fit
+
+optuna = requires("tune", "optuna")
+requires("tune", "matplotlib")  # history.png and importance.png
+TrialState = optuna.trial.TrialState
 
 METHOD_REF = 'docs/method.md, section "Hyperparameter search"'
 # docs/method.md, section "Hyperparameter search": (low, high) of every range
