@@ -5,6 +5,8 @@ import torch
 
 from stellarparams import augment as A
 
+from helpers import tiny_arrays
+
 P = 4000
 PIX = torch.arange(P, dtype=torch.float64)
 LOGLAM = torch.linspace(3.5754, 3.9670, P, dtype=torch.float64)
@@ -138,13 +140,10 @@ def test_pure_functions_do_not_modify_their_input():
 
 # --------------------------------------------------------------------------- in the training loop
 def _dataset(folder, n=120, p=200, with_offset=True):
+    """The tiny dataset (72 training rows) with noise and reddening columns; val/test rows marked in pixel 0."""
     from stellarparams.dataset import write_dataset
 
-    rng = np.random.default_rng(0)
-    y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-2.5, 0.5, n), rng.uniform(1, 5, n)].astype(np.float32)
-    X = rng.normal(size=(n, p)) + (y[:, :1] - 6500) / 1500 * np.linspace(-1, 1, p)
-    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
-    split = np.repeat([0, 1, 2], [72, 24, 24])
+    X, y, split = tiny_arrays(n, p)
     X[split > 0, 0] = 123.0  # val/test rows carry a mark no training row has
     return write_dataset(folder, X, y, split, sigma=np.full((n, p), 0.05),
                          offset=np.full(n, 3.0) if with_offset else None)

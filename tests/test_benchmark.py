@@ -10,7 +10,8 @@ from sklearn.linear_model import Ridge
 from stellarparams.baselines import CNN, DNN, OLS, RidgeVal
 from stellarparams.model import count_parameters as count_trainable
 from stellarparams.benchmark import MODELS, benchmark, fit_linear, paper_claims
-from stellarparams.dataset import write_dataset
+
+from helpers import tiny_dataset
 
 torch.set_num_threads(1)
 TABLES = ("table2_mae", "table3_params_time", "table4_relative_to_dnn", "table5_relative_to_proposed")
@@ -59,21 +60,11 @@ def test_linear_baselines_handle_missing_labels():
         ols.predict(np.full((2, 10), np.nan))
 
 
-def tiny_dataset(path, n=60, n_pix=4000, seed=0):
-    """60 spectra x 4000 pixels whose flux carries the labels (plus noise)."""
-    rng = np.random.default_rng(seed)
-    Y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-3, 0.5, n), rng.uniform(1, 5, n)]
-    basis = rng.normal(size=(3, n_pix))
-    X = ((Y - Y.mean(0)) / Y.std(0)) @ basis + rng.normal(0, 0.5, size=(n, n_pix))
-    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
-    split = np.array(["train"] * 36 + ["val"] * 6 + ["test"] * 18)
-    meta = pd.DataFrame({"plate": 1, "mjd": 2, "fiberid": np.arange(n), "rv": 0.0, "snr": rng.uniform(5, 50, n),
-                         "object_id": [f"s{i}" for i in range(n)], "file": ""})
-    return write_dataset(path, X, Y, split, meta=meta, attrs={"input_hash": f"tiny-{seed}"})
+SMALL = dict(n=60, meta=True, attrs={"input_hash": "tiny-0"})  # 36/9/15 rows with survey columns
 
 
 def test_benchmark_quick_all_models(tmp_path):
-    ds = tiny_dataset(tmp_path / "ds")
+    ds = tiny_dataset(tmp_path / "ds", n_pix=4000, **SMALL)
     out = tmp_path / "bench"
     res = benchmark(ds, out, quick=True, seed=3, threads=1, progress=False, batch_size=8)
     test_idx = ds.indices("test")
@@ -133,7 +124,7 @@ def test_benchmark_quick_all_models(tmp_path):
 
 
 def test_failing_model_is_reported_and_others_finish(tmp_path, capsys):
-    ds = tiny_dataset(tmp_path / "ds", n_pix=300)
+    ds = tiny_dataset(tmp_path / "ds", n_pix=300, **SMALL)
 
     def broken(name, ctx):
         raise RuntimeError("out of memory while building the network")
@@ -179,7 +170,7 @@ def test_paper_claims_verdicts():
 def test_benchmark_cli(tmp_path, capsys):
     from stellarparams.cli import main
 
-    tiny_dataset(tmp_path / "ds", n_pix=200)
+    tiny_dataset(tmp_path / "ds", n_pix=200, **SMALL)
     rc = main(["benchmark", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "b"), "--models", "OLS,Ridge",
                "--threads", "1", "--quiet"])
     assert rc == 0

@@ -15,8 +15,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import stellarparams.prepare as prep
 from stellarparams import cli, engine
 from stellarparams.predict import predict
-from test_predict import tiny_model, write_star as write_predict_star
-from test_prepare import _dataset_arrays, content_sha256, good_set
+
+from helpers import content_sha256, dataset_arrays, good_set, tiny_model, write_spectrum
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def _with_rejects(tmp_path):
 
 
 def _same_dataset(a, b):
-    got, ref = _dataset_arrays(a), _dataset_arrays(b)
+    got, ref = dataset_arrays(a), dataset_arrays(b)
     for x, y in zip(got[:4], ref[:4]):
         np.testing.assert_array_equal(x, y)
     pd.testing.assert_frame_equal(got[4], ref[4])
@@ -130,7 +130,7 @@ def test_resume_and_rerun_on_dask_redo_no_finished_chunk(tmp_path, cluster, monk
 def _predict_inputs(tmp_path):
     d = tmp_path / "spectra"
     for i in range(1, 10):
-        write_predict_star(d / f"spec-1000-52000-{i:04d}.fits", i)
+        write_spectrum(d / f"spec-1000-52000-{i:04d}.fits", i)
     (d / "spec-1000-52000-0101.fits").write_text("not a FITS file")
     return [d, tmp_path / "spec-1000-52000-0102.fits"]  # a folder and a file that does not exist
 

@@ -10,7 +10,7 @@ from stellarparams.dataset import Grid, write_dataset
 from stellarparams.diagnose import diagnose, find_regions
 from stellarparams.train import TrainConfig, train
 
-from test_train import TINY, make_dataset
+from helpers import TINY, tiny_dataset
 
 torch.set_num_threads(1)
 BAND = (20, 25)   # pixels of the injected absorption band
@@ -19,10 +19,10 @@ BAND = (20, 25)   # pixels of the injected absorption band
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
-    ds = make_dataset(root / "train", n=360)
+    ds = tiny_dataset(root / "train", n=360)
     train(ds, root / "model", TINY, TrainConfig(epochs=8, batch_size=32, lr=3e-3, seed=1, calib_folds=0),
           progress=False)
-    new = make_dataset(root / "new", n=200, seed=7)   # other stars, the same spectra-label relation
+    new = tiny_dataset(root / "new", n=200, seed=7)   # other stars, the same spectra-label relation
     return root, new
 
 

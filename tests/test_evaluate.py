@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from stellarparams import plots
-from stellarparams.dataset import write_dataset
 from stellarparams.evaluate import binned_mae, evaluate, markdown_table, metrics
 from stellarparams.sdss import write_spec_lite
+
+from helpers import tiny_dataset
 
 torch.set_num_threads(1)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -82,12 +83,8 @@ def test_markdown_table():
 
 
 def make_dataset(tmp_path, n=48, n_pix=4000, with_files=True):
-    """Tiny prepared dataset whose first pixels carry the labels; half the FITS files exist."""
+    """The tiny dataset with survey columns and a TEFF_TRUE column (teff + 25 K); half the FITS files exist."""
     rng = np.random.default_rng(1)
-    Y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-3, 0.5, n), rng.uniform(1, 5, n)]
-    X = rng.normal(size=(n, n_pix))
-    X[:, :3] = 3 * (Y - Y.mean(0)) / Y.std(0)
-    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
     files = []
     for i in range(n):
         path = tmp_path / "spectra" / f"spec-0001-50000-{i:04d}.fits"
@@ -96,11 +93,7 @@ def make_dataset(tmp_path, n=48, n_pix=4000, with_files=True):
             flux = 50 + 100 * np.exp(-((10 ** loglam - 5000) / 2000) ** 2) + rng.normal(0, 3, loglam.size)
             write_spec_lite(path, loglam, flux, np.full(loglam.size, 0.1), plate=1, mjd=50000, fiberid=i)
         files.append(str(path))
-    meta = pd.DataFrame({"plate": 1, "mjd": 50000, "fiberid": np.arange(n), "rv": 0.0,
-                         "snr": rng.uniform(5, 80, n), "object_id": [f"star{i}" for i in range(n)], "file": files})
-    split = np.array(["train"] * (n // 2) + ["val"] * (n // 6) + ["test"] * (n - n // 2 - n // 6))
-    extra = pd.DataFrame({"TEFF_TRUE": Y[:, 0] + 25.0})  # a simulation's noiseless truth
-    return write_dataset(tmp_path / "dataset", X, Y, split, meta=meta, extra=extra), Y
+    return tiny_dataset(tmp_path / "dataset", n, n_pix, seed=1, meta=True, files=files, teff_true=25.0)
 
 
 def train_model(ds, out):
@@ -117,13 +110,13 @@ def train_model(ds, out):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    ds, Y = make_dataset(tmp)
+    ds = make_dataset(tmp)
     model = train_model(ds, tmp / "model")
-    return tmp, ds, Y, model
+    return tmp, ds, model
 
 
 def test_evaluate_writes_tables_figures_and_report(trained):
-    tmp, ds, Y, model = trained
+    tmp, ds, model = trained
     out = tmp / "report"
     r = evaluate(tmp / "model", tmp / "dataset", out, progress=False)
 
@@ -183,8 +176,8 @@ def test_evaluate_writes_tables_figures_and_report(trained):
 
 
 def test_evaluate_without_source_files_skips_raw_figure(tmp_path, trained):
-    _, _, _, model = trained
-    ds, Y = make_dataset(tmp_path, with_files=False)
+    _, _, model = trained
+    ds = make_dataset(tmp_path, with_files=False)
     r = evaluate(model, ds, tmp_path / "report", progress=False)
     assert "raw_spectra" not in r["figures"]
     assert any("raw-spectra figure skipped" in n for n in r["notes"])
@@ -224,7 +217,7 @@ def test_pred_vs_true_with_degenerate_predictions(tmp_path):
 
 
 def test_evaluate_refuses_a_dataset_on_another_grid(trained, tmp_path):
-    _, _, _, model = trained
-    ds, _ = make_dataset(tmp_path, n_pix=500, with_files=False)
+    _, _, model = trained
+    ds = make_dataset(tmp_path, n_pix=500, with_files=False)
     with pytest.raises(ValueError, match="grid"):
         evaluate(model, ds, tmp_path / "report", progress=False)

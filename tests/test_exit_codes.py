@@ -74,8 +74,7 @@ def test_tune_workers_share_their_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["prepare", "predict"])
 def test_nothing_usable_exits_1_and_publishes_nothing(command, tmp_path, capsys):
-    from test_predict import tiny_model
-    from test_prepare import catalog_row
+    from helpers import catalog_row, tiny_model
 
     from stellarparams.model_io import save_model
 
@@ -120,7 +119,7 @@ def read_only_folder(tmp_path):
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_read_only_output_folder_exits_2_with_one_line(command, tmp_path, capsys):
-    from test_predict import tiny_model
+    from helpers import tiny_model
 
     from stellarparams.model_io import save_model
 
@@ -143,7 +142,7 @@ class ClosedPipe:
 
 
 def test_broken_pipe_is_quiet(tmp_path, monkeypatch, capsys):
-    from test_predict import tiny_model, write_star
+    from helpers import tiny_model, write_spectrum as write_star
 
     from stellarparams.model_io import save_model
 

@@ -11,7 +11,7 @@ from stellarparams.config import ModelConfig
 from stellarparams.finetune import in_part, parse_freeze
 from stellarparams.train import TrainConfig, train
 
-from test_train import TINY, make_dataset
+from helpers import TINY, tiny_dataset
 
 torch.set_num_threads(1)
 
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 def source(tmp_path_factory):
     """A tiny model trained 4 epochs on a 48-pixel dataset, and that dataset."""
     root = tmp_path_factory.mktemp("ft")
-    ds = make_dataset(root / "ds", n=240)
+    ds = tiny_dataset(root / "ds", n=240)
     model = train(ds, root / "src", TINY, TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=1, calib_folds=0),
                   progress=False)
     return root, ds, model
@@ -46,7 +46,7 @@ def test_matching_grid_starts_at_the_source_models_validation_loss(source):
 
 def test_other_grid_reinitialises_the_stem_and_still_trains(source):
     root, _, src = source
-    ds40 = make_dataset(root / "ds40", n=240, p=40, seed=3)
+    ds40 = tiny_dataset(root / "ds40", n=240, n_pix=40, seed=3)
     tc = TrainConfig(epochs=3, batch_size=32, lr=3e-3, seed=2, calib_folds=0, init_from=str(root / "src"),
                      freeze=("blocks", "heads"))
     ft = train(ds40, None, None, tc, progress=False)

@@ -251,7 +251,7 @@ FUZZ_COLUMNS = ["PLATE", "MJD", "FIBERID", "TEFF_ADOP", "FEH_ADOP", "LOGG_ADOP",
 
 
 def good_catalog(folder, n=6):
-    from test_prepare import catalog_row, write_star
+    from helpers import catalog_row, write_star
 
     rows = []
     for i in range(n):

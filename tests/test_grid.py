@@ -1,25 +1,28 @@
-"""Any grid: `prepare --grid`, `--grid-from`, and `predict` onto the model's grid, from the CLI."""
+"""Any grid: `prepare --grid`, `--grid-from`, and `predict` onto the model's grid, from the CLI (in process)."""
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from stellarparams import sdss
+from stellarparams.cli import main
 from stellarparams.dataset import Dataset, Grid, parse_grid
 from stellarparams.prepare import PrepareConfig, config_from_model, preprocess
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def cli(*args, ok=True):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "stellarparams.cli", *map(str, args)], capture_output=True,
-                       text=True, env=env, timeout=600)
+    """`stellarparams ARGS` run in this process; its exit code, stdout and stderr (as subprocess.run gives them)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse refusing the options
+            code = e.code
+    r = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if ok:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -14,7 +14,7 @@ from stellarparams.evaluate import evaluate
 from stellarparams.finetune import OptionError, in_part
 from stellarparams.train import TrainConfig, train
 
-from test_train import TINY, make_dataset
+from helpers import TINY, tiny_dataset
 
 torch.set_num_threads(1)
 TC = dict(batch_size=32, lr=3e-3, calib_folds=0)
@@ -37,9 +37,9 @@ def _copy(ds, folder, keep=("teff", "feh", "logg"), drop=None, columns=None):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("partial")
-    full = make_dataset(root / "full", n=240)
+    full = tiny_dataset(root / "full", n=240)
     model = train(full, root / "src", TINY, TrainConfig(epochs=4, seed=1, **TC), progress=False)
-    feh = _copy(make_dataset(root / "other", n=240, seed=5), root / "feh", keep=("feh",))
+    feh = _copy(tiny_dataset(root / "other", n=240, seed=5), root / "feh", keep=("feh",))
     return root, full, feh, model
 
 
@@ -147,7 +147,7 @@ def test_evaluate_reports_only_where_truth_exists(source, tmp_path):
 
 def test_freezing_the_stem_on_another_grid_is_refused(source, capsys):
     root, _, _, _ = source
-    make_dataset(root / "ds40", n=120, p=40, seed=3)
+    tiny_dataset(root / "ds40", n=120, n_pix=40, seed=3)
     with pytest.raises(OptionError, match="stem's input layer"):
         train(root / "ds40", None, None, TrainConfig(epochs=1, init_from=str(root / "src"), freeze=("trunk",), **TC),
               progress=False)

@@ -9,32 +9,14 @@ from astropy.table import Table
 
 from stellarparams import load_model, sdss
 from stellarparams.dataset import Grid
-from stellarparams.model import ModelConfig, StellarNet
-from stellarparams.model_io import Model, ModelFileError, rv_from_z, save_model
+from stellarparams.model_io import ModelFileError, save_model
+from stellarparams.physics import rv_from_z
 from stellarparams.predict import predict
 from stellarparams.prepare import PrepareConfig, preprocess
 
+from helpers import LOGLAM, TINY_GRID as GRID, tiny_model, write_spectrum as write_star
+
 torch.set_num_threads(1)
-GRID = Grid(n_pix=64)
-LOGLAM = 3.5780 + 1e-4 * np.arange(3800)
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(n_in=64, stem_width=16, block_widths=(8,), heads={"teff": (8,), "feh": (4,), "logg": (8,)})
-    return Model(StellarNet(cfg), ["teff", "feh", "logg"], [6000, -1, 3.5], [1500, 0.8, 1.2], model_config=cfg,
-                 label_units=["K", "dex", "dex"], label_ranges={"teff": [4000, 9000], "feh": [-3, 0.5], "logg": [0, 5]},
-                 grid=GRID.to_dict(), prepare_config=PrepareConfig(grid=GRID).to_dict(), seed=seed)
-
-
-def write_star(path, fiber, *, objclass="STAR", flux=None, ivar=None, z=1e-4, snr=20.0):
-    rng = np.random.default_rng(fiber)
-    lam = 10 ** LOGLAM
-    f = 100 * (lam / 5000) ** -1.5 * (1 - 0.5 * np.exp(-0.5 * ((lam - 6565) / 5) ** 2)) if flux is None else flux
-    err = f / snr if ivar is None else None
-    iv = 1 / err ** 2 if ivar is None else ivar
-    noisy = f + (rng.normal(size=len(f)) * err if err is not None else 0)
-    return sdss.write_spec_lite(path, LOGLAM, noisy, iv, plate=1000, mjd=52000, fiberid=fiber, objclass=objclass, z=z)
 
 
 def test_save_load_identical_and_tamper_detected(tmp_path):

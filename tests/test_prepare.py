@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from astropy.constants import c as C_LIGHT
 from astropy.io import fits
 from scipy.interpolate import CubicSpline
 
@@ -16,22 +15,10 @@ from stellarparams.dataset import Dataset, Grid
 from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
 from stellarparams.records import sha256_file
 
+from helpers import (C_KMS, LINES, analytic, catalog_row, content_sha256, dataset_arrays as _dataset_arrays,
+                     good_set, write_star)
+
 GRID = Grid()
-C_KMS = C_LIGHT.to_value("km/s")
-LINES = np.array([3934.8, 4102.9, 4862.7, 5895.9, 6564.6, 8544.4])  # rest wavelengths, Angstrom
-SIGMA_LOG = 2.5e-4  # line width in log10 wavelength (2.5 native pixels)
-
-
-def analytic(rv_kms, n=4700, loglam0=3.5700, noise=0.0, seed=0):
-    """Gaussian absorption lines (in log10 lambda) at LINES, observed at rv_kms (relativistic)."""
-    loglam = loglam0 + 1e-4 * np.arange(n)
-    rest = loglam - 0.5 * np.log10((1 + rv_kms / C_KMS) / (1 - rv_kms / C_KMS))
-    flux = 100.0 + 10 * (rest - 3.77)  # gentle slope
-    for lam in LINES:
-        flux = flux - 40 * np.exp(-0.5 * ((rest - np.log10(lam)) / SIGMA_LOG) ** 2)
-    flux = flux + np.random.default_rng(seed).normal(0, noise, n)
-    return sdss.Spectrum(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
-                         plate=1, mjd=2, fiberid=3, objclass="STAR", path="analytic")
 
 
 def line_pixels(f, near=0.0):
@@ -191,30 +178,6 @@ def test_split_grouping():
 # ---------------------------------------------------------------------------------------------
 # the prepare job on files
 
-def write_star(folder, plate, mjd, fiber, rv=0.0, n=4700, sub="", **kw):
-    s = analytic(rv, n=n, noise=0.5, seed=fiber)
-    path = folder / sub / sdss.spec_filename(plate, mjd, fiber)
-    sdss.write_spec_lite(path, s.loglam, s.flux, s.ivar, s.and_mask, plate=plate, mjd=mjd, fiberid=fiber, **kw)
-    return path
-
-
-def catalog_row(plate, mjd, fiber, rv=0.0, **kw):
-    r = dict(PLATE=plate, MJD=mjd, FIBERID=fiber, TEFF_ADOP=4000.0 + fiber, FEH_ADOP=-1.0, LOGG_ADOP=4.0,
-             TEFF_ADOP_UNC=50.0, RV_ADOP=rv, TEFF_TRUE=4001.0 + fiber)
-    r.update(kw)
-    return r
-
-
-def good_set(tmp_path, n=12, star_ids=False):
-    spectra = tmp_path / "spectra"
-    rows = []
-    for i in range(n):
-        rv = float(20 * i - 100)
-        write_star(spectra, 500, 55000, i + 1, rv, sub=f"{i % 2}")
-        rows.append(catalog_row(500, 55000, i + 1, rv, **({"STAR_ID": i // 3} if star_ids else {})))
-    return spectra, pd.DataFrame(rows)
-
-
 def test_bad_input_each_case(tmp_path):
     spectra, cat = good_set(tmp_path, n=6)
     rows = list(cat.to_dict("records"))
@@ -286,11 +249,6 @@ def test_bad_input_each_case(tmp_path):
         assert np.isfinite(ds.flux()).all()
         assert np.isnan(ds.label_err()[:, 1:]).all() and (ds.label_err()[:, 0] == 50).all()
         np.testing.assert_array_equal(m.TEFF_TRUE, lab[:, 0] + 1)  # extra numeric column
-
-
-def _dataset_arrays(path):
-    with Dataset(path) as ds:
-        return ds.flux(), ds.valid(), ds.labels(), ds.split.copy(), ds.meta(), ds.attrs
 
 
 def test_dataset_content_and_metadata(tmp_path):
@@ -492,28 +450,6 @@ def test_resolver_equals_path_resolve_through_links(tmp_path):
               tmp_path / "other" / "plate" / ".." / "0500" / "spec-0500-55000-0001.fits",
               Path(os.path.relpath(real / "spec-0500-55000-0001.fits"))]:
         assert resolve(p) == p.resolve(), p
-
-
-def content_sha256(path) -> str:
-    """sha256 of a dataset.h5's every array (name, dtype, shape, bytes) and attribute but its creation time."""
-    import hashlib
-
-    import h5py
-
-    h = hashlib.sha256()
-    with h5py.File(path, "r") as f:
-        def add(name, obj):
-            h.update(name.encode())
-            for k in sorted(obj.attrs):
-                if k != "created":
-                    h.update(f"{k}={obj.attrs[k]!r}".encode())
-            if isinstance(obj, h5py.Dataset):
-                x = obj[()]
-                data = repr(x.tolist()).encode() if x.dtype == object else np.ascontiguousarray(x).tobytes()
-                h.update(f"{x.dtype}{np.shape(x)}".encode() + data)
-        add("/", f)
-        f.visititems(add)
-    return h.hexdigest()
 
 
 def test_fast_reader_and_fitsio_give_the_same_dataset_bit_for_bit(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from stellarparams import cli, prepare as prep, sdss
 from stellarparams.dataset import Dataset
 from stellarparams.files import OutputBusy, output_lock
 
-from test_prepare import catalog_row, good_set, write_star
+from helpers import catalog_row, good_set, tiny_model, write_spectrum, write_star
 
 PY = sys.executable
 
@@ -220,10 +220,9 @@ def _alive(pid):
 # ---------------------------------------------------------------------------------------------- predict
 
 def _predict_setup(tmp_path, n=4):
-    from test_predict import tiny_model, write_star as write_spec
 
     d = tmp_path / "spectra"
-    files = [write_spec(d / f"spec-1000-52000-{i:04d}.fits", i) for i in range(1, n + 1)]
+    files = [write_spectrum(d / f"spec-1000-52000-{i:04d}.fits", i) for i in range(1, n + 1)]
     return tiny_model(), d, files
 
 
@@ -272,10 +271,9 @@ def test_two_predict_runs_on_one_output_one_proceeds(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".fits"])
 def test_bracketed_unicode_paths_in_every_output_format(tmp_path, suffix):
-    from test_predict import tiny_model, write_star as write_spec
 
     weird = tmp_path / "a[1] b ñ"
-    good = write_spec(weird / "spec-1000-52000-0001.fits", 1)
+    good = write_spectrum(weird / "spec-1000-52000-0001.fits", 1)
     bad = weird / "spec-1000-52000-0002.fits"
     bad.write_text("not FITS")
     out = tmp_path / f"out [x] ñ{suffix}"
@@ -314,7 +312,6 @@ def test_rejected_rows_keep_their_identity(tmp_path):
 
 def test_resume_never_reuses_another_models_or_changed_files_parts(tmp_path, monkeypatch):
     import stellarparams.predict as P
-    from test_predict import tiny_model, write_star as write_spec
 
     m, d, files = _predict_setup(tmp_path, n=8)
     other = tiny_model(seed=1)  # hand-built: no fingerprint, other weights
@@ -339,7 +336,7 @@ def test_resume_never_reuses_another_models_or_changed_files_parts(tmp_path, mon
     monkeypatch.setattr(P, "_read_chunk", dies_on_file_6)
     with pytest.raises(KeyboardInterrupt):
         P.predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)
-    write_spec(files[0], 1, snr=3.0)  # same name, new content
+    write_spectrum(files[0], 1, snr=3.0)  # same name, new content
     monkeypatch.setattr(P, "_read_chunk", real)
     assert P.predict(m, [d], out, workers=0, chunk_size=2, part_chunks=2, progress=False)["resumed_from"] == 0
 
@@ -644,11 +641,10 @@ def test_unreadable_spectra_folder_is_named(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------- model
 
 def test_model_predict_one_bad_record_and_an_empty_list(tmp_path):
-    from test_predict import tiny_model, write_star as write_spec
 
     m = tiny_model()
-    good = [sdss.read_spectrum(write_spec(tmp_path / f"spec-1000-52000-000{i}.fits", i)) for i in (1, 2)]
-    bad = sdss.read_spectrum(write_spec(tmp_path / "spec-1000-52000-0003.fits", 3, ivar=np.zeros(3800)))
+    good = [sdss.read_spectrum(write_spectrum(tmp_path / f"spec-1000-52000-000{i}.fits", i)) for i in (1, 2)]
+    bad = sdss.read_spectrum(write_spectrum(tmp_path / "spec-1000-52000-0003.fits", 3, ivar=np.zeros(3800)))
     with pytest.warns(UserWarning, match="spectrum 1 .*labels are NaN"):
         pred = m.predict([good[0], bad, good[1]])
     assert pred.shape == (3, 3) and np.isnan(pred[1]).all() and np.isfinite(pred[[0, 2]]).all()
@@ -657,7 +653,6 @@ def test_model_predict_one_bad_record_and_an_empty_list(tmp_path):
 
 
 def test_report_names_the_model_folder(tmp_path):
-    from test_predict import tiny_model
 
     from stellarparams.evaluate import evaluate
     from stellarparams.model_io import save_model
@@ -729,7 +724,6 @@ def _signal_command(command, tmp_path):
             "prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
             str(tmp_path / "ds"), "--workers", "2", "--no-progress"])
     if command == "predict":
-        from test_predict import tiny_model
         from stellarparams.model_io import save_model
 
         save_model(tiny_model(), tmp_path / "model")

@@ -12,28 +12,11 @@ from sklearn.preprocessing import RobustScaler
 
 from stellarparams import load_model
 from stellarparams.config import ModelConfig
-from stellarparams.dataset import write_dataset
 from stellarparams.train import TrainConfig, load_config, lr_factor, masked_huber, train
 
+from helpers import TINY, tiny_dataset
+
 torch.set_num_threads(1)
-TINY = ModelConfig(n_in=48, stem_width=32, block_widths=(16,), heads={"teff": (16,), "feh": (8,), "logg": (16,)})
-
-
-def make_dataset(folder, n=360, p=48, seed=0, missing=0):
-    """Spectra that depend smoothly (and non-linearly) on three labels, standardized per row."""
-    rng = np.random.default_rng(seed)
-    y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-2.5, 0.5, n), rng.uniform(1, 5, n)]
-    z = (y - [6500, -1, 3]) / [1500, 0.9, 1.2]
-    A = np.random.default_rng(99).normal(size=(3, p))
-    X = np.tanh(z @ A) + 0.4 * (z[:, :1] * z[:, 1:2]) * A[2] + 0.03 * rng.normal(size=(n, p))
-    X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
-    split = np.repeat([0, 1, 2], [int(0.6 * n), int(0.15 * n), n - int(0.6 * n) - int(0.15 * n)])
-    y = y.astype(np.float32)
-    if missing:
-        y[rng.choice(int(0.6 * n), missing, replace=False), 1] = np.nan  # some train rows lack [Fe/H]
-    return write_dataset(folder, X, y, split)
-
-
 def test_lr_schedule_warmup_peak_and_floor():
     total = 1000  # warm-up = 50 steps
     assert lr_factor(0, total) == pytest.approx(1 / 50)
@@ -55,7 +38,7 @@ def test_masked_huber_ignores_missing_labels():
 
 
 def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
-    ds = make_dataset(tmp_path / "ds", missing=20)
+    ds = tiny_dataset(tmp_path / "ds", missing=20)
     tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, seed=1, calib_folds=0)
     model = train(ds, None, TINY, tc, progress=False)
     h = model.history
@@ -82,7 +65,7 @@ def test_tiny_training_learns_and_uses_paper_weights(tmp_path):
 
 
 def test_deterministic_with_seed(tmp_path):
-    ds = make_dataset(tmp_path / "ds", n=200)
+    ds = tiny_dataset(tmp_path / "ds", n=200)
     tc = TrainConfig(epochs=2, batch_size=32, seed=3, calib_folds=0)
     a = train(ds, None, TINY, tc, progress=False)
     b = train(ds, None, TINY, tc, progress=False)
@@ -97,7 +80,7 @@ class Killed(Exception):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    ds = make_dataset(tmp_path / "ds", n=200)
+    ds = tiny_dataset(tmp_path / "ds", n=200)
     tc = TrainConfig(epochs=4, batch_size=32, seed=5, calib_folds=0)
     full = train(ds, tmp_path / "full", TINY, tc, progress=False)
 
@@ -128,7 +111,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypatch):
     from stellarparams import calibrate
 
-    ds = make_dataset(tmp_path / "ds", n=200)
+    ds = tiny_dataset(tmp_path / "ds", n=200)
     tc = TrainConfig(epochs=3, batch_size=32, seed=6, calib_folds=2)
     real, calls = calibrate.raw_uncertainty, []
 
@@ -156,7 +139,7 @@ def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypa
 
 
 def test_custom_net_and_label_subset(tmp_path):
-    ds = make_dataset(tmp_path / "ds", n=120)
+    ds = tiny_dataset(tmp_path / "ds", n=120)
     net = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     cfg = ModelConfig(heads={"logg": (8,), "teff": (8,)})
     model = train(ds, None, cfg, TrainConfig(epochs=1, batch_size=32, calib_folds=0), net=net, progress=False)
@@ -178,11 +161,10 @@ def test_toml_config(tmp_path):
         load_config(p)
 
 
-def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_path, capsys):
+def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_path, tiny_ds, capsys):
     from stellarparams.cli import main
 
-    ds = make_dataset(tmp_path / "ds", n=60)
-    ds.close()
+    tiny_ds.close()  # the command opens tmp_path/ds itself
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "model"):
         assert main(["train", "--dataset", str(tmp_path / "ds"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
@@ -191,7 +173,7 @@ def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_pat
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_read_only_output_is_refused_before_any_work(tmp_path, tiny_ds, monkeypatch):
     from stellarparams import train as train_mod
 
     ro = tmp_path / "ro"
@@ -201,19 +183,19 @@ def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch):
         monkeypatch.setattr(train_mod.os, "access", lambda p, mode: Path(p) != ro)
     try:
         with pytest.raises(ValueError, match="not writable"):
-            train(make_dataset(tmp_path / "ds", n=60), ro / "model", TINY, TrainConfig(epochs=1), progress=False)
+            train(tiny_ds, ro / "model", TINY, TrainConfig(epochs=1), progress=False)
         assert not (ro / "model").exists()
     finally:
         ro.chmod(0o755)
 
 
-def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, monkeypatch):
+def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, tiny_ds, monkeypatch):
     """The folder's lock held by another writer: the CLI fails at once naming the folder and the
     holder's PID, having written nothing; train(wait=True) waits, then trains."""
     from stellarparams import files
     from stellarparams.files import output_lock
 
-    ds = make_dataset(tmp_path / "ds", n=60)
+    ds = tiny_ds
     out, tc = tmp_path / "m", TrainConfig(epochs=1, batch_size=32, calib_folds=0)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stellarparams.cli", "train", "--dataset", str(tmp_path / "ds"), "--out", str(out),
@@ -248,7 +230,7 @@ def test_paper_recipe_is_the_papers_schedule_on_the_542771_parameter_network():
     assert recipe("default").augments and set(RECIPES) == {"paper", "default"}
 
 
-def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(tmp_path):
+def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(tmp_path, tiny_ds):
     """Ten races of two train() calls on one --out (threads: each holds its own lock file
     description, so they exclude each other as two processes would): exactly one trains, the
     other fails at once naming the folder, and the model equals a solo run's."""
@@ -256,7 +238,7 @@ def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(
 
     from stellarparams.files import OutputBusy
 
-    ds = make_dataset(tmp_path / "ds", n=60)
+    ds = tiny_ds
     tc = TrainConfig(epochs=1, batch_size=32, calib_folds=0)
     solo = train(ds, tmp_path / "solo", TINY, tc, progress=False).weights_sha256
     for i in range(10):
@@ -285,7 +267,7 @@ def test_two_concurrent_trains_on_one_folder_one_proceeds_and_equals_a_solo_run(
 def test_ensemble_averages_its_members_and_its_sigma_holds_their_spread(tmp_path):
     from stellarparams.uncertainty import raw_uncertainty
 
-    ds = make_dataset(tmp_path / "ds", n=200)
+    ds = tiny_dataset(tmp_path / "ds", n=200)
     ens = train(ds, tmp_path / "ens", TINY, TrainConfig(epochs=2, batch_size=32, seed=3, calib_folds=0, ensemble=2),
                 progress=False)
     members = [train(ds, None, TINY, TrainConfig(epochs=2, batch_size=32, seed=s, calib_folds=0), progress=False)

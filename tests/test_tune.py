@@ -16,10 +16,11 @@ from optuna.trial import TrialState
 
 from stellarparams.cli import main
 from stellarparams.config import ModelConfig, config_toml
-from stellarparams.dataset import write_dataset
 from stellarparams.train import TrainConfig, load_config, train
 from stellarparams.tune import (HEAD_TEMPLATES, SearchSpace, configs_from_params, finished_trials,
                                 paper_default_params, params_from_configs, tune)
+
+from helpers import tiny_dataset
 
 torch.set_num_threads(1)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -28,14 +29,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolv
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """160 spectra x 32 pixels whose labels are a noisy linear function of the flux."""
-    rng = np.random.default_rng(0)
-    n, p = 160, 32
-    X = rng.normal(size=(n, p)).astype(np.float32)
-    y = X @ rng.normal(size=(p, 3)) * [300, 0.3, 0.3] + [6000, -1, 4] + rng.normal(size=(n, 3)) * [30, 0.03, 0.03]
-    split = np.array(["train"] * 120 + ["val"] * 20 + ["test"] * 20)
+    """The tiny dataset, 160 spectra x 32 pixels, with a reddening offset (the default recipe reddens)."""
     path = tmp_path_factory.mktemp("tune") / "ds"
-    write_dataset(path, X, y, split, offset=np.full(n, 2.0, np.float32)).close()  # the default recipe reddens
+    tiny_dataset(path, n=160, n_pix=32, offset=np.full(160, 2.0, np.float32)).close()
     return path
 
 
