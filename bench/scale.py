@@ -100,7 +100,7 @@ def cli(*args) -> list:
 
 def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
     """The catalog of ``n_max`` simulated spectra in ``work/survey`` (simulated once, resumable)."""
-    from stellarparams.sdss import read_catalog
+    from stellarparams.surveys.sdss import read_catalog
 
     r = measured(cli("simulate", "--out", work / "survey", "--n", n_max, "--seed", seed, "--dask", "local:2",
                      "--no-progress"), work / "logs" / "simulate.log")

@@ -38,7 +38,7 @@ def per_step(n=200):
             S.write_spectrum(S.spectrum_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
                              plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
         t_write = (time.perf_counter() - t) / n
-        from stellarparams.sdss import write_spec_lite
+        from stellarparams.surveys.sdss import write_spec_lite
         t = time.perf_counter()
         for i, s in enumerate(specs[:50]):
             write_spec_lite(Path(d) / f"astropy-{i}.fits", s["loglam"], s["flux"], s["ivar"], s["and_mask"],

@@ -77,7 +77,7 @@ def label_densities(labels_by_split: dict, label_names, label_units, path, bins:
 def raw_spectra(spectra, path, titles=None) -> Path:
     """A few spectra as read from their files: observed frame, absolute flux (paper Fig. 2).
 
-    spectra: list of :class:`stellarparams.sdss.Spectrum` (loglam log10 A, flux 1e-17 erg/s/cm2/A).
+    spectra: list of :class:`stellarparams.spectrum.Record` (loglam log10 A, flux 1e-17 erg/s/cm2/A).
     Pixels flagged bad (``Spectrum.good``) are left out.
     """
     n = max(len(spectra), 1)

@@ -87,7 +87,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, engine, sdss, simulate_surveys
+from . import spectrum
+from . import __version__, engine, simulate_surveys
+from .surveys import sdss
 from .files import atomic_write, write_text
 from .outputs import check_disk, locked_output
 from .physics import C_KMS, doppler
@@ -732,10 +734,10 @@ class Simulator:
             flux[hits] += spikes * sigma[hits]
         ivar = 1.0 / var
         and_mask = np.zeros(len(flux), np.int32)
-        and_mask[self.sky_line[sl] & (sky > flux + 10 * sigma)] |= sdss.pixmask("BRIGHTSKY")
-        and_mask[hits] |= sdss.pixmask("COMBINEREJ")
+        and_mask[self.sky_line[sl] & (sky > flux + 10 * sigma)] |= spectrum.pixmask("BRIGHTSKY")
+        and_mask[hits] |= spectrum.pixmask("COMBINEREJ")
         ivar[hits] = 0.0
-        and_mask[~covered] = sdss.pixmask("NODATA")
+        and_mask[~covered] = spectrum.pixmask("NODATA")
         flux[~covered], ivar[~covered], sky[~covered] = 0.0, 0.0, 0.0
         return dict(loglam=self.loglam[sl], flux=flux, ivar=ivar, and_mask=and_mask, sky=sky, wdisp=self.wdisp[sl],
                     wave=self.lam[sl])

@@ -56,7 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import desi, lamost, sdss
+from . import spectrum
+from .surveys import desi, lamost
 from .files import atomic_write
 from .physics import doppler
 
@@ -180,8 +181,8 @@ def write_files(survey: str, out, items: list, header: dict) -> None:
     header : dict
         Primary-header keywords of every spectrum (ORIGIN, the shifts).
     """
-    nodata = sdss.pixmask("NODATA")
-    cosmic = sdss.pixmask("COMBINEREJ")
+    nodata = spectrum.pixmask("NODATA")
+    cosmic = spectrum.pixmask("COMBINEREJ")
     if survey == "lamost":
         for index, spec, row in items:
             i = ids(survey, index)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from stellarparams import cli, desi, lamost, readers
+from stellarparams import cli, readers
+from stellarparams.surveys import desi, lamost
 from stellarparams import simulate as S
 from stellarparams import simulate_surveys as SS
 from stellarparams.dataset import Dataset

@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from . import sdss
-from .physics import rv_from_z
-from .spectrum import Record, make_record
+from .base import Survey
+from ..physics import rv_from_z
+from ..spectrum import Record, SpectrumError, make_record
 
 ARMS = ("B", "R", "Z")
 LABELS = {"teff": "TEFF", "feh": "FEH", "logg": "LOGG"}
@@ -137,23 +138,23 @@ def read_coadd(path) -> list[Record]:
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         ``missing_columns`` (no FIBERMAP with TARGETID, no arm), ``bad_layout`` (arm arrays
         whose shapes disagree with the FIBERMAP or the wavelengths), ``unreadable``,
         ``missing_file``.
     """
     path = Path(path)
     if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+        raise SpectrumError(path, "missing_file", f"no such file: {path}")
     try:
         sdss.check_headers(path, MAX_HDU_BYTES)
         with sdss.open_fits(path) as f:
             if "FIBERMAP" not in f:
-                raise sdss.SpectrumError(path, "missing_columns", "no FIBERMAP HDU")
+                raise SpectrumError(path, "missing_columns", "no FIBERMAP HDU")
             fm = f["FIBERMAP"].read()
             cols = {c.upper(): c for c in fm.dtype.names or ()}
             if "TARGETID" not in cols:
-                raise sdss.SpectrumError(path, "missing_columns", "FIBERMAP has no TARGETID")
+                raise SpectrumError(path, "missing_columns", "FIBERMAP has no TARGETID")
             status = (fm[cols["COADD_FIBERSTATUS"]].astype(np.int64) if "COADD_FIBERSTATUS" in cols
                       else np.zeros(len(fm), np.int64))
             arms = []
@@ -165,19 +166,19 @@ def read_coadd(path) -> list[Record]:
                 mask = f[f"{arm}_MASK"].read() if f"{arm}_MASK" in f else np.zeros(flux.shape, np.int32)
                 if (wave.ndim != 1 or flux.shape != ivar.shape or flux.shape != mask.shape
                         or flux.shape != (len(fm), len(wave))):
-                    raise sdss.SpectrumError(path, "bad_layout", f"arm {arm}: wavelength {wave.shape}, flux "
+                    raise SpectrumError(path, "bad_layout", f"arm {arm}: wavelength {wave.shape}, flux "
                                              f"{flux.shape}, ivar {ivar.shape}, mask {mask.shape} for "
                                              f"{len(fm)} FIBERMAP rows")
                 mask = mask.astype(np.int64)
                 mask[(status & BADAMP[arm]) != 0] |= SPECMASK["BADFIBER"]  # this camera's data are unusable
                 arms.append((wave, flux, ivar, mask))
-    except sdss.SpectrumError:
+    except SpectrumError:
         raise
     except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise sdss.SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
+        raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
                                  else type(e).__name__) from e
     if not arms:
-        raise sdss.SpectrumError(path, "missing_columns", "no arm with X_WAVELENGTH, X_FLUX, X_IVAR (X = B, R, Z)")
+        raise SpectrumError(path, "missing_columns", "no arm with X_WAVELENGTH, X_FLUX, X_IVAR (X = B, R, Z)")
     wave, flux, ivar, mask = merge_arms(arms)
     tid = fm[cols["TARGETID"]].astype(np.int64)
     bad_status = status & ~(FIBERSTATUS_INFO | sum(BADAMP.values()))
@@ -284,7 +285,7 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None, header: dict | Non
     """
     from astropy.io import fits
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     targetid = np.asarray(targetid, np.int64)
     n = len(targetid)
@@ -338,7 +339,7 @@ def write_redrock(path, targetid, z, zwarn=None, spectype="STAR", durable: bool 
     """
     from astropy.io import fits
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     targetid = np.asarray(targetid, np.int64)
     n = len(targetid)
@@ -349,3 +350,61 @@ def write_redrock(path, targetid, z, zwarn=None, spectype="STAR", durable: bool 
          fits.Column("ZERR", "D", array=np.zeros(n)), fits.Column("ZWARN", "K", array=zwarn),
          fits.Column("SPECTYPE", "6A", array=spectype)], name="REDSHIFTS")
     return atomic_write(path, fits.HDUList([fits.PrimaryHDU(), table]).writeto, durable=durable)
+
+
+# ---------------------------------------------------------------------------- the survey (surveys.registry)
+
+class DESI(Survey):
+    """DESI coadd files (B/R/Z arms, many targets each) with Redrock beside them; catalog: mwsall (RVTAB)."""
+
+    name, title, priority, name_re = "desi", "DESI", 40, NAME_RE
+    labels, rv_column, id_column = LABELS, RV_COLUMN, "TARGETID"
+    catalog_keys = (("TARGETID",),)
+    many_per_file = True
+
+    def identify(self, info) -> bool:
+        return "B_FLUX" in info.names or "R_FLUX" in info.names or "Z_FLUX" in info.names
+
+    def read(self, path, reader="fast") -> list:
+        return read_coadd(path)
+
+    def members(self, path) -> list:
+        return [(j, str(t), float("nan")) for j, t in enumerate(target_ids(path))]
+
+    def locate_rows(self, cat, files, row_files) -> list:
+        """A row's TARGETID in its FILE, else in the coadd of its SURVEY and PROGRAM, else in any coadd."""
+        import pandas as pd
+
+        n = len(cat)
+        loc = [None] * n
+        tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
+        where = {}
+        for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
+            sp = parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
+            try:
+                for j, t in enumerate(target_ids(p)):
+                    where.setdefault((p, int(t)), (p, j))
+                    where.setdefault((sp, int(t)), (p, j))
+                    where.setdefault((None, int(t)), (p, j))
+            except (OSError, ValueError, KeyError):
+                continue  # an unreadable coadd: its rows become no_file, the file a reject when read
+        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
+                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
+        for i in range(n):
+            if np.isfinite(tid[i]):
+                t = int(tid[i])
+                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
+                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
+            elif row_files[i] is not None:
+                loc[i] = (row_files[i], 0)
+        return loc
+
+    def row_order(self, cat):
+        """mwsall has several rows per TARGETID: the PRIMARY one claims the spectrum first."""
+        if "PRIMARY" not in cat.columns:
+            return super().row_order(cat)
+        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
+        return np.argsort(~primary, kind="stable"), " PRIMARY one"
+
+
+SURVEY = DESI()
