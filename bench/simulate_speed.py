@@ -32,11 +32,13 @@ def per_step(n=200):
     for p in plans:
         shifted.realize(p, 0)
     t_shifted = (time.perf_counter() - t) / n
+    from stellarparams.surveys.sdss import simulated_path, write_simulated
+
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         for p, s in zip(plans, specs):
-            S.write_spectrum(S.spectrum_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
-                             plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
+            write_simulated(simulated_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
+                            plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
         t_write = (time.perf_counter() - t) / n
         from stellarparams.surveys.sdss import write_spec_lite
         t = time.perf_counter()

@@ -41,7 +41,6 @@ from stellarparams.model_io import load_model
 from stellarparams.prepare import prepare
 from stellarparams.preprocess import PrepareConfig, config_from_model
 from stellarparams.simulate import simulate
-from stellarparams.simulate_surveys import CATALOG
 from stellarparams.train import source_init, train
 from stellarparams.training import fit
 

@@ -33,7 +33,7 @@ def sim():
 
 def _spectra(out, table):
     for row in table:
-        yield row, S.spectrum_path(out, row["PLATE"], row["MJD"], row["FIBERID"])
+        yield row, sdss.simulated_path(out, row["PLATE"], row["MJD"], row["FIBERID"])
 
 
 def test_air_to_vac_known_lines():

@@ -60,10 +60,12 @@ class Survey:
     id_column = None            # the catalog's identifier column (rejects' id), None: none
     catalog_keys = ()           # column sets a catalog row is matched with (any one), besides FILE
     many_per_file = False       # a file holds many spectra: read once per chunk, work sorted by file
-    hashed_name = True          # the prepare job's hash names the survey (False keeps SDSS datasets up to date)
+    hashed_name = True          # outputs name the survey (prepare's job hash, simulate.json, ORIGIN); False: SDSS,
+                                # whose outputs stay as they were
     plate_keys = False          # records are named by (plate, mjd, fiberid), which predict writes as columns
     carries_labels = False      # a file carries its own catalog (prepare without --catalog)
     one_file_is_enough = False  # one file and a catalog without key columns: rows by position
+    simulated = None            # how ``simulate --survey NAME`` writes it (:class:`Simulated`), None: it cannot
 
     # --- which files are mine
     def matches_name(self, name: str) -> bool:
@@ -153,3 +155,50 @@ class Survey:
             if not is_used(j):
                 rejects.append({"file": str(p), "reason": "no_catalog_row",
                                 "detail": "no catalog row matches a spectrum of this file", "id": ""})
+
+
+class Simulated:
+    """How ``simulate --survey NAME`` writes a survey: its pixels, line-spread function, files and catalog.
+
+    :mod:`stellarparams.simulate` makes every spectrum the same way whatever the survey (a MILES
+    star, RV, reddening, calibration error, noise) and asks this part of the survey's module
+    what differs. ``items`` below are (index, plan, spec, row): the realization's index, its
+    plan (:func:`stellarparams.simulate.draw_plan`), the arrays of
+    :meth:`stellarparams.simulate.Simulator.realize` and its SDSS-style catalog row
+    (:func:`stellarparams.simulate.catalog_row`).
+    """
+
+    catalog = ""             # the catalog's file name in OUT
+    file_bytes = 170e3       # bytes per spectrum on disk (checked before the work)
+    own_lsf = True           # the survey's line-spread function (:meth:`resolution`); False: --resolution's
+    response = None          # the survey's fixed instrument response (a --response value), None: none
+    chunk_by_file = False    # one chunk per file (a file of many spectra is written whole by one worker)
+
+    def resolution(self, lam):
+        """Resolving power lambda / FWHM at ``lam`` (A) (with ``own_lsf``)."""
+        raise NotImplementedError
+
+    def pixels(self):
+        """(lam, lo, hi) (K,) vacuum A: the pixels every spectrum is written on; None: SDSS's sliding lattice."""
+        return None
+
+    def spectrum_path(self, out, plan: dict) -> Path:
+        """The file that holds realization ``plan``."""
+        raise NotImplementedError
+
+    def is_done(self, path: Path, n: int) -> bool:
+        """Whether ``path`` is finished (it exists and holds its ``n`` spectra)."""
+        return path.exists()
+
+    def write_files(self, out, items: list, header: dict) -> None:
+        """Write the one file of ``items`` (atomically); ``header``: ORIGIN and the simulation's keywords."""
+        raise NotImplementedError
+
+    def catalog_row(self, index: int, row: dict) -> dict:
+        """The survey's catalog row of realization ``index`` from its SDSS-style ``row``."""
+        return row
+
+    def write_catalog(self, out, rows: list, meta: dict, names: list) -> Path:
+        """Write the catalog of ``rows`` (from :meth:`catalog_row`; ``names``: SDSS-style columns when
+        there is no row), atomically; returns its path."""
+        raise NotImplementedError

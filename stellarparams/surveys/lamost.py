@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from . import sdss
+from .base import Simulated as SimulatedBase
 from .base import Survey
-from ..physics import rv_from_z
-from ..spectrum import Record, SpectrumError, header_number, make_record, to_int
+from ..physics import doppler, rv_from_z
+from ..spectrum import Record, SpectrumError, pixmask, header_number, make_record, to_int
 
 NAME_RE = re.compile(r"^spec-(\d+)-(.+?)_?sp(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
 EARLY_ROWS = ("flux", "ivar", "wavelength", "andmask", "ormask")  # DR1-DR7; the pilot's third row is no wavelength
@@ -443,6 +444,124 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
     return atomic_write(path, fits.HDUList(hdus).writeto, durable=durable)
 
 
+# ---------------------------------------------------------------------------- simulate --survey lamost
+
+SIM_LOGLAM0, SIM_DLOGLAM, SIM_NPIX = 3.5682, 1e-4, 3909   # 3700.0-9099.1 A
+SIM_R = 1800.0
+SIM_RESPONSE = "legendre:0.1"       # the survey's fixed instrument response (simulate.instrument_response)
+SIM_FIBERS, SIM_SPECTROGRAPHS = 250, 16
+SIM_NODATA = 1 << 6                 # ANDMASK value of a pixel without data (the readers test != 0)
+SIM_BADPIX = 1 << 0                 # ORMASK value of a cosmic-ray hit (bad in one exposure)
+SIM_OBSID0, SIM_LMJD0 = 100_000_000, 57000
+
+
+def sim_ids(index: int) -> dict:
+    """obsid, lmjd, planid, spid, fiberid of realization ``index`` (4000 spectra per plan)."""
+    plan, k = divmod(index, SIM_FIBERS * SIM_SPECTROGRAPHS)
+    return dict(obsid=SIM_OBSID0 + index, lmjd=SIM_LMJD0 + plan, planid=f"SIM{plan:05d}",
+                spid=k // SIM_FIBERS + 1, fiberid=k % SIM_FIBERS + 1)
+
+
+def helio_correction(lmjd: int) -> float:
+    """LAMOST's HELIO_RV header value for a night: the heliocentric correction applied (km/s).
+
+    A stand-in: Earth's orbital speed projected with the season, 29.8 cos(2 pi LMJD / 365.25).
+    It is not the star's RV (that is Z), and a reader that takes it for one gets it wrong.
+    """
+    return round(29.8 * float(np.cos(2 * np.pi * lmjd / 365.25)), 5)
+
+
+def _normalization(flux, good, width: int = 201):
+    """DR8 NORMALIZATION stand-in: the flux over a running median of its good pixels (1 elsewhere)."""
+    from scipy.ndimage import median_filter
+
+    cont = np.interp(np.arange(len(flux)), np.flatnonzero(good), flux[good]) if good.any() else np.ones(len(flux))
+    cont = median_filter(cont, width, mode="nearest")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(good & (cont > 0), flux / cont, 1.0)
+    return out.astype(np.float32)
+
+
+class Simulated(SimulatedBase):
+    """The files of ``simulate --survey lamost``.
+
+    LAMOST LRS (DR8 v1.0 LRS *Data Production Description*):
+
+    - pixels: log-linear, log10(lambda) = 3.5682 + 1e-4 k, k = 0..3908 (3700.0-9099.1 A, vacuum,
+      heliocentric), the same for every spectrum;
+    - resolution: Gaussian LSF of FWHM lambda / 1800 where that is broader than MILES' 2.5 A
+      (redward of 4500 A); bluer pixels keep MILES' resolution;
+    - flux: relative (no unit): the star times one smooth instrument response shared by the
+      survey (``RESPONSE``: a seeded Legendre curve, rms of ln response 0.1, drawn from the
+      survey seed) on top of the per-spectrum calibration error of ``simulate``;
+    - file: ``OUT/spectra/PLANID/spec-LMJD-PLANID_spSS-FFF.fits``, the DR8+ layout (HDU 1 a
+      one-row table of float32 FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK, NORMALIZATION), header
+      OBSID, LMJD, PLANID, SPID, FIBERID, CLASS, Z (the redshift of the catalog's measured RV) and
+      HELIO_RV (as in LAMOST, the heliocentric correction, not the star's RV: a seasonal stand-in,
+      :func:`helio_correction`); 16 spectrographs x 250 fibers = 4000 spectra per plan;
+    - catalog ``OUT/LRS_stellar.fits``: the A/F/G/K table's lower-case columns obsid, lmjd,
+      planid, spid, fiberid, teff, teff_err, logg, logg_err, feh, feh_err, rv, rv_err, snrg,
+      plus the simulation's star_id, ebv and the truths teff_true, feh_true, logg_true, rv_true.
+
+    Beyond MILES (3540-7410 A, rest frame): pixels the star does not cover get flux 0, ivar 0
+    and a mask bit (LAMOST ANDMASK, DESI ``MASK`` bit NODATA = 2**8 of desispec's specmask),
+    as SDSS's NODATA: nothing is invented there. So LAMOST's red ~20% and DESI's whole Z arm
+    and the red end of R hold no data. Cosmic-ray hits: ivar 0 and DESI COSMIC (2**2) or LAMOST
+    ORMASK (bad in one exposure); sky lines are not flagged (both readers take any ANDMASK or
+    MASK bit as bad).
+    """
+
+    catalog, file_bytes, response = "LRS_stellar.fits", 170e3, SIM_RESPONSE
+
+    def resolution(self, lam):
+        """1800: a Gaussian LSF of FWHM lambda / 1800 (where broader than MILES')."""
+        return np.full(np.asarray(lam, np.float64).shape, SIM_R)
+
+    def pixels(self):
+        loglam = SIM_LOGLAM0 + SIM_DLOGLAM * np.arange(SIM_NPIX)
+        return 10 ** loglam, 10 ** (loglam - SIM_DLOGLAM / 2), 10 ** (loglam + SIM_DLOGLAM / 2)
+
+    def spectrum_path(self, out, plan):
+        i = sim_ids(plan["index"])
+        return Path(out) / "spectra" / i["planid"] / spec_filename(i["lmjd"], i["planid"], i["spid"], i["fiberid"])
+
+    def write_files(self, out, items, header):
+        nodata, cosmic = pixmask("NODATA"), pixmask("COMBINEREJ")
+        for index, plan, spec, row in items:
+            i = sim_ids(index)
+            bad = (spec["and_mask"] & nodata) != 0
+            hit = (spec["and_mask"] & cosmic) != 0
+            andmask = np.where(bad, SIM_NODATA, 0).astype(np.int32)
+            ormask = andmask | np.where(hit, SIM_BADPIX, 0).astype(np.int32)
+            flux = spec["flux"].astype(np.float32)
+            write_spectrum(self.spectrum_path(out, plan), spec["wave"], flux,
+                           spec["ivar"].astype(np.float32), andmask, ormask=ormask, durable=False,
+                           obsid=i["obsid"], lmjd=i["lmjd"], planid=i["planid"], spid=i["spid"],
+                           fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
+                           helio_rv=helio_correction(i["lmjd"]),
+                           normalization=_normalization(flux, ~bad),
+                           header={"SNRG": round(float(row["SNR"]), 4), **header})
+
+    def catalog_row(self, index, row):
+        i = sim_ids(index)
+        out = {k: i[k] for k in ("obsid", "lmjd", "planid", "spid", "fiberid")}
+        for name in ("TEFF", "LOGG", "FEH", "RV"):
+            out[name.lower()] = row[f"{name}_ADOP"]
+            out[name.lower() + "_err"] = row[f"{name}_ADOP_UNC"]
+        out.update(snrg=row["SNR"], star_id=row["STAR_ID"], ebv=row["EBV"])
+        out.update({f"{n.lower()}_true": row[f"{n}_TRUE"] for n in ("TEFF", "FEH", "LOGG", "RV")})
+        return out
+
+    def write_catalog(self, out, rows, meta, names):
+        from astropy.table import Table
+
+        from ..files import atomic_write
+
+        table = Table(rows=rows, names=list(rows[0]))
+        table.meta.update(meta)
+        return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
+
+
 # ---------------------------------------------------------------------------- the survey (surveys.registry)
 
 class LAMOST(Survey):
@@ -469,6 +588,9 @@ class LAMOST(Survey):
 
     def locate_rows(self, cat, files, row_files) -> list:
         return locate(cat, files, row_files)
+
+
+    simulated = Simulated()
 
 
 SURVEY = LAMOST()

@@ -28,6 +28,8 @@ import pandas as pd
 
 from .. import fastfits, matching
 from ..files import atomic_write
+from ..physics import doppler
+from .base import Simulated as SimulatedBase
 from .base import Survey
 from ..spectrum import SENTINEL, Record, SpectrumError, header_number, median_snr, to_int
 
@@ -496,6 +498,68 @@ def _read_fits_table_astropy(path) -> pd.DataFrame:
     return df
 
 
+# ---------------------------------------------------------------------------- simulate (the default survey)
+
+def write_simulated(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: float = 0.0, header=None):
+    """Write a spec-lite file with fitsio (3-4x faster than astropy), same datamodel as
+    :func:`write_spec_lite`: primary header, COADD, SPECOBJ, SPZLINE.
+    Atomic (:func:`stellarparams.files.atomic_write`). ``model`` is zeros (never the truth)."""
+    import fitsio
+
+    n = len(spec["flux"])
+    coadd = np.zeros(n, dtype=[("flux", "f4"), ("loglam", "f4"), ("ivar", "f4"), ("and_mask", "i4"),
+                               ("or_mask", "i4"), ("wdisp", "f4"), ("sky", "f4"), ("model", "f4")])
+    for c in ("flux", "loglam", "ivar", "and_mask", "sky", "wdisp"):
+        coadd[c] = spec[c]
+    coadd["or_mask"] = spec["and_mask"]
+    good = coadd["ivar"] > 0
+    snr = float(np.median(coadd["flux"][good] * np.sqrt(coadd["ivar"][good]))) if good.any() else 0.0
+    specobj = np.zeros(1, dtype=[("PLATE", "i4"), ("MJD", "i4"), ("FIBERID", "i4"), ("CLASS", "S6"),
+                                 ("SUBCLASS", "S21"), ("Z", "f4"), ("ZWARNING", "i4"), ("SN_MEDIAN_ALL", "f4")])
+    specobj[0] = (plate, mjd, fiberid, "STAR", "", z, 0, snr)
+    hdr = [dict(name="TELESCOP", value="SDSS 2.5-M"), dict(name="PLATEID", value=plate),
+           dict(name="MJD", value=mjd), dict(name="FIBERID", value=fiberid),
+           dict(name="BUNIT", value=FLUX_UNIT),
+           dict(name="VACUUM", value=True, comment="wavelengths are in vacuum")]
+    hdr += [dict(name=k, value=v) for k, v in (header or {}).items()]
+
+    def write(tmp):
+        with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
+            f.write(None, header=hdr)
+            f.write(coadd, extname="COADD")
+            f.write(specobj, extname="SPECOBJ")
+            f.write(np.zeros(0, dtype=[("LINENAME", "S13")]), extname="SPZLINE")
+
+    return atomic_write(path, write, durable=False)  # thousands of small files a re-run can remake
+
+
+def simulated_path(out, plate: int, mjd: int, fiberid: int) -> Path:
+    """``OUT/spectra/lite/PLATE/spec-PLATE-MJD-FIBER.fits`` (SDSS SAS layout)."""
+    return Path(out) / "spectra" / "lite" / f"{plate:04d}" / spec_filename(plate, mjd, fiberid)
+
+
+class Simulated(SimulatedBase):
+    """The files of ``simulate``: spec-lite files in the SAS layout and an sppParams catalog."""
+
+    catalog, file_bytes, own_lsf = "sppParams.fits", 170e3, False
+
+    def spectrum_path(self, out, plan):
+        return simulated_path(out, plan["plate"], plan["mjd"], plan["fiberid"])
+
+    def write_files(self, out, items, header):
+        for index, plan, spec, row in items:  # SPECOBJ Z: the measured RV, not the true one
+            write_simulated(self.spectrum_path(out, plan), spec, plate=plan["plate"], mjd=plan["mjd"],
+                            fiberid=plan["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
+                            header={"SNR5000": round(plan["snr"], 4), **header})
+
+    def write_catalog(self, out, rows, meta, names):
+        from astropy.table import Table
+
+        table = Table(rows=rows, names=names)
+        table.meta.update(meta)
+        return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
+
+
 # ---------------------------------------------------------------------------- the survey (surveys.registry)
 
 NAME_RE = re.compile(r"^(?:spec-(\d+)-(\d+)-(\d+)\.fits|spSpec-(\d+)-(\d+)-(\d+)\.fits?)(\.gz)?$", re.I)
@@ -600,6 +664,9 @@ class SDSS(Survey):
                                   ("no_catalog_row", "file has no matching catalog row"))
                 rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
                                 "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
+
+
+    simulated = Simulated()
 
 
 SURVEY = SDSS()
