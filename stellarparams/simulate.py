@@ -822,7 +822,7 @@ def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
 
 def simulated(survey: str):
     """The simulated writer of ``survey`` (:class:`stellarparams.surveys.base.Simulated`), else a ValueError."""
-    sim = registry.get(survey).simulated if survey in registry.names() else None
+    sim = registry.get(survey).simulated if survey in simulated_surveys() else None
     if sim is None:
         raise ValueError(f"--survey {survey}: choose one of {', '.join(simulated_surveys())}")
     return sim
