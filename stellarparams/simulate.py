@@ -822,7 +822,10 @@ def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
 
 def simulated(survey: str):
     """The simulated writer of ``survey`` (:class:`stellarparams.surveys.base.Simulated`), else a ValueError."""
-    sim = registry.get(survey).simulated if survey in simulated_surveys() else None
+    try:
+        sim = registry.get(survey).simulated
+    except ValueError:  # not a survey at all
+        sim = None
     if sim is None:
         raise ValueError(f"--survey {survey}: choose one of {', '.join(simulated_surveys())}")
     return sim
