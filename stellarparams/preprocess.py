@@ -158,7 +158,7 @@ def preprocess(spec: Record, rv_kms: float, config: PrepareConfig = PrepareConfi
         low_coverage, constant_flux.
     """
     path = spec.path
-    problem = getattr(spec, "problem", None)  # found by the reader (readers.Record)
+    problem = getattr(spec, "problem", None)  # found by the reader (spectrum.Record)
     if problem:
         raise SpectrumError(path, *problem)
     loglam = np.asarray(spec.loglam, np.float64)

@@ -389,7 +389,7 @@ class Simulated(SimulatedBase):
     - file: ``OUT/spectra/healpix/main/bright/PIXGROUP/PIXNUM/coadd-main-bright-PIXNUM.fits``,
       ``PER_FILE`` = 500 targets per file (FIBERMAP TARGETID, COADD_FIBERSTATUS 0;
       EXP_FIBERMAP; B/R/Z ``_WAVELENGTH``, ``_FLUX``, ``_IVAR``, ``_MASK``; SCORES; no
-      ``_RESOLUTION``: :func:`stellarparams.desi.write_coadd`), and beside it the Redrock file
+      ``_RESOLUTION``: :func:`write_coadd`), and beside it the Redrock file
       ``redrock-main-bright-PIXNUM.fits`` (REDSHIFTS: Z = the redshift of the catalog's VRAD,
       ZWARN 0, SPECTYPE STAR), as DESI's pipeline writes one;
     - catalog ``OUT/mwsall.fits``: RVTAB (HDU 1) with TARGETID, SURVEY, PROGRAM, PRIMARY, VRAD,
