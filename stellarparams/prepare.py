@@ -1,14 +1,10 @@
-"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (docs/method.md steps 1-4).
+"""prepare: survey spectra + a label catalog -> a prepared dataset (docs/method.md steps 1-4).
 
-Per spectrum (:func:`preprocess`):
-1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
-2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
-3. one not-a-knot cubic spline through the good pixels (SciPy's ``CubicSpline``, bit for bit:
-   :func:`resample.cubic_spline`), evaluated on the common grid, with the ends clamped
-   (nearest available flux outside the spectrum's coverage);
-4. standardize: subtract the mean over the P grid pixels, divide by the population std.
+The job, top to bottom: check (catalog, files, options, input hash) -> match (catalog rows to
+spectra: the survey's own rules, :mod:`stellarparams.surveys`) -> read (each spectrum through
+:func:`stellarparams.preprocess.preprocess`, in parallel chunks) -> split -> write.
 
-:func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
+The job writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
 resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
