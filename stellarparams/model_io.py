@@ -266,7 +266,7 @@ class Model:
 
         Parameters
         ----------
-        flux : array, torch.Tensor, Spectrum, specutils Spectrum or a list of them
+        flux : array, torch.Tensor, Record, specutils Spectrum or a list of them
             Prepared spectra (N, P) float32 on the model's grid (rows of a Dataset; N may be
             0), or :class:`stellarparams.spectrum.Record` records (any survey's reader, or
             :func:`stellarparams.readers.from_arrays`) or specutils ``Spectrum``/``Spectrum1D``
@@ -275,7 +275,7 @@ class Model:
         batch_size : int
             Spectra per forward pass.
         rv_kms : float or array, optional
-            Radial velocities of Spectrum records (default: from each record's redshift ``z``).
+            Radial velocities of records (default: from each record's redshift ``z``).
         return_sigma : bool
             Also return the calibrated 1-sigma uncertainty (NaN, with one warning, for a
             model without calibration).
