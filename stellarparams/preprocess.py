@@ -73,7 +73,7 @@ def config_from_model(model_folder, config: PrepareConfig | None = None) -> Prep
     """``config`` with the grid and flux preprocessing of a trained model (``--grid-from``).
 
     The model folder's ``model.json`` records the grid and the ``prepare`` config of its
-    training data; it is read as JSON (prepare sits below the model layer). Label and RV
+    training data; it is read as JSON (this module sits below the model layer). Label and RV
     column names, ``min_coverage`` and ``reject_classes`` stay those of ``config``: they
     do not change the flux the model sees.
 
