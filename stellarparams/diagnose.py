@@ -334,7 +334,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    "with a FILE column), or a prepared dataset folder")
     p.add_argument("--out", default="diagnose", help="folder for index.html and diagnose.json")
     p.add_argument("--catalog", help="catalog with RV_ADOP (km/s) for the inputs, as for predict")
-    p.add_argument("--survey", choices=("sdss", "lamost", "desi", "table"), default=None,
+    from .surveys import registry
+
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the inputs (default: detected per file)")
     p.add_argument("--split", choices=("train", "val", "test"), help="with a prepared dataset: only this split")
     p.add_argument("--threshold", type=float, default=THRESHOLD,

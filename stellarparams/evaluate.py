@@ -356,7 +356,8 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     ex_teff = ds.labels(ex)[:, ds.label_names.index("teff")] if "teff" in ds.label_names else np.full(len(ex), np.nan)
     titles = [f"{o}  Teff {t:.0f} K" if np.isfinite(t) else str(o) for o, t in zip(ex_meta["object_id"], ex_teff)]
     spectra, raw_titles = [], []
-    from .sdss import SpectrumError, read_spectrum
+    from .surveys.sdss import read_spectrum
+    from .spectrum import SpectrumError
 
     for f, t in zip(ex_meta["file"], titles):
         if not f:

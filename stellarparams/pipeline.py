@@ -170,7 +170,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .dataset import Dataset, parse_grid
     from .evaluate import evaluate
     from .outputs import check_output_folder
-    from .prepare import PrepareConfig, prepare
+    from .prepare import prepare
+    from .preprocess import PrepareConfig
     from .devices import check_precision, resolve_device
     from .simulate import simulate
     from .train import train

@@ -11,7 +11,7 @@ import torch
 from stellarparams import plots
 from stellarparams.dataset import write_dataset
 from stellarparams.evaluate import binned_mae, evaluate, markdown_table, metrics
-from stellarparams.sdss import write_spec_lite
+from stellarparams.surveys.sdss import write_spec_lite
 
 torch.set_num_threads(1)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
