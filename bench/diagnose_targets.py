@@ -20,7 +20,8 @@ from robustness import SHIFTS  # noqa: E402
 
 from stellarparams.diagnose import diagnose  # noqa: E402
 from stellarparams.files import write_text  # noqa: E402
-from stellarparams.prepare import PrepareConfig, config_from_model, prepare  # noqa: E402
+from stellarparams.prepare import prepare
+from stellarparams.preprocess import PrepareConfig, config_from_model  # noqa: E402
 from stellarparams.simulate import simulate  # noqa: E402
 
 TARGETS = {"SDSS again (no shift)": ("sdss", {}), "SDSS, all shifts": ("sdss", SHIFTS["all"]),

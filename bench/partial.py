@@ -40,7 +40,8 @@ from stellarparams.dataset import Dataset
 from stellarparams.diagnose import diagnose
 from stellarparams.files import write_text
 from stellarparams.model_io import Model, load_model
-from stellarparams.prepare import PrepareConfig, config_from_model, prepare
+from stellarparams.prepare import prepare
+from stellarparams.preprocess import PrepareConfig, config_from_model
 from stellarparams.simulate import simulate
 from stellarparams.config import recipe
 from stellarparams.train import frozen_absent, source_heads, source_init

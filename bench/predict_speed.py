@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarparams import sdss
 from stellarparams.config import ModelConfig
 from stellarparams.dataset import Grid
 from stellarparams.model import StellarNet
 from stellarparams.model_io import Model
 from stellarparams.predict import predict
-from stellarparams.prepare import PrepareConfig
+from stellarparams.preprocess import PrepareConfig
+from stellarparams.surveys import sdss
 
 
 def default_model():

@@ -100,7 +100,7 @@ def cli(*args) -> list:
 
 def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
     """The catalog of ``n_max`` simulated spectra in ``work/survey`` (simulated once, resumable)."""
-    from stellarparams.sdss import read_catalog
+    from stellarparams.surveys.sdss import read_catalog
 
     r = measured(cli("simulate", "--out", work / "survey", "--n", n_max, "--seed", seed, "--dask", "local:2",
                      "--no-progress"), work / "logs" / "simulate.log")
@@ -111,7 +111,7 @@ def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
 
 def subset(work: Path, cat: pd.DataFrame, n: int) -> tuple:
     """The first ``n`` spectra of the survey as their own folder (hard links) and catalog."""
-    from stellarparams.simulate import spectrum_path
+    from stellarparams.surveys.sdss import simulated_path as spectrum_path
 
     folder = work / f"n{n}"
     sub = cat.iloc[:n]

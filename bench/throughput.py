@@ -55,8 +55,9 @@ def kernels(bar: Path, n: int = 1000):
     """CPU time per spectrum of the reading and resampling kernels, in this process."""
     from scipy.interpolate import CubicSpline
 
-    from stellarparams import sdss
-    from stellarparams.prepare import PrepareConfig, _run_chunk, parse_spectrum_name, preprocess
+    from stellarparams.surveys import sdss
+    from stellarparams.prepare import _run_chunk, parse_spectrum_name
+    from stellarparams.preprocess import PrepareConfig, preprocess
     from stellarparams.resample import cubic_spline
 
     files = sorted(glob.glob(str(bar / "spectra" / "**" / "spec-*.fits"), recursive=True))[:n]
@@ -135,7 +136,7 @@ def default_model(folder: Path) -> Path:
     from stellarparams.config import ModelConfig
     from stellarparams.model import StellarNet
     from stellarparams.model_io import Model, save_model
-    from stellarparams.prepare import PrepareConfig
+    from stellarparams.preprocess import PrepareConfig
 
     if not (folder / "model.json").exists():
         torch.manual_seed(0)

@@ -136,7 +136,7 @@ def exit_code(e: BaseException):
     (int, str) or (None, None)
     """
     from .files import DISK_ERRNOS, OutputBusy
-    from .sdss import NoUsableInput
+    from .spectrum import NoUsableInput
 
     if isinstance(e, OutputBusy):
         return EXIT_BUSY, str(e)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import json
@@ -186,48 +187,52 @@ def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, 
 
     from .extras import requires
     from .model_io import Model, load_model
+    from .outputs import locked_output
 
     if out is not None:
         requires("plots", "matplotlib")  # the page's figures; before any work
-    name = "" if isinstance(model, Model) else str(model)
-    model = model if isinstance(model, Model) else load_model(model, device=device)
-    if model.uncertainty is None:
-        raise ValueError("the model has no calibration (trained before stellarparams had it): no ood_score to "
-                         "diagnose with; retrain it")
-    flux, info = read_spectra(model, inputs, catalog=catalog, survey=survey, split=split)
-    df = model.predict_full(flux)
-    pred = df[model.label_names].to_numpy(np.float64)
-    ood = df["ood_score"].to_numpy(np.float64)
-    good = np.isfinite(pred).all(1)
-    if not good.any():
-        raise ValueError("no spectrum of the set could be predicted (every row has non-finite flux)")
-    z, reference, median, kind = departures(model, flux[good], pred[good])
-    wave = 10 ** np.linspace(model.grid["loglam_min"], model.grid["loglam_max"], model.n_in) if model.grid else \
-        np.arange(model.n_in, dtype=np.float64)
-    regions, zs, thr = find_regions(z, wave, int(good.sum()), threshold)
-    ref = ood_reference(model)
-    ks = None
-    if ref is not None and np.isfinite(ood).any():
-        probs = np.linspace(0, 1, len(ref))
-        test = kstest(ood[np.isfinite(ood)], lambda x: np.interp(x, ref, probs, left=0.0, right=1.0))
-        ks = {"statistic": float(test.statistic), "pvalue": float(test.pvalue)}
-    frac = {k: float(df[k].mean()) for k in ("flag_unlike_training", "flag_out_of_range", "flag_label_hull")}
-    unlike = frac["flag_unlike_training"] > 0.05 or bool(regions)
-    result = {
-        "model": name, "model_weights_sha256": model.weights_sha256,
-        "inputs": [str(x) for x in ([inputs] if isinstance(inputs, (str, Path)) else inputs)],
-        "n_spectra": int(len(flux)), **info,
-        "fraction_flagged": frac, "expected_fraction_unlike_training": 0.005,
-        "ood_score_quantiles": {str(p): float(np.nanpercentile(ood, p)) for p in (5, 25, 50, 75, 95)},
-        "training_ood_score_quantiles": None if ref is None else {str(p): float(ref[p]) for p in (5, 25, 50, 75, 95)},
-        "ks_vs_training": ks, "reference_spectrum": kind, "threshold": thr,
-        "max_departure": {"z": float(zs[np.argmax(np.abs(zs))]), "wave": float(wave[np.argmax(np.abs(zs))])},
-        "worst_regions": regions,
-        "verdict": ("unlike the training spectra: check the flagged fraction and the regions before trusting the "
-                    "labels" if unlike else "like the training spectra"),
-    }
-    if out is not None:
-        _write(Path(out), result, model, ood, ref, wave, z, zs, reference, median, progress)
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # checked and locked before any work
+            out = stack.enter_context(locked_output(out, wait=False))
+        name = "" if isinstance(model, Model) else str(model)
+        model = model if isinstance(model, Model) else load_model(model, device=device)
+        if model.uncertainty is None:
+            raise ValueError("the model has no calibration (trained before stellarparams had it): no ood_score to "
+                             "diagnose with; retrain it")
+        flux, info = read_spectra(model, inputs, catalog=catalog, survey=survey, split=split)
+        df = model.predict_full(flux)
+        pred = df[model.label_names].to_numpy(np.float64)
+        ood = df["ood_score"].to_numpy(np.float64)
+        good = np.isfinite(pred).all(1)
+        if not good.any():
+            raise ValueError("no spectrum of the set could be predicted (every row has non-finite flux)")
+        z, reference, median, kind = departures(model, flux[good], pred[good])
+        wave = 10 ** np.linspace(model.grid["loglam_min"], model.grid["loglam_max"], model.n_in) if model.grid else \
+            np.arange(model.n_in, dtype=np.float64)
+        regions, zs, thr = find_regions(z, wave, int(good.sum()), threshold)
+        ref = ood_reference(model)
+        ks = None
+        if ref is not None and np.isfinite(ood).any():
+            probs = np.linspace(0, 1, len(ref))
+            test = kstest(ood[np.isfinite(ood)], lambda x: np.interp(x, ref, probs, left=0.0, right=1.0))
+            ks = {"statistic": float(test.statistic), "pvalue": float(test.pvalue)}
+        frac = {k: float(df[k].mean()) for k in ("flag_unlike_training", "flag_out_of_range", "flag_label_hull")}
+        unlike = frac["flag_unlike_training"] > 0.05 or bool(regions)
+        result = {
+            "model": name, "model_weights_sha256": model.weights_sha256,
+            "inputs": [str(x) for x in ([inputs] if isinstance(inputs, (str, Path)) else inputs)],
+            "n_spectra": int(len(flux)), **info,
+            "fraction_flagged": frac, "expected_fraction_unlike_training": 0.005,
+            "ood_score_quantiles": {str(p): float(np.nanpercentile(ood, p)) for p in (5, 25, 50, 75, 95)},
+            "training_ood_score_quantiles": None if ref is None else {str(p): float(ref[p]) for p in (5, 25, 50, 75, 95)},
+            "ks_vs_training": ks, "reference_spectrum": kind, "threshold": thr,
+            "max_departure": {"z": float(zs[np.argmax(np.abs(zs))]), "wave": float(wave[np.argmax(np.abs(zs))])},
+            "worst_regions": regions,
+            "verdict": ("unlike the training spectra: check the flagged fraction and the regions before trusting the "
+                        "labels" if unlike else "like the training spectra"),
+        }
+        if out is not None:
+            _write(out, result, model, ood, ref, wave, z, zs, reference, median, progress)
     return result
 
 
@@ -279,43 +284,42 @@ def _figures(r, ood, ref, wave, z, zs, reference, median) -> dict:
 
 
 def _write(out: Path, r, model, ood, ref, wave, z, zs, reference, median, progress):
-    from .files import output_lock, write_text
+    from .files import write_text
     from .records import jsonable
 
-    with output_lock(out):
-        figs = _figures(r, ood, ref, wave, z, zs, reference, median)
-        esc = html.escape
-        frac = r["fraction_flagged"]
-        rows = "".join(f"<tr><td>{esc(k)}</td><td>{100 * v:.1f}%</td></tr>" for k, v in frac.items())
-        regs = "".join(f"<tr><td>{i + 1}</td><td>{g['wave_lo']:.1f} - {g['wave_hi']:.1f}</td><td>{g['wave_peak']:.1f}"
-                       f"</td><td>{g['peak']:+.2f}</td><td>{g['mean_abs']:.2f}</td></tr>"
-                       for i, g in enumerate(r["worst_regions"]))
-        ks = r["ks_vs_training"]
-        parts = [f"<h1>Diagnosis: {esc(r['model'] or 'model')} on {r['n_spectra']} spectra</h1>",
-                 f"<p><b>Verdict: {esc(r['verdict'])}.</b></p>",
-                 f"<p>Inputs: {esc(', '.join(r['inputs']))}; {r['n_inputs']} read, {r['n_rejected']} rejected"
-                 + (f" ({esc(json.dumps(r['rejects']))})" if r["rejects"] else "") + ".</p>",
-                 "<h2>Flagged</h2><table><tr><th>flag</th><th>fraction</th></tr>", rows, "</table>",
-                 "<p>Among held-out stars like the training ones, 0.5% are flagged unlike training by construction.</p>",
-                 "<h2>ood_score against training</h2>",
-                 (f"<p>Kolmogorov-Smirnov statistic {ks['statistic']:.3f} (p = {ks['pvalue']:.2g}).</p>" if ks else
-                  "<p>This model folder keeps no training ood_score distribution (trained before diagnose existed): "
-                  "only this set's is shown.</p>"),
-                 "<h2>Where the spectra depart</h2>",
-                 f"<p>Reference: {esc(r['reference_spectrum'])}. Regions: smoothed |z| above {r['threshold']:.2f} "
-                 "training scatters.</p>",
-                 ("<table><tr><th>#</th><th>wavelength [A]</th><th>worst at [A]</th><th>peak z</th>"
-                  f"<th>mean |z|</th></tr>{regs}</table>" if regs else "<p>No region departs beyond the threshold; "
-                  f"the largest departure is {r['max_departure']['z']:+.2f} at {r['max_departure']['wave']:.1f} A.</p>")]
-        for key, (caption, b64) in figs.items():
-            parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{key}">'
-                         f"<figcaption>{esc(caption)}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right}"
-                 "img{max-width:100%}figcaption{color:#555;font-size:90%}")
-        write_text(out / JSON, json.dumps(jsonable(r), indent=1) + "\n")
-        write_text(out / PAGE, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stellarparams diagnose"
-                               f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    figs = _figures(r, ood, ref, wave, z, zs, reference, median)
+    esc = html.escape
+    frac = r["fraction_flagged"]
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{100 * v:.1f}%</td></tr>" for k, v in frac.items())
+    regs = "".join(f"<tr><td>{i + 1}</td><td>{g['wave_lo']:.1f} - {g['wave_hi']:.1f}</td><td>{g['wave_peak']:.1f}"
+                   f"</td><td>{g['peak']:+.2f}</td><td>{g['mean_abs']:.2f}</td></tr>"
+                   for i, g in enumerate(r["worst_regions"]))
+    ks = r["ks_vs_training"]
+    parts = [f"<h1>Diagnosis: {esc(r['model'] or 'model')} on {r['n_spectra']} spectra</h1>",
+             f"<p><b>Verdict: {esc(r['verdict'])}.</b></p>",
+             f"<p>Inputs: {esc(', '.join(r['inputs']))}; {r['n_inputs']} read, {r['n_rejected']} rejected"
+             + (f" ({esc(json.dumps(r['rejects']))})" if r["rejects"] else "") + ".</p>",
+             "<h2>Flagged</h2><table><tr><th>flag</th><th>fraction</th></tr>", rows, "</table>",
+             "<p>Among held-out stars like the training ones, 0.5% are flagged unlike training by construction.</p>",
+             "<h2>ood_score against training</h2>",
+             (f"<p>Kolmogorov-Smirnov statistic {ks['statistic']:.3f} (p = {ks['pvalue']:.2g}).</p>" if ks else
+              "<p>This model folder keeps no training ood_score distribution (trained before diagnose existed): "
+              "only this set's is shown.</p>"),
+             "<h2>Where the spectra depart</h2>",
+             f"<p>Reference: {esc(r['reference_spectrum'])}. Regions: smoothed |z| above {r['threshold']:.2f} "
+             "training scatters.</p>",
+             ("<table><tr><th>#</th><th>wavelength [A]</th><th>worst at [A]</th><th>peak z</th>"
+              f"<th>mean |z|</th></tr>{regs}</table>" if regs else "<p>No region departs beyond the threshold; "
+              f"the largest departure is {r['max_departure']['z']:+.2f} at {r['max_departure']['wave']:.1f} A.</p>")]
+    for key, (caption, b64) in figs.items():
+        parts.append(f'<figure><img src="data:image/png;base64,{b64}" alt="{key}">'
+                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right}"
+             "img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    write_text(out / JSON, json.dumps(jsonable(r), indent=1) + "\n")
+    write_text(out / PAGE, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stellarparams diagnose"
+                           f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
     if progress:
         print(f"{out / PAGE}: {r['verdict']}", file=sys.stderr)
 
@@ -333,7 +337,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    "with a FILE column), or a prepared dataset folder")
     p.add_argument("--out", default="diagnose", help="folder for index.html and diagnose.json")
     p.add_argument("--catalog", help="catalog with RV_ADOP (km/s) for the inputs, as for predict")
-    p.add_argument("--survey", choices=("sdss", "lamost", "desi", "table"), default=None,
+    from .surveys import registry
+
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the inputs (default: detected per file)")
     p.add_argument("--split", choices=("train", "val", "test"), help="with a prepared dataset: only this split")
     p.add_argument("--threshold", type=float, default=THRESHOLD,

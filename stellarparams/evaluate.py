@@ -430,7 +430,8 @@ def _figures(fig_dir: Path, ds, idx, y_true, y_pred, snr, teff, m, names, units,
 
 def _raw_spectra(files, titles, ds_path, notes):
     """(spectra, titles) of the example stars whose source files can be read; the others go to ``notes``."""
-    from .sdss import SpectrumError, read_spectrum
+    from .spectrum import SpectrumError
+    from .surveys.sdss import read_spectrum
 
     spectra, raw_titles = [], []
     for f, t in zip(files, titles):

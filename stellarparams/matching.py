@@ -8,6 +8,8 @@ catalog can be matched in chunks against one file table (:func:`file_table`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -87,3 +89,20 @@ def first_of_key(keys: np.ndarray, valid: np.ndarray | None = None) -> np.ndarra
     (n,) int64
     """
     return first_match(keys, file_table(keys, valid), valid)
+
+
+def id_text(v) -> str:
+    """A catalog identifier as text (an integer stored as float loses its '.0'); '' when missing."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def resolve_file(f, base):
+    """A catalog's FILE cell -> Path (absolute, or relative to ``base``, the catalog's folder); None when empty."""
+    if f is None or (isinstance(f, float) and np.isnan(f)) or str(f).strip() == "":
+        return None
+    p = Path(str(f).strip())
+    return p if p.is_absolute() else base / p

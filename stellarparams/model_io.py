@@ -120,7 +120,7 @@ class Preprocessing:
 
     def preprocessor(self):
         """(preprocess function, its config) that reproduce the training data's preprocessing."""
-        from .prepare import PrepareConfig, preprocess
+        from .preprocess import PrepareConfig, preprocess
 
         return preprocess, PrepareConfig.from_dict(self.prepare_config) if self.prepare_config else PrepareConfig()
 
@@ -131,9 +131,9 @@ class Preprocessing:
         gets a row of NaN (so its labels are NaN) and one warning naming it and the reason;
         the others are unaffected. ``n_pix``: P, for an empty list (then (0, P)).
         """
-        from .sdss import Spectrum
+        from .spectrum import Record
 
-        spectra = [spectra] if isinstance(spectra, Spectrum) else list(spectra)
+        spectra = [spectra] if isinstance(spectra, Record) else list(spectra)
         if rv_kms is None:
             rv_kms = [rv_from_z(getattr(s, "z", float("nan"))) for s in spectra]
         rv_kms = np.broadcast_to(np.asarray(rv_kms, np.float64), (len(spectra),))
@@ -234,12 +234,12 @@ class Model:
     # ------------------------------------------------------------------ inference
     def _flux(self, flux, rv_kms):
         from .readers import from_specutils, is_specutils
-        from .sdss import Spectrum
+        from .spectrum import Record
 
         if is_specutils(flux) or (isinstance(flux, (list, tuple)) and flux and is_specutils(flux[0])):
             recs = [from_specutils(s) for s in (flux if isinstance(flux, (list, tuple)) else [flux])]
             flux = [r for rec in recs for r in (rec if isinstance(rec, list) else [rec])]
-        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
+        if isinstance(flux, Record) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Record)):
             return self.preprocessing.apply(flux, rv_kms, self.n_in)
         if isinstance(flux, (list, tuple)) and not flux:  # no spectra: no rows
             return np.zeros((0, self.n_in), np.float32)
@@ -266,16 +266,16 @@ class Model:
 
         Parameters
         ----------
-        flux : array, torch.Tensor, Spectrum, specutils Spectrum or a list of them
+        flux : array, torch.Tensor, Record, specutils Spectrum or a list of them
             Prepared spectra (N, P) float32 on the model's grid (rows of a Dataset; N may be
-            0), or :class:`stellarparams.sdss.Spectrum` records (any survey's reader, or
+            0), or :class:`stellarparams.spectrum.Record` records (any survey's reader, or
             :func:`stellarparams.readers.from_arrays`) or specutils ``Spectrum``/``Spectrum1D``
             objects (:func:`stellarparams.readers.from_specutils`), then preprocessed here with
             the model's own preprocessing config.
         batch_size : int
             Spectra per forward pass.
         rv_kms : float or array, optional
-            Radial velocities of Spectrum records (default: from each record's redshift ``z``).
+            Radial velocities of records (default: from each record's redshift ``z``).
         return_sigma : bool
             Also return the calibrated 1-sigma uncertainty (NaN, with one warning, for a
             model without calibration).

@@ -169,7 +169,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .dataset import parse_grid
     from .devices import check_precision, resolve_device
     from .extras import requires
-    from .prepare import PrepareConfig
+    from .preprocess import PrepareConfig
 
     requires("simulate", "mangadap")  # before any work: simulate's MILES stars,
     requires("plots", "matplotlib")   # and the report's figures

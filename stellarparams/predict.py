@@ -44,10 +44,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import engine, sdss
+from . import engine
 from .files import LOCK_NAME, atomic_write, write_text
+from .matching import id_text, resolve_file
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
+from .spectrum import NoUsableInput, SpectrumError
+from .surveys import registry, sdss
+from .surveys.sdss import parse_name
 from .workers import pool as worker_pool
 
 CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".txt")
@@ -86,8 +90,6 @@ def _ids(cat: pd.DataFrame, i: int):
 
 def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
     """Rows of a catalog with a FILE column -> [(file, rv, ids)]; relative FILE: from the catalog's folder."""
-    from .prepare import _resolve_file
-
     cat = sdss.read_catalog(path)
     if "FILE" not in cat.columns:
         raise ValueError(f"{path}: a catalog given as input needs a FILE column with spectrum paths "
@@ -96,34 +98,33 @@ def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
     rv = cat[rv_column].to_numpy(np.float64) if rv_column in cat.columns else np.full(len(cat), np.nan)
     items = []
     for i, (f, v) in enumerate(zip(cat["FILE"], rv)):
-        p = _resolve_file(f, base)
+        p = resolve_file(f, base)
         items.append(("" if p is None else str(p), float(v), _ids(cat, i)))
     return items
 
 
 def _expand(items, survey=None) -> list[tuple]:
-    """One item per spectrum: a file of another survey than SDSS becomes (file, rv, member) items, one per
-    spectrum it holds (DESI targets, table rows), ``member`` = {"survey", "index", "id"}."""
-    from . import desi, readers, tables
-
+    """One item per spectrum: a file of a survey whose files hold many spectra (DESI targets, table rows)
+    becomes (file, rv, member) items, one per spectrum, ``member`` = {"survey", "index", "id"}; a file of
+    a survey named by (plate, mjd, fiberid) (SDSS) stays (file, rv, ids)."""
     out = []
     for f, rv, ids in items:
         try:  # detect() names most files from their name alone, without touching the disk
-            s = survey or (readers.detect(f) if f else "sdss")
-        except sdss.SpectrumError:
-            s = "sdss"  # not recognised: read as SDSS, which names what is wrong with it
-        if s == "sdss":
+            s = survey or (registry.detect(f) if f else registry.names()[0])
+        except SpectrumError:
+            s = registry.names()[0]  # not recognised: read as SDSS, which names what is wrong with it
+        fmt = registry.get(s)
+        if fmt.plate_keys:
             out.append((f, rv, ids))
             continue
         try:
-            if s == "desi":
-                out += [(f, rv, {"survey": s, "index": j, "id": str(t)}) for j, t in enumerate(desi.target_ids(f))]
-            elif s == "table":
-                out += [(f, rv if np.isfinite(rv) else r.rv, {"survey": s, "index": j, "id": r.ident})
-                        for j, r in enumerate(tables.read_table(f))]
-            else:
+            members = fmt.members(f)
+            if members is None:
                 out.append((f, rv, {"survey": s, "index": None, "id": ""}))
-        except (sdss.SpectrumError, OSError, ValueError, KeyError):
+            else:
+                out += [(f, rv if np.isfinite(rv) else mrv, {"survey": s, "index": j, "id": ident})
+                        for j, ident, mrv in members]
+        except (SpectrumError, OSError, ValueError, KeyError):
             out.append((f, rv, {"survey": s, "index": None, "id": ""}))  # rejected, with its reason, when read
     return out
 
@@ -142,7 +143,7 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
     rv_column : str
         The catalog's RV column; when it has none, VRAD (DESI) or RV (LAMOST, tables).
     survey : str, optional
-        Read every file as this survey (:data:`readers.SURVEYS`); default: detected per file.
+        Read every file as this survey (:func:`surveys.registry.names`); default: detected per file.
 
     Returns
     -------
@@ -152,24 +153,20 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
         dict {"survey", "index" (position in the file: DESI target, table row), "id"}, one
         item per spectrum.
     """
-    from .prepare import parse_spectrum_name
-    from .readers import find_files
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     items = []
     for x in inputs:
         p = Path(x)
         if p.is_dir():
-            items += [(str(f), np.nan, None) for f in find_files(p, survey)]
+            items += [(str(f), np.nan, None) for f in registry.find_files(p, survey)]
         elif p.exists() and _is_catalog(p):
             items += _catalog_items(p, rv_column)
         else:  # a missing file is kept: it becomes a rejected row, not a crash
             items.append((str(p), np.nan, None))
     items = _expand(items, survey)
     if catalog is not None:
-        from .lamost import file_keys as lamost_keys
-        from .lamost import parse_name as lamost_name
+        from .surveys.lamost import parse_name as lamost_name
 
         cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
         rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
@@ -186,7 +183,7 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
                              if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
             for c in ("TARGETID", "OBSID", "ID"):
                 if c in cat.columns:
-                    pairs.append(((("id", _id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
+                    pairs.append(((("id", id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
             n_dup = 0
             for kind in pairs:
                 first = {}
@@ -200,14 +197,13 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
 
             def rv_of(f, k):
                 name = Path(f).name
-                keys = [name, parse_spectrum_name(name), lamost_name(name)]
+                keys = [name, parse_name(name), lamost_name(name)]
                 if isinstance(k, dict):
                     keys.insert(0, ("id", k["id"]))
                 hit = next((x for x in keys if x is not None and x in rv_by), None)
-                if hit is None and isinstance(k, dict) and k["survey"] == "lamost" and f:
-                    fk = lamost_keys(f)  # a file not named after its keys: LMJD..FIBERID, OBSID from its header
-                    ids = (fk.get("lmjd_planid_spid_fiberid"), ("id", str(fk["obsid"])) if "obsid" in fk else None)
-                    hit = next((x for x in ids if x is not None and x in rv_by), None)
+                if hit is None and isinstance(k, dict) and f:  # a file not named after its keys: from its header
+                    hit = next((x for x in registry.get(k["survey"]).file_keys(f) if x is not None and x in rv_by),
+                               None)
                 return float(rv_by[hit]) if hit is not None else np.nan
 
             items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
@@ -240,17 +236,11 @@ def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
     return cat[~bad].reset_index(drop=True)
 
 
-def _id_text(v) -> str:
-    from .prepare import _id_text as text
-
-    return text(v)
-
-
 # ---------------------------------------------------------------------- workers
 def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -> dict:
     """Read + preprocess a list of (file, rv, ids), SDSS files with ``reader`` (:data:`sdss.READERS`).
     Never raises: problems become reasons."""
-    from .prepare import PrepareConfig, _read_record, parse_spectrum_name, preprocess
+    from .preprocess import PrepareConfig, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
     n = len(items)
@@ -262,7 +252,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -
     cache = {}
     for i, (path, rv, ids) in enumerate(items):
         member = ids if isinstance(ids, dict) else None  # a spectrum of another survey (collect_inputs)
-        ids = None if member else ids or parse_spectrum_name(os.path.basename(path))  # identity even when rejected
+        ids = None if member else ids or parse_name(os.path.basename(path))  # identity even when rejected
         if ids:
             info["plate"][i], info["mjd"][i], info["fiberid"][i] = ids
             ident[i] = f"{ids[0]:04d}-{ids[1]:05d}-{ids[2]:04d}"
@@ -270,11 +260,11 @@ def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -
             ident[i] = member["id"]
         try:
             if not path:
-                raise sdss.SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
+                raise SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
             if not os.path.exists(path):
-                raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+                raise SpectrumError(path, "missing_file", f"no such file: {path}")
             if member:
-                spec = _read_record(path, member["index"], member["survey"], cache)
+                spec = registry.read_record(path, member["index"], member["survey"], cache)
                 ident[i] = spec.ident
             else:
                 spec = sdss.read_spectrum(path, reader)
@@ -282,7 +272,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -
                 ident[i] = spec.name
             snr[i] = spec.snr
             if spec.objclass and spec.objclass in config.reject_classes:
-                raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+                raise SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             if not np.isfinite(rv):
                 rv = getattr(spec, "rv", np.nan)  # LAMOST c Z, DESI Redrock c Z, a table's RV column
             if not np.isfinite(rv):
@@ -290,7 +280,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -
             rv_used[i] = rv
             flux[i], _ = preprocess(spec, rv, config)
             ok[i] = True
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             reason[i], detail[i] = e.reason, e.detail
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
             reason[i], detail[i] = "error", f"{type(e).__name__}: {e}"[:300]
@@ -522,7 +512,7 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
 
     Raises
     ------
-    sdss.NoUsableInput
+    NoUsableInput
         No input file at all.
     ValueError
         Bad output location or suffix, bad catalog; :class:`engine.DaskError` when ``dask``
@@ -541,7 +531,7 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-            raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
+            raise NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
         prep = dict(model.prepare_config or {})
         if min_coverage is not None:
             if not 0 <= min_coverage <= 1:
@@ -632,7 +622,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
     n_rejected = sum(int(pd.read_parquet(f, columns=["flag_rejected"])["flag_rejected"].sum()) for f in part_file)
     if n_rejected == len(items):  # nothing usable: nothing is published (the parts stay for a re-run)
         why = pd.concat([pd.read_parquet(f, columns=["reject_reason"]) for f in part_file])["reject_reason"]
-        raise sdss.NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
+        raise NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
                                  + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
                                  + f"); nothing was written to {out}")
     write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
@@ -695,7 +685,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
-    p.add_argument("--survey", choices=("sdss", "lamost", "desi", "table"), default=None,
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the inputs (default: detected per file; docs/surveys.md)")
     p.add_argument("--min-coverage", type=float, default=None, help="fraction of the model's grid an input must "
                    "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")

@@ -1,14 +1,10 @@
-"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (docs/method.md steps 1-4).
+"""prepare: survey spectra + a label catalog -> a prepared dataset (docs/method.md steps 1-4).
 
-Per spectrum (:func:`preprocess`):
-1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
-2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
-3. one not-a-knot cubic spline through the good pixels (SciPy's ``CubicSpline``, bit for bit:
-   :func:`resample.cubic_spline`), evaluated on the common grid, with the ends clamped
-   (nearest available flux outside the spectrum's coverage);
-4. standardize: subtract the mean over the P grid pixels, divide by the population std.
+The job, top to bottom: check (catalog, files, options, input hash) -> match (catalog rows to
+spectra: the survey's own rules, :mod:`stellarparams.surveys`) -> read (each spectrum through
+:func:`stellarparams.preprocess.preprocess`, in parallel chunks) -> split -> write.
 
-:func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
+The job writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
 resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
@@ -21,299 +17,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import desi, engine, lamost, matching, readers, sdss, tables
+from . import engine
 from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
-from .dataset import DATA_FILE, SPLITS, Grid, append_pixels, append_rows, append_table, create_dataset, parse_grid
+from .dataset import DATA_FILE, SPLITS, append_pixels, append_rows, append_table, create_dataset, parse_grid
 from .files import atomic_write, check_readable, write_text
 from .outputs import check_disk, check_memory, locked_output
-from .physics import doppler_log_shift
+from .matching import resolve_file
+from .preprocess import PrepareConfig, config_from_model, preprocess
 from .records import sha256_file
-from .resample import cubic_spline
+from .spectrum import SENTINEL, NoUsableInput, SpectrumError
+from .surveys import registry
+from .surveys import sdss
+from .surveys.sdss import read_catalog
 from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "summary.json"
 PARTIAL_DIR = ".partial"
 REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail", "id"]  # id: the survey's identifier
-MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
-LOGLAM_RANGE = (3.0, 4.7)  # 1000 A - 5 um: anything outside is a damaged wavelength solution
 
-
-@dataclass
-class PrepareConfig:
-    """Preprocessing options; the defaults are the paper's (docs/method.md).
-
-    grid: common log10-wavelength grid (4000 pixels, 3.5754-3.9670)
-    bad_mask: SPPIXMASK bits that make a pixel unusable (sdss.DEFAULT_BAD_MASK)
-    min_coverage: fraction of grid pixels that must come from good data, else "low_coverage"
-    rest_frame: shift to the rest frame with the catalog RV (km/s) before resampling
-    labels: our label name -> catalog column
-    rv_column: catalog column with the heliocentric radial velocity, km/s
-    reject_classes: spectrum CLASS values rejected as "not_a_star"
-    """
-
-    grid: Grid = field(default_factory=Grid)
-    bad_mask: int = sdss.DEFAULT_BAD_MASK
-    min_coverage: float = 0.5
-    rest_frame: bool = True
-    labels: dict = field(default_factory=lambda: {"teff": "TEFF_ADOP", "feh": "FEH_ADOP", "logg": "LOGG_ADOP"})
-    rv_column: str = "RV_ADOP"
-    reject_classes: tuple = ("GALAXY", "QSO")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["reject_classes"] = list(self.reject_classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PrepareConfig":
-        d = dict(d)
-        if isinstance(d.get("grid"), dict):
-            d["grid"] = Grid(**d["grid"])
-        if "reject_classes" in d:
-            d["reject_classes"] = tuple(d["reject_classes"])
-        return cls(**d)
-
-
-MODEL_META = "model.json"  # the model folder's description (written by model_io; read here as plain JSON)
-FLUX_KEYS = ("grid", "bad_mask", "rest_frame")  # the preprocessing that changes the flux a model sees
-
-
-def config_from_model(model_folder, config: PrepareConfig | None = None) -> PrepareConfig:
-    """``config`` with the grid and flux preprocessing of a trained model (``--grid-from``).
-
-    The model folder's ``model.json`` records the grid and the ``prepare`` config of its
-    training data; it is read as JSON (prepare sits below the model layer). Label and RV
-    column names, ``min_coverage`` and ``reject_classes`` stay those of ``config``: they
-    do not change the flux the model sees.
-
-    Parameters
-    ----------
-    model_folder : str or Path
-        A model folder (from ``train`` or ``run``), or its model.json.
-    config : PrepareConfig, optional
-        The rest of the options (default: the defaults).
-
-    Returns
-    -------
-    PrepareConfig
-
-    Raises
-    ------
-    ValueError
-        No readable model.json, or it records no grid.
-    """
-    path = Path(model_folder)
-    path = path if path.suffix == ".json" else path / MODEL_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the model's description ({e}); --grid-from needs a model folder") from e
-    prep = dict(meta.get("prepare_config") or {})
-    grid = meta.get("grid") or prep.get("grid")
-    if not isinstance(grid, dict) or not grid:
-        raise ValueError(f"{path}: the model records no wavelength grid")
-    d = (config or PrepareConfig()).to_dict()
-    d.update({k: prep[k] for k in FLUX_KEYS if k in prep})
-    d["grid"] = Grid(**{k: grid[k] for k in ("loglam_min", "loglam_max", "n_pix")})
-    return PrepareConfig.from_dict(d)
-
-
-# ---------------------------------------------------------------------------------------------
-# one spectrum
-
-@lru_cache(maxsize=8)
-def _grid_loglam(grid: Grid) -> np.ndarray:
-    g = grid.loglam
-    g.flags.writeable = False
-    return g
-
-
-def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig(),
-               return_sigma: bool = False, return_offset: bool = False):
-    """Resample one spectrum onto the common rest-frame grid and standardize it.
-
-    Parameters
-    ----------
-    spec : sdss.Spectrum or readers.Record
-        A spectrum on its native grid (observed frame), of any survey; a record whose reader
-        found it unusable (``problem``) raises that reason.
-    rv_kms : float
-        Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
-    config : PrepareConfig
-    return_sigma : bool
-        Also return the per-pixel noise.
-    return_offset : bool
-        Also return mean/std of the resampled flux (after sigma when both are asked).
-
-    Returns
-    -------
-    flux : (P,) float32
-        Mean 0 and population std 1 over the P grid pixels.
-    valid : (P,) bool
-        True where the pixel lies inside the good coverage and within ~2 native pixels of a
-        good pixel.
-    sigma : (P,) float32, only with ``return_sigma``
-        1-sigma noise of ``flux`` in the same standardized units: 1/sqrt(ivar) of the good
-        pixels, linearly interpolated onto the grid and divided by the std that standardized
-        the flux; +inf where ``valid`` is False.
-    offset : float, only with ``return_offset``
-        mean / std of the resampled flux: ``flux + offset`` is the physical flux in units of
-        its std (what multiplicative augmentations such as reddening act on).
-
-    Raises
-    ------
-    sdss.SpectrumError
-        Reasons: missing_rv, bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels,
-        low_coverage, constant_flux.
-    """
-    path = spec.path
-    problem = getattr(spec, "problem", None)  # found by the reader (readers.Record)
-    if problem:
-        raise sdss.SpectrumError(path, *problem)
-    loglam = np.asarray(spec.loglam, np.float64)
-    flux = np.asarray(spec.flux)
-    good = spec.good(config.bad_mask) & np.isfinite(loglam)
-    n_nonfinite = int(np.count_nonzero(~np.isfinite(flux) & (spec.ivar > 0)))
-    n_good = int(np.count_nonzero(good))
-    if n_good == 0:
-        if n_nonfinite:
-            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} pixels with ivar > 0 have NaN/inf flux")
-        raise sdss.SpectrumError(path, "no_good_pixels", "every pixel has ivar == 0 or a bad and_mask bit")
-    if n_good < 4:
-        raise sdss.SpectrumError(path, "too_few_pixels", f"{n_good} good pixels, a cubic spline needs 4")
-    x = loglam[good]
-    y = flux[good].astype(np.float64)
-    dx = np.diff(x)
-    if not np.isfinite(loglam[[0, -1]]).all() or not (dx > 0).all():
-        raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
-    if not (LOGLAM_RANGE[0] < x[0] and x[-1] < LOGLAM_RANGE[1]):
-        raise sdss.SpectrumError(path, "bad_wavelength", f"loglam {x[0]:.4g}-{x[-1]:.4g} is not an optical spectrum "
-                                 f"(log10 Angstrom between {LOGLAM_RANGE[0]} and {LOGLAM_RANGE[1]})")
-    if config.rest_frame:
-        if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
-            raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
-        x = x - doppler_log_shift(rv_kms)
-
-    grid = _grid_loglam(config.grid)
-    at = np.clip(grid, x[0], x[-1])  # clamp = nearest flux
-    out = cubic_spline(x, y, at)  # SciPy's CubicSpline(x, y)(at), bit for bit
-
-    # validity: inside the good coverage and near a good pixel
-    step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
-    reach = MAX_GAP_PIX * step * (1 + 1e-6)
-    valid = np.zeros(len(grid), bool)
-    valid[np.searchsorted(grid, x[0], side="left"):np.searchsorted(grid, x[-1], side="right")] = True
-    gaps = np.flatnonzero(dx > 2 * reach)  # gaps whose middle lies farther than `reach` from both sides
-    if len(gaps):
-        a = np.searchsorted(grid, x[gaps] + reach, side="right")
-        b = np.searchsorted(grid, x[gaps + 1] - reach, side="left")
-        for i, k in zip(a, b):
-            valid[i:k] = False
-    coverage = float(valid.mean())
-    if coverage < config.min_coverage:
-        why = f"{coverage:.1%} of the grid from good data, need {config.min_coverage:.0%}"
-        if n_nonfinite:
-            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} NaN/inf pixels; {why}")
-        raise sdss.SpectrumError(path, "low_coverage", why)
-
-    mean, std = out.mean(), out.std()
-    if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
-        raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
-    result = [((out - mean) / std).astype(np.float32), valid]
-    if return_sigma:
-        noise = np.interp(at, x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
-        result.append(np.where(valid, noise, np.inf).astype(np.float32))
-    if return_offset:
-        result.append(float(mean / std))
-    return tuple(result)
-
-
-def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
-    """Read one SDSS spectrum file and preprocess it.
-
-    Parameters
-    ----------
-    path : str or Path
-        An SDSS spec-*.fits or spSpec-*.fit file.
-    rv_kms : float
-        Radial velocity for the rest-frame shift, km/s.
-    config : PrepareConfig
-
-    Returns
-    -------
-    tuple
-        (Spectrum, flux (P,) float32, valid (P,) bool), as :func:`preprocess`.
-    """
-    spec = sdss.read_spectrum(path)
-    flux, valid = preprocess(spec, rv_kms, config)
-    return spec, flux, valid
 
 
 # ---------------------------------------------------------------------------------------------
 # finding files and matching them to the catalog
-
-_SPEC_RE = re.compile(r"^spec-(\d+)-(\d+)-(\d+)\.fits(\.gz)?$", re.I)
-_SPSPEC_RE = re.compile(r"^spSpec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
-
-
-def parse_spectrum_name(name: str):
-    """The SDSS key of a spectrum file name.
-
-    Parameters
-    ----------
-    name : str
-        ``spec-PLATE-MJD-FIBER.fits(.gz)`` or ``spSpec-MJD-PLATE-FIBER.fit(s)(.gz)``.
-
-    Returns
-    -------
-    tuple of int or None
-        (plate, mjd, fiberid), or None for any other name.
-    """
-    m = _SPEC_RE.match(name)
-    if m:
-        return int(m[1]), int(m[2]), int(m[3])
-    m = _SPSPEC_RE.match(name)
-    if m:
-        return int(m[2]), int(m[1]), int(m[3])
-    return None
-
-
-def find_spectra(folder) -> list[Path]:
-    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted.
-
-    Parameters
-    ----------
-    folder : str or Path
-
-    Returns
-    -------
-    list of Path
-
-    Raises
-    ------
-    FileNotFoundError
-        ``folder`` is not a folder.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: spectra folder not found")
-    check_readable(folder)
-    return sorted(p for p in folder.rglob("*") if parse_spectrum_name(p.name) and p.is_file())
-
 
 def _input_hash(cat: pd.DataFrame, files: list[Path], job: dict) -> str:
     h = hashlib.sha256()
@@ -379,22 +116,6 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _read_record(path, index, survey, cache: dict, reader: str = "fast"):
-    """Spectrum ``index`` of a file (SDSS: the file's one spectrum, read by ``reader``); the last file's records
-    are cached."""
-    if survey == "sdss":
-        return sdss.read_spectrum(path, reader)
-    if cache.get("path") != path:
-        cache.clear()
-        try:
-            cache.update(path=path, records=readers.read(path, survey))
-        except sdss.SpectrumError as e:
-            cache.update(path=path, error=e)
-    if "error" in cache:
-        raise cache["error"]
-    return cache["records"][index or 0]
-
-
 def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss",
                reader: str = "fast") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
@@ -413,11 +134,11 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
         row, path, rv = item[:3]
         index = item[3] if len(item) > 3 else None
         try:
-            spec = _read_record(path, index, survey, cache, reader)
+            spec = registry.read_record(path, index, survey, cache, reader)
             if spec.objclass in config.reject_classes:
-                raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+                raise SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
             continue
         except Exception as e:  # a file we did not foresee must not stop the batch
@@ -505,7 +226,7 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
 def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
     missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
-               | (pd.to_numeric(col, errors="coerce") <= sdss.SENTINEL).to_numpy())
+               | (pd.to_numeric(col, errors="coerce") <= SENTINEL).to_numpy())
     values = col
     if pd.api.types.is_float_dtype(col) and np.all(np.mod(col[~missing], 1) == 0):
         values = col.astype("Int64")  # 3.0 -> "3" when a NaN made an integer column float
@@ -521,7 +242,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     Parameters
     ----------
     catalog : str, Path or DataFrame, or None
-        Read with :func:`sdss.read_catalog` (FITS, CSV or Parquet); column names are
+        Read with :func:`read_catalog` (FITS, CSV or Parquet); column names are
         upper-cased. None only for a spectrum table (``survey="table"``), whose scalar columns
         are the catalog.
     spectra : str or Path
@@ -552,9 +273,9 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         When another process is writing ``out``: wait for it (True) or raise
         :class:`files.OutputBusy` at once (False).
     survey : str, optional
-        ``sdss``, ``lamost``, ``desi`` or ``table`` (:data:`readers.SURVEYS`); default:
+        ``sdss``, ``lamost``, ``desi`` or ``table`` (:func:`surveys.registry.names`); default:
         detected from the files. For a survey other than SDSS, a config with the SDSS default
-        columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (:data:`SURVEY_COLUMNS`).
+        columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (the survey module's ``labels`` and ``rv_column``).
     dask : str or distributed.Client, optional
         Read the chunks on a Dask cluster instead of ``workers`` processes here:
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`). Workers
@@ -573,7 +294,7 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
 
     Raises
     ------
-    sdss.NoUsableInput
+    NoUsableInput
         No spectrum was kept, or no kept spectrum has a label; nothing is published.
     ValueError
         Bad catalog, options or output folder; :class:`engine.DaskError` when ``dask`` names no
@@ -586,11 +307,6 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
                         chunk_size, progress, survey, client, reader)
 
 
-# labels and RV column of each survey's catalog (upper-case, as read)
-SURVEY_COLUMNS = {"lamost": (lamost.LABELS, lamost.RV_COLUMN), "desi": (desi.LABELS, desi.RV_COLUMN),
-                  "table": (tables.LABELS, tables.RV_COLUMN)}
-
-
 def detect_survey(spectra) -> str:
     """The survey of a spectra folder (or file): the one survey its file names (or content) show.
 
@@ -601,7 +317,7 @@ def detect_survey(spectra) -> str:
     Returns
     -------
     str
-        One of :data:`readers.SURVEYS`.
+        One of :func:`surveys.registry.names`.
 
     Raises
     ------
@@ -611,72 +327,18 @@ def detect_survey(spectra) -> str:
     spectra = Path(spectra)
     if spectra.is_file():
         try:
-            return readers.detect(spectra)
-        except sdss.SpectrumError as e:
+            return registry.detect(spectra)
+        except SpectrumError as e:
             raise ValueError(str(e)) from e
-    files = readers.find_files(spectra)
-    found = sorted({readers.detect(p) for p in files})
-    if not found and readers.find_files(spectra, "table"):
-        found = ["table"]
+    files = registry.find_files(spectra)
+    found = sorted({registry.detect(p) for p in files})
+    if not found:  # no file named after a survey: the formats found only when asked (tables)
+        found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:
         return found[0]
     if not found:
-        return "sdss"  # an empty folder: the SDSS path reports it as before
+        return registry.names()[0]  # an empty folder: the first survey's path (SDSS) reports it as before
     raise ValueError(f"{spectra}: files of several surveys ({', '.join(found)}); choose one with --survey")
-
-
-def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> list:
-    """Where each catalog row's spectrum is, for LAMOST, DESI and tables: [(file, index in file) or None]."""
-    n = len(cat)
-    loc = [None] * n
-    if survey == "table":
-        rows = pd.to_numeric(cat["ROW"], errors="coerce").to_numpy() if "ROW" in cat else np.arange(n)
-        only = files[0] if len(files) == 1 else None
-        for i in range(n):
-            f = row_files[i] or only
-            loc[i] = (f, int(rows[i])) if f is not None and np.isfinite(rows[i]) else None
-        return loc
-    if survey == "desi":
-        tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
-        where = {}
-        for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
-            sp = desi.parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
-            try:
-                for j, t in enumerate(desi.target_ids(p)):
-                    where.setdefault((p, int(t)), (p, j))
-                    where.setdefault((sp, int(t)), (p, j))
-                    where.setdefault((None, int(t)), (p, j))
-            except (OSError, ValueError, KeyError):
-                continue  # an unreadable coadd: its rows become no_file, the file a reject when read
-        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
-                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
-        for i in range(n):
-            if np.isfinite(tid[i]):
-                t = int(tid[i])
-                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
-                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
-            elif row_files[i] is not None:
-                loc[i] = (row_files[i], 0)
-        return loc
-    # lamost: FILE, else (LMJD, PLANID, SPID, FIBERID) from the file names, then the headers, else OBSID
-    return lamost.locate(cat, files, row_files)
-
-
-def _id_text(v) -> str:
-    """A catalog identifier as text (an integer stored as float loses its '.0'); '' when missing."""
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return ""
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def _resolve_file(f, base: Path):
-    """A FILE cell -> Path (absolute, or relative to ``base``), None when empty."""
-    if f is None or (isinstance(f, float) and np.isnan(f)) or str(f).strip() == "":
-        return None
-    p = Path(str(f).strip())
-    return p if p.is_absolute() else base / p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,22 +428,20 @@ class _Splits:
 # --- check ---------------------------------------------------------------------------------
 
 def _survey_config(survey: str, config: PrepareConfig) -> PrepareConfig:
-    """The survey's label and RV columns when ``config`` has the SDSS defaults; column names upper-cased."""
-    default = PrepareConfig()
-    if survey in SURVEY_COLUMNS and config.labels == default.labels and config.rv_column == default.rv_column:
-        labels, rv_column = SURVEY_COLUMNS[survey]
-        config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(labels), "rv_column": rv_column})
+    """The survey's label and RV columns when ``config`` has the defaults; column names upper-cased."""
+    default, fmt = PrepareConfig(), registry.get(survey)
+    if fmt.labels is not None and config.labels == default.labels and config.rv_column == default.rv_column:
+        config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(fmt.labels), "rv_column": fmt.rv_column})
     return PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
                                     "labels": {k: v.upper() for k, v in config.labels.items()}})
 
 
-def _table_catalog(spectra: Path, survey: str) -> pd.DataFrame:
-    """Without a catalog: a spectrum table's scalar columns (with FILE) are the catalog."""
-    if survey != "table":
-        raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
-    found = readers.find_files(spectra, "table")
-    return pd.concat([tables.catalog(p).assign(FILE=str(p.resolve())) for p in found], ignore_index=True) \
-        if found else pd.DataFrame()
+def _own_catalog(spectra: Path, survey: str) -> pd.DataFrame:
+    """Without a catalog: the files' own (a spectrum table's scalar columns, with FILE)."""
+    fmt = registry.get(survey)
+    if not fmt.carries_labels:
+        return fmt.own_catalog([])  # says that a catalog is needed
+    return fmt.own_catalog(registry.find_files(spectra, survey))
 
 
 def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fractions, group_by, split_column,
@@ -790,17 +450,15 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     if spectra.is_dir():
         check_readable(spectra)
     survey = survey or detect_survey(spectra)
-    if survey not in readers.SURVEYS:
-        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
+    fmt = registry.get(survey)
     config = _survey_config(survey, config)
     if catalog is None:
-        catalog = _table_catalog(spectra, survey)
-    cat = sdss.read_catalog(catalog)
+        catalog = _own_catalog(spectra, survey)
+    cat = read_catalog(catalog)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
-    need = {"sdss": (sdss.CATALOG_ID_COLUMNS,), "lamost": (("OBSID",), lamost.KEY_COLUMNS),
-            "desi": (("TARGETID",),), "table": (("ROW",),)}[survey]
+    need = fmt.catalog_keys
     if "FILE" not in cat.columns and not any(all(c in cat.columns for c in cols) for cols in need) \
-            and not (survey == "table" and len(readers.find_files(spectra, "table")) == 1):
+            and not (fmt.one_file_is_enough and len(registry.find_files(spectra, survey)) == 1):
         raise ValueError(f"{cat_name}: a {survey} catalog needs " + " or ".join(", ".join(c) for c in need)
                          + f" (or FILE) columns; it has {', '.join(cat.columns[:30])}")
     if config.rest_frame and config.rv_column not in cat.columns:
@@ -816,13 +474,13 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
         group_by = "STAR_ID"
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
-    files = find_spectra(spectra) if survey == "sdss" else readers.find_files(spectra, survey)
+    files = registry.prepare_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
-    row_files = [_resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
+    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
-    if survey != "sdss":
+    if fmt.hashed_name:  # absent for SDSS, so earlier datasets stay up to date
         job["survey"] = survey
     if LABEL_LIMITS != DEFAULT_LABEL_LIMITS:  # absent for the defaults, so earlier datasets stay up to date
         job["label_limits"] = dict(LABEL_LIMITS)
@@ -848,58 +506,10 @@ def _finished(out: Path, input_hash: str, progress) -> dict | None:
 
 # --- match catalog rows and files ----------------------------------------------------------
 
-def _identify(job: _Job):
-    """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
-
-    Returns (twin, match, keys, located, ident, row_id); ``twin``: for SDSS, the index in ``job.files``
-    of each file's first file of the same key, else None; ``match``: each row's file matched by its
-    SDSS key (:func:`matching.first_match`; -1: none, or not matched by key).
-    """
-    cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
-    twin, match = None, np.full(len(cat), -1)
-    if survey == "sdss":
-        file_keys, has_key = _sdss_file_keys(files)
-        table = matching.file_table(file_keys, has_key)
-        twin = matching.first_match(file_keys, table, has_key)
-    if survey == "sdss" and all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-        ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-        valid = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
-        match = matching.first_match(np.where(valid[:, None], ids, 0).astype(np.int64), table, valid)
-        keys = [tuple(int(v) for v in k) if ok else None for k, ok in zip(ids, valid)]
-    else:
-        keys = [None] * len(cat)
-    if survey == "sdss":
-        located = [(row_files[i] or (files[match[i]] if match[i] >= 0 else None), None) for i in range(len(cat))]
-        ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
-        row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
-    else:
-        located = [loc or (None, None) for loc in _locate(cat, files, row_files, survey)]
-        ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
-        id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
-        row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
-            lamost.row_ids(cat) if survey == "lamost" else \
-            [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    return twin, match, keys, located, ident, row_id
-
-
-def _sdss_file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
-    """(m, 3) int64 (plate, mjd, fiberid) from each file's name, and (m,) bool: the name has one."""
-    keys, ok = np.zeros((len(files), 3), np.int64), np.zeros(len(files), bool)
-    for j, p in enumerate(files):
-        k = parse_spectrum_name(p.name)
-        if k is not None:
-            keys[j], ok[j] = k, True
-    return keys, ok
-
-
 def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
-    """Rows whose spectrum an earlier row (for DESI: a PRIMARY one first) already has."""
-    cat = job.cat
-    first = np.arange(len(cat))
-    if job.survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
-        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
-        first = np.argsort(~primary, kind="stable")
-    dup = np.zeros(len(cat), bool)
+    """Rows whose spectrum an earlier row (in the survey's order: DESI's PRIMARY rows first) already has."""
+    first, _ = registry.get(job.survey).row_order(job.cat)
+    dup = np.zeros(len(job.cat), bool)
     dup[first] = pd.Series([ident[i] for i in first]).duplicated().to_numpy()
     dup &= np.array([i is not None for i in ident], bool)
     return dup
@@ -928,7 +538,8 @@ def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
     resolve = _resolver()
-    twin, match, keys, located, ident, row_id = _identify(job)
+    fmt = registry.get(survey)
+    twin, match, keys, located, ident, row_id = fmt.locate(cat, job.files, row_files)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
     reject = matched.reject
@@ -941,7 +552,7 @@ def _match(job: _Job) -> _Matched:
         f, index = located[i]
         if dup[i]:
             reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
-                   + (" PRIMARY one" if survey == "desi" and "PRIMARY" in cat.columns else ""))
+                   + fmt.row_order(cat)[1])
             continue
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
@@ -962,7 +573,7 @@ def _match(job: _Job) -> _Matched:
         matched.work.append((i, str(f), float(rv[i]), index))
     _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
 
-    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
+    if fmt.many_per_file:  # read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
@@ -983,7 +594,7 @@ def _bad_labels(cat: pd.DataFrame, config: PrepareConfig) -> list:
 
 
 def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
-    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate;
+    """Reject each file no catalog row uses (the survey's rejects; for SDSS a second file of a used spectrum is a duplicate;
     ``twin``: each file's first file of the same key, an index in ``job.files``; ``used``: the resolved
     paths of the files used, ``used_file``: (files,) bool, the files used by index)."""
     if used_file is None:
@@ -992,20 +603,7 @@ def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path
     def is_used(j):
         return used_file[j] or bool(used) and resolve(job.files[j]) in used
 
-    for j, p in enumerate(job.files):
-        if job.survey != "sdss":
-            if not is_used(j):
-                rejects.append({"file": str(p), "reason": "no_catalog_row",
-                                "detail": "no catalog row matches a spectrum of this file", "id": ""})
-            continue
-        if not is_used(j):
-            k = parse_spectrum_name(p.name)
-            first = job.files[twin[j]]
-            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {first}")
-                              if first != p and is_used(twin[j]) else
-                              ("no_catalog_row", "file has no matching catalog row"))
-            rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
-                            "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
+    registry.get(job.survey).reject_unused(job.files, twin, is_used, rejects)
 
 
 # --- read: resumable parallel preprocessing ------------------------------------------------
@@ -1274,9 +872,9 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
     why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
     if n_kept == 0:
-        raise sdss.NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
+        raise NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
     if np.isnan(labels[keep_mask]).all():
-        raise sdss.NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
+        raise NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
                                  f"all missing or -9999); nothing was written to {out}")
     meta, extra = _row_meta(splits, job)
     attrs = {"grid": config.grid.to_dict(), "preprocess": config.to_dict(), "version": __version__,
@@ -1359,7 +957,7 @@ def add_arguments(p):
                    "the LAMOST A/F/G/K parameter table, DESI mwsall (RVTAB); not needed for a spectrum table "
                    "with label columns")
     p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively), or one file")
-    p.add_argument("--survey", choices=readers.SURVEYS, default=None,
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the spectra (default: detected from the files; see docs/surveys.md)")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")

@@ -11,12 +11,13 @@ import pandas as pd
 import torch
 from astropy.constants import c as C_LIGHT
 
-from stellarparams import sdss
 from stellarparams.config import ModelConfig
 from stellarparams.dataset import Dataset, Grid, write_dataset
 from stellarparams.model import StellarNet
 from stellarparams.model_io import Model
-from stellarparams.prepare import PrepareConfig
+from stellarparams.preprocess import PrepareConfig
+from stellarparams.spectrum import Record
+from stellarparams.surveys import sdss
 
 # ----------------------------------------------------------------------------- the tiny dataset
 TINY = ModelConfig(n_in=48, stem_width=32, block_widths=(16,), heads={"teff": (16,), "feh": (8,), "logg": (16,)})
@@ -122,8 +123,8 @@ def analytic(rv_kms, n=4700, loglam0=3.5700, noise=0.0, seed=0):
     for lam in LINES:
         flux = flux - 40 * np.exp(-0.5 * ((rest - np.log10(lam)) / SIGMA_LOG) ** 2)
     flux = flux + np.random.default_rng(seed).normal(0, noise, n)
-    return sdss.Spectrum(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
-                         plate=1, mjd=2, fiberid=3, objclass="STAR", path="analytic")
+    return Record(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
+                  plate=1, mjd=2, fiberid=3, objclass="STAR", path="analytic")
 
 
 def write_star(folder, plate, mjd, fiber, rv=0.0, n=4700, sub="", **kw):

@@ -10,7 +10,7 @@ import torch
 
 from stellarparams import plots
 from stellarparams.evaluate import binned_mae, evaluate, markdown_table, metrics
-from stellarparams.sdss import write_spec_lite
+from stellarparams.surveys.sdss import write_spec_lite
 
 from helpers import tiny_dataset
 

@@ -14,7 +14,6 @@ from stellarparams import cli
 from stellarparams.files import output_lock
 
 
-
 def args_of(command, tmp_path, out=None):
     """The smallest command line of ``command`` that gets as far as its output folder."""
     out = str(out or tmp_path / "out")
@@ -30,6 +29,7 @@ def args_of(command, tmp_path, out=None):
         "benchmark": ["benchmark", "--dataset", d, "--out", out, "--quiet"],
         "predict": ["predict", m, str(tmp_path), "--out", out + ".csv", "--quiet"],
         "run": ["run", "--out", out, "--n", "20", "--quiet"],
+        "diagnose": ["diagnose", m, str(tmp_path), "--out", out, "--quiet"],
     }[command]
 
 
@@ -37,7 +37,8 @@ def args_of(command, tmp_path, out=None):
 BAD_OPTIONS = [(c, o) for c in ("evaluate", "benchmark", "predict") for o in (["--batch-size", "0"],)] + \
     [(c, o) for c in ("prepare", "predict", "simulate", "run") for o in (["--workers", "-2"],)] + \
     [(c, o) for c in ("train", "benchmark", "tune", "run") for o in (["--epochs", "0"],)] + \
-    [(c, o) for c in ("train", "evaluate", "benchmark", "predict", "tune", "run") for o in (["--device", "gpu7"],)] + \
+    [(c, o) for c in ("train", "evaluate", "benchmark", "predict", "tune", "run", "diagnose")
+     for o in (["--device", "gpu7"],)] + \
     [("prepare", ["--fractions", ".5,.5,.5"]), ("prepare", ["--fractions", "a,b"]), ("train", ["--ensemble", "0"]),
      ("tune", ["--trials", "0"]), ("simulate", ["--n", "0"]), ("fetch", ["--n", "0"]),
      ("prepare", ["--grid", "3900,5000,5000000"]), ("run", ["--grid", "3900,5000,5000000"])]
@@ -52,7 +53,7 @@ def test_bad_option_exits_2_with_one_line(command, option, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-BUSY = ["fetch", "simulate", "prepare", "train", "evaluate", "benchmark", "predict", "run"]
+BUSY = ["fetch", "simulate", "prepare", "train", "evaluate", "benchmark", "predict", "run", "diagnose"]
 
 
 @pytest.mark.parametrize("command", BUSY)

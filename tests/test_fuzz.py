@@ -11,9 +11,11 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from stellarparams import prepare as prep, sdss
+from stellarparams.spectrum import NoUsableInput, Record, SpectrumError
+from stellarparams import prepare as prep
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset
-from stellarparams.prepare import PrepareConfig, preprocess
+from stellarparams.preprocess import PrepareConfig, preprocess
 
 # every reason a damaged file may get; "error" (an exception nobody foresaw) is not one of them
 FILE_REASONS = {"missing_file", "unreadable", "not_sdss", "missing_columns", "bad_wavelength", "nonfinite_flux",
@@ -124,7 +126,7 @@ def _read_both_ways(path):
     for reader in ("fast", "fitsio"):
         try:
             out.append(sdss.read_spectrum(path, reader=reader))
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             out.append(e.reason)
     return out
 
@@ -134,7 +136,7 @@ def assert_same_spectrum(a, b):
     if isinstance(a, str) or isinstance(b, str):
         assert a == b
         return
-    for f in dataclasses.fields(sdss.Spectrum):
+    for f in dataclasses.fields(Record):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, np.ndarray):
             assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True), f.name
@@ -277,7 +279,7 @@ def check_catalog_case(tmp_path, spectra, cat: pd.DataFrame, rng, k: int) -> dic
     out = tmp_path / f"ds{k}"
     try:
         s = prep.prepare(path, spectra, out, workers=1, progress=False)
-    except sdss.NoUsableInput:
+    except NoUsableInput:
         return {"nothing usable": 1}
     rej = pd.read_csv(out / "rejects.csv")
     assert set(rej.reason) <= {"no_file", "missing_rv", "no_catalog_row", "duplicate_row"}, rej

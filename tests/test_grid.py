@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarparams import sdss
 from stellarparams.cli import main
 from stellarparams.dataset import Dataset, Grid, parse_grid
-from stellarparams.prepare import PrepareConfig, config_from_model, preprocess
+from stellarparams.preprocess import PrepareConfig, config_from_model, preprocess
+from stellarparams.surveys import sdss
+
 
 def cli(*args, ok=True):
     """`stellarparams ARGS` run in this process; its exit code, stdout and stderr (as subprocess.run gives them)."""
@@ -143,7 +144,7 @@ def test_run_grid_passes_the_grid_to_prepare(tmp_path):
 
 
 def test_prepare_cli_reads_a_spectrum_table_without_a_catalog(tmp_path):
-    from stellarparams import tables
+    from stellarparams.surveys import tables
 
     rng = np.random.default_rng(0)
     wave = np.geomspace(3700, 9300, 2000)

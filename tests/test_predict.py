@@ -7,12 +7,13 @@ import pytest
 import torch
 from astropy.table import Table
 
-from stellarparams import load_model, sdss
+from stellarparams import load_model
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Grid
 from stellarparams.model_io import ModelFileError, save_model
 from stellarparams.physics import rv_from_z
 from stellarparams.predict import predict
-from stellarparams.prepare import PrepareConfig, preprocess
+from stellarparams.preprocess import PrepareConfig, preprocess
 
 from helpers import LOGLAM, TINY_GRID as GRID, tiny_model, write_spectrum as write_star
 
@@ -199,7 +200,8 @@ def test_predict_writes_sigma_and_extrapolation_columns(tmp_path):
 def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
     """Each survey's file goes through the model's own preprocessing; a DESI coadd gives one row per
     TARGETID, its all-zero-ivar target is a named reject, and the rows equal Model.predict on the records."""
-    from stellarparams import desi, lamost, readers, tables
+    from stellarparams import readers
+    from stellarparams.surveys import desi, lamost, tables
 
     m = tiny_model()
     lam = 10 ** LOGLAM

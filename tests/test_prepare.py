@@ -10,9 +10,13 @@ import pytest
 from astropy.io import fits
 from scipy.interpolate import CubicSpline
 
-from stellarparams import cli, prepare as prep, sdss
+from stellarparams.spectrum import Record, SpectrumError, pixmask
+from stellarparams import cli, prepare as prep
+from stellarparams import preprocess as preprocess_module
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset, Grid
-from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
+from stellarparams.prepare import assign_splits
+from stellarparams.preprocess import PrepareConfig, preprocess
 from stellarparams.records import sha256_file
 
 from helpers import (C_KMS, LINES, analytic, catalog_row, content_sha256, dataset_arrays as _dataset_arrays,
@@ -57,7 +61,7 @@ def test_doppler_is_relativistic_and_shared():
     b = 0.6  # (1+z)^2 = (1+b)/(1-b) = 4 -> log10(1+z) = log10(2)
     assert physics.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
     assert physics.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
-    assert prep.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
+    assert preprocess_module.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
 
 
 def test_standardized_rows():
@@ -74,7 +78,7 @@ def test_masked_pixels_are_not_zeros_and_ends_are_clamped():
     s.flux[gap] = 0.0
     s.ivar[gap] = 0.0  # no data
     s.flux[1600:1610] = 0.0
-    s.and_mask[1600:1610] = sdss.pixmask("FULLREJECT")  # bad bit, ivar still > 0
+    s.and_mask[1600:1610] = pixmask("FULLREJECT")  # bad bit, ivar still > 0
     s.flux[1700] = np.nan  # one non-finite pixel is dropped, not fatal
     f, valid = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
     g = GRID.loglam
@@ -107,7 +111,7 @@ def test_valid_means_near_good_data():
             s.ivar[k:k + rng.integers(1, 13)] = 0
         rv = float(rng.uniform(-300, 300))
         _, valid = preprocess(s, rv)
-        x = s.loglam[s.ivar > 0] - prep.doppler_log_shift(rv)
+        x = s.loglam[s.ivar > 0] - preprocess_module.doppler_log_shift(rv)
         g = GRID.loglam
         dist = np.abs(g[:, None] - x[None, :]).min(1)  # brute force: distance to the nearest good pixel
         expect = (g >= x[0]) & (g <= x[-1]) & (dist <= 2e-4 * (1 + 1e-6))
@@ -129,7 +133,7 @@ def test_preprocess_rejects(case, reason):
     elif case == "ivar0":
         s.ivar[:] = 0
     elif case == "allmasked":
-        s.and_mask[:] = sdss.pixmask("NOPLUG")
+        s.and_mask[:] = pixmask("NOPLUG")
     elif case == "short":
         s = analytic(0.0, n=1500)
     elif case == "constant":
@@ -140,7 +144,7 @@ def test_preprocess_rejects(case, reason):
         s.loglam[100], s.loglam[101] = s.loglam[101], s.loglam[100]
     elif case == "three":
         s.ivar[3:] = 0
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         preprocess(s, rv)
     assert e.value.reason == reason
 
@@ -398,7 +402,7 @@ def test_sigma_is_the_resampled_noise_in_standardized_units(tmp_path):
     blue, red = valid & (x < s.loglam[1400]), valid & (x > s.loglam[1600])
     np.testing.assert_allclose(sigma[red] / sigma[blue].mean(), 2.0, rtol=1e-5)
     # the same star 3x brighter (noise 3x too) gives the same standardized flux and noise
-    s3 = sdss.Spectrum(s.loglam, 3 * s.flux + 7, s.ivar / 9, s.and_mask)
+    s3 = Record(s.loglam, 3 * s.flux + 7, s.ivar / 9, s.and_mask)
     f3, _, sigma3 = preprocess(s3, 0.0, PrepareConfig(min_coverage=0.3), return_sigma=True)
     np.testing.assert_allclose(f3, f, atol=1e-5)
     np.testing.assert_allclose(sigma3[valid], sigma[valid], rtol=1e-5)

@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarparams import cli, prepare as prep, sdss
-from stellarparams.dataset import Dataset
+from stellarparams import preprocess
+from stellarparams import cli, prepare as prep
+from stellarparams.surveys import sdss
+from stellarparams.dataset import Dataset, Grid
 from stellarparams.files import OutputBusy, output_lock
 
 from helpers import catalog_row, good_set, tiny_model, write_spectrum, write_star
@@ -521,7 +523,7 @@ def test_full_disk_in_simulate_and_train_is_one_line(command, tmp_path, monkeypa
     else:
         spectra, cat = good_set(tmp_path, n=12)
         prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False,
-                     config=prep.PrepareConfig(grid=prep.Grid(n_pix=64)))
+                     config=preprocess.PrepareConfig(grid=Grid(n_pix=64)))
         args = ["train", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--epochs", "1",
                 "--recipe", "paper", "--calib-folds", "0", "--labels", "teff", "--quiet", "--device", "cpu"]
 
@@ -559,7 +561,7 @@ def test_memory_is_checked_before_prepare_reads(tmp_path, monkeypatch):
 
     spectra, cat = good_set(tmp_path, n=4)
     monkeypatch.setattr(outputs, "available_memory", lambda: 50e6)  # a machine with 50 MB to spare
-    big = prep.PrepareConfig(grid=prep.Grid(n_pix=100_000))
+    big = preprocess.PrepareConfig(grid=Grid(n_pix=100_000))
     with pytest.raises(ValueError, match=r"needs about .* of memory.*lower --workers or the grid"):
         prep.prepare(cat, spectra, tmp_path / "ds", workers=2, progress=False, config=big)
     assert not (tmp_path / "ds" / ".partial").exists()  # refused before the first chunk
@@ -659,10 +661,10 @@ def test_report_names_the_model_folder(tmp_path):
 
     spectra, cat = good_set(tmp_path, n=12)
     prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False, fractions=(0.4, 0.2, 0.4),
-                 config=prep.PrepareConfig(grid=prep.Grid(n_pix=64)))
+                 config=preprocess.PrepareConfig(grid=Grid(n_pix=64)))
     m = tiny_model()
-    m.prepare_config = prep.PrepareConfig(grid=prep.Grid(n_pix=64)).to_dict()
-    m.grid = prep.Grid(n_pix=64).to_dict()
+    m.prepare_config = preprocess.PrepareConfig(grid=Grid(n_pix=64)).to_dict()
+    m.grid = Grid(n_pix=64).to_dict()
     save_model(m, tmp_path / "model")  # as `run` does: the model object, saved, is evaluated
     evaluate(m, tmp_path / "ds", tmp_path / "report", progress=False)
     text = (tmp_path / "report" / "report.md").read_text()
