@@ -348,7 +348,7 @@ def _fits_table(df: pd.DataFrame):
     return hdu
 
 
-def write_table(path, frames, n_rows: int | None = None) -> int:
+def write_frames(path, frames, n_rows: int | None = None) -> int:
     """Write DataFrames as one table (CSV, Parquet or FITS by suffix), verified, atomically.
 
     Parameters
@@ -415,7 +415,7 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     pred, sigma, lo95, hi95 = (np.full((n, len(model.label_names)), np.nan) for _ in range(4))
     ood, unlike, hull = np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, bool)
     if ok.any():
-        full = model._full(r["flux"], batch_size)
+        full = model.predict_arrays(r["flux"], batch_size)
         pred[ok], sigma[ok], ood[ok] = full["pred"], full["sigma"], full["ood_score"]
         lo95[ok], hi95[ok] = full["lo95"], full["hi95"]
         unlike[ok], hull[ok] = full["flag_unlike_training"], full["flag_label_hull"]
@@ -625,7 +625,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
         raise NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
                                  + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
                                  + f"); nothing was written to {out}")
-    write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
+    write_frames(out, [read_part(f) for f in part_file], n_rows=len(items))
     for f in part_file:
         f.unlink()
     (partial / "job.json").unlink()

@@ -17,7 +17,8 @@ from stellarparams.spectrum import SpectrumError
 from stellarparams import cli, readers
 from stellarparams.surveys import desi, lamost
 from stellarparams.dataset import Dataset, Grid
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.config import ModelConfig
+from stellarparams.model import StellarNet
 from stellarparams.model_io import Model, save_model
 from stellarparams.physics import doppler, rv_from_z
 from stellarparams.predict import predict

@@ -457,13 +457,13 @@ def test_two_prepare_processes_on_one_output(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".fits"])
 def test_a_short_table_is_never_published(tmp_path, suffix):
-    from stellarparams.predict import write_table
+    from stellarparams.predict import write_frames
 
     out = tmp_path / f"t{suffix}"
     block = pd.DataFrame({"file": ["a ñ", "b"], "teff": [1.0, 2.0]})
-    assert write_table(out, [lambda: block, lambda: block], n_rows=4) == 4 and len(read_table(out)) == 4
+    assert write_frames(out, [lambda: block, lambda: block], n_rows=4) == 4 and len(read_table(out)) == 4
     with pytest.raises(ValueError, match=rf"u{suffix}: cannot write the .* output: wrote 2 rows .* expected 3"):
-        write_table(tmp_path / f"u{suffix}", [lambda: block], n_rows=3)
+        write_frames(tmp_path / f"u{suffix}", [lambda: block], n_rows=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # nothing else published, no temp left
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stellarparams.dataset import Dataset, Grid
-from stellarparams.model import ModelConfig, StellarNet
+from stellarparams.config import ModelConfig
+from stellarparams.model import StellarNet
 from stellarparams.model_io import Model, save_model
 from stellarparams.predict import predict
 from stellarparams.prepare import prepare
