@@ -105,6 +105,12 @@ class TrainConfig:
     init_from: str | None = None  # model folder whose weights and target scaler training starts from (finetune.py)
     init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
     freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
+    # Domain adaptation (stellarparams.adapt; docs/method.md, "Domain adaptation"): off unless adapt_to is set.
+    adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
+    adapt_hash: str = ""          # ... its input hash (set by `train`)
+    adapt_match: int = 1          # rounds of input matching (estimate the target's instrument, retrain); 1-3
+    adapt_bins: int = 16          # groups of predicted labels the two populations are compared in; 1-32
+    adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
 
     def __post_init__(self):
         f = self.freeze or ()

@@ -203,6 +203,12 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
                          "set the model's heads to the labels you want, e.g. [model.heads] in the TOML config")
     if mc.n_in != ds.n_pix:
         mc = replace(mc, n_in=ds.n_pix)
+    if tc.adapt_to:
+        if net is not None:
+            raise ValueError("adapt_to adapts a StellarNet; it cannot adapt another net")
+        from .adapt import load_target
+
+        tc = replace(tc, adapt_hash=load_target(tc.adapt_to, ds)[2])
     fingerprint = _fingerprint(mc, tc, labels, ds, net)
     folds = tc.calib_folds if (net is None and tc.calib_folds >= 2) else 0
 
@@ -239,8 +245,13 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
               + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
               + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
+    fit_ds, target = ds, None
+    if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
+        from .adapt import source_for_target
+
+        fit_ds, target = source_for_target(ds, mc, tc, init, progress=progress, device=device, precision=precision)
     if net is None:
-        fitted = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
+        fitted = fit_ensemble(fit_ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
                               fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
                               precision=precision, init=init)
     else:
@@ -252,7 +263,13 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    _calibrate(model, ds, folds, out, fingerprint, progress, precision, init)
+    _calibrate(model, fit_ds, folds, out, fingerprint, progress, precision, init)
+    if target is not None:
+        from .adapt import reference_target
+
+        reference_target(model, fit_ds.flux(fit_ds.indices("train")), fit_ds.flux(fit_ds.indices("val")), target,
+                         tc.seed)
+        model.metrics["adapt"] = fit_ds.match.to_dict()
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
@@ -309,6 +326,15 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="with --init-from: comma-separated parts of the network kept fixed (bitwise): stem (the input "
                         "Linear + its LayerNorm), blocks (the residual blocks), ln_out (the shared LayerNorm), trunk "
                         "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff)")
+    p.add_argument("--adapt-to", dest="adapt_to", metavar="SPECTRA",
+                   help="a prepared dataset of the target survey's spectra, on this dataset's grid (its labels, if "
+                        "any, are never read): estimate how the target's instrument differs from the training "
+                        "spectra' (smooth response and reddening, resolution, wavelength offset) from the two "
+                        "populations and train on the training spectra made to look like the target's "
+                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_match, adapt_bins, adapt_order). "
+                        "Without --init-from a first-pass network is trained first (2x the training time). "
+                        "With a few labelled target stars: train --adapt-to first, then --init-from that model "
+                        "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--wait", action="store_true",
@@ -330,7 +356,7 @@ def run_cli(args) -> int:
     try:
         mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
         over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
-                                              "freeze") if getattr(args, k) is not None}
+                                              "freeze", "adapt_to") if getattr(args, k) is not None}
         if over.get("freeze") and not (over.get("init_from") or tc.init_from):
             raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
         tc = replace(tc, **over)

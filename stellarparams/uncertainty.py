@@ -491,7 +491,6 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     sigma fit. Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
     """
     from scipy.spatial import ConvexHull, QhullError
-    from sklearn.decomposition import PCA
 
     y_val = np.asarray(y_val, np.float64)
     pred, s_mc, noise = raw_uncertainty(model.net, flux_val, n_passes, seed)
@@ -503,13 +502,6 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
         m_oof = np.asarray(oof["s_mc"]) / model.scale
         r_fit, m_fit, n_fit = np.vstack([resid, r_oof]), np.vstack([s_mc, m_oof]), np.concatenate([noise, oof["noise"]])
     abc = np.array([fit_variance(r_fit[:, j], m_fit[:, j], n_fit) for j in range(L)])
-    # flux novelty: PCA on (up to MAX_PCA_ROWS) training spectra, thresholds from held-out val
-    flux_train = np.asarray(flux_train, np.float32)
-    rows = np.random.default_rng(seed).permutation(len(flux_train))[:MAX_PCA_ROWS]
-    k = int(min(n_components, len(rows) - 1, flux_train.shape[1]))
-    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(flux_train[np.sort(rows)])
-    noise_var = float(np.mean(der_snr_noise(flux_train[rows[:5000]]) ** 2))
-    n_signal = max(1, int(np.sum(pca.explained_variance_ > SIGNAL_FACTOR * noise_var)))
     # training labels' hull (scaled)
     yt = (np.asarray(y_train, np.float64) - model.center) / model.scale
     yt = yt[np.isfinite(yt).all(1)]
@@ -517,12 +509,10 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
         hull = yt[ConvexHull(yt).vertices] if L > 1 else np.array([[yt.min()], [yt.max()]])
     except QhullError:   # degenerate (e.g. too few points): keep all points
         hull = yt
-    u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], pca.mean_.astype(np.float32),
-                    pca.components_.astype(np.float32), pca.explained_variance_.astype(np.float64), 1.0, 1.0,
-                    hull, n_passes, seed, 0, noise_var)
+    u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], None, None, None, 1.0, 1.0,
+                    hull, n_passes, seed)
     u.noise_edges, u.k68, u.k95 = conformal_factors(r_fit, u.raw_sigma(m_fit, n_fit), n_fit)
-    q, qn, t2 = u.novelty(flux_val, noise)
-    u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
+    pca, n_signal = fit_novelty(u, flux_train, flux_val, noise, seed=seed, n_components=n_components)
     sigma = u.sigma_scaled(s_mc, noise)
     cov = coverage(resid, np.zeros_like(resid), sigma)
     cal = coverage(r_fit, np.zeros_like(r_fit), u.sigma_scaled(m_fit, n_fit))
@@ -541,6 +531,27 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
                "n_signal_components": n_signal}
     model.uncertainty = u
     return u
+
+
+def fit_novelty(u: Uncertainty, flux_ref, flux_held, noise_held=None, *, seed: int = 0,
+                n_components: int = N_COMPONENTS):
+    """Fit ``u``'s flux novelty model (``ood_score``): PCA on (up to MAX_PCA_ROWS of) ``flux_ref`` (N, P),
+    thresholds = the 99.5th percentiles on the held-out ``flux_held`` (M, P) (its DER_SNR noise
+    ``noise_held`` (M,) when known). Sets u's PCA fields, noise_var and the thresholds; returns
+    (the fitted sklearn PCA, the number of components whose variance is signal)."""
+    from sklearn.decomposition import PCA
+
+    flux_ref = np.asarray(flux_ref, np.float32)
+    rows = np.random.default_rng(seed).permutation(len(flux_ref))[:MAX_PCA_ROWS]
+    k = int(min(n_components, len(rows) - 1, flux_ref.shape[1]))
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(flux_ref[np.sort(rows)])
+    u.pca_mean, u.pca_components = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    u.pca_var = pca.explained_variance_.astype(np.float64)
+    u.noise_var = float(np.mean(der_snr_noise(flux_ref[rows[:5000]]) ** 2))
+    u.n_signal = 0   # T^2 over every component
+    q, qn, t2 = u.novelty(flux_held, noise_held)
+    u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
+    return pca, max(1, int(np.sum(pca.explained_variance_ > SIGNAL_FACTOR * u.noise_var)))
 
 
 def predict_full(model, flux, batch_size: int = 4096) -> dict:
