@@ -28,7 +28,8 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 
 And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; on the
 adapted model, the coverage of sigma (68.3% expected) and of the 95.4% interval on the target's
-test stars (calibrated on the source validation stars passed through the input matching), and
+test stars (calibrated, as `train` does, on the source validation stars and out-of-fold predictions
+of every source training star, all passed through the input matching), and
 the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
 includes the target's unlabeled spectra).
 Writes WORK/adapt.json and WORK/adapt.md.
@@ -47,8 +48,9 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import match_source, reference_target
+from stellarparams.adapt import TargetLoss, match_source, reference_target
 from stellarparams.baselines import RidgeVal
+from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
 from stellarparams.dataset import Dataset
 from stellarparams.files import write_text
@@ -135,7 +137,8 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     """One target, one seed: {model: MAE (3,)} plus coverage and flags of the adapted model."""
     mc = ModelConfig(n_in=tds.n_pix)
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
-                adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order)
+                adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
+                adapt_coral=a.adapt_coral, adapt_consistency=a.adapt_consistency)
     te = trows["test"]
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
@@ -144,11 +147,16 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     unl = trows["train"]
     Xu, Ou = tds.flux(unl), tds.offset(unl)
     matched = match_source(src, (srows["train"], srows["val"]), mc, tc, Xu, Ou, source.net, init=init_of(source))
-    adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, init=init_of(source))
+    loss = TargetLoss(Xu, tc) if tc.adapt_coral or tc.adapt_consistency else None
+    adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, init=init_of(source), target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
     model = model_of(adapted, src, mc, tc)
+    oof = None
+    if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
+        oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
+        oof["y"] = labels_of(src, oof["rows"])
     fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
-                    matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed)
+                    matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     df = model.predict_full(Xte)
     pred = df[LABELS].to_numpy(np.float64)
@@ -209,12 +217,17 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-match", type=int, default=1, help="rounds of input matching")
     p.add_argument("--adapt-bins", type=int, default=16)
     p.add_argument("--adapt-order", type=int, default=10)
+    p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
+    p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
+    p.add_argument("--calib-folds", type=int, default=3,
+                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma; 0: "
+                        "the source validation stars alone")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args(argv)
     if a.quick:
         a.n_source = a.n_target = 1500
-        a.seeds, a.epochs, a.targets = "0", 3, "sdss,hard"
+        a.seeds, a.epochs, a.targets, a.calib_folds = "0", 3, "sdss,hard", 0
     a.seeds = [int(s) for s in a.seeds.split(",")]
     torch.set_num_threads(a.threads)
     work = Path(a.work)

@@ -302,3 +302,62 @@ def reference_target(model, source_train, source_val, target_flux, seed: int = 0
                 seed=seed)
     u.stats["ood_reference"] = (f"{len(source_train)} source training + {len(a)} target spectra; thresholds on "
                                 f"{len(source_val)} source validation + {len(b)} target spectra")
+
+
+# ---------------------------------------------------------------------- losses on the target's spectra
+def coral(a, b):
+    """Deep CORAL (Sun & Saenko 2016): squared Frobenius distance of the (D, D) feature covariances of
+    ``a`` (B1, D) and ``b`` (B2, D), over 4 D^2."""
+    import torch
+
+    def cov(x):
+        x = x - x.mean(0, keepdim=True)
+        return x.T @ x / max(1, len(x) - 1)
+
+    d = a.shape[1]
+    return (cov(a) - cov(b)).pow(2).sum() / (4 * d * d) + torch.zeros(())
+
+
+class TargetLoss:
+    """The unlabeled target's term of the training loss, per batch (``tc.adapt_coral``, ``tc.adapt_consistency``).
+
+    - CORAL: ``adapt_coral`` x the CORAL distance between the shared representations (the
+      trunk's output) of the source batch and of as many target spectra;
+    - consistency (mean teacher): ``adapt_consistency`` x the mean squared difference, in
+      scaled label units, between the network on a noisy target spectrum (Gaussian noise of
+      1-5% of its std) and the EMA of the weights (the teacher; the network itself, without
+      gradient, when ``ema`` is 0) on the clean one.
+
+    target_flux: (N_t, P) standardized. Called as ``loss(net, teacher, x_source, g, dev)``.
+    """
+
+    def __init__(self, target_flux, tc):
+        import torch
+
+        self.X = torch.from_numpy(np.ascontiguousarray(target_flux, np.float32))
+        self.coral, self.consistency = float(tc.adapt_coral), float(tc.adapt_consistency)
+        self.noise = (tc.noise_min, tc.noise_max)
+
+    def __call__(self, net, teacher, x_source, g, dev):
+        import torch
+
+        from .devices import to_device
+
+        j = torch.randint(len(self.X), (len(x_source),), generator=g)
+        xt = to_device(self.X[j], dev)
+        loss = torch.zeros((), device=xt.device)
+        trunk = net.trunks[0]
+        if self.coral:
+            loss = loss + self.coral * coral(trunk(x_source), trunk(xt))
+        if self.consistency:
+            lo, hi = self.noise
+            level = lo + (hi - lo) * torch.rand(len(j), 1, generator=g)
+            noisy = xt + to_device(torch.randn(xt.shape, generator=g) * level, dev) * xt.std(1, keepdim=True)
+            with torch.no_grad():
+                ref = teacher or net
+                mode = ref.training
+                ref.eval()
+                y_ref = ref(xt)
+                ref.train(mode)
+            loss = loss + self.consistency * (net(noisy) - y_ref).pow(2).mean()
+        return loss

@@ -40,7 +40,10 @@ CHECKPOINT = "checkpoint.safetensors"
 def _fingerprint(model_config, train_config, labels, ds, net=None) -> str:
     arch = None if net is None else [type(net).__module__, type(net).__qualname__,
                                      net.to_dict() if hasattr(net, "to_dict") else count_parameters(net)]
-    d = {"model": model_config.to_dict(), "net": arch, "train": {k: v for k, v in train_config.to_dict().items() if k != "threads"},
+    adapting = bool(getattr(train_config, "adapt_to", None))  # without it, the adapt_* keys leave the hash as before
+    d = {"model": model_config.to_dict(), "net": arch,
+         "train": {k: v for k, v in train_config.to_dict().items()
+                   if k != "threads" and (adapting or not k.startswith("adapt_"))},
          "labels": labels, "data": [ds.attrs.get("input_hash") or str(ds.path.resolve()), ds.n]}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -250,10 +253,15 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         from .adapt import source_for_target
 
         fit_ds, target = source_for_target(ds, mc, tc, init, progress=progress, device=device, precision=precision)
+    target_loss = None
+    if target is not None and (tc.adapt_coral or tc.adapt_consistency):
+        from .adapt import TargetLoss
+
+        target_loss = TargetLoss(target, tc)
     if net is None:
         fitted = fit_ensemble(fit_ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
                               fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
-                              precision=precision, init=init)
+                              precision=precision, init=init, target_loss=target_loss)
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
                      fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)

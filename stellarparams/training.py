@@ -141,7 +141,7 @@ class Fitted:
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
         fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32",
-        init=None) -> Fitted:
+        init=None, target_loss=None) -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -176,6 +176,10 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         Start from another model's weights and target scaler (``train --init-from``;
         :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
         validation loss of those starting weights is ``metrics["init_val_loss"]``.
+    target_loss : callable, optional
+        ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss
+        (:class:`stellarparams.adapt.TargetLoss`: unlabeled target spectra); ``teacher`` is the
+        EMA network (None without EMA), ``x`` the batch, ``g`` the batch's CPU generator.
 
     Returns
     -------
@@ -304,6 +308,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
             with autocast(dev, precision):
                 out = net(x)
             loss = masked_huber(out.float(), to_device(y, dev), weights_dev, tc.huber_delta)
+            if target_loss is not None:
+                loss = loss + target_loss(net, None if ema is None else ema.module, x, g, dev)
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -370,7 +376,7 @@ def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig,
 
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
                  fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
-                 precision: str = "fp32", init=None) -> Fitted:
+                 precision: str = "fp32", init=None, target_loss=None) -> Fitted:
     """:func:`fit` ``train_config.ensemble`` = K networks (seeds seed .. seed+K-1) into one :class:`Ensemble`.
 
     K = 1 is :func:`fit` itself. Otherwise member i trains with its own checkpoint
@@ -380,7 +386,8 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
     loss and MAE.
     """
     tc, k = train_config, int(train_config.ensemble)
-    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init)
+    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init,
+              target_loss=target_loss)
     if k <= 1:
         return fit(ds, rows, model_config, tc, checkpoint=checkpoint, fingerprint=fingerprint, **kw)
     members = []

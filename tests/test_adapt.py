@@ -79,7 +79,8 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     _write(tmp_path / "tgt", Xt, Ot, yt, np.zeros(200, int), "target-hash-1")
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
-    tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3)
+    tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
+                     adapt_match=2, adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
     b = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt_perm")}),
@@ -87,9 +88,10 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     card = json.loads((tmp_path / "m" / "model.json").read_text())
     assert card["train_config"]["adapt_to"] == str(tmp_path / "tgt")
     assert card["train_config"]["adapt_hash"] == "target-hash-1"
-    assert card["train_config"]["adapt_match"] == 1 and card["metrics"]["adapt"]["response_rms"] > 0
+    assert card["train_config"]["adapt_coral"] == 0.5 and card["metrics"]["adapt"]["response_rms"] > 0
+    assert len(card["metrics"]["adapt"]["rounds"]) == 2
     assert "target" in a.uncertainty.stats["ood_reference"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
-    plain = train(src, None, TINY, tc, progress=False)
+    plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
     assert not all(torch.equal(sa[k], v) for k, v in plain.net.state_dict().items())   # adapting changed them
