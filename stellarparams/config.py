@@ -108,7 +108,7 @@ class TrainConfig:
     # Domain adaptation (stellarparams.adapt; docs/method.md, "Domain adaptation"): off unless adapt_to is set.
     adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
     adapt_hash: str = ""          # ... its input hash (set by `train`)
-    adapt_match: int = 1          # rounds of input matching (estimate the target's instrument, retrain); 1-3
+    adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
     adapt_bins: int = 16          # groups of predicted labels the two populations are compared in; 1-32
     adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
     adapt_coral: float = 0.0      # weight of Deep CORAL between source and target trunk features; 0-10

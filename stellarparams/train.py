@@ -340,7 +340,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "spectra' (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_match, adapt_bins, adapt_order). "
-                        "Without --init-from a first-pass network is trained first (2x the training time). "
+                        "It costs adapt_match (default 2) trainings, one more without --init-from (a first-pass "
+                        "network on the source as it is). "
                         "With a few labelled target stars: train --adapt-to first, then --init-from that model "
                         "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",
