@@ -18,8 +18,9 @@ Per seed (the training seed and the draw of the 100 labelled stars), per target,
 target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_TRUE) of:
 
 - as-is: the source model (default recipe on the source's train stars);
-- adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds) started from the
-  source model; the target's train-split spectra are its unlabeled set;
+- adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds, the first pass
+  being the source model), trained from scratch like the source model (the same budget, so
+  only the matching differs); the target's train-split spectra are its unlabeled set;
 - 100 labelled: the source model fine-tuned on 100 labelled target stars (target val split
   for model selection);
 - 100 labelled + adapted: the adapted model fine-tuned on the same stars;
@@ -146,9 +147,10 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     # adapted: the target's train-split spectra, unlabeled
     unl = trows["train"]
     Xu, Ou = tds.flux(unl), tds.offset(unl)
-    matched = match_source(src, (srows["train"], srows["val"]), mc, tc, Xu, Ou, source.net, init=init_of(source))
+    # from scratch, as the source model: the same training budget, so only the input matching differs
+    matched = match_source(src, (srows["train"], srows["val"]), mc, tc, Xu, Ou, source.net)
     loss = TargetLoss(Xu, tc) if tc.adapt_coral or tc.adapt_consistency else None
-    adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, init=init_of(source), target_loss=loss)
+    adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
     model = model_of(adapted, src, mc, tc)
     oof = None

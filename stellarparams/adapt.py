@@ -188,7 +188,7 @@ def load_target(path, ds) -> tuple[np.ndarray, np.ndarray, str]:
     if not dataset_file(path).exists():
         raise ValueError(f"{path}: --adapt-to needs a prepared dataset of the target's spectra; prepare them on the "
                          "source's grid first (`stellarparams prepare ... --grid-from MODEL`, or with the source "
-                         "dataset's --grid), labels or not")
+                         "dataset's --grid); a folder of raw spectra is not read by --adapt-to")
     with Dataset(path) as t:
         if t.n_pix != ds.n_pix or not np.allclose(t.grid.loglam, ds.grid.loglam, rtol=0, atol=1e-9):
             raise ValueError(f"{t.path}: its wavelength grid ({t.n_pix} pixels) is not the training dataset's "

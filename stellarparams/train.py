@@ -277,6 +277,8 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
 
         reference_target(model, fit_ds.flux(fit_ds.indices("train")), fit_ds.flux(fit_ds.indices("val")), target,
                          tc.seed)
+        if model.uncertainty is not None:
+            model.uncertainty.stats["calibrated_on"] += " of the source, passed through the input matching"
         model.metrics["adapt"] = fit_ds.match.to_dict()
     if out is not None:
         save_model(model, out)

@@ -90,7 +90,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert card["train_config"]["adapt_hash"] == "target-hash-1"
     assert card["train_config"]["adapt_coral"] == 0.5 and card["metrics"]["adapt"]["response_rms"] > 0
     assert len(card["metrics"]["adapt"]["rounds"]) == 2
-    assert "target" in a.uncertainty.stats["ood_reference"]
+    assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
     plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
