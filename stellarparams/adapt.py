@@ -125,7 +125,7 @@ def group_means(g, pred, centers):
 
 
 def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pred, *, order: int = 10,
-                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0) -> Match:
+                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
     """Estimate the source -> target transform from the two unlabeled populations.
 
     Parameters
@@ -136,6 +136,9 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
     order : Legendre order of ln response over the grid (0: no response).
     bins : groups in predicted-label space (k-means on the source's predictions); 1 = one group.
     shifts, lsfs : candidate shifts and extra LSF sigmas, grid pixels.
+    narrow : > 0 also keeps, on top of the smooth response, the pixels where the groups' mean log
+        ratio departs from it by more than ``narrow`` times its standard error (narrow features
+        every group shares: uncorrected telluric bands, sky residuals); 0 = smooth only.
 
     Returns
     -------
@@ -170,10 +173,17 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
             smooth = legendre.legval(xg, legendre.legfit(xg, rbar, order)) if order > 0 else np.zeros(P)
             obj = float((w[:, None] * (r - smooth) ** 2).sum(0).mean())
             if best is None or obj < best[0]:
-                best = (obj, sh, lsf, smooth)
-    obj, sh, lsf, smooth = best
+                best = (obj, sh, lsf, smooth, r, rbar)
+    obj, sh, lsf, smooth, r, rbar = best
+    n_narrow = 0
+    if narrow > 0 and len(w) > 2:
+        se = np.sqrt((w[:, None] * (r - rbar) ** 2).sum(0) / (1 - (w ** 2).sum()) * (w ** 2).sum())  # (P,)
+        keep = np.abs(rbar - smooth) > narrow * se
+        smooth = smooth + np.where(keep, rbar - smooth, 0.0)
+        n_narrow = int(keep.sum())
     return Match(float(sh), float(lsf), smooth if order > 0 else None,
-                 {"groups": int(use.sum()), "objective": obj, "n_source": int(len(gs)), "n_target": int(len(gt))})
+                 {"groups": int(use.sum()), "objective": obj, "n_source": int(len(gs)), "n_target": int(len(gt)),
+                  "narrow_pixels": n_narrow})
 
 
 # ---------------------------------------------------------------------- the target and the rounds
@@ -253,7 +263,7 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
             net = fit(MatchedDataset(ds, match), rows, mc, sub, init=init, device=device, precision=precision).net
         xs = match.apply(Xs, Os)[0]                            # the source as the current net was trained on it
         match = estimate_match(Xs, Os, _predict(net, xs), Xt, Ot, _predict(net, Xt), order=tc.adapt_order,
-                               bins=tc.adapt_bins, seed=tc.seed)
+                               bins=tc.adapt_bins, seed=tc.seed, narrow=tc.adapt_narrow)
         history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
         if progress:
             h = history[-1]

@@ -111,6 +111,8 @@ class TrainConfig:
     adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
     adapt_bins: int = 16          # groups of predicted labels the two populations are compared in; 1-32
     adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
+    adapt_narrow: float = 0.0     # also match narrow features shared by every group above this many standard errors
+                                  # (telluric, sky residuals); 0 = the smooth response only; 0-5
     adapt_coral: float = 0.0      # weight of Deep CORAL between source and target trunk features; 0-10
     adapt_consistency: float = 0.0  # weight of the mean-teacher consistency on target spectra; 0-10
 
