@@ -20,7 +20,7 @@ processes can share the work (e.g. ``--recipes paper --seeds 1,2`` next to ``--r
 - the same three at a small training set: ``--small-stars`` training stars (all their spectra).
 
 Also: MAE at S/N > 50, ratios to Ridge, training time. Writes WORK/accuracy.json and
-WORK/accuracy.md (the README's table).
+WORK/accuracy.md (docs/benchmarks.md's table).
 """
 from __future__ import annotations
 

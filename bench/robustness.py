@@ -15,7 +15,7 @@ default dataset's test split (never seen in training), against the noiseless tru
   sigma (68.3% expected) and of the 95.4% interval (lo95/hi95);
 - ``ood_score`` against the amplitude of the instrument response (WORK/robustness_ood.png).
 
-Writes WORK/robustness.json and WORK/robustness.md (the README's table).
+Writes WORK/robustness.json and WORK/robustness.md (docs/benchmarks.md's table).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Speed of `simulate`: spectra per second, end to end, and where one spectrum's time goes.
 
-Target (issue 3): 50,000 spectra in under 5 minutes on the 2-core machine, i.e. >= 167 spectra/s.
-The per-spectrum lines also time a realization with every instrument shift of issue 17 on
+Target: 50,000 spectra in under 5 minutes on the 2-core machine, i.e. >= 167 spectra/s.
+The per-spectrum lines also time a realization with every instrument shift on
 (ALL_SHIFTS); ``--shifts`` runs the end-to-end survey with them too.
 
     .venv/bin/python bench/simulate_speed.py [--n 5000] [--workers 2] [--shifts] [--keep DIR]

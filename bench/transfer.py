@@ -1,6 +1,6 @@
 """Transfer between surveys: a model trained on simulated SDSS, fine-tuned on 100 LAMOST (DESI) stars.
 
-    .venv/bin/python bench/transfer.py --work runs/transfer                 # README's table
+    .venv/bin/python bench/transfer.py --work runs/transfer                 # docs/benchmarks.md's table
     .venv/bin/python bench/transfer.py --work /tmp/t --n-source 3000 --n-target 1500 --seeds 0   # a quick look
 
 1. Source: simulates the SDSS survey (``--n-source`` spectra, seed 0), prepares it (split by

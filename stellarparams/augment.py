@@ -158,14 +158,6 @@ def telluric_profile(loglam: torch.Tensor, bands=TELLURIC_BANDS) -> torch.Tensor
 
 # --------------------------------------------------------------------------- resolution
 
-def gaussian_kernel(sigma_pix: float, half: int | None = None, dtype=torch.float32) -> torch.Tensor:
-    """Normalized Gaussian (2h+1,) of std ``sigma_pix`` pixels."""
-    half = half if half is not None else max(1, int(math.ceil(4 * max(sigma_pix, 1e-3))))
-    k = torch.arange(-half, half + 1, dtype=torch.float64)
-    g = torch.exp(-0.5 * (k / max(sigma_pix, 1e-6)) ** 2)
-    return (g / g.sum()).to(dtype)
-
-
 def broaden(x: torch.Tensor, sigma_pix: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Convolve each spectrum with a near-Gaussian kernel of std ``sigma_pix`` (B,) pixels (0 = unchanged).
 

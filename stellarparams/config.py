@@ -139,7 +139,7 @@ class TrainConfig:
 
 # Named training recipes: TrainConfig values on top of the dataclass defaults (the paper's).
 # "paper" is the paper's recipe bit for bit; "default" is what generalises to unseen stars and
-# other spectrographs (README, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).
+# other spectrographs (docs/benchmarks.md, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).
 RECIPES = {
     "paper": {"recipe": "paper"},
     "default": {"recipe": "default", "epochs": 12, "ema": 0.998, "aug_shift_pix": 1.0, "aug_calib_sigma": 0.05,

@@ -1,14 +1,26 @@
-"""DESI healpix coadd files and the Milky Way Survey (``mwsall``) label catalog.
+"""DESI healpix coadd files, their Redrock redshifts, and the Milky Way Survey (``mwsall``) label catalog.
 
 Data model followed (docs/surveys.md has the links):
 
 - desidatamodel, ``DESI_SPECTRO_REDUX/SPECPROD/healpix/SURVEY/PROGRAM/PIXGROUP/PIXNUM/
-  coadd-SURVEY-PROGRAM-PIXNUM.rst`` (desihub/desidatamodel, commit 035102b; the format of
-  the EDR "fuji" and DR1 "iron" productions): file ``coadd-SURVEY-PROGRAM-PIXNUM.fits``; HDU
-  FIBERMAP (a table, one row per target: TARGETID int64, COADD_FIBERSTATUS int32, 0 = good,
-  TARGET_RA, TARGET_DEC, ...); per arm X in B, R, Z the HDUs X_WAVELENGTH (nwave,) float64
-  Angstrom (vacuum), X_FLUX and X_IVAR (nspec, nwave) float32 in 1e-17 erg/(s cm2 A) and
-  its inverse square, X_MASK (nspec, nwave) int32 (nonzero = bad), X_RESOLUTION (not used).
+  coadd-SURVEY-PROGRAM-PIXNUM.rst`` (desihub/desidatamodel; the format of the EDR "fuji" and
+  DR1 "iron" productions): file ``coadd-SURVEY-PROGRAM-PIXNUM.fits``; HDU FIBERMAP (a table,
+  one row per target: TARGETID int64, COADD_FIBERSTATUS int32, TARGET_RA, TARGET_DEC, ...);
+  EXP_FIBERMAP (one row per target per exposure); per arm X in B, R, Z the HDUs
+  X_WAVELENGTH (nwave,) float64 Angstrom (vacuum; 2751, 2326 and 2881 pixels), X_FLUX and
+  X_IVAR (nspec, nwave) float32 in 1e-17 erg/(s cm2 A) and its inverse square, X_MASK
+  (nspec, nwave) uint32 (int32 with BZERO 2**31; SPECMASK bits, 0 = good), X_RESOLUTION
+  (nspec, 11, nwave; not used); SCORES (per-target S/N and flux summaries). HDUs are read by
+  name, never by number.
+- desidatamodel ``bitmasks.rst``: COADD_FIBERSTATUS is the bitwise AND of the exposures'
+  FIBERSTATUS; bits STUCKPOSITIONER (1), RESTRICTED (3), NEARCHARGETRAP (13) and
+  VARIABLETHRU (14) are informational, BADAMPB/BADAMPR/BADAMPZ (22-24) make one camera's
+  data unusable (that arm is dropped, as desispec does since desihub/desispec pull request 1674), any other bit makes
+  the spectrum unusable.
+- desidatamodel ``redrock-SURVEY-PROGRAM-PIXNUM.rst``: the Redrock file beside each coadd
+  (``zbest-`` in releases before "everest"), HDU REDSHIFTS with TARGETID, Z, ZERR, ZWARN
+  (0 = good), SPECTYPE (STAR, GALAXY, QSO). Read when present: Z gives the record's ``z``
+  and RV (c z, where ZWARN == 0), SPECTYPE its class.
 - desi-mws-edr-datamodel ``docs/mwsall.rst`` (desimilkyway/desi-mws-edr-datamodel, commit
   16f6edc): the ``mwsall`` catalog, HDU 1 RVTAB with TARGETID, VRAD, VRAD_ERR, TEFF, LOGG,
   FEH and their ``_ERR`` columns (RVSpecfit), SURVEY, PROGRAM and PRIMARY (one row per
@@ -28,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sdss
+from .physics import rv_from_z
 from .spectrum import Record, make_record
 
 ARMS = ("B", "R", "Z")
@@ -36,6 +49,14 @@ RV_COLUMN = "VRAD"
 FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "MWS_TARGET", "COADD_NUMEXP", "COADD_EXPTIME")
 MAX_HDU_BYTES = 1 << 34  # 16 GB: a coadd's X_RESOLUTION HDU of thousands of targets exceeds SDSS's 256 MB limit
 NAME_RE = re.compile(r"^coadd-([a-z0-9]+)-([a-z0-9]+)-(\d+)\.fits(\.gz)?$", re.I)
+# FIBERSTATUS bits (desidatamodel bitmasks.rst): the informational ones (STUCKPOSITIONER, RESTRICTED,
+# NEARCHARGETRAP, VARIABLETHRU), and the one camera each BADAMP bit spoils
+FIBERSTATUS_INFO = (1 << 1) | (1 << 3) | (1 << 13) | (1 << 14)
+BADAMP = {"B": 1 << 22, "R": 1 << 23, "Z": 1 << 24}
+SPECMASK = {"SOMEBADPIX": 1 << 0, "ALLBADPIX": 1 << 1, "COSMIC": 1 << 2, "LOWFLAT": 1 << 3, "BADFIBERFLAT": 1 << 4,
+            "BRIGHTSKY": 1 << 5, "BADSKY": 1 << 6, "BAD2DFIT": 1 << 7, "NODATA": 1 << 8, "BADFIBER": 1 << 9,
+            "BADCOLUMN": 1 << 10}
+REDROCK_PREFIXES = ("redrock", "zbest")
 
 
 def parse_name(name: str):
@@ -133,6 +154,8 @@ def read_coadd(path) -> list[Record]:
             cols = {c.upper(): c for c in fm.dtype.names or ()}
             if "TARGETID" not in cols:
                 raise sdss.SpectrumError(path, "missing_columns", "FIBERMAP has no TARGETID")
+            status = (fm[cols["COADD_FIBERSTATUS"]].astype(np.int64) if "COADD_FIBERSTATUS" in cols
+                      else np.zeros(len(fm), np.int64))
             arms = []
             for arm in ARMS:
                 names = [f"{arm}_{x}" for x in ("WAVELENGTH", "FLUX", "IVAR")]
@@ -145,6 +168,8 @@ def read_coadd(path) -> list[Record]:
                     raise sdss.SpectrumError(path, "bad_layout", f"arm {arm}: wavelength {wave.shape}, flux "
                                              f"{flux.shape}, ivar {ivar.shape}, mask {mask.shape} for "
                                              f"{len(fm)} FIBERMAP rows")
+                mask = mask.astype(np.int64)
+                mask[(status & BADAMP[arm]) != 0] |= SPECMASK["BADFIBER"]  # this camera's data are unusable
                 arms.append((wave, flux, ivar, mask))
     except sdss.SpectrumError:
         raise
@@ -155,19 +180,64 @@ def read_coadd(path) -> list[Record]:
         raise sdss.SpectrumError(path, "missing_columns", "no arm with X_WAVELENGTH, X_FLUX, X_IVAR (X = B, R, Z)")
     wave, flux, ivar, mask = merge_arms(arms)
     tid = fm[cols["TARGETID"]].astype(np.int64)
-    status = fm[cols["COADD_FIBERSTATUS"]].astype(np.int64) if "COADD_FIBERSTATUS" in cols else np.zeros(len(fm), int)
+    bad_status = status & ~(FIBERSTATUS_INFO | sum(BADAMP.values()))
+    zinfo = redshifts(path)
     records = []
     for i in range(len(fm)):
         header = {k: fm[cols[k]][i].item() for k in FIBERMAP_META if k in cols}
         header["COADD_FIBERSTATUS"] = int(status[i])
+        z, zwarn, spectype = zinfo.get(int(tid[i]), (np.nan, -1, ""))
+        if spectype:
+            header.update(Z=z, ZWARN=zwarn, SPECTYPE=spectype)
+        z = z if zwarn == 0 else np.nan
         rec = make_record(wave, flux[i], ivar[i], mask[i], path=path, ident=str(tid[i]), survey="desi",
-                          header=header, keys={"targetid": int(tid[i])})
-        if status[i] != 0:
-            rec.problem = ("bad_fiberstatus", f"TARGETID {tid[i]}: COADD_FIBERSTATUS {status[i]} (0 = good)")
+                          header=header, keys={"targetid": int(tid[i])}, z=z, rv=rv_from_z(z), objclass=spectype)
+        if bad_status[i] != 0:
+            rec.problem = ("bad_fiberstatus", f"TARGETID {tid[i]}: COADD_FIBERSTATUS {status[i]} has bits beyond the "
+                           "informational ones (1, 3, 13, 14) and BADAMPB/R/Z (22-24)")
         elif not rec.good().any():
             rec.problem = ("no_good_pixels", f"TARGETID {tid[i]}: no arm pixel with ivar > 0 and MASK == 0")
         records.append(rec)
     return records
+
+
+def redrock_path(path):
+    """The Redrock file beside a coadd (``redrock-`` or, before "everest", ``zbest-``), or None."""
+    path = Path(path)
+    if not path.name.startswith("coadd-"):
+        return None
+    for prefix in REDROCK_PREFIXES:
+        p = path.with_name(prefix + path.name[len("coadd"):])
+        if p.is_file():
+            return p
+    return None
+
+
+def redshifts(path) -> dict:
+    """{TARGETID: (Z, ZWARN, SPECTYPE)} from the Redrock file beside the coadd ``path``; {} without one.
+
+    A damaged Redrock file is ignored (the coadd's spectra stay usable, without redshifts).
+
+    Parameters
+    ----------
+    path : str or Path
+        The coadd file.
+
+    Returns
+    -------
+    dict
+        SPECTYPE upper-case and stripped (STAR, GALAXY, QSO).
+    """
+    p = redrock_path(path)
+    if p is None:
+        return {}
+    try:
+        with sdss.open_fits(p) as f:
+            t = f["REDSHIFTS" if "REDSHIFTS" in f else "ZBEST"].read(columns=["TARGETID", "Z", "ZWARN", "SPECTYPE"])
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+        return {}
+    spectype = [(v.decode() if isinstance(v, bytes) else str(v)).strip().upper() for v in t["SPECTYPE"]]
+    return {int(a): (float(b), int(c), d) for a, b, c, d in zip(t["TARGETID"], t["Z"], t["ZWARN"], spectype)}
 
 
 def target_ids(path) -> np.ndarray:
@@ -187,6 +257,13 @@ def target_ids(path) -> np.ndarray:
 
 def write_coadd(path, targetid, arms: dict, fiberstatus=None, header: dict | None = None, durable: bool = True):
     """Write a DESI coadd file with the data model's HDUs (tests, simulations), atomically.
+
+    Written as desidatamodel's ``coadd-SURVEY-PROGRAM-PIXNUM``: FIBERMAP (TARGETID,
+    COADD_FIBERSTATUS, TARGET_RA, TARGET_DEC, COADD_NUMEXP), EXP_FIBERMAP (one exposure per
+    target: TARGETID, EXPID, FIBERSTATUS), per arm X_WAVELENGTH (float64, BUNIT Angstrom),
+    X_FLUX and X_IVAR (float32, with their BUNIT), X_MASK (uint32, stored as int32 with BZERO
+    2**31), and SCORES (TARGETID, MEDIAN_COADD_SNR_X). X_RESOLUTION is not written (11
+    diagonals per pixel: ten times the flux's size; the readers do not use it).
 
     Parameters
     ----------
@@ -210,19 +287,65 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None, header: dict | Non
     from .files import atomic_write
 
     targetid = np.asarray(targetid, np.int64)
-    status = np.zeros(len(targetid), np.int32) if fiberstatus is None else np.asarray(fiberstatus, np.int32)
+    n = len(targetid)
+    status = np.zeros(n, np.int32) if fiberstatus is None else np.asarray(fiberstatus, np.int32)
     primary = fits.PrimaryHDU()
+    if "HPXPIXEL" in (header or {}):
+        primary.header["SPGRP"], primary.header["SPGRPVAL"] = "healpix", header["HPXPIXEL"]
     for k, v in (header or {}).items():
         primary.header[k] = v
     hdus = [primary, fits.BinTableHDU.from_columns(
         [fits.Column("TARGETID", "K", array=targetid), fits.Column("COADD_FIBERSTATUS", "J", array=status),
-         fits.Column("TARGET_RA", "D", array=np.zeros(len(targetid))),
-         fits.Column("TARGET_DEC", "D", array=np.zeros(len(targetid)))], name="FIBERMAP")]
+         fits.Column("TARGET_RA", "D", array=np.zeros(n)), fits.Column("TARGET_DEC", "D", array=np.zeros(n)),
+         fits.Column("COADD_NUMEXP", "I", array=np.ones(n, np.int16))], name="FIBERMAP"),
+        fits.BinTableHDU.from_columns(
+        [fits.Column("TARGETID", "K", array=targetid), fits.Column("EXPID", "J", array=np.ones(n, np.int32)),
+         fits.Column("FIBERSTATUS", "J", array=status)], name="EXP_FIBERMAP")]
+    scores = [fits.Column("TARGETID", "K", array=targetid)]
     for arm, (wave, flux, ivar, mask) in arms.items():
-        flux = np.asarray(flux, np.float32)
-        mask = np.zeros(flux.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
-        hdus += [fits.ImageHDU(np.asarray(wave, np.float64), name=f"{arm}_WAVELENGTH"),
-                 fits.ImageHDU(flux, name=f"{arm}_FLUX"),
-                 fits.ImageHDU(np.asarray(ivar, np.float32), name=f"{arm}_IVAR"),
-                 fits.ImageHDU(mask, name=f"{arm}_MASK")]
+        flux, ivar = np.asarray(flux, np.float32), np.asarray(ivar, np.float32)
+        mask = np.zeros(flux.shape, np.uint32) if mask is None else np.asarray(mask).astype(np.uint32)
+        w = fits.ImageHDU(np.asarray(wave, np.float64), name=f"{arm}_WAVELENGTH")
+        w.header["BUNIT"] = "Angstrom"
+        fl = fits.ImageHDU(flux, name=f"{arm}_FLUX")
+        fl.header["BUNIT"] = "10**-17 erg/(s cm2 Angstrom)"
+        iv = fits.ImageHDU(ivar, name=f"{arm}_IVAR")
+        iv.header["BUNIT"] = "10**+34 (s2 cm4 Angstrom2) / erg2"
+        hdus += [w, fl, iv, fits.ImageHDU(mask, name=f"{arm}_MASK", uint=True)]
+        with np.errstate(invalid="ignore"):
+            snr = np.nan_to_num(np.median(np.where(ivar > 0, flux * np.sqrt(ivar), np.nan), axis=1))
+        scores.append(fits.Column(f"MEDIAN_COADD_SNR_{arm}", "E", array=snr.astype(np.float32)))
+    hdus.append(fits.BinTableHDU.from_columns(scores, name="SCORES"))
     return atomic_write(path, fits.HDUList(hdus).writeto, durable=durable)
+
+
+def write_redrock(path, targetid, z, zwarn=None, spectype="STAR", durable: bool = True):
+    """Write a Redrock file (desidatamodel ``redrock-SURVEY-PROGRAM-PIXNUM``: HDU REDSHIFTS), atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``redrock-SURVEY-PROGRAM-PIXNUM.fits`` beside its coadd.
+    targetid, z : (N,) arrays
+    zwarn : (N,) int, optional
+        Default 0 (good).
+    spectype : str or (N,) str
+    durable : bool
+
+    Returns
+    -------
+    Path
+    """
+    from astropy.io import fits
+
+    from .files import atomic_write
+
+    targetid = np.asarray(targetid, np.int64)
+    n = len(targetid)
+    zwarn = np.zeros(n, np.int64) if zwarn is None else np.asarray(zwarn, np.int64)
+    spectype = np.broadcast_to(np.asarray(spectype, "U6"), (n,))
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column("TARGETID", "K", array=targetid), fits.Column("Z", "D", array=np.asarray(z, np.float64)),
+         fits.Column("ZERR", "D", array=np.zeros(n)), fits.Column("ZWARN", "K", array=zwarn),
+         fits.Column("SPECTYPE", "6A", array=spectype)], name="REDSHIFTS")
+    return atomic_write(path, fits.HDUList([fits.PrimaryHDU(), table]).writeto, durable=durable)

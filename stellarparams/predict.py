@@ -168,6 +168,7 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
             items.append((str(p), np.nan, None))
     items = _expand(items, survey)
     if catalog is not None:
+        from .lamost import file_keys as lamost_keys
         from .lamost import parse_name as lamost_name
 
         cat = sdss.read_catalog(catalog)
@@ -192,7 +193,12 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
                 keys = [name, parse_spectrum_name(name), lamost_name(name)]
                 if isinstance(k, dict):
                     keys.insert(0, ("id", k["id"]))
-                return float(next((rv_by[x] for x in keys if x is not None and x in rv_by), np.nan))
+                hit = next((x for x in keys if x is not None and x in rv_by), None)
+                if hit is None and isinstance(k, dict) and k["survey"] == "lamost" and f:
+                    fk = lamost_keys(f)  # a file not named after its keys: LMJD..FIBERID, OBSID from its header
+                    ids = (fk.get("lmjd_planid_spid_fiberid"), ("id", str(fk["obsid"])) if "obsid" in fk else None)
+                    hit = next((x for x in ids if x is not None and x in rv_by), None)
+                return float(rv_by[hit]) if hit is not None else np.nan
 
             items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
         if not items and "FILE" in cat.columns:
@@ -243,7 +249,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
             if spec.objclass and spec.objclass in config.reject_classes:
                 raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             if not np.isfinite(rv):
-                rv = getattr(spec, "rv", np.nan)  # LAMOST HELIO_RV, a table's RV column
+                rv = getattr(spec, "rv", np.nan)  # LAMOST c Z, DESI Redrock c Z, a table's RV column
             if not np.isfinite(rv):
                 rv = rv_from_z(getattr(spec, "z", np.nan))
             rv_used[i] = rv
@@ -636,7 +642,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("inputs", nargs="+", help="spectrum files, folders (searched recursively), or catalogs "
                    "(.csv/.parquet/.fits) with a FILE column and optional RV_ADOP")
     p.add_argument("--out", required=True, help="output table: .csv, .parquet or .fits")
-    p.add_argument("--catalog", help="catalog with RV_ADOP (km/s) for the inputs, matched by FILE or PLATE/MJD/FIBERID")
+    p.add_argument("--catalog", help="catalog with RV_ADOP, VRAD or RV (km/s) for the inputs, matched by FILE, "
+                   "SDSS PLATE/MJD/FIBERID, LAMOST LMJD/PLANID/SPID/FIBERID (from the file name or header), "
+                   "TARGETID or OBSID")
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")

@@ -618,7 +618,6 @@ def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> lis
     """Where each catalog row's spectrum is, for LAMOST, DESI and tables: [(file, index in file) or None]."""
     n = len(cat)
     loc = [None] * n
-    col = {c: cat[c].to_numpy() for c in cat.columns}
     if survey == "table":
         rows = pd.to_numeric(cat["ROW"], errors="coerce").to_numpy() if "ROW" in cat else np.arange(n)
         only = files[0] if len(files) == 1 else None
@@ -648,30 +647,8 @@ def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> lis
             elif row_files[i] is not None:
                 loc[i] = (row_files[i], 0)
         return loc
-    # lamost: FILE, else (LMJD, PLANID, SPID, FIBERID) from the file name, else OBSID from the headers
-    by_name = {lamost.parse_name(p.name): p for p in files}
-    if all(c in col for c in lamost.KEY_COLUMNS):
-        num = {c: pd.to_numeric(cat[c], errors="coerce").to_numpy() for c in ("LMJD", "SPID", "FIBERID")}
-        for i in range(n):
-            if all(np.isfinite(num[c][i]) for c in num):
-                key = (int(num["LMJD"][i]), str(col["PLANID"][i]).strip(), int(num["SPID"][i]), int(num["FIBERID"][i]))
-                loc[i] = (by_name[key], None) if key in by_name else None
-    for i in range(n):
-        if row_files[i] is not None:
-            loc[i] = (row_files[i], None)
-    if "OBSID" in col and any(v is None for v in loc):
-        obsid = pd.to_numeric(cat["OBSID"], errors="coerce").to_numpy()
-        by_obsid = {}
-        for p in files:
-            try:
-                with sdss.open_fits(p) as f:
-                    by_obsid.setdefault(sdss._int(f[0].read_header().get("OBSID", 0)), p)
-            except (OSError, ValueError):
-                continue
-        for i in range(n):
-            if loc[i] is None and np.isfinite(obsid[i]) and int(obsid[i]) in by_obsid:
-                loc[i] = (by_obsid[int(obsid[i])], None)
-    return loc
+    # lamost: FILE, else (LMJD, PLANID, SPID, FIBERID) from the file names, then the headers, else OBSID
+    return lamost.locate(cat, files, row_files)
 
 
 def _id_text(v) -> str:
@@ -855,6 +832,7 @@ def _identify(job: _Job):
         ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
         id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
         row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
+            lamost.row_ids(cat) if survey == "lamost" else \
             [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
     return by_key, keys, located, ident, row_id
 

@@ -9,8 +9,8 @@ holds many). A record (:class:`stellarparams.spectrum.Record`) is an :class:`sds
 - ``wave``: vacuum wavelength in Angstrom, exactly as written (``loglam`` = log10 of it);
 - ``bad``: True where the survey's own mask marks a pixel unusable (LAMOST ANDMASK != 0,
   DESI MASK != 0, a table's MASK != 0); the SDSS ``and_mask`` bits are used as before;
-- ``rv``: a radial velocity in km/s given by the file (LAMOST HELIO_RV), else NaN;
-  ``z``: its redshift (LAMOST Z), else NaN;
+- ``rv``: a radial velocity in km/s given by the file (LAMOST c Z, DESI c Z of the Redrock
+  file beside the coadd, a table's RV), else NaN; ``z``: its redshift, else NaN;
 - ``keys``: what a catalog row is matched with (obsid, (lmjd, planid, spid, fiberid),
   targetid, row);
 - ``labels``: label columns a table row carries;
@@ -36,7 +36,7 @@ from .spectrum import Record, make_record
 
 SURVEYS = ("sdss", "lamost", "desi", "table")
 _SDSS_NAME = re.compile(r"^(spec-\d+-\d+-\d+\.fits|spSpec-\d+-\d+-\d+\.fits?)(\.gz)?$", re.I)
-_LAMOST_NAME = re.compile(r"^spec-\d+-.+_sp\d+-\d+\.fits?(\.gz)?$", re.I)
+_LAMOST_NAME = lamost.NAME_RE
 _DESI_NAME = re.compile(r"^coadd-.+\.fits(\.gz)?$", re.I)
 _TABLE_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")
 SPECTRUM_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fts") + _TABLE_SUFFIXES

@@ -3,7 +3,9 @@
 Every reader returns one :class:`Spectrum` record, whatever the release:
 
 - DR8+ ``spec-PLATE-MJD-FIBER.fits`` (full and lite): HDU 1 ``COADD`` table with
-  ``loglam``, ``flux``, ``ivar``, ``and_mask``; HDU 2 ``SPECOBJ`` with CLASS, S/N.
+  ``loglam``, ``flux``, ``ivar``, ``and_mask`` (also ``or_mask``, ``wdisp``, ``sky``, ``model``,
+  not used); HDU 2 ``SPECOBJ`` (``SPALL`` in the current data model) with CLASS, Z, S/N; HDU 3
+  ``SPZLINE``; the full files add one HDU per exposure and camera (B1, R1, ...), not read.
 - DR7 ``spSpec-MJD-PLATE-FIBER.fit``: primary image, row 0 flux, row 2 error (sigma),
   row 3 pixel mask; wavelength from ``COEFF0`` + ``COEFF1`` * pixel (log10 A).
 
@@ -287,8 +289,9 @@ def _read_spec(path, f, hdr0) -> Spectrum:
     and_mask = data[names["and_mask"]].astype(np.int32) if "and_mask" in names else np.zeros(len(flux), np.int32)
     plate, mjd, fiber = hdr0.get("PLATEID", 0), hdr0.get("MJD", 0), hdr0.get("FIBERID", 0)
     objclass, snr, z = "", float("nan"), float("nan")
-    if "SPECOBJ" in f:
-        so = f["SPECOBJ"].read(rows=[0])
+    meta = next((h for h in ("SPECOBJ", "SPALL") if h in f), None)  # HDU 2: SPECOBJ, or SPALL (current data model)
+    if meta is not None:
+        so = f[meta].read(rows=[0])
         if so is not None and so.dtype.names and len(so):  # a damaged SPECOBJ only loses the extras
             get = {n.upper(): so[0][n] for n in so.dtype.names}
             plate, mjd, fiber = get.get("PLATE", plate), get.get("MJD", mjd), get.get("FIBERID", fiber)

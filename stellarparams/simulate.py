@@ -40,7 +40,7 @@ through these steps (defaults in :class:`SimConfig`):
    0.1 dex, ``logg_noise`` 0.15 dex, ``rv_noise`` 2 km/s (written as ``*_UNC``); the
    truths in ``*_TRUE``.
 
-Instrument and calibration shifts (issue 17; :class:`Shifts`; off by default, and then the
+Instrument and calibration shifts (:class:`Shifts`; off by default, and then the
 files are byte-identical to those of the code before them; ranges and sources in
 ``docs/shifts.md``): ``--lsf`` replaces the Gaussian of step 2 (Gauss-Hermite allowed);
 ``--wave-offset`` moves all the light (star, tellurics, sky) by a fixed number of pixels
@@ -52,7 +52,7 @@ Their values go to ``simulate.json`` (key ``shifts``) and to each file's header 
 TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
 O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
 
-Other surveys (issue 15; ``survey="lamost"`` or ``"desi"``, :mod:`stellarparams.simulate_surveys`):
+Other surveys (``survey="lamost"`` or ``"desi"``, :mod:`stellarparams.simulate_surveys`):
 the same steps on that survey's fixed pixels (no start offset) and with its line-spread
 function in step 2 (LAMOST R = 1800; DESI is sharper than MILES, so nothing is broadened),
 LAMOST with a survey-wide smooth instrument response (relative flux), written in its file
@@ -151,7 +151,7 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Shifts:
-    """Instrument and calibration shifts (issue 17); every default is neutral (today's survey).
+    """Instrument and calibration shifts; every default is neutral (today's survey).
 
     Where each range comes from: ``docs/shifts.md``.
 
@@ -1071,7 +1071,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                                 help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    g = parser.add_argument_group("instrument and calibration shifts (issue 17; sources of the ranges in "
+    g = parser.add_argument_group("instrument and calibration shifts (sources of the ranges in "
                                   "docs/shifts.md). The defaults are neutral: today's survey, byte for byte")
     g.add_argument("--response", default=None, metavar="SPEC",
                    help="a fixed smooth instrument response, the same for every spectrum: legendre:AMP[:ORDER] "

@@ -8,7 +8,7 @@ surveys and writes their files, following the data models the readers follow
 
 LAMOST LRS (DR8 v1.0 LRS *Data Production Description*):
 
-- pixels: log-linear, log10(lambda) = 3.5682 + 1e-4 k, k = 0..3908 (3700.0-9099.6 A, vacuum,
+- pixels: log-linear, log10(lambda) = 3.5682 + 1e-4 k, k = 0..3908 (3700.0-9099.1 A, vacuum,
   heliocentric), the same for every spectrum;
 - resolution: Gaussian LSF of FWHM lambda / 1800 where that is broader than MILES' 2.5 A
   (redward of 4500 A); bluer pixels keep MILES' resolution;
@@ -16,9 +16,10 @@ LAMOST LRS (DR8 v1.0 LRS *Data Production Description*):
   survey (``RESPONSE``: a seeded Legendre curve, rms of ln response 0.1, drawn from the
   survey seed) on top of the per-spectrum calibration error of ``simulate``;
 - file: ``OUT/spectra/PLANID/spec-LMJD-PLANID_spSS-FFF.fits``, the DR8+ layout (HDU 1 a
-  one-row table FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK, NORMALIZATION), header OBSID, LMJD,
-  PLANID, SPID, FIBERID, CLASS, Z and HELIO_RV (the catalog's measured RV); 16 spectrographs
-  x 250 fibers = 4000 spectra per plan;
+  one-row table of float32 FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK, NORMALIZATION), header
+  OBSID, LMJD, PLANID, SPID, FIBERID, CLASS, Z (the redshift of the catalog's measured RV) and
+  HELIO_RV (as in LAMOST, the heliocentric correction, not the star's RV: a seasonal stand-in,
+  :func:`helio_correction`); 16 spectrographs x 250 fibers = 4000 spectra per plan;
 - catalog ``OUT/LRS_stellar.fits``: the A/F/G/K table's lower-case columns obsid, lmjd,
   planid, spid, fiberid, teff, teff_err, logg, logg_err, feh, feh_err, rv, rv_err, snrg,
   plus the simulation's star_id, ebv and the truths teff_true, feh_true, logg_true, rv_true.
@@ -33,8 +34,11 @@ DESI (desidatamodel ``coadd-SURVEY-PROGRAM-PIXNUM.rst``; DESI Collaboration 2022
   a resolution cannot be raised. ``--lsf`` still applies a broader one;
 - flux: 1e-17 erg/s/cm2/A, as SDSS;
 - file: ``OUT/spectra/healpix/main/bright/PIXGROUP/PIXNUM/coadd-main-bright-PIXNUM.fits``,
-  ``PER_FILE`` = 500 targets per file (FIBERMAP TARGETID, COADD_FIBERSTATUS 0; B/R/Z
-  ``_WAVELENGTH``, ``_FLUX``, ``_IVAR``, ``_MASK``); no RV in the file (as in DESI);
+  ``PER_FILE`` = 500 targets per file (FIBERMAP TARGETID, COADD_FIBERSTATUS 0;
+  EXP_FIBERMAP; B/R/Z ``_WAVELENGTH``, ``_FLUX``, ``_IVAR``, ``_MASK``; SCORES; no
+  ``_RESOLUTION``: :func:`stellarparams.desi.write_coadd`), and beside it the Redrock file
+  ``redrock-main-bright-PIXNUM.fits`` (REDSHIFTS: Z = the redshift of the catalog's VRAD,
+  ZWARN 0, SPECTYPE STAR), as DESI's pipeline writes one;
 - catalog ``OUT/mwsall.fits``: RVTAB (HDU 1) with TARGETID, SURVEY, PROGRAM, PRIMARY, VRAD,
   VRAD_ERR, TEFF, TEFF_ERR, LOGG, LOGG_ERR, FEH, FEH_ERR, plus STAR_ID, EBV, SNR and the
   truths TEFF_TRUE, FEH_TRUE, LOGG_TRUE, RV_TRUE.
@@ -57,7 +61,7 @@ from .files import atomic_write
 from .physics import doppler
 
 SURVEYS = ("sdss", "lamost", "desi")
-LAMOST_LOGLAM0, LAMOST_DLOGLAM, LAMOST_NPIX = 3.5682, 1e-4, 3909   # 3700.0-9099.6 A
+LAMOST_LOGLAM0, LAMOST_DLOGLAM, LAMOST_NPIX = 3.5682, 1e-4, 3909   # 3700.0-9099.1 A
 LAMOST_R = 1800.0
 LAMOST_RESPONSE = "legendre:0.1"     # the survey's fixed instrument response (simulate.instrument_response)
 LAMOST_FIBERS, LAMOST_SPECTROGRAPHS = 250, 16
@@ -189,7 +193,8 @@ def write_files(survey: str, out, items: list, header: dict) -> None:
             lamost.write_spectrum(spectrum_path(survey, out, index), spec["wave"], flux,
                                   spec["ivar"].astype(np.float32), andmask, ormask=ormask, durable=False,
                                   obsid=i["obsid"], lmjd=i["lmjd"], planid=i["planid"], spid=i["spid"],
-                                  fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0), helio_rv=float(row["RV_ADOP"]),
+                                  fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
+                                  helio_rv=helio_correction(i["lmjd"]),
                                   normalization=_normalization(flux, ~bad),
                                   header={"SNRG": round(float(row["SNR"]), 4), **header})
         return
@@ -205,9 +210,23 @@ def write_files(survey: str, out, items: list, header: dict) -> None:
         arms[arm] = (wave, np.stack([s["flux"][sl] for _, s, _ in items]),
                      np.stack([s["ivar"][sl] for _, s, _ in items]), np.stack(masks))
     pix = ids(survey, items[0][0])["pixnum"]
-    desi.write_coadd(spectrum_path(survey, out, items[0][0]), [ids(survey, k)["targetid"] for k, _, _ in items],
+    coadd = spectrum_path(survey, out, items[0][0])
+    tids = [ids(survey, k)["targetid"] for k, _, _ in items]
+    # Redrock's redshifts beside the coadd (first: a coadd on disk means its Redrock file is there too)
+    desi.write_redrock(coadd.with_name("redrock" + coadd.name[len("coadd"):]), tids,
+                       [float(doppler(row["RV_ADOP"]) - 1.0) for _, _, row in items], durable=False)
+    desi.write_coadd(coadd, tids,
                      arms, header={"HPXPIXEL": pix, "HPXNSIDE": 64, "HPXNEST": True, "SURVEY": DESI_SURVEY,
                                    "PROGRAM": DESI_PROGRAM, **header}, durable=False)
+
+
+def helio_correction(lmjd: int) -> float:
+    """LAMOST's HELIO_RV header value for a night: the heliocentric correction applied (km/s).
+
+    A stand-in: Earth's orbital speed projected with the season, 29.8 cos(2 pi LMJD / 365.25).
+    It is not the star's RV (that is Z), and a reader that takes it for one gets it wrong.
+    """
+    return round(29.8 * float(np.cos(2 * np.pi * lmjd / 365.25)), 5)
 
 
 def _normalization(flux, good, width: int = 201):

@@ -308,7 +308,7 @@ def add_arguments(p: argparse.ArgumentParser):
                      "weight decay 0.01, batch 256, 30 epochs, 5% warm-up + cosine, Huber(1) weighted by inverse label "
                      "variance, 2 noisy copies per spectrum. The default recipe trains 12 epochs and gives the noisy "
                      "copies physical augmentation (shifts, flux-calibration and reddening distortions, LSF jitter, "
-                     "telluric residuals, masked pixels): better on unseen stars and other spectrographs (README, "
+                     "telluric residuals, masked pixels): better on unseen stars and other spectrographs (docs/benchmarks.md, "
                      "\"Accuracy\"). Then 3 out-of-fold models (each without a third of the training stars) "
                      "calibrate the per-star error bars: 2x the training time again. Killed mid-run, the same command "
                      "resumes from OUT/checkpoint.safetensors and the finished folds.")

@@ -80,7 +80,7 @@ PAPER_RANGES = {
     "lr": (1e-4, 5e-3),
     "weight_decay": (1e-5, 1e-2),
 }
-# The default recipe's switches (stellarparams.config.TrainConfig, README "Accuracy"): (low, high) a search may
+# The default recipe's switches (stellarparams.config.TrainConfig, docs/benchmarks.md "Accuracy"): (low, high) a search may
 # use; none is searched unless the space names it (then the recipe's value is left out of the trial).
 AUG_RANGES = {
     "aug_shift_pix": (0.0, 3.0),

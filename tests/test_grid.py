@@ -1,4 +1,4 @@
-"""Any grid (issue #15): `prepare --grid`, `--grid-from`, and `predict` onto the model's grid, from the CLI."""
+"""Any grid: `prepare --grid`, `--grid-from`, and `predict` onto the model's grid, from the CLI."""
 import json
 import os
 import subprocess

@@ -225,8 +225,10 @@ def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
     flux = (100 * (lam / 5000) ** -1.5 + rng.normal(size=len(lam))).astype(np.float32)
     ivar = np.full(len(lam), 4.0, np.float32)
     lam_file = tmp_path / lamost.spec_filename(57000, "GAC1", 2, 7)
+    from stellarparams.physics import doppler
+
     lamost.write_spectrum(lam_file, lam, flux, ivar, obsid=77, lmjd=57000, planid="GAC1", spid=2, fiberid=7,
-                          helio_rv=12.0)
+                          z=float(doppler(12.0)) - 1, helio_rv=-7.0)  # the star's RV is c z, not HELIO_RV
     half = len(lam) // 2 + 100  # arms overlap by 200 pixels
     arms = {"B": (lam[:half], np.stack([flux, flux])[:, :half], np.stack([ivar, 0 * ivar])[:, :half], None),
             "R": (lam[half - 200:], np.stack([flux, flux])[:, half - 200:], np.stack([ivar, 0 * ivar])[:, half - 200:],
@@ -243,7 +245,7 @@ def test_predict_reads_lamost_desi_and_tables_one_row_per_spectrum(tmp_path):
     assert list(df["id"].astype(str)) == ["77", "501", "502", "mine"]
     assert list(df["flag_rejected"].astype(str)) == ["False", "False", "True", "False"]
     assert df["reject_reason"][2] == "no_good_pixels" and "502" in df["reject_detail"][2]
-    assert list(pd.to_numeric(df["rv"])[[0, 1, 3]]) == [12.0, -20.0, 3.0]  # HELIO_RV, catalog VRAD, table RV
+    assert list(pd.to_numeric(df["rv"])[[0, 1, 3]]) == pytest.approx([12.0, -20.0, 3.0])  # Z, catalog VRAD, RV
     recs = [readers.read(lam_file)[0], readers.read(desi_file)[0], readers.read(table_file)[0]]
     want = m.predict(recs, rv_kms=[12.0, -20.0, 3.0])
     got = df.loc[[0, 1, 3], ["teff", "feh", "logg"]].apply(pd.to_numeric).to_numpy()

@@ -1,4 +1,4 @@
-"""Readers behind one interface (issue #15): LAMOST (both layouts), DESI coadds, plain tables, arrays."""
+"""Readers behind one interface: LAMOST (both layouts), DESI coadds, plain tables, arrays."""
 import gzip
 import shutil
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from stellarparams import desi, lamost, readers, sdss, tables
+from stellarparams.physics import rv_from_z
 from stellarparams.prepare import PrepareConfig, preprocess
 
 
@@ -28,11 +29,13 @@ def test_lamost_returns_exactly_what_was_written(tmp_path, layout):
                           planid="GAC116N20B1", spid=15, fiberid=92, z=1e-4, helio_rv=29.9)
     assert readers.detect(path) == "lamost"
     (rec,) = readers.read(path)
-    w_written = wave.astype(np.float32) if layout == "early" else wave  # the early image is float32
+    w_written = wave.astype(np.float32)  # both layouts store float32, as LAMOST's files do
     assert np.array_equal(rec.wave, w_written) and np.array_equal(rec.flux, flux) and np.array_equal(rec.ivar, ivar)
     assert rec.ident == "123456" and rec.keys["obsid"] == 123456
     assert rec.keys["lmjd_planid_spid_fiberid"] == (57000, "GAC116N20B1", 15, 92)
-    assert rec.rv == pytest.approx(29.9) and rec.z == pytest.approx(1e-4) and rec.survey == "lamost"
+    # the star's RV is c z; HELIO_RV is LAMOST's heliocentric correction, kept in the header only
+    assert rec.z == pytest.approx(1e-4) and rec.rv == pytest.approx(rv_from_z(1e-4)) and rec.survey == "lamost"
+    assert rec.header["HELIO_RV"] == pytest.approx(29.9) and abs(rec.rv - 29.9) > 0.05
     good = rec.good()
     assert not good[10] and good[11]  # ANDMASK != 0 is unusable
     assert np.allclose(10 ** rec.loglam, rec.wave)
@@ -89,7 +92,7 @@ def test_desi_bad_target_is_named_and_the_others_are_kept(tmp_path):
     f = np.stack([flux, flux * 2, flux * 3])
     i = np.stack([ivar, np.zeros_like(ivar), ivar])
     path = tmp_path / "coadd-main-dark-7.fits"
-    desi.write_coadd(path, [11, 22, 33], {"B": (wave, f, i, None)}, fiberstatus=[0, 0, 8])
+    desi.write_coadd(path, [11, 22, 33], {"B": (wave, f, i, None)}, fiberstatus=[1 << 3, 0, 1 << 2])  # RESTRICTED: info
     recs = readers.read(path, "desi")
     assert [r.ident for r in recs] == ["11", "22", "33"]
     assert np.array_equal(recs[0].flux, f[0]) and np.array_equal(recs[0].ivar, i[0])

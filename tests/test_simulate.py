@@ -1,6 +1,8 @@
 """simulate: SDSS-like spectra of MILES stars (a few dozen spectra, well under a minute)."""
 import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import fitsio
 import numpy as np
@@ -231,36 +233,53 @@ def test_cli_writes_survey(tmp_path, capsys):
     assert len(t) == 3 and np.all(t["RV_TRUE"] == 0) and len(list(tmp_path.rglob("spec-*.fits"))) == 3
 
 
-# sha256 of a 3-spectrum survey (seed 11, defaults, version string pinned) written by the code of commit
-# c6ccbd1, before the instrument shifts existed: with every shift at its neutral value the files must not
-# change by one byte. Regenerate only for an intended change of the default survey, and say so in the commit.
-BEFORE_SHIFTS_SHA256 = {
-    "simulate.json": "ddba614b16d0c5a148dd3ff0a4a2c020f5de8805241cf1ec9e394cce3c25d01b",
-    "spectra/lite/1000/spec-1000-53000-0001.fits": "22fa2e2040d8b55afb486ad30c3072429a62235c5c5db68855c123c19ec4e6c6",
-    "spectra/lite/1000/spec-1000-53000-0002.fits": "d7e2e73bd394bc3aeb5e2f6ef401506422b6781c333d4341c85511ffaa9486a1",
-    "spectra/lite/1000/spec-1000-53000-0003.fits": "c65df0ad724c65a6e155400f57fadb7f9d89608ce29a23a5e977544e9f765f5c",
-    "sppParams.fits": "a151ec425bd282bf5b32abda8b4041439934ee975105636ccac0d273a178d442",
-}
+# tests/data/survey_v0.npz: every header card and column of a 3-spectrum survey (seed 11, defaults,
+# version string pinned) as written before the instrument shifts existed (make_fixtures.survey_v0).
+# With every shift at its neutral value the survey must hold the same values. Floats are compared
+# within rtol 1e-6: they were computed on another CPU, and float64 exp/log/sin round differently with
+# other SIMD code (a float32 value moves by at most one unit in the last place, 6e-8 relative); any
+# real change of the survey (another seed, star, noise or shift) moves values by far more.
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(DATA))
+import make_fixtures  # noqa: E402
 
 
-def _sha256_files(out):
-    import hashlib
+def assert_same_survey(out, expected):
+    got = make_fixtures.fits_content(out)
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=1e-30, err_msg=key)
+        elif key.endswith(".json"):
+            assert json.loads(str(got[key])) == json.loads(str(want)), key   # the job's settings, not computed
+        else:
+            np.testing.assert_array_equal(got[key], want, err_msg=key)
 
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+@pytest.fixture(scope="module")
+def survey_v0():
+    with np.load(DATA / "survey_v0.npz") as z:
+        return {k: z[k] for k in z.files}
 
 
-def test_default_survey_is_byte_identical_to_before_shifts(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "__version__", "0-test")  # the version is in the files; pin it
-    S.simulate(tmp_path, n=3, seed=11, workers=1, progress=False)
-    assert _sha256_files(tmp_path) == BEFORE_SHIFTS_SHA256
+def test_default_survey_holds_the_values_it_held_before_shifts(tmp_path, survey_v0):
+    assert_same_survey(make_fixtures.survey_v0(tmp_path), survey_v0)
 
 
-def test_neutral_shifts_given_explicitly_change_nothing(tmp_path, monkeypatch):
+def test_neutral_shifts_given_explicitly_change_nothing(tmp_path, monkeypatch, survey_v0):
     monkeypatch.setattr(S, "__version__", "0-test")
-    S.simulate(tmp_path, n=3, seed=11, workers=1, progress=False, response=None, telluric=0.0, airmass=(1.2, 1.2),
-               lsf=None, wave_offset=0.0, sky_residual=0.0)
-    assert _sha256_files(tmp_path) == BEFORE_SHIFTS_SHA256
+    S.simulate(tmp_path / "neutral", n=3, seed=11, workers=1, progress=False, response=None, telluric=0.0,
+               airmass=(1.2, 1.2), lsf=None, wave_offset=0.0, sky_residual=0.0)
+    assert_same_survey(tmp_path / "neutral", survey_v0)
+    default = make_fixtures.survey_v0(tmp_path / "default")
+    for f in (tmp_path / "neutral").rglob("*.fits"):   # same machine: the same bytes
+        assert f.read_bytes() == (default / f.relative_to(tmp_path / "neutral")).read_bytes(), f.name
+
+
+def test_the_survey_comparison_catches_a_changed_survey(tmp_path, survey_v0):
+    with pytest.raises(AssertionError):
+        S.simulate(tmp_path, n=3, seed=12, workers=1, progress=False)
+        assert_same_survey(tmp_path, survey_v0)
 
 
 # ---------------------------------------------------------------------------- shifts on a hand-made spectrum

@@ -56,6 +56,11 @@ def test_desi_survey_reads_back_through_prepare_with_its_labels(surveys):
     coadd = readers.find_files(sim / "spectra", "desi")
     assert [p.name for p in coadd] == ["coadd-main-bright-10000.fits"]
     np.testing.assert_array_equal(desi.target_ids(coadd[0]), cat["TARGETID"])
+    # Redrock's file beside the coadd: each target's Z is the redshift of its catalog VRAD
+    assert desi.redrock_path(coadd[0]).name == "redrock-main-bright-10000.fits"
+    recs = readers.read(coadd[0])
+    np.testing.assert_allclose([r.rv for r in recs], cat["VRAD"], atol=1e-6)
+    assert {r.objclass for r in recs} == {"STAR"}
 
 
 def test_lamost_file_layout_pixels_and_header(surveys):
@@ -68,10 +73,13 @@ def test_lamost_file_layout_pixels_and_header(surveys):
     assert len(table) == 1 and set(table.dtype.names) == set(lamost.TABLE_COLUMNS)
     wave = table["WAVELENGTH"][0]
     assert wave[0] == pytest.approx(3700.0, abs=0.1) and wave[-1] == pytest.approx(9100.0, abs=1.0)
-    np.testing.assert_allclose(np.diff(np.log10(wave)), 1e-4, rtol=1e-6)  # log-linear, LAMOST's step
-    assert hdr["OBSID"] == row["obsid"] and hdr["HELIO_RV"] == pytest.approx(row["rv"])
+    assert wave.dtype.kind == "f" and wave.dtype.itemsize == 4  # every DR8+ column is float32
+    np.testing.assert_allclose(wave, SS.pixels("lamost")[0], rtol=1e-7)  # log-linear, LAMOST's 1e-4 step
+    # Z is the star's redshift; HELIO_RV the heliocentric correction LAMOST applied (not the star's RV)
+    assert hdr["OBSID"] == row["obsid"] and hdr["HELIO_RV"] == SS.helio_correction(row["lmjd"])
     assert hdr["Z"] == pytest.approx(row["rv"] / S.C_KMS, rel=2e-3)
     rec = lamost.read_spectrum(path)
+    assert rec.rv == pytest.approx(row["rv"], abs=1e-6)
     red = rec.wave > 7500  # beyond MILES: no data, flagged, nothing invented
     assert red.any() and not rec.ivar[red].any() and (table["ANDMASK"][0][red] != 0).all() and not rec.flux[red].any()
     assert (rec.ivar[(rec.wave > 4000) & (rec.wave < 7000)] > 0).mean() > 0.98

@@ -2,13 +2,19 @@
 that made them (run from the repository root: ``python tests/data/make_fixtures.py``).
 
 - ``model_v0/``: a tiny model folder as `train` wrote it before the architecture refactor
-  (issue #13), plus ``model_v0_inputs.npy`` and its outputs ``model_v0_pred.npy`` /
+  (the refactor into model and uncertainty parts), plus ``model_v0_inputs.npy`` and its outputs ``model_v0_pred.npy`` /
   ``model_v0_sigma.npy`` / ``model_v0_ood.npy`` on those inputs.
+- ``survey_v0.npz``: every header card and table column of the 3-spectrum simulated survey of
+  :func:`survey_v0` (seed 11, defaults, version string pinned), as written by commit c6ccbd1,
+  before the instrument shifts existed (regenerated then from code that still wrote the same
+  bytes). With every shift at its neutral value the survey must not change.
 - ``tiny_run.json``: for the tiny training run of :func:`tiny_run` (fixed seed), the sha256
   of the weights file, the predictions and the calibration coefficients, once without and
-  once with out-of-fold calibration models. The same seed must keep giving the same bytes.
+  once with out-of-fold calibration models. The same seed must keep giving the same
+  predictions and sigma (within a tolerance: see tests/test_model_folder.py).
 
-Everything here is small (< 100 kB) and deterministic with one torch thread.
+Everything here is small (< 100 kB) and deterministic with one torch thread on one machine;
+another CPU rounds differently, so the weights' sha256 is a record, not something to compare.
 """
 import hashlib
 import json
@@ -83,10 +89,47 @@ def record(model, digest):
             "a": u.a.tolist(), "b": u.b.tolist(), "c": u.c.tolist(), "n_oof": u.stats["n_oof"]}
 
 
+def fits_content(folder) -> dict:
+    """{"FILE|HDU|CARD" or "FILE|HDU|COLUMN": value or array} for every FITS file under folder,
+    plus "FILE" -> text for JSON files: what a survey holds, independent of how it was encoded."""
+    import fitsio
+
+    out = {}
+    for path in sorted(Path(folder).rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".json":
+            out[name] = np.array(path.read_text())
+        if path.suffix != ".fits":
+            continue
+        with fitsio.FITS(str(path)) as f:
+            for k, hdu in enumerate(f):
+                for rec in hdu.read_header().records():
+                    if rec["name"] and rec["name"] not in ("COMMENT", "HISTORY", "CHECKSUM", "DATASUM"):
+                        out[f"{name}|{k}|card|{rec['name']}"] = np.array(rec["value"])
+                if hdu.get_exttype() != "IMAGE_HDU" and hdu.get_nrows():
+                    data = hdu.read()
+                    for col in data.dtype.names:
+                        out[f"{name}|{k}|col|{col}"] = np.asarray(data[col])
+    return out
+
+
+def survey_v0(out):
+    """The 3-spectrum survey of ``survey_v0.npz`` written into out."""
+    from stellarparams import simulate
+
+    version, simulate.__version__ = simulate.__version__, "0-test"   # the version is in the files
+    try:
+        simulate.simulate(out, n=3, seed=11, workers=1, progress=False)
+    finally:
+        simulate.__version__ = version
+    return out
+
+
 def main():
     import tempfile
 
     with tempfile.TemporaryDirectory() as work:
+        np.savez_compressed(HERE / "survey_v0.npz", **fits_content(survey_v0(Path(work) / "survey")))
         runs = {}
         for k in (0, 2):
             model, digest = tiny_run(work, k)
