@@ -63,8 +63,16 @@ class Match:
             g = shift(g, (0, self.shift), order=3, mode="nearest")
         return g
 
-    def apply(self, flux, offset, sigma=None):
-        """Standardized source flux (N, P), its offsets (N,) [and noise (N, P)] -> the same for the target's instrument."""
+    def apply(self, flux, offset, sigma=None, block: int = 4096):
+        """Standardized source flux (N, P), its offsets (N,) [and noise (N, P)] -> the same for the target's instrument.
+
+        Float32 out; computed in float64 blocks of ``block`` rows (memory stays at a few blocks).
+        """
+        if len(flux) > block:
+            parts = [self.apply(flux[i:i + block], offset[i:i + block], None if sigma is None else sigma[i:i + block])
+                     for i in range(0, len(flux), block)]
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    None if sigma is None else np.concatenate([p[2] for p in parts]))
         f = self.flux_ratio(np.asarray(flux, np.float64) + np.asarray(offset, np.float64)[:, None])
         r = 1.0 if self.log_response is None else np.exp(self.log_response)[None, :]
         f = f * r
