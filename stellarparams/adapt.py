@@ -5,22 +5,21 @@ response (flux calibration, reddening), the resolution, a wavelength offset. Inp
 matching estimates that difference from the two populations and applies it to the source,
 so the network trains on source spectra that look as the target's do:
 
-1. A first-pass network (the ``--init-from`` model, or one trained on the source as it is)
-   predicts labels for the source and the target spectra.
-2. Both sets are grouped by those predicted labels (k-means on the source's scaled
-   predictions, ``adapt_bins`` groups; 1 = the whole population). Each spectrum is taken back
-   to flux over its own mean, g = (x + offset) / offset (``x`` is the standardized flux,
-   ``offset`` its mean/std before standardization, so mean(x + offset) = offset), and averaged
-   per group: S_c (source), T_c (target).
-3. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
-   the S_c (means commute with these linear operations, so the groups' means stand for every
-   spectrum's), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)),
-   is fitted by a Legendre series of order ``adapt_order`` in log wavelength: the response.
-   The candidate whose groups' ratios depart least from that smooth curve wins.
-4. The source spectra are transformed (shift, LSF, times the response) and standardized
-   again; with ``adapt_match`` = K > 1 rounds, a network trained on them gives the next
-   round's predictions (the first-pass predictions of the target are biased by the very
-   shift being estimated, so the groups match better each round).
+1. Each spectrum is taken back to flux over its own mean, g = (x + offset) / offset (``x`` is
+   the standardized flux, ``offset`` its mean/std before standardization, so mean(x + offset)
+   = offset), and averaged over the source (S) and the target (T) spectra. With
+   ``adapt_bins`` = C > 1 the averages are per group of stars: a first-pass network (the
+   ``--init-from`` model, or one trained on the source as it is) predicts labels, and k-means
+   on the source's scaled predictions makes C groups (S_c, T_c), for populations that differ.
+2. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
+   the S_c (means commute with these linear operations, so the means stand for every
+   spectrum), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)), is
+   fitted by a Legendre series of order ``adapt_order`` in log wavelength: the response. The
+   candidate whose groups' ratios depart least from that smooth curve wins; ``adapt_narrow``
+   also keeps narrow features every group shares.
+3. The source spectra are transformed (shift, LSF, times the response) and standardized
+   again. With groups, ``adapt_match`` = K > 1 rounds retrain on them to predict the groups
+   anew (the first pass reads part of the target's response as a change of labels).
 
 What the model learns from the target is only this transform (a few numbers and a smooth
 curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
@@ -133,7 +132,7 @@ def group_means(g, pred, centers):
 
 
 def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pred, *, order: int = 10,
-                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
+                   bins: int = 1, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
     """Estimate the source -> target transform from the two unlabeled populations.
 
     Parameters
@@ -242,9 +241,9 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         The run's configs (``adapt_bins``, ``adapt_order``, ``adapt_match``, seed).
     target_flux, target_offset : (N_t, P), (N_t,)
         The target's spectra (standardized) and offsets.
-    first_net : torch.nn.Module
+    first_net : torch.nn.Module or None
         The first-pass network (scaled outputs): the ``--init-from`` model or one trained on
-        the source as it is.
+        the source as it is; unused (None will do) with ``tc.adapt_bins`` = 1.
     init : finetune.Init, optional
         Where the intermediate rounds' networks start.
 
@@ -264,18 +263,20 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
     Xs, Os = ds.flux(itr), ds.offset(itr)
     if Os is None:
         raise ValueError(f"{ds.path}: input matching needs each spectrum's flux offset; prepare the dataset again")
+    grouped = tc.adapt_bins > 1        # one group needs no predictions, so no first pass and one round
     net, match, history = first_net, Match(), []
-    for r in range(max(1, int(tc.adapt_match))):
+    for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
         if r > 0:
             sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
             net = fit(MatchedDataset(ds, match), rows, mc, sub, init=init, device=device, precision=precision).net
         xs = match.apply(Xs, Os)[0]                            # the source as the current net was trained on it
-        match = estimate_match(Xs, Os, _predict(net, xs), Xt, Ot, _predict(net, Xt), order=tc.adapt_order,
-                               bins=tc.adapt_bins, seed=tc.seed, narrow=tc.adapt_narrow)
+        ps, pt = (_predict(net, xs), _predict(net, Xt)) if grouped else (np.zeros((len(xs), 1)), np.zeros((len(Xt), 1)))
+        match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
+                               narrow=tc.adapt_narrow)
         history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
         if progress:
             h = history[-1]
-            print(f"input matching, round {r + 1}/{tc.adapt_match}: shift {h['shift_px']:+.1f} px, extra LSF "
+            print(f"input matching, round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
                   f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)", file=sys.stderr)
     match.stats["rounds"] = history
     return MatchedDataset(ds, match)
@@ -293,7 +294,9 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
 
     Xt, Ot, _ = load_target(tc.adapt_to, ds)
     rows = (ds.indices("train"), ds.indices("val"))
-    if tc.init_from:
+    if tc.adapt_bins <= 1:
+        first = None
+    elif tc.init_from:
         from .model_io import load_model
 
         first = load_model(tc.init_from).net

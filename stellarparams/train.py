@@ -341,9 +341,9 @@ def add_arguments(p: argparse.ArgumentParser):
                         "any, are never read): estimate how the target's instrument differs from the training "
                         "spectra' (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
-                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_match, adapt_bins, adapt_order). "
-                        "It costs adapt_match (default 2) trainings, one more without --init-from (a first-pass "
-                        "network on the source as it is). "
+                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_bins, adapt_match, adapt_order, "
+                        "adapt_narrow, adapt_coral, adapt_consistency). One training, as without it; with "
+                        "adapt_bins > 1, adapt_match (default 2) trainings plus a first-pass one without --init-from. "
                         "With a few labelled target stars: train --adapt-to first, then --init-from that model "
                         "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",
