@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--stars", type=int, default=100, help="labelled target stars")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--adapt-match", type=int, default=2, help="rounds of input matching")
-    p.add_argument("--adapt-bins", type=int, default=1)
+    p.add_argument("--adapt-bins", type=int, default=16)
     p.add_argument("--adapt-order", type=int, default=10)
     p.add_argument("--adapt-narrow", type=float, default=0.0, help="threshold of narrow shared features (sigma)")
     p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")

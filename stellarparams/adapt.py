@@ -8,9 +8,10 @@ so the network trains on source spectra that look as the target's do:
 1. Each spectrum is taken back to flux over its own mean, g = (x + offset) / offset (``x`` is
    the standardized flux, ``offset`` its mean/std before standardization, so mean(x + offset)
    = offset), and averaged over the source (S) and the target (T) spectra. With
-   ``adapt_bins`` = C > 1 the averages are per group of stars: a first-pass network (the
-   ``--init-from`` model, or one trained on the source as it is) predicts labels, and k-means
-   on the source's scaled predictions makes C groups (S_c, T_c), for populations that differ.
+   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: a first-pass
+   network (the ``--init-from`` model, or one trained on the source as it is) predicts labels,
+   and k-means on the source's scaled predictions makes C groups (S_c, T_c), so that two sets
+   of different stars are not read as an instrument difference.
 2. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
    the S_c (means commute with these linear operations, so the means stand for every
    spectrum), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)), is
@@ -132,7 +133,7 @@ def group_means(g, pred, centers):
 
 
 def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pred, *, order: int = 10,
-                   bins: int = 1, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
+                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
     """Estimate the source -> target transform from the two unlabeled populations.
 
     Parameters

@@ -109,8 +109,8 @@ class TrainConfig:
     adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
     adapt_hash: str = ""          # ... its input hash (set by `train`)
     adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
-    adapt_bins: int = 1           # groups of predicted labels the two populations are compared in (1: the whole
-                                  # population; more when the two hold different kinds of stars); 1-32
+    adapt_bins: int = 16          # groups of predicted labels the two populations are compared in (1: the whole
+                                  # population, no first pass; biased when the two hold different stars); 1-32
     adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
     adapt_narrow: float = 0.0     # also match narrow features shared by every group above this many standard errors
                                   # (telluric, sky residuals); 0 = the smooth response only; 0-5
