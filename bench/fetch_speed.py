@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from stellarparams.acquire import download, sas_path, check_spectrum_file
-from stellarparams.sdss import write_spec_lite
+from stellarparams.surveys.sdss import write_spec_lite
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 500
 tmp = Path(tempfile.mkdtemp())

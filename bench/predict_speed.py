@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarparams import sdss
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Grid
 from stellarparams.model import ModelConfig, StellarNet
 from stellarparams.model_io import Model
 from stellarparams.predict import predict
-from stellarparams.prepare import PrepareConfig
+from stellarparams.preprocess import PrepareConfig
 
 
 def default_model():

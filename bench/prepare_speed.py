@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stellarparams import sdss
+from stellarparams.spectrum import pixmask
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset, Grid
 from stellarparams.physics import doppler_log_shift
 from stellarparams.prepare import prepare
@@ -40,7 +41,7 @@ def _write(args):
     flux = cont + rng.normal(0, 2.0, n)
     mask = np.zeros(n, np.int32)
     bad = rng.integers(0, n - 10)
-    mask[bad:bad + 5] = sdss.pixmask("NODATA")
+    mask[bad:bad + 5] = pixmask("NODATA")
     ivar[bad:bad + 5] = 0
     plate, mjd, fiber = 3000 + i // 1000, 55000 + i // 1000, i % 1000 + 1
     sdss.write_spec_lite(Path(folder) / f"{plate:04d}" / sdss.spec_filename(plate, mjd, fiber), loglam, flux, ivar,

@@ -1,12 +1,17 @@
 """Scale test of the per-file stages: prepare and predict on the process pool and on Dask.
 
-Simulates the largest N of ``--n`` once (``WORK/survey``; a re-run reuses it), links the
+Simulates the largest N of ``--n`` once with ``stellarparams simulate --dask local:2``
+(``WORK/survey``; a re-run reuses it, and its time and memory are printed), links the
 first N spectra of it into ``WORK/nN/`` for each smaller N, and for each N runs, each as its
 own ``stellarparams`` command (so start-up counts and memory is measured per run):
 
-- ``prepare`` with the default pool (all CPUs), ``--dask local:1`` and ``--dask local:2``;
-- ``predict`` of all N spectra (FITS files) with the same three engines, with the model of
-  ``--model`` or, without it, one trained for one epoch on the smallest N (speed only).
+- ``prepare`` with the default pool (all CPUs), ``--dask local:1`` and ``--dask local:2``
+  (``--engines`` picks some; the projection needs local:1);
+- ``predict`` of all N spectra (FITS files) with the same engines, with the model of
+  ``--model`` or, without it, one trained for one epoch on the smallest N (speed only);
+  it writes sigma and the flags (the model is calibrated).
+
+Both read the SDSS files with ``--reader`` (default fast).
 
 It prints spectra/s and the peak resident memory (psutil samples every 0.1 s) of the main
 process, of the largest worker process and of all of them together, checks that every engine
@@ -14,11 +19,12 @@ gives the same dataset and the same predictions, then projects the wall time for
 spectra on W workers from the CPU seconds of the local:1 run of the largest N: the workers'
 (spectra per CPU second: the per-worker rate) and the main process's (the part that does
 not spread over workers: matching, splitting and writing the dataset; the network in
-predict). CPU seconds, not wall time, because this machine may be shared. Results go to
-``WORK/scale.json``.
+predict). CPU seconds, not wall time, because this machine may be shared. With two sizes it
+also prints the main process's peak-memory growth per spectrum between them, and that slope
+times 20 million. Results go to ``WORK/scale.json``.
 
-    .venv/bin/python bench/scale.py --work runs/scale                    # N = 200,000
-    .venv/bin/python bench/scale.py --work runs/scale --n 10000 30000    # two sizes: is memory flat?
+    .venv/bin/python bench/scale.py --work runs/scale --n 100000 200000  # the issue's sizes
+    .venv/bin/python bench/scale.py --work runs/scale --n 10000 20000 --engines pool local:1
 """
 import argparse
 import os
@@ -94,18 +100,18 @@ def cli(*args) -> list:
 
 def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
     """The catalog of ``n_max`` simulated spectra in ``work/survey`` (simulated once, resumable)."""
-    from stellarparams.sdss import read_catalog
-    from stellarparams.simulate import simulate
+    from stellarparams.surveys.sdss import read_catalog
 
-    t0 = time.perf_counter()
-    catalog = simulate(work / "survey", n=n_max, seed=seed, progress=True)
-    print(f"survey: {n_max} spectra in {work / 'survey'} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return read_catalog(catalog)
+    r = measured(cli("simulate", "--out", work / "survey", "--n", n_max, "--seed", seed, "--dask", "local:2",
+                     "--no-progress"), work / "logs" / "simulate.log")
+    print(f"survey: {n_max} spectra in {work / 'survey'} (simulate --dask local:2: {r['seconds']:.0f} s, "
+          f"{n_max / r['seconds']:.0f}/s; peak MB main {r['main_mb']}, largest worker {r['worker_mb']})", flush=True)
+    return read_catalog(work / "survey" / "sppParams.fits")
 
 
 def subset(work: Path, cat: pd.DataFrame, n: int) -> tuple:
     """The first ``n`` spectra of the survey as their own folder (hard links) and catalog."""
-    from stellarparams.simulate import spectrum_path
+    from stellarparams.surveys.sdss import simulated_path as spectrum_path
 
     folder = work / f"n{n}"
     sub = cat.iloc[:n]
@@ -181,13 +187,29 @@ def project(rows: list, sizes: list) -> dict:
     return out
 
 
+def memory_growth(rows: list, sizes: list) -> dict:
+    """(stage, engine) -> the main process's peak RSS growth per spectrum between the smallest and largest N."""
+    if len(sizes) < 2:
+        return {}
+    out = {}
+    for r in rows:
+        if r["n"] == sizes[-1]:
+            lo = next(x for x in rows if x["n"] == sizes[0] and x["stage"] == r["stage"] and x["engine"] == r["engine"])
+            b = (r["main_mb"] - lo["main_mb"]) * 2**20 / (sizes[-1] - sizes[0])
+            out[(r["stage"], r["engine"])] = {"bytes_per_spectrum": round(b), "gb_20M": round(b * TARGET / 1e9, 2)}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the survey, datasets, predictions and scale.json")
     ap.add_argument("--n", type=int, nargs="+", default=[200_000], help="survey sizes (spectra), e.g. 20000 60000")
     ap.add_argument("--model", help="model folder for predict (default: one trained for one epoch here)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="engines to run")
+    ap.add_argument("--reader", default="fast", choices=("fast", "fitsio"), help="SDSS reader of prepare and predict")
     args = ap.parse_args()
+    engines = args.engines
     work = Path(args.work).resolve()
     sizes = sorted(set(args.n))
     cat = survey(work, sizes[-1], args.seed)
@@ -199,31 +221,37 @@ def main():
     checks = {}
     for n in sizes:
         catalog, spectra = subset(work, cat, n)
-        for engine in ENGINES:
+        for engine in engines:
             out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             r = measured(cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out", out, "--no-progress",
-                             *engine_args(engine)), work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
+                             "--reader", args.reader, *engine_args(engine)),
+                         work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
             rows.append({"n": n, "stage": "prepare", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
             print(f"{n:>8} {'prepare':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
                   f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
-        datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in ENGINES]
+        datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in engines]
         checks[f"prepare n={n} identical"] = same_datasets(datasets)
         if model is None:
             model = quick_model(work, datasets[0])
-        for engine in ENGINES:
+        for engine in engines:
             out = work / f"n{n}" / f"pred-{engine.replace(':', '')}.parquet"
             out.unlink(missing_ok=True)
-            r = measured(cli("predict", model, spectra, "--out", out, "--quiet", *engine_args(engine)),
+            r = measured(cli("predict", model, spectra, "--out", out, "--quiet", "--reader", args.reader,
+                             *engine_args(engine)),
                          work / "logs" / f"predict-n{n}-{engine.replace(':', '')}.log")
             rows.append({"n": n, "stage": "predict", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
             print(f"{n:>8} {'predict':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
                   f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
         checks[f"predict n={n} identical"] = same_predictions(
-            [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in ENGINES])
+            [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in engines])
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
-    proj = project(rows, sizes)
+    growth = memory_growth(rows, sizes)
+    for (stage, engine), g in growth.items():
+        print(f"main-process peak RSS growth, {stage} {engine}, N {sizes[0]} -> {sizes[-1]}: "
+              f"{g['bytes_per_spectrum']:,.0f} bytes/spectrum (x 20M: {g['gb_20M']:.1f} GB; goal <= 100 bytes)")
+    proj = project(rows, sizes) if "local:1" in engines else {}
     print(f"\nprojection for {TARGET:,} spectra from the local:1 runs of N = {', '.join(map(str, sizes))}: "
           "hours = 20M x (main CPU per spectrum + 1 / (W x worker rate))")
     print(f"{'stage':8} {'spec/s/worker':>13} {'main ms/spec':>12} " + " ".join(f"{'W=' + str(w):>8}" for w in PROJECT_WORKERS))
@@ -231,6 +259,7 @@ def main():
         print(f"{stage:8} {p['worker_rate']:>13.0f} {p['main_ms_per_spectrum']:>12.3f} "
               + " ".join(f"{p['hours_20M'][w]:>7.2f}h" for w in PROJECT_WORKERS))
     write_text(work / "scale.json", dumps({"sizes": sizes, "runs": rows, "checks": checks, "projection": proj,
+                                           "memory_growth": {f"{s} {e}": g for (s, e), g in growth.items()},
                                            "cpus": cpus, "load_average_end": os.getloadavg()}))
     print(f"results: {work / 'scale.json'}")
 

@@ -32,13 +32,15 @@ def per_step(n=200):
     for p in plans:
         shifted.realize(p, 0)
     t_shifted = (time.perf_counter() - t) / n
+    from stellarparams.surveys.sdss import simulated_path, write_simulated
+
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         for p, s in zip(plans, specs):
-            S.write_spectrum(S.spectrum_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
-                             plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
+            write_simulated(simulated_path(d, p["plate"], p["mjd"], p["fiberid"]), s,
+                            plate=p["plate"], mjd=p["mjd"], fiberid=p["fiberid"])
         t_write = (time.perf_counter() - t) / n
-        from stellarparams.sdss import write_spec_lite
+        from stellarparams.surveys.sdss import write_spec_lite
         t = time.perf_counter()
         for i, s in enumerate(specs[:50]):
             write_spec_lite(Path(d) / f"astropy-{i}.fits", s["loglam"], s["flux"], s["ivar"], s["and_mask"],

@@ -1,14 +1,16 @@
 """Throughput of `prepare` and `predict` from SDSS FITS files (issue 14), and of their per-spectrum kernels.
 
-Goals on the 2-core machine: `prepare` >= 2,000 spectra/s end to end on the bar set (2,436
-simulated spec-lite files, seed 0), `predict` >= 1,500 spectra/s from FITS (10,000 files, seed 1,
-warm file cache). The data are simulated into DATA once (`stellarparams simulate`) and reused.
+Goals on the 2-core machine: `prepare` >= 2,000 spectra/s end to end on 20,000 simulated
+spec-lite files (seed 0), `predict` >= 1,500 spectra/s from FITS with sigma and flags (10,000
+files, seed 1, warm file cache). The data are simulated into DATA once (`stellarparams
+simulate`) and reused.
 
     .venv/bin/python bench/throughput.py [--data DATA] [--workers 2] [--repeat 3] [--model MODEL]
-                                         [--only kernels,prepare,predict]
+                                         [--only kernels,prepare,predict] [--reader fast|fitsio]
+                                         [--prepare-n 20000]
 
 Prints, each with the load average at that moment (the machine is shared; numbers move with it):
-- kernels, one process, CPU time per spectrum: reading a lite file (fitsio), the
+- kernels, one process, CPU time per spectrum: reading a lite file (fast reader and fitsio), the
   spline (kernel / SciPy's CubicSpline), `preprocess`, and a whole chunk of `prepare`;
 - `prepare` end to end: the `stellarparams prepare` command from launch to exit (start-up
   included), best and median of --repeat runs, and its own in-process rate (summary.json);
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BAR_N, BAR_SEED = 2436, 0
+BAR_N, BAR_SEED = 20_000, 0
 PREDICT_N, PREDICT_SEED = 10_000, 1
 
 
@@ -53,8 +55,9 @@ def kernels(bar: Path, n: int = 1000):
     """CPU time per spectrum of the reading and resampling kernels, in this process."""
     from scipy.interpolate import CubicSpline
 
-    from stellarparams import sdss
-    from stellarparams.prepare import PrepareConfig, _run_chunk, parse_spectrum_name, preprocess
+    from stellarparams.surveys import sdss
+    from stellarparams.prepare import _run_chunk, parse_spectrum_name
+    from stellarparams.preprocess import PrepareConfig, preprocess
     from stellarparams.resample import cubic_spline
 
     files = sorted(glob.glob(str(bar / "spectra" / "**" / "spec-*.fits"), recursive=True))[:n]
@@ -68,8 +71,9 @@ def kernels(bar: Path, n: int = 1000):
         out = fn(*args)
         return 1e3 * (time.process_time() - t) / len(files), out
 
-    read, specs = per_spectrum(lambda: [sdss.read_spectrum(f) for f in files])
-    print(f"read a lite file:     {read:.3f} ms (fitsio)   [{load()}]")
+    fast, specs = per_spectrum(lambda: [sdss.read_spectrum(f, "fast") for f in files])
+    read, specs = per_spectrum(lambda: [sdss.read_spectrum(f, "fitsio") for f in files])
+    print(f"read a lite file:     {fast:.3f} ms (fast reader), {read:.3f} ms (fitsio)   [{load()}]")
     grid = config.grid.loglam
     xy = []
     for s in specs:
@@ -89,7 +93,7 @@ def kernels(bar: Path, n: int = 1000):
           f"-> {2e3 / chunk:,.0f} spectra/s on 2 idle cores   [{load()}]")
 
 
-def prepare_end_to_end(bar: Path, workers: int, repeat: int):
+def prepare_end_to_end(bar: Path, workers: int, repeat: int, reader: str = "fast"):
     """The `stellarparams prepare` command from launch to exit."""
     rates, inner = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +102,8 @@ def prepare_end_to_end(bar: Path, workers: int, repeat: int):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "stellarparams.cli", "prepare", "--catalog",
                             str(bar / "sppParams.fits"), "--spectra", str(bar / "spectra"), "--out", str(out),
-                            "--workers", str(workers), "--no-progress"], check=True, cwd=_tree(), env=_env(),
+                            "--workers", str(workers), "--reader", reader, "--no-progress"], check=True, cwd=_tree(),
+                           env=_env(),
                            stdout=subprocess.DEVNULL)
             dt = time.perf_counter() - t
             s = json.loads((out / "summary.json").read_text())
@@ -106,8 +111,8 @@ def prepare_end_to_end(bar: Path, workers: int, repeat: int):
             inner.append(s["spectra_per_s"])
             print(f"  prepare run {k + 1}: {s['read']} spectra in {dt:.2f} s = {rates[-1]:,.0f}/s end to end, "
                   f"{s['spectra_per_s']:,.0f}/s in-process (after start-up)   [{load()}]")
-    print(f"prepare, {BAR_N} spec-lite files, {workers} workers: best {max(rates):,.0f}/s, median "
-          f"{statistics.median(rates):,.0f}/s end to end; in-process best {max(inner):,.0f}/s (goal 2,000/s)")
+    print(f"prepare, {s['read']} spec-lite files, {workers} workers, --reader {reader}: best {max(rates):,.0f}/s, "
+          f"median {statistics.median(rates):,.0f}/s end to end; in-process best {max(inner):,.0f}/s (goal 2,000/s)")
 
 
 def _tree() -> Path:
@@ -130,7 +135,7 @@ def default_model(folder: Path) -> Path:
     from stellarparams.dataset import Grid
     from stellarparams.model import ModelConfig, StellarNet
     from stellarparams.model_io import Model, save_model
-    from stellarparams.prepare import PrepareConfig
+    from stellarparams.preprocess import PrepareConfig
 
     if not (folder / "model.json").exists():
         torch.manual_seed(0)
@@ -141,27 +146,29 @@ def default_model(folder: Path) -> Path:
     return folder
 
 
-def predict_from_fits(spectra: Path, model_folder: Path, workers: int, repeat: int):
+def predict_from_fits(spectra: Path, model_folder: Path, workers: int, repeat: int, reader: str = "fast"):
     """`predict` on every file of ``spectra``: Python API (warm), then the command end to end."""
     from stellarparams import load_model
     from stellarparams.predict import predict
 
     model = load_model(model_folder)
     with tempfile.TemporaryDirectory() as tmp:
-        predict(model, [spectra], Path(tmp) / "warm.parquet", workers=workers, progress=False)  # page cache
+        predict(model, [spectra], Path(tmp) / "warm.parquet", workers=workers, progress=False,
+                reader=reader)  # page cache
         rates = []
         for k in range(repeat):
-            s = predict(model, [spectra], Path(tmp) / f"p{k}.parquet", workers=workers, progress=False)
+            s = predict(model, [spectra], Path(tmp) / f"p{k}.parquet", workers=workers, progress=False, reader=reader)
             rates.append(s["spectra_per_s"])
             print(f"  predict run {k + 1}: {s['n_files']} files in {s['seconds']:.2f} s = "
                   f"{s['spectra_per_s']:,.0f}/s (Python API, model loaded, warm)   [{load()}]")
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stellarparams.cli", "predict", str(model_folder), str(spectra),
-                        "--out", str(Path(tmp) / "cli.parquet"), "--workers", str(workers), "--quiet"],
+                        "--out", str(Path(tmp) / "cli.parquet"), "--workers", str(workers), "--reader", reader,
+                        "--quiet"],
                        check=True, cwd=_tree(), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dt = time.perf_counter() - t
     n = s["n_files"]
-    print(f"predict, {n} files from FITS, {workers} workers: best {max(rates):,.0f}/s, median "
+    print(f"predict, {n} files from FITS, {workers} workers, --reader {reader}: best {max(rates):,.0f}/s, median "
           f"{statistics.median(rates):,.0f}/s (API, warm; goal 1,500/s); command end to end "
           f"{n / dt:,.0f}/s ({dt:.1f} s with start-up and model loading)   [{load()}]")
 
@@ -174,18 +181,21 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", help="model folder for predict (default: the untrained paper network)")
     ap.add_argument("--only", default="kernels,prepare,predict", help="comma-separated parts to run")
+    ap.add_argument("--reader", default="fast", choices=("fast", "fitsio"), help="SDSS reader of prepare and predict")
+    ap.add_argument("--prepare-n", type=int, default=BAR_N, help="spec-lite files of the prepare set")
     args = ap.parse_args()
     data, only = Path(args.data), set(args.only.split(","))
     print(f"os.cpu_count() = {os.cpu_count()}, {load()}")
-    bar = survey(data / "bar", BAR_N, BAR_SEED, args.workers)
+    bar = survey(data / ("bar" if args.prepare_n == BAR_N else f"bar{args.prepare_n}"), args.prepare_n, BAR_SEED,
+                 args.workers)
     if "kernels" in only:
         kernels(bar)
     if "prepare" in only:
-        prepare_end_to_end(bar, args.workers, args.repeat)
+        prepare_end_to_end(bar, args.workers, args.repeat, args.reader)
     if "predict" in only:
         spectra = survey(data / "predict", PREDICT_N, PREDICT_SEED, args.workers) / "spectra"
         model = Path(args.model) if args.model else default_model(data / "model")
-        predict_from_fits(spectra, model, args.workers, args.repeat)
+        predict_from_fits(spectra, model, args.workers, args.repeat, args.reader)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ from stellarparams.config import ModelConfig, recipe
 from stellarparams.dataset import Dataset
 from stellarparams.files import write_text
 from stellarparams.model_io import load_model
-from stellarparams.prepare import PrepareConfig, config_from_model, prepare
+from stellarparams.prepare import prepare
+from stellarparams.preprocess import PrepareConfig, config_from_model
 from stellarparams.simulate import simulate
-from stellarparams.simulate_surveys import CATALOG
 from stellarparams.train import source_init, train
 from stellarparams.training import fit
 

@@ -51,7 +51,7 @@ from urllib3.util import Retry
 from . import __version__
 from .files import atomic_write
 from .outputs import locked_output
-from .sdss import open_fits, read_catalog, spec_filename
+from .surveys.sdss import open_fits, read_catalog, spec_filename
 
 DEFAULT_SQL_URL = "https://skyserver.sdss.org/dr12/SkyServerWS/SearchTools/SqlSearch"
 DEFAULT_SAS_URL = "https://data.sdss.org/sas/"

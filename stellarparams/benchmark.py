@@ -43,6 +43,7 @@ import pandas as pd
 
 from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_json, write_table
 from .files import atomic_write, write_text
+from .outputs import holds_lock
 
 MODELS = ("OLS", "Ridge", "CNN", "DNN", "proposed", "no_skip", "no_skip_no_ln", "no_multitask")
 ABLATIONS = {"proposed": {}, "no_skip": {"skip": False}, "no_skip_no_ln": {"skip": False, "layernorm": False},
@@ -218,6 +219,7 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
     return res
 
 
+@holds_lock("out_dir")  # one writer per report folder
 def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: int | None = None, models=None,
               threads: int | None = None, progress: bool = True, batch_size: int = 1024, device=None,
               precision: str = "fp32") -> dict:
@@ -504,13 +506,9 @@ def add_arguments(p):
 
 def run_cli(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    try:
-        res = benchmark(args.dataset, args.out, quick=args.quick, seed=args.seed, epochs=args.epochs, models=models,
-                        threads=args.threads, progress=not args.quiet, batch_size=args.batch_size,
-                        device=args.device, precision=args.precision)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    res = benchmark(args.dataset, args.out, quick=args.quick, seed=args.seed, epochs=args.epochs, models=models,
+                    threads=args.threads, progress=not args.quiet, batch_size=args.batch_size,
+                    device=args.device, precision=args.precision)
     failed = [k for k, r in res["models"].items() if r.get("error")]
     print(f"{len(res['models']) - len(failed)} of {len(res['models'])} models finished"
           + (f"; failed: {', '.join(failed)} (see {Path(args.out) / 'results.json'})" if failed else "")

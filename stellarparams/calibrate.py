@@ -19,7 +19,7 @@ import numpy as np
 
 from .dataset import Dataset
 from .files import atomic_write
-from .training import fit_ensemble
+from .training import fit_ensemble, label_matrix
 from .uncertainty import Uncertainty, fit_uncertainty, raw_uncertainty
 
 
@@ -116,7 +116,9 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
     precision : str
         Autocast of the fold models' training (:func:`stellarparams.training.fit`).
     init : stellarparams.finetune.Init, optional
-        Where the fold models start (the final model's ``--init-from``).
+        Where the fold models start (the final model's ``--init-from``). A label the dataset
+        does not know (its head kept from the source) takes the source's sigma coefficients
+        (``init.uncertainty``); each other label is calibrated on the rows that know it.
 
     Returns
     -------
@@ -124,10 +126,9 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     try:
-        cols = [ds.label_names.index(n) for n in model.label_names]
         itr, iva = ds.indices("train"), ds.indices("val")
         Xtr, Xva = ds.flux(itr), ds.flux(iva)
-        ytr, yva = ds.labels(itr)[:, cols].astype(np.float64), ds.labels(iva)[:, cols].astype(np.float64)
+        ytr, yva = label_matrix(ds, itr, model.label_names), label_matrix(ds, iva, model.label_names)
         seed = int(model.seed or 0)
         oof = None
         if folds >= 2:
@@ -141,7 +142,7 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         if ds is not dataset:
             ds.close()
     t0 = time.perf_counter()
-    u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof)
+    u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof, carry=None if init is None else init.uncertainty)
     model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
     if progress:
         print(u.summary(model.metrics["calibration_s"]), file=sys.stderr)

@@ -138,6 +138,36 @@ class TrainConfig:
         return any(getattr(self, f.name) for f in fields(self) if f.name.startswith("aug_") and f.name != "aug_calib_order")
 
 
+# Physical limits of the labels (docs/design.md, "Failure modes"): a catalog value outside is an error of
+# the catalog, not a star. prepare rejects such a row as "bad_label"; predict ignores such catalog rows with
+# a warning. Change them here (stellarparams.config.LABEL_LIMITS[...] = (lo, hi)) for unusual stars.
+LABEL_LIMITS = {"teff": (2000.0, 60000.0),   # K: coolest M dwarfs to hot O stars
+                "logg": (-1.0, 6.0),         # dex (cgs): supergiants to white-dwarf-like compact stars
+                "feh": (-5.0, 1.5)}          # dex: the most metal-poor known stars to the most metal-rich
+DEFAULT_LABEL_LIMITS = dict(LABEL_LIMITS)
+
+
+def label_outside_limits(name: str, values) -> "np.ndarray":
+    """Mask of finite ``values`` of label ``name`` outside :data:`LABEL_LIMITS` (NaN is "missing", not bad).
+
+    Parameters
+    ----------
+    name : str
+        Label name (``teff``, ``logg``, ``feh``; others have no limits).
+    values : array-like
+        Label values in the label's unit.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+    """
+    import numpy as np
+
+    v = np.asarray(values, np.float64)
+    lo, hi = LABEL_LIMITS.get(name, (-np.inf, np.inf))
+    return np.isfinite(v) & ((v < lo) | (v > hi))
+
+
 # Named training recipes: TrainConfig values on top of the dataclass defaults (the paper's).
 # "paper" is the paper's recipe bit for bit; "default" is what generalises to unseen stars and
 # other spectrographs (docs/benchmarks.md, "Accuracy"; bench/accuracy.py and bench/robustness.py measure it).
@@ -169,7 +199,7 @@ def recipe(name: str = DEFAULT_RECIPE, **overrides) -> TrainConfig:
     return TrainConfig.from_dict({**RECIPES[name], **overrides})
 
 
-def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainConfig]:
+def load_config(path, recipe_name: str | None = None, default_recipe: str = "paper") -> tuple[ModelConfig, TrainConfig]:
     """Read a TOML file with optional ``[model]`` (and ``[model.heads]``) and ``[train]`` tables.
 
     Example::
@@ -187,9 +217,13 @@ def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainCon
     ----------
     path : str or Path
         The TOML file.
-    recipe_name : str
-        The recipe whose values ``[train]`` keys override, unless the file names its own
-        (``recipe = "default"`` in ``[train]``).
+    recipe_name : str, optional
+        The recipe whose values ``[train]`` keys override, as given on the command line: it
+        wins over a ``recipe = "..."`` in ``[train]`` (the command line wins, as for every
+        option). None: the file's recipe, else ``default_recipe``. The TrainConfig's
+        ``recipe`` (recorded in model.json) names the one used.
+    default_recipe : str
+        The recipe when neither names one.
 
     Returns
     -------
@@ -210,8 +244,9 @@ def load_config(path, recipe_name: str = "paper") -> tuple[ModelConfig, TrainCon
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; use [model] and [train]")
     try:
-        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict({"recipe": recipe_name,
-                                                                                  **d.get("train", {})})
+        train = d.get("train", {})
+        name = recipe_name or train.get("recipe") or default_recipe
+        return ModelConfig.from_dict(d.get("model", {})), TrainConfig.from_dict({**train, "recipe": name})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -236,3 +271,20 @@ def config_toml(mc: ModelConfig, tc: TrainConfig, header: str = "") -> str:
     train = {k: v for k, v in tc.to_dict().items() if v is not None and k != "threads"}
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + tomli_w.dumps({"model": model, "train": train})
+
+
+def parse_fractions(text) -> tuple:
+    """``"0.6,0.1,0.3"`` -> (train, val, test): three numbers >= 0 that sum to 1.
+
+    Raises
+    ------
+    ValueError
+        Anything else, in one line.
+    """
+    try:
+        f = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        f = ()
+    if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
+        raise ValueError(f"--fractions {text}: expected three numbers >= 0 that sum to 1, like 0.6,0.1,0.3")
+    return f

@@ -202,23 +202,56 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
     int
         The number of rows now in the store.
     """
-    n0, n = f["flux"].shape[0], len(flux)
+    append_pixels(f, flux, valid, sigma, offset)
+    return append_table(f, labels, label_err, split, meta, extra)
+
+
+def append_pixels(f, flux, valid, sigma=None, offset=None) -> int:
+    """Append the per-pixel arrays of a block of rows (the large part; :func:`append_table` adds the rest).
+
+    Parameters
+    ----------
+    f : h5py.File
+        A store made by :func:`create_dataset`.
+    flux, valid, sigma : (n, P) arrays; offset : (n,) array
+        As :func:`append_rows`.
+
+    Returns
+    -------
+    int
+        The number of rows of ``flux`` now in the store.
+    """
     if ("sigma" in f) != (sigma is not None):
         raise ValueError("sigma must be given exactly when the store was created with sigma=True")
     if ("offset" in f) != (offset is not None):
         raise ValueError("offset must be given exactly when the store was created with offset=True")
-    arrays = {"flux": flux, "valid": valid, "labels": labels, "label_err": label_err, "split": split}
+    arrays = {"flux": flux, "valid": valid}
     if sigma is not None:
         arrays["sigma"] = sigma
     if offset is not None:
         arrays["offset"] = offset
+    return _append(f, arrays, f["flux"].shape[0], len(flux))
+
+
+def append_table(f, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None) -> int:
+    """Append the per-row labels, split, metadata and extra columns of a block of rows.
+
+    Parameters
+    ----------
+    f : h5py.File
+        A store made by :func:`create_dataset`.
+    labels, label_err, split, meta, extra
+        As :func:`append_rows`.
+
+    Returns
+    -------
+    int
+        The number of rows of ``labels`` now in the store.
+    """
+    n0, n = f["labels"].shape[0], len(labels)
+    arrays = {"labels": labels, "label_err": label_err, "split": split}
     arrays.update({c: meta[c].to_numpy() for c in _META_COLUMNS})
-    for name, a in arrays.items():
-        ds = f[name]
-        ds.resize(n0 + n, axis=0)
-        if ds.dtype == _STR:
-            a = np.asarray(a, dtype=object).astype(str).astype(object)
-        ds[n0:n0 + n] = a
+    _append(f, arrays, n0, n)
     if extra is not None:
         grp = f.require_group("extra")
         for c in extra.columns:
@@ -227,6 +260,16 @@ def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, ex
             ds = grp[c]
             ds.resize(n0 + n, axis=0)
             ds[n0:n0 + n] = extra[c].to_numpy(np.float64)
+    return n0 + n
+
+
+def _append(f, arrays: dict, n0: int, n: int) -> int:
+    for name, a in arrays.items():
+        ds = f[name]
+        ds.resize(n0 + n, axis=0)
+        if ds.dtype == _STR:
+            a = np.asarray(a, dtype=object).astype(str).astype(object)
+        ds[n0:n0 + n] = a
     return n0 + n
 
 

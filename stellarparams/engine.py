@@ -6,8 +6,12 @@ machine; Dask is not needed). With ``--dask ADDRESS`` their chunks go to a Dask 
 
 - ``tcp://HOST:PORT`` (or any address ``distributed.Client`` takes): the scheduler of a
   running cluster (``dask scheduler`` + ``dask worker``, or ``dask-jobqueue`` on Slurm/PBS);
-- ``local:N``: a ``LocalCluster`` of N worker processes (one thread each) on 127.0.0.1,
-  started for the job and stopped after it.
+- ``local:N``: a ``LocalCluster`` of N worker processes (one thread each), started for the
+  job and stopped after it. Everything it opens (scheduler, workers, nannies, dashboard)
+  listens on 127.0.0.1 only: nothing of a user's job is reachable from the network.
+
+A scheduler that has no worker after :data:`WORKER_TIMEOUT` seconds is an error that says so
+(instead of a job that waits for ever).
 
 Chunks are submitted with ``pure=False`` and :data:`RETRIES` retries, at most about
 :data:`IN_FLIGHT` per worker thread at a time (the scheduler never holds the whole job). A
@@ -25,6 +29,8 @@ import time
 from itertools import islice
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a scheduler to answer
+WORKER_TIMEOUT = 60.0   # seconds to wait for the first worker to join the scheduler
+LOCALHOST = "127.0.0.1"
 RETRIES = 2             # re-runs of a chunk that raised (a lost worker is rescheduled on top of these)
 IN_FLIGHT = 2           # chunks submitted per worker thread (the rest wait in this process)
 INSTALL_HINT = "pip install 'stellarparams[dask]'"
@@ -100,8 +106,9 @@ def connect(address, progress: bool = False):
     Raises
     ------
     DaskError
-        Dask is not installed, ``local:N`` is malformed, or no scheduler answers at
-        ``address`` within :data:`CONNECT_TIMEOUT` seconds.
+        Dask is not installed, ``local:N`` is malformed, no scheduler answers at ``address``
+        within :data:`CONNECT_TIMEOUT` seconds, or no worker joins it within
+        :data:`WORKER_TIMEOUT` seconds.
     """
     if address is None or hasattr(address, "submit"):
         yield address
@@ -112,8 +119,9 @@ def connect(address, progress: bool = False):
     with contextlib.ExitStack() as stack:
         if n_local:
             cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=n_local, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=":0"))  # any free port: a second job or a notebook may hold 8787
+                n_workers=n_local, threads_per_worker=1, processes=True, host=LOCALHOST,
+                dashboard_address=f"{LOCALHOST}:0",  # any free port: a second job or a notebook may hold 8787
+                worker_dashboard_address=f"{LOCALHOST}:0"))
             client = stack.enter_context(distributed.Client(cluster))
         else:
             try:
@@ -123,9 +131,30 @@ def connect(address, progress: bool = False):
                                 "Start one there (`dask scheduler`, then `dask worker ADDRESS` on each machine), "
                                 "or use --dask local:N to start N workers on this machine") from None
             stack.enter_context(client)
+            wait_for_workers(client, address)
         if progress:
             print(f"dask: {client.scheduler.address}, {threads(client)} worker threads", file=sys.stderr, flush=True)
         yield client
+
+
+def wait_for_workers(client, address, timeout: float | None = None) -> None:
+    """Return once the scheduler has a worker; raise :class:`DaskError` after ``timeout`` seconds.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    address : str
+        For the message.
+    timeout : float, optional
+        Seconds (default :data:`WORKER_TIMEOUT`).
+    """
+    timeout = WORKER_TIMEOUT if timeout is None else timeout
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise DaskError(f"--dask {address}: the scheduler answers but no worker joined it within {timeout:g} s; "
+                        f"start workers with `dask worker {address}` (they must see the input and output folders), "
+                        "or use --dask local:N") from None
 
 
 def threads(client) -> int:

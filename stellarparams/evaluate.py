@@ -31,6 +31,7 @@ import pandas as pd
 from scipy.stats import median_abs_deviation
 
 from .files import write_text
+from .outputs import holds_lock
 from .records import dumps, jsonable
 
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
@@ -192,11 +193,11 @@ def predict_rows(predict, ds, idx, batch_size: int = 4096, progress: bool = True
 
 
 def _label_columns(ds, names):
-    missing = [n for n in names if n not in ds.label_names]
-    if missing:
-        raise ValueError(f"{ds.path}: the model predicts {names} but the dataset has no "
-                         f"{missing} (it has {ds.label_names}); evaluate on a dataset prepared with those labels")
-    return [ds.label_names.index(n) for n in names]
+    """Which of the model's labels the dataset has (ValueError when none): metrics come only where truth exists."""
+    if not any(n in ds.label_names for n in names):
+        raise ValueError(f"{ds.path}: the model predicts {names} but the dataset has none of them (it has "
+                         f"{ds.label_names}); evaluate on a dataset prepared with those labels")
+    return [n for n in names if n in ds.label_names]
 
 
 def _example_rows(teff, idx, k=N_EXAMPLE_SPECTRA):
@@ -241,6 +242,7 @@ def dataset_metadata(ds) -> dict:
                       "splits": {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}})
 
 
+@holds_lock("out_dir")  # one writer per report folder
 def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: bool = True,
              batch_size: int = 4096, device=None) -> dict:
     """Evaluate a model on one split of a prepared dataset and write the report folder.
@@ -253,6 +255,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     figure paths, notes about anything skipped).
     """
     from . import plots
+    from .training import label_matrix
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -271,7 +274,7 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     names = list(model.label_names)
     units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
                                                           if n in ds.label_names else "" for n in names])
-    cols = _label_columns(ds, names)
+    _label_columns(ds, names)
     if hasattr(model, "check_dataset"):  # grid / preprocessing must match the training data's
         model.check_dataset(ds)
     idx = ds.indices(split)
@@ -282,7 +285,11 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     y_pred = predict_rows(model.predict, ds, idx, batch_size, progress, desc=f"predict {split}")
     if y_pred.shape != (len(idx), len(names)):
         raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
-    y_true = ds.labels(idx)[:, cols].astype(np.float64)
+    y_true = label_matrix(ds, idx, names)   # NaN where the catalog has no truth: left out of that label's metrics
+    unknown = [n for j, n in enumerate(names) if not np.isfinite(y_true[:, j]).any()]
+    if unknown:
+        notes.append(f"no {', '.join(unknown)} labels in the {split} split of {ds.path}: no metrics for "
+                     f"{'it' if len(unknown) == 1 else 'them'} (n = 0)")
     meta = ds.meta(idx)
     snr = meta["snr"].to_numpy(np.float64)
     teff = y_true[:, names.index("teff")] if "teff" in names else (
@@ -342,14 +349,15 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     # figures
     figs = {}
     fig_dir = out / "figures"
-    by_split = {s: ds.labels(ds.indices(s))[:, cols] for s in ("train", "val", "test") if len(ds.indices(s))}
+    by_split = {s: label_matrix(ds, ds.indices(s), names) for s in ("train", "val", "test") if len(ds.indices(s))}
     figs["label_densities"] = plots.label_densities(by_split, names, units, fig_dir / "label_densities.png")
     ex = _example_rows(teff, idx)
     ex_meta = ds.meta(ex)
     ex_teff = ds.labels(ex)[:, ds.label_names.index("teff")] if "teff" in ds.label_names else np.full(len(ex), np.nan)
     titles = [f"{o}  Teff {t:.0f} K" if np.isfinite(t) else str(o) for o, t in zip(ex_meta["object_id"], ex_teff)]
     spectra, raw_titles = [], []
-    from .sdss import SpectrumError, read_spectrum
+    from .surveys.sdss import read_spectrum
+    from .spectrum import SpectrumError
 
     for f, t in zip(ex_meta["file"], titles):
         if not f:
@@ -421,7 +429,8 @@ def _write_report(out: Path, r: dict, units) -> None:
     meta_lines = [
         f"- stellarparams {r['environment']['stellarparams']}, torch {r['environment']['torch']}, "
         f"scikit-learn {r['environment']['scikit-learn']}",
-        f"- model: `{model.get('path')}` (sha256 {str(model.get('sha256'))[:16]}), seed {model.get('seed')}, "
+        (f"- model: `{model['path']}` (sha256 {str(model.get('sha256'))[:16]}), " if model.get("path")
+         else "- model: in memory, never saved to a folder, ") + f"seed {model.get('seed')}, "
         f"epochs trained {model.get('epochs_trained')}",
         f"- dataset: `{data['path']}`, {data['n']:,} spectra x {data['n_pix']} pixels, splits {data['splits']}, "
         f"input hash {data.get('input_hash')!r}, written by stellarparams {data.get('version')}",
@@ -492,12 +501,8 @@ def add_arguments(p):
 def run_cli(args) -> int:
     import sys
 
-    try:
-        r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
-                     batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
+                 batch_size=args.batch_size, device=args.device)
     print(f"{r['split']} split, {r['n']:,} spectra")
     print(markdown_table(metrics_table(r["labels"], r["model"].get("label_units"))[
         ["label", "unit", "mae", "rmse", "bias", "scatter", "mae_pct_range", "n"]]))

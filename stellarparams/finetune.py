@@ -15,6 +15,14 @@ Linear ``trunks.*.stem.0``: the only layer whose shape or meaning depends on the
 keeps its fresh (seeded) initialisation; its LayerNorm and everything after are copied.
 Frozen parameters get ``requires_grad = False``: no gradient, so AdamW leaves them (and
 their weight decay) alone and they stay bitwise equal to the source.
+
+Partial catalogs: a label of the source that the dataset does not have (no column, or fewer
+than 2 known training rows) keeps its head exactly as it was (``heads.LABEL`` is added to the
+frozen parts by `train` and recorded in model.json; on the same grid its training targets are
+the source network's outputs, :func:`stellarparams.training.fit`), or is dropped with ``--labels``
+(:func:`select_labels`: the network then has only the kept heads, and the target scaler the
+source's center/scale of those labels). With a new wavelength grid the stem's input layer
+is new, so freezing the stem (``stem`` or ``trunk``) is refused (:class:`OptionError`).
 """
 from __future__ import annotations
 
@@ -41,6 +49,17 @@ class Init:
     scale: np.ndarray
     reinit_stem: bool = False
     freeze: tuple = field(default_factory=tuple)
+    label_ranges: dict = field(default_factory=dict)   # the source's, for labels this dataset lacks
+    label_units: dict = field(default_factory=dict)    # ... and their units
+    uncertainty: object = None                         # the source's calibration (carried for frozen heads)
+
+    def frozen_heads(self, labels) -> list:
+        """The labels (of ``labels``) whose head is frozen."""
+        return [l for l in labels if "heads" in self.freeze or f"heads.{l}" in self.freeze]
+
+
+class OptionError(ValueError):
+    """Options that contradict each other or the data (the CLI's exit status 2)."""
 
 
 def parse_freeze(spec, labels) -> tuple:
@@ -68,6 +87,55 @@ def parse_freeze(spec, labels) -> tuple:
     if bad:
         raise ValueError(f"--freeze {','.join(bad)}: unknown part; choose from {', '.join(known)}")
     return tuple(names)
+
+
+def check_freeze(freeze, reinit_stem: bool):
+    """Refuse freezing the stem when its input layer starts fresh (another wavelength grid).
+
+    Raises
+    ------
+    OptionError
+        ``stem`` or ``trunk`` in ``freeze`` while ``reinit_stem``.
+    """
+    bad = [p for p in freeze if p in ("stem", "trunk")]
+    if reinit_stem and bad:
+        raise OptionError(f"--freeze {','.join(bad)}: the dataset's wavelength grid differs from the source model's, so "
+                          "the stem's input layer (trunks.*.stem.0) is new and randomly initialised; freezing it would "
+                          "keep random weights. Leave the stem trainable, e.g. --freeze blocks,ln_out,heads freezes "
+                          "everything after it")
+
+
+def select_labels(state: dict, src_labels, kept, multitask: bool = True) -> dict:
+    """The source's state dict restricted to the heads of ``kept`` (``--labels`` with ``--init-from``).
+
+    Parameters
+    ----------
+    state : dict
+        The source StellarNet's state dict.
+    src_labels, kept : list of str
+        The source's labels and the labels kept (a subset, in any order).
+    multitask : bool
+        False: one trunk per label (``trunks.<i>`` follows the label order), renumbered too.
+
+    Returns
+    -------
+    dict
+        State dict of a StellarNet with heads ``kept``.
+    """
+    src_labels = list(src_labels)
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "heads":
+            if parts[1] in kept:
+                out[k] = v
+        elif parts[0] == "trunks" and not multitask:
+            label = src_labels[int(parts[1])]
+            if label in kept:
+                out[".".join(["trunks", str(list(kept).index(label))] + parts[2:])] = v
+        else:
+            out[k] = v
+    return out
 
 
 def in_part(key: str, part: str) -> bool:

@@ -120,20 +120,33 @@ class Preprocessing:
 
     def preprocessor(self):
         """(preprocess function, its config) that reproduce the training data's preprocessing."""
-        from .prepare import PrepareConfig, preprocess
+        from .preprocess import PrepareConfig, preprocess
 
         return preprocess, PrepareConfig.from_dict(self.prepare_config) if self.prepare_config else PrepareConfig()
 
-    def apply(self, spectra, rv_kms=None) -> np.ndarray:
-        """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data."""
-        from .sdss import Spectrum
+    def apply(self, spectra, rv_kms=None, n_pix: int | None = None) -> np.ndarray:
+        """Spectrum record(s) -> (N, P) float32 flux preprocessed like the training data.
 
-        spectra = [spectra] if isinstance(spectra, Spectrum) else list(spectra)
+        A record that cannot be preprocessed (too little coverage, no good pixel, bad arrays)
+        gets a row of NaN (so its labels are NaN) and one warning naming it and the reason;
+        the others are unaffected. ``n_pix``: P, for an empty list (then (0, P)).
+        """
+        from .spectrum import Record
+
+        spectra = [spectra] if isinstance(spectra, Record) else list(spectra)
         if rv_kms is None:
             rv_kms = [rv_from_z(getattr(s, "z", float("nan"))) for s in spectra]
         rv_kms = np.broadcast_to(np.asarray(rv_kms, np.float64), (len(spectra),))
         prep, config = self.preprocessor()
-        return np.stack([prep(s, float(v), config)[0] for s, v in zip(spectra, rv_kms)]).astype(np.float32)
+        n_pix = n_pix or config.grid.n_pix
+        out = np.full((len(spectra), n_pix), np.nan, np.float32)
+        for i, (s, v) in enumerate(zip(spectra, rv_kms)):
+            try:
+                out[i] = prep(s, float(v), config)[0]
+            except Exception as e:  # one bad record: NaN labels for it, the rest go on
+                name = getattr(s, "path", None) or getattr(s, "name", None) or f"record {i}"
+                warnings.warn(f"spectrum {i} ({name}): {e}; its labels are NaN", stacklevel=4)
+        return out
 
 
 @dataclass
@@ -180,6 +193,7 @@ class Model:
         self.preprocessing = Preprocessing(grid, prepare_config)
         self.card = ModelCard(**card)
         self.uncertainty = uncertainty
+        self.path = None  # the model folder it was loaded from or last saved to (None: only in memory)
         self._warned_uncalibrated = False
 
     def __repr__(self):
@@ -220,13 +234,15 @@ class Model:
     # ------------------------------------------------------------------ inference
     def _flux(self, flux, rv_kms):
         from .readers import from_specutils, is_specutils
-        from .sdss import Spectrum
+        from .spectrum import Record
 
         if is_specutils(flux) or (isinstance(flux, (list, tuple)) and flux and is_specutils(flux[0])):
             recs = [from_specutils(s) for s in (flux if isinstance(flux, (list, tuple)) else [flux])]
             flux = [r for rec in recs for r in (rec if isinstance(rec, list) else [rec])]
-        if isinstance(flux, Spectrum) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Spectrum)):
-            return self.prepare_spectra(flux, rv_kms=rv_kms)
+        if isinstance(flux, Record) or (isinstance(flux, (list, tuple)) and flux and isinstance(flux[0], Record)):
+            return self.preprocessing.apply(flux, rv_kms, self.n_in)
+        if isinstance(flux, (list, tuple)) and not flux:  # no spectra: no rows
+            return np.zeros((0, self.n_in), np.float32)
         x = flux.to(torch.float32) if isinstance(flux, torch.Tensor) else np.asarray(flux, np.float32)
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"flux must have shape (N, {self.n_in}) (prepared spectra on the model's grid); "
@@ -250,16 +266,16 @@ class Model:
 
         Parameters
         ----------
-        flux : array, torch.Tensor, Spectrum, specutils Spectrum or a list of them
+        flux : array, torch.Tensor, Record, specutils Spectrum or a list of them
             Prepared spectra (N, P) float32 on the model's grid (rows of a Dataset; N may be
-            0), or :class:`stellarparams.sdss.Spectrum` records (any survey's reader, or
+            0), or :class:`stellarparams.spectrum.Record` records (any survey's reader, or
             :func:`stellarparams.readers.from_arrays`) or specutils ``Spectrum``/``Spectrum1D``
             objects (:func:`stellarparams.readers.from_specutils`), then preprocessed here with
             the model's own preprocessing config.
         batch_size : int
             Spectra per forward pass.
         rv_kms : float or array, optional
-            Radial velocities of Spectrum records (default: from each record's redshift ``z``).
+            Radial velocities of records (default: from each record's redshift ``z``).
         return_sigma : bool
             Also return the calibrated 1-sigma uncertainty (NaN, with one warning, for a
             model without calibration).
@@ -453,6 +469,7 @@ def save_model(model: Model, folder) -> Path:
     meta["manifest"] = {"files": {name: sha256_file(folder / name) for name in written}, "model_json": ""}
     meta["manifest"]["model_json"] = _self_sha256(meta)
     write_text(folder / META, _meta_text(meta))
+    model.path = folder
     return folder
 
 
@@ -546,14 +563,16 @@ def load_model(folder, device="cpu") -> Model:
         warnings.warn(f"{folder}: model written by stellarparams {meta.get('stellarparams_version')}, "
                       f"this is {__version__}", stacklevel=2)
     tc, mc = meta.get("train_config"), meta.get("model_config")
-    return Model(net.to(dev), meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
-                 model_config=ModelConfig.from_dict(mc) if mc else None,
-                 train_config=TrainConfig.from_dict(tc) if tc else None,
-                 label_units=meta.get("label_units"), label_ranges=meta.get("label_ranges"),
-                 grid=meta.get("grid"), prepare_config=meta.get("prepare_config"), metrics=meta.get("metrics"),
-                 history=meta.get("history"), dataset_hash=meta.get("dataset_input_hash", ""), seed=meta.get("seed"),
-                 version=meta.get("stellarparams_version", ""), best_val_loss=meta.get("best_val_loss"),
-                 fingerprint=meta.get("fingerprint", ""), uncertainty=_load_uncertainty(folder, meta["weights_sha256"]))
+    model = Model(net.to(dev), meta["label_names"], meta["scaler"]["center"], meta["scaler"]["scale"],
+                  model_config=ModelConfig.from_dict(mc) if mc else None,
+                  train_config=TrainConfig.from_dict(tc) if tc else None,
+                  label_units=meta.get("label_units"), label_ranges=meta.get("label_ranges"),
+                  grid=meta.get("grid"), prepare_config=meta.get("prepare_config"), metrics=meta.get("metrics"),
+                  history=meta.get("history"), dataset_hash=meta.get("dataset_input_hash", ""), seed=meta.get("seed"),
+                  version=meta.get("stellarparams_version", ""), best_val_loss=meta.get("best_val_loss"),
+                  fingerprint=meta.get("fingerprint", ""), uncertainty=_load_uncertainty(folder, meta["weights_sha256"]))
+    model.path = folder
+    return model
 
 
 def _load_uncertainty(folder: Path, weights_sha256: str):

@@ -130,7 +130,7 @@ def format_table(res: dict) -> str:
 
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
-        workers: int | None = None, threads: int | None = None, config=None, recipe_name: str = DEFAULT_RECIPE,
+        workers: int | None = None, threads: int | None = None, config=None, recipe_name: str | None = None,
         progress: bool = True, grid=None, device=None, precision: str = "fp32", dask=None) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
@@ -169,7 +169,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     from .config import ModelConfig, load_config, recipe
     from .dataset import Dataset, parse_grid
     from .evaluate import evaluate
-    from .prepare import PrepareConfig, prepare
+    from .outputs import check_output_folder
+    from .prepare import prepare
+    from .preprocess import PrepareConfig
     from .devices import check_precision, resolve_device
     from .simulate import simulate
     from .train import train
@@ -182,7 +184,7 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     t_all = time.perf_counter()
 
     with engine.connect(dask, progress) as client:  # before anything is written: a dead address leaves nothing
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_folder(out)
         _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
         t0 = time.perf_counter()
         catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress, dask=client)
@@ -194,7 +196,8 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
                 progress=progress, dask=client)
         times["prepare"] = time.perf_counter() - t0
 
-    mc, tc = load_config(config, recipe_name) if config else (ModelConfig(), recipe(recipe_name))
+    mc, tc = (load_config(config, recipe_name, DEFAULT_RECIPE) if config
+              else (ModelConfig(), recipe(recipe_name or DEFAULT_RECIPE)))
     tc = replace(tc, seed=seed, threads=threads or tc.threads or os.cpu_count())
     if epochs is not None:
         tc = replace(tc, epochs=epochs)
@@ -254,7 +257,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--n", type=int, default=DEFAULT_N, help="spectra to simulate")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
     p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, 12 default, 30 paper)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE, help=RECIPE_HELP)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help=RECIPE_HELP + f" (default: {DEFAULT_RECIPE}; beats a recipe named in --config)")
     p.add_argument("--config", help="TOML file with [model] and [train] tables on top of the recipe")
     p.add_argument("--workers", type=int, help="processes for simulate/prepare; None: all CPUs")
     p.add_argument("--threads", type=int, help="torch threads for training; None: all CPUs")
@@ -268,13 +272,9 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    try:
-        results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                      threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
-                      grid=args.grid, device=args.device, precision=args.precision, dask=args.dask)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
+                  threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
+                  grid=args.grid, device=args.device, precision=args.precision, dask=args.dask)
     if args.quiet:
         print(format_table(results["comparison"]))
         print(format_calibration(results.get("calibration")))

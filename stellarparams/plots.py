@@ -77,8 +77,8 @@ def label_densities(labels_by_split: dict, label_names, label_units, path, bins:
 def raw_spectra(spectra, path, titles=None) -> Path:
     """A few spectra as read from their files: observed frame, absolute flux (paper Fig. 2).
 
-    spectra: list of :class:`stellarparams.sdss.Spectrum` (loglam log10 A, flux 1e-17 erg/s/cm2/A).
-    Pixels flagged bad (``Spectrum.good``) are left out.
+    spectra: list of :class:`stellarparams.spectrum.Record` (loglam log10 A, flux 1e-17 erg/s/cm2/A).
+    Pixels flagged bad (``Record.good``) are left out.
     """
     n = max(len(spectra), 1)
     fig, axes = plt.subplots(n, 1, figsize=(9, 1.9 * n + 0.6), sharex=True, squeeze=False)

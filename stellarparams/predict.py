@@ -44,10 +44,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import engine, sdss
+from . import engine
 from .files import LOCK_NAME, atomic_write, write_text
+from .matching import id_text, resolve_file
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
+from .spectrum import NoUsableInput, SpectrumError
+from .surveys import registry, sdss
+from .surveys.sdss import parse_name
 from .workers import pool as worker_pool
 
 CATALOG_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq", ".txt")
@@ -86,8 +90,6 @@ def _ids(cat: pd.DataFrame, i: int):
 
 def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
     """Rows of a catalog with a FILE column -> [(file, rv, ids)]; relative FILE: from the catalog's folder."""
-    from .prepare import _resolve_file
-
     cat = sdss.read_catalog(path)
     if "FILE" not in cat.columns:
         raise ValueError(f"{path}: a catalog given as input needs a FILE column with spectrum paths "
@@ -96,34 +98,33 @@ def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
     rv = cat[rv_column].to_numpy(np.float64) if rv_column in cat.columns else np.full(len(cat), np.nan)
     items = []
     for i, (f, v) in enumerate(zip(cat["FILE"], rv)):
-        p = _resolve_file(f, base)
+        p = resolve_file(f, base)
         items.append(("" if p is None else str(p), float(v), _ids(cat, i)))
     return items
 
 
 def _expand(items, survey=None) -> list[tuple]:
-    """One item per spectrum: a file of another survey than SDSS becomes (file, rv, member) items, one per
-    spectrum it holds (DESI targets, table rows), ``member`` = {"survey", "index", "id"}."""
-    from . import desi, readers, tables
-
+    """One item per spectrum: a file of a survey whose files hold many spectra (DESI targets, table rows)
+    becomes (file, rv, member) items, one per spectrum, ``member`` = {"survey", "index", "id"}; a file of
+    a survey named by (plate, mjd, fiberid) (SDSS) stays (file, rv, ids)."""
     out = []
     for f, rv, ids in items:
         try:  # detect() names most files from their name alone, without touching the disk
-            s = survey or (readers.detect(f) if f else "sdss")
-        except sdss.SpectrumError:
-            s = "sdss"  # not recognised: read as SDSS, which names what is wrong with it
-        if s == "sdss":
+            s = survey or (registry.detect(f) if f else registry.names()[0])
+        except SpectrumError:
+            s = registry.names()[0]  # not recognised: read as SDSS, which names what is wrong with it
+        fmt = registry.get(s)
+        if fmt.plate_keys:
             out.append((f, rv, ids))
             continue
         try:
-            if s == "desi":
-                out += [(f, rv, {"survey": s, "index": j, "id": str(t)}) for j, t in enumerate(desi.target_ids(f))]
-            elif s == "table":
-                out += [(f, rv if np.isfinite(rv) else r.rv, {"survey": s, "index": j, "id": r.ident})
-                        for j, r in enumerate(tables.read_table(f))]
-            else:
+            members = fmt.members(f)
+            if members is None:
                 out.append((f, rv, {"survey": s, "index": None, "id": ""}))
-        except (sdss.SpectrumError, OSError, ValueError, KeyError):
+            else:
+                out += [(f, rv if np.isfinite(rv) else mrv, {"survey": s, "index": j, "id": ident})
+                        for j, ident, mrv in members]
+        except (SpectrumError, OSError, ValueError, KeyError):
             out.append((f, rv, {"survey": s, "index": None, "id": ""}))  # rejected, with its reason, when read
     return out
 
@@ -142,7 +143,7 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
     rv_column : str
         The catalog's RV column; when it has none, VRAD (DESI) or RV (LAMOST, tables).
     survey : str, optional
-        Read every file as this survey (:data:`readers.SURVEYS`); default: detected per file.
+        Read every file as this survey (:func:`surveys.registry.names`); default: detected per file.
 
     Returns
     -------
@@ -152,52 +153,57 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
         dict {"survey", "index" (position in the file: DESI target, table row), "id"}, one
         item per spectrum.
     """
-    from .prepare import parse_spectrum_name
-    from .readers import find_files
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     items = []
     for x in inputs:
         p = Path(x)
         if p.is_dir():
-            items += [(str(f), np.nan, None) for f in find_files(p, survey)]
+            items += [(str(f), np.nan, None) for f in registry.find_files(p, survey)]
         elif p.exists() and _is_catalog(p):
             items += _catalog_items(p, rv_column)
         else:  # a missing file is kept: it becomes a rejected row, not a crash
             items.append((str(p), np.nan, None))
     items = _expand(items, survey)
     if catalog is not None:
-        from .lamost import file_keys as lamost_keys
-        from .lamost import parse_name as lamost_name
+        from .surveys.lamost import parse_name as lamost_name
 
-        cat = sdss.read_catalog(catalog)
+        cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
         rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
         if rv_column in cat.columns:
-            rv_by = {}
+            rv_by, pairs = {}, []  # the first row of a spectrum wins, as in prepare
             if "FILE" in cat.columns:
-                rv_by.update({Path(str(f).strip()).name: v for f, v in zip(cat["FILE"], cat[rv_column])})
+                pairs.append(zip((Path(str(f).strip()).name for f in cat["FILE"]), cat[rv_column]))
             if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
                 ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-                rv_by.update({tuple(int(v) for v in k): r for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all()})
+                pairs.append((tuple(int(v) for v in k), r) for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all())
             if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
-                for lm, pl, sp, fi, r in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column))):
-                    if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))):
-                        rv_by[(int(lm), str(pl).strip(), int(sp), int(fi))] = r
+                pairs.append(((int(lm), str(pl).strip(), int(sp), int(fi)), r) for lm, pl, sp, fi, r
+                             in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column)))
+                             if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
             for c in ("TARGETID", "OBSID", "ID"):
                 if c in cat.columns:
-                    rv_by.update({("id", _id_text(t)): r for t, r in zip(cat[c], cat[rv_column])})
+                    pairs.append(((("id", id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
+            n_dup = 0
+            for kind in pairs:
+                first = {}
+                for key, r in kind:
+                    n_dup += key in first
+                    first.setdefault(key, r)
+                rv_by.update(first)
+            if n_dup:
+                print(f"warning: {_name(catalog)}: {n_dup} duplicate rows (a spectrum named twice); "
+                      "the first row's RV is used", file=sys.stderr)
 
             def rv_of(f, k):
                 name = Path(f).name
-                keys = [name, parse_spectrum_name(name), lamost_name(name)]
+                keys = [name, parse_name(name), lamost_name(name)]
                 if isinstance(k, dict):
                     keys.insert(0, ("id", k["id"]))
                 hit = next((x for x in keys if x is not None and x in rv_by), None)
-                if hit is None and isinstance(k, dict) and k["survey"] == "lamost" and f:
-                    fk = lamost_keys(f)  # a file not named after its keys: LMJD..FIBERID, OBSID from its header
-                    ids = (fk.get("lmjd_planid_spid_fiberid"), ("id", str(fk["obsid"])) if "obsid" in fk else None)
-                    hit = next((x for x in ids if x is not None and x in rv_by), None)
+                if hit is None and isinstance(k, dict) and f:  # a file not named after its keys: from its header
+                    hit = next((x for x in registry.get(k["survey"]).file_keys(f) if x is not None and x in rv_by),
+                               None)
                 return float(rv_by[hit]) if hit is not None else np.nan
 
             items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
@@ -206,16 +212,35 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
     return items
 
 
-def _id_text(v) -> str:
-    from .prepare import _id_text as text
+def _name(catalog) -> str:
+    return "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
 
-    return text(v)
+
+# label columns checked against the physical limits in a catalog predict reads (prepare's, LAMOST's, DESI's)
+LABEL_COLUMNS = {"teff": ("TEFF_ADOP", "TEFF"), "logg": ("LOGG_ADOP", "LOGG"), "feh": ("FEH_ADOP", "FEH")}
+
+
+def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
+    """``cat`` without the rows whose labels are outside :data:`config.LABEL_LIMITS`, with a warning."""
+    from .config import label_outside_limits
+
+    bad = np.zeros(len(cat), bool)
+    for name, cols in LABEL_COLUMNS.items():
+        for c in cols:
+            if c in cat.columns:
+                bad |= label_outside_limits(name, pd.to_numeric(cat[c], errors="coerce").to_numpy(np.float64, na_value=np.nan))
+    if bad.any():
+        print(f"warning: {_name(catalog)}: {int(bad.sum())} rows with labels outside the physical limits "
+              f"(first: row {int(np.flatnonzero(bad)[0])}) are ignored (stellarparams.config.LABEL_LIMITS)",
+              file=sys.stderr)
+    return cat[~bad].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------- workers
-def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
-    """Read + preprocess a list of (file, rv, ids). Never raises: problems become reasons."""
-    from .prepare import PrepareConfig, _read_record, parse_spectrum_name, preprocess
+def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -> dict:
+    """Read + preprocess a list of (file, rv, ids), SDSS files with ``reader`` (:data:`sdss.READERS`).
+    Never raises: problems become reasons."""
+    from .preprocess import PrepareConfig, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
     n = len(items)
@@ -227,7 +252,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
     cache = {}
     for i, (path, rv, ids) in enumerate(items):
         member = ids if isinstance(ids, dict) else None  # a spectrum of another survey (collect_inputs)
-        ids = None if member else ids or parse_spectrum_name(os.path.basename(path))  # identity even when rejected
+        ids = None if member else ids or parse_name(os.path.basename(path))  # identity even when rejected
         if ids:
             info["plate"][i], info["mjd"][i], info["fiberid"][i] = ids
             ident[i] = f"{ids[0]:04d}-{ids[1]:05d}-{ids[2]:04d}"
@@ -235,19 +260,19 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
             ident[i] = member["id"]
         try:
             if not path:
-                raise sdss.SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
+                raise SpectrumError(path, "no_file", "the catalog's FILE cell is empty")
             if not os.path.exists(path):
-                raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+                raise SpectrumError(path, "missing_file", f"no such file: {path}")
             if member:
-                spec = _read_record(path, member["index"], member["survey"], cache)
+                spec = registry.read_record(path, member["index"], member["survey"], cache)
                 ident[i] = spec.ident
             else:
-                spec = sdss.read_spectrum(path)
+                spec = sdss.read_spectrum(path, reader)
                 info["plate"][i], info["mjd"][i], info["fiberid"][i] = spec.plate, spec.mjd, spec.fiberid
                 ident[i] = spec.name
             snr[i] = spec.snr
             if spec.objclass and spec.objclass in config.reject_classes:
-                raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+                raise SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             if not np.isfinite(rv):
                 rv = getattr(spec, "rv", np.nan)  # LAMOST c Z, DESI Redrock c Z, a table's RV column
             if not np.isfinite(rv):
@@ -255,7 +280,7 @@ def _read_chunk(items, prepare_config: dict, n_pix: int) -> dict:
             rv_used[i] = rv
             flux[i], _ = preprocess(spec, rv, config)
             ok[i] = True
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             reason[i], detail[i] = e.reason, e.detail
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
             reason[i], detail[i] = "error", f"{type(e).__name__}: {e}"[:300]
@@ -434,7 +459,7 @@ def _job_key(model, items, min_snr, prepare_config=None) -> str:
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
             wait: bool = False, min_coverage: float | None = None, survey: str | None = None,
-            device=None, dask=None) -> dict:
+            device=None, dask=None, reader: str = "fast") -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -476,6 +501,9 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
         network still runs in this process, and the output is the same. Connected before
         anything is written.
+    reader : str
+        ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
+        with cfitsio; ``"fitsio"``: every file with cfitsio. The output is the same.
 
     Returns
     -------
@@ -484,7 +512,7 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
 
     Raises
     ------
-    sdss.NoUsableInput
+    NoUsableInput
         No input file at all.
     ValueError
         Bad output location or suffix, bad catalog; :class:`engine.DaskError` when ``dask``
@@ -493,25 +521,28 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     from .devices import resolve_device
     from .model_io import Model, load_model
 
+    if reader not in sdss.READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     device = resolve_device(device)
     out = check_output_file(out)
-    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait) as partial:
+    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait,
+                                                                  remove=True) as partial:
         model = model if isinstance(model, Model) else load_model(model, device=device)
         items = collect_inputs(inputs, catalog, survey=survey)
         if not items:
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-            raise sdss.NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
+            raise NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
         prep = dict(model.prepare_config or {})
         if min_coverage is not None:
             if not 0 <= min_coverage <= 1:
                 raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
             prep["min_coverage"] = float(min_coverage)
         return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-                        prep, client)
+                        prep, client, reader)
 
 
 def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-             prepare_config=None, client=None) -> dict:
+             prepare_config=None, client=None, reader="fast") -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -529,7 +560,7 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
     if n_done and progress:
         print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    args = (prepare_config or model.prepare_config, model.n_in)
+    args = (prepare_config or model.prepare_config, model.n_in, reader)
     buffers = {k: [] for k in todo}
     kept = [n_done]
     bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
@@ -588,6 +619,12 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
             return df
         return get
 
+    n_rejected = sum(int(pd.read_parquet(f, columns=["flag_rejected"])["flag_rejected"].sum()) for f in part_file)
+    if n_rejected == len(items):  # nothing usable: nothing is published (the parts stay for a re-run)
+        why = pd.concat([pd.read_parquet(f, columns=["reject_reason"]) for f in part_file])["reject_reason"]
+        raise NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
+                                 + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
+                                 + f"); nothing was written to {out}")
     write_table(out, [read_part(f) for f in part_file], n_rows=len(items))
     for f in part_file:
         f.unlink()
@@ -648,12 +685,15 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=1024, help="spectra per network batch")
     p.add_argument("--workers", type=int, default=None, help="reading processes (default: all CPUs)")
     p.add_argument("--min-snr", type=float, default=5.0, help="flag_low_snr below this median S/N per pixel")
-    p.add_argument("--survey", choices=("sdss", "lamost", "desi", "table"), default=None,
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the inputs (default: detected per file; docs/surveys.md)")
     p.add_argument("--min-coverage", type=float, default=None, help="fraction of the model's grid an input must "
                    "cover with good pixels, else the row is rejected as low_coverage (default: the model's, 0.5)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .prepare import add_reader_argument
+
+    add_reader_argument(p)
     engine.add_argument(p)
     from .devices import add_arguments as add_device_arguments  # here: reading workers need no torch
 
@@ -661,22 +701,10 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    from .files import OutputBusy
-    from .model_io import ModelFileError
-
-    try:
-        summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                          workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                          min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ModelFileError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
+                      workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
+                      min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,
+                      reader=getattr(args, "reader", "fast"))
     if args.quiet:
         print(format_summary(summary))
-    return 0 if summary["n_predicted"] else 1
+    return 0

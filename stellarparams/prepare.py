@@ -1,14 +1,10 @@
-"""prepare: SDSS spectra + an SSPP label catalog -> a prepared dataset (docs/method.md steps 1-4).
+"""prepare: survey spectra + a label catalog -> a prepared dataset (docs/method.md steps 1-4).
 
-Per spectrum (:func:`preprocess`):
-1. drop pixels with ivar == 0, a bad ``and_mask`` bit or non-finite flux (never zeros);
-2. rest frame: loglam_rest = loglam_obs - log10(1+z), 1+z = sqrt((1+b)/(1-b)), b = RV/c;
-3. one not-a-knot cubic spline through the good pixels (SciPy's ``CubicSpline``, bit for bit:
-   :func:`resample.cubic_spline`), evaluated on the common grid, with the ends clamped
-   (nearest available flux outside the spectrum's coverage);
-4. standardize: subtract the mean over the P grid pixels, divide by the population std.
+The job, top to bottom: check (catalog, files, options, input hash) -> match (catalog rows to
+spectra: the survey's own rules, :mod:`stellarparams.surveys`) -> read (each spectrum through
+:func:`stellarparams.preprocess.preprocess`, in parallel chunks) -> split -> write.
 
-:func:`prepare` runs this over a folder of files in parallel and writes ``DATASET/``:
+The job writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
 resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
@@ -21,296 +17,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import as_completed
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import desi, engine, lamost, readers, sdss, tables
-from .dataset import DATA_FILE, SPLITS, Grid, append_rows, create_dataset, parse_grid
-from .files import atomic_write, write_text
-from .outputs import locked_output
-from .physics import doppler_log_shift
+from . import engine
+from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
+from .dataset import DATA_FILE, SPLITS, append_pixels, append_rows, append_table, create_dataset, parse_grid
+from .files import atomic_write, check_readable, write_text
+from .outputs import check_disk, check_memory, locked_output
+from .matching import resolve_file
+from .preprocess import PrepareConfig, config_from_model, preprocess
 from .records import sha256_file
-from .resample import cubic_spline
+from .spectrum import SENTINEL, NoUsableInput, SpectrumError
+from .surveys import registry
+from .surveys import sdss
+from .surveys.sdss import read_catalog
 from .workers import pool as worker_pool
 
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "summary.json"
 PARTIAL_DIR = ".partial"
 REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail", "id"]  # id: the survey's identifier
-MAX_GAP_PIX = 2.0  # a grid pixel farther than this many native pixels from good data is not valid
-LOGLAM_RANGE = (3.0, 4.7)  # 1000 A - 5 um: anything outside is a damaged wavelength solution
 
-
-@dataclass
-class PrepareConfig:
-    """Preprocessing options; the defaults are the paper's (docs/method.md).
-
-    grid: common log10-wavelength grid (4000 pixels, 3.5754-3.9670)
-    bad_mask: SPPIXMASK bits that make a pixel unusable (sdss.DEFAULT_BAD_MASK)
-    min_coverage: fraction of grid pixels that must come from good data, else "low_coverage"
-    rest_frame: shift to the rest frame with the catalog RV (km/s) before resampling
-    labels: our label name -> catalog column
-    rv_column: catalog column with the heliocentric radial velocity, km/s
-    reject_classes: spectrum CLASS values rejected as "not_a_star"
-    """
-
-    grid: Grid = field(default_factory=Grid)
-    bad_mask: int = sdss.DEFAULT_BAD_MASK
-    min_coverage: float = 0.5
-    rest_frame: bool = True
-    labels: dict = field(default_factory=lambda: {"teff": "TEFF_ADOP", "feh": "FEH_ADOP", "logg": "LOGG_ADOP"})
-    rv_column: str = "RV_ADOP"
-    reject_classes: tuple = ("GALAXY", "QSO")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["reject_classes"] = list(self.reject_classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PrepareConfig":
-        d = dict(d)
-        if isinstance(d.get("grid"), dict):
-            d["grid"] = Grid(**d["grid"])
-        if "reject_classes" in d:
-            d["reject_classes"] = tuple(d["reject_classes"])
-        return cls(**d)
-
-
-MODEL_META = "model.json"  # the model folder's description (written by model_io; read here as plain JSON)
-FLUX_KEYS = ("grid", "bad_mask", "rest_frame")  # the preprocessing that changes the flux a model sees
-
-
-def config_from_model(model_folder, config: PrepareConfig | None = None) -> PrepareConfig:
-    """``config`` with the grid and flux preprocessing of a trained model (``--grid-from``).
-
-    The model folder's ``model.json`` records the grid and the ``prepare`` config of its
-    training data; it is read as JSON (prepare sits below the model layer). Label and RV
-    column names, ``min_coverage`` and ``reject_classes`` stay those of ``config``: they
-    do not change the flux the model sees.
-
-    Parameters
-    ----------
-    model_folder : str or Path
-        A model folder (from ``train`` or ``run``), or its model.json.
-    config : PrepareConfig, optional
-        The rest of the options (default: the defaults).
-
-    Returns
-    -------
-    PrepareConfig
-
-    Raises
-    ------
-    ValueError
-        No readable model.json, or it records no grid.
-    """
-    path = Path(model_folder)
-    path = path if path.suffix == ".json" else path / MODEL_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the model's description ({e}); --grid-from needs a model folder") from e
-    prep = dict(meta.get("prepare_config") or {})
-    grid = meta.get("grid") or prep.get("grid")
-    if not isinstance(grid, dict) or not grid:
-        raise ValueError(f"{path}: the model records no wavelength grid")
-    d = (config or PrepareConfig()).to_dict()
-    d.update({k: prep[k] for k in FLUX_KEYS if k in prep})
-    d["grid"] = Grid(**{k: grid[k] for k in ("loglam_min", "loglam_max", "n_pix")})
-    return PrepareConfig.from_dict(d)
-
-
-# ---------------------------------------------------------------------------------------------
-# one spectrum
-
-@lru_cache(maxsize=8)
-def _grid_loglam(grid: Grid) -> np.ndarray:
-    g = grid.loglam
-    g.flags.writeable = False
-    return g
-
-
-def preprocess(spec: sdss.Spectrum, rv_kms: float, config: PrepareConfig = PrepareConfig(),
-               return_sigma: bool = False, return_offset: bool = False):
-    """Resample one spectrum onto the common rest-frame grid and standardize it.
-
-    Parameters
-    ----------
-    spec : sdss.Spectrum or readers.Record
-        A spectrum on its native grid (observed frame), of any survey; a record whose reader
-        found it unusable (``problem``) raises that reason.
-    rv_kms : float
-        Heliocentric radial velocity in km/s (ignored when ``config.rest_frame`` is False).
-    config : PrepareConfig
-    return_sigma : bool
-        Also return the per-pixel noise.
-    return_offset : bool
-        Also return mean/std of the resampled flux (after sigma when both are asked).
-
-    Returns
-    -------
-    flux : (P,) float32
-        Mean 0 and population std 1 over the P grid pixels.
-    valid : (P,) bool
-        True where the pixel lies inside the good coverage and within ~2 native pixels of a
-        good pixel.
-    sigma : (P,) float32, only with ``return_sigma``
-        1-sigma noise of ``flux`` in the same standardized units: 1/sqrt(ivar) of the good
-        pixels, linearly interpolated onto the grid and divided by the std that standardized
-        the flux; +inf where ``valid`` is False.
-    offset : float, only with ``return_offset``
-        mean / std of the resampled flux: ``flux + offset`` is the physical flux in units of
-        its std (what multiplicative augmentations such as reddening act on).
-
-    Raises
-    ------
-    sdss.SpectrumError
-        Reasons: missing_rv, bad_wavelength, nonfinite_flux, no_good_pixels, too_few_pixels,
-        low_coverage, constant_flux.
-    """
-    path = spec.path
-    problem = getattr(spec, "problem", None)  # found by the reader (readers.Record)
-    if problem:
-        raise sdss.SpectrumError(path, *problem)
-    loglam = np.asarray(spec.loglam, np.float64)
-    flux = np.asarray(spec.flux)
-    good = spec.good(config.bad_mask) & np.isfinite(loglam)
-    n_nonfinite = int(np.count_nonzero(~np.isfinite(flux) & (spec.ivar > 0)))
-    n_good = int(np.count_nonzero(good))
-    if n_good == 0:
-        if n_nonfinite:
-            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} pixels with ivar > 0 have NaN/inf flux")
-        raise sdss.SpectrumError(path, "no_good_pixels", "every pixel has ivar == 0 or a bad and_mask bit")
-    if n_good < 4:
-        raise sdss.SpectrumError(path, "too_few_pixels", f"{n_good} good pixels, a cubic spline needs 4")
-    x = loglam[good]
-    y = flux[good].astype(np.float64)
-    dx = np.diff(x)
-    if not np.isfinite(loglam[[0, -1]]).all() or not (dx > 0).all():
-        raise sdss.SpectrumError(path, "bad_wavelength", "loglam is not finite and strictly increasing")
-    if not (LOGLAM_RANGE[0] < x[0] and x[-1] < LOGLAM_RANGE[1]):
-        raise sdss.SpectrumError(path, "bad_wavelength", f"loglam {x[0]:.4g}-{x[-1]:.4g} is not an optical spectrum "
-                                 f"(log10 Angstrom between {LOGLAM_RANGE[0]} and {LOGLAM_RANGE[1]})")
-    if config.rest_frame:
-        if rv_kms is None or not np.isfinite(rv_kms) or rv_kms <= sdss.SENTINEL:
-            raise sdss.SpectrumError(path, "missing_rv", f"RV = {rv_kms}")
-        x = x - doppler_log_shift(rv_kms)
-
-    grid = _grid_loglam(config.grid)
-    at = np.clip(grid, x[0], x[-1])  # clamp = nearest flux
-    out = cubic_spline(x, y, at)  # SciPy's CubicSpline(x, y)(at), bit for bit
-
-    # validity: inside the good coverage and near a good pixel
-    step = float(loglam[-1] - loglam[0]) / (len(loglam) - 1)  # native pixel, log10 A (1e-4 for SDSS)
-    reach = MAX_GAP_PIX * step * (1 + 1e-6)
-    valid = np.zeros(len(grid), bool)
-    valid[np.searchsorted(grid, x[0], side="left"):np.searchsorted(grid, x[-1], side="right")] = True
-    gaps = np.flatnonzero(dx > 2 * reach)  # gaps whose middle lies farther than `reach` from both sides
-    if len(gaps):
-        a = np.searchsorted(grid, x[gaps] + reach, side="right")
-        b = np.searchsorted(grid, x[gaps + 1] - reach, side="left")
-        for i, k in zip(a, b):
-            valid[i:k] = False
-    coverage = float(valid.mean())
-    if coverage < config.min_coverage:
-        why = f"{coverage:.1%} of the grid from good data, need {config.min_coverage:.0%}"
-        if n_nonfinite:
-            raise sdss.SpectrumError(path, "nonfinite_flux", f"{n_nonfinite} NaN/inf pixels; {why}")
-        raise sdss.SpectrumError(path, "low_coverage", why)
-
-    mean, std = out.mean(), out.std()
-    if not np.isfinite(std) or std <= 1e-12 * max(abs(mean), 1e-30):
-        raise sdss.SpectrumError(path, "constant_flux", f"std {std:.3g} over the grid")
-    result = [((out - mean) / std).astype(np.float32), valid]
-    if return_sigma:
-        noise = np.interp(at, x, 1.0 / np.sqrt(spec.ivar[good].astype(np.float64))) / std
-        result.append(np.where(valid, noise, np.inf).astype(np.float32))
-    if return_offset:
-        result.append(float(mean / std))
-    return tuple(result)
-
-
-def preprocess_file(path, rv_kms: float, config: PrepareConfig = PrepareConfig()):
-    """Read one SDSS spectrum file and preprocess it.
-
-    Parameters
-    ----------
-    path : str or Path
-        An SDSS spec-*.fits or spSpec-*.fit file.
-    rv_kms : float
-        Radial velocity for the rest-frame shift, km/s.
-    config : PrepareConfig
-
-    Returns
-    -------
-    tuple
-        (Spectrum, flux (P,) float32, valid (P,) bool), as :func:`preprocess`.
-    """
-    spec = sdss.read_spectrum(path)
-    flux, valid = preprocess(spec, rv_kms, config)
-    return spec, flux, valid
 
 
 # ---------------------------------------------------------------------------------------------
 # finding files and matching them to the catalog
-
-_SPEC_RE = re.compile(r"^spec-(\d+)-(\d+)-(\d+)\.fits(\.gz)?$", re.I)
-_SPSPEC_RE = re.compile(r"^spSpec-(\d+)-(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
-
-
-def parse_spectrum_name(name: str):
-    """The SDSS key of a spectrum file name.
-
-    Parameters
-    ----------
-    name : str
-        ``spec-PLATE-MJD-FIBER.fits(.gz)`` or ``spSpec-MJD-PLATE-FIBER.fit(s)(.gz)``.
-
-    Returns
-    -------
-    tuple of int or None
-        (plate, mjd, fiberid), or None for any other name.
-    """
-    m = _SPEC_RE.match(name)
-    if m:
-        return int(m[1]), int(m[2]), int(m[3])
-    m = _SPSPEC_RE.match(name)
-    if m:
-        return int(m[2]), int(m[1]), int(m[3])
-    return None
-
-
-def find_spectra(folder) -> list[Path]:
-    """All spec-*.fits(.gz) and spSpec-*.fit(s)(.gz) files under ``folder``, recursively, sorted.
-
-    Parameters
-    ----------
-    folder : str or Path
-
-    Returns
-    -------
-    list of Path
-
-    Raises
-    ------
-    FileNotFoundError
-        ``folder`` is not a folder.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: spectra folder not found")
-    return sorted(p for p in folder.rglob("*") if parse_spectrum_name(p.name) and p.is_file())
-
 
 def _input_hash(cat: pd.DataFrame, files: list[Path], job: dict) -> str:
     h = hashlib.sha256()
@@ -376,26 +116,12 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _read_record(path, index, survey, cache: dict):
-    """Spectrum ``index`` of a file (SDSS: the file's one spectrum); the last file's records are cached."""
-    if survey == "sdss":
-        return sdss.read_spectrum(path)
-    if cache.get("path") != path:
-        cache.clear()
-        try:
-            cache.update(path=path, records=readers.read(path, survey))
-        except sdss.SpectrumError as e:
-            cache.update(path=path, error=e)
-    if "error" in cache:
-        raise cache["error"]
-    return cache["records"][index or 0]
-
-
-def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss") -> dict:
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss",
+               reader: str = "fast") -> dict:
     """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
 
     items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
-    None). Returns counts and rejects (small, for the main process).
+    None); reader: :data:`sdss.READERS`. Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
     flux = np.empty((len(items), P), np.float32)
@@ -408,11 +134,11 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
         row, path, rv = item[:3]
         index = item[3] if len(item) > 3 else None
         try:
-            spec = _read_record(path, index, survey, cache)
+            spec = registry.read_record(path, index, survey, cache, reader)
             if spec.objclass in config.reject_classes:
-                raise sdss.SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
+                raise SpectrumError(path, "not_a_star", f"CLASS {spec.objclass}")
             f, v, sg, o = preprocess(spec, rv, config, return_sigma=True, return_offset=True)
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             rejects.append({"row": row, "file": str(path), "reason": e.reason, "detail": e.detail})
             continue
         except Exception as e:  # a file we did not foresee must not stop the batch
@@ -500,7 +226,7 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
 def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
     missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
-               | (pd.to_numeric(col, errors="coerce") <= sdss.SENTINEL).to_numpy())
+               | (pd.to_numeric(col, errors="coerce") <= SENTINEL).to_numpy())
     values = col
     if pd.api.types.is_float_dtype(col) and np.all(np.mod(col[~missing], 1) == 0):
         values = col.astype("Int64")  # 3.0 -> "3" when a NaN made an integer column float
@@ -510,13 +236,13 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False, survey: str | None = None, dask=None) -> dict:
+            wait: bool = False, survey: str | None = None, dask=None, reader: str = "fast") -> dict:
     """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
     ----------
     catalog : str, Path or DataFrame, or None
-        Read with :func:`sdss.read_catalog` (FITS, CSV or Parquet); column names are
+        Read with :func:`read_catalog` (FITS, CSV or Parquet); column names are
         upper-cased. None only for a spectrum table (``survey="table"``), whose scalar columns
         are the catalog.
     spectra : str or Path
@@ -547,14 +273,18 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         When another process is writing ``out``: wait for it (True) or raise
         :class:`files.OutputBusy` at once (False).
     survey : str, optional
-        ``sdss``, ``lamost``, ``desi`` or ``table`` (:data:`readers.SURVEYS`); default:
+        ``sdss``, ``lamost``, ``desi`` or ``table`` (:func:`surveys.registry.names`); default:
         detected from the files. For a survey other than SDSS, a config with the SDSS default
-        columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (:data:`SURVEY_COLUMNS`).
+        columns (TEFF_ADOP, ..., RV_ADOP) takes that survey's instead (the survey module's ``labels`` and ``rv_column``).
     dask : str or distributed.Client, optional
         Read the chunks on a Dask cluster instead of ``workers`` processes here:
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`). Workers
         write the chunks into ``out/.partial/`` themselves, so they must share the file system
         with this process. Connected before anything is written; the dataset is the same.
+    reader : str
+        ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
+        with cfitsio; ``"fitsio"``: every file with cfitsio (:func:`sdss.read_spectrum`). The
+        dataset is the same.
 
     Returns
     -------
@@ -564,20 +294,17 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
 
     Raises
     ------
-    sdss.NoUsableInput
+    NoUsableInput
         No spectrum was kept, or no kept spectrum has a label; nothing is published.
     ValueError
         Bad catalog, options or output folder; :class:`engine.DaskError` when ``dask`` names no
         scheduler that answers.
     """
+    if reader not in sdss.READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
     with engine.connect(dask, progress) as client, locked_output(out, wait):
         return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress, survey, client)
-
-
-# labels and RV column of each survey's catalog (upper-case, as read)
-SURVEY_COLUMNS = {"lamost": (lamost.LABELS, lamost.RV_COLUMN), "desi": (desi.LABELS, desi.RV_COLUMN),
-                  "table": (tables.LABELS, tables.RV_COLUMN)}
+                        chunk_size, progress, survey, client, reader)
 
 
 def detect_survey(spectra) -> str:
@@ -590,7 +317,7 @@ def detect_survey(spectra) -> str:
     Returns
     -------
     str
-        One of :data:`readers.SURVEYS`.
+        One of :func:`surveys.registry.names`.
 
     Raises
     ------
@@ -600,89 +327,58 @@ def detect_survey(spectra) -> str:
     spectra = Path(spectra)
     if spectra.is_file():
         try:
-            return readers.detect(spectra)
-        except sdss.SpectrumError as e:
+            return registry.detect(spectra)
+        except SpectrumError as e:
             raise ValueError(str(e)) from e
-    files = readers.find_files(spectra)
-    found = sorted({readers.detect(p) for p in files})
-    if not found and readers.find_files(spectra, "table"):
-        found = ["table"]
+    files = registry.find_files(spectra)
+    found = sorted({registry.detect(p) for p in files})
+    if not found:  # no file named after a survey: the formats found only when asked (tables)
+        found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:
         return found[0]
     if not found:
-        return "sdss"  # an empty folder: the SDSS path reports it as before
+        return registry.names()[0]  # an empty folder: the first survey's path (SDSS) reports it as before
     raise ValueError(f"{spectra}: files of several surveys ({', '.join(found)}); choose one with --survey")
-
-
-def _locate(cat: pd.DataFrame, files: list, row_files: list, survey: str) -> list:
-    """Where each catalog row's spectrum is, for LAMOST, DESI and tables: [(file, index in file) or None]."""
-    n = len(cat)
-    loc = [None] * n
-    if survey == "table":
-        rows = pd.to_numeric(cat["ROW"], errors="coerce").to_numpy() if "ROW" in cat else np.arange(n)
-        only = files[0] if len(files) == 1 else None
-        for i in range(n):
-            f = row_files[i] or only
-            loc[i] = (f, int(rows[i])) if f is not None and np.isfinite(rows[i]) else None
-        return loc
-    if survey == "desi":
-        tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
-        where = {}
-        for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
-            sp = desi.parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
-            try:
-                for j, t in enumerate(desi.target_ids(p)):
-                    where.setdefault((p, int(t)), (p, j))
-                    where.setdefault((sp, int(t)), (p, j))
-                    where.setdefault((None, int(t)), (p, j))
-            except (OSError, ValueError, KeyError):
-                continue  # an unreadable coadd: its rows become no_file, the file a reject when read
-        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
-                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
-        for i in range(n):
-            if np.isfinite(tid[i]):
-                t = int(tid[i])
-                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
-                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
-            elif row_files[i] is not None:
-                loc[i] = (row_files[i], 0)
-        return loc
-    # lamost: FILE, else (LMJD, PLANID, SPID, FIBERID) from the file names, then the headers, else OBSID
-    return lamost.locate(cat, files, row_files)
-
-
-def _id_text(v) -> str:
-    """A catalog identifier as text (an integer stored as float loses its '.0'); '' when missing."""
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return ""
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def _resolve_file(f, base: Path):
-    """A FILE cell -> Path (absolute, or relative to ``base``), None when empty."""
-    if f is None or (isinstance(f, float) and np.isnan(f)) or str(f).strip() == "":
-        return None
-    p = Path(str(f).strip())
-    return p if p.is_absolute() else base / p
 
 
 # ---------------------------------------------------------------------------------------------
 # the job, top to bottom: check -> match -> read -> split -> write
 
 def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress, survey=None, client=None) -> dict:
+             progress, survey=None, client=None, reader="fast") -> dict:
     """:func:`prepare` inside the output lock."""
     t0 = time.perf_counter()
     job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
+    job.reader = reader
     done = _finished(out, job.input_hash, progress)
     if done is not None:
         return done
     matched = _match(job)
-    parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
-    splits = _split(job, matched, parts, seed, fractions, progress)
-    return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    _check_resources(out, job, len(matched.work), chunk_size, workers if client is None else 1)
+    try:
+        parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
+        splits = _split(job, matched, parts, seed, fractions, progress)
+        return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+    finally:
+        if job.stream is not None:
+            job.stream.close()
+
+
+BYTES_PER_PIXEL = 9         # stored per spectrum and grid pixel: flux and sigma (float32), valid (bool)
+CHUNK_BYTES_PER_PIXEL = 20  # held in memory per spectrum of a chunk and grid pixel (measured: 18)
+WORK_BYTES_PER_PIXEL = 1200  # a reading process's resampling temporaries per grid pixel (measured: 1,100-1,200)
+
+
+def _check_resources(out: Path, job: _Job, n_work: int, chunk_size: int, workers) -> None:
+    """Refuse, before reading, a job whose chunks and dataset would not fit on disk or in memory."""
+    n_pix = job.config.grid.n_pix
+    workers = max(1, min(workers or os.cpu_count() or 1, -(-n_work // chunk_size) or 1))
+    per_chunk = min(chunk_size, n_work) * n_pix * CHUNK_BYTES_PER_PIXEL
+    check_disk(out, 2 * n_work * n_pix * BYTES_PER_PIXEL,  # the chunks, then the dataset beside them
+               f"preparing {n_work:,} spectra x {n_pix:,} pixels")
+    check_memory((workers + 1) * per_chunk + workers * n_pix * WORK_BYTES_PER_PIXEL,
+                 f"preparing {n_work:,} spectra x {n_pix:,} pixels with {workers} worker(s)",
+                 "--workers or the grid's number of pixels (--grid MIN,MAX,N)")
 
 
 @dataclass
@@ -698,6 +394,8 @@ class _Job:
     files: list              # spectrum files found under ``spectra``
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
+    reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
+    stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
 @dataclass
@@ -730,39 +428,37 @@ class _Splits:
 # --- check ---------------------------------------------------------------------------------
 
 def _survey_config(survey: str, config: PrepareConfig) -> PrepareConfig:
-    """The survey's label and RV columns when ``config`` has the SDSS defaults; column names upper-cased."""
-    default = PrepareConfig()
-    if survey in SURVEY_COLUMNS and config.labels == default.labels and config.rv_column == default.rv_column:
-        labels, rv_column = SURVEY_COLUMNS[survey]
-        config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(labels), "rv_column": rv_column})
+    """The survey's label and RV columns when ``config`` has the defaults; column names upper-cased."""
+    default, fmt = PrepareConfig(), registry.get(survey)
+    if fmt.labels is not None and config.labels == default.labels and config.rv_column == default.rv_column:
+        config = PrepareConfig.from_dict({**config.to_dict(), "labels": dict(fmt.labels), "rv_column": fmt.rv_column})
     return PrepareConfig.from_dict({**config.to_dict(), "rv_column": config.rv_column.upper(),
                                     "labels": {k: v.upper() for k, v in config.labels.items()}})
 
 
-def _table_catalog(spectra: Path, survey: str) -> pd.DataFrame:
-    """Without a catalog: a spectrum table's scalar columns (with FILE) are the catalog."""
-    if survey != "table":
-        raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
-    found = readers.find_files(spectra, "table")
-    return pd.concat([tables.catalog(p).assign(FILE=str(p.resolve())) for p in found], ignore_index=True) \
-        if found else pd.DataFrame()
+def _own_catalog(spectra: Path, survey: str) -> pd.DataFrame:
+    """Without a catalog: the files' own (a spectrum table's scalar columns, with FILE)."""
+    fmt = registry.get(survey)
+    if not fmt.carries_labels:
+        return fmt.own_catalog([])  # says that a catalog is needed
+    return fmt.own_catalog(registry.find_files(spectra, survey))
 
 
 def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fractions, group_by, split_column,
            chunk_size, progress) -> _Job:
     """Read the catalog, find the files, check columns and options, and hash the inputs."""
+    if spectra.is_dir():
+        check_readable(spectra)
     survey = survey or detect_survey(spectra)
-    if survey not in readers.SURVEYS:
-        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(readers.SURVEYS)}")
+    fmt = registry.get(survey)
     config = _survey_config(survey, config)
     if catalog is None:
-        catalog = _table_catalog(spectra, survey)
-    cat = sdss.read_catalog(catalog)
+        catalog = _own_catalog(spectra, survey)
+    cat = read_catalog(catalog)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
-    need = {"sdss": (sdss.CATALOG_ID_COLUMNS,), "lamost": (("OBSID",), lamost.KEY_COLUMNS),
-            "desi": (("TARGETID",),), "table": (("ROW",),)}[survey]
+    need = fmt.catalog_keys
     if "FILE" not in cat.columns and not any(all(c in cat.columns for c in cols) for cols in need) \
-            and not (survey == "table" and len(readers.find_files(spectra, "table")) == 1):
+            and not (fmt.one_file_is_enough and len(registry.find_files(spectra, survey)) == 1):
         raise ValueError(f"{cat_name}: a {survey} catalog needs " + " or ".join(", ".join(c) for c in need)
                          + f" (or FILE) columns; it has {', '.join(cat.columns[:30])}")
     if config.rest_frame and config.rv_column not in cat.columns:
@@ -778,14 +474,16 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
         group_by = "STAR_ID"
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
-    files = find_spectra(spectra) if survey == "sdss" else readers.find_files(spectra, survey)
+    files = registry.prepare_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
-    row_files = [_resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
+    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
-    if survey != "sdss":
+    if fmt.hashed_name:  # absent for SDSS, so earlier datasets stay up to date
         job["survey"] = survey
+    if LABEL_LIMITS != DEFAULT_LABEL_LIMITS:  # absent for the defaults, so earlier datasets stay up to date
+        job["label_limits"] = dict(LABEL_LIMITS)
     input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
     return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash)
 
@@ -808,43 +506,10 @@ def _finished(out: Path, input_hash: str, progress) -> dict | None:
 
 # --- match catalog rows and files ----------------------------------------------------------
 
-def _identify(job: _Job):
-    """Each catalog row's SDSS key, (file, index), identity (for duplicates) and identifier text.
-
-    Returns (by_key, keys, located, ident, row_id); ``by_key`` maps an SDSS key to its first file.
-    """
-    cat, files, row_files, survey = job.cat, job.files, job.row_files, job.survey
-    by_key = {}
-    if survey == "sdss":
-        for p in files:
-            by_key.setdefault(parse_spectrum_name(p.name), p)
-    if survey == "sdss" and all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-        ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-        keys = [tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]
-    else:
-        keys = [None] * len(cat)
-    if survey == "sdss":
-        located = [(row_files[i] or by_key.get(keys[i]), None) for i in range(len(cat))]
-        ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
-        row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
-    else:
-        located = [loc or (None, None) for loc in _locate(cat, files, row_files, survey)]
-        ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
-        id_col = {"lamost": "OBSID", "desi": "TARGETID", "table": "ID"}[survey]
-        row_id = [_id_text(v) for v in cat[id_col]] if id_col in cat.columns else \
-            lamost.row_ids(cat) if survey == "lamost" else \
-            [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
-    return by_key, keys, located, ident, row_id
-
-
 def _duplicate_rows(job: _Job, ident: list) -> np.ndarray:
-    """Rows whose spectrum an earlier row (for DESI: a PRIMARY one first) already has."""
-    cat = job.cat
-    first = np.arange(len(cat))
-    if job.survey == "desi" and "PRIMARY" in cat.columns:  # mwsall: several rows per TARGETID; keep the PRIMARY one
-        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
-        first = np.argsort(~primary, kind="stable")
-    dup = np.zeros(len(cat), bool)
+    """Rows whose spectrum an earlier row (in the survey's order: DESI's PRIMARY rows first) already has."""
+    first, _ = registry.get(job.survey).row_order(job.cat)
+    dup = np.zeros(len(job.cat), bool)
     dup[first] = pd.Series([ident[i] for i in first]).duplicated().to_numpy()
     dup &= np.array([i is not None for i in ident], bool)
     return dup
@@ -873,54 +538,72 @@ def _match(job: _Job) -> _Matched:
     """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
     cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
     resolve = _resolver()
-    by_key, keys, located, ident, row_id = _identify(job)
+    fmt = registry.get(survey)
+    twin, match, keys, located, ident, row_id = fmt.locate(cat, job.files, row_files)
     dup = _duplicate_rows(job, ident)
     matched = _Matched(keys, row_id, [])
     reject = matched.reject
 
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    used = set()
+    used, used_file = set(), np.zeros(len(job.files), bool)  # resolved paths; files used by their key
+    bad_label = _bad_labels(cat, config)
     cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
     for i in range(len(cat)):
         f, index = located[i]
         if dup[i]:
             reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
-                   + (" PRIMARY one" if survey == "desi" and "PRIMARY" in cat.columns else ""))
+                   + fmt.row_order(cat)[1])
             continue
         if f is None or (row_files[i] is not None and not f.exists()):
             reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
             continue
-        used.add(resolve(f))
+        if row_files[i] is None and match[i] >= 0:
+            used_file[match[i]] = True  # one of job.files: no path to resolve
+        else:
+            used.add(resolve(f))
         if cls_col is not None and cls_col[i] in config.reject_classes:
             reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
             continue
         if config.rest_frame and not np.isfinite(rv[i]):
             reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
             continue
+        if bad_label[i]:
+            reject(i, f, "bad_label", bad_label[i])
+            continue
         matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, by_key, used, matched.rejects, resolve)
+    _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
 
-    if survey in ("desi", "table"):  # many spectra per file: read each file once per chunk, not once per row
+    if fmt.many_per_file:  # read each file once per chunk, not once per row
         matched.work.sort(key=lambda w: (w[1], w[3] or 0))
     return matched
 
 
-def _reject_unused_files(job: _Job, by_key: dict, used: set, rejects: list, resolve=Path.resolve) -> None:
-    """Reject each file no catalog row uses (for SDSS: a second file of a used spectrum is a duplicate)."""
-    for p in job.files:
-        if job.survey != "sdss":
-            if resolve(p) not in used:
-                rejects.append({"file": str(p), "reason": "no_catalog_row",
-                                "detail": "no catalog row matches a spectrum of this file", "id": ""})
+def _bad_labels(cat: pd.DataFrame, config: PrepareConfig) -> list:
+    """Per catalog row: "" or why a label is outside its physical limits (:data:`config.LABEL_LIMITS`)."""
+    why = [""] * len(cat)
+    for name, col in config.labels.items():
+        col = col.upper()
+        if col not in cat.columns:
             continue
-        if resolve(p) not in used:
-            k = parse_spectrum_name(p.name)
-            twin = by_key[k]
-            reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {twin}")
-                              if twin != p and resolve(twin) in used else
-                              ("no_catalog_row", "file has no matching catalog row"))
-            rejects.append({"file": str(p), "plate": k[0], "mjd": k[1], "fiberid": k[2],
-                            "reason": reason, "detail": detail, "id": f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}"})
+        values = pd.to_numeric(cat[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        lo, hi = LABEL_LIMITS.get(name, (None, None))
+        for i in np.flatnonzero(label_outside_limits(name, values)):
+            why[i] = why[i] or (f"{col} = {values[i]:g} is outside the physical limits {lo:g} to {hi:g} "
+                                "(stellarparams.config.LABEL_LIMITS)")
+    return why
+
+
+def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
+    """Reject each file no catalog row uses (the survey's rejects; for SDSS a second file of a used spectrum is a duplicate;
+    ``twin``: each file's first file of the same key, an index in ``job.files``; ``used``: the resolved
+    paths of the files used, ``used_file``: (files,) bool, the files used by index)."""
+    if used_file is None:
+        used_file = np.zeros(len(job.files), bool)
+
+    def is_used(j):
+        return used_file[j] or bool(used) and resolve(job.files[j]) in used
+
+    registry.get(job.survey).reject_unused(job.files, twin, is_used, rejects)
 
 
 # --- read: resumable parallel preprocessing ------------------------------------------------
@@ -953,24 +636,100 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
     if len(todo) < len(chunks):
         _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    job.stream = stream = _StreamWriter(partial, job.config, len(chunks), set(range(len(chunks))) - set(todo))
     n_todo = sum(len(chunks[k]) for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
         calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
-                  engine.absolute(partial), job.survey) for k in todo)
+                  engine.absolute(partial), job.survey, job.reader) for k in todo)
+        stream.start()
         for r in engine.map_unordered(client, _run_chunk, calls):
+            stream.chunk_done(r["chunk"])
             bar.update(r["n"])
     elif workers == 1 or len(todo) <= 1:
+        stream.start()
         for k in todo:
-            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey)
+            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
+            stream.chunk_done(k)
             bar.update(r["n"])
     else:
         with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey) for k in todo]
+            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
+                    for k in todo]
+            stream.start()  # the forked workers exist by now
             for fut in as_completed(futs):
+                stream.chunk_done(fut.result()["chunk"])
                 bar.update(fut.result()["n"])
     bar.close()
     return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(len(chunks))]
+
+
+class _StreamWriter:
+    """Appends the pixel arrays (flux, valid, sigma, offset) of finished chunks, in chunk order, to
+    ``partial/stream.h5`` in a thread, while the workers read the next chunks: the dataset's large
+    part is written by the time the last chunk is read, and :func:`_write` only adds the per-row
+    table (labels, split, metadata) when every read spectrum is kept (else it writes the file anew).
+
+    Parameters
+    ----------
+    partial : Path
+        The chunks' folder.
+    config : PrepareConfig
+    n_chunks : int
+    done : set of int
+        Chunks already finished (a resumed job).
+    """
+
+    NAME = "stream.h5"
+
+    def __init__(self, partial: Path, config: PrepareConfig, n_chunks: int, done: set):
+        self.path, self.partial, self.n_chunks = partial / self.NAME, partial, n_chunks
+        self.path.unlink(missing_ok=True)  # a killed run's half-written file
+        self.file = create_dataset(self.path, config.grid.n_pix, list(config.labels), {}, sigma=True, offset=True)
+        self.done, self.written, self.closing, self.error = set(done), 0, False, None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="prepare-stream", daemon=True)
+
+    def start(self) -> None:
+        """Start writing (after a forked pool has its workers: no fork while this thread holds a lock)."""
+        if self.thread.ident is None:  # not started yet
+            self.thread.start()
+
+    def chunk_done(self, k: int) -> None:
+        """Chunk ``k``'s file is complete."""
+        with self.cond:
+            self.done.add(k)
+            self.cond.notify()
+
+    def _run(self):
+        try:
+            while self.written < self.n_chunks:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.written in self.done or self.closing)
+                    if self.closing:
+                        return
+                with np.load(_chunk_path(self.partial, self.written)) as z:
+                    append_pixels(self.file, z["flux"], z["valid"], z["sigma"], z["offset"])
+                self.written += 1
+        except Exception as e:  # noqa: BLE001 - reported by finish(); _write then writes the file anew
+            self.error = e
+
+    def finish(self) -> Path | None:
+        """Wait for the last chunk; the closed file holding every chunk's pixels, or None if that failed."""
+        self.start()
+        self.thread.join()
+        self.close()
+        return self.path if self.error is None and self.written == self.n_chunks else None
+
+    def close(self) -> None:
+        """Stop the thread (a failed job) and close the file."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        if self.thread.ident is not None:
+            self.thread.join()
+        if self.file.id.valid:
+            self.file.close()
 
 
 # --- split: train/val/test, grouped -----------------------------------------------------------
@@ -1050,8 +809,40 @@ def _row_meta(splits: _Splits, job: _Job):
     return meta, extra
 
 
-def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
-    """Write the kept rows of every chunk to ``tmp`` and read it back (:func:`verify_dataset`)."""
+TABLE_BLOCK = 1 << 14  # rows of the per-row table written at a time
+
+
+def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra,
+              stream: _StreamWriter | None = None) -> str:
+    """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
+
+    With ``stream`` and every row kept, its file (the pixels, written while the workers read)
+    becomes ``tmp`` and only the per-row table is added here. Returns the file's sha256.
+    """
+    import h5py
+
+    streamed = stream.finish() if stream is not None and keep_mask.all() else None
+    if streamed is not None:
+        os.replace(streamed, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v)
+            for lo in range(0, len(labels), TABLE_BLOCK):  # blocks: text columns are copied on their way in
+                block = slice(lo, lo + TABLE_BLOCK)
+                append_table(f, labels[block], label_err[block], split[block], meta.iloc[block].reset_index(drop=True),
+                             None if extra is None else extra.iloc[block].reset_index(drop=True))
+    else:
+        if stream is not None:
+            stream.close()
+        _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
+    with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
+        digest = hasher.submit(sha256_file, tmp)
+        verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
+        return digest.result()
+
+
+def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
+    """Write the kept rows of every chunk to ``tmp``, from the chunk files."""
     with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
         start = 0
         for k, part in enumerate(parts):
@@ -1066,12 +857,11 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
                             None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
                             offset=of)
             start += n
-    verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
 
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
            progress) -> dict:
-    """Publish rejects.csv, the verified dataset.h5, then summary.json with its sha256; return the summary."""
+    """Publish the verified dataset.h5, rejects.csv, then summary.json with its sha256; return the summary."""
     from . import __version__
 
     config, partial, final = job.config, out / PARTIAL_DIR, out / DATA_FILE
@@ -1082,9 +872,9 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
     why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
     if n_kept == 0:
-        raise sdss.NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
+        raise NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
     if np.isnan(labels[keep_mask]).all():
-        raise sdss.NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
+        raise NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
                                  f"all missing or -9999); nothing was written to {out}")
     meta, extra = _row_meta(splits, job)
     attrs = {"grid": config.grid.to_dict(), "preprocess": config.to_dict(), "version": __version__,
@@ -1105,12 +895,14 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
         "seconds": round(seconds, 2), "spectra_per_s": round(n_read / max(seconds, 1e-9), 1),
         "version": __version__,
     }
-    # publish: rejects, then the verified dataset, then the summary with the dataset's sha256
-    # (a summary whose sha256 matches the dataset marks a finished job)
+    # publish: the verified dataset (the large file: a full disk stops the job before anything of it is
+    # published), then the rejects, then the summary with the dataset's sha256 (which marks a finished job)
+    check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
+    digest = {}
+    atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
+        tmp, partial, parts, keep_mask, config, attrs, labels, label_err, splits.split, meta, extra, job.stream)))
     atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
-    atomic_write(final, lambda tmp: _write_h5(tmp, partial, parts, keep_mask, config, attrs, labels, label_err,
-                                              splits.split, meta, extra))
-    summary["dataset_sha256"] = sha256_file(final)
+    summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     if progress:
@@ -1165,7 +957,7 @@ def add_arguments(p):
                    "the LAMOST A/F/G/K parameter table, DESI mwsall (RVTAB); not needed for a spectrum table "
                    "with label columns")
     p.add_argument("--spectra", required=True, help="folder with the spectra (searched recursively), or one file")
-    p.add_argument("--survey", choices=readers.SURVEYS, default=None,
+    p.add_argument("--survey", choices=registry.names(), default=None,
                    help="format of the spectra (default: detected from the files; see docs/surveys.md)")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
@@ -1181,7 +973,21 @@ def add_arguments(p):
     p.add_argument("--no-rest-frame", action="store_true", help="skip the rest-frame shift (no RV needed)")
     p.add_argument("--wait", action="store_true", help="if another process is writing OUT, wait for it instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    add_reader_argument(p)
     engine.add_argument(p)
+
+
+def add_reader_argument(p) -> None:
+    """``--reader fast|fitsio`` for the commands that read SDSS spectra.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    """
+    p.add_argument("--reader", choices=sdss.READERS, default="fast",
+                   help="SDSS spectrum reader: fast (default) reads DR8+ files of the plain FITS layout with numpy "
+                        "and everything else with cfitsio; fitsio reads every file with cfitsio (the same results; "
+                        "use it if you distrust the fast path or meet a file it mishandles)")
 
 
 def add_grid_arguments(p) -> None:
@@ -1227,7 +1033,8 @@ def config_from_args(args, config: PrepareConfig | None = None) -> PrepareConfig
 
 
 def run_cli(args) -> int:
-    """Run ``stellarparams prepare`` with parsed arguments.
+    """Run ``stellarparams prepare`` with parsed arguments (errors raise; :mod:`stellarparams.cli` maps them to
+    exit codes).
 
     Parameters
     ----------
@@ -1238,30 +1045,10 @@ def run_cli(args) -> int:
     int
         Exit status.
     """
-    from .files import OutputBusy
-
-    try:
-        fractions = tuple(float(x) for x in args.fractions.split(","))
-    except ValueError:
-        print(f"--fractions: expected three numbers like 0.6,0.1,0.3, got {args.fractions!r}", file=sys.stderr)
-        return 2
-    try:
-        config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
-                                                      rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
-                fractions=fractions, group_by=args.group_by, split_column=args.split_column,
-                progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except sdss.NoUsableInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
+                                                  rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
+    prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
+            fractions=parse_fractions(args.fractions), group_by=args.group_by, split_column=args.split_column,
+            progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
+            reader=getattr(args, "reader", "fast"))
     return 0

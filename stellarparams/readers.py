@@ -1,8 +1,8 @@
 """One interface for the spectrum files of every survey: detect the format, read records.
 
 Every reader returns a list of :class:`Record` (one per spectrum; a DESI coadd or a table
-holds many). A record (:class:`stellarparams.spectrum.Record`) is an :class:`sdss.Spectrum`
-(so ``prepare.preprocess`` and ``Model.predict`` take it as they are) with these additions:
+holds many). A record (:class:`stellarparams.spectrum.Record`, which ``preprocess.preprocess`` and
+``Model.predict`` take as it is) carries the file's arrays and:
 
 - ``ident``: the survey's identifier (SDSS PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID,
   a table's ID column or its row number);
@@ -15,31 +15,22 @@ holds many). A record (:class:`stellarparams.spectrum.Record`) is an :class:`sds
   targetid, row);
 - ``labels``: label columns a table row carries;
 - ``problem``: (reason, detail) when the reader found this one spectrum unusable (a DESI
-  target with all-zero ivar); ``preprocess`` raises it as a :class:`sdss.SpectrumError`
+  target with all-zero ivar); ``preprocess`` raises it as a :class:`spectrum.SpectrumError`
   so it becomes a named reject while the rest of the file is used.
 
-Readers (each module's docstring cites the data model it follows; docs/surveys.md):
-``sdss`` (:mod:`stellarparams.sdss`), ``lamost`` (:mod:`stellarparams.lamost`),
-``desi`` (:mod:`stellarparams.desi`), ``table`` (:mod:`stellarparams.tables`).
+Readers: one module per survey under :mod:`stellarparams.surveys` (``sdss``, ``lamost``, ``desi``,
+``tables``; each docstring cites the data model it follows; docs/surveys.md), asked through
+:mod:`stellarparams.surveys.registry`.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
 
-from . import desi, lamost, sdss, tables
 from .physics import doppler, rv_from_z
 from .spectrum import Record, make_record
-
-SURVEYS = ("sdss", "lamost", "desi", "table")
-_SDSS_NAME = re.compile(r"^(spec-\d+-\d+-\d+\.fits|spSpec-\d+-\d+-\d+\.fits?)(\.gz)?$", re.I)
-_LAMOST_NAME = lamost.NAME_RE
-_DESI_NAME = re.compile(r"^coadd-.+\.fits(\.gz)?$", re.I)
-_TABLE_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")
-SPECTRUM_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fts") + _TABLE_SUFFIXES
+from .surveys import registry
 
 
 def from_arrays(wave, flux, ivar, mask=None, *, rv_kms: float = float("nan"), ident: str = "") -> Record:
@@ -107,75 +98,15 @@ def from_specutils(spectrum, *, ident: str = "") -> Record | list:
             enumerate(zip(flux, ivar, masks))]
 
 
-def from_sdss(spec: sdss.Spectrum) -> Record:
-    """An SDSS :class:`sdss.Spectrum` as a :class:`Record` (same arrays, ``ident`` PLATE-MJD-FIBER).
-
-    Parameters
-    ----------
-    spec : sdss.Spectrum
-
-    Returns
-    -------
-    Record
-    """
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(sdss.Spectrum)}
-    return Record(**fields, ident=spec.name, survey="sdss", wave=10.0 ** np.asarray(spec.loglam, np.float64),
-                  keys={"plate_mjd_fiber": (spec.plate, spec.mjd, spec.fiberid)})
-
-
 def detect(path) -> str:
-    """The survey of a spectrum file: from its name, else from its content.
-
-    Parameters
-    ----------
-    path : str or Path
-
-    Returns
-    -------
-    str
-        One of :data:`SURVEYS`.
+    """The survey of a spectrum file, from its name, else its content (:func:`surveys.registry.detect`).
 
     Raises
     ------
-    sdss.SpectrumError
-        ``unknown_format``: no reader recognises the file; ``missing_file``, ``unreadable``.
+    SpectrumError
+        ``unknown_format``: no format recognises the file; ``missing_file``, ``unreadable``.
     """
-    path = Path(path)
-    name = path.name
-    if _LAMOST_NAME.match(name):
-        return "lamost"
-    if _SDSS_NAME.match(name):
-        return "sdss"
-    if _DESI_NAME.match(name):
-        return "desi"
-    if name.lower().endswith(_TABLE_SUFFIXES):
-        return "table"
-    if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
-    try:
-        sdss.check_headers(path)
-        with sdss.open_fits(path) as f:
-            names = {f[i].get_extname().upper() for i in range(len(f))}
-            hdr0 = f[0].read_header()
-            if "B_FLUX" in names or "R_FLUX" in names or "Z_FLUX" in names:
-                return "desi"
-            if "LAMOST" in str(hdr0.get("TELESCOP", "")).upper():
-                return "lamost"
-            if "COADD" in names or "COEFF0" in hdr0:
-                return "sdss"
-            if len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
-                cols = {c.upper() for c in f[1].get_colnames()}
-                if {"WAVELENGTH", "ANDMASK"} <= cols:
-                    return "lamost"
-                if "FLUX" in cols and "IVAR" in cols:
-                    return "table"
-    except sdss.SpectrumError:
-        raise
-    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise sdss.SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
-                                 else type(e).__name__) from e
-    raise sdss.SpectrumError(path, "unknown_format", "not an SDSS, LAMOST, DESI or table file "
-                             f"(name it after its survey or pass --survey {'|'.join(SURVEYS)})")
+    return registry.detect(path)
 
 
 def read(path, survey: str | None = None) -> list[Record]:
@@ -185,7 +116,7 @@ def read(path, survey: str | None = None) -> list[Record]:
     ----------
     path : str or Path
     survey : str, optional
-        One of :data:`SURVEYS`; default: :func:`detect`.
+        One of :func:`surveys.registry.names`; default: :func:`detect`.
 
     Returns
     -------
@@ -194,54 +125,15 @@ def read(path, survey: str | None = None) -> list[Record]:
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         The whole file is unusable (``missing_file``, ``unreadable``, ``bad_layout``,
         ``missing_columns``, ...). A problem of one spectrum among many is that record's
         ``problem`` instead.
     """
-    path = Path(path)
-    survey = survey or detect(path)
-    if survey not in SURVEYS:
-        raise ValueError(f"unknown survey {survey!r}; choose one of {', '.join(SURVEYS)}")
-    if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
-    if survey == "sdss":
-        return [from_sdss(sdss.read_spectrum(path))]
-    if survey == "lamost":
-        return [lamost.read_spectrum(path)]
-    if survey == "desi":
-        return desi.read_coadd(path)
-    return tables.read_table(path)
+    return registry.read(Path(path), survey)
 
 
 def find_files(folder, survey: str | None = None) -> list[Path]:
-    """Spectrum files under ``folder`` (recursively, sorted) of one survey, or of any when ``survey`` is None.
-
-    Parameters
-    ----------
-    folder : str or Path
-        A folder, or one file (returned as is).
-    survey : str, optional
-        Keep only files whose name marks that survey (SDSS spec-/spSpec-, LAMOST
-        spec-LMJD-PLANID_spSS-FFF, DESI coadd-); ``table``: .parquet/.h5/.fits tables.
-
-    Returns
-    -------
-    list of Path
-    """
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: spectra folder not found")
-    pattern = {"sdss": _SDSS_NAME, "lamost": _LAMOST_NAME, "desi": _DESI_NAME}
-
-    def wanted(p: Path) -> bool:
-        n = p.name
-        if survey in pattern:
-            return bool(pattern[survey].match(n)) and (survey != "sdss" or not _LAMOST_NAME.match(n))
-        if survey == "table":
-            return n.lower().endswith(SPECTRUM_SUFFIXES)
-        return any(r.match(n) for r in pattern.values())
-
-    return sorted(p for p in folder.rglob("*") if wanted(p) and p.is_file())
+    """Spectrum files under ``folder`` (recursively, sorted) of one survey, or of any when ``survey`` is None
+    (:func:`surveys.registry.find_files`)."""
+    return registry.find_files(folder, survey)

@@ -52,7 +52,7 @@ Their values go to ``simulate.json`` (key ``shifts``) and to each file's header 
 TELLURIC, AIRMASS, LSF, WAVEOFF, SKYRESID). Everything redward of ~7410 A is NODATA, so the
 O2 A band, the H2O bands at 8200 and 9400 A and the red OH lines change nothing there.
 
-Other surveys (``survey="lamost"`` or ``"desi"``, :mod:`stellarparams.simulate_surveys`):
+Other surveys (``survey="lamost"`` or ``"desi"``; each survey module's ``Simulated`` part, :mod:`stellarparams.surveys`):
 the same steps on that survey's fixed pixels (no start offset) and with its line-spread
 function in step 2 (LAMOST R = 1800; DESI is sharper than MILES, so nothing is broadened),
 LAMOST with a survey-wide smooth instrument response (relative flux), written in its file
@@ -81,20 +81,26 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, engine, sdss, simulate_surveys
-from .files import OutputBusy, atomic_write, output_lock, write_text
+from . import __version__, engine
+from .files import write_text
+from .outputs import check_disk, locked_output
 from .physics import C_KMS, doppler
+from .spectrum import pixmask
+from .surveys import registry
+from .workers import pool as worker_pool
 
 INSTALL_HINT = ("the MILES stellar library comes with the PyPI package sdss-mangadap; install it into this "
                 "environment with `pip install sdss-mangadap` (e.g. `.venv/bin/pip install sdss-mangadap`)")
 LOGLAM0, LOGLAM1, DLOGLAM = 3.5798, 3.9638, 1e-4  # SDSS lattice: 3800-9200 A, vacuum
 PLATE0, MJD0, FIBERS_PER_PLATE = 1000, 53000, 640  # SDSS-I/II plates have 640 fibers
+# disk space per simulated spectrum, checked before the work (bytes; an SDSS spec-lite file of 4,620 pixels is
+# 164 kB; LAMOST's one-row tables are smaller; DESI's coadds carry a resolution matrix: a generous guess)
 SNR_WINDOW = (4950.0, 5050.0)  # A (vacuum, observed): where SNR5000 is defined
 SKY_LINES_AIR = {  # A (air): peak height of the unscaled sky, 1e-17 erg/s/cm2/A
     5577.34: 150.0, 5889.95: 40.0, 5895.92: 40.0, 6300.30: 60.0, 6363.78: 20.0,
@@ -637,11 +643,12 @@ class Simulator:
         from astropy import units as u
         from dust_extinction.parameter_averages import G23
 
-        self.cfg, self.shifts, self.survey = cfg, shifts, simulate_surveys.check(survey)
+        self.cfg, self.shifts, self.survey = cfg, shifts, survey
+        sim = simulated(survey)
         lsf = parse_lsf(shifts.lsf)
         resolution = cfg.resolution if lsf is None else C_KMS / lsf[0]
-        if survey != "sdss" and lsf is None:  # the survey's own LSF: R at each wavelength it is used at
-            resolution = functools.partial(simulate_surveys.resolution, survey)
+        if sim.own_lsf and lsf is None:  # the survey's own LSF: R at each wavelength it is used at
+            resolution = sim.resolution
         h3, h4 = (0.0, 0.0) if lsf is None else lsf[1:]
         wave_air, flux, self.labels = load_miles(cfg.teff_range)
         self.fwhm_lib = self.labels.attrs["fwhm"]
@@ -660,14 +667,16 @@ class Simulator:
         self.flux = match_resolution(self.wave, flux, self.fwhm_lib, _at(resolution, self.wave), h3, h4)
         # cumulative integral of f_lambda over the library pixels, for flux-conserving rebinning
         self.cum = np.concatenate([np.zeros((len(flux), 1)), np.cumsum(self.flux * np.diff(self.edges), 1)], 1)
-        if survey == "sdss":
+        pixels = sim.pixels()
+        self.sliding = pixels is None  # SDSS: each spectrum a slice of one lattice; else the survey's fixed pixels
+        if self.sliding:
             n_lat = int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 + 2 * cfg.offset_max
             self.loglam = LOGLAM0 + DLOGLAM * (np.arange(n_lat) - cfg.offset_max)  # (K,)
             self.lam = 10 ** self.loglam
             lam_edges = 10 ** (self.loglam[0] - DLOGLAM / 2 + DLOGLAM * np.arange(n_lat + 1))
             lo, hi = lam_edges[:-1], lam_edges[1:]
-        else:  # the survey's fixed pixels (simulate_surveys); every spectrum gets all of them
-            self.lam, lo, hi = simulate_surveys.pixels(survey)
+        else:  # the survey's fixed pixels; every spectrum gets all of them
+            self.lam, lo, hi = pixels
             self.loglam = np.log10(self.lam)
         # a wavelength solution off by +P pixels: the pixel written at lambda sees lambda * 10^(-P dloglam)
         to_true = 10 ** (-shifts.wave_offset * DLOGLAM)  # exactly 1.0 for P = 0
@@ -680,7 +689,7 @@ class Simulator:
         self.sky = sky_spectrum(lam_true, resolution)
         self.sky_lines = sky_spectrum(lam_true, resolution, continuum=False) if shifts.sky_residual else None
         self.tau = telluric_tau(lam_true, resolution) if shifts.telluric else None
-        response = shifts.response or (simulate_surveys.LAMOST_RESPONSE if survey == "lamost" else None)
+        response = shifts.response or sim.response
         self.response = None if response is None else instrument_response(self.loglam, response, seed)
         from scipy.ndimage import median_filter
         self.sky_line = self.sky > 1.25 * median_filter(self.sky, 99, mode="nearest")  # SDSS BRIGHTSKY shape test
@@ -691,7 +700,7 @@ class Simulator:
         """One spectrum for ``plan`` (from :func:`draw_plan`): loglam, flux, ivar, and_mask, sky, wdisp (n,)."""
         cfg, shifts = self.cfg, self.shifts
         sl = slice(None)  # LAMOST, DESI: fixed pixels
-        if self.survey == "sdss":
+        if self.sliding:
             k0 = cfg.offset_max + plan["offset"]
             sl = slice(k0, k0 + int(round((LOGLAM1 - LOGLAM0) / DLOGLAM)) + 1 - plan["offset"])
         edge_lo, edge_hi = self.lo_true[sl], self.hi_true[sl]
@@ -727,10 +736,10 @@ class Simulator:
             flux[hits] += spikes * sigma[hits]
         ivar = 1.0 / var
         and_mask = np.zeros(len(flux), np.int32)
-        and_mask[self.sky_line[sl] & (sky > flux + 10 * sigma)] |= sdss.pixmask("BRIGHTSKY")
-        and_mask[hits] |= sdss.pixmask("COMBINEREJ")
+        and_mask[self.sky_line[sl] & (sky > flux + 10 * sigma)] |= pixmask("BRIGHTSKY")
+        and_mask[hits] |= pixmask("COMBINEREJ")
         ivar[hits] = 0.0
-        and_mask[~covered] = sdss.pixmask("NODATA")
+        and_mask[~covered] = pixmask("NODATA")
         flux[~covered], ivar[~covered], sky[~covered] = 0.0, 0.0, 0.0
         return dict(loglam=self.loglam[sl], flux=flux, ivar=ivar, and_mask=and_mask, sky=sky, wdisp=self.wdisp[sl],
                     wave=self.lam[sl])
@@ -762,44 +771,6 @@ def catalog_row(plan: dict, labels, cfg: SimConfig) -> dict:
     return row
 
 
-def write_spectrum(path, spec: dict, *, plate: int, mjd: int, fiberid: int, z: float = 0.0, header=None):
-    """Write a spec-lite file with fitsio (3-4x faster than astropy), same datamodel as
-    :func:`stellarparams.sdss.write_spec_lite`: primary header, COADD, SPECOBJ, SPZLINE.
-    Atomic (:func:`stellarparams.files.atomic_write`). ``model`` is zeros (never the truth)."""
-    import fitsio
-
-    n = len(spec["flux"])
-    coadd = np.zeros(n, dtype=[("flux", "f4"), ("loglam", "f4"), ("ivar", "f4"), ("and_mask", "i4"),
-                               ("or_mask", "i4"), ("wdisp", "f4"), ("sky", "f4"), ("model", "f4")])
-    for c in ("flux", "loglam", "ivar", "and_mask", "sky", "wdisp"):
-        coadd[c] = spec[c]
-    coadd["or_mask"] = spec["and_mask"]
-    good = coadd["ivar"] > 0
-    snr = float(np.median(coadd["flux"][good] * np.sqrt(coadd["ivar"][good]))) if good.any() else 0.0
-    specobj = np.zeros(1, dtype=[("PLATE", "i4"), ("MJD", "i4"), ("FIBERID", "i4"), ("CLASS", "S6"),
-                                 ("SUBCLASS", "S21"), ("Z", "f4"), ("ZWARNING", "i4"), ("SN_MEDIAN_ALL", "f4")])
-    specobj[0] = (plate, mjd, fiberid, "STAR", "", z, 0, snr)
-    hdr = [dict(name="TELESCOP", value="SDSS 2.5-M"), dict(name="PLATEID", value=plate),
-           dict(name="MJD", value=mjd), dict(name="FIBERID", value=fiberid),
-           dict(name="BUNIT", value=sdss.FLUX_UNIT),
-           dict(name="VACUUM", value=True, comment="wavelengths are in vacuum")]
-    hdr += [dict(name=k, value=v) for k, v in (header or {}).items()]
-
-    def write(tmp):
-        with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
-            f.write(None, header=hdr)
-            f.write(coadd, extname="COADD")
-            f.write(specobj, extname="SPECOBJ")
-            f.write(np.zeros(0, dtype=[("LINENAME", "S13")]), extname="SPZLINE")
-
-    return atomic_write(path, write, durable=False)  # thousands of small files a re-run can remake
-
-
-def spectrum_path(out, plate: int, mjd: int, fiberid: int) -> Path:
-    """``OUT/spectra/lite/PLATE/spec-PLATE-MJD-FIBER.fits`` (SDSS SAS layout)."""
-    return Path(out) / "spectra" / "lite" / f"{plate:04d}" / sdss.spec_filename(plate, mjd, fiberid)
-
-
 # ---------------------------------------------------------------------------- the survey
 
 _SIM: Simulator | None = None  # one per worker process
@@ -808,29 +779,38 @@ _SIM: Simulator | None = None  # one per worker process
 def _init_worker(cfg_dict, shifts: Shifts = Shifts(), seed: int = 0, survey: str = "sdss"):
     global _SIM
     cfg = SimConfig.from_dict(cfg_dict)
-    key = (cfg, shifts, seed if shifts.response or survey == "lamost" else None, survey)
+    key = (cfg, shifts, seed if shifts.response or simulated(survey).response else None, survey)
     if _SIM is None or _SIM.key != key:  # kept between calls in one process (notebooks, tests)
         _SIM = Simulator(cfg, shifts, seed, survey)
         _SIM.key = key
 
 
 def _run_chunk(out, seed, plans, survey: str = "sdss"):
-    """Write the spectra of ``plans``; returns [(index, None or error message)]."""
-    if survey != "sdss":
-        return _run_survey_chunk(out, seed, plans, survey)
+    """Write the spectra of ``plans``, one file per group of plans (a DESI coadd: all or nothing);
+    returns [(index, None or error message)]."""
+    sim = simulated(survey)
     results = []
+    groups = {}
     for plan in plans:
+        groups.setdefault(sim.spectrum_path(out, plan), []).append(plan)
+    header = {"ORIGIN": f"stellarparams {__version__} simulate"
+              + (f" --survey {survey}" if registry.get(survey).hashed_name else "")}
+    for group in groups.values():
+        items, failed = [], {}
+        for plan in group:
+            try:
+                spec = _SIM.realize(plan, seed)
+                items.append((plan["index"], plan, spec, catalog_row(plan, _SIM.labels, _SIM.cfg)))
+            except Exception as e:  # recorded, the rest of the batch goes on
+                failed[plan["index"]] = f"{type(e).__name__}: {e}"
         try:
-            spec = _SIM.realize(plan, seed)
-            rv_adop = catalog_row(plan, _SIM.labels, _SIM.cfg)["RV_ADOP"]  # SPECOBJ Z: measured, not true
-            write_spectrum(spectrum_path(out, plan["plate"], plan["mjd"], plan["fiberid"]), spec,
-                           plate=plan["plate"], mjd=plan["mjd"], fiberid=plan["fiberid"],
-                           z=float(doppler(rv_adop) - 1.0),
-                           header={"SNR5000": round(plan["snr"], 4), "ORIGIN": f"stellarparams {__version__} simulate",
-                                   **_SIM.header(plan, seed)})
-            results.append((plan["index"], None))
-        except Exception as e:  # recorded, the rest of the batch goes on
-            results.append((plan["index"], f"{type(e).__name__}: {e}"))
+            if failed:
+                raise RuntimeError(f"{len(failed)} of its spectra failed")
+            sim.write_files(out, items, {**header, **_SIM.header(group[0], seed)})
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+            failed = {p["index"]: failed.get(p["index"], f"not written ({why})") for p in group}
+        results += [(p["index"], failed.get(p["index"])) for p in group]
     return results
 
 
@@ -840,30 +820,20 @@ def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
     return _run_chunk(out, seed, plans, survey)
 
 
-def _run_survey_chunk(out, seed, plans, survey):
-    """:func:`_run_chunk` for LAMOST and DESI: one file per group of plans (a DESI coadd: all or nothing)."""
-    results = []
-    groups = {}
-    for plan in plans:
-        groups.setdefault(simulate_surveys.spectrum_path(survey, out, plan["index"]), []).append(plan)
-    header = {"ORIGIN": f"stellarparams {__version__} simulate --survey {survey}"}
-    for group in groups.values():
-        items, failed = [], {}
-        for plan in group:
-            try:
-                spec = _SIM.realize(plan, seed)
-                items.append((plan["index"], spec, catalog_row(plan, _SIM.labels, _SIM.cfg)))
-            except Exception as e:  # recorded, the rest of the batch goes on
-                failed[plan["index"]] = f"{type(e).__name__}: {e}"
-        try:
-            if failed:
-                raise RuntimeError(f"{len(failed)} of its spectra failed")
-            simulate_surveys.write_files(survey, out, items, {**header, **_SIM.header(group[0], seed)})
-        except Exception as e:
-            why = f"{type(e).__name__}: {e}"
-            failed = {p["index"]: failed.get(p["index"], f"not written ({why})") for p in group}
-        results += [(p["index"], failed.get(p["index"])) for p in group]
-    return results
+def simulated(survey: str):
+    """The simulated writer of ``survey`` (:class:`stellarparams.surveys.base.Simulated`), else a ValueError."""
+    try:
+        sim = registry.get(survey).simulated
+    except ValueError:  # not a survey at all
+        sim = None
+    if sim is None:
+        raise ValueError(f"--survey {survey}: choose one of {', '.join(simulated_surveys())}")
+    return sim
+
+
+def simulated_surveys() -> tuple:
+    """The surveys ``simulate`` can write."""
+    return tuple(s for s in registry.names() if registry.get(s).simulated is not None)
 
 
 def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, teff_range=(4000, 9500),
@@ -873,8 +843,8 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     """Simulate ``n`` SDSS-like (or LAMOST-, DESI-like) spectra of MILES stars into folder ``out``; returns the catalog path.
 
     Resumes: spectra already in ``out`` are kept; the catalog (``out/sppParams.fits`` for
-    SDSS; :data:`stellarparams.simulate_surveys.CATALOG`) is (re)written last. A folder made with other settings is refused, so files from two
-    settings never mix. One writer at a time (:func:`stellarparams.files.output_lock`).
+    SDSS; the survey's ``Simulated.catalog``) is (re)written last. A folder made with other settings is refused, so files from two
+    settings never mix. One writer at a time (:func:`stellarparams.outputs.locked_output`).
 
     Parameters
     ----------
@@ -891,14 +861,14 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     progress : bool
         Progress bar and a summary line on stderr.
     wait : bool
-        When another process writes to ``out``: False raises :class:`OutputBusy`, True waits.
+        When another process writes to ``out``: False raises :class:`files.OutputBusy`, True waits.
     response, telluric, airmass, lsf, wave_offset, sky_residual
         Instrument and calibration shifts, as in :class:`Shifts`; the defaults are neutral
         and give today's files byte for byte.
     survey : str
         ``"sdss"`` (default: spec-lite files, sppParams), ``"lamost"`` (LRS DR8 files, the
         A/F/G/K catalog) or ``"desi"`` (coadds, an mwsall catalog): each survey's format,
-        pixels, resolution and flux convention (:mod:`stellarparams.simulate_surveys`).
+        pixels, resolution and flux convention (the ``Simulated`` part of its module in :mod:`stellarparams.surveys`).
         ``resolution`` is SDSS's: another survey uses its own (``lsf`` still replaces it).
     dask : str or distributed.Client, optional
         Write the spectra on a Dask cluster instead of ``workers`` processes here:
@@ -916,8 +886,7 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         raise ValueError(f"--n must be at least 1 (got {n})")
     cfg = SimConfig(teff_range=tuple(float(t) for t in teff_range), snr_range=tuple(float(s) for s in snr_range),
                     **options)
-    simulate_surveys.check(survey)
-    if survey != "sdss" and cfg.resolution != SimConfig().resolution:
+    if simulated(survey).own_lsf and cfg.resolution != SimConfig().resolution:
         raise ValueError(f"--resolution is SDSS's; --survey {survey} has its own line-spread function "
                          "(docs/surveys.md); use --lsf to replace it")
     if response is not None and not response.startswith("legendre:"):
@@ -931,17 +900,16 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
 
 def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, survey, client) -> Path:
     """:func:`simulate` with checked settings, on ``client``'s cluster when given."""
-    from astropy.table import Table
     from tqdm.auto import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
         settings["shifts"] = shifts.to_dict()
-    if survey != "sdss":  # absent for SDSS, whose simulate.json stays as it was
+    sim = simulated(survey)
+    if registry.get(survey).hashed_name:  # absent for SDSS, whose simulate.json stays as it was
         settings["survey"] = survey
     meta_path = out / "simulate.json"
-    with output_lock(out, wait=wait):
+    with locked_output(out, wait):
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if {k: old[k] for k in ("seed", "config", "shifts", "survey") if k in old} != settings:
@@ -949,26 +917,20 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
                                  "use a new --out folder or delete this one")
         write_text(meta_path, json.dumps({**settings, "n": int(n), "version": __version__}, indent=1))
         # half-written files of a killed run (we hold the lock: no other writer is at work)
-        for tmp in [*out.glob(".*.tmp*"), *(out / "spectra").glob("lite/*/.*.tmp*"),
-                    *(out / "spectra").glob("lite/*/*.tmp")]:
+        for tmp in {*out.glob(".*.tmp*"), *(out / "spectra").glob("lite/*/*.tmp"), *(out / "spectra").rglob(".*.tmp*")}:
             tmp.unlink()
-        if survey != "sdss":
-            for tmp in (out / "spectra").rglob(".*.tmp*"):
-                tmp.unlink()
 
         t0 = time.time()
         labels = miles_labels(cfg.teff_range)
         plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
-        if survey == "sdss":
-            todo = [p for p in plans if not spectrum_path(out, p["plate"], p["mjd"], p["fiberid"]).exists()]
-        else:
-            todo = _survey_todo(out, plans, survey)
+        todo = _todo(out, plans, sim)
+        check_disk(out, len(todo) * sim.file_bytes, f"{len(todo):,} simulated spectra")
         if client is not None:
             workers = max(1, engine.threads(client))
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
         size = max(1, min(200, -(-len(todo) // (4 * workers))))
-        if survey == "desi":  # one chunk per coadd file: a file is written whole by one worker
-            chunks = _by_file(out, todo, survey)
+        if sim.chunk_by_file:  # one chunk per file (a DESI coadd): a file is written whole by one worker
+            chunks = _by_file(out, todo, sim)
         else:
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
         failed = {}
@@ -985,28 +947,19 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
                 failed.update({i: e for i, e in _run_chunk(out, seed, chunk, survey) if e})
                 bar.update(len(chunk))
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init_args) as pool:
+            with worker_pool(workers, _init_worker, init_args) as pool:  # Ctrl-C kills the workers; a re-run resumes
                 futures = [pool.submit(_run_chunk, out, seed, chunk, survey) for chunk in chunks]
-                try:
-                    for fut in as_completed(futures):
-                        res = fut.result()
-                        failed.update({i: e for i, e in res if e})
-                        bar.update(len(res))
-                except BaseException:  # Ctrl-C: drop the queued chunks; a re-run resumes
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    failed.update({i: e for i, e in res if e})
+                    bar.update(len(res))
         bar.close()
 
         rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
         meta = {"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"}
-        if survey == "sdss":
-            table = Table(rows=rows, names=list(catalog_row(plans[0], labels, cfg)))
-            table.meta.update(meta)
-            cat = atomic_write(out / "sppParams.fits", lambda tmp: table.write(tmp, format="fits"))
-        else:
-            kept = [p["index"] for p in plans if p["index"] not in failed]
-            cat = simulate_surveys.write_catalog(
-                survey, out, [simulate_surveys.catalog_row(survey, i, r) for i, r in zip(kept, rows)], meta)
+        kept = [p["index"] for p in plans if p["index"] not in failed]
+        cat = sim.write_catalog(out, [sim.catalog_row(i, r) for i, r in zip(kept, rows)], meta,
+                                list(catalog_row(plans[0], labels, cfg)))
         problems = out / "simulate_problems.json"
         if failed:
             write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
@@ -1020,20 +973,19 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
     return cat
 
 
-def _by_file(out, plans, survey) -> list:
+def _by_file(out, plans, sim) -> list:
     """``plans`` grouped by the file that holds them (in order)."""
     groups = {}
     for p in plans:
-        groups.setdefault(simulate_surveys.spectrum_path(survey, out, p["index"]), []).append(p)
+        groups.setdefault(sim.spectrum_path(out, p), []).append(p)
     return list(groups.values())
 
 
-def _survey_todo(out, plans, survey) -> list:
-    """The plans whose file is not finished (a DESI coadd: missing, or without all its targets)."""
+def _todo(out, plans, sim) -> list:
+    """The plans whose file is not finished (missing, or a DESI coadd without all its targets)."""
     todo = []
-    for group in _by_file(out, plans, survey):
-        path = simulate_surveys.spectrum_path(survey, out, group[0]["index"])
-        if not simulate_surveys.is_done(survey, path, len(group)):
+    for group in _by_file(out, plans, sim):
+        if not sim.is_done(sim.spectrum_path(out, group[0]), len(group)):
             todo += group
     return todo
 
@@ -1047,7 +999,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                           "stars in that survey's files, pixels, resolution and flux convention, with its catalog "
                           "(docs/surveys.md, \"Simulated surveys\"). Re-running resumes.")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--survey", choices=simulate_surveys.SURVEYS, default="sdss",
+    parser.add_argument("--survey", choices=simulated_surveys(), default="sdss",
                         help="file format, pixels, resolution and catalog: sdss (spec-lite, R 2000, 3800-9200 A, "
                              "sppParams.fits), lamost (LRS DR8 one-row tables spec-LMJD-PLANID_spSS-FFF.fits, R 1800, "
                              "3700-9100 A, relative flux with a smooth instrument response, LRS_stellar.fits with "
@@ -1102,14 +1054,10 @@ def run_cli(args) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)}
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     teff_range, snr_range = options.pop("teff_range"), options.pop("snr_range")
-    try:
-        cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
-                       snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
-                       telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
-                       wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
-                       dask=args.dask, **options)
-    except (ModuleNotFoundError, FileNotFoundError, ValueError, OutputBusy) as e:
-        print(f"stellarparams simulate: {e}", file=sys.stderr)
-        return 2
+    cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
+                   snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
+                   telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
+                   wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
+                   dask=args.dask, **options)
     print(cat)
     return 1 if (Path(args.out) / "simulate_problems.json").exists() else 0

@@ -28,11 +28,12 @@ from .config import (DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainCon
                      load_config, recipe)
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
-from .files import OutputBusy, output_lock
-from .finetune import Init, parse_freeze
+from .finetune import Init, OptionError, check_freeze, parse_freeze, select_labels
 from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
-from .training import LOG, fit, fit_ensemble, lr_factor, loss_weights, masked_huber  # noqa: F401  (re-exported)
+from .outputs import locked_output
+from .training import (LOG, fit, fit_ensemble, known_counts, loss_weights, lr_factor,  # noqa: F401  (re-exported)
+                       masked_huber)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -129,6 +130,8 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     """
     dev = resolve_device(device)
     tc = train_config or recipe()
+    if tc.epochs < 1:  # an untrained network would be published as a model
+        raise ValueError(f"epochs = {tc.epochs}: training needs at least 1 epoch")
     if tc.init_from:
         model_config, tc = _source_configs(tc, model_config, net)
     args = (model_config or ModelConfig(), tc, net, on_epoch, progress, overwrite, dev,
@@ -136,7 +139,7 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     if out is None:
         return _with_dataset(dataset, None, *args)
     out = check_output(out)
-    with output_lock(out, wait=wait):
+    with locked_output(out, wait):
         return _with_dataset(dataset, out, *args)
 
 
@@ -151,10 +154,22 @@ def _source_configs(tc, model_config, net):
     src = source.model_config
     if src is None or not isinstance(source.net, StellarNet):
         raise ValueError(f"{tc.init_from}: not a StellarNet model; --init-from needs one")
-    if model_config is not None and replace(model_config, n_in=src.n_in) != src:
-        raise ValueError(f"{tc.init_from}: --init-from keeps the source's architecture, which differs from the given "
-                         "[model] config; drop the [model] table (or --labels)")
+    if model_config is not None:  # the source's architecture, or the same with fewer heads (--labels)
+        kept = [l for l in model_config.labels if l in src.heads]
+        if len(kept) < len(model_config.labels) or replace(model_config, n_in=src.n_in) != source_heads(src, kept):
+            raise ValueError(f"{tc.init_from}: --init-from keeps the source's architecture, which differs from the "
+                             "given [model] config; drop the [model] table (--labels may name a subset of the source's "
+                             f"labels {src.labels})")
+        src = replace(src, heads={l: src.heads[l] for l in kept})
     return src, replace(tc, init_sha256=source.weights_sha256, freeze=parse_freeze(tc.freeze, src.labels))
+
+
+def source_heads(mc: ModelConfig, labels) -> ModelConfig:
+    """``mc`` (a source model's architecture) with only the heads of ``labels``; ValueError naming an unknown one."""
+    unknown = [l for l in labels if l not in mc.heads]
+    if unknown:
+        raise OptionError(f"--labels {','.join(unknown)}: not a label of the --init-from model (it has {mc.labels})")
+    return replace(mc, heads={l: mc.heads[l] for l in labels})
 
 
 def source_init(tc, mc, ds):
@@ -181,10 +196,25 @@ def source_init(tc, mc, ds):
     same = (int(src_grid.get("n_pix", -1)) == ds.n_pix
             and all(np.isclose(float(src_grid.get(k, np.nan)), float(grid.get(k, np.nan)), rtol=0, atol=1e-9)
                     for k in ("loglam_min", "loglam_max")))
-    if list(source.label_names) != list(mc.labels):
+    if not set(mc.labels) <= set(source.label_names):
         raise ValueError(f"{tc.init_from}: labels {source.label_names}, this run {mc.labels}")
-    return Init({k: v.detach().cpu() for k, v in source.net.state_dict().items()}, source.center, source.scale,
-                reinit_stem=not same, freeze=tuple(tc.freeze))
+    check_freeze(tc.freeze, not same)
+    idx = [source.label_names.index(l) for l in mc.labels]
+    state = select_labels({k: v.detach().cpu() for k, v in source.net.state_dict().items()}, source.label_names,
+                          mc.labels, mc.multitask)
+    return Init(state, source.center[idx], source.scale[idx], reinit_stem=not same, freeze=tuple(tc.freeze),
+                label_ranges=dict(source.label_ranges), label_units=dict(zip(source.label_names, source.label_units)),
+                uncertainty=source.uncertainty)
+
+
+def frozen_absent(tc, labels, ds) -> TrainConfig:
+    """With ``tc.init_from``: ``tc`` with ``heads.LABEL`` frozen for every label the train split does not have
+    (no column, or fewer than 2 known rows): those heads are kept exactly as the source's."""
+    if not tc.init_from:
+        return tc
+    known = known_counts(ds, ds.indices("train"), labels)
+    absent = [f"heads.{l}" for l, n in zip(labels, known) if n < 2 and "heads" not in tc.freeze]
+    return replace(tc, freeze=tuple(dict.fromkeys([*tc.freeze, *absent])))
 
 
 def _with_dataset(dataset, out, *args):
@@ -201,11 +231,12 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         torch.set_num_threads(int(tc.threads))
     labels = mc.labels
     missing = [l for l in labels if l not in ds.label_names]
-    if missing:
+    if missing and not tc.init_from:  # with --init-from a label the dataset lacks keeps the source's head
         raise ValueError(f"{ds.path}: labels {missing} are not in the dataset (it has {ds.label_names}); "
                          "set the model's heads to the labels you want, e.g. [model.heads] in the TOML config")
     if mc.n_in != ds.n_pix:
         mc = replace(mc, n_in=ds.n_pix)
+    tc = frozen_absent(tc, labels, ds)
     if tc.adapt_to:
         if net is not None:
             raise ValueError("adapt_to adapts a StellarNet; it cannot adapt another net")
@@ -248,6 +279,11 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
               + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
               + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
+        kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
+        if kept:
+            print(f"the dataset has no {', '.join(kept)} labels: "
+                  f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
+                  "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
     fit_ds, target = ds, None
     if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
         from .adapt import source_for_target
@@ -265,9 +301,10 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
                      fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
-    cols = [ds.label_names.index(l) for l in labels]
+    units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else init.label_units.get(l, "")
+             for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
-                  label_units=[ds.label_units[c] for c in cols], label_ranges=fitted.label_ranges,
+                  label_units=units, label_ranges=fitted.label_ranges,
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
@@ -314,7 +351,8 @@ def add_arguments(p: argparse.ArgumentParser):
                      "resumes from OUT/checkpoint.safetensors and the finished folds.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from `stellarparams prepare`)")
     p.add_argument("--out", required=True, help="model folder to write (weights.safetensors, model.json, train_log.csv)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE, help=RECIPE_HELP)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help=RECIPE_HELP + f" (default: {DEFAULT_RECIPE}; beats a recipe named in --config)")
     p.add_argument("--config", help="TOML file with [model] and [train] tables overriding the recipe")
     p.add_argument("--epochs", type=int, help="override [train] epochs")
     p.add_argument("--seed", type=int, help="override [train] seed")
@@ -326,7 +364,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="train K networks (seeds SEED..SEED+K-1) into one model folder: predictions are their mean "
                         "and sigma includes their spread; K times the training time (the out-of-fold calibration "
                         "models are ensembles of K too)")
-    p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads)")
+    p.add_argument("--labels", help="comma-separated labels to learn (default: those of the config heads); with "
+                   "--init-from, the source's heads to keep (the others are dropped). A label no training row has "
+                   "cannot be learned from scratch; with --init-from its head is kept frozen, as in the source")
     p.add_argument("--init-from", dest="init_from", metavar="MODEL",
                    help="start from this model folder's weights and target scaler, with its architecture (fine-tuning, "
                         "e.g. on another survey). When the dataset's wavelength grid differs from the model's, the "
@@ -335,11 +375,13 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--freeze", metavar="PARTS",
                    help="with --init-from: comma-separated parts of the network kept fixed (bitwise): stem (the input "
                         "Linear + its LayerNorm), blocks (the residual blocks), ln_out (the shared LayerNorm), trunk "
-                        "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff)")
+                        "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff). On another grid "
+                        "the stem's input layer is new, so stem and trunk are refused. Heads of labels the dataset "
+                        "lacks are frozen without asking")
     p.add_argument("--adapt-to", dest="adapt_to", metavar="SPECTRA",
                    help="a prepared dataset of the target survey's spectra, on this dataset's grid (its labels, if "
                         "any, are never read): estimate how the target's instrument differs from the training "
-                        "spectra' (smooth response and reddening, resolution, wavelength offset) from the two "
+                        "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_bins, adapt_match, adapt_order, "
                         "adapt_narrow, adapt_coral, adapt_consistency). It costs adapt_match (default 2) trainings, plus "
@@ -364,24 +406,29 @@ def _tables(path) -> set:
 
 
 def run_cli(args) -> int:
-    try:
-        mc, tc = load_config(args.config, args.recipe) if args.config else (ModelConfig(), recipe(args.recipe))
-        over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
-                                              "freeze", "adapt_to") if getattr(args, k) is not None}
-        if over.get("freeze") and not (over.get("init_from") or tc.init_from):
-            raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
-        tc = replace(tc, **over)
-        if args.labels:
-            wanted = [s.strip() for s in args.labels.split(",") if s.strip()]
-            mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
-        if tc.init_from and not args.labels and not (args.config and "model" in _tables(args.config)):
-            mc = None  # the source's architecture
-        model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
-                      wait=args.wait, device=args.device, precision=args.precision)
-    except (ValueError, FileNotFoundError, OutputBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    m = model.metrics
+    mc, tc = (load_config(args.config, args.recipe, DEFAULT_RECIPE) if args.config
+              else (ModelConfig(), recipe(args.recipe or DEFAULT_RECIPE)))
+    over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
+                                          "freeze", "adapt_to") if getattr(args, k) is not None}
+    if over.get("freeze") and not (over.get("init_from") or tc.init_from):
+        raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
+    tc = replace(tc, **over)
+    wanted = [s.strip() for s in (args.labels or "").split(",") if s.strip()]
+    if wanted:
+        mc = replace(mc, heads={l: mc.heads.get(l, (48,)) for l in wanted})
+    if tc.init_from and not (args.config and "model" in _tables(args.config)):
+        mc = None  # the source's architecture, with only the --labels heads when given
+        if wanted:
+            mc = source_heads(load_model(tc.init_from).model_config or ModelConfig(), wanted)
+    model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
+                  wait=args.wait, device=args.device, precision=args.precision)
+    m, frozen = model.metrics, model.metrics.get("heads_kept_from_source", [])
     print(f"{args.out}: best epoch {m['best_epoch']}, val loss {m['val_loss']:.4f}, " +
-          ", ".join(f"val MAE {l} {m['val_mae_' + l]:.4g} {u}".rstrip() for l, u in zip(model.label_names, model.label_units)))
+          ", ".join(f"{l} head frozen (no labels here; kept from {tc.init_from})" if l in frozen else
+                    f"val MAE {l} {_num(m.get('val_mae_' + l))} {u}".rstrip()
+                    for l, u in zip(model.label_names, model.label_units)))
     return 0
+
+
+def _num(v) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.4g}"

@@ -9,7 +9,12 @@ One loop: batch -> (noise for augmented copies) -> forward -> masked, weighted H
   drawn once per copy). The noise itself is drawn fresh per batch in torch *(ours: the paper
   stores two fixed noisy copies; fresh draws need no 2x extra memory)*.
 - Loss: sum over labels of w_l * mean Huber(delta) over rows where label l is known,
-  w_l = 1 / var(scaled training labels l). Rows with a missing label train the others.
+  w_l = 1 / var(scaled training labels l). Rows with a missing label train the others. A
+  label no training row knows is an error from scratch; starting from a model
+  (``init``), its head must be frozen (``train`` does so), and on the same grid its targets
+  are the source network's own outputs for the training spectra (learning without
+  forgetting, Li & Hoiem 2016): the trunk learns the new labels while keeping what the frozen
+  heads read from it (without them, the frozen heads' errors grew by half: docs/benchmarks.md).
 - AdamW; linear warm-up over warmup_frac of all steps, cosine decay to lr_floor * lr.
 - The weights with the best validation loss are kept.
 - Resumable: after each epoch the checkpoint file holds weights, best weights and AdamW
@@ -63,6 +68,18 @@ def loss_weights(y_scaled: np.ndarray) -> np.ndarray:
     if np.any(~np.isfinite(var) | (var <= 0)):
         raise ValueError(f"a label has no spread in the training split (variances {var.tolist()}); cannot weight it")
     return 1.0 / var
+
+
+def label_matrix(ds, rows, labels) -> np.ndarray:
+    """(N, L) float64 labels of ``rows`` in ``labels`` order; NaN where unknown, and for a label the dataset lacks."""
+    y = ds.labels(rows)
+    return np.stack([y[:, ds.label_names.index(l)].astype(np.float64) if l in ds.label_names
+                     else np.full(len(y), np.nan) for l in labels], axis=1).reshape(len(y), len(labels))
+
+
+def known_counts(ds, rows, labels) -> list:
+    """How many of ``rows`` know each label (0 for a label the dataset lacks)."""
+    return [int(n) for n in np.isfinite(label_matrix(ds, rows, labels)).sum(0)]
 
 
 def masked_huber(pred, target, weights, delta: float = 1.0):
@@ -192,8 +209,7 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     dev = resolve_device(device)
     check_precision(dev, precision)
     labels = mc.labels
-    cols = [ds.label_names.index(l) for l in labels]
-    units = [ds.label_units[c] for c in cols]
+    units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else "" for l in labels]
 
     # ---- data: one float32 tensor in memory; targets scaled on train only
     itr, iva = rows
@@ -204,19 +220,37 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         bad = int((~torch.isfinite(X).all(1)).sum())
         if bad:
             raise ValueError(f"{ds.path}: {bad} {name} rows have non-finite flux; re-prepare the dataset")
-    ytr, yva = ds.labels(itr)[:, cols].astype(np.float64), ds.labels(iva)[:, cols].astype(np.float64)
-    for j, l in enumerate(labels):
-        if np.isfinite(ytr[:, j]).sum() < 2:
-            raise ValueError(f"{ds.path}: label {l!r} is known for fewer than 2 training rows")
-    scaler = RobustScaler().fit(ytr)  # NaN-aware: missing values are ignored in fit
-    center, scale = scaler.center_, scaler.scale_
+    ytr, yva = label_matrix(ds, itr, labels), label_matrix(ds, iva, labels)
+    # a label known for < 2 training rows cannot be learned: with --init-from its head is kept frozen
+    # (the source's; loss weight 0), from scratch it is an error
+    known = np.isfinite(ytr).sum(0)
+    absent = [l for l, n in zip(labels, known) if n < 2]
+    kept = [] if init is None else init.frozen_heads(labels)
+    for l in absent:
+        if l not in kept:
+            have = [m for m, n in zip(labels, known) if n >= 2]
+            raise ValueError(f"{ds.path}: label {l!r} is known for {int(known[labels.index(l)])} training rows (fewer "
+                             f"than 2), so it cannot be learned; train on the labels the dataset has with --labels "
+                             f"{','.join(have) or 'LABELS'}" + ("" if init is not None else
+                                                                  ", or fine-tune a model that has it (--init-from)"))
     if init is not None:  # the source's scaler: its heads' outputs keep their meaning
         center, scale = np.asarray(init.center, np.float64), np.asarray(init.scale, np.float64)
+    else:
+        scaler = RobustScaler().fit(ytr)  # NaN-aware: missing values are ignored in fit
+        center, scale = scaler.center_, scaler.scale_
     Ytr = torch.tensor((ytr - center) / scale, dtype=torch.float32)
     Yva = torch.tensor((yva - center) / scale, dtype=torch.float32)
-    weights = torch.tensor(loss_weights(Ytr.numpy()), dtype=torch.float32)
+    distilled = absent if init is not None and not init.reinit_stem else []
+    if distilled:  # learning without forgetting: the frozen heads' targets are the source's own outputs
+        cols = [labels.index(l) for l in distilled]
+        Ytr[:, cols] = _source_outputs(mc, init, Xtr, tc.eval_batch_size)[:, cols]
+    has = np.isfinite(Ytr.numpy()).sum(0) >= 2
+    w = np.zeros(len(labels))
+    w[has] = loss_weights(Ytr.numpy()[:, has])
+    weights = torch.tensor(w, dtype=torch.float32)
     weights_dev = weights.to(dev)
-    label_ranges = {l: [float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] for j, l in enumerate(labels)}
+    label_ranges = {l: ([float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] if known[j] >= 2
+                        else list(init.label_ranges.get(l, [np.nan, np.nan]))) for j, l in enumerate(labels)}
 
     n_tr = len(itr)
     augment, Otr, Str = _augmenter(ds, itr, tc)
@@ -356,7 +390,22 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
                "n_val": len(iva), "n_params": count_parameters(net)}
     if init_val is not None:
         metrics["init_val_loss"] = init_val
+    if absent:
+        metrics["heads_kept_from_source"] = absent
+    if distilled:
+        metrics["heads_distilled"] = distilled
     return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+
+
+@torch.inference_mode()
+def _source_outputs(mc, init, X, batch_size: int) -> torch.Tensor:
+    """(N, L) scaled outputs of the source network (``init``'s weights, eval mode, CPU) for rows ``X``."""
+    from .finetune import apply_init
+
+    net = StellarNet(mc)
+    apply_init(net, replace(init, freeze=()))
+    net.eval()
+    return torch.cat([net(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).float()
 
 
 def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig, dev, precision: str = "fp32"):
@@ -370,8 +419,9 @@ def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig,
         pred = torch.cat([net(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
                           for i in range(0, len(X), tc.eval_batch_size)])
         loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
-    p = pred.numpy().astype(np.float64) * scale + center
-    return loss, {f"mae_{l}": float(np.nanmean(np.abs(p[:, j] - y_phys[:, j]))) for j, l in enumerate(labels)}
+    err = np.abs(pred.numpy().astype(np.float64) * scale + center - y_phys)
+    return loss, {f"mae_{l}": float(np.mean(e[np.isfinite(e)])) if np.isfinite(e).any() else float("nan")
+                  for l, e in zip(labels, err.T)}
 
 
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
@@ -400,7 +450,7 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
                            fingerprint=f"{fingerprint}-m{i}", **kw))
     net, first = Ensemble([m.net for m in members]), members[0]
     iva = rows[1]
-    y = ds.labels(iva)[:, [ds.label_names.index(l) for l in first.labels]].astype(np.float64)
+    y = label_matrix(ds, iva, first.labels)
     w = torch.tensor([first.metrics["loss_weights"][l] for l in first.labels], dtype=torch.float32)
     val_loss, mae = validate(net, torch.from_numpy(ds.flux(iva)),
                              torch.tensor((y - first.center) / first.scale, dtype=torch.float32), y, w,

@@ -65,6 +65,7 @@ from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe  # no
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .files import atomic_write, write_text
+from .outputs import check_output_folder
 from .records import dumps
 from .training import fit
 
@@ -390,10 +391,9 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
+    out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     labels, n_in = list(ds.label_names), ds.n_pix
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     if not progress:
@@ -643,15 +643,11 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    try:
-        space = SearchSpace.from_toml(args.space) if args.space else SearchSpace()
-        s = tune(args.dataset, args.out, trials=args.trials, storage=args.storage, study_name=args.study,
-                 sampler=args.sampler, epochs=args.epochs, seed=args.seed, timeout=args.timeout, space=space,
-                 prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet,
-                 recipe_name=args.recipe, device=args.device, precision=args.precision)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    space = SearchSpace.from_toml(args.space) if args.space else SearchSpace()
+    s = tune(args.dataset, args.out, trials=args.trials, storage=args.storage, study_name=args.study,
+             sampler=args.sampler, epochs=args.epochs, seed=args.seed, timeout=args.timeout, space=space,
+             prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet,
+             recipe_name=args.recipe, device=args.device, precision=args.precision)
     summary = json.loads((Path(args.out) / SUMMARY_JSON).read_text())
     print(summary_line(summary))
     if summary["best"]:

@@ -44,9 +44,18 @@ Extrapolation flags, per spectrum:
 - ``flag_label_hull``: the predicted labels (scaled) lie outside the convex hull of the
   training labels (like The Cannon's ``in_convex_hull``); scipy.spatial.Delaunay.
 
+For `diagnose`: the quantiles of ``ood_score`` on the validation split (``stats``), and a
+label -> spectrum emulator: a ridge fit of quadratic features of the model's own (scaled)
+predictions to the training spectra, with the robust per-pixel scatter about it (what the
+training spectra look like at given predicted labels).
+
+Partial catalogs: each label's coefficients are fitted on the held-out rows that know it; the
+label hull is the box of the per-label ranges when fewer than half the rows know every label;
+a label with no known rows (a head kept from a source model) carries the source's coefficients.
+
 Stored in the model folder: ``uncertainty.json`` (coefficients, thresholds, validation
 coverage, the weights' sha256 it belongs to) and ``uncertainty.safetensors`` (PCA mean,
-components, variances; training-label hull vertices). No pickle.
+components, variances; training-label hull vertices; emulator). No pickle.
 """
 from __future__ import annotations
 
@@ -71,6 +80,7 @@ N_PASSES = 16            # MC-dropout passes (std of a std from 16 draws: ~18%; 
 N_COMPONENTS = 32        # PCA components of the flux novelty score
 OOD_QUANTILE = 99.5      # percentile of the validation scores that maps to ood_score = 1
 MAX_PCA_ROWS = 20_000    # training rows used to fit the PCA
+EMU_ROWS = 5_000         # ... and the label -> spectrum emulator (10 coefficients per pixel)
 SIGNAL_FACTOR = 3.0      # a component counts as signal when its variance > this x the mean noise variance
 DER_SNR_FACTOR = 1.482602 / math.sqrt(6.0)   # Stoehr et al. 2008: MAD->sigma for a 1,-2,1 (step 2) difference
 SNR_EDGES = (0, 10, 20, 30, 50, np.inf)
@@ -283,6 +293,8 @@ class Uncertainty:
     noise_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))   # (NOISE_BINS - 1,) bin edges
     k68: np.ndarray = None                         # (L, NOISE_BINS) conformal factor of the 68.3% interval
     k95: np.ndarray = None                         # (L, NOISE_BINS) ... of the 95.4% interval
+    emu_coef: np.ndarray = None                    # (F, P) label -> spectrum emulator (emulator_features), or None
+    emu_scatter: np.ndarray = None                 # (P,) robust scatter of the training spectra about it
     _hull: object = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ use
@@ -356,6 +368,10 @@ class Uncertainty:
         """(N, L) half-width of the 95.4% interval, scaled units."""
         return self.raw_sigma(s_mc, noise) * self._factor(self.k95, noise, 2.0)
 
+    def emulate(self, y_scaled) -> np.ndarray:
+        """(N, L) scaled labels -> (N, P) what training spectra look like there (the emulator's spectrum)."""
+        return emulator_features(y_scaled) @ np.asarray(self.emu_coef, np.float64)
+
     def summary(self, seconds: float) -> str:
         """One line: what the sigmas were fitted on, how long it took, the coverage there."""
         s = self.stats
@@ -384,7 +400,10 @@ class Uncertainty:
         folder = Path(folder)
         tensors = {"pca_mean": self.pca_mean, "pca_components": self.pca_components, "pca_var": self.pca_var,
                    "hull_points": self.hull_points}
-        data = save({k: np.ascontiguousarray(v, np.float32 if k in ("pca_mean", "pca_components") else np.float64)
+        if self.emu_coef is not None:
+            tensors.update(emu_coef=self.emu_coef, emu_scatter=self.emu_scatter)
+        data = save({k: np.ascontiguousarray(v, np.float32 if k in ("pca_mean", "pca_components", "emu_coef",
+                                                                    "emu_scatter") else np.float64)
                      for k, v in tensors.items()})
         write_bytes(folder / UNC_TENSORS, data)
         meta = {"method": "MC dropout + DER_SNR noise, sigma^2 = (a s_mc)^2 + (b noise)^2 + c^2 (scaled units), "
@@ -421,7 +440,7 @@ class Uncertainty:
                    int(meta.get("n_signal", 0)), float(meta.get("noise_var", 0.0)), float(meta.get("qn_ref", 1.0)),
                    meta.get("stats", {}), meta.get("stellarparams_version", ""),
                    np.array(meta.get("noise_edges", [])), _array_or_none(meta.get("k68")),
-                   _array_or_none(meta.get("k95"))), meta
+                   _array_or_none(meta.get("k95")), t.get("emu_coef"), t.get("emu_scatter")), meta
 
 
 def _array_or_none(v):
@@ -464,6 +483,62 @@ def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int
     return edges, k68, k95
 
 
+def emulator_features(y_scaled) -> np.ndarray:
+    """(N, L) scaled labels -> (N, F) quadratic features 1, y_j, y_j y_k (j <= k), labels clipped to +-5."""
+    y = np.clip(np.asarray(y_scaled, np.float64), -5, 5)
+    L = y.shape[1]
+    return np.column_stack([np.ones(len(y)), y] + [y[:, j] * y[:, k] for j in range(L) for k in range(j, L)])
+
+
+def fit_emulator(flux, y_scaled, alpha: float = 1e-3):
+    """Ridge fit of a quadratic label -> spectrum emulator on training spectra.
+
+    flux: (N, P) prepared training spectra; y_scaled: (N, L) the model's own predictions for
+    them (scaled units: so the emulator is what training spectra look like *at the labels the
+    model assigns*, which every label has, even one the catalog lacks). Returns (coef (F, P),
+    scatter (P,)): the robust (1.4826 MAD) scatter of the training spectra about the emulator.
+    """
+    F = emulator_features(y_scaled)
+    X = np.asarray(flux, np.float32)
+    coef = np.linalg.solve(F.T @ F + alpha * len(F) * np.eye(F.shape[1]), (F.T @ X).astype(np.float64))
+    r = X - (F @ coef).astype(np.float32)
+    scatter = 1.482602 * np.median(np.abs(r - np.median(r, 0)), 0)
+    return coef.astype(np.float32), np.maximum(scatter, 1e-6).astype(np.float32)
+
+
+def label_hull(y_scaled, ranges_scaled) -> tuple[np.ndarray, str]:
+    """(M, L) hull points of the training labels, and what they are.
+
+    The convex hull of the rows that know every label when they are at least half of the rows
+    that know any (and more than L + 1); else (a partial catalog) the box of the per-label
+    ranges ``ranges_scaled`` (L, 2): every corner, 2^L points.
+    """
+    from itertools import product
+
+    from scipy.spatial import ConvexHull, QhullError
+
+    y = np.asarray(y_scaled, np.float64)
+    L = y.shape[1]
+    full = y[np.isfinite(y).all(1)]
+    if len(full) > L + 1 and len(full) >= 0.5 * np.isfinite(y).any(1).sum():
+        try:
+            return (full[ConvexHull(full).vertices] if L > 1 else np.array([[full.min()], [full.max()]])), "convex hull"
+        except QhullError:   # degenerate (e.g. too few points): keep all points
+            return full, "convex hull"
+    r = np.asarray(ranges_scaled, np.float64)
+    return np.array(list(product(*r))), "box of the per-label ranges (a partial catalog)"
+
+
+def _carried(carry, label: str, edges):
+    """(a, b, c, k68 (bins,), k95 (bins,)) of ``label`` in a source calibration ``carry``, its conformal factors
+    read at the middle of each of this calibration's noise bins."""
+    j = carry.label_names.index(label)
+    mids = np.r_[edges[:1], (edges[1:] + edges[:-1]) / 2, edges[-1:]] if len(edges) else np.zeros(NOISE_BINS)
+    def at(k, default):
+        return np.full(len(mids), default) if k is None else np.asarray(k)[j, np.searchsorted(carry.noise_edges, mids)]
+    return carry.a[j], carry.b[j], carry.c[j], at(carry.k68, 1.0), at(carry.k95, 2.0)
+
+
 # ---------------------------------------------------------------------- fitting
 def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
     """Run the net with MC dropout over flux (N, P): (pred, s_mc) (N, L) scaled, noise (N,).
@@ -481,16 +556,20 @@ def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
 
 
 def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_PASSES, seed=0,
-                    n_components=N_COMPONENTS, oof=None) -> Uncertainty:
+                    n_components=N_COMPONENTS, oof=None, carry=None) -> Uncertainty:
     """Calibrate a trained Model: sigma coefficients on held-out residuals, novelty model on
-    train (+ val thresholds).
+    train (+ val thresholds), and the label -> spectrum emulator of `diagnose`.
 
     flux_*: (N, P) prepared flux; y_*: (N, L) physical labels in model.label_names order
-    (NaN = missing). oof: optional out-of-fold predictions of training stars, dict(pred, s_mc,
-    y) (M, L) physical units and noise (M,); their residuals join the validation ones in the
-    sigma fit. Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
+    (NaN = missing: each label is calibrated on the rows that know it). oof: optional
+    out-of-fold predictions of training stars, dict(pred, s_mc, y) (M, L) physical units and
+    noise (M,); their residuals join the validation ones in the sigma fit. carry: the
+    calibration of the model this one was fine-tuned from (same scaler): a label with fewer
+    than 3 known held-out residuals takes its coefficients and conformal factors from there
+    (``stats["carried_from_source"]``; an approximation: the trunk under that head changed).
+    Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
     """
-    from scipy.spatial import ConvexHull, QhullError
+    from sklearn.decomposition import PCA
 
     y_val = np.asarray(y_val, np.float64)
     pred, s_mc, noise = raw_uncertainty(model.net, flux_val, n_passes, seed)
@@ -501,18 +580,36 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
         r_oof = (np.asarray(oof["pred"]) - np.asarray(oof["y"], np.float64)) / model.scale
         m_oof = np.asarray(oof["s_mc"]) / model.scale
         r_fit, m_fit, n_fit = np.vstack([resid, r_oof]), np.vstack([s_mc, m_oof]), np.concatenate([noise, oof["noise"]])
-    abc = np.array([fit_variance(r_fit[:, j], m_fit[:, j], n_fit) for j in range(L)])
-    # training labels' hull (scaled)
+    n_known = np.isfinite(r_fit).sum(0)
+    carried = [n for j, n in enumerate(model.label_names)
+               if n_known[j] < 3 and carry is not None and n in carry.label_names]
+    abc = np.array([_carried(carry, n, np.zeros(0))[:3] if n in carried else fit_variance(r_fit[:, j], m_fit[:, j], n_fit)
+                    for j, n in enumerate(model.label_names)])
+    # flux novelty: PCA on (up to MAX_PCA_ROWS) training spectra, thresholds from held-out val
+    flux_train = np.asarray(flux_train, np.float32)
+    rows = np.random.default_rng(seed).permutation(len(flux_train))[:MAX_PCA_ROWS]
+    k = int(min(n_components, len(rows) - 1, flux_train.shape[1]))
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(flux_train[np.sort(rows)])
+    noise_var = float(np.mean(der_snr_noise(flux_train[rows[:5000]]) ** 2))
+    n_signal = max(1, int(np.sum(pca.explained_variance_ > SIGNAL_FACTOR * noise_var)))
+    # training labels' hull (scaled); the per-label ranges for a partial catalog
     yt = (np.asarray(y_train, np.float64) - model.center) / model.scale
-    yt = yt[np.isfinite(yt).all(1)]
-    try:
-        hull = yt[ConvexHull(yt).vertices] if L > 1 else np.array([[yt.min()], [yt.max()]])
-    except QhullError:   # degenerate (e.g. too few points): keep all points
-        hull = yt
-    u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], None, None, None, 1.0, 1.0,
-                    hull, n_passes, seed)
+    ranges = [(np.asarray(model.label_ranges.get(n, [np.nan, np.nan]), np.float64) - model.center[j]) / model.scale[j]
+              for j, n in enumerate(model.label_names)]
+    hull, hull_kind = label_hull(yt, ranges)
+    u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], pca.mean_.astype(np.float32),
+                    pca.components_.astype(np.float32), pca.explained_variance_.astype(np.float64), 1.0, 1.0,
+                    hull, n_passes, seed, 0, noise_var)
     u.noise_edges, u.k68, u.k95 = conformal_factors(r_fit, u.raw_sigma(m_fit, n_fit), n_fit)
-    pca, n_signal = fit_novelty(u, flux_train, flux_val, noise, seed=seed, n_components=n_components)
+    for n in carried:
+        j = model.label_names.index(n)
+        u.k68[j], u.k95[j] = _carried(carry, n, u.noise_edges)[3:]
+    q, qn, t2 = u.novelty(flux_val, noise)
+    u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
+    val_ood = np.maximum.reduce([q / u.q_ref, qn / u.qn_ref, t2 / u.t2_ref])
+    # what training spectra look like at the labels the model gives them (stellarparams.diagnose)
+    fit_rows = np.sort(rows[:EMU_ROWS])
+    u.emu_coef, u.emu_scatter = fit_emulator(flux_train[fit_rows], raw_uncertainty(model.net, flux_train[fit_rows], 0)[0])
     sigma = u.sigma_scaled(s_mc, noise)
     cov = coverage(resid, np.zeros_like(resid), sigma)
     cal = coverage(r_fit, np.zeros_like(r_fit), u.sigma_scaled(m_fit, n_fit))
@@ -528,7 +625,13 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
                "val_median_sigma": {n: float(np.nanmedian(sigma[:, j]) * model.scale[j])
                                     for j, n in enumerate(model.label_names)},
                "pca_explained_variance_ratio": float(pca.explained_variance_ratio_.sum()),
-               "n_signal_components": n_signal}
+               "n_signal_components": n_signal, "label_hull": hull_kind,
+               "n_known": dict(zip(model.label_names, map(int, n_known))),
+               "val_ood_quantiles": [float(v) for v in np.percentile(val_ood, np.arange(101))]}
+    if carried:
+        u.stats["carried_from_source"] = carried
+        u.stats["calibrated_on"] += (f"; {', '.join(carried)}: no known labels here, its sigma coefficients are the "
+                                     "source model's (carried; the trunk under that head changed)")
     model.uncertainty = u
     return u
 

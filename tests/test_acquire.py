@@ -15,7 +15,7 @@ from astropy.io import fits
 from stellarparams import acquire
 from stellarparams.acquire import (CatalogQueryError, build_query, check_spectrum_file, download, fetch,
                                    parse_skyserver_csv, query_catalog, sas_path)
-from stellarparams.sdss import read_spectrum, spec_filename, write_spec_lite
+from stellarparams.surveys.sdss import read_spectrum, spec_filename, write_spec_lite
 
 pytestmark = pytest.mark.timeout(60)
 

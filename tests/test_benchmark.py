@@ -186,5 +186,5 @@ def test_benchmark_cli(tmp_path, capsys):
     assert "2 of 2 models finished" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "b" / "table2_mae.csv")) == 2
     rc = main(["benchmark", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "c"), "--models", "XGBoost"])
-    assert rc == 1
+    assert rc == 2  # bad input
     assert "unknown models ['XGBoost']" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def _cli(capsys, *argv):
 def test_train_cli_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys, no_gpu):
     rc, err = _cli(capsys, "train", "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "m"),
                    "--device", "cuda")
-    assert rc == 1
+    assert rc == 2   # a bad option: exit 2, as in every command
     assert err == ["error: device 'cuda' is not available on this machine; available: cpu"]
     assert not (tmp_path / "m").exists()
 
@@ -191,10 +191,10 @@ def test_train_cli_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys
 def test_train_cli_refuses_fp16_on_cpu_and_junk_devices(tmp_path, capsys, no_gpu):
     rc, err = _cli(capsys, "train", "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "m"),
                    "--device", "cpu", "--precision", "fp16")
-    assert rc == 1 and len(err) == 1 and "fp16 needs a CUDA device" in err[0]
+    assert rc == 2 and len(err) == 1 and "fp16 needs a CUDA device" in err[0]
     rc, err = _cli(capsys, "train", "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "m"),
                    "--device", "gpu")
-    assert rc == 1 and len(err) == 1 and "available here: cpu" in err[0]
+    assert rc == 2 and len(err) == 1 and "available here: cpu" in err[0]
 
 
 @pytest.mark.parametrize("command", ["tune", "evaluate", "benchmark", "run", "predict"])

@@ -11,7 +11,7 @@ import torch
 from stellarparams import plots
 from stellarparams.dataset import write_dataset
 from stellarparams.evaluate import binned_mae, evaluate, markdown_table, metrics
-from stellarparams.sdss import write_spec_lite
+from stellarparams.surveys.sdss import write_spec_lite
 
 torch.set_num_threads(1)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -202,7 +202,7 @@ def test_evaluate_cli(trained, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     assert (tmp_path / "rep" / "report.html").exists()
     rc = main(["evaluate", str(tmp / "model"), "--dataset", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")])
-    assert rc == 1
+    assert rc == 2  # bad input
     assert "no prepared dataset" in capsys.readouterr().err
 
 

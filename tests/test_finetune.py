@@ -79,9 +79,9 @@ def test_cli_records_and_checks_parts(source, capsys):
     assert main(args + ["--freeze", "stem,heads.logg"]) == 0
     card = load_model(out).train_config
     assert card.freeze == ("stem", "heads.logg") and card.init_sha256 == src.weights_sha256
-    assert main(args[:-2] + ["--freeze", "stem"]) == 1
+    assert main(args[:-2] + ["--freeze", "stem"]) == 2
     assert "--freeze needs --init-from" in capsys.readouterr().err
-    assert main(args[:4] + [str(root / "cli2")] + args[5:] + ["--freeze", "stems"]) == 1
+    assert main(args[:4] + [str(root / "cli2")] + args[5:] + ["--freeze", "stems"]) == 2
     assert "unknown part; choose from stem, blocks" in capsys.readouterr().err
     with pytest.raises(ValueError, match="heads.mgfe"):
         parse_freeze("heads.mgfe", ["teff"])

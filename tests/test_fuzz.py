@@ -4,15 +4,18 @@ Every case must end as a kept row with sane numbers or as a reject with a named 
 never as a crash of the batch, an unnamed error, or a wrong number. ``bench/fuzz.py`` runs
 many more cases with the same functions.
 """
+import dataclasses
 import gzip
 import shutil
 
 import numpy as np
 import pandas as pd
 
-from stellarparams import prepare as prep, sdss
+from stellarparams.spectrum import NoUsableInput, Record, SpectrumError
+from stellarparams import prepare as prep
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset
-from stellarparams.prepare import PrepareConfig, preprocess
+from stellarparams.preprocess import PrepareConfig, preprocess
 
 # every reason a damaged file may get; "error" (an exception nobody foresaw) is not one of them
 FILE_REASONS = {"missing_file", "unreadable", "not_sdss", "missing_columns", "bad_wavelength", "nonfinite_flux",
@@ -115,6 +118,134 @@ def test_fuzz_damaged_spectrum_files(tmp_path):
     assert counts.get("kept", 0) > 20 and counts.get("unreadable", 0) > 20  # both outcomes were exercised
 
 
+# ---------------------------------------------------------------------------------------------- fast vs fitsio
+
+def _read_both_ways(path):
+    """The outcome of reading ``path`` with the fast reader and with cfitsio: a Spectrum or a reject reason."""
+    out = []
+    for reader in ("fast", "fitsio"):
+        try:
+            out.append(sdss.read_spectrum(path, reader=reader))
+        except SpectrumError as e:
+            out.append(e.reason)
+    return out
+
+
+def assert_same_spectrum(a, b):
+    """Two readings of one file agree: the same reject reason, or every field equal (values, dtypes, types)."""
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    for f in dataclasses.fields(Record):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True), f.name
+        elif isinstance(x, float):
+            assert type(y) is float and (x == y or np.isnan(x) and np.isnan(y)), f.name
+        else:
+            assert type(x) is type(y) and x == y, (f.name, x, y)
+
+
+def rich_spec_file(path):
+    """A DR8+ lite file shaped like SDSS's own: long headers, every column type, array and text columns."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng(1)
+    n = len(LOGLAM)
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    for k, v in [("TELESCOP", "SDSS 2.5-M"), ("PLATEID", 3586), ("MJD", 55181), ("FIBERID", 12), ("RA", 150.0125),
+                 ("DEC", 2.25e0), ("PLUG_RA", 150.01249), ("PLUG_DEC", 2.2500001), ("OBSERVER", "O'Brien"),
+                 ("AIRMASS", 1.0512345678901), ("EXPTIME", 2700.0), ("HELIO_RV", -12.5), ("SPEC2_G", 17.25),
+                 ("DATE-OBS", "2009-12-21"), ("FLAVOR", "science"), ("VACUUM", True), ("NEXP", 3), ("TAI", 4.8e9),
+                 ("LONGSTR", "a text longer than one card, " * 4)]:
+        h[k] = v
+    h.add_history("spectro2d v5_7_0")
+    h.add_comment("shaped like an SDSS DR12 spec-lite file")
+    coadd = fits.BinTableHDU.from_columns([
+        fits.Column("flux", "E", array=100 + rng.normal(0, 1, n), unit="1e-17 erg/s/cm2/Angstrom"),
+        fits.Column("loglam", "E", array=LOGLAM), fits.Column("ivar", "E", array=np.full(n, 1.0)),
+        fits.Column("and_mask", "J", array=np.zeros(n, np.int32)), fits.Column("or_mask", "J", array=np.zeros(n)),
+        fits.Column("wdisp", "E", array=np.ones(n)), fits.Column("sky", "E", array=np.ones(n)),
+        fits.Column("model", "E", array=np.ones(n))], name="COADD")
+    specobj = fits.BinTableHDU.from_columns([
+        fits.Column("SURVEY", "6A", array=["segue2"]), fits.Column("PLATE", "I", array=[3586]),
+        fits.Column("MJD", "J", array=[55181]), fits.Column("FIBERID", "I", array=[12]),
+        fits.Column("SPECOBJID", "19A", array=["4037356001012563968"]), fits.Column("CLASS", "6A", array=["STAR  "]),
+        fits.Column("Z", "D", array=[1.2e-4]), fits.Column("ZWARNING", "K", array=[4]),
+        fits.Column("SN_MEDIAN_ALL", "E", array=[23.5]), fits.Column("SPECTROFLUX", "5E", array=[np.arange(5.0)]),
+        fits.Column("CALIBFLUX_IVAR", "5D", array=[np.arange(5.0)], dim="(5)"),
+        fits.Column("PRIMARY", "L", array=[True]),
+        fits.Column("SPECBOSS", "B", array=[1]), fits.Column("BITS", "12X", array=[np.ones(12, bool)]),
+        fits.Column("PSF", "2C", array=[np.ones(2, complex)])], name="SPECOBJ")
+    spzline = fits.BinTableHDU.from_columns([fits.Column("LINENAME", "13A", array=["Ly_alpha", "H_beta"]),
+                                             fits.Column("LINEWAVE", "D", array=[1215.67, 4862.68])], name="SPZLINE")
+    fits.HDUList([primary, coadd, specobj, spzline]).writeto(path)
+    return path
+
+
+def test_fast_reader_reads_an_sdss_shaped_file_as_cfitsio_does(tmp_path):
+    path = rich_spec_file(tmp_path / "spec-3586-55181-0012.fits")
+    assert sdss.read_spec_fast(path) is not None  # the fast path takes it
+    a, b = _read_both_ways(path)
+    assert_same_spectrum(a, b)
+    assert (a.plate, a.mjd, a.fiberid, a.objclass, a.header["RA"]) == (3586, 55181, 12, "STAR", 150.0125)
+
+
+def test_fast_reader_leaves_other_layouts_to_cfitsio(tmp_path):
+    """A heap (variable-length column), a scaled column, gzip, DR7 and trailing bytes: not plain, read by cfitsio."""
+    from astropy.io import fits
+
+    plain = rich_spec_file(tmp_path / "spec-3586-55181-0012.fits")
+    with fits.open(plain) as h:
+        n = len(h[1].data)
+        heap = fits.BinTableHDU.from_columns(h[1].columns + fits.ColDefs(
+            [fits.Column("extra", "PJ()", array=[np.arange(i % 3) for i in range(n)])]), name="COADD")
+        fits.HDUList([h[0].copy(), heap, h[2].copy()]).writeto(tmp_path / "heap.fits")
+        scaled = fits.BinTableHDU.from_columns(h[1].columns, name="COADD")
+        scaled.header["TSCAL3"] = 2.0  # ivar, stored halved
+        fits.HDUList([h[0].copy(), scaled, h[2].copy()]).writeto(tmp_path / "scaled.fits")
+    (tmp_path / "trailing.fits").write_bytes(plain.read_bytes() + b"\0" * 10)
+    dr7 = base_files(tmp_path)[2]
+    (tmp_path / "spSpec-52000-1000-002.fit.gz").write_bytes(dr7)
+    for name in ("heap.fits", "scaled.fits", "trailing.fits", "spSpec-52000-1000-002.fit.gz"):
+        assert sdss.read_spec_fast(tmp_path / name) is None, name
+        a, b = _read_both_ways(tmp_path / name)
+        assert_same_spectrum(a, b)
+    assert not isinstance(b, str) and b.flux.size == len(LOGLAM)
+
+
+def check_fast_reader_cases(folder, n_cases: int, seed: int) -> dict:
+    """Damaged lite files read with the fast reader and with cfitsio must give the same spectrum or reason."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lam = 10 ** LOGLAM
+    flux = 100 * (lam / 5000) ** -1.5 + rng.normal(0, 1, lam.size)
+    base = sdss.write_spec_lite(folder / "spec-1000-52000-0001.fits", LOGLAM, flux, np.full(lam.size, 1.0),
+                                plate=1000, mjd=52000, fiberid=1, header={"RA": 12.5, "DEC": -3, "OBSERVER": "it's"})
+    bases = [base.read_bytes(), rich_spec_file(folder / "spec-3586-55181-0012.fits").read_bytes()]
+    counts = {}
+    for k in range(n_cases):
+        bad, kind = mutate(bases[k % 2], rng)
+        path = folder / f"spec-1000-52000-{k + 2:04d}.fits"
+        path.write_bytes(bad)
+        a, b = _read_both_ways(path)
+        assert_same_spectrum(a, b)
+        try:
+            fast = sdss.read_spec_fast(path) is not None
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            fast = False
+        key = ("fast " if fast else "cfitsio ") + (a if isinstance(a, str) else "read")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_fast_reader_agrees_with_cfitsio_on_damaged_files(tmp_path):
+    counts = check_fast_reader_cases(tmp_path, 300, seed=3)
+    assert counts.get("fast read", 0) > 50 and counts.get("cfitsio read", 0) > 5  # both paths were exercised
+    assert sum(v for k, v in counts.items() if k.startswith("cfitsio ") and k != "cfitsio read") > 20
+
+
 # ---------------------------------------------------------------------------------------------- catalog cells
 
 CELL_JUNK = [-9999, np.nan, "", "abc"]
@@ -148,7 +279,7 @@ def check_catalog_case(tmp_path, spectra, cat: pd.DataFrame, rng, k: int) -> dic
     out = tmp_path / f"ds{k}"
     try:
         s = prep.prepare(path, spectra, out, workers=1, progress=False)
-    except sdss.NoUsableInput:
+    except NoUsableInput:
         return {"nothing usable": 1}
     rej = pd.read_csv(out / "rejects.csv")
     assert set(rej.reason) <= {"no_file", "missing_rv", "no_catalog_row", "duplicate_row"}, rej

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stellarparams import sdss
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset, Grid, parse_grid
-from stellarparams.prepare import PrepareConfig, config_from_model, preprocess
+from stellarparams.preprocess import PrepareConfig, config_from_model, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_run_grid_passes_the_grid_to_prepare(tmp_path):
 
 
 def test_prepare_cli_reads_a_spectrum_table_without_a_catalog(tmp_path):
-    from stellarparams import tables
+    from stellarparams.surveys import tables
 
     rng = np.random.default_rng(0)
     wave = np.geomspace(3700, 9300, 2000)

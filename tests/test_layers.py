@@ -6,7 +6,41 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "stellarparams"
-MODULES = sorted(p.stem for p in PKG.glob("*.py"))
+SUBPACKAGES = ("surveys",)  # their modules are named "surveys.sdss", ...; the package's __init__ "surveys"
+
+
+def _module_names() -> list:
+    names = [p.stem for p in PKG.glob("*.py")]
+    for sub in SUBPACKAGES:
+        names += [sub if p.stem == "__init__" else f"{sub}.{p.stem}" for p in (PKG / sub).glob("*.py")]
+    return sorted(names)
+
+
+MODULES = _module_names()
+
+
+def _source(name: str) -> Path:
+    """The file of module ``name`` ("surveys" is the subpackage's __init__)."""
+    if name in SUBPACKAGES:
+        return PKG / name / "__init__.py"
+    return PKG / (name.replace(".", "/") + ".py")
+
+
+def _resolve(name: str, level: int, module: str | None) -> str:
+    """The package module named by ``from <level dots><module>`` inside ``name`` ('' for the top package)."""
+    parts = name.split(".")[:-1] if name not in SUBPACKAGES else [name]  # the importing module's package
+    if level > 1:
+        parts = parts[:len(parts) - (level - 1)]
+    return ".".join(parts + ([module] if module else []))
+
+
+def _known(dotted: str) -> str:
+    """The module of the table that a dotted name lies in: "surveys.sdss.x" -> "surveys.sdss", "files.x" -> "files"."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        if ".".join(parts[:k]) in MODULES:
+            return ".".join(parts[:k])
+    return parts[0]
 
 
 def _reexports() -> dict:
@@ -19,18 +53,20 @@ def _reexports() -> dict:
 def imports_of(name: str) -> set:
     """Package modules that ``name`` imports anywhere in its source (top level or inside functions)."""
     out, facade = set(), _reexports()
-    for node in ast.walk(ast.parse((PKG / f"{name}.py").read_text())):
+    for node in ast.walk(ast.parse(_source(name).read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("stellarparams.")}
+            out |= {_known(a.name.split(".", 1)[1]) for a in node.names if a.name.startswith("stellarparams.")}
         elif isinstance(node, ast.ImportFrom):
-            inside = node.level == 1 or (node.level == 0 and (node.module or "").split(".")[0] == "stellarparams")
-            if not inside:
+            if node.level == 0 and (node.module or "").split(".")[0] != "stellarparams":
                 continue
-            module = node.module if node.level == 1 else ".".join((node.module or "").split(".")[1:])
-            if module:
-                out.add(module.split(".")[0])
-            else:  # from . import x: a submodule, a name the facade re-exports, or the facade itself
-                out |= {a.name if a.name in MODULES else facade.get(a.name, "__init__") for a in node.names}
+            module = _resolve(name, node.level, node.module) if node.level else \
+                ".".join((node.module or "").split(".")[1:])
+            if module and module not in SUBPACKAGES:
+                out.add(_known(module))
+            else:  # from . import x / from .surveys import x: a submodule, a facade name, or the package itself
+                for a in node.names:
+                    sub = f"{module}.{a.name}" if module else a.name
+                    out.add(sub if sub in MODULES else module if module else facade.get(a.name, "__init__"))
     return out - {name}
 
 
@@ -62,7 +98,9 @@ def find_cycle(g: dict):
 
 def test_the_walker_sees_function_level_imports_and_finds_a_planted_cycle():
     g = graph()
-    assert "prepare" in g["model_io"]          # imported inside Preprocessing.preprocessor only
+    assert "preprocess" in g["model_io"]       # imported inside Preprocessing.preprocessor only
+    assert "prepare" not in g["model_io"]
+    assert {"surveys.sdss", "surveys.base"} <= g["surveys.registry"] and "spectrum" in g["surveys.sdss"]
     assert "training" in g["calibrate"] and "uncertainty" in g["model_io"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -81,7 +119,7 @@ def layer_table() -> dict:
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and cells[0].isdigit():
-            layers.update({m: int(cells[0]) for m in re.findall(r"`([\w]+)`", cells[1])})
+            layers.update({m: int(cells[0]) for m in re.findall(r"`([\w.]+)`", cells[1])})
     return layers
 
 

@@ -11,9 +11,14 @@ from astropy.constants import c as C_LIGHT
 from astropy.io import fits
 from scipy.interpolate import CubicSpline
 
-from stellarparams import cli, prepare as prep, sdss
+from stellarparams.spectrum import Record, SpectrumError, pixmask
+from stellarparams import cli, prepare as prep
+from stellarparams import preprocess as preprocess_module
+from stellarparams.surveys import sdss
 from stellarparams.dataset import Dataset, Grid
-from stellarparams.prepare import PrepareConfig, assign_splits, preprocess
+from stellarparams.prepare import assign_splits
+from stellarparams.preprocess import PrepareConfig, preprocess
+from stellarparams.records import sha256_file
 
 GRID = Grid()
 C_KMS = C_LIGHT.to_value("km/s")
@@ -29,7 +34,7 @@ def analytic(rv_kms, n=4700, loglam0=3.5700, noise=0.0, seed=0):
     for lam in LINES:
         flux = flux - 40 * np.exp(-0.5 * ((rest - np.log10(lam)) / SIGMA_LOG) ** 2)
     flux = flux + np.random.default_rng(seed).normal(0, noise, n)
-    return sdss.Spectrum(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
+    return Record(loglam, flux.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.int32),
                          plate=1, mjd=2, fiberid=3, objclass="STAR", path="analytic")
 
 
@@ -69,7 +74,7 @@ def test_doppler_is_relativistic_and_shared():
     b = 0.6  # (1+z)^2 = (1+b)/(1-b) = 4 -> log10(1+z) = log10(2)
     assert physics.doppler_log_shift(b * C_KMS) == pytest.approx(np.log10(2.0), rel=1e-12)
     assert physics.doppler_log_shift(-b * C_KMS) == pytest.approx(-np.log10(2.0), rel=1e-12)
-    assert prep.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
+    assert preprocess_module.doppler_log_shift is physics.doppler_log_shift  # one formula, not a copy
 
 
 def test_standardized_rows():
@@ -86,7 +91,7 @@ def test_masked_pixels_are_not_zeros_and_ends_are_clamped():
     s.flux[gap] = 0.0
     s.ivar[gap] = 0.0  # no data
     s.flux[1600:1610] = 0.0
-    s.and_mask[1600:1610] = sdss.pixmask("FULLREJECT")  # bad bit, ivar still > 0
+    s.and_mask[1600:1610] = pixmask("FULLREJECT")  # bad bit, ivar still > 0
     s.flux[1700] = np.nan  # one non-finite pixel is dropped, not fatal
     f, valid = preprocess(s, 0.0, PrepareConfig(min_coverage=0.3))
     g = GRID.loglam
@@ -119,7 +124,7 @@ def test_valid_means_near_good_data():
             s.ivar[k:k + rng.integers(1, 13)] = 0
         rv = float(rng.uniform(-300, 300))
         _, valid = preprocess(s, rv)
-        x = s.loglam[s.ivar > 0] - prep.doppler_log_shift(rv)
+        x = s.loglam[s.ivar > 0] - preprocess_module.doppler_log_shift(rv)
         g = GRID.loglam
         dist = np.abs(g[:, None] - x[None, :]).min(1)  # brute force: distance to the nearest good pixel
         expect = (g >= x[0]) & (g <= x[-1]) & (dist <= 2e-4 * (1 + 1e-6))
@@ -141,7 +146,7 @@ def test_preprocess_rejects(case, reason):
     elif case == "ivar0":
         s.ivar[:] = 0
     elif case == "allmasked":
-        s.and_mask[:] = sdss.pixmask("NOPLUG")
+        s.and_mask[:] = pixmask("NOPLUG")
     elif case == "short":
         s = analytic(0.0, n=1500)
     elif case == "constant":
@@ -152,7 +157,7 @@ def test_preprocess_rejects(case, reason):
         s.loglam[100], s.loglam[101] = s.loglam[101], s.loglam[100]
     elif case == "three":
         s.ivar[3:] = 0
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         preprocess(s, rv)
     assert e.value.reason == reason
 
@@ -439,7 +444,7 @@ def test_sigma_is_the_resampled_noise_in_standardized_units(tmp_path):
     blue, red = valid & (x < s.loglam[1400]), valid & (x > s.loglam[1600])
     np.testing.assert_allclose(sigma[red] / sigma[blue].mean(), 2.0, rtol=1e-5)
     # the same star 3x brighter (noise 3x too) gives the same standardized flux and noise
-    s3 = sdss.Spectrum(s.loglam, 3 * s.flux + 7, s.ivar / 9, s.and_mask)
+    s3 = Record(s.loglam, 3 * s.flux + 7, s.ivar / 9, s.and_mask)
     f3, _, sigma3 = preprocess(s3, 0.0, PrepareConfig(min_coverage=0.3), return_sigma=True)
     np.testing.assert_allclose(f3, f, atol=1e-5)
     np.testing.assert_allclose(sigma3[valid], sigma[valid], rtol=1e-5)
@@ -491,3 +496,74 @@ def test_resolver_equals_path_resolve_through_links(tmp_path):
               tmp_path / "other" / "plate" / ".." / "0500" / "spec-0500-55000-0001.fits",
               Path(os.path.relpath(real / "spec-0500-55000-0001.fits"))]:
         assert resolve(p) == p.resolve(), p
+
+
+def content_sha256(path) -> str:
+    """sha256 of a dataset.h5's every array (name, dtype, shape, bytes) and attribute but its creation time."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        def add(name, obj):
+            h.update(name.encode())
+            for k in sorted(obj.attrs):
+                if k != "created":
+                    h.update(f"{k}={obj.attrs[k]!r}".encode())
+            if isinstance(obj, h5py.Dataset):
+                x = obj[()]
+                data = repr(x.tolist()).encode() if x.dtype == object else np.ascontiguousarray(x).tobytes()
+                h.update(f"{x.dtype}{np.shape(x)}".encode() + data)
+        add("/", f)
+        f.visititems(add)
+    return h.hexdigest()
+
+
+def test_fast_reader_and_fitsio_give_the_same_dataset_bit_for_bit(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=6)
+    (spectra / "spec-0500-55000-0099.fits").write_text("not a FITS file")  # no catalog row: the same reject
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    calls = []
+    fast = sdss.read_spec_fast
+    monkeypatch.setattr(sdss, "read_spec_fast", lambda p: calls.append(p) or fast(p))
+    a = prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "fast", workers=1, progress=False)
+    assert len(calls) == 6  # every file with a catalog row went through the fast path first
+    calls.clear()
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra),
+                   "--out", str(tmp_path / "fitsio"), "--reader", "fitsio", "--workers", "1", "--no-progress"])
+    assert rc == 0 and not calls  # --reader fitsio: never the fast path
+    assert a["kept"] == 6
+    assert content_sha256(tmp_path / "fast" / "dataset.h5") == content_sha256(tmp_path / "fitsio" / "dataset.h5")
+    assert (tmp_path / "fast" / "rejects.csv").read_bytes() == (tmp_path / "fitsio" / "rejects.csv").read_bytes()
+    with pytest.raises(ValueError, match="unknown reader"):
+        prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "x", reader="numpy", progress=False)
+
+
+def test_matching_finds_each_rows_first_file_as_a_dict_would():
+    from stellarparams import matching
+
+    rng = np.random.default_rng(0)
+    files = rng.integers(0, 4, (300, 3))  # many repeated keys
+    rows = rng.integers(0, 5, (200, 3))   # some keys with no file
+    valid = rng.random(200) > 0.1
+    first = {}
+    for j, k in enumerate(map(tuple, files)):
+        first.setdefault(k, j)
+    want = [first.get(tuple(k), -1) if ok else -1 for k, ok in zip(rows, valid)]
+    np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
+    np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
+    assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
+    assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
+
+
+def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 4)  # the per-row table in three blocks
+    streamed = prep.prepare(cat, spectra, tmp_path / "streamed", workers=2, chunk_size=2, progress=False)
+    monkeypatch.setattr(prep._StreamWriter, "finish", lambda self: self.close())  # the fallback: written anew
+    after = prep.prepare(cat, spectra, tmp_path / "after", workers=2, chunk_size=2, progress=False)
+    assert content_sha256(tmp_path / "streamed" / "dataset.h5") == content_sha256(tmp_path / "after" / "dataset.h5")
+    for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
+        assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
+        assert not (tmp_path / name / ".partial").exists()

@@ -5,9 +5,11 @@ import shutil
 import numpy as np
 import pytest
 
-from stellarparams import desi, lamost, readers, sdss, tables
+from stellarparams.spectrum import SpectrumError
+from stellarparams import readers
+from stellarparams.surveys import desi, lamost, sdss, tables
 from stellarparams.physics import rv_from_z
-from stellarparams.prepare import PrepareConfig, preprocess
+from stellarparams.preprocess import PrepareConfig, preprocess
 
 
 def spectrum(n=300, lo=3800.0, hi=9000.0, seed=0):
@@ -51,7 +53,7 @@ def test_lamost_wrong_number_of_rows_is_a_named_error(tmp_path):
     wave, flux, ivar = spectrum()
     bad = tmp_path / "spec-57000-GAC1_sp01-001.fits"
     fits.PrimaryHDU(np.stack([flux, ivar, wave]).astype(np.float32)).writeto(bad)  # 3 rows, not 5
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(bad)
     assert e.value.reason == "bad_layout" and "3 rows" in e.value.detail
     two = tmp_path / "spec-57000-GAC1_sp01-002.fits"
@@ -61,7 +63,7 @@ def test_lamost_wrong_number_of_rows_is_a_named_error(tmp_path):
     t = Table.read(two, hdu=1)
     fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(Table([np.concatenate([t[c]] * 2) for c in t.colnames],
                                                              names=t.colnames))]).writeto(two, overwrite=True)
-    with pytest.raises(sdss.SpectrumError, match="2 rows"):
+    with pytest.raises(SpectrumError, match="2 rows"):
         lamost.read_spectrum(two)
 
 
@@ -100,7 +102,7 @@ def test_desi_bad_target_is_named_and_the_others_are_kept(tmp_path):
     assert recs[0].problem is None
     assert recs[1].problem[0] == "no_good_pixels" and "22" in recs[1].problem[1]
     assert recs[2].problem[0] == "bad_fiberstatus"
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         preprocess(recs[1], 0.0, PrepareConfig())
     assert e.value.reason == "no_good_pixels"
     assert list(desi.target_ids(path)) == [11, 22, 33]
@@ -115,7 +117,7 @@ def test_desi_broken_file_is_a_named_error(tmp_path):
     with fits.open(path) as h:
         h["B_IVAR"].data = h["B_IVAR"].data[:1]  # ivar for one target of two
         h.writeto(tmp_path / "coadd-main-dark-9.fits")
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(tmp_path / "coadd-main-dark-9.fits")
     assert e.value.reason == "bad_layout"
 
@@ -148,7 +150,7 @@ def test_table_without_ivar_is_a_named_error(tmp_path):
 
     path = tmp_path / "broken.parquet"
     pd.DataFrame({"WAVE": [np.arange(5.0)], "FLUX": [np.ones(5)]}).to_parquet(path)
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(path)
     assert e.value.reason == "missing_columns" and "IVAR" in e.value.detail
 
@@ -173,7 +175,7 @@ def test_plain_arrays_go_through_preprocess(tmp_path):
     assert rec.rv == 15.0 and rec.z > 0
     out, valid = preprocess(rec, 15.0, PrepareConfig())
     assert out.shape == (4000,) and valid.mean() > 0.9
-    with pytest.raises(sdss.SpectrumError, match="bad_shape"):
+    with pytest.raises(SpectrumError, match="bad_shape"):
         readers.from_arrays(wave, flux[:-1], ivar)
 
 
@@ -182,14 +184,14 @@ def test_unknown_file_is_a_named_error(tmp_path):
 
     p = tmp_path / "mystery.fits"
     fits.PrimaryHDU(np.zeros(3)).writeto(p)
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.detect(p)
     assert e.value.reason == "unknown_format"
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(tmp_path / "spec-1-2-3.fits")
     assert e.value.reason == "missing_file"
     shutil.copy(p, tmp_path / "spec-57000-X_sp01-001.fits")  # named LAMOST, holds nothing
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(tmp_path / "spec-57000-X_sp01-001.fits")
     assert e.value.reason == "not_lamost"
 

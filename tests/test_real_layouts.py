@@ -13,13 +13,15 @@ import pytest
 import torch
 from astropy.io import fits
 
-from stellarparams import cli, desi, lamost, readers, sdss
+from stellarparams.spectrum import SpectrumError
+from stellarparams import cli, readers
+from stellarparams.surveys import desi, lamost
 from stellarparams.dataset import Dataset, Grid
 from stellarparams.model import ModelConfig, StellarNet
 from stellarparams.model_io import Model, save_model
 from stellarparams.physics import doppler, rv_from_z
 from stellarparams.predict import predict
-from stellarparams.prepare import PrepareConfig
+from stellarparams.preprocess import PrepareConfig
 
 torch.set_num_threads(1)
 N_DR1 = 3904                      # pixels of a pilot/DR1 (pipeline v2.6.4) spectrum
@@ -105,7 +107,7 @@ def test_dr6_dr7_image_uses_its_wavelength_row_and_refuses_one_that_disagrees_wi
     assert np.array_equal(rec.wave, wave.astype(np.float32)) and rec.ident == "359910161"
     rows[2] = wave * 1.001  # 4 pixels off the header's solution: which one is right cannot be told
     fits.PrimaryHDU(rows, header=h).writeto(tmp_path / "spec-57287-KP1_sp10-162.fits")
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(tmp_path / "spec-57287-KP1_sp10-162.fits")
     assert e.value.reason == "bad_wavelength" and "disagrees" in e.value.detail
 
@@ -137,7 +139,7 @@ def test_dr8_table_of_float32_columns(tmp_path):
 ])
 def test_damaged_dr1_files_are_named_rejects(tmp_path, damage, reason, words):
     path = write_dr1(tmp_path / "spec-55859-F5902_sp01-009.fits", **damage)
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         readers.read(path)
     assert e.value.reason == reason and words in e.value.detail and str(path) in str(e.value)
 

@@ -8,13 +8,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from stellarparams import cli, prepare as prep, sdss
-from stellarparams.dataset import Dataset
+from stellarparams import preprocess
+from stellarparams import cli, prepare as prep
+from stellarparams.surveys import sdss
+from stellarparams.dataset import Dataset, Grid
 from stellarparams.files import OutputBusy, output_lock
 
 from test_prepare import catalog_row, good_set, write_star
@@ -112,7 +115,9 @@ def test_a_damaged_dataset_is_never_published(tmp_path, monkeypatch):
     def zeros(f, flux, *a, **kw):  # what a second writer truncating the file did
         return real(f, np.zeros_like(flux), *a, **kw)
 
+    real_pixels = prep.append_pixels
     monkeypatch.setattr(prep, "append_rows", zeros)
+    monkeypatch.setattr(prep, "append_pixels", lambda f, flux, *a, **kw: real_pixels(f, np.zeros_like(flux), *a, **kw))
     with pytest.raises(RuntimeError, match="all zeros.*nothing was published"):
         prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
     assert not (tmp_path / "ds" / "dataset.h5").exists() and not (tmp_path / "ds" / "summary.json").exists()
@@ -214,57 +219,6 @@ def _alive(pid):
         return False
 
 
-KILL_SCRIPT = """
-import sys, time
-from pathlib import Path
-import stellarparams.{module} as m
-def stuck(*a):
-    Path(sys.argv[1], str(__import__("os").getpid())).write_text("")
-    time.sleep(600)
-m.{func} = stuck
-{call}
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
-@pytest.mark.parametrize("command", ["prepare", "predict"])
-def test_kill_9_of_the_parent_leaves_no_worker(tmp_path, command):
-    spectra, cat = good_set(tmp_path, n=4)
-    cat.to_csv(tmp_path / "cat.csv", index=False)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    if command == "prepare":
-        code = KILL_SCRIPT.format(module="prepare", func="_run_chunk", call=(
-            f"m.prepare({str(tmp_path / 'cat.csv')!r}, {str(spectra)!r}, {str(tmp_path / 'ds')!r}, workers=2, "
-            "chunk_size=1, progress=False)"))
-    else:
-        from test_predict import tiny_model
-        from stellarparams.model_io import save_model
-
-        save_model(tiny_model(), tmp_path / "model")
-        code = KILL_SCRIPT.format(module="predict", func="_read_chunk", call=(
-            f"m.predict({str(tmp_path / 'model')!r}, [{str(spectra)!r}], {str(tmp_path / 'r.csv')!r}, workers=2, "
-            "chunk_size=1, progress=False)"))
-    proc = subprocess.Popen([PY, "-c", code, str(pids)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        workers = [int(p.name) for p in pids.iterdir()]
-        assert len(workers) == 2 and set(workers) <= set(_children(proc.pid))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        deadline = time.monotonic() + 5
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(map(_alive, workers))
-    finally:
-        proc.kill()
-        for w in [int(p.name) for p in pids.iterdir()]:
-            if _alive(w):
-                os.kill(w, signal.SIGKILL)
-
-
 # ---------------------------------------------------------------------------------------------- predict
 
 def _predict_setup(tmp_path, n=4):
@@ -333,7 +287,7 @@ def test_bracketed_unicode_paths_in_every_output_format(tmp_path, suffix):
     assert s["n_predicted"] == 1 and list(df["file"]) == [str(good), str(bad)]
     assert not df["flag_rejected"][0] and np.isfinite(df["teff"][0])
     assert df["reject_reason"][1] == "unreadable"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a[1] b ñ", out.name, f".{out.name}.partial"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a[1] b ñ", out.name])
 
 
 def test_rejected_rows_keep_their_identity(tmp_path):
@@ -353,10 +307,11 @@ def test_rejected_rows_keep_their_identity(tmp_path):
     assert list(df["plate"]) == [1000, 7, 8, 2000] and list(df["fiberid"]) == [1, 77, 88, 42]
     assert "no such file" in df["reject_detail"][1] and "empty" in df["reject_detail"][2]
     # identity from the file name when no catalog gives it
-    predict(m, [d / "spec-2000-53000-0042.fits", d / "spec-3000-54000-0003.fits"], tmp_path / "r2.csv",
+    predict(m, [d / "spec-2000-53000-0042.fits", d / "spec-3000-54000-0003.fits", files[0]], tmp_path / "r2.csv",
             workers=0, progress=False)
     df = read_table(tmp_path / "r2.csv")
-    assert list(df["plate"]) == [2000, 3000] and list(df["mjd"]) == [53000, 54000] and list(df["fiberid"]) == [42, 3]
+    assert list(df["plate"]) == [2000, 3000, 1000] and list(df["mjd"]) == [53000, 54000, 52000]
+    assert list(df["fiberid"]) == [42, 3, 1]
 
 
 def test_resume_never_reuses_another_models_or_changed_files_parts(tmp_path, monkeypatch):
@@ -513,3 +468,309 @@ def test_a_short_table_is_never_published(tmp_path, suffix):
     with pytest.raises(ValueError, match=rf"u{suffix}: cannot write the .* output: wrote 2 rows .* expected 3"):
         write_table(tmp_path / f"u{suffix}", [lambda: block], n_rows=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # nothing else published, no temp left
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+
+def test_disk_errors_are_named_whatever_library_raised():
+    import errno
+
+    from stellarparams.files import disk_error
+
+    h5 = OSError("Unable to synchronously write data (file write failed: time = Mon, filename = 'x', "
+                 "errno = 28, error message = 'No space left on device', buf = 0x1)")  # h5py: no errno
+    for e, code in ((OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC), (h5, errno.ENOSPC),
+                    (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT),
+                    (OSError(errno.EROFS, "Read-only file system"), errno.EROFS)):
+        err = disk_error(e, "/out/dataset.h5")
+        assert err.errno == code and err.filename == "/out/dataset.h5"
+    assert disk_error(OSError(errno.ENOENT, "No such file"), "/x") is None and disk_error(ValueError("x"), "/x") is None
+
+
+def test_full_disk_in_prepare_publishes_nothing_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    prep.prepare(tmp_path / "cat.csv", spectra, tmp_path / "ref", workers=1, progress=False)
+    real = prep._write_h5
+
+    def full(tmp, *a):  # the disk fills while the dataset is written
+        tmp.write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep, "_write_h5", full)
+    args = ["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+            str(tmp_path / "ds"), "--workers", "1", "--no-progress"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "ds" / "dataset.h5") in err and "no space left" in err
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".lock", ".partial"]  # nothing published
+    chunks = sorted((tmp_path / "ds" / ".partial").glob("chunk-*"))
+    assert chunks
+    monkeypatch.setattr(prep, "_write_h5", real)
+    read = []
+    monkeypatch.setattr(prep, "_run_chunk", lambda *a: read.append(a))
+    assert cli.main(args) == 0 and read == []  # space freed: resumes from the chunks, reads nothing again
+    assert_same_dataset(tmp_path / "ds", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("command", ["simulate", "train"])
+def test_full_disk_in_simulate_and_train_is_one_line(command, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import stellarparams.files as files
+
+    if command == "simulate":
+        args = ["simulate", "--out", str(tmp_path / "out"), "--n", "2", "--workers", "1", "--no-progress"]
+    else:
+        spectra, cat = good_set(tmp_path, n=12)
+        prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False,
+                     config=preprocess.PrepareConfig(grid=Grid(n_pix=64)))
+        args = ["train", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--epochs", "1",
+                "--recipe", "paper", "--calib-folds", "0", "--labels", "teff", "--quiet", "--device", "cpu"]
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)  # every durable write finds the disk full
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(tmp_path / "out") in err and "space" in err
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name]  # no half-written file
+
+
+def test_real_full_tmpfs_is_refused_before_work(tmp_path, capsys):
+    """Where the test may mount a 1 MB tmpfs: prepare sees the space is too small before reading."""
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(small)],
+                                           capture_output=True).returncode:
+        pytest.skip("no tmpfs can be mounted here (the patched writers above cover the full disk)")
+    try:
+        rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+                       str(small / "ds"), "--workers", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "free" in err and "Traceback" not in err
+        assert not (small / "ds" / "dataset.h5").exists() and not (small / "ds" / "rejects.csv").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_memory_is_checked_before_prepare_reads(tmp_path, monkeypatch):
+    import stellarparams.outputs as outputs
+
+    spectra, cat = good_set(tmp_path, n=4)
+    monkeypatch.setattr(outputs, "available_memory", lambda: 50e6)  # a machine with 50 MB to spare
+    big = preprocess.PrepareConfig(grid=Grid(n_pix=100_000))
+    with pytest.raises(ValueError, match=r"needs about .* of memory.*lower --workers or the grid"):
+        prep.prepare(cat, spectra, tmp_path / "ds", workers=2, progress=False, config=big)
+    assert not (tmp_path / "ds" / ".partial").exists()  # refused before the first chunk
+    assert prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)["kept"] == 4  # 4000 px fit
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+def test_impossible_labels_are_bad_label_rejects(tmp_path):
+    from stellarparams.config import LABEL_LIMITS
+
+    spectra, cat = good_set(tmp_path, n=6)
+    cat.loc[1, "TEFF_ADOP"] = 1e6
+    cat.loc[2, "LOGG_ADOP"] = -50.0
+    cat.loc[3, "FEH_ADOP"] = -9999.0  # missing, not impossible
+    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
+    assert s["kept"] == 4 and s["rejected_by_reason"] == {"bad_label": 2}
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv")
+    assert "TEFF_ADOP = 1e+06 is outside the physical limits 2000 to 60000" in rej.detail.iloc[0]
+    with Dataset(tmp_path / "ds") as ds:
+        labels = ds.labels()
+    for j, name in enumerate(["teff", "feh", "logg"]):
+        lo, hi = LABEL_LIMITS[name]
+        assert np.nanmin(labels[:, j]) >= lo and np.nanmax(labels[:, j]) <= hi
+
+
+def test_predict_catalog_ignores_impossible_labels_and_keeps_the_first_duplicate(tmp_path, capsys):
+    from stellarparams.predict import collect_inputs
+
+    _, d, files = _predict_setup(tmp_path, n=3)
+    cat = pd.DataFrame({"FILE": [f.name for f in files] + [files[0].name], "RV_ADOP": [10.0, 20.0, 30.0, 99.0],
+                        "TEFF_ADOP": [5000.0, 1e6, 5000.0, 5000.0]})
+    items = {Path(f).name: rv for f, rv, _ in collect_inputs([d], cat)}
+    err = capsys.readouterr().err
+    assert items[files[0].name] == 10.0  # the first of two rows, as prepare keeps it
+    assert np.isnan(items[files[1].name]) and items[files[2].name] == 30.0  # 1e6 K: its RV is not used
+    assert "1 duplicate rows" in err and "outside the physical limits" in err
+
+
+# ---------------------------------------------------------------------------------------------- options and configs
+
+def test_train_refuses_zero_epochs_before_writing(tmp_path):
+    from stellarparams.config import recipe
+    from stellarparams.train import train
+
+    with pytest.raises(ValueError, match="at least 1 epoch"):
+        train(tmp_path / "no-dataset", tmp_path / "model", train_config=recipe("paper", epochs=0))
+    assert not (tmp_path / "model").exists()
+
+
+def test_command_line_recipe_beats_the_config_files(tmp_path):
+    from stellarparams.config import load_config
+
+    (tmp_path / "c.toml").write_text('[train]\nrecipe = "default"\nseed = 3\n')
+    assert load_config(tmp_path / "c.toml", "paper")[1].recipe == "paper"  # the command line wins ...
+    assert load_config(tmp_path / "c.toml", "paper")[1].ema == 0.0 and load_config(tmp_path / "c.toml", "paper")[1].seed == 3
+    assert load_config(tmp_path / "c.toml")[1].recipe == "default"  # ... and without it, the file's
+    (tmp_path / "d.toml").write_text('[train]\nseed = 3\n')
+    assert load_config(tmp_path / "d.toml", None, "default")[1].recipe == "default"
+
+
+def test_unreadable_spectra_folder_is_named(tmp_path, monkeypatch, capsys):
+    spectra, cat = good_set(tmp_path, n=2)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    real = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (root ignores chmod)
+        if Path(path) == spectra:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+                   str(tmp_path / "ds"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{spectra}: cannot read this folder (permission denied)" in err and "no spectrum" not in err
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_model_predict_one_bad_record_and_an_empty_list(tmp_path):
+    from test_predict import tiny_model, write_star as write_spec
+
+    m = tiny_model()
+    good = [sdss.read_spectrum(write_spec(tmp_path / f"spec-1000-52000-000{i}.fits", i)) for i in (1, 2)]
+    bad = sdss.read_spectrum(write_spec(tmp_path / "spec-1000-52000-0003.fits", 3, ivar=np.zeros(3800)))
+    with pytest.warns(UserWarning, match="spectrum 1 .*labels are NaN"):
+        pred = m.predict([good[0], bad, good[1]])
+    assert pred.shape == (3, 3) and np.isnan(pred[1]).all() and np.isfinite(pred[[0, 2]]).all()
+    np.testing.assert_allclose(pred[[0, 2]], m.predict(good), rtol=1e-6)  # the others are unaffected
+    assert m.predict([]).shape == (0, 3) and m.predict(np.zeros((0, 64), np.float32)).shape == (0, 3)
+
+
+def test_report_names_the_model_folder(tmp_path):
+    from test_predict import tiny_model
+
+    from stellarparams.evaluate import evaluate
+    from stellarparams.model_io import save_model
+
+    spectra, cat = good_set(tmp_path, n=12)
+    prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False, fractions=(0.4, 0.2, 0.4),
+                 config=preprocess.PrepareConfig(grid=Grid(n_pix=64)))
+    m = tiny_model()
+    m.prepare_config = preprocess.PrepareConfig(grid=Grid(n_pix=64)).to_dict()
+    m.grid = Grid(n_pix=64).to_dict()
+    save_model(m, tmp_path / "model")  # as `run` does: the model object, saved, is evaluated
+    evaluate(m, tmp_path / "ds", tmp_path / "report", progress=False)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"model: `{tmp_path / 'model'}` (sha256 " in text and "sha256 None" not in text
+
+
+# ---------------------------------------------------------------------------------------------- Dask
+
+def test_local_dask_cluster_listens_on_127_0_0_1_only():
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("distributed")
+    from stellarparams import engine
+
+    with engine.connect("local:1") as client:
+        pids = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+        listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        dashboard = client.dashboard_link
+    assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
+    assert "127.0.0.1" in dashboard
+
+
+def test_dask_scheduler_without_workers_times_out_with_a_message(monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from stellarparams import engine
+
+    monkeypatch.setattr(engine, "WORKER_TIMEOUT", 1.0)
+    with distributed.LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(engine.DaskError, match="no worker joined it within 1 s; start workers"):
+            with engine.connect(cluster.scheduler_address):
+                pass
+        assert time.monotonic() - t0 < 15
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+SIGNAL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import stellarparams.{module} as m
+def stuck(*a):
+    Path(sys.argv[1], str(__import__("os").getpid())).write_text("")
+    time.sleep(600)
+m.{func} = stuck
+{patch}
+from stellarparams.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+ONE_PER_CHUNK = "real = m.{func}\nm.{func} = lambda *a, **k: real(*a, **{{**k, 'chunk_size': 1}})"
+
+
+def _signal_command(command, tmp_path):
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    if command == "prepare":
+        return dict(module="prepare", func="_run_chunk", patch=ONE_PER_CHUNK.format(func="prepare"), argv=[
+            "prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+            str(tmp_path / "ds"), "--workers", "2", "--no-progress"])
+    if command == "predict":
+        from test_predict import tiny_model
+        from stellarparams.model_io import save_model
+
+        save_model(tiny_model(), tmp_path / "model")
+        return dict(module="predict", func="_read_chunk", patch=ONE_PER_CHUNK.format(func="predict"), argv=[
+            "predict", str(tmp_path / "model"), str(spectra), "--out", str(tmp_path / "r.csv"), "--workers", "2",
+            "--quiet"])
+    return dict(module="simulate", func="_run_chunk", argv=[  # the MILES library is not needed to be stuck
+        "simulate", "--out", str(tmp_path / "sim"), "--n", "8", "--workers", "2", "--no-progress"],
+        patch="m._init_worker = lambda *a: None\nm.miles_labels = lambda r: [0] * 10")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("command", ["prepare", "predict", "simulate"])
+def test_no_worker_outlives_its_parent(tmp_path, command, sig):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = SIGNAL_SCRIPT.format(**_signal_command(command, tmp_path))
+    proc = subprocess.Popen([PY, "-c", code, str(pids)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and set(workers) <= set(_children(proc.pid))
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        rc = proc.wait(10)  # the parent stops within seconds (it used to wait for the running chunks)
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers))
+        err = proc.stderr.read().decode()
+        if sig != signal.SIGKILL:
+            assert rc == 130 and err.strip() and "Traceback" not in err, err  # one line on what was kept
+    finally:
+        proc.kill()
+        for w in [int(p.name) for p in pids.iterdir()]:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from scipy.interpolate import CubicSpline
 
-from stellarparams import sdss
+from stellarparams.spectrum import Record, pixmask
 from stellarparams.dataset import Grid
 from stellarparams.physics import doppler_log_shift
-from stellarparams.prepare import PrepareConfig, preprocess
+from stellarparams.preprocess import PrepareConfig, preprocess
 from stellarparams.resample import cubic_spline
 
 
@@ -49,10 +49,10 @@ def test_preprocess_equals_the_scipy_reference():
     flux = (50 + 10 * np.sin(loglam * 300) + rng.normal(0, 1, n)).astype(np.float32)
     ivar = rng.uniform(0.5, 2, n).astype(np.float32)
     mask = np.zeros(n, np.int32)
-    mask[300:310] = sdss.pixmask("NODATA")
+    mask[300:310] = pixmask("NODATA")
     ivar[1000] = 0
     flux[1500] = np.nan
-    spec = sdss.Spectrum(loglam, flux, ivar, mask, 1, 2, 3, "STAR")
+    spec = Record(loglam, flux, ivar, mask, 1, 2, 3, "STAR")
     got, valid, sigma = preprocess(spec, 37.0, PrepareConfig(), return_sigma=True)
 
     good = spec.good()

@@ -5,7 +5,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from stellarparams import sdss
+from stellarparams.spectrum import SpectrumError, pixmask
+from stellarparams.surveys import sdss
 
 
 def _spectrum(n=3900, loglam0=3.5800, seed=0):
@@ -14,8 +15,8 @@ def _spectrum(n=3900, loglam0=3.5800, seed=0):
     flux = (100 + 20 * np.sin(loglam * 200) + rng.normal(0, 1, n)).astype(np.float32)
     ivar = rng.uniform(0.5, 2, n).astype(np.float32)
     mask = np.zeros(n, np.int32)
-    mask[100:105] = sdss.pixmask("NODATA")
-    mask[200] = sdss.pixmask("NEARBADPIXEL")  # informational only, not a bad bit
+    mask[100:105] = pixmask("NODATA")
+    mask[200] = pixmask("NEARBADPIXEL")  # informational only, not a bad bit
     return loglam, flux, ivar, mask
 
 
@@ -94,7 +95,7 @@ def test_read_spectrum_errors(tmp_path, kind, reason):
         hdu = fits.PrimaryHDU(np.zeros((1, 10), np.float32))
         hdu.header["COEFF0"], hdu.header["COEFF1"] = 3.58, 1e-4
         hdu.writeto(path)
-    with pytest.raises(sdss.SpectrumError) as e:
+    with pytest.raises(SpectrumError) as e:
         sdss.read_spectrum(path)
     assert e.value.reason == reason
     assert str(path) in str(e.value) and e.value.path == str(path)
@@ -167,7 +168,7 @@ def test_paths_are_data_not_fits_syntax(tmp_path, folder):
 
 def test_empty_file_says_empty(tmp_path):
     (tmp_path / "spec-0001-00002-0003.fits").write_bytes(b"")
-    with pytest.raises(sdss.SpectrumError, match="empty file") as e:
+    with pytest.raises(SpectrumError, match="empty file") as e:
         sdss.read_spectrum(tmp_path / "spec-0001-00002-0003.fits")
     assert e.value.reason == "unreadable" and "107" not in str(e.value)
 
@@ -197,7 +198,7 @@ def test_absurd_header_is_refused_before_cfitsio_allocates_it(tmp_path, key, val
         path = path.with_name(path.name + ".gz")
         data = gzip.compress(data)
     path.write_bytes(data)
-    with pytest.raises(sdss.SpectrumError, match="header declares") as e:
+    with pytest.raises(SpectrumError, match="header declares") as e:
         sdss.read_spectrum(path)
     assert e.value.reason == "unreadable"
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from stellarparams import cli, desi, lamost, readers
+from stellarparams import cli, readers
+from stellarparams.surveys import desi, lamost
 from stellarparams import simulate as S
-from stellarparams import simulate_surveys as SS
+from stellarparams.surveys import registry
 from stellarparams.dataset import Dataset
 
 NOISELESS = dict(noise=False, rv_sigma=0.0, ebv_mean=0.0, calib_sigma=0.0, bad_frac=0.0)
@@ -20,7 +21,7 @@ def surveys(tmp_path_factory):
         root = tmp_path_factory.mktemp(survey)
         assert cli.main(["simulate", "--out", str(root / "sim"), "--n", "24", "--seed", "2", "--workers", "1",
                          "--no-progress", "--survey", survey]) == 0
-        cat = root / "sim" / SS.CATALOG[survey]
+        cat = root / "sim" / registry.get(survey).simulated.catalog
         assert cli.main(["prepare", "--catalog", str(cat), "--spectra", str(root / "sim" / "spectra"),
                          "--out", str(root / "ds"), "--survey", survey, "--workers", "1", "--no-progress"]) == 0
         out[survey] = root / "sim", Table.read(cat), root / "ds"
@@ -45,7 +46,7 @@ def test_lamost_survey_reads_back_through_prepare_with_its_labels(surveys):
 def test_desi_survey_reads_back_through_prepare_with_its_labels(surveys):
     sim, cat, ds_path = surveys["desi"]
     assert {"TARGETID", "TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "FEH", "FEH_ERR", "VRAD", "VRAD_ERR"} <= set(cat.colnames)
-    assert fitsio.FITS(str(sim / SS.CATALOG["desi"]))[1].get_extname() == "RVTAB"
+    assert fitsio.FITS(str(sim / desi.SURVEY.simulated.catalog))[1].get_extname() == "RVTAB"
     truth = {(np.float32(r["TEFF"]), np.float32(r["FEH"]), np.float32(r["LOGG"])): r for r in cat}
     with Dataset(ds_path) as ds:
         meta, labels = ds.meta(), ds.labels()
@@ -66,7 +67,7 @@ def test_desi_survey_reads_back_through_prepare_with_its_labels(surveys):
 def test_lamost_file_layout_pixels_and_header(surveys):
     sim, cat, _ = surveys["lamost"]
     row = cat[0]
-    path = SS.spectrum_path("lamost", sim, 0)
+    path = lamost.SURVEY.simulated.spectrum_path(sim, {"index": 0})
     with fitsio.FITS(str(path)) as f:
         hdr = f[0].read_header()
         table = f[1].read()
@@ -74,9 +75,9 @@ def test_lamost_file_layout_pixels_and_header(surveys):
     wave = table["WAVELENGTH"][0]
     assert wave[0] == pytest.approx(3700.0, abs=0.1) and wave[-1] == pytest.approx(9100.0, abs=1.0)
     assert wave.dtype.kind == "f" and wave.dtype.itemsize == 4  # every DR8+ column is float32
-    np.testing.assert_allclose(wave, SS.pixels("lamost")[0], rtol=1e-7)  # log-linear, LAMOST's 1e-4 step
+    np.testing.assert_allclose(wave, lamost.SURVEY.simulated.pixels()[0], rtol=1e-7)  # log-linear, LAMOST's 1e-4 step
     # Z is the star's redshift; HELIO_RV the heliocentric correction LAMOST applied (not the star's RV)
-    assert hdr["OBSID"] == row["obsid"] and hdr["HELIO_RV"] == SS.helio_correction(row["lmjd"])
+    assert hdr["OBSID"] == row["obsid"] and hdr["HELIO_RV"] == lamost.helio_correction(row["lmjd"])
     assert hdr["Z"] == pytest.approx(row["rv"] / S.C_KMS, rel=2e-3)
     rec = lamost.read_spectrum(path)
     assert rec.rv == pytest.approx(row["rv"], abs=1e-6)
@@ -87,8 +88,8 @@ def test_lamost_file_layout_pixels_and_header(surveys):
 
 def test_desi_arms_pixels_and_masks(surveys):
     sim, _, _ = surveys["desi"]
-    with fitsio.FITS(str(SS.spectrum_path("desi", sim, 0))) as f:
-        for arm, (start, n) in SS.DESI_ARMS.items():
+    with fitsio.FITS(str(desi.SURVEY.simulated.spectrum_path(sim, {"index": 0}))) as f:
+        for arm, (start, n) in desi.SIM_ARMS.items():
             wave = f[f"{arm}_WAVELENGTH"].read()
             assert len(wave) == n and wave[0] == start and np.allclose(np.diff(wave), 0.8)
             assert f[f"{arm}_FLUX"].read().shape == (24, n)
@@ -96,7 +97,7 @@ def test_desi_arms_pixels_and_masks(surveys):
         z_ivar, z_mask = f["Z_IVAR"].read(), f["Z_MASK"].read()
         b_ivar = f["B_IVAR"].read()
         assert f["FIBERMAP"].read()["COADD_FIBERSTATUS"].tolist() == [0] * 24
-    assert not z_ivar.any() and (z_mask & SS.DESI_NODATA).all()  # the Z arm is beyond MILES: no data
+    assert not z_ivar.any() and (z_mask & desi.SIM_NODATA).all()  # the Z arm is beyond MILES: no data
     assert (b_ivar[:, 100:-100] > 0).mean() > 0.98
 
 
@@ -109,7 +110,7 @@ def test_resolution_is_the_surveys():
         np.testing.assert_allclose(sim.flux[1:3], want, rtol=1e-12)
         # a hand-made star: flat, one line of MILES' own FWHM at 6000 A, through the survey's LSF and pixels
         line = 1.0 - 0.5 * np.exp(-0.5 * ((sim.wave - 6000.0) / (sim.fwhm_lib / 2.3548)) ** 2)
-        flux = S.match_resolution(sim.wave, line, sim.fwhm_lib, SS.resolution(survey, sim.wave))
+        flux = S.match_resolution(sim.wave, line, sim.fwhm_lib, registry.get(survey).simulated.resolution(sim.wave))
         sim.cum[0] = np.concatenate([[0.0], np.cumsum(flux * np.diff(sim.edges))])
         sim.cover[0] = sim.edges[0], sim.edges[-1]
         plan = dict(S.draw_plan(0, 0, len(sim.labels), sim.cfg), star=0, rv=0.0, ebv=0.0)
@@ -126,7 +127,7 @@ def test_resolution_is_the_surveys():
 
 def test_lamost_flux_is_relative_with_one_smooth_response():
     sim = S.Simulator(S.SimConfig(**NOISELESS), S.Shifts(), seed=5, survey="lamost")
-    ref = S.instrument_response(sim.loglam, SS.LAMOST_RESPONSE, 5)
+    ref = S.instrument_response(sim.loglam, lamost.SIM_RESPONSE, 5)
     np.testing.assert_allclose(sim.response, ref)
     assert 0.05 < np.std(np.log(ref)) < 0.2
 
@@ -142,5 +143,5 @@ def test_survey_options_are_checked(tmp_path, capsys):
 def test_desi_coadd_is_rewritten_when_the_survey_grows(tmp_path):
     S.simulate(tmp_path, n=3, seed=1, workers=1, progress=False, survey="desi")
     S.simulate(tmp_path, n=5, seed=1, workers=1, progress=False, survey="desi")
-    assert len(desi.target_ids(SS.spectrum_path("desi", tmp_path, 0))) == 5
+    assert len(desi.target_ids(desi.SURVEY.simulated.spectrum_path(tmp_path, {"index": 0}))) == 5
     assert len(Table.read(tmp_path / "mwsall.fits")) == 5

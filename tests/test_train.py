@@ -185,7 +185,7 @@ def test_output_that_cannot_be_a_model_folder_is_refused_before_any_work(tmp_pat
     ds.close()
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "model"):
-        assert main(["train", "--dataset", str(tmp_path / "ds"), "--out", str(out), "--epochs", "1", "--quiet"]) == 1
+        assert main(["train", "--dataset", str(tmp_path / "ds"), "--out", str(out), "--epochs", "1", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "file" in err and "Traceback" not in err
     assert (tmp_path / "file").read_text() == "x"
@@ -220,7 +220,7 @@ def test_a_second_train_on_a_busy_folder_fails_at_once_or_waits(tmp_path, monkey
            "--epochs", "1", "--calib-folds", "0", "--quiet"]
     with output_lock(out):
         busy = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert busy.returncode == 1 and f"PID {os.getpid()}" in busy.stderr and str(out) in busy.stderr, busy.stderr
+        assert busy.returncode == 3 and f"PID {os.getpid()}" in busy.stderr and str(out) in busy.stderr, busy.stderr
         assert "--wait" in busy.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
     # --wait: the holder finishes while the waiter sleeps (the sleep is where the lock is released)
     held = output_lock(out)

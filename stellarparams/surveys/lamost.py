@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from . import sdss
-from .physics import rv_from_z
-from .spectrum import Record, make_record
+from .base import Simulated as SimulatedBase
+from .base import Survey
+from ..physics import doppler, rv_from_z
+from ..spectrum import Record, SpectrumError, pixmask, header_number, make_record, to_int
 
 NAME_RE = re.compile(r"^spec-(\d+)-(.+?)_?sp(\d+)-(\d+)\.fits?(\.gz)?$", re.I)
 EARLY_ROWS = ("flux", "ivar", "wavelength", "andmask", "ormask")  # DR1-DR7; the pilot's third row is no wavelength
@@ -102,30 +104,30 @@ def header_wavelength(hdr, n: int, path=""):
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         ``bad_wavelength``: the keys are there but not finite numbers, the step is not > 0,
         or the wavelengths fall outside 1000-100000 A.
     """
     if "COEFF0" in hdr or "COEFF1" in hdr:
-        c0, c1 = sdss._number(hdr, "COEFF0"), sdss._number(hdr, "COEFF1")
+        c0, c1 = header_number(hdr, "COEFF0"), header_number(hdr, "COEFF1")
         what, log, pix = f"COEFF0 = {hdr.get('COEFF0')!r}, COEFF1 = {hdr.get('COEFF1')!r}", True, 1.0
     elif "CRVAL1" in hdr:
-        c0 = sdss._number(hdr, "CRVAL1")
-        c1 = sdss._number(hdr, "CD1_1") if "CD1_1" in hdr else sdss._number(hdr, "CDELT1")
-        pix = sdss._number(hdr, "CRPIX1", 1.0)
+        c0 = header_number(hdr, "CRVAL1")
+        c1 = header_number(hdr, "CD1_1") if "CD1_1" in hdr else header_number(hdr, "CDELT1")
+        pix = header_number(hdr, "CRPIX1", 1.0)
         flag = hdr.get("DC-FLAG")
-        log = sdss._number(hdr, "DC-FLAG") == 1 if flag is not None else c0 < 10
+        log = header_number(hdr, "DC-FLAG") == 1 if flag is not None else c0 < 10
         what = (f"CRVAL1 = {hdr.get('CRVAL1')!r}, CD1_1/CDELT1 = {c1!r}, CRPIX1 = {hdr.get('CRPIX1', 1)!r}, "
                 f"DC-FLAG = {flag!r}")
     else:
         return None
     if not (np.isfinite(c0) and np.isfinite(c1) and np.isfinite(pix)) or c1 <= 0:
-        raise sdss.SpectrumError(path, "bad_wavelength", f"header wavelength solution {what}: need finite numbers "
+        raise SpectrumError(path, "bad_wavelength", f"header wavelength solution {what}: need finite numbers "
                                  "and a step > 0")
     x = c0 + c1 * (np.arange(n, dtype=np.float64) + 1.0 - pix)
     wave = 10.0 ** x if log else x
     if not (WAVE_RANGE[0] < wave[0] and wave[-1] < WAVE_RANGE[1]):
-        raise sdss.SpectrumError(path, "bad_wavelength", f"header wavelength solution {what} gives "
+        raise SpectrumError(path, "bad_wavelength", f"header wavelength solution {what} gives "
                                  f"{wave[0]:.4g}-{wave[-1]:.4g} A")
     return wave
 
@@ -148,14 +150,14 @@ def _wavelength(path, row, hdr, n: int, where: str) -> np.ndarray:
         row = np.asarray(row, np.float64)
         if hw is not None and not np.allclose(row, hw, rtol=WAVE_RTOL, atol=0):
             k = int(np.argmax(np.abs(row / hw - 1)))
-            raise sdss.SpectrumError(path, "bad_wavelength", f"{where} ({row[k]:.3f} A at pixel {k}) disagrees with "
+            raise SpectrumError(path, "bad_wavelength", f"{where} ({row[k]:.3f} A at pixel {k}) disagrees with "
                                      f"the header's wavelength solution ({hw[k]:.3f} A)")
         return row
     if hw is not None:
         return hw
     seen = "missing" if row is None else (f"values {np.nanmin(row):.4g} to {np.nanmax(row):.4g}, not an increasing "
                                           "wavelength array" if np.isfinite(row).any() else "not finite")
-    raise sdss.SpectrumError(path, "bad_wavelength", f"{where} is {seen}, and the header has no wavelength solution "
+    raise SpectrumError(path, "bad_wavelength", f"{where} is {seen}, and the header has no wavelength solution "
                              "(COEFF0/COEFF1, or CRVAL1/CD1_1 with DC-FLAG)")
 
 
@@ -163,12 +165,12 @@ def _header_keys(hdr, name: str) -> dict:
     """``keys`` of a spectrum: obsid and (lmjd, planid, spid, fiberid) from the header, else the file name."""
     keys = {}
     if all(k in hdr for k in KEY_COLUMNS):
-        keys["lmjd_planid_spid_fiberid"] = (sdss._int(hdr["LMJD"]), str(hdr["PLANID"]).strip(),
-                                            sdss._int(hdr["SPID"]), sdss._int(hdr["FIBERID"]))
+        keys["lmjd_planid_spid_fiberid"] = (to_int(hdr["LMJD"]), str(hdr["PLANID"]).strip(),
+                                            to_int(hdr["SPID"]), to_int(hdr["FIBERID"]))
     elif parse_name(name):
         keys["lmjd_planid_spid_fiberid"] = parse_name(name)
-    if "OBSID" in hdr and sdss._int(hdr["OBSID"]):
-        keys["obsid"] = sdss._int(hdr["OBSID"])
+    if "OBSID" in hdr and to_int(hdr["OBSID"]):
+        keys["obsid"] = to_int(hdr["OBSID"])
     return keys
 
 
@@ -189,14 +191,14 @@ def file_keys(path) -> dict:
         sdss.check_headers(path)  # a damaged header must not make cfitsio allocate gigabytes
         with sdss.open_fits(path) as f:
             hdr = f[0].read_header()
-    except (sdss.SpectrumError, OSError, ValueError, KeyError, UnicodeDecodeError):
+    except (SpectrumError, OSError, ValueError, KeyError, UnicodeDecodeError):
         hdr = {}
     return _header_keys(hdr, Path(path).name)
 
 
 def _z_or_nan(hdr) -> float:
     """The header's Z; NaN when missing, not a number, or LAMOST's -9999 (no redshift)."""
-    z = sdss._number(hdr, "Z")
+    z = header_number(hdr, "Z")
     return z if np.isfinite(z) and z > sdss.SENTINEL else float("nan")
 
 
@@ -219,16 +221,16 @@ def read_spectrum(path) -> Record:
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         ``bad_layout`` (primary image without 5 rows, a table with more or fewer than one
         row), ``bad_wavelength`` (no wavelength row and no header solution, a damaged or
         disagreeing solution), ``missing_columns``, ``not_lamost``, ``unreadable``, ``missing_file``.
     """
     path = Path(path)
     if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+        raise SpectrumError(path, "missing_file", f"no such file: {path}")
     if path.stat().st_size == 0:
-        raise sdss.SpectrumError(path, "unreadable", "empty file (0 bytes)")
+        raise SpectrumError(path, "unreadable", "empty file (0 bytes)")
     try:
         sdss.check_headers(path)
         with sdss.open_fits(path) as f:
@@ -237,7 +239,7 @@ def read_spectrum(path) -> Record:
             if hdr0.get("NAXIS", 0) == 2:
                 img = f[0].read()
                 if img.shape[0] != len(EARLY_ROWS):
-                    raise sdss.SpectrumError(path, "bad_layout", f"primary image has {img.shape[0]} rows; LAMOST's "
+                    raise SpectrumError(path, "bad_layout", f"primary image has {img.shape[0]} rows; LAMOST's "
                                              "early layout has 5 (flux, ivar, wavelength or a pilot spectrum, "
                                              "andmask, ormask)")
                 flux, ivar, andmask = img[0], img[1], img[3]
@@ -247,9 +249,9 @@ def read_spectrum(path) -> Record:
                 cols = {c.upper(): c for c in t.dtype.names or ()}
                 missing = [c for c in ("FLUX", "IVAR") if c not in cols]
                 if missing:
-                    raise sdss.SpectrumError(path, "missing_columns", "HDU 1 lacks " + ", ".join(missing))
+                    raise SpectrumError(path, "missing_columns", "HDU 1 lacks " + ", ".join(missing))
                 if len(t) != 1:
-                    raise sdss.SpectrumError(path, "bad_layout", f"HDU 1 has {len(t)} rows; LAMOST DR8+ has one")
+                    raise SpectrumError(path, "bad_layout", f"HDU 1 has {len(t)} rows; LAMOST DR8+ has one")
                 row = t[0]
                 flux, ivar = row[cols["FLUX"]], row[cols["IVAR"]]
                 wave = _wavelength(path, row[cols["WAVELENGTH"]] if "WAVELENGTH" in cols else None, hdr0,
@@ -258,11 +260,11 @@ def read_spectrum(path) -> Record:
                 if "NORMALIZATION" in cols:
                     extra["NORMALIZATION"] = np.asarray(row[cols["NORMALIZATION"]], np.float32)
             else:
-                raise sdss.SpectrumError(path, "not_lamost", "neither a 5-row primary image nor a table in HDU 1")
-    except sdss.SpectrumError:
+                raise SpectrumError(path, "not_lamost", "neither a 5-row primary image nor a table in HDU 1")
+    except SpectrumError:
         raise
     except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise sdss.SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
+        raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
                                  else type(e).__name__) from e
     header = {k: hdr0[k] for k in HEADER_KEYS if k in hdr0}
     header.update(extra)
@@ -291,7 +293,7 @@ def _catalog_keys(cat) -> list:
 def row_ids(cat) -> list:
     """Each catalog row's identifier text: OBSID, else LMJD-PLANID-SPID-FIBERID, else ``row N``."""
     if "OBSID" in cat.columns:
-        return ["" if not sdss._int(v) else str(sdss._int(v)) for v in cat["OBSID"]]
+        return ["" if not to_int(v) else str(to_int(v)) for v in cat["OBSID"]]
     keys = _catalog_keys(cat)
     if keys:
         return [f"{k[0]}-{k[1]}-{k[2]:02d}-{k[3]:03d}" if k else "" for k in keys]
@@ -400,7 +402,7 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
     """
     from astropy.io import fits
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     if layout not in ("dr8", "early", "pilot"):
         raise ValueError(f"layout must be 'dr8', 'early' or 'pilot', got {layout!r}")
@@ -440,3 +442,155 @@ def write_spectrum(path, wave, flux, ivar, andmask=None, *, layout: str = "dr8",
         hdus.append(fits.BinTableHDU.from_columns([fits.Column(c, f"{n}E", array=np.asarray(a, np.float32)[None])
                                                    for c, a in cols]))
     return atomic_write(path, fits.HDUList(hdus).writeto, durable=durable)
+
+
+# ---------------------------------------------------------------------------- simulate --survey lamost
+
+SIM_LOGLAM0, SIM_DLOGLAM, SIM_NPIX = 3.5682, 1e-4, 3909   # 3700.0-9099.1 A
+SIM_R = 1800.0
+SIM_RESPONSE = "legendre:0.1"       # the survey's fixed instrument response (simulate.instrument_response)
+SIM_FIBERS, SIM_SPECTROGRAPHS = 250, 16
+SIM_NODATA = 1 << 6                 # ANDMASK value of a pixel without data (the readers test != 0)
+SIM_BADPIX = 1 << 0                 # ORMASK value of a cosmic-ray hit (bad in one exposure)
+SIM_OBSID0, SIM_LMJD0 = 100_000_000, 57000
+
+
+def sim_ids(index: int) -> dict:
+    """obsid, lmjd, planid, spid, fiberid of realization ``index`` (4000 spectra per plan)."""
+    plan, k = divmod(index, SIM_FIBERS * SIM_SPECTROGRAPHS)
+    return dict(obsid=SIM_OBSID0 + index, lmjd=SIM_LMJD0 + plan, planid=f"SIM{plan:05d}",
+                spid=k // SIM_FIBERS + 1, fiberid=k % SIM_FIBERS + 1)
+
+
+def helio_correction(lmjd: int) -> float:
+    """LAMOST's HELIO_RV header value for a night: the heliocentric correction applied (km/s).
+
+    A stand-in: Earth's orbital speed projected with the season, 29.8 cos(2 pi LMJD / 365.25).
+    It is not the star's RV (that is Z), and a reader that takes it for one gets it wrong.
+    """
+    return round(29.8 * float(np.cos(2 * np.pi * lmjd / 365.25)), 5)
+
+
+def _normalization(flux, good, width: int = 201):
+    """DR8 NORMALIZATION stand-in: the flux over a running median of its good pixels (1 elsewhere)."""
+    from scipy.ndimage import median_filter
+
+    cont = np.interp(np.arange(len(flux)), np.flatnonzero(good), flux[good]) if good.any() else np.ones(len(flux))
+    cont = median_filter(cont, width, mode="nearest")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(good & (cont > 0), flux / cont, 1.0)
+    return out.astype(np.float32)
+
+
+class Simulated(SimulatedBase):
+    """The files of ``simulate --survey lamost``.
+
+    LAMOST LRS (DR8 v1.0 LRS *Data Production Description*):
+
+    - pixels: log-linear, log10(lambda) = 3.5682 + 1e-4 k, k = 0..3908 (3700.0-9099.1 A, vacuum,
+      heliocentric), the same for every spectrum;
+    - resolution: Gaussian LSF of FWHM lambda / 1800 where that is broader than MILES' 2.5 A
+      (redward of 4500 A); bluer pixels keep MILES' resolution;
+    - flux: relative (no unit): the star times one smooth instrument response shared by the
+      survey (``RESPONSE``: a seeded Legendre curve, rms of ln response 0.1, drawn from the
+      survey seed) on top of the per-spectrum calibration error of ``simulate``;
+    - file: ``OUT/spectra/PLANID/spec-LMJD-PLANID_spSS-FFF.fits``, the DR8+ layout (HDU 1 a
+      one-row table of float32 FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK, NORMALIZATION), header
+      OBSID, LMJD, PLANID, SPID, FIBERID, CLASS, Z (the redshift of the catalog's measured RV) and
+      HELIO_RV (as in LAMOST, the heliocentric correction, not the star's RV: a seasonal stand-in,
+      :func:`helio_correction`); 16 spectrographs x 250 fibers = 4000 spectra per plan;
+    - catalog ``OUT/LRS_stellar.fits``: the A/F/G/K table's lower-case columns obsid, lmjd,
+      planid, spid, fiberid, teff, teff_err, logg, logg_err, feh, feh_err, rv, rv_err, snrg,
+      plus the simulation's star_id, ebv and the truths teff_true, feh_true, logg_true, rv_true.
+
+    Beyond MILES (3540-7410 A, rest frame): pixels the star does not cover get flux 0, ivar 0
+    and a mask bit (LAMOST ANDMASK, DESI ``MASK`` bit NODATA = 2**8 of desispec's specmask),
+    as SDSS's NODATA: nothing is invented there. So LAMOST's red ~20% and DESI's whole Z arm
+    and the red end of R hold no data. Cosmic-ray hits: ivar 0 and DESI COSMIC (2**2) or LAMOST
+    ORMASK (bad in one exposure); sky lines are not flagged (both readers take any ANDMASK or
+    MASK bit as bad).
+    """
+
+    catalog, file_bytes, response = "LRS_stellar.fits", 170e3, SIM_RESPONSE
+
+    def resolution(self, lam):
+        """1800: a Gaussian LSF of FWHM lambda / 1800 (where broader than MILES')."""
+        return np.full(np.asarray(lam, np.float64).shape, SIM_R)
+
+    def pixels(self):
+        loglam = SIM_LOGLAM0 + SIM_DLOGLAM * np.arange(SIM_NPIX)
+        return 10 ** loglam, 10 ** (loglam - SIM_DLOGLAM / 2), 10 ** (loglam + SIM_DLOGLAM / 2)
+
+    def spectrum_path(self, out, plan):
+        i = sim_ids(plan["index"])
+        return Path(out) / "spectra" / i["planid"] / spec_filename(i["lmjd"], i["planid"], i["spid"], i["fiberid"])
+
+    def write_files(self, out, items, header):
+        nodata, cosmic = pixmask("NODATA"), pixmask("COMBINEREJ")
+        for index, plan, spec, row in items:
+            i = sim_ids(index)
+            bad = (spec["and_mask"] & nodata) != 0
+            hit = (spec["and_mask"] & cosmic) != 0
+            andmask = np.where(bad, SIM_NODATA, 0).astype(np.int32)
+            ormask = andmask | np.where(hit, SIM_BADPIX, 0).astype(np.int32)
+            flux = spec["flux"].astype(np.float32)
+            write_spectrum(self.spectrum_path(out, plan), spec["wave"], flux,
+                           spec["ivar"].astype(np.float32), andmask, ormask=ormask, durable=False,
+                           obsid=i["obsid"], lmjd=i["lmjd"], planid=i["planid"], spid=i["spid"],
+                           fiberid=i["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
+                           helio_rv=helio_correction(i["lmjd"]),
+                           normalization=_normalization(flux, ~bad),
+                           header={"SNRG": round(float(row["SNR"]), 4), **header})
+
+    def catalog_row(self, index, row):
+        i = sim_ids(index)
+        out = {k: i[k] for k in ("obsid", "lmjd", "planid", "spid", "fiberid")}
+        for name in ("TEFF", "LOGG", "FEH", "RV"):
+            out[name.lower()] = row[f"{name}_ADOP"]
+            out[name.lower() + "_err"] = row[f"{name}_ADOP_UNC"]
+        out.update(snrg=row["SNR"], star_id=row["STAR_ID"], ebv=row["EBV"])
+        out.update({f"{n.lower()}_true": row[f"{n}_TRUE"] for n in ("TEFF", "FEH", "LOGG", "RV")})
+        return out
+
+    def write_catalog(self, out, rows, meta, names):
+        from astropy.table import Table
+
+        from ..files import atomic_write
+
+        table = Table(rows=rows, names=list(rows[0]))
+        table.meta.update(meta)
+        return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
+
+
+# ---------------------------------------------------------------------------- the survey (surveys.registry)
+
+class LAMOST(Survey):
+    """LAMOST LRS spectra (pilot, DR1-DR7 image, DR8+ table layouts); catalog: the LRS stellar table."""
+
+    name, title, priority, name_re = "lamost", "LAMOST", 30, NAME_RE
+    labels, rv_column, id_column = LABELS, RV_COLUMN, "OBSID"
+    catalog_keys = (("OBSID",), KEY_COLUMNS)
+
+    def identify(self, info) -> bool:
+        if "LAMOST" in str(info.header.get("TELESCOP", "")).upper():
+            return True  # else a DR8+ table, unless SDSS's COADD or COEFF0 say otherwise
+        return not ("COADD" in info.names or "COEFF0" in info.header) and {"WAVELENGTH", "ANDMASK"} <= info.cols
+
+    def read(self, path, reader="fast") -> list:
+        return [read_spectrum(path)]
+
+    def file_keys(self, path) -> list:
+        fk = file_keys(path)  # a file not named after its keys: LMJD..FIBERID, OBSID from its header
+        return [fk.get("lmjd_planid_spid_fiberid"), ("id", str(fk["obsid"])) if "obsid" in fk else None]
+
+    def row_ids(self, cat) -> list:
+        return super().row_ids(cat) if self.id_column in cat.columns else row_ids(cat)
+
+    def locate_rows(self, cat, files, row_files) -> list:
+        return locate(cat, files, row_files)
+
+
+    simulated = Simulated()
+
+
+SURVEY = LAMOST()

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import sdss
-from .spectrum import Record, make_record
+from .base import Survey
+from ..spectrum import Record, SpectrumError, make_record
 
 ID_COLUMNS = ("ID", "TARGETID", "OBJID", "OBSID", "NAME", "OBJECT_ID")
 ARRAY_COLUMNS = ("WAVE", "WAVELENGTH", "FLUX", "IVAR", "MASK")
@@ -48,7 +48,7 @@ def _load(path: Path) -> tuple[dict, np.ndarray | None]:
 
         with fits.open(path, memmap=False) as h:
             if len(h) < 2 or not isinstance(h[1], fits.BinTableHDU):
-                raise sdss.SpectrumError(path, "missing_columns", "HDU 1 is not a table")
+                raise SpectrumError(path, "missing_columns", "HDU 1 is not a table")
             data = h[1].data
             cols = {c.upper(): np.array(data[c]) for c in data.columns.names}
             for hdu in h[2:]:
@@ -73,22 +73,22 @@ def read_table(path) -> list[Record]:
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         ``missing_columns`` (no FLUX, IVAR or wavelength), ``unreadable``, ``missing_file``.
     """
     path = Path(path)
     if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+        raise SpectrumError(path, "missing_file", f"no such file: {path}")
     try:
         cols, shared = _load(path)
-    except sdss.SpectrumError:
+    except SpectrumError:
         raise
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise sdss.SpectrumError(path, "unreadable", f"{type(e).__name__}: {e}"[:200]) from e
+        raise SpectrumError(path, "unreadable", f"{type(e).__name__}: {e}"[:200]) from e
     wave_col = next((k for k in ("WAVE", "WAVELENGTH") if k in cols), None)
     missing = [c for c in ("FLUX", "IVAR") if c not in cols] + ([] if wave_col or shared is not None else ["WAVE"])
     if missing:
-        raise sdss.SpectrumError(path, "missing_columns", "the table lacks " + ", ".join(missing))
+        raise SpectrumError(path, "missing_columns", "the table lacks " + ", ".join(missing))
     n = len(cols["FLUX"])
     id_col = next((c for c in ID_COLUMNS if c in cols), None)
     scalar = {k: v for k, v in cols.items() if k not in ARRAY_COLUMNS and np.ndim(v) == 1 and len(v) == n
@@ -104,7 +104,7 @@ def read_table(path) -> list[Record]:
         try:
             rec = make_record(wave, cols["FLUX"][i], cols["IVAR"][i], mask, path=path, ident=ident, survey="table",
                               rv=rv, keys={"row": i}, labels=labels)
-        except sdss.SpectrumError as e:
+        except SpectrumError as e:
             rec = make_record([1.0], [0.0], [0.0], path=path, ident=ident, survey="table", keys={"row": i},
                               labels=labels)
             rec.problem = (e.reason, f"row {i} ({ident}): {e.detail}")
@@ -150,7 +150,7 @@ def write_table(path, wave, flux, ivar, mask=None, columns: dict | None = None, 
     -------
     Path
     """
-    from .files import atomic_write
+    from ..files import atomic_write
 
     flux = np.asarray(flux, np.float32)
     wave = np.asarray(wave, np.float64)
@@ -201,3 +201,54 @@ def _scalar(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+# ---------------------------------------------------------------------------- the survey (surveys.registry)
+
+TABLE_SUFFIXES = (".parquet", ".pq", ".h5", ".hdf5")
+SPECTRUM_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fts") + TABLE_SUFFIXES
+
+
+class Tables(Survey):
+    """Plain spectrum tables (FITS, Parquet, HDF5), one row per spectrum; they carry their own labels."""
+
+    name, title, priority = "table", "table", 10
+    labels, rv_column, id_column = LABELS, RV_COLUMN, "ID"
+    catalog_keys = (("ROW",),)
+    listed = False              # a folder scan lists a table only when asked for tables
+    many_per_file = True
+    carries_labels = True
+    one_file_is_enough = True
+
+    def matches_name(self, name: str) -> bool:
+        return name.lower().endswith(TABLE_SUFFIXES)
+
+    def lists(self, name: str) -> bool:
+        return name.lower().endswith(SPECTRUM_SUFFIXES)
+
+    def identify(self, info) -> bool:
+        return "FLUX" in info.cols and "IVAR" in info.cols
+
+    def read(self, path, reader="fast") -> list:
+        return read_table(path)
+
+    def members(self, path) -> list:
+        return [(j, r.ident, r.rv) for j, r in enumerate(read_table(path))]
+
+    def own_catalog(self, files: list) -> pd.DataFrame:
+        return pd.concat([catalog(p).assign(FILE=str(p.resolve())) for p in files], ignore_index=True) \
+            if files else pd.DataFrame()
+
+    def locate_rows(self, cat, files, row_files) -> list:
+        """A row's ROW (else its position) in its FILE, else in the only file."""
+        n = len(cat)
+        rows = pd.to_numeric(cat["ROW"], errors="coerce").to_numpy() if "ROW" in cat else np.arange(n)
+        only = files[0] if len(files) == 1 else None
+        loc = [None] * n
+        for i in range(n):
+            f = row_files[i] or only
+            loc[i] = (f, int(rows[i])) if f is not None and np.isfinite(rows[i]) else None
+        return loc
+
+
+SURVEY = Tables()

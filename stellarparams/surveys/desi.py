@@ -40,8 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from . import sdss
-from .physics import rv_from_z
-from .spectrum import Record, make_record
+from .base import Simulated as SimulatedBase
+from .base import Survey
+from ..physics import doppler, rv_from_z
+from ..spectrum import Record, SpectrumError, pixmask, make_record
 
 ARMS = ("B", "R", "Z")
 LABELS = {"teff": "TEFF", "feh": "FEH", "logg": "LOGG"}
@@ -137,23 +139,23 @@ def read_coadd(path) -> list[Record]:
 
     Raises
     ------
-    sdss.SpectrumError
+    SpectrumError
         ``missing_columns`` (no FIBERMAP with TARGETID, no arm), ``bad_layout`` (arm arrays
         whose shapes disagree with the FIBERMAP or the wavelengths), ``unreadable``,
         ``missing_file``.
     """
     path = Path(path)
     if not path.is_file():
-        raise sdss.SpectrumError(path, "missing_file", f"no such file: {path}")
+        raise SpectrumError(path, "missing_file", f"no such file: {path}")
     try:
         sdss.check_headers(path, MAX_HDU_BYTES)
         with sdss.open_fits(path) as f:
             if "FIBERMAP" not in f:
-                raise sdss.SpectrumError(path, "missing_columns", "no FIBERMAP HDU")
+                raise SpectrumError(path, "missing_columns", "no FIBERMAP HDU")
             fm = f["FIBERMAP"].read()
             cols = {c.upper(): c for c in fm.dtype.names or ()}
             if "TARGETID" not in cols:
-                raise sdss.SpectrumError(path, "missing_columns", "FIBERMAP has no TARGETID")
+                raise SpectrumError(path, "missing_columns", "FIBERMAP has no TARGETID")
             status = (fm[cols["COADD_FIBERSTATUS"]].astype(np.int64) if "COADD_FIBERSTATUS" in cols
                       else np.zeros(len(fm), np.int64))
             arms = []
@@ -165,19 +167,19 @@ def read_coadd(path) -> list[Record]:
                 mask = f[f"{arm}_MASK"].read() if f"{arm}_MASK" in f else np.zeros(flux.shape, np.int32)
                 if (wave.ndim != 1 or flux.shape != ivar.shape or flux.shape != mask.shape
                         or flux.shape != (len(fm), len(wave))):
-                    raise sdss.SpectrumError(path, "bad_layout", f"arm {arm}: wavelength {wave.shape}, flux "
+                    raise SpectrumError(path, "bad_layout", f"arm {arm}: wavelength {wave.shape}, flux "
                                              f"{flux.shape}, ivar {ivar.shape}, mask {mask.shape} for "
                                              f"{len(fm)} FIBERMAP rows")
                 mask = mask.astype(np.int64)
                 mask[(status & BADAMP[arm]) != 0] |= SPECMASK["BADFIBER"]  # this camera's data are unusable
                 arms.append((wave, flux, ivar, mask))
-    except sdss.SpectrumError:
+    except SpectrumError:
         raise
     except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise sdss.SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
+        raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
                                  else type(e).__name__) from e
     if not arms:
-        raise sdss.SpectrumError(path, "missing_columns", "no arm with X_WAVELENGTH, X_FLUX, X_IVAR (X = B, R, Z)")
+        raise SpectrumError(path, "missing_columns", "no arm with X_WAVELENGTH, X_FLUX, X_IVAR (X = B, R, Z)")
     wave, flux, ivar, mask = merge_arms(arms)
     tid = fm[cols["TARGETID"]].astype(np.int64)
     bad_status = status & ~(FIBERSTATUS_INFO | sum(BADAMP.values()))
@@ -284,7 +286,7 @@ def write_coadd(path, targetid, arms: dict, fiberstatus=None, header: dict | Non
     """
     from astropy.io import fits
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     targetid = np.asarray(targetid, np.int64)
     n = len(targetid)
@@ -338,7 +340,7 @@ def write_redrock(path, targetid, z, zwarn=None, spectype="STAR", durable: bool 
     """
     from astropy.io import fits
 
-    from .files import atomic_write
+    from ..files import atomic_write
 
     targetid = np.asarray(targetid, np.int64)
     n = len(targetid)
@@ -349,3 +351,176 @@ def write_redrock(path, targetid, z, zwarn=None, spectype="STAR", durable: bool 
          fits.Column("ZERR", "D", array=np.zeros(n)), fits.Column("ZWARN", "K", array=zwarn),
          fits.Column("SPECTYPE", "6A", array=spectype)], name="REDSHIFTS")
     return atomic_write(path, fits.HDUList([fits.PrimaryHDU(), table]).writeto, durable=durable)
+
+
+# ---------------------------------------------------------------------------- simulate --survey desi
+
+SIM_ARMS = {"B": (3600.0, 2751), "R": (5760.0, 2326), "Z": (7520.0, 2881)}   # first pixel (A), pixels
+SIM_STEP = 0.8                       # A
+SIM_R = ((3600.0, 5800.0, 7600.0, 9824.0), (2000.0, 3200.0, 4100.0, 5500.0))  # knots of R(lambda)
+SIM_NODATA, SIM_COSMIC = 1 << 8, 1 << 2   # desispec.maskbits specmask NODATA, COSMIC
+SIM_SURVEY, SIM_PROGRAM, SIM_PIX0 = "main", "bright", 10000
+SIM_PER_FILE = 500
+SIM_TARGETID0 = 39_600_000_000_000_000
+
+
+def sim_waves() -> dict:
+    """{arm: (n,) float64 vacuum wavelengths, A} of the three simulated DESI arms."""
+    return {arm: np.round(start + SIM_STEP * np.arange(n), 6) for arm, (start, n) in SIM_ARMS.items()}
+
+
+def sim_ids(index: int) -> dict:
+    """targetid and the healpix pixel ``pixnum`` of realization ``index`` (:data:`SIM_PER_FILE` per coadd)."""
+    return dict(targetid=SIM_TARGETID0 + index, pixnum=SIM_PIX0 + index // SIM_PER_FILE)
+
+
+class Simulated(SimulatedBase):
+    """The files of ``simulate --survey desi``.
+
+    DESI (desidatamodel ``coadd-SURVEY-PROGRAM-PIXNUM.rst``; DESI Collaboration 2022, AJ 164,
+    207, the instrument: R 2000-3200 in B, 3200-4100 in R, 4100-5500 in Z):
+
+    - pixels: three arms, linear 0.8 A steps: B 3600.0-5800.0 A (2751), R 5760.0-7620.0 A
+      (2326), Z 7520.0-9824.0 A (2881), vacuum; the arms overlap and have independent noise;
+    - resolution: DESI's LSF (FWHM ~1.8 A) is sharper than MILES' 2.5 A everywhere, so the
+      spectra keep MILES' resolution (R = lambda / 2.5 A, 1440 at 3600 A to 2960 at 7400 A):
+      a resolution cannot be raised. ``--lsf`` still applies a broader one;
+    - flux: 1e-17 erg/s/cm2/A, as SDSS;
+    - file: ``OUT/spectra/healpix/main/bright/PIXGROUP/PIXNUM/coadd-main-bright-PIXNUM.fits``,
+      ``PER_FILE`` = 500 targets per file (FIBERMAP TARGETID, COADD_FIBERSTATUS 0;
+      EXP_FIBERMAP; B/R/Z ``_WAVELENGTH``, ``_FLUX``, ``_IVAR``, ``_MASK``; SCORES; no
+      ``_RESOLUTION``: :func:`write_coadd`), and beside it the Redrock file
+      ``redrock-main-bright-PIXNUM.fits`` (REDSHIFTS: Z = the redshift of the catalog's VRAD,
+      ZWARN 0, SPECTYPE STAR), as DESI's pipeline writes one;
+    - catalog ``OUT/mwsall.fits``: RVTAB (HDU 1) with TARGETID, SURVEY, PROGRAM, PRIMARY, VRAD,
+      VRAD_ERR, TEFF, TEFF_ERR, LOGG, LOGG_ERR, FEH, FEH_ERR, plus STAR_ID, EBV, SNR and the
+      truths TEFF_TRUE, FEH_TRUE, LOGG_TRUE, RV_TRUE.
+    """
+
+    catalog, file_bytes, chunk_by_file = "mwsall.fits", 500e3, True
+
+    def resolution(self, lam):
+        """Piecewise linear through :data:`SIM_R` (2000 at 3600 A to 5500 at 9824 A)."""
+        return np.interp(np.asarray(lam, np.float64), *SIM_R)
+
+    def pixels(self):
+        lam = np.concatenate(list(sim_waves().values()))
+        return lam, lam - SIM_STEP / 2, lam + SIM_STEP / 2
+
+    def spectrum_path(self, out, plan):
+        pix = sim_ids(plan["index"])["pixnum"]
+        return (Path(out) / "spectra" / "healpix" / SIM_SURVEY / SIM_PROGRAM / str(pix // 100) / str(pix)
+                / f"coadd-{SIM_SURVEY}-{SIM_PROGRAM}-{pix}.fits")
+
+    def is_done(self, path, n):
+        if not path.exists():
+            return False
+        try:
+            return len(target_ids(path)) == n
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def write_files(self, out, items, header):
+        nodata, cosmic = pixmask("NODATA"), pixmask("COMBINEREJ")
+        arms, start = {}, 0
+        for arm, wave in sim_waves().items():
+            sl = slice(start, start + len(wave))
+            start += len(wave)
+            masks = []
+            for _, _, spec, _ in items:
+                m = np.where((spec["and_mask"][sl] & nodata) != 0, SIM_NODATA, 0)
+                masks.append(m | np.where((spec["and_mask"][sl] & cosmic) != 0, SIM_COSMIC, 0))
+            arms[arm] = (wave, np.stack([s["flux"][sl] for _, _, s, _ in items]),
+                         np.stack([s["ivar"][sl] for _, _, s, _ in items]), np.stack(masks))
+        pix = sim_ids(items[0][0])["pixnum"]
+        coadd = self.spectrum_path(out, items[0][1])
+        tids = [sim_ids(k)["targetid"] for k, _, _, _ in items]
+        # Redrock's redshifts beside the coadd (first: a coadd on disk means its Redrock file is there too)
+        write_redrock(coadd.with_name("redrock" + coadd.name[len("coadd"):]), tids,
+                      [float(doppler(row["RV_ADOP"]) - 1.0) for _, _, _, row in items], durable=False)
+        write_coadd(coadd, tids, arms, header={"HPXPIXEL": pix, "HPXNSIDE": 64, "HPXNEST": True, "SURVEY": SIM_SURVEY,
+                                               "PROGRAM": SIM_PROGRAM, **header}, durable=False)
+
+    def catalog_row(self, index, row):
+        i = sim_ids(index)
+        out = dict(TARGETID=i["targetid"], SURVEY=SIM_SURVEY, PROGRAM=SIM_PROGRAM, PRIMARY=True,
+                   VRAD=row["RV_ADOP"], VRAD_ERR=row["RV_ADOP_UNC"])
+        for name in ("TEFF", "LOGG", "FEH"):
+            out[name], out[f"{name}_ERR"] = row[f"{name}_ADOP"], row[f"{name}_ADOP_UNC"]
+        out.update(STAR_ID=row["STAR_ID"], EBV=row["EBV"], SNR=row["SNR"])
+        out.update({f"{n}_TRUE": row[f"{n}_TRUE"] for n in ("TEFF", "FEH", "LOGG", "RV")})
+        return out
+
+    def write_catalog(self, out, rows, meta, names):
+        """An ``mwsall``-like file whose HDU 1 is the table RVTAB."""
+        from astropy.io import fits
+        from astropy.table import Table
+
+        from ..files import atomic_write
+
+        table = Table(rows=rows, names=list(rows[0]))
+        table.meta.update(meta)
+        hdu = fits.table_to_hdu(table)
+        hdu.name = "RVTAB"
+        return atomic_write(Path(out) / self.catalog, fits.HDUList([fits.PrimaryHDU(), hdu]).writeto)
+
+
+# ---------------------------------------------------------------------------- the survey (surveys.registry)
+
+class DESI(Survey):
+    """DESI coadd files (B/R/Z arms, many targets each) with Redrock beside them; catalog: mwsall (RVTAB)."""
+
+    name, title, priority, name_re = "desi", "DESI", 40, NAME_RE
+    labels, rv_column, id_column = LABELS, RV_COLUMN, "TARGETID"
+    catalog_keys = (("TARGETID",),)
+    many_per_file = True
+
+    def identify(self, info) -> bool:
+        return "B_FLUX" in info.names or "R_FLUX" in info.names or "Z_FLUX" in info.names
+
+    def read(self, path, reader="fast") -> list:
+        return read_coadd(path)
+
+    def members(self, path) -> list:
+        return [(j, str(t), float("nan")) for j, t in enumerate(target_ids(path))]
+
+    def locate_rows(self, cat, files, row_files) -> list:
+        """A row's TARGETID in its FILE, else in the coadd of its SURVEY and PROGRAM, else in any coadd."""
+        import pandas as pd
+
+        n = len(cat)
+        loc = [None] * n
+        tid = pd.to_numeric(cat["TARGETID"], errors="coerce").to_numpy() if "TARGETID" in cat else np.full(n, np.nan)
+        where = {}
+        for p in sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}):
+            sp = parse_name(p.name)  # (survey, program) of coadd-SURVEY-PROGRAM-PIXNUM.fits
+            try:
+                for j, t in enumerate(target_ids(p)):
+                    where.setdefault((p, int(t)), (p, j))
+                    where.setdefault((sp, int(t)), (p, j))
+                    where.setdefault((None, int(t)), (p, j))
+            except (OSError, ValueError, KeyError):
+                continue  # an unreadable coadd: its rows become no_file, the file a reject when read
+        sp_col = ([(str(a).strip().lower(), str(b).strip().lower()) for a, b in zip(cat["SURVEY"], cat["PROGRAM"])]
+                  if "SURVEY" in cat and "PROGRAM" in cat else [None] * n)
+        for i in range(n):
+            if np.isfinite(tid[i]):
+                t = int(tid[i])
+                loc[i] = where.get((row_files[i], t)) if row_files[i] is not None else \
+                    where.get((sp_col[i], t)) if sp_col[i] is not None else where.get((None, t))
+            elif row_files[i] is not None:
+                loc[i] = (row_files[i], 0)
+        return loc
+
+    def row_order(self, cat):
+        """mwsall has several rows per TARGETID: the PRIMARY one claims the spectrum first."""
+        if "PRIMARY" not in cat.columns:
+            return super().row_order(cat)
+        primary = cat["PRIMARY"].map(lambda v: str(v).strip().lower() in ("true", "1", "t")).to_numpy()
+        return np.argsort(~primary, kind="stable"), " PRIMARY one"
+
+
+    simulated = Simulated()
+
+
+SURVEY = DESI()

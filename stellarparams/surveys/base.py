@@ -1,0 +1,204 @@
+"""The one small interface every survey's file format implements (in the way specutils registers loaders).
+
+A survey module (``sdss``, ``lamost``, ``desi``, ``tables``) defines one :class:`Survey`
+subclass and registers an instance with :func:`stellarparams.surveys.registry.register`.
+The stages (``prepare``, ``predict``, ``readers``) ask the registry, never "which survey is
+this?": adding a survey is one new module plus its tests.
+
+What a format says:
+
+- ``name_re`` / :meth:`identify`: does this file look like mine, by its name, else by its
+  FITS content (:class:`FitsInfo`); ``priority`` orders the formats (higher asks first);
+- :meth:`read`: every spectrum of a file as :class:`stellarparams.spectrum.Record`;
+- ``labels``, ``rv_column``, ``id_column``, ``catalog_keys``: the catalog's label, RV and
+  identifier columns, and the column sets a catalog row can be matched with (besides FILE);
+- :meth:`locate`: which file (and which spectrum in it) each catalog row's spectrum is;
+- :meth:`reject_unused`: the rejects of the files no catalog row took.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..matching import id_text
+from ..spectrum import Record, SpectrumError
+
+
+class FitsInfo:
+    """What content detection looks at in a FITS file (read lazily from an open ``fitsio.FITS``).
+
+    names: the HDUs' upper-case EXTNAMEs; header: the primary header; cols: HDU 1's upper-case
+    column names when it is a binary table, else an empty set.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.names = {f[i].get_extname().upper() for i in range(len(f))}
+        self.header = f[0].read_header()
+
+    @cached_property
+    def cols(self) -> set:
+        f = self.f
+        if len(f) > 1 and f[1].get_exttype() == "BINARY_TBL":
+            return {c.upper() for c in f[1].get_colnames()}
+        return set()
+
+
+class Survey:
+    """A survey's file format. Subclasses set the attributes and override what differs."""
+
+    name = ""                   # --survey NAME
+    title = ""                  # in messages: "not an SDSS, LAMOST, DESI or table file"
+    priority = 0                # detection order: the highest that claims a file wins
+    name_re = None              # compiled regex of this survey's file names (None: none)
+    listed = True               # a folder scan without --survey lists the files named like this
+    labels = None               # {our label: catalog column}, None: PrepareConfig's defaults
+    rv_column = None            # the catalog's RV column (km/s), None: PrepareConfig's default
+    id_column = None            # the catalog's identifier column (rejects' id), None: none
+    catalog_keys = ()           # column sets a catalog row is matched with (any one), besides FILE
+    many_per_file = False       # a file holds many spectra: read once per chunk, work sorted by file
+    hashed_name = True          # outputs name the survey (prepare's job hash, simulate.json, ORIGIN); False: SDSS,
+                                # whose outputs stay as they were
+    plate_keys = False          # records are named by (plate, mjd, fiberid), which predict writes as columns
+    carries_labels = False      # a file carries its own catalog (prepare without --catalog)
+    one_file_is_enough = False  # one file and a catalog without key columns: rows by position
+    simulated = None            # how ``simulate --survey NAME`` writes it (:class:`Simulated`), None: it cannot
+
+    # --- which files are mine
+    def matches_name(self, name: str) -> bool:
+        """Whether a file name is this survey's (``name_re``)."""
+        return bool(self.name_re is not None and self.name_re.match(name))
+
+    def lists(self, name: str) -> bool:
+        """Whether a folder scan for this survey keeps a file of this name."""
+        return self.matches_name(name)
+
+    def identify(self, info: FitsInfo) -> bool:
+        """Whether a FITS file whose name told nothing is this survey's, from its content."""
+        return False
+
+    def prepare_files(self, spectra: Path, find_files) -> list:
+        """The spectrum files ``prepare`` matches catalog rows with (``find_files``: the registry's)."""
+        return find_files(spectra, self.name)
+
+    # --- reading
+    def read(self, path: Path, reader: str = "fast") -> list[Record]:
+        """Every spectrum of an existing file; raises :class:`SpectrumError` when the whole file is unusable."""
+        raise NotImplementedError
+
+    def read_file(self, path, reader: str = "fast") -> list[Record]:
+        """:meth:`read`, with a ``missing_file`` error for a file that is not there."""
+        path = Path(path)
+        if not path.is_file():
+            raise SpectrumError(path, "missing_file", f"no such file: {path}")
+        return self.read(path, reader)
+
+    def read_one(self, path, index, cache: dict, reader: str = "fast") -> Record:
+        """Spectrum ``index`` (None: the first) of a file; the last file's records (or error) are kept in ``cache``."""
+        if cache.get("path") != path:
+            cache.clear()
+            try:
+                cache.update(path=path, records=self.read_file(path, reader))
+            except SpectrumError as e:
+                cache.update(path=path, error=e)
+        if "error" in cache:
+            raise cache["error"]
+        return cache["records"][index or 0]
+
+    def members(self, path) -> list | None:
+        """The spectra of a file as [(index, identifier, rv km/s or NaN)], or None: one spectrum, read whole."""
+        return None
+
+    def file_keys(self, path) -> list:
+        """Keys (as catalog rows give them) read from a file's header, for files not named after them."""
+        return []
+
+    # --- the catalog
+    def own_catalog(self, files: list) -> pd.DataFrame:
+        """The catalog the files themselves carry (``carries_labels``)."""
+        raise ValueError("a label catalog is needed (--catalog); only a spectrum table carries its own labels")
+
+    def row_ids(self, cat: pd.DataFrame) -> list:
+        """Each catalog row's identifier as text ('' when missing; ``row N`` without an identifier column)."""
+        if self.id_column in cat.columns:
+            return [id_text(v) for v in cat[self.id_column]]
+        return [f"row {r}" for r in (cat["ROW"] if "ROW" in cat.columns else range(len(cat)))]
+
+    def locate_rows(self, cat: pd.DataFrame, files: list, row_files: list) -> list:
+        """Where each catalog row's spectrum is: [(file, index in file) or None]."""
+        raise NotImplementedError
+
+    def locate(self, cat: pd.DataFrame, files: list, row_files: list):
+        """Each catalog row's key, (file, index), identity (for duplicates) and identifier text.
+
+        Returns (twin, match, keys, located, ident, row_id): ``twin``: per file of ``files``, the
+        index of its first file of the same key (None when files have no keys); ``match``: each
+        row's file matched by key, an index in ``files`` (-1: none, or not matched by key);
+        ``keys``: each row's SDSS (plate, mjd, fiberid) or None; ``located``: (file, index) or
+        (None, None); ``ident``: what makes two rows the same spectrum (None: no file).
+        """
+        n = len(cat)
+        located = [loc or (None, None) for loc in self.locate_rows(cat, files, row_files)]
+        ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
+        return None, np.full(n, -1), [None] * n, located, ident, self.row_ids(cat)
+
+    def row_order(self, cat: pd.DataFrame) -> tuple[np.ndarray, str]:
+        """The order in which rows claim a spectrum (the first keeps it), and what the duplicate reject adds."""
+        return np.arange(len(cat)), ""
+
+    def reject_unused(self, files: list, twin, is_used, rejects: list) -> None:
+        """Append a reject for each of ``files`` that ``is_used(j)`` says no catalog row took."""
+        for j, p in enumerate(files):
+            if not is_used(j):
+                rejects.append({"file": str(p), "reason": "no_catalog_row",
+                                "detail": "no catalog row matches a spectrum of this file", "id": ""})
+
+
+class Simulated:
+    """How ``simulate --survey NAME`` writes a survey: its pixels, line-spread function, files and catalog.
+
+    :mod:`stellarparams.simulate` makes every spectrum the same way whatever the survey (a MILES
+    star, RV, reddening, calibration error, noise) and asks this part of the survey's module
+    what differs. ``items`` below are (index, plan, spec, row): the realization's index, its
+    plan (:func:`stellarparams.simulate.draw_plan`), the arrays of
+    :meth:`stellarparams.simulate.Simulator.realize` and its SDSS-style catalog row
+    (:func:`stellarparams.simulate.catalog_row`).
+    """
+
+    catalog = ""             # the catalog's file name in OUT
+    file_bytes = 170e3       # bytes per spectrum on disk (checked before the work)
+    own_lsf = True           # the survey's line-spread function (:meth:`resolution`); False: --resolution's
+    response = None          # the survey's fixed instrument response (a --response value), None: none
+    chunk_by_file = False    # one chunk per file (a file of many spectra is written whole by one worker)
+
+    def resolution(self, lam):
+        """Resolving power lambda / FWHM at ``lam`` (A) (with ``own_lsf``)."""
+        raise NotImplementedError
+
+    def pixels(self):
+        """(lam, lo, hi) (K,) vacuum A: the pixels every spectrum is written on; None: SDSS's sliding lattice."""
+        return None
+
+    def spectrum_path(self, out, plan: dict) -> Path:
+        """The file that holds realization ``plan``."""
+        raise NotImplementedError
+
+    def is_done(self, path: Path, n: int) -> bool:
+        """Whether ``path`` is finished (it exists and holds its ``n`` spectra)."""
+        return path.exists()
+
+    def write_files(self, out, items: list, header: dict) -> None:
+        """Write the one file of ``items`` (atomically); ``header``: ORIGIN and the simulation's keywords."""
+        raise NotImplementedError
+
+    def catalog_row(self, index: int, row: dict) -> dict:
+        """The survey's catalog row of realization ``index`` from its SDSS-style ``row``."""
+        return row
+
+    def write_catalog(self, out, rows: list, meta: dict, names: list) -> Path:
+        """Write the catalog of ``rows`` (from :meth:`catalog_row`; ``names``: SDSS-style columns when
+        there is no row), atomically; returns its path."""
+        raise NotImplementedError

@@ -1,0 +1,126 @@
+"""The survey formats, and the questions the stages ask them: which survey is this file, read it, list files.
+
+Each survey module registers one :class:`stellarparams.surveys.base.Survey` (``SURVEY``);
+:func:`register` adds another at runtime (a plug-in, or a test). Detection asks the formats
+in ``priority`` order, highest first: by file name, else by FITS content.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import desi, lamost, sdss, tables
+from .base import FitsInfo, Survey
+from ..files import check_readable
+from ..spectrum import Record, SpectrumError
+
+_FORMATS: dict = {}
+
+
+def register(survey: Survey) -> Survey:
+    """Add (or replace) a survey format; returns it."""
+    _FORMATS[survey.name] = survey
+    return survey
+
+
+def unregister(name: str) -> None:
+    """Remove a survey format added with :func:`register`."""
+    _FORMATS.pop(name, None)
+
+
+for _module in (sdss, lamost, desi, tables):
+    register(_module.SURVEY)
+
+
+def names() -> tuple:
+    """The registered surveys' names (the choices of ``--survey``), in the order registered."""
+    return tuple(_FORMATS)
+
+
+def get(name: str) -> Survey:
+    """The survey format ``name``; a ValueError naming the choices for any other."""
+    if name not in _FORMATS:
+        raise ValueError(f"unknown survey {name!r}; choose one of {', '.join(_FORMATS)}")
+    return _FORMATS[name]
+
+
+def _by_priority() -> list:
+    return sorted(_FORMATS.values(), key=lambda s: -s.priority)
+
+
+def detect(path) -> str:
+    """The survey of a spectrum file: from its name, else from its content.
+
+    Returns
+    -------
+    str
+        One of :func:`names`.
+
+    Raises
+    ------
+    SpectrumError
+        ``unknown_format``: no format recognises the file; ``missing_file``, ``unreadable``.
+    """
+    path = Path(path)
+    formats = _by_priority()
+    for s in formats:
+        if s.matches_name(path.name):
+            return s.name
+    if not path.is_file():
+        raise SpectrumError(path, "missing_file", f"no such file: {path}")
+    try:
+        sdss.check_headers(path)
+        with sdss.open_fits(path) as f:
+            info = FitsInfo(f)
+            for s in formats:
+                if s.identify(info):
+                    return s.name
+    except SpectrumError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise SpectrumError(path, "unreadable", str(e).strip().splitlines()[0][:200] if str(e).strip()
+                            else type(e).__name__) from e
+    titles = [s.title for s in _FORMATS.values()]
+    raise SpectrumError(path, "unknown_format", f"not an {', '.join(titles[:-1])} or {titles[-1]} file "
+                        f"(name it after its survey or pass --survey {'|'.join(_FORMATS)})")
+
+
+def read(path, survey: str | None = None, reader: str = "fast") -> list[Record]:
+    """Every spectrum in one file, as records (``survey``: default :func:`detect`)."""
+    path = Path(path)
+    return get(survey or detect(path)).read_file(path, reader)
+
+
+def read_record(path, index, survey: str, cache: dict, reader: str = "fast") -> Record:
+    """Spectrum ``index`` of a file of ``survey`` (None: its only one); the last file's records stay in ``cache``."""
+    return get(survey).read_one(path, index, cache, reader)
+
+
+def find_files(folder, survey: str | None = None) -> list[Path]:
+    """Spectrum files under ``folder`` (recursively, sorted) of one survey, or of any listed one when None.
+
+    A file named like a survey of higher priority is not another's. ``folder`` may be one file
+    (returned as is).
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: spectra folder not found")
+    check_readable(folder)
+    listed = [s for s in _by_priority() if s.listed]
+    if survey is None:
+        def wanted(n):
+            return any(s.matches_name(n) for s in listed)
+    else:
+        fmt = get(survey)
+        higher = [s for s in listed if s.priority > fmt.priority] if fmt.listed else []
+
+        def wanted(n):
+            return fmt.lists(n) and not any(s.matches_name(n) for s in higher)
+
+    return sorted(p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
+
+
+def prepare_files(spectra, survey: str) -> list[Path]:
+    """The spectrum files ``prepare`` matches the catalog of ``survey`` with."""
+    return get(survey).prepare_files(Path(spectra), find_files)
