@@ -42,7 +42,6 @@ import json
 import sys
 import time
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
