@@ -188,7 +188,9 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
 
 def format_table(out: dict) -> str:
     lines = ["| target | model | Teff (K) | [Fe/H] (dex) | log g (dex) |", "|---|---|---|---|---|"]
-    fmt = lambda m, s, j: f"{m:.{0 if j == 0 else 3}f}" + (f" ± {s:.{0 if j == 0 else 3}f}" if s is not None else "")  # noqa: E731
+    def fmt(m, s, j):
+        d = 0 if j == 0 else 3
+        return f"{m:.{d}f}" + (f" ± {s:.{d}f}" if s is not None else "")
     for name, r in out["targets"].items():
         for model, runs in r["mae"].items():
             m, sd = np.mean(runs, 0), (np.std(runs, 0) if len(runs) > 1 else [None] * 3)
