@@ -246,54 +246,24 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     fingerprint = _fingerprint(mc, tc, labels, ds, net)
     folds = tc.calib_folds if (net is None and tc.calib_folds >= 2) else 0
 
-    # ---- a finished folder: load it (calibrate a model from before calibration existed)
-    if out is not None and (out / META).exists() and not (out / CHECKPOINT).exists():
-        done = json.loads((out / META).read_text())
-        if done.get("fingerprint") == fingerprint:
-            if progress:
-                print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
-                      file=sys.stderr)
-            model = load_model(out, device)
-            if model.uncertainty is None:
-                _calibrate(model, ds, 0, out, fingerprint, progress, precision)
-                save_model(model, out)
-            return model
-        if not overwrite:
-            raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
-                             "delete the folder, or pass --overwrite (overwrite=True)")
-        if progress:
-            print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
-        for name in (META, WEIGHTS, LOG):
-            (out / name).unlink(missing_ok=True)
+    done = _finished(out, ds, fingerprint, overwrite, progress, device, precision)
+    if done is not None:
+        return done
     checkpoint = None if out is None else out / CHECKPOINT
-    if checkpoint is not None and overwrite:  # the run's own checkpoint and its ensemble members' (_m<i>)
-        from .training import load_checkpoint
-
-        for ck in [checkpoint, *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
-            if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
-                ck.unlink()
+    if checkpoint is not None and overwrite:
+        _drop_other_checkpoints(checkpoint, fingerprint)
 
     # ---- train -> calibrate -> save
     init = source_init(tc, mc, ds)
     if init is not None and progress:
-        print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
-              + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
-              + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
-        kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
-        if kept:
-            print(f"the dataset has no {', '.join(kept)} labels: "
-                  f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
-                  "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
-    fit_ds, target = ds, None
+        _announce_init(init, tc, labels, ds)
+    fit_ds, target, target_loss = ds, None, None
     if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
-        from .adapt import source_for_target
+        from .adapt import TargetLoss, source_for_target
 
         fit_ds, target = source_for_target(ds, mc, tc, init, progress=progress, device=device, precision=precision)
-    target_loss = None
-    if target is not None and (tc.adapt_coral or tc.adapt_consistency):
-        from .adapt import TargetLoss
-
-        target_loss = TargetLoss(target, tc)
+        if tc.adapt_coral or tc.adapt_consistency:
+            target_loss = TargetLoss(target, tc)
     if net is None:
         fitted = fit_ensemble(fit_ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
                               fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
@@ -327,6 +297,51 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"best epoch {m['best_epoch']} (val loss {m['val_loss']:.4f}); trained in {m['train_time_s']:.0f} s"
               + (f"; model written to {out}" if out else ""), file=sys.stderr)
     return model
+
+
+def _finished(out, ds, fingerprint, overwrite, progress, device, precision):
+    """The model already in ``out`` when it was trained with this config and data (calibrated now if it
+    predates calibration); None when there is nothing there, or (``overwrite``) after clearing another run."""
+    if out is None or not (out / META).exists() or (out / CHECKPOINT).exists():
+        return None
+    done = json.loads((out / META).read_text())
+    if done.get("fingerprint") == fingerprint:
+        if progress:
+            print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
+                  file=sys.stderr)
+        model = load_model(out, device)
+        if model.uncertainty is None:
+            _calibrate(model, ds, 0, out, fingerprint, progress, precision)
+            save_model(model, out)
+        return model
+    if not overwrite:
+        raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
+                         "delete the folder, or pass --overwrite (overwrite=True)")
+    if progress:
+        print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
+    for name in (META, WEIGHTS, LOG):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _drop_other_checkpoints(checkpoint, fingerprint) -> None:
+    """Delete the checkpoints of another run: the run's own and its ensemble members' (``_m<i>``)."""
+    from .training import load_checkpoint
+
+    for ck in [checkpoint, *checkpoint.parent.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
+        if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
+            ck.unlink()
+
+
+def _announce_init(init, tc, labels, ds) -> None:
+    print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
+          + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
+          + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
+    kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
+    if kept:
+        print(f"the dataset has no {', '.join(kept)} labels: "
+              f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
+              "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
 
 
 def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32", init=None):
