@@ -105,6 +105,17 @@ class TrainConfig:
     init_from: str | None = None  # model folder whose weights and target scaler training starts from (finetune.py)
     init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
     freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
+    # Domain adaptation (stellarparams.adapt; docs/method.md, "Domain adaptation"): off unless adapt_to is set.
+    adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
+    adapt_hash: str = ""          # ... its input hash (set by `train`)
+    adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
+    adapt_bins: int = 16          # groups of predicted labels the two populations are compared in (1: the whole
+                                  # population, no first pass; biased when the two hold different stars); 1-32
+    adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
+    adapt_narrow: float = 0.0     # also match narrow features shared by every group above this many standard errors
+                                  # (telluric, sky residuals); 0 = the smooth response only; 0-5
+    adapt_coral: float = 0.0      # weight of Deep CORAL between source and target trunk features; 0-10
+    adapt_consistency: float = 0.0  # weight of the mean-teacher consistency on target spectra; 0-10
 
     def __post_init__(self):
         f = self.freeze or ()

@@ -41,7 +41,10 @@ CHECKPOINT = "checkpoint.safetensors"
 def _fingerprint(model_config, train_config, labels, ds, net=None) -> str:
     arch = None if net is None else [type(net).__module__, type(net).__qualname__,
                                      net.to_dict() if hasattr(net, "to_dict") else count_parameters(net)]
-    d = {"model": model_config.to_dict(), "net": arch, "train": {k: v for k, v in train_config.to_dict().items() if k != "threads"},
+    adapting = bool(getattr(train_config, "adapt_to", None))  # without it, the adapt_* keys leave the hash as before
+    d = {"model": model_config.to_dict(), "net": arch,
+         "train": {k: v for k, v in train_config.to_dict().items()
+                   if k != "threads" and (adapting or not k.startswith("adapt_"))},
          "labels": labels, "data": [ds.attrs.get("input_hash") or str(ds.path.resolve()), ds.n]}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -234,51 +237,37 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     if mc.n_in != ds.n_pix:
         mc = replace(mc, n_in=ds.n_pix)
     tc = frozen_absent(tc, labels, ds)
+    if tc.adapt_to:
+        if net is not None:
+            raise ValueError("adapt_to adapts a StellarNet; it cannot adapt another net")
+        from .adapt import load_target
+
+        tc = replace(tc, adapt_hash=load_target(tc.adapt_to, ds)[2])
     fingerprint = _fingerprint(mc, tc, labels, ds, net)
     folds = tc.calib_folds if (net is None and tc.calib_folds >= 2) else 0
 
-    # ---- a finished folder: load it (calibrate a model from before calibration existed)
-    if out is not None and (out / META).exists() and not (out / CHECKPOINT).exists():
-        done = json.loads((out / META).read_text())
-        if done.get("fingerprint") == fingerprint:
-            if progress:
-                print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
-                      file=sys.stderr)
-            model = load_model(out, device)
-            if model.uncertainty is None:
-                _calibrate(model, ds, 0, out, fingerprint, progress, precision)
-                save_model(model, out)
-            return model
-        if not overwrite:
-            raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
-                             "delete the folder, or pass --overwrite (overwrite=True)")
-        if progress:
-            print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
-        for name in (META, WEIGHTS, LOG):
-            (out / name).unlink(missing_ok=True)
+    done = _finished(out, ds, fingerprint, overwrite, progress, device, precision)
+    if done is not None:
+        return done
     checkpoint = None if out is None else out / CHECKPOINT
-    if checkpoint is not None and overwrite:  # the run's own checkpoint and its ensemble members' (_m<i>)
-        from .training import load_checkpoint
-
-        for ck in [checkpoint, *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
-            if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
-                ck.unlink()
+    if checkpoint is not None and overwrite:
+        _drop_other_checkpoints(checkpoint, fingerprint)
 
     # ---- train -> calibrate -> save
     init = source_init(tc, mc, ds)
     if init is not None and progress:
-        print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
-              + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
-              + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
-        kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
-        if kept:
-            print(f"the dataset has no {', '.join(kept)} labels: "
-                  f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
-                  "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
+        _announce_init(init, tc, labels, ds)
+    fit_ds, target, target_loss = ds, None, None
+    if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
+        from .adapt import TargetLoss, source_for_target
+
+        fit_ds, target = source_for_target(ds, mc, tc, init, progress=progress, device=device, precision=precision)
+        if tc.adapt_coral or tc.adapt_consistency:
+            target_loss = TargetLoss(target, tc)
     if net is None:
-        fitted = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
+        fitted = fit_ensemble(fit_ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
                               fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
-                              precision=precision, init=init)
+                              precision=precision, init=init, target_loss=target_loss)
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
                      fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
@@ -289,7 +278,15 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    _calibrate(model, ds, folds, out, fingerprint, progress, precision, init)
+    _calibrate(model, fit_ds, folds, out, fingerprint, progress, precision, init)
+    if target is not None:
+        from .adapt import reference_target
+
+        reference_target(model, fit_ds.flux(fit_ds.indices("train")), fit_ds.flux(fit_ds.indices("val")), target,
+                         tc.seed)
+        if model.uncertainty is not None:
+            model.uncertainty.stats["calibrated_on"] += " of the source, passed through the input matching"
+        model.metrics["adapt"] = fit_ds.match.to_dict()
     if out is not None:
         save_model(model, out)
         checkpoint.unlink(missing_ok=True)
@@ -300,6 +297,51 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         print(f"best epoch {m['best_epoch']} (val loss {m['val_loss']:.4f}); trained in {m['train_time_s']:.0f} s"
               + (f"; model written to {out}" if out else ""), file=sys.stderr)
     return model
+
+
+def _finished(out, ds, fingerprint, overwrite, progress, device, precision):
+    """The model already in ``out`` when it was trained with this config and data (calibrated now if it
+    predates calibration); None when there is nothing there, or (``overwrite``) after clearing another run."""
+    if out is None or not (out / META).exists() or (out / CHECKPOINT).exists():
+        return None
+    done = json.loads((out / META).read_text())
+    if done.get("fingerprint") == fingerprint:
+        if progress:
+            print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
+                  file=sys.stderr)
+        model = load_model(out, device)
+        if model.uncertainty is None:
+            _calibrate(model, ds, 0, out, fingerprint, progress, precision)
+            save_model(model, out)
+        return model
+    if not overwrite:
+        raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
+                         "delete the folder, or pass --overwrite (overwrite=True)")
+    if progress:
+        print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
+    for name in (META, WEIGHTS, LOG):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _drop_other_checkpoints(checkpoint, fingerprint) -> None:
+    """Delete the checkpoints of another run: the run's own and its ensemble members' (``_m<i>``)."""
+    from .training import load_checkpoint
+
+    for ck in [checkpoint, *checkpoint.parent.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
+        if ck.exists() and not load_checkpoint(ck)[0].get("fingerprint", "").startswith(fingerprint):
+            ck.unlink()
+
+
+def _announce_init(init, tc, labels, ds) -> None:
+    print(f"starting from {tc.init_from} (weights sha256 {tc.init_sha256[:12]}...)"
+          + ("; the grid differs: the stem's input layer starts fresh" if init.reinit_stem else "")
+          + (f"; frozen: {', '.join(init.freeze)}" if init.freeze else ""), file=sys.stderr)
+    kept = [l for l, n in zip(labels, known_counts(ds, ds.indices("train"), labels)) if n < 2]
+    if kept:
+        print(f"the dataset has no {', '.join(kept)} labels: "
+              f"{'that head is' if len(kept) == 1 else 'those heads are'} kept exactly as in {tc.init_from} "
+              "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
 
 
 def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32", init=None):
@@ -351,6 +393,16 @@ def add_arguments(p: argparse.ArgumentParser):
                         "(all three), heads (every label's head) or heads.LABEL (e.g. heads.teff). On another grid "
                         "the stem's input layer is new, so stem and trunk are refused. Heads of labels the dataset "
                         "lacks are frozen without asking")
+    p.add_argument("--adapt-to", dest="adapt_to", metavar="SPECTRA",
+                   help="a prepared dataset of the target survey's spectra, on this dataset's grid (its labels, if "
+                        "any, are never read): estimate how the target's instrument differs from the training "
+                        "set's (smooth response and reddening, resolution, wavelength offset) from the two "
+                        "populations and train on the training spectra made to look like the target's "
+                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_bins, adapt_match, adapt_order, "
+                        "adapt_narrow, adapt_coral, adapt_consistency). It costs adapt_match (default 2) "
+                        "trainings, plus a first-pass one without --init-from (one training with adapt_bins = 1). "
+                        "With a few labelled target stars: train --adapt-to first, then --init-from that model "
+                        "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--wait", action="store_true",
@@ -372,7 +424,7 @@ def run_cli(args) -> int:
     mc, tc = (load_config(args.config, args.recipe, DEFAULT_RECIPE) if args.config
               else (ModelConfig(), recipe(args.recipe or DEFAULT_RECIPE)))
     over = {k: getattr(args, k) for k in ("epochs", "seed", "threads", "calib_folds", "ensemble", "init_from",
-                                          "freeze") if getattr(args, k) is not None}
+                                          "freeze", "adapt_to") if getattr(args, k) is not None}
     if over.get("freeze") and not (over.get("init_from") or tc.init_from):
         raise ValueError("--freeze needs --init-from: a fresh network has nothing worth keeping fixed")
     tc = replace(tc, **over)

@@ -158,7 +158,7 @@ class Fitted:
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
         fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32",
-        init=None) -> Fitted:
+        init=None, target_loss=None) -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -182,32 +182,114 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     progress : bool
         Progress bars and one line per epoch on stderr.
     device : str or torch.device, optional
-        Where to train (:func:`stellarparams.devices.resolve_device`; None: ``"auto"``). The
-        data stay on the CPU; each batch is moved there (pinned, non-blocking on CUDA) and
-        noise and augmentation run there, from random numbers drawn on the CPU generator, so
-        the random streams are the same on every device. The returned net lives there.
+        Where to train (None: ``"auto"``). The data stay on the CPU; each batch is moved there, and
+        noise and augmentation run there from random numbers drawn on the CPU generator (the same
+        streams on every device). The returned net lives there.
     precision : str
-        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only, with a gradient scaler):
-        autocast of the forward passes.
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with a gradient scaler): autocast of the forward passes.
     init : stellarparams.finetune.Init, optional
         Start from another model's weights and target scaler (``train --init-from``;
         :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
         validation loss of those starting weights is ``metrics["init_val_loss"]``.
+    target_loss : callable, optional
+        ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss
+        (:class:`stellarparams.adapt.TargetLoss`: unlabeled target spectra); ``teacher`` is the
+        EMA network (None without EMA), ``x`` the batch, ``g`` the batch's CPU generator.
 
     Returns
     -------
     Fitted
     """
-    from sklearn.preprocessing import RobustScaler
-    from tqdm.auto import tqdm
-
     mc, tc = model_config, train_config
     dev = resolve_device(device)
     check_precision(dev, precision)
+    d = _data(ds, rows, mc, tc, init)
+    batches = _Batches(ds, rows[0], d, tc)
+    torch.manual_seed(tc.seed)
+    net = StellarNet(mc) if net is None else net
+    if init is not None:
+        from .finetune import apply_init
+
+        apply_init(net, init)
+    net = net.to(dev)
+    steps = math.ceil(batches.n_items / tc.batch_size)   # per epoch
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps * tc.epochs, tc.warmup_frac, tc.lr_floor))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # its state is not checkpointed
+    # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
+    # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
+    # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
+    ema = None if not tc.ema else torch.optim.swa_utils.AveragedModel(
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(min(tc.ema, 1.0 - 0.5 / steps)))
+    kept = net if ema is None else ema.module   # the weights that are validated and kept
+    run = _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, progress, tc.epochs)
+
+    def evaluate():  # the kept weights on the validation rows
+        return validate(kept, d.Xva, d.Yva, d.yva, d.weights, d.center, d.scale, d.labels, tc, dev, precision)
+
+    if init is not None and run.start_epoch == 0:  # where the source's weights start, before any step
+        run.init_val = evaluate()[0]
+        _say(progress, f"starting from the source model's weights: val loss {run.init_val:.4f}")
+    _say(progress, f"training {count_parameters(net):,} parameters on {batches.n_tr} spectra (+{tc.n_augment} noisy "
+                   f"copies), validating on {len(d.Yva)}; {tc.epochs} epochs x {steps} batches of {tc.batch_size}")
+    step = _Step(net, opt, sched, scaler, ema, d.weights.to(dev), tc, dev, precision, target_loss)
+    for epoch in range(run.start_epoch, tc.epochs):
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(step, batches, epoch, steps, progress)
+        val_loss, mae = evaluate()
+        run.end_epoch(epoch, kept, train_loss, val_loss, mae, opt.param_groups[0]["lr"], time.perf_counter() - t0)
+        if progress:
+            _print_epoch(epoch, tc.epochs, train_loss, val_loss, mae, d, run.best_epoch == epoch)
+        if checkpoint is not None:
+            write_log(Path(checkpoint).parent / LOG, run.history)
+            save_checkpoint(checkpoint, net, run.best_state, opt, sched, run.state(epoch, fingerprint), ema)
+        if on_epoch is not None:
+            on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
+
+    net.load_state_dict(run.best_state)   # the best weights
+    net.eval()
+    kept = net
+    _, best_mae = evaluate()
+    metrics = {"best_epoch": run.best_epoch + 1, "val_loss": run.best_val, **{f"val_{k}": v for k, v in best_mae.items()},
+               "loss_weights": dict(zip(d.labels, d.weights.tolist())), "train_time_s": run.train_time,
+               "n_train": batches.n_tr, "n_val": len(d.Yva), "n_params": count_parameters(net)}
+    if run.init_val is not None:
+        metrics["init_val_loss"] = run.init_val
+    metrics.update({k: v for k, v in (("heads_kept_from_source", d.absent), ("heads_distilled", d.distilled)) if v})
+    return Fitted(net, d.labels, d.center, d.scale, d.label_ranges, run.history, run.best_val, metrics)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr)
+
+
+@dataclass
+class _Data:
+    """The rows of one run as tensors: flux (N, P), scaled targets (N, L; NaN = missing), and what scales them."""
+
+    labels: list
+    units: list
+    Xtr: torch.Tensor
+    Xva: torch.Tensor
+    Ytr: torch.Tensor
+    Yva: torch.Tensor
+    yva: np.ndarray           # validation labels in physical units
+    center: np.ndarray
+    scale: np.ndarray
+    weights: torch.Tensor     # (L,) loss weight per label
+    label_ranges: dict
+    absent: list              # labels the training rows do not know (heads kept from the source)
+    distilled: list           # of those, the heads whose targets are the source network's outputs
+
+
+def _data(ds, rows, mc: ModelConfig, tc: TrainConfig, init) -> _Data:
+    """Read the rows, check them and scale the targets on the training rows only (or with the source's scaler)."""
+    from sklearn.preprocessing import RobustScaler
+
     labels = mc.labels
     units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else "" for l in labels]
-
-    # ---- data: one float32 tensor in memory; targets scaled on train only
     itr, iva = rows
     if len(itr) == 0 or len(iva) == 0:
         raise ValueError(f"{ds.path}: needs rows in both the train and val splits (has {len(itr)} train, {len(iva)} val)")
@@ -243,152 +325,155 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     has = np.isfinite(Ytr.numpy()).sum(0) >= 2
     w = np.zeros(len(labels))
     w[has] = loss_weights(Ytr.numpy()[:, has])
-    weights = torch.tensor(w, dtype=torch.float32)
-    weights_dev = weights.to(dev)
     label_ranges = {l: ([float(np.nanmin(ytr[:, j])), float(np.nanmax(ytr[:, j]))] if known[j] >= 2
                         else list(init.label_ranges.get(l, [np.nan, np.nan]))) for j, l in enumerate(labels)}
+    return _Data(labels, units, Xtr, Xva, Ytr, Yva, yva, center, scale, torch.tensor(w, dtype=torch.float32),
+                 label_ranges, absent, distilled)
 
-    n_tr = len(itr)
-    augment, Otr, Str = _augmenter(ds, itr, tc)
-    mixer = Neighbours(ds.meta(itr)["object_id"].to_numpy(), Ytr.numpy(), tc.mixup_k) if tc.aug_mixup else None
-    g0 = torch.Generator().manual_seed(tc.seed)
-    row_std = Xtr.std(dim=1, unbiased=False)                               # sigma_S, (n_tr,)
-    levels = torch.zeros(1 + tc.n_augment, n_tr)                           # copy 0 is the clean spectrum
-    levels[1:] = tc.noise_min + (tc.noise_max - tc.noise_min) * torch.rand(tc.n_augment, n_tr, generator=g0)
-    noise_std = levels * row_std                                           # (1 + n_augment, n_tr)
 
-    # ---- model, optimizer, schedule
-    torch.manual_seed(tc.seed)
-    net = StellarNet(mc) if net is None else net
-    if init is not None:
-        from .finetune import apply_init
+class _Batches:
+    """The training batches: item j is copy j // N of row j % N; copy 0 is the clean spectrum, copies
+    1..n_augment get Gaussian noise of a fixed level each (the paper) and the recipe's physical
+    augmentation; mixup blends some copies with a neighbour in label space."""
 
-        apply_init(net, init)
-    net = net.to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    n_items = n_tr * (1 + tc.n_augment)
-    steps_per_epoch = math.ceil(n_items / tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, tc.warmup_frac, tc.lr_floor))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # its state is not checkpointed
+    def __init__(self, ds, itr, d: _Data, tc: TrainConfig):
+        self.X, self.Y, self.n_tr = d.Xtr, d.Ytr, len(itr)
+        self.n_items = self.n_tr * (1 + tc.n_augment)
+        self.augment, self.O, self.S = _augmenter(ds, itr, tc)
+        self.mixer = Neighbours(ds.meta(itr)["object_id"].to_numpy(), d.Ytr.numpy(), tc.mixup_k) if tc.aug_mixup else None
+        self.mixup = tc.aug_mixup
+        g0 = torch.Generator().manual_seed(tc.seed)
+        row_std = d.Xtr.std(dim=1, unbiased=False)                          # sigma_S, (n_tr,)
+        levels = torch.zeros(1 + tc.n_augment, self.n_tr)                   # copy 0 is the clean spectrum
+        levels[1:] = tc.noise_min + (tc.noise_max - tc.noise_min) * torch.rand(tc.n_augment, self.n_tr, generator=g0)
+        self.noise_std = levels * row_std                                   # (1 + n_augment, n_tr)
 
-    # ---- resume
-    history, best_val, best_epoch, start_epoch, train_time = [], float("inf"), -1, 0, 0.0
-    init_val = None
-    # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
-    # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
-    # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
-    ema_decay = min(tc.ema, 1.0 - 0.5 / steps_per_epoch)
-    ema = None if not tc.ema else torch.optim.swa_utils.AveragedModel(
-        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
-    kept = net if ema is None else ema.module   # the weights that are validated and kept
-    best_state = copy.deepcopy(kept.state_dict())
-    if checkpoint is not None and Path(checkpoint).exists():
-        state, tensors = load_checkpoint(checkpoint)
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"{checkpoint}: checkpoint of a run with another config or dataset; choose another --out "
-                             "or delete the checkpoint to start over")
-        best_state = _restore(net, opt, sched, state, tensors, ema)
-        history, best_val, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
-        start_epoch, train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
-        init_val = state.get("init_val_loss")
-        if progress:
-            print(f"{Path(checkpoint).parent}: resuming after epoch {start_epoch} of {tc.epochs}", file=sys.stderr)
+    def __call__(self, j: torch.Tensor, g: torch.Generator, dev):
+        """Items ``j`` -> (x on ``dev``, y scaled, on the CPU); random numbers from ``g`` (CPU)."""
+        row, k = j % self.n_tr, j // self.n_tr
+        x, y = to_device(self.X[row], dev), self.Y[row]
+        o = None if self.O is None else to_device(self.O[row], dev)
+        if self.mixer is not None:
+            x, o, y = _mixup(self.mixer, self.mixup, row, k, x, o, y, (self.X, self.O, self.Y), g, dev)
+        sigma = self.noise_std[k, row]
+        noisy = sigma > 0
+        if noisy.any():  # drawn on the CPU generator, added on the device
+            noise = torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
+            x[noisy.to(dev)] += to_device(noise, dev)
+        if self.augment is not None and (k > 0).any():  # physical augmentation: the copies, never the clean row
+            a = torch.nonzero(k > 0)[:, 0]
+            a_dev = a.to(dev)
+            x[a_dev] = self.augment(x[a_dev], None if o is None else o[a_dev],
+                                    None if self.S is None else to_device(self.S[row[a]], dev), g)
+        return x, y
 
-    def evaluate(X, Y, y_phys):  # the weights kept at this point (the EMA's, when on)
-        return validate(kept, X, Y, y_phys, weights, center, scale, labels, tc, dev, precision)
 
-    if init is not None and start_epoch == 0:  # where the source's weights start, before any step
-        init_val = evaluate(Xva, Yva, yva)[0]
-        if progress:
-            print(f"starting from the source model's weights: val loss {init_val:.4f}", file=sys.stderr)
-    if progress:
-        print(f"training {count_parameters(net):,} parameters on {n_tr} spectra (+{tc.n_augment} noisy copies), "
-              f"validating on {len(iva)}; {tc.epochs} epochs x {steps_per_epoch} batches of {tc.batch_size}",
-              file=sys.stderr)
-    # ---- the loop
-    for epoch in range(start_epoch, tc.epochs):
-        t0 = time.perf_counter()
-        es = _epoch_seed(tc.seed, epoch)
-        g = torch.Generator().manual_seed(es)
-        torch.manual_seed(es + 1)  # dropout
-        perm = torch.randperm(n_items, generator=g)
-        net.train()
-        run_loss = torch.zeros((), device=dev)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
-                   leave=False, unit="batch", mininterval=1.0)
-        for b in bar:
-            j = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
-            row, k = j % n_tr, j // n_tr
-            x, y = to_device(Xtr[row], dev), Ytr[row]
-            o = None if Otr is None else to_device(Otr[row], dev)
-            if mixer is not None:
-                x, o, y = _mixup(mixer, tc.aug_mixup, row, k, x, o, y, (Xtr, Otr, Ytr), g, dev)
-            sigma = noise_std[k, row]
-            noisy = sigma > 0
-            if noisy.any():  # drawn on the CPU generator, added on the device
-                noise = torch.randn((int(noisy.sum()), x.shape[1]), generator=g) * sigma[noisy, None]
-                x[noisy.to(dev)] += to_device(noise, dev)
-            if augment is not None and (k > 0).any():  # physical augmentation: the copies, never the clean row
-                a = torch.nonzero(k > 0)[:, 0]
-                a_dev = a.to(dev)
-                x[a_dev] = augment(x[a_dev], None if o is None else o[a_dev],
-                                   None if Str is None else to_device(Str[row[a]], dev), g)
-            with autocast(dev, precision):
-                out = net(x)
-            loss = masked_huber(out.float(), to_device(y, dev), weights_dev, tc.huber_delta)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            run_loss += loss.detach()
-            if progress and b % 50 == 49:
-                bar.set_postfix(loss=f"{float(run_loss) / (b + 1):.4f}")
-        bar.close()
-        train_loss = float(run_loss) / steps_per_epoch
-        val_loss, mae = evaluate(Xva, Yva, yva)
-        train_time += time.perf_counter() - t0
-        if val_loss < best_val:
-            best_val, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(kept.state_dict())
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **mae,
-                        "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
-        if progress:
-            maes = " ".join(f"{l} {mae['mae_' + l]:.4g}{(' ' + u) if u else ''}" for l, u in zip(labels, units))
-            tqdm.write(f"epoch {epoch + 1:3d}/{tc.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
-                       f"val MAE: {maes}{'  *' if best_epoch == epoch else ''}", file=sys.stderr)
-        if checkpoint is not None:
-            write_log(Path(checkpoint).parent / LOG, history)
-            save_checkpoint(checkpoint, net, best_state, opt, sched,
-                            {"epoch": epoch, "history": history, "best_val_loss": best_val, "best_epoch": best_epoch,
-                             "train_time_s": train_time, "fingerprint": fingerprint, "version": __version__,
-                             "init_val_loss": init_val}, ema)
-        if on_epoch is not None:
-            on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
+@dataclass
+class _Step:
+    """One optimisation step: forward, Huber loss (+ the target loss), backward, AdamW, schedule, EMA."""
 
-    # ---- the best weights
-    net.load_state_dict(best_state)
-    net.eval()
-    kept = net
-    _, best_mae = evaluate(Xva, Yva, yva)
-    metrics = {"best_epoch": best_epoch + 1, "val_loss": best_val, **{f"val_{k}": v for k, v in best_mae.items()},
-               "loss_weights": dict(zip(labels, weights.tolist())), "train_time_s": train_time, "n_train": n_tr,
-               "n_val": len(iva), "n_params": count_parameters(net)}
-    if init_val is not None:
-        metrics["init_val_loss"] = init_val
-    if absent:
-        metrics["heads_kept_from_source"] = absent
-    if distilled:
-        metrics["heads_distilled"] = distilled
-    return Fitted(net, labels, center, scale, label_ranges, history, best_val, metrics)
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object            # fp16 gradient scaler or None
+    ema: object               # AveragedModel or None
+    weights: torch.Tensor     # on the device
+    tc: TrainConfig
+    dev: object
+    precision: str
+    target_loss: object = None
+
+    def __call__(self, x, y, g) -> torch.Tensor:
+        with autocast(self.dev, self.precision):
+            out = self.net(x)
+        loss = masked_huber(out.float(), to_device(y, self.dev), self.weights, self.tc.huber_delta)
+        if self.target_loss is not None:
+            loss = loss + self.target_loss(self.net, None if self.ema is None else self.ema.module, x, g, self.dev)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        return loss.detach()
+
+
+def _train_epoch(step: _Step, batches: _Batches, epoch: int, steps: int, progress: bool) -> float:
+    """One pass over the shuffled items (the order and noise derive from (seed, epoch)); the mean loss."""
+    from tqdm.auto import tqdm
+
+    tc = step.tc
+    es = _epoch_seed(tc.seed, epoch)
+    g = torch.Generator().manual_seed(es)
+    torch.manual_seed(es + 1)  # dropout
+    perm = torch.randperm(batches.n_items, generator=g)
+    step.net.train()
+    run_loss = torch.zeros((), device=step.dev)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
+               leave=False, unit="batch", mininterval=1.0)
+    for b in bar:
+        x, y = batches(perm[b * tc.batch_size:(b + 1) * tc.batch_size], g, step.dev)
+        run_loss += step(x, y, g)
+        if progress and b % 50 == 49:
+            bar.set_postfix(loss=f"{float(run_loss) / (b + 1):.4f}")
+    bar.close()
+    return float(run_loss) / steps
+
+
+@dataclass
+class _Run:
+    """Where a run stands: history, best epoch and weights, time; saved in and restored from the checkpoint."""
+
+    best_state: dict
+    history: list = field(default_factory=list)
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    start_epoch: int = 0
+    train_time: float = 0.0
+    init_val: float | None = None
+
+    def end_epoch(self, epoch, kept, train_loss, val_loss, mae, lr, seconds):
+        self.train_time += seconds
+        if val_loss < self.best_val:
+            self.best_val, self.best_epoch = val_loss, epoch
+            self.best_state = copy.deepcopy(kept.state_dict())
+        self.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **mae,
+                             "lr": lr, "seconds": seconds})
+
+    def state(self, epoch: int, fingerprint: str) -> dict:
+        return {"epoch": epoch, "history": self.history,
+                "best_val_loss": self.best_val, "best_epoch": self.best_epoch, "train_time_s": self.train_time,
+                "fingerprint": fingerprint, "version": __version__, "init_val_loss": self.init_val}
+
+
+def _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, progress, epochs) -> _Run:
+    """A fresh :class:`_Run`, or the one in ``checkpoint`` (of this run only) with its weights restored."""
+    run = _Run(best_state=copy.deepcopy(kept.state_dict()))
+    if checkpoint is None or not Path(checkpoint).exists():
+        return run
+    state, tensors = load_checkpoint(checkpoint)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{checkpoint}: checkpoint of a run with another config or dataset; choose another --out "
+                         "or delete the checkpoint to start over")
+    run.best_state = _restore(net, opt, sched, state, tensors, ema)
+    run.history, run.best_val, run.best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
+    run.start_epoch, run.train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
+    run.init_val = state.get("init_val_loss")
+    _say(progress, f"{Path(checkpoint).parent}: resuming after epoch {run.start_epoch} of {epochs}")
+    return run
+
+
+def _print_epoch(epoch, epochs, train_loss, val_loss, mae, d: _Data, best: bool) -> None:
+    from tqdm.auto import tqdm
+
+    maes = " ".join(f"{l} {mae['mae_' + l]:.4g}{(' ' + u) if u else ''}" for l, u in zip(d.labels, d.units))
+    tqdm.write(f"epoch {epoch + 1:3d}/{epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
+               f"val MAE: {maes}{'  *' if best else ''}", file=sys.stderr)
 
 
 @torch.inference_mode()
@@ -420,7 +505,7 @@ def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig,
 
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
                  fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
-                 precision: str = "fp32", init=None) -> Fitted:
+                 precision: str = "fp32", init=None, target_loss=None) -> Fitted:
     """:func:`fit` ``train_config.ensemble`` = K networks (seeds seed .. seed+K-1) into one :class:`Ensemble`.
 
     K = 1 is :func:`fit` itself. Otherwise member i trains with its own checkpoint
@@ -430,7 +515,8 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
     loss and MAE.
     """
     tc, k = train_config, int(train_config.ensemble)
-    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init)
+    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init,
+              target_loss=target_loss)
     if k <= 1:
         return fit(ds, rows, model_config, tc, checkpoint=checkpoint, fingerprint=fingerprint, **kw)
     members = []

@@ -636,6 +636,27 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     return u
 
 
+def fit_novelty(u: Uncertainty, flux_ref, flux_held, noise_held=None, *, seed: int = 0,
+                n_components: int = N_COMPONENTS):
+    """Fit ``u``'s flux novelty model (``ood_score``): PCA on (up to MAX_PCA_ROWS of) ``flux_ref`` (N, P),
+    thresholds = the 99.5th percentiles on the held-out ``flux_held`` (M, P) (its DER_SNR noise
+    ``noise_held`` (M,) when known). Sets u's PCA fields, noise_var and the thresholds; returns
+    (the fitted sklearn PCA, the number of components whose variance is signal)."""
+    from sklearn.decomposition import PCA
+
+    flux_ref = np.asarray(flux_ref, np.float32)
+    rows = np.random.default_rng(seed).permutation(len(flux_ref))[:MAX_PCA_ROWS]
+    k = int(min(n_components, len(rows) - 1, flux_ref.shape[1]))
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(flux_ref[np.sort(rows)])
+    u.pca_mean, u.pca_components = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    u.pca_var = pca.explained_variance_.astype(np.float64)
+    u.noise_var = float(np.mean(der_snr_noise(flux_ref[rows[:5000]]) ** 2))
+    u.n_signal = 0   # T^2 over every component
+    q, qn, t2 = u.novelty(flux_held, noise_held)
+    u.q_ref, u.qn_ref, u.t2_ref = (float(np.percentile(v, OOD_QUANTILE)) for v in (q, qn, t2))
+    return pca, max(1, int(np.sum(pca.explained_variance_ > SIGNAL_FACTOR * u.noise_var)))
+
+
 def predict_full(model, flux, batch_size: int = 4096) -> dict:
     """Labels, sigmas and flags for prepared flux; everything in physical units.
 

@@ -1,0 +1,291 @@
+"""Domain adaptation: a model trained on simulated SDSS, adapted to other surveys from their unlabeled spectra.
+
+    .venv/bin/python bench/adapt.py --work runs/adapt                 # docs/benchmarks.md's table (3 seeds)
+    .venv/bin/python bench/adapt.py --work /tmp/adapt_quick --quick   # a smoke check: minutes on 1 thread
+
+The MILES stars are split in two halves by a hash of the star (no star is in both): the source
+survey holds the first half's spectra, every target the second half's; within each half the
+stars are split 60/10/30 into train/val/test (the same hash). Source: the default simulated
+SDSS survey (seed 0). Targets, each prepared on the source's grid:
+
+- ``sdss``: the source survey itself (its second-half stars): the no-harm check;
+- ``all-shifts``: SDSS with every shift of bench/robustness.py (seed 4);
+- ``lamost``, ``desi``: ``simulate --survey lamost|desi`` (seeds 1, 2);
+- ``hard``: SDSS with a strong response (legendre:0.2), R 1500 (``--lsf gauss:200``), a
+  0.3 px wavelength offset and reddening (mean E(B-V) 0.2 mag) (seed 3).
+
+Per seed (the training seed and the draw of the 100 labelled stars), per target, on the
+target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_TRUE) of:
+
+- as-is: the source model (default recipe on the source's train stars);
+- adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds, the first pass
+  being the source model), trained from scratch like the source model (the same budget, so
+  only the matching differs); the target's train-split spectra are its unlabeled set;
+- 100 labelled: the source model fine-tuned on 100 labelled target stars (target val split
+  for model selection);
+- 100 labelled + adapted: the adapted model fine-tuned on the same stars;
+- ceiling: the default recipe trained from scratch on every labelled target train star;
+- Ridge on the 100 labelled stars, and on every labelled target star.
+
+And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; on the
+adapted model, the coverage of sigma (68.3% expected) and of the 95.4% interval on the target's
+test stars (calibrated, as `train` does, on the source validation stars and out-of-fold predictions
+of every source training star, all passed through the input matching), and
+the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
+includes the target's unlabeled spectra).
+Writes WORK/adapt.json and WORK/adapt.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from astropy.table import Table
+
+from stellarparams.adapt import TargetLoss, match_source, reference_target
+from stellarparams.baselines import RidgeVal
+from stellarparams.calibrate import out_of_fold
+from stellarparams.config import ModelConfig, recipe
+from stellarparams.dataset import Dataset
+from stellarparams.files import write_text
+from stellarparams.finetune import Init
+from stellarparams.model_io import Model
+from stellarparams.prepare import config_from_model, prepare
+from stellarparams.simulate import simulate
+from stellarparams.training import fit
+from stellarparams.uncertainty import fit_uncertainty
+
+LABELS = ["teff", "feh", "logg"]
+TRUE = [f"{l.upper()}_TRUE" for l in LABELS]
+HARD = {"response": "legendre:0.2", "lsf": "gauss:200", "wave_offset": 0.3, "ebv_mean": 0.2}
+ALL_SHIFTS = {"response": "legendre:0.1", "telluric": 0.3, "airmass": (1.0, 1.5), "lsf": "gauss:200",
+              "wave_offset": 0.2, "sky_residual": 0.05}      # bench/robustness.py's "all"
+TARGETS = {"sdss": None, "hard": ("sdss", 3, HARD), "all-shifts": ("sdss", 4, ALL_SHIFTS),
+           "lamost": ("lamost", 1, {}), "desi": ("desi", 2, {})}   # name -> (survey, simulation seed, shifts)
+STAR_COLUMN = {"sdss": "STAR_ID", "lamost": "star_id", "desi": "STAR_ID"}
+SPLIT_OF = ["train"] * 6 + ["val"] + ["test"] * 3
+
+
+def half_and_split(star) -> tuple[int, str]:
+    """(0: source half, 1: target half; split) of a MILES star, from a hash of its id."""
+    h = zlib.crc32(str(int(float(star))).encode())
+    return h % 2, SPLIT_OF[(h // 2) % 10]
+
+
+def simulated(work: Path, name: str, survey: str, seed: int, shifts: dict, n: int, grid_from, a) -> Path:
+    """Simulate and prepare one survey (split by the star hash; on the source's grid when given)."""
+    folder = work / name
+    if (folder / "dataset" / "dataset.h5").exists():
+        return folder / "dataset"
+    cat = simulate(folder / "sim", n=n, seed=seed, workers=a.workers, progress=False, wait=True, survey=survey,
+                   **shifts)
+    table = Table.read(cat)
+    table["SPLIT"] = [half_and_split(s)[1] for s in table[STAR_COLUMN[survey]]]
+    cat_split = folder / "catalog_split.fits"
+    table.write(cat_split, overwrite=True)
+    kw = {} if grid_from is None else {"config": config_from_model(grid_from)}
+    prepare(cat_split, folder / "sim" / "spectra", folder / "dataset", seed=0, workers=a.workers, progress=False,
+            wait=True, survey=survey, split_column="SPLIT", **kw)
+    return folder / "dataset"
+
+
+def rows_of(ds: Dataset, half: int) -> dict:
+    """{split: row numbers} of the stars of one half."""
+    meta = ds.meta()
+    star = meta["STAR_ID"] if "STAR_ID" in meta else meta["object_id"]
+    side = np.array([half_and_split(s)[0] for s in star])
+    return {s: np.flatnonzero((side == half) & (meta["split"].to_numpy() == s)) for s in ("train", "val", "test")}
+
+
+def stars_rows(ds: Dataset, rows: np.ndarray, n_stars: int, seed: int) -> np.ndarray:
+    meta = ds.meta(rows)
+    stars = (meta["STAR_ID"] if "STAR_ID" in meta else meta["object_id"]).astype(str).to_numpy()
+    keep = np.random.default_rng(1000 + seed).choice(np.unique(stars), min(n_stars, len(np.unique(stars))),
+                                                     replace=False)
+    return rows[np.isin(stars, keep)]
+
+
+def model_of(f, ds, mc, tc) -> Model:
+    return Model(f.net, f.labels, f.center, f.scale, model_config=mc, train_config=tc,
+                 label_units=[ds.label_units[ds.label_names.index(l)] for l in f.labels],
+                 label_ranges=f.label_ranges, grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"),
+                 metrics=f.metrics, seed=tc.seed)
+
+
+def init_of(f) -> Init:
+    return Init({k: v.detach().cpu() for k, v in f.net.state_dict().items()}, f.center, f.scale)
+
+
+def predict(f, X) -> np.ndarray:
+    f.net.eval()
+    with torch.inference_mode():
+        out = torch.cat([f.net(torch.from_numpy(X[i:i + 4096])) for i in range(0, len(X), 4096)])
+    return out.numpy().astype(np.float64) * f.scale + f.center
+
+
+def labels_of(ds, rows, labels=LABELS):
+    return ds.labels(rows)[:, [ds.label_names.index(l) for l in labels]].astype(np.float64)
+
+
+def run_target(name, tds, trows, src, srows, source, seed, a):
+    """One target, one seed: {model: MAE (3,)} plus coverage and flags of the adapted model."""
+    mc = ModelConfig(n_in=tds.n_pix)
+    tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
+                adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
+                adapt_narrow=a.adapt_narrow, adapt_coral=a.adapt_coral, adapt_consistency=a.adapt_consistency)
+    te = trows["test"]
+    Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
+    mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
+    res, t0 = {"as-is": mae(predict(source, Xte))}, time.perf_counter()
+    # adapted: the target's train-split spectra, unlabeled
+    unl = trows["train"]
+    Xu, Ou = tds.flux(unl), tds.offset(unl)
+    # from scratch, as the source model: the same training budget, so only the input matching differs
+    matched = match_source(src, (srows["train"], srows["val"]), mc, tc, Xu, Ou, source.net)
+    loss = TargetLoss(Xu, tc) if tc.adapt_coral or tc.adapt_consistency else None
+    adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
+    res["adapted"] = mae(predict(adapted, Xte))
+    model = model_of(adapted, src, mc, tc)
+    oof = None
+    if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
+        oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
+        oof["y"] = labels_of(src, oof["rows"])
+    fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
+                    matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
+    reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
+    df = model.predict_full(Xte)
+    pred = df[LABELS].to_numpy(np.float64)
+    sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
+    lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
+    extra = {"cov1": (np.abs(pred - truth) <= sig).mean(0).tolist(),
+             "cov95": ((truth >= lo) & (truth <= hi)).mean(0).tolist(),
+             "flagged_adapted": float(df["flag_unlike_training"].mean()),
+             "match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
+    if a.adapted_only:
+        res["ceiling (all labelled target)"] = [np.nan] * 3
+        return res, extra
+    # 100 labelled target stars: from the source model, and from the adapted one
+    lab = stars_rows(tds, trows["train"], a.stars, seed)
+    va = trows["val"]
+    res[f"{a.stars} labelled"] = mae(predict(fit(tds, (lab, va), mc, tc, init=init_of(source)), Xte))
+    res[f"{a.stars} labelled + adapted"] = mae(predict(fit(tds, (lab, va), mc, tc, init=init_of(adapted)), Xte))
+    res["ceiling (all labelled target)"] = mae(predict(fit(tds, (unl, va), mc, tc), Xte))
+    Xva, yva = tds.flux(va), labels_of(tds, va)
+    res[f"Ridge, {a.stars} labelled"] = mae(RidgeVal().fit(tds.flux(lab), labels_of(tds, lab), Xva, yva).predict(Xte))
+    res["Ridge, all labelled"] = mae(RidgeVal().fit(Xu, labels_of(tds, unl), Xva, yva).predict(Xte))
+    print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+          + "; ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in res.items())
+          + f"; match {extra['match']['shift_px']:+.1f} px, LSF {extra['match']['lsf_px']:.1f} px, response rms "
+            f"{extra['match']['response_rms']:.3f}; cov1 {np.round(extra['cov1'], 2).tolist()}", file=sys.stderr)
+    return res, extra
+
+
+def format_table(out: dict) -> str:
+    lines = ["| target | model | Teff (K) | [Fe/H] (dex) | log g (dex) |", "|---|---|---|---|---|"]
+    def fmt(m, s, j):
+        d = 0 if j == 0 else 3
+        return f"{m:.{d}f}" + (f" ± {s:.{d}f}" if s is not None else "")
+    for name, r in out["targets"].items():
+        for model, runs in r["mae"].items():
+            m, sd = np.mean(runs, 0), (np.std(runs, 0) if len(runs) > 1 else [None] * 3)
+            lines.append(f"| {name} | {model} | " + " | ".join(fmt(m[j], sd[j], j) for j in range(3)) + " |")
+        g = np.array(r["gap_closed"])
+        lines.append(f"| {name} | gap closed by adapting | " + " | ".join(
+            f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "") for j in range(3)) + " |")
+    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | flagged: as-is / adapted | shift px, LSF px, "
+              "response rms (seed 0) |", "|---|---|---|---|---|"]
+    for name, r in out["targets"].items():
+        c1, c95 = np.mean(r["cov1"], 0), np.mean(r["cov95"], 0)
+        m = r["match"][0]
+        lines.append(f"| {name} | " + " / ".join(f"{x:.2f}" for x in c1) + " | " + " / ".join(f"{x:.2f}" for x in c95)
+                     + f" | {np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f} | "
+                       f"{m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/adapt", help="source/, one folder per target, adapt.json, adapt.md")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke check: 1500 spectra per survey, 1 seed, 3 epochs, targets sdss and hard")
+    p.add_argument("--n-source", type=int, default=4000, help="spectra of the source survey (both halves)")
+    p.add_argument("--n-target", type=int, default=4000, help="spectra of each target survey (both halves)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs of every network (default recipe)")
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--stars", type=int, default=100, help="labelled target stars")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--adapt-match", type=int, default=2, help="rounds of input matching")
+    p.add_argument("--adapt-bins", type=int, default=16)
+    p.add_argument("--adapt-order", type=int, default=10)
+    p.add_argument("--adapt-narrow", type=float, default=0.0, help="threshold of narrow shared features (sigma)")
+    p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
+    p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
+    p.add_argument("--calib-folds", type=int, default=3,
+                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma; 0: "
+                        "the source validation stars alone")
+    p.add_argument("--adapted-only", action="store_true",
+                   help="only as-is and adapted (comparing adaptation settings; no gap closed)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.n_source = a.n_target = 1500
+        a.seeds, a.epochs, a.targets, a.calib_folds = "0", 3, "sdss,hard", 0
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    t0 = time.perf_counter()
+    src = Dataset(simulated(work, "source", "sdss", 0, {}, a.n_source, None, a))
+    srows = rows_of(src, 0)
+    grid = work / "grid.json"   # what --grid-from reads: the source dataset's grid and preprocessing
+    write_text(grid, json.dumps({"grid": src.attrs["grid"], "prepare_config": src.attrs.get("preprocess")}))
+    out = {"settings": vars(a), "targets": {}}
+    sources = {}
+    for seed in a.seeds:
+        mc, tc = ModelConfig(n_in=src.n_pix), recipe("default", seed=seed, calib_folds=0, threads=a.threads,
+                                                      epochs=a.epochs)
+        f = fit(src, (srows["train"], srows["val"]), mc, tc)
+        m = model_of(f, src, mc, tc)
+        fit_uncertainty(m, src.flux(srows["train"]), labels_of(src, srows["train"]), src.flux(srows["val"]),
+                        labels_of(src, srows["val"]), seed=seed)
+        sources[seed] = (f, m)
+    print(f"source: {len(srows['train'])} train spectra, {len(a.seeds)} models, {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    for name in a.targets.split(","):
+        if TARGETS[name] is None:
+            tds, trows = src, rows_of(src, 1)
+        else:
+            survey, sim_seed, shifts = TARGETS[name]
+            tds = Dataset(simulated(work, name, survey, sim_seed, shifts, a.n_target, grid, a))
+            trows = rows_of(tds, 1)
+        r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
+                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "flagged_as_is": [],
+                                    "flagged_adapted": [], "match": []}
+        for seed in a.seeds:
+            f, m = sources[seed]
+            res, extra = run_target(name, tds, trows, src, srows, f, seed, a)
+            for k, v in res.items():
+                r["mae"].setdefault(k, []).append(v)
+            asis, ad, ceil = (np.array(res[k]) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
+            r["gap_closed"].append(((asis - ad) / (asis - ceil)).tolist())
+            r["flagged_as_is"].append(float(m.predict_full(tds.flux(trows["test"]))["flag_unlike_training"].mean()))
+            for k in ("cov1", "cov95", "flagged_adapted", "match"):
+                r[k].append(extra[k])
+        write_text(work / "adapt.json", json.dumps(out, indent=1))
+    out["seconds"] = round(time.perf_counter() - t0)
+    write_text(work / "adapt.json", json.dumps(out, indent=1))
+    table = format_table(out)
+    write_text(work / "adapt.md", table + "\n")
+    print(table)
+    print(f"{out['seconds']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

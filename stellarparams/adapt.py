@@ -1,0 +1,385 @@
+"""Learning from a target survey's unlabeled spectra (``train --adapt-to``; docs/method.md, "Domain adaptation").
+
+The labelled spectra (the source) and the target's spectra differ by the instrument: a smooth
+response (flux calibration, reddening), the resolution, a wavelength offset. Input-space
+matching estimates that difference from the two populations and applies it to the source,
+so the network trains on source spectra that look as the target's do:
+
+1. Each spectrum is taken back to flux over its own mean, g = (x + offset) / offset (``x`` is
+   the standardized flux, ``offset`` its mean/std before standardization, so mean(x + offset)
+   = offset), and averaged over the source (S) and the target (T) spectra. With
+   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: a first-pass
+   network (the ``--init-from`` model, or one trained on the source as it is) predicts labels,
+   and k-means on the source's scaled predictions makes C groups (S_c, T_c), so that two sets
+   of different stars are not read as an instrument difference.
+2. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
+   the S_c (means commute with these linear operations, so the means stand for every
+   spectrum), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)), is
+   fitted by a Legendre series of order ``adapt_order`` in log wavelength: the response. The
+   candidate whose groups' ratios depart least from that smooth curve wins; ``adapt_narrow``
+   also keeps narrow features every group shares.
+3. The source spectra are transformed (shift, LSF, times the response) and standardized
+   again. With groups, ``adapt_match`` = K > 1 rounds retrain on them to predict the groups
+   anew (the first pass reads part of the target's response as a change of labels).
+
+What the model learns from the target is only this transform (a few numbers and a smooth
+curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dataset import Dataset
+
+SHIFTS_PX = tuple(np.round(np.arange(-0.5, 0.51, 0.1), 2))   # candidate wavelength shifts, grid pixels
+LSF_PX = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)             # candidate extra Gaussian LSF sigma, grid pixels
+MIN_GROUP = 10          # spectra of each set a group needs to count
+MAX_ROWS = 20_000       # source / target rows used by the estimate
+
+
+@dataclass
+class Match:
+    """Source -> target transform: f_t(k) = R(k) * (G_lsf * f_s)(k - shift); flux in grid pixels k.
+
+    shift: pixels; lsf: extra Gaussian sigma in pixels; log_response: (P,) ln R or None.
+    """
+
+    shift: float = 0.0
+    lsf: float = 0.0
+    log_response: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)
+
+    def flux_ratio(self, g: np.ndarray) -> np.ndarray:
+        """(N, P) flux (any scale) -> the same after the LSF and the shift (not the response)."""
+        from scipy.ndimage import gaussian_filter1d, shift
+
+        g = np.asarray(g, np.float64)
+        if self.lsf > 0:
+            g = gaussian_filter1d(g, self.lsf, axis=1, mode="nearest")
+        if self.shift:
+            g = shift(g, (0, self.shift), order=3, mode="nearest")
+        return g
+
+    def apply(self, flux, offset, sigma=None, block: int = 4096):
+        """Standardized source flux (N, P), its offsets (N,) [and noise (N, P)] -> the same for the target's instrument.
+
+        Float32 out; computed in float64 blocks of ``block`` rows (memory stays at a few blocks).
+        """
+        if len(flux) > block:
+            parts = [self.apply(flux[i:i + block], offset[i:i + block], None if sigma is None else sigma[i:i + block])
+                     for i in range(0, len(flux), block)]
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    None if sigma is None else np.concatenate([p[2] for p in parts]))
+        f = self.flux_ratio(np.asarray(flux, np.float64) + np.asarray(offset, np.float64)[:, None])
+        r = 1.0 if self.log_response is None else np.exp(self.log_response)[None, :]
+        f = f * r
+        m, s = f.mean(1), f.std(1)
+        s = np.where(s > 0, s, 1.0)
+        x = ((f - m[:, None]) / s[:, None]).astype(np.float32)
+        sig = None if sigma is None else (np.asarray(sigma, np.float64) * r / s[:, None]).astype(np.float32)
+        return x, (m / s).astype(np.float32), sig
+
+    def to_dict(self) -> dict:
+        return {"shift_px": float(self.shift), "lsf_px": float(self.lsf),
+                "response_rms": float(np.std(self.log_response)) if self.log_response is not None else 0.0,
+                "log_response": None if self.log_response is None else np.round(self.log_response, 5).tolist(),
+                **self.stats}
+
+
+class MatchedDataset(Dataset):
+    """A prepared dataset whose flux, offset and noise come back through a :class:`Match`; the rest is the dataset's."""
+
+    def __init__(self, ds, match: Match):  # no file of its own: every other attribute is ``ds``'s
+        self._ds, self.match = ds, match
+
+    def __getattr__(self, name):
+        return getattr(self._ds, name)
+
+    def flux(self, idx=None):
+        return self.match.apply(self._ds.flux(idx), self._offset(idx))[0]
+
+    def offset(self, idx=None):
+        return self.match.apply(self._ds.flux(idx), self._offset(idx))[1]
+
+    def sigma(self, idx=None):
+        s = self._ds.sigma(idx)
+        return None if s is None else self.match.apply(self._ds.flux(idx), self._offset(idx), s)[2]
+
+    def _offset(self, idx):
+        o = self._ds.offset(idx)
+        if o is None:
+            raise ValueError(f"{self._ds.path}: input matching needs each spectrum's flux offset, which datasets "
+                             "prepared before stellarparams stored them lack; prepare the dataset again")
+        return o
+
+
+def normalised(flux, offset) -> np.ndarray:
+    """(N, P) standardized flux and (N,) offsets -> (N, P) flux over its own mean, g = 1 + x / offset."""
+    o = np.asarray(offset, np.float64)[:, None]
+    return 1.0 + np.asarray(flux, np.float64) / o
+
+
+def group_means(g, pred, centers):
+    """(N, P) flux, (N, L) scaled predictions, (C, L) centers -> (C, P) mean flux and (C,) counts per nearest center."""
+    d = ((pred[:, None, :] - centers[None]) ** 2).sum(-1)
+    lab = d.argmin(1)
+    n = np.bincount(lab, minlength=len(centers))
+    means = np.zeros((len(centers), g.shape[1]))
+    np.add.at(means, lab, g)
+    return means / np.maximum(n, 1)[:, None], n
+
+
+def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pred, *, order: int = 10,
+                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
+    """Estimate the source -> target transform from the two unlabeled populations.
+
+    Parameters
+    ----------
+    src_flux, tgt_flux : (N_s, P), (N_t, P) standardized flux on one grid.
+    src_offset, tgt_offset : (N_s,), (N_t,) mean/std of each spectrum before standardization (> 0).
+    src_pred, tgt_pred : (N_s, L), (N_t, L) predicted labels in scaled units (any common scale).
+    order : Legendre order of ln response over the grid (0: no response).
+    bins : groups in predicted-label space (k-means on the source's predictions); 1 = one group.
+    shifts, lsfs : candidate shifts and extra LSF sigmas, grid pixels.
+    narrow : > 0 also keeps, on top of the smooth response, the pixels where the groups' mean log
+        ratio departs from it by more than ``narrow`` times its standard error (narrow features
+        every group shares: uncorrected telluric bands, sky residuals); 0 = smooth only.
+
+    Returns
+    -------
+    Match, whose ``stats`` hold the groups used and the objective of the chosen candidate.
+    """
+    from numpy.polynomial import legendre
+    from sklearn.cluster import KMeans
+
+    ok_s, ok_t = np.asarray(src_offset) > 0.05, np.asarray(tgt_offset) > 0.05
+    gs, gt = normalised(src_flux[ok_s], src_offset[ok_s]), normalised(tgt_flux[ok_t], tgt_offset[ok_t])
+    ps, pt = np.asarray(src_pred, np.float64)[ok_s], np.asarray(tgt_pred, np.float64)[ok_t]
+    if bins > 1:
+        centers = KMeans(bins, random_state=seed, n_init=3).fit(ps).cluster_centers_
+    else:
+        centers = ps.mean(0, keepdims=True)
+    S, ns = group_means(gs, ps, centers)
+    T, nt = group_means(gt, pt, centers)
+    use = (ns >= MIN_GROUP) & (nt >= MIN_GROUP)
+    if not use.any():
+        raise ValueError(f"no group of predicted labels holds {MIN_GROUP} source and {MIN_GROUP} target spectra; "
+                         "give more target spectra or fewer adapt_bins")
+    S, T, w = S[use], T[use], np.minimum(ns, nt)[use].astype(np.float64)
+    w /= w.sum()
+    P = S.shape[1]
+    xg = np.linspace(-1, 1, P)
+    best = None
+    for lsf in lsfs:
+        for sh in shifts:
+            Sm = Match(sh, lsf).flux_ratio(S)
+            r = np.log(np.clip(T, 1e-3, None) / np.clip(Sm, 1e-3, None))          # (C, P)
+            rbar = (w[:, None] * r).sum(0)
+            smooth = legendre.legval(xg, legendre.legfit(xg, rbar, order)) if order > 0 else np.zeros(P)
+            obj = float((w[:, None] * (r - smooth) ** 2).sum(0).mean())
+            if best is None or obj < best[0]:
+                best = (obj, sh, lsf, smooth, r, rbar)
+    obj, sh, lsf, smooth, r, rbar = best
+    n_narrow = 0
+    if narrow > 0 and len(w) > 2:
+        se = np.sqrt((w[:, None] * (r - rbar) ** 2).sum(0) / (1 - (w ** 2).sum()) * (w ** 2).sum())  # (P,)
+        keep = np.abs(rbar - smooth) > narrow * se
+        smooth = smooth + np.where(keep, rbar - smooth, 0.0)
+        n_narrow = int(keep.sum())
+    return Match(float(sh), float(lsf), smooth if order > 0 else None,
+                 {"groups": int(use.sum()), "objective": obj, "n_source": int(len(gs)), "n_target": int(len(gt)),
+                  "narrow_pixels": n_narrow})
+
+
+# ---------------------------------------------------------------------- the target and the rounds
+def load_target(path, ds) -> tuple[np.ndarray, np.ndarray, str]:
+    """(flux (N, P), offsets (N,), input hash) of a prepared target dataset on ``ds``'s grid; its labels are not read.
+
+    Raises ValueError (naming the file and what to do) for a folder that is not a prepared
+    dataset, another grid, or a dataset without the flux offsets.
+    """
+    from .dataset import dataset_file
+
+    if not dataset_file(path).exists():
+        raise ValueError(f"{path}: --adapt-to needs a prepared dataset of the target's spectra; prepare them on the "
+                         "source's grid first (`stellarparams prepare ... --grid-from MODEL`, or with the source "
+                         "dataset's --grid); a folder of raw spectra is not read by --adapt-to")
+    with Dataset(path) as t:
+        if t.n_pix != ds.n_pix or not np.allclose(t.grid.loglam, ds.grid.loglam, rtol=0, atol=1e-9):
+            raise ValueError(f"{t.path}: its wavelength grid ({t.n_pix} pixels) is not the training dataset's "
+                             f"({ds.n_pix}); prepare the target with --grid-from the source model")
+        o = t.offset()
+        if o is None:
+            raise ValueError(f"{t.path}: has no flux offsets (prepared by an older stellarparams); prepare it again")
+        return t.flux(), o, t.attrs.get("input_hash", "")
+
+
+def _predict(net, X, batch: int = 4096) -> np.ndarray:
+    """(N, P) flux -> (N, L) scaled predictions of ``net`` (eval mode, on its device)."""
+    import torch
+
+    from .devices import module_device
+
+    dev = module_device(net)
+    net.eval()
+    with torch.inference_mode():
+        return torch.cat([net(torch.from_numpy(np.ascontiguousarray(X[i:i + batch])).to(dev)).float().cpu()
+                          for i in range(0, len(X), batch)]).numpy()
+
+
+def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, init=None, progress: bool = False,
+                 device=None, precision: str = "fp32") -> MatchedDataset:
+    """``tc.adapt_match`` rounds of estimate -> (retrain): the source dataset seen through the estimated transform.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The labelled (source) dataset; ``rows`` = (train rows, val rows) of it.
+    mc, tc : ModelConfig, TrainConfig
+        The run's configs (``adapt_bins``, ``adapt_order``, ``adapt_match``, seed).
+    target_flux, target_offset : (N_t, P), (N_t,)
+        The target's spectra (standardized) and offsets.
+    first_net : torch.nn.Module or None
+        The first-pass network (scaled outputs): the ``--init-from`` model or one trained on
+        the source as it is; unused (None will do) with ``tc.adapt_bins`` = 1.
+    init : finetune.Init, optional
+        Where the intermediate rounds' networks start.
+
+    Returns
+    -------
+    MatchedDataset
+        Pass it to :func:`stellarparams.training.fit` (and the calibration) instead of ``ds``.
+    """
+    from dataclasses import replace
+
+    from .training import fit
+
+    rng = np.random.default_rng(tc.seed)
+    itr = np.sort(rng.permutation(rows[0])[:MAX_ROWS])
+    it = np.sort(rng.permutation(len(target_flux))[:MAX_ROWS])
+    Xt, Ot = target_flux[it], target_offset[it]
+    Xs, Os = ds.flux(itr), ds.offset(itr)
+    if Os is None:
+        raise ValueError(f"{ds.path}: input matching needs each spectrum's flux offset; prepare the dataset again")
+    grouped = tc.adapt_bins > 1        # one group needs no predictions, so no first pass and one round
+    net, match, history = first_net, Match(), []
+    for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
+        if r > 0:
+            sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
+            net = fit(MatchedDataset(ds, match), rows, mc, sub, init=init, device=device, precision=precision).net
+        xs = match.apply(Xs, Os)[0]                            # the source as the current net was trained on it
+        ps, pt = (_predict(net, xs), _predict(net, Xt)) if grouped else (np.zeros((len(xs), 1)), np.zeros((len(Xt), 1)))
+        match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
+                               narrow=tc.adapt_narrow)
+        history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
+        if progress:
+            h = history[-1]
+            print(f"input matching, round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
+                  f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)", file=sys.stderr)
+    match.stats["rounds"] = history
+    return MatchedDataset(ds, match)
+
+
+def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=None, precision: str = "fp32"):
+    """What `train --adapt-to` trains on: (MatchedDataset, target flux (N_t, P)) for ``tc.adapt_to``.
+
+    The first-pass network is the ``--init-from`` model when there is one, else a network
+    trained on ``ds`` as it is (one extra training).
+    """
+    from dataclasses import replace
+
+    from .training import fit
+
+    Xt, Ot, _ = load_target(tc.adapt_to, ds)
+    rows = (ds.indices("train"), ds.indices("val"))
+    if tc.adapt_bins <= 1:
+        first = None
+    elif tc.init_from:
+        from .model_io import load_model
+
+        first = load_model(tc.init_from).net
+    else:
+        if progress:
+            print("input matching: training the first-pass network on the source as it is", file=sys.stderr)
+        first = fit(ds, rows, mc, replace(tc, adapt_to=None, ensemble=1), device=device, precision=precision).net
+    return match_source(ds, rows, mc, tc, Xt, Ot, first, init=init, progress=progress, device=device,
+                        precision=precision), Xt
+
+
+def reference_target(model, source_train, source_val, target_flux, seed: int = 0):
+    """Refit ``model.uncertainty``'s novelty model on the (matched) source training spectra plus half the
+    target's, thresholds on the source validation spectra plus the other half: ``flag_unlike_training``
+    then marks spectra unlike both. All flux (N, P) standardized; records the reference in the stats."""
+    from .uncertainty import fit_novelty
+
+    u = model.uncertainty
+    if u is None:
+        return
+    perm = np.random.default_rng(seed).permutation(len(target_flux))
+    a, b = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
+    fit_novelty(u, np.concatenate([source_train, target_flux[a]]), np.concatenate([source_val, target_flux[b]]),
+                seed=seed)
+    u.stats["ood_reference"] = (f"{len(source_train)} source training + {len(a)} target spectra; thresholds on "
+                                f"{len(source_val)} source validation + {len(b)} target spectra")
+
+
+# ---------------------------------------------------------------------- losses on the target's spectra
+def coral(a, b):
+    """Deep CORAL (Sun & Saenko 2016): squared Frobenius distance of the (D, D) feature covariances of
+    ``a`` (B1, D) and ``b`` (B2, D), over 4 D^2."""
+    import torch
+
+    def cov(x):
+        x = x - x.mean(0, keepdim=True)
+        return x.T @ x / max(1, len(x) - 1)
+
+    d = a.shape[1]
+    return (cov(a) - cov(b)).pow(2).sum() / (4 * d * d) + torch.zeros(())
+
+
+class TargetLoss:
+    """The unlabeled target's term of the training loss, per batch (``tc.adapt_coral``, ``tc.adapt_consistency``).
+
+    - CORAL: ``adapt_coral`` x the CORAL distance between the shared representations (the
+      trunk's output) of the source batch and of as many target spectra;
+    - consistency (mean teacher): ``adapt_consistency`` x the mean squared difference, in
+      scaled label units, between the network on a noisy target spectrum (Gaussian noise of
+      1-5% of its std) and the EMA of the weights (the teacher; the network itself, without
+      gradient, when ``ema`` is 0) on the clean one.
+
+    target_flux: (N_t, P) standardized. Called as ``loss(net, teacher, x_source, g, dev)``.
+    """
+
+    def __init__(self, target_flux, tc):
+        import torch
+
+        self.X = torch.from_numpy(np.ascontiguousarray(target_flux, np.float32))
+        self.coral, self.consistency = float(tc.adapt_coral), float(tc.adapt_consistency)
+        self.noise = (tc.noise_min, tc.noise_max)
+
+    def __call__(self, net, teacher, x_source, g, dev):
+        import torch
+
+        from .devices import to_device
+
+        j = torch.randint(len(self.X), (len(x_source),), generator=g)
+        xt = to_device(self.X[j], dev)
+        loss = torch.zeros((), device=xt.device)
+        trunk = net.trunks[0]
+        if self.coral:
+            loss = loss + self.coral * coral(trunk(x_source), trunk(xt))
+        if self.consistency:
+            lo, hi = self.noise
+            level = lo + (hi - lo) * torch.rand(len(j), 1, generator=g)
+            noisy = xt + to_device(torch.randn(xt.shape, generator=g) * level, dev) * xt.std(1, keepdim=True)
+            with torch.no_grad():
+                ref = teacher or net
+                mode = ref.training
+                ref.eval()
+                y_ref = ref(xt)
+                ref.train(mode)
+            loss = loss + self.consistency * (net(noisy) - y_ref).pow(2).mean()
+        return loss

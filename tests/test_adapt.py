@@ -1,0 +1,114 @@
+"""train --adapt-to: input matching recovers an injected instrument; the target's labels are never used."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from numpy.polynomial import legendre
+
+from stellarparams.adapt import Match, estimate_match
+from stellarparams.dataset import write_dataset
+from stellarparams.train import TrainConfig, train
+
+from test_train import TINY
+
+torch.set_num_threads(1)
+
+
+def stars(n, p, seed, response=None, lsf=0.0, shift=0.0):
+    """(flux (n, p) standardized, offsets (n,), labels (n, 3), scaled labels (n, 3)) of toy stars.
+
+    Physical flux: a label-dependent smooth continuum times 12 Gaussian absorption lines whose
+    depths depend on the labels, plus 1% noise; the target's instrument (LSF, shift, response)
+    is applied before the noise.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.c_[rng.uniform(4000, 9000, n), rng.uniform(-2.5, 0.5, n), rng.uniform(1, 5, n)]
+    z = (y - [6500, -1, 3]) / [1500, 0.9, 1.2]
+    k = np.arange(p)[None, :]
+    x = np.linspace(-1, 1, p)[None, :]
+    f = np.exp(-0.5 * z[:, :1] * x + 0.1 * z[:, 2:3] * x ** 2)
+    centers = np.linspace(10, p - 10, 12)
+    for i, c in enumerate(centers):
+        depth = 0.3 + 0.2 * np.tanh(z[:, i % 3:i % 3 + 1] + 0.3 * z[:, (i + 1) % 3:(i + 1) % 3 + 1])
+        f = f * (1 - depth * np.exp(-0.5 * ((k - c) / 1.5) ** 2))
+    f = Match(shift, lsf, response).flux_ratio(f) * (1.0 if response is None else np.exp(response)[None, :])
+    f = f * (1 + 0.01 * rng.normal(size=f.shape))
+    m, s = f.mean(1), f.std(1)
+    return ((f - m[:, None]) / s[:, None]).astype(np.float32), (m / s).astype(np.float32), y.astype(np.float32), z
+
+
+def injected_response(p, amp=0.15):
+    c = np.random.default_rng(5).normal(size=6)
+    c[0] = 0
+    r = legendre.legval(np.linspace(-1, 1, p), c)
+    return amp * (r - r.mean()) / r.std()
+
+
+def test_estimate_match_recovers_an_injected_smooth_response():
+    p = 200
+    resp = injected_response(p)
+    Xs, Os, _, zs = stars(3000, p, 0)
+    Xt, Ot, _, zt = stars(3000, p, 1, response=resp)
+    m = estimate_match(Xs, Os, zs, Xt, Ot, zt, order=10, bins=8)
+    assert m.shift == 0 and m.lsf == 0
+    err = (m.log_response - m.log_response.mean()) - resp
+    # 0.15 rms injected; the residual is the star-to-star scatter of group means (3000 toy stars
+    # at 1% noise) and the order-10 fit of an order-5 curve: 0.01 is 15x below the injected rms
+    assert np.sqrt(np.mean(err ** 2)) < 0.01
+
+
+def test_narrow_keeps_a_narrow_band_every_star_shares():
+    p = 200
+    resp = injected_response(p)
+    resp[100:104] -= 0.2                     # a 4-pixel absorption band (a telluric residual), 18% deep
+    Xs, Os, _, zs = stars(3000, p, 0)
+    Xt, Ot, _, zt = stars(3000, p, 1, response=resp)
+    err = {}
+    for narrow in (0.0, 3.0):
+        m = estimate_match(Xs, Os, zs, Xt, Ot, zt, order=10, bins=8, narrow=narrow)
+        err[narrow] = np.abs(m.log_response - m.log_response.mean() - (resp - resp.mean()))[98:106].max()
+    # smooth only: the band is missed (error ~ its depth); narrow: found to within the group-mean noise
+    assert err[0.0] > 0.1 and err[3.0] < 0.05
+
+
+def test_estimate_match_finds_an_injected_resolution_and_shift():
+    p = 200
+    Xs, Os, _, zs = stars(3000, p, 0)
+    Xt, Ot, _, zt = stars(3000, p, 1, response=injected_response(p), lsf=2.0, shift=0.3)
+    m = estimate_match(Xs, Os, zs, Xt, Ot, zt, order=10, bins=8)
+    assert m.lsf == pytest.approx(2.0, abs=0.5) and m.shift == pytest.approx(0.3, abs=0.1)
+
+
+def _write(folder, X, O, y, split, labels_hash=""):
+    return write_dataset(folder, X, y, split, offset=O, attrs={"input_hash": labels_hash})
+
+
+def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path):
+    p, n = 48, 300
+    Xs, Os, ys, _ = stars(n, p, 0)
+    Xt, Ot, yt, _ = stars(200, p, 1, response=injected_response(p, 0.2))
+    split = np.repeat([0, 1, 2], [180, 60, 60])
+    src = _write(tmp_path / "src", Xs, Os, ys, split)
+    _write(tmp_path / "tgt", Xt, Ot, yt, np.zeros(200, int), "target-hash-1")
+    perm = np.random.default_rng(3).permutation(200)
+    _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
+    tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
+                     adapt_match=2, adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
+    a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
+              progress=False)
+    b = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt_perm")}),
+              progress=False)
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert card["train_config"]["adapt_to"] == str(tmp_path / "tgt")
+    assert card["train_config"]["adapt_hash"] == "target-hash-1"
+    assert card["train_config"]["adapt_coral"] == 0.5 and card["metrics"]["adapt"]["response_rms"] > 0
+    assert len(card["metrics"]["adapt"]["rounds"]) == 2
+    assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
+    one = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=1,
+                                             adapt_to=str(tmp_path / "tgt")), progress=False)
+    assert len(one.metrics["adapt"]["rounds"]) == 1          # one group: one estimate, no first pass
+    plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
+    assert not all(torch.equal(sa[k], v) for k, v in plain.net.state_dict().items())   # adapting changed them
