@@ -10,7 +10,7 @@ from stellarparams.adapt import Match, estimate_match
 from stellarparams.dataset import write_dataset
 from stellarparams.train import TrainConfig, train
 
-from test_train import TINY
+from helpers import TINY
 
 torch.set_num_threads(1)
 
