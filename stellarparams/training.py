@@ -192,9 +192,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
         validation loss of those starting weights is ``metrics["init_val_loss"]``.
     target_loss : callable, optional
-        ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss
-        (:class:`stellarparams.adapt.TargetLoss`: unlabeled target spectra); ``teacher`` is the
-        EMA network (None without EMA), ``x`` the batch, ``g`` the batch's CPU generator.
+        ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss (unlabeled
+        target spectra, :class:`stellarparams.adapt.TargetLoss`; ``teacher``: the EMA network or None).
 
     Returns
     -------
