@@ -188,9 +188,8 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     precision : str
         ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with a gradient scaler): autocast of the forward passes.
     init : stellarparams.finetune.Init, optional
-        Start from another model's weights and target scaler (``train --init-from``;
-        :func:`stellarparams.finetune.apply_init`), freezing the parts it names. The
-        validation loss of those starting weights is ``metrics["init_val_loss"]``.
+        Start from another model's weights and target scaler (``train --init-from``), freezing the
+        parts it names; the starting weights' validation loss is ``metrics["init_val_loss"]``.
     target_loss : callable, optional
         ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss (unlabeled
         target spectra, :class:`stellarparams.adapt.TargetLoss`; ``teacher``: the EMA network or None).
