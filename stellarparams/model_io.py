@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +168,20 @@ class ModelCard:
         self.history = list(self.history or [])
 
 
-_PARTS = {"scaler": TargetScaler, "preprocessing": Preprocessing, "card": ModelCard}
+class _Part:
+    """A field of one of a model's parts, as an attribute of the model (read and write)."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, model, owner=None):
+        return self if model is None else getattr(getattr(model, self.part), self.name)
+
+    def __set__(self, model, value):
+        setattr(getattr(model, self.part), self.name, value)
 
 
 class Model:
@@ -185,6 +198,12 @@ class Model:
 
     The keyword arguments are the fields of those parts.
     """
+
+    # the parts' fields, read and written as attributes of the model (model.center is model.scaler.center)
+    label_names, center, scale, label_units, label_ranges = (_Part("scaler") for _ in range(5))
+    grid, prepare_config = _Part("preprocessing"), _Part("preprocessing")
+    model_config, train_config, metrics, history, dataset_hash, seed, version, best_val_loss, fingerprint = (
+        _Part("card") for _ in range(9))
 
     def __init__(self, net, label_names, center, scale, *, label_units=None, label_ranges=None, grid=None,
                  prepare_config=None, uncertainty=None, **card):
@@ -371,17 +390,6 @@ class Model:
         if version and version != self.version:
             warnings.warn(f"{name} was prepared with stellarparams {version}, the model trained with {self.version}",
                           stacklevel=2)
-
-
-def _part_field(part: str, name: str) -> property:
-    return property(lambda self: getattr(getattr(self, part), name),
-                    lambda self, value: setattr(getattr(self, part), name, value),
-                    doc=f"``model.{part}.{name}``")
-
-
-for _part, _cls in _PARTS.items():  # model.center is model.scaler.center, and so on (read and write)
-    for _f in fields(_cls):
-        setattr(Model, _f.name, _part_field(_part, _f.name))
 
 
 def _comparable(prep: dict) -> dict:
