@@ -156,8 +156,8 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
         oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
         oof["y"] = labels_of(src, oof["rows"])
-    fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
-                    matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
+    model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
+                                        matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     df = model.predict_full(Xte)
     pred = df[LABELS].to_numpy(np.float64)
@@ -252,8 +252,8 @@ def main(argv=None) -> int:
                                                       epochs=a.epochs)
         f = fit(src, (srows["train"], srows["val"]), mc, tc)
         m = model_of(f, src, mc, tc)
-        fit_uncertainty(m, src.flux(srows["train"]), labels_of(src, srows["train"]), src.flux(srows["val"]),
-                        labels_of(src, srows["val"]), seed=seed)
+        m.uncertainty = fit_uncertainty(m, src.flux(srows["train"]), labels_of(src, srows["train"]),
+                                        src.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed)
         sources[seed] = (f, m)
     print(f"source: {len(srows['train'])} train spectra, {len(a.seeds)} models, {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)

@@ -119,7 +119,7 @@ def coverage(f, mc, tc, init, ds, full, te) -> dict:
     feh known there; teff and logg carried from the source)."""
     m = Model(f.net, f.labels, f.center, f.scale, model_config=mc, train_config=tc, label_ranges=f.label_ranges,
               grid=ds.attrs.get("grid"), seed=tc.seed)
-    calibrate(m, ds, folds=0, progress=False, init=init)
+    m.uncertainty = calibrate(m, ds, folds=0, progress=False, init=init)[0]
     df = m.predict_full(ds.flux(te))
     y = full.labels(te)
     out = {}

@@ -45,8 +45,9 @@ def main():
     X = rng.standard_normal((args.n, 4000), dtype=np.float32)
     y = np.column_stack([rng.uniform(4000, 9000, 20000), rng.uniform(-3, 0.5, 20000), rng.uniform(0, 5, 20000)])
     t0 = time.perf_counter()
-    uncertainty.fit_uncertainty(model, X[:min(12000, args.n)], y[:min(12000, args.n)], X[-5000:], y[:5000],
-                                n_passes=args.passes)
+    n_fit = min(12000, args.n)
+    model.uncertainty = uncertainty.fit_uncertainty(model, X[:n_fit], y[:n_fit], X[-5000:], y[:5000],
+                                                    n_passes=args.passes)
     fit_s = time.perf_counter() - t0
     model.predict(X[:2048])
     model.predict_full(X[:2048])

@@ -100,7 +100,7 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
     Parameters
     ----------
     model : stellarparams.model_io.Model
-        The trained model; ``model.uncertainty`` and ``model.metrics`` (timings) are set.
+        The trained model (read only: the caller keeps the result as ``model.uncertainty``).
     dataset : Dataset or path
         The dataset it was trained on.
     folds : int
@@ -122,8 +122,10 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
 
     Returns
     -------
-    Uncertainty
+    (Uncertainty, dict)
+        The calibration, and its timings in seconds (``calib_folds_s`` with folds, ``calibration_s``).
     """
+    seconds = {}
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     try:
         itr, iva = ds.indices("train"), ds.indices("val")
@@ -135,7 +137,7 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
             t0 = time.perf_counter()
             oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress,
                               device=model.device if device is None else device, precision=precision, init=init)
-            model.metrics["calib_folds_s"] = round(time.perf_counter() - t0, 1)
+            seconds["calib_folds_s"] = round(time.perf_counter() - t0, 1)
             if oof is not None:
                 oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]
     finally:
@@ -143,7 +145,7 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
             ds.close()
     t0 = time.perf_counter()
     u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof, carry=None if init is None else init.uncertainty)
-    model.metrics["calibration_s"] = round(time.perf_counter() - t0, 2)
+    seconds["calibration_s"] = round(time.perf_counter() - t0, 2)
     if progress:
-        print(u.summary(model.metrics["calibration_s"]), file=sys.stderr)
-    return u
+        print(u.summary(seconds["calibration_s"]), file=sys.stderr)
+    return u, seconds

@@ -35,12 +35,12 @@ import torch
 
 from ._version import __version__
 from .config import ModelConfig, TrainConfig
-from .devices import module_device, resolve_device, to_device
+from .devices import module_device, resolve_device
 from .files import write_bytes, write_text
 from .model import StellarNet, count_parameters
 from .physics import rv_from_z
 from .records import jsonable, sha256_bytes, sha256_file
-from .uncertainty import UNC_JSON, UNC_TENSORS, Uncertainty, predict_full
+from .uncertainty import UNC_JSON, UNC_TENSORS, Uncertainty, forward, predict_full
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"
@@ -268,17 +268,11 @@ class Model:
                              f"got {tuple(x.shape)}")
         return x
 
-    @torch.inference_mode()
     def predict_scaled(self, flux, batch_size: int = 4096) -> np.ndarray:
         """flux (N, P) float32 -> (N, L) float32 in scaled target units."""
         x = self._flux(flux, None)
         x = x.cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-        self.net.eval()
-        dev = self.device
-        out = np.empty((x.shape[0], len(self.label_names)), np.float32)
-        for i in range(0, x.shape[0], batch_size):
-            out[i:i + batch_size] = self.net(to_device(x[i:i + batch_size], dev)).cpu().numpy()
-        return out
+        return forward(self.net, x, len(self.label_names), batch_size)
 
     def predict(self, flux, batch_size: int = 4096, rv_kms=None, return_sigma: bool = False):
         """Labels in physical units, (N, L) float64, columns in ``label_names`` order.
@@ -315,7 +309,7 @@ class Model:
             warnings.warn("this model has no uncertainty calibration (trained before stellarparams had it): "
                           "sigma and ood_score are NaN; retrain it to get them", stacklevel=3)
             self._warned_uncalibrated = True
-        return predict_full(self, flux, batch_size)
+        return predict_full(self.net, self.center, self.scale, self.uncertainty, flux, batch_size)
 
     def predict_arrays(self, flux, batch_size: int = 4096) -> dict:
         """Labels, sigmas, 95% intervals and flags of prepared (N, P) flux as arrays, physical units.

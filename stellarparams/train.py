@@ -345,10 +345,12 @@ def _announce_init(init, tc, labels, ds) -> None:
 
 
 def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32", init=None):
-    """Calibrate (sets model.uncertainty); a failure only warns: the model then predicts without sigma."""
+    """Calibrate into model.uncertainty (timings into its metrics); a failure only warns: the model then
+    predicts without sigma."""
     try:
-        calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, progress=progress, precision=precision,
-                  init=init)
+        model.uncertainty, seconds = calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint,
+                                               progress=progress, precision=precision, init=init)
+        model.metrics.update(seconds)
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
 

@@ -632,7 +632,6 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
         u.stats["carried_from_source"] = carried
         u.stats["calibrated_on"] += (f"; {', '.join(carried)}: no known labels here, its sigma coefficients are the "
                                      "source model's (carried; the trunk under that head changed)")
-    model.uncertainty = u
     return u
 
 
@@ -657,13 +656,17 @@ def fit_novelty(u: Uncertainty, flux_ref, flux_held, noise_held=None, *, seed: i
     return pca, max(1, int(np.sum(pca.explained_variance_ > SIGNAL_FACTOR * u.noise_var)))
 
 
-def predict_full(model, flux, batch_size: int = 4096) -> dict:
+def predict_full(net, center, scale, u, flux, batch_size: int = 4096) -> dict:
     """Labels, sigmas and flags for prepared flux; everything in physical units.
 
     Parameters
     ----------
-    model : stellarparams.model_io.Model
-        Its ``net``, ``scaler`` (``center``, ``scale``) and ``uncertainty`` (None: NaN sigmas).
+    net : torch.nn.Module
+        (B, P) flux -> (B, L) scaled labels.
+    center, scale : (L,) arrays
+        The target scaler: label = scaled x scale + center.
+    u : Uncertainty or None
+        The calibration (None: NaN sigmas and ood_score).
     flux : array or torch.Tensor
         (N, P) prepared flux; N may be 0. A row with a NaN or inf pixel cannot be predicted:
         its labels are NaN, its ood_score inf and flag_unlike_training True (with a warning).
@@ -677,9 +680,8 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
     """
     import warnings
 
-    u = getattr(model, "uncertainty", None)
     x = torch.as_tensor(np.asarray(flux, np.float32)) if not isinstance(flux, torch.Tensor) else flux.float().cpu()
-    n, L = len(x), len(model.label_names)
+    n, L = len(x), len(center)
     if n == 0:
         return {"pred": np.zeros((0, L)), "sigma": np.zeros((0, L)), "lo95": np.zeros((0, L)),
                 "hi95": np.zeros((0, L)), "ood_score": np.zeros(0),
@@ -689,16 +691,27 @@ def predict_full(model, flux, batch_size: int = 4096) -> dict:
         warnings.warn(f"{int(bad.sum())} of {n} spectra have NaN or inf flux: their labels are NaN and they are "
                       "flagged unlike training (flag_unlike_training)", stacklevel=3)
     if u is None:
-        pred = model.predict_scaled(x, batch_size).astype(np.float64)
-        return {"pred": pred * model.scale + model.center, "sigma": np.full((n, L), np.nan),
+        pred = forward(net, x, L, batch_size).astype(np.float64)
+        return {"pred": pred * scale + center, "sigma": np.full((n, L), np.nan),
                 "lo95": np.full((n, L), np.nan), "hi95": np.full((n, L), np.nan),
                 "ood_score": np.where(bad, np.inf, np.nan), "flag_unlike_training": bad,
                 "flag_label_hull": np.zeros(n, bool)}
-    pred, s_mc, noise = raw_uncertainty(model.net, x, u.n_passes, u.seed, batch_size)
+    pred, s_mc, noise = raw_uncertainty(net, x, u.n_passes, u.seed, batch_size)
     ood = u.ood_score(x, noise)
     ood[bad] = np.inf
-    half95 = u.halfwidth95(s_mc, noise) * model.scale
-    pred = pred * model.scale + model.center
-    return {"pred": pred, "sigma": u.sigma_scaled(s_mc, noise) * model.scale, "lo95": pred - half95, "hi95": pred + half95,
+    half95 = u.halfwidth95(s_mc, noise) * scale
+    pred = pred * scale + center
+    return {"pred": pred, "sigma": u.sigma_scaled(s_mc, noise) * scale, "lo95": pred - half95, "hi95": pred + half95,
             "ood_score": ood, "flag_unlike_training": ood > 1,
-            "flag_label_hull": ~u.in_hull((pred - model.center) / model.scale) & np.isfinite(pred).all(1)}
+            "flag_label_hull": ~u.in_hull((pred - center) / scale) & np.isfinite(pred).all(1)}
+
+
+@torch.inference_mode()
+def forward(net, x: torch.Tensor, n_out: int, batch_size: int = 4096) -> np.ndarray:
+    """(N, P) float32 flux (CPU) -> (N, n_out) float32 scaled labels: ``net`` in eval mode, on its own device."""
+    net.eval()
+    dev = module_device(net)
+    out = np.empty((x.shape[0], n_out), np.float32)
+    for i in range(0, x.shape[0], batch_size):
+        out[i:i + batch_size] = net(to_device(x[i:i + batch_size], dev)).cpu().numpy()
+    return out

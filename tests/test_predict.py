@@ -178,7 +178,7 @@ def test_predict_writes_sigma_and_extrapolation_columns(tmp_path):
     rng = np.random.default_rng(0)  # calibrate the toy model on random "spectra" with random labels
     X = rng.standard_normal((400, 64)).astype(np.float32)
     y = np.column_stack([rng.uniform(4000, 9000, 400), rng.uniform(-3, 0.5, 400), rng.uniform(0, 5, 400)])
-    fit_uncertainty(m, X[:300], y[:300], X[300:], y[300:])
+    m.uncertainty = fit_uncertainty(m, X[:300], y[:300], X[300:], y[300:])
     folder = save_model(m, tmp_path / "model")
     summary = predict(folder, [d], tmp_path / "out.csv", workers=0, progress=False)
     df = pd.read_csv(tmp_path / "out.csv").set_index("file")
