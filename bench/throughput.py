@@ -1,4 +1,4 @@
-"""Throughput of `prepare` and `predict` from SDSS FITS files (issue 14), and of their per-spectrum kernels.
+"""Throughput of `prepare` and `predict` from SDSS FITS files, and of their per-spectrum kernels.
 
 Goals on the 2-core machine: `prepare` >= 2,000 spectra/s end to end on 20,000 simulated
 spec-lite files (seed 0), `predict` >= 1,500 spectra/s from FITS with sigma and flags (10,000

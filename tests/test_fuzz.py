@@ -1,4 +1,4 @@
-"""Seeded fuzzing of the readers (issue #16): damaged SDSS files and damaged catalog cells.
+"""Seeded fuzzing of the readers: damaged SDSS files and damaged catalog cells.
 
 Every case must end as a kept row with sane numbers or as a reject with a named reason;
 never as a crash of the batch, an unnamed error, or a wrong number. ``bench/fuzz.py`` runs

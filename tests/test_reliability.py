@@ -1,4 +1,4 @@
-"""Issue #16: one writer per output, verified publishing, paths as data, workers that die with
+"""Reliability: one writer per output, verified publishing, paths as data, workers that die with
 their parent, clear errors and exit codes (prepare and predict)."""
 import json
 import os
