@@ -194,6 +194,51 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
                   "narrow_pixels": n_narrow})
 
 
+def high_pass(flux, offset, order: int) -> np.ndarray:
+    """(N, P) standardized flux, (N,) offsets -> (N, P) ln flux less its own least-squares Legendre fit of ``order``.
+
+    Any smooth response of that order (flux calibration, reddening) drops out of it.
+    """
+    from numpy.polynomial import legendre
+
+    lg = np.log(np.clip(normalised(flux, offset), 1e-3, None))
+    V = legendre.legvander(np.linspace(-1, 1, lg.shape[1]), max(order, 1))        # (P, order + 1)
+    return lg - (lg @ np.linalg.pinv(V).T) @ V.T
+
+
+def ridge_groups(src_flux, src_offset, src_labels, tgt_flux, tgt_offset, match: Match, order: int, seed: int = 0):
+    """Predicted labels (scaled) for grouping, blind to any smooth response: a ridge regression on the
+    high-passed ln flux (:func:`high_pass`) of the source seen through ``match``'s shift and LSF.
+
+    src_labels: (N_s, L) with NaN where unknown. Returns (source out-of-fold predictions (N_s, L'),
+    target predictions (N_t, L')), L' the labels known for at least 50 source rows, each over its std.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_predict
+
+    g = match.flux_ratio(normalised(src_flux, src_offset))        # the source through the shift and the LSF
+    m, s = g.mean(1), g.std(1)
+    hs = high_pass((g - m[:, None]) / s[:, None], m / s, order)
+    ht = high_pass(tgt_flux, tgt_offset, order)
+    mu, sd = hs.mean(0), hs.std(0) + 1e-6
+    hs, ht = (hs - mu) / sd, (ht - mu) / sd
+    ps, pt = [], []
+    for y in np.asarray(src_labels, np.float64).T:
+        ok = np.isfinite(y)
+        if ok.sum() < 50:
+            continue
+        y = (y - np.nanmean(y)) / (np.nanstd(y) + 1e-12)
+        r = RidgeCV(alphas=np.logspace(-1, 4, 11))
+        p = np.full(len(y), np.nan)
+        p[ok] = cross_val_predict(r, hs[ok], y[ok], cv=3)
+        p[~ok] = r.fit(hs[ok], y[ok]).predict(hs[~ok]) if (~ok).any() else p[~ok]
+        ps.append(p)
+        pt.append(r.fit(hs[ok], y[ok]).predict(ht))
+    if not ps:
+        raise ValueError("adapt_group 'ridge' needs a label known for at least 50 source training rows")
+    return np.stack(ps, 1), np.stack(pt, 1)
+
+
 # ---------------------------------------------------------------------- the target and the rounds
 def load_target(path, ds) -> tuple[np.ndarray, np.ndarray, str]:
     """(flux (N, P), offsets (N,), input hash) of a prepared target dataset on ``ds``'s grid; its labels are not read.
@@ -266,6 +311,23 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         raise ValueError(f"{ds.path}: input matching needs each spectrum's flux offset; prepare the dataset again")
     grouped = tc.adapt_bins > 1        # one group needs no predictions, so no first pass and one round
     net, match, history = first_net, Match(), []
+    if grouped and getattr(tc, "adapt_group", "net") == "ridge":   # no network: ridge on continuum-free flux
+        Ys = ds.labels(itr)
+        match = estimate_match(Xs, Os, np.zeros((len(Xs), 1)), Xt, Ot, np.zeros((len(Xt), 1)),
+                               order=tc.adapt_order, bins=1, seed=tc.seed)     # shift and LSF from one group
+        history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
+        for r in range(max(1, int(tc.adapt_match))):
+            ps, pt = ridge_groups(Xs, Os, Ys, Xt, Ot, match, tc.adapt_order, tc.seed)
+            match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
+                                   narrow=tc.adapt_narrow)
+            history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
+            if progress:
+                h = history[-1]
+                print(f"input matching (ridge groups), round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
+                      f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)",
+                      file=sys.stderr)
+        match.stats["rounds"] = history
+        return MatchedDataset(ds, match)
     for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
         if r > 0:
             sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
@@ -295,7 +357,7 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
 
     Xt, Ot, _ = load_target(tc.adapt_to, ds)
     rows = (ds.indices("train"), ds.indices("val"))
-    if tc.adapt_bins <= 1:
+    if tc.adapt_bins <= 1 or tc.adapt_group == "ridge":
         first = None
     elif tc.init_from:
         from .model_io import load_model
