@@ -235,7 +235,8 @@ def ridge_groups(src_flux, src_offset, src_labels, tgt_flux, tgt_offset, match: 
         ps.append(p)
         pt.append(r.fit(hs[ok], y[ok]).predict(ht))
     if not ps:
-        raise ValueError("adapt_group 'ridge' needs a label known for at least 50 source training rows")
+        raise ValueError("adapt_group 'ridge' needs a label known for at least 50 source training rows; "
+                         "set adapt_group = net (or adapt_bins = 1)")
     return np.stack(ps, 1), np.stack(pt, 1)
 
 

@@ -111,7 +111,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
     b = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt_perm")}),
@@ -128,7 +128,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
                                              adapt_to=str(tmp_path / "tgt")), progress=False)
     assert len(one.metrics["adapt"]["rounds"]) == 1          # one group: one estimate, no first pass
     ridge = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2,
-                                               adapt_order=3, adapt_group="ridge", adapt_to=str(tmp_path / "tgt")),
+                                               adapt_order=3, adapt_to=str(tmp_path / "tgt")),
                   progress=False)
     assert len(ridge.metrics["adapt"]["rounds"]) == 3        # one group (shift, LSF), then 2 ridge-grouped rounds
     plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
