@@ -19,8 +19,9 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 
 - as-is: the source model (default recipe on the source's train stars);
 - adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds, groups from
-  ``--adapt-group``: ridge on continuum-free flux, or the source model as the first pass), trained from scratch like the source model (the same budget, so
-  only the matching differs); the target's train-split spectra are its unlabeled set;
+  ``--adapt-group``: ridge on continuum-free flux, or the source model as the first pass),
+  trained from scratch like the source model (the same budget, so only the matching
+  differs); the target's train-split spectra are its unlabeled set;
 - 100 labelled: the source model fine-tuned on 100 labelled target stars (target val split
   for model selection);
 - 100 labelled + adapted: the adapted model fine-tuned on the same stars;

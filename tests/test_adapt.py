@@ -71,7 +71,8 @@ def test_ridge_groups_are_blind_to_the_response_and_recover_it():
     m = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=10, bins=8)
     err = (m.log_response - m.log_response.mean()) - resp
     # 0.3 rms injected; groups from predicted (not true) labels mix neighbouring stars alike in
-    # both sets, so the error stays at the group-mean scatter (one group, reading the two star sets apart, errs by ~0.015)
+    # both sets, so the error stays at the group-mean scatter (one group, reading the two star sets
+    # apart, errs by ~0.015)
     assert np.sqrt(np.mean(err ** 2)) < 0.01
 
 
@@ -111,7 +112,8 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5,
+                     ema=0.9)   # every switch on (network groups; the default, ridge groups, below)
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
     b = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt_perm")}),
