@@ -8,10 +8,13 @@ so the network trains on source spectra that look as the target's do:
 1. Each spectrum is taken back to flux over its own mean, g = (x + offset) / offset (``x`` is
    the standardized flux, ``offset`` its mean/std before standardization, so mean(x + offset)
    = offset), and averaged over the source (S) and the target (T) spectra. With
-   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: a first-pass
-   network (the ``--init-from`` model, or one trained on the source as it is) predicts labels,
-   and k-means on the source's scaled predictions makes C groups (S_c, T_c), so that two sets
-   of different stars are not read as an instrument difference.
+   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: labels are
+   predicted for both sets and k-means on the source's scaled predictions makes C groups
+   (S_c, T_c), so that two sets of different stars are not read as an instrument difference.
+   ``adapt_group`` says what predicts: "ridge" (default), a ridge regression on each
+   spectrum's ln flux less its own smooth fit (:func:`high_pass`), blind to the response, so
+   the groups cannot absorb it; "net", a first-pass network (the ``--init-from`` model, or one
+   trained on the source as it is), which reads part of the response as a change of Teff.
 2. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
    the S_c (means commute with these linear operations, so the means stand for every
    spectrum), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)), is
@@ -19,8 +22,9 @@ so the network trains on source spectra that look as the target's do:
    candidate whose groups' ratios depart least from that smooth curve wins; ``adapt_narrow``
    also keeps narrow features every group shares.
 3. The source spectra are transformed (shift, LSF, times the response) and standardized
-   again. With groups, ``adapt_match`` = K > 1 rounds retrain on them to predict the groups
-   anew (the first pass reads part of the target's response as a change of labels).
+   again. With groups, ``adapt_match`` = K rounds predict the groups anew: with "ridge" from
+   the source seen through the last shift and LSF (the first from one group), with "net"
+   from a network retrained on the transformed source.
 
 What the model learns from the target is only this transform (a few numbers and a smooth
 curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
