@@ -18,9 +18,10 @@ Per seed (the training seed and the draw of the 100 labelled stars), per target,
 target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_TRUE) of:
 
 - as-is: the source model (default recipe on the source's train stars);
-- adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds, the first pass
-  being the source model), trained from scratch like the source model (the same budget, so
-  only the matching differs); the target's train-split spectra are its unlabeled set;
+- adapted: ``train --adapt-to`` (input matching, ``--adapt-match`` rounds, groups from
+  ``--adapt-group``: ridge on continuum-free flux, or the source model as the first pass),
+  trained from scratch like the source model (the same budget, so only the matching
+  differs); the target's train-split spectra are its unlabeled set;
 - 100 labelled: the source model fine-tuned on 100 labelled target stars (target val split
   for model selection);
 - 100 labelled + adapted: the adapted model fine-tuned on the same stars;
@@ -138,7 +139,8 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     mc = ModelConfig(n_in=tds.n_pix)
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
                 adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
-                adapt_narrow=a.adapt_narrow, adapt_coral=a.adapt_coral, adapt_consistency=a.adapt_consistency)
+                adapt_narrow=a.adapt_narrow, adapt_group=a.adapt_group, adapt_coral=a.adapt_coral,
+                adapt_consistency=a.adapt_consistency)
     te = trows["test"]
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-bins", type=int, default=16)
     p.add_argument("--adapt-order", type=int, default=10)
     p.add_argument("--adapt-narrow", type=float, default=0.0, help="threshold of narrow shared features (sigma)")
+    p.add_argument("--adapt-group", default="ridge", choices=["net", "ridge"],
+                   help="what predicts the labels the groups are made of (TrainConfig.adapt_group)")
     p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
     p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
     p.add_argument("--calib-folds", type=int, default=3,

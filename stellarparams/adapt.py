@@ -8,10 +8,13 @@ so the network trains on source spectra that look as the target's do:
 1. Each spectrum is taken back to flux over its own mean, g = (x + offset) / offset (``x`` is
    the standardized flux, ``offset`` its mean/std before standardization, so mean(x + offset)
    = offset), and averaged over the source (S) and the target (T) spectra. With
-   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: a first-pass
-   network (the ``--init-from`` model, or one trained on the source as it is) predicts labels,
-   and k-means on the source's scaled predictions makes C groups (S_c, T_c), so that two sets
-   of different stars are not read as an instrument difference.
+   ``adapt_bins`` = C > 1 (default 16) the averages are per group of stars: labels are
+   predicted for both sets and k-means on the source's scaled predictions makes C groups
+   (S_c, T_c), so that two sets of different stars are not read as an instrument difference.
+   ``adapt_group`` says what predicts: "ridge" (default), a ridge regression on each
+   spectrum's ln flux less its own smooth fit (:func:`high_pass`), blind to the response, so
+   the groups cannot absorb it; "net", a first-pass network (the ``--init-from`` model, or one
+   trained on the source as it is), which reads part of the response as a change of Teff.
 2. For every candidate wavelength shift (pixels) and extra Gaussian LSF (pixels) applied to
    the S_c (means commute with these linear operations, so the means stand for every
    spectrum), the log ratio ln(T_c / S'_c), averaged over groups (weights min(n_s, n_t)), is
@@ -19,8 +22,9 @@ so the network trains on source spectra that look as the target's do:
    candidate whose groups' ratios depart least from that smooth curve wins; ``adapt_narrow``
    also keeps narrow features every group shares.
 3. The source spectra are transformed (shift, LSF, times the response) and standardized
-   again. With groups, ``adapt_match`` = K > 1 rounds retrain on them to predict the groups
-   anew (the first pass reads part of the target's response as a change of labels).
+   again. With groups, ``adapt_match`` = K rounds predict the groups anew: with "ridge" from
+   the source seen through the last shift and LSF (the first from one group), with "net"
+   from a network retrained on the transformed source.
 
 What the model learns from the target is only this transform (a few numbers and a smooth
 curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
@@ -194,6 +198,52 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
                   "narrow_pixels": n_narrow})
 
 
+def high_pass(flux, offset, order: int) -> np.ndarray:
+    """(N, P) standardized flux, (N,) offsets -> (N, P) ln flux less its own least-squares Legendre fit of ``order``.
+
+    Any smooth response of that order (flux calibration, reddening) drops out of it.
+    """
+    from numpy.polynomial import legendre
+
+    lg = np.log(np.clip(normalised(flux, offset), 1e-3, None))
+    V = legendre.legvander(np.linspace(-1, 1, lg.shape[1]), max(order, 1))        # (P, order + 1)
+    return lg - (lg @ np.linalg.pinv(V).T) @ V.T
+
+
+def ridge_groups(src_flux, src_offset, src_labels, tgt_flux, tgt_offset, match: Match, order: int, seed: int = 0):
+    """Predicted labels (scaled) for grouping, blind to any smooth response: a ridge regression on the
+    high-passed ln flux (:func:`high_pass`) of the source seen through ``match``'s shift and LSF.
+
+    src_labels: (N_s, L) with NaN where unknown. Returns (source out-of-fold predictions (N_s, L'),
+    target predictions (N_t, L')), L' the labels known for at least 50 source rows, each over its std.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_predict
+
+    g = match.flux_ratio(normalised(src_flux, src_offset))        # the source through the shift and the LSF
+    m, s = g.mean(1), g.std(1)
+    hs = high_pass((g - m[:, None]) / s[:, None], m / s, order)
+    ht = high_pass(tgt_flux, tgt_offset, order)
+    mu, sd = hs.mean(0), hs.std(0) + 1e-6
+    hs, ht = (hs - mu) / sd, (ht - mu) / sd
+    ps, pt = [], []
+    for y in np.asarray(src_labels, np.float64).T:
+        ok = np.isfinite(y)
+        if ok.sum() < 50:
+            continue
+        y = (y - np.nanmean(y)) / (np.nanstd(y) + 1e-12)
+        r = RidgeCV(alphas=np.logspace(-1, 4, 11))
+        p = np.full(len(y), np.nan)
+        p[ok] = cross_val_predict(r, hs[ok], y[ok], cv=3)
+        p[~ok] = r.fit(hs[ok], y[ok]).predict(hs[~ok]) if (~ok).any() else p[~ok]
+        ps.append(p)
+        pt.append(r.fit(hs[ok], y[ok]).predict(ht))
+    if not ps:
+        raise ValueError("adapt_group 'ridge' needs a label known for at least 50 source training rows; "
+                         "set adapt_group = net (or adapt_bins = 1)")
+    return np.stack(ps, 1), np.stack(pt, 1)
+
+
 # ---------------------------------------------------------------------- the target and the rounds
 def load_target(path, ds) -> tuple[np.ndarray, np.ndarray, str]:
     """(flux (N, P), offsets (N,), input hash) of a prepared target dataset on ``ds``'s grid; its labels are not read.
@@ -266,6 +316,23 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         raise ValueError(f"{ds.path}: input matching needs each spectrum's flux offset; prepare the dataset again")
     grouped = tc.adapt_bins > 1        # one group needs no predictions, so no first pass and one round
     net, match, history = first_net, Match(), []
+    if grouped and getattr(tc, "adapt_group", "net") == "ridge":   # no network: ridge on continuum-free flux
+        Ys = ds.labels(itr)
+        match = estimate_match(Xs, Os, np.zeros((len(Xs), 1)), Xt, Ot, np.zeros((len(Xt), 1)),
+                               order=tc.adapt_order, bins=1, seed=tc.seed)     # shift and LSF from one group
+        history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
+        for r in range(max(1, int(tc.adapt_match))):
+            ps, pt = ridge_groups(Xs, Os, Ys, Xt, Ot, match, tc.adapt_order, tc.seed)
+            match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
+                                   narrow=tc.adapt_narrow)
+            history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
+            if progress:
+                h = history[-1]
+                print(f"input matching (ridge groups), round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
+                      f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)",
+                      file=sys.stderr)
+        match.stats["rounds"] = history
+        return MatchedDataset(ds, match)
     for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
         if r > 0:
             sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
@@ -295,7 +362,7 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
 
     Xt, Ot, _ = load_target(tc.adapt_to, ds)
     rows = (ds.indices("train"), ds.indices("val"))
-    if tc.adapt_bins <= 1:
+    if tc.adapt_bins <= 1 or tc.adapt_group == "ridge":
         first = None
     elif tc.init_from:
         from .model_io import load_model

@@ -111,6 +111,10 @@ class TrainConfig:
     adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
     adapt_bins: int = 16          # groups of predicted labels the two populations are compared in (1: the whole
                                   # population, no first pass; biased when the two hold different stars); 1-32
+    adapt_group: str = "ridge"    # what predicts the labels the groups are made of: "ridge" (ridge regression on
+                                  # each spectrum's ln flux less its own order-adapt_order Legendre fit: blind to
+                                  # the smooth response, so the groups cannot absorb it; no extra training) or
+                                  # "net" (a first-pass network, retrained each of adapt_match rounds)
     adapt_order: int = 10         # Legendre order of the estimated ln response over the grid; 0-20
     adapt_narrow: float = 0.0     # also match narrow features shared by every group above this many standard errors
                                   # (telluric, sky residuals); 0 = the smooth response only; 0-5

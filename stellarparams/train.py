@@ -400,9 +400,10 @@ def add_arguments(p: argparse.ArgumentParser):
                         "any, are never read): estimate how the target's instrument differs from the training "
                         "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
-                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_bins, adapt_match, adapt_order, "
-                        "adapt_narrow, adapt_coral, adapt_consistency). It costs adapt_match (default 2) "
-                        "trainings, plus a first-pass one without --init-from (one training with adapt_bins = 1). "
+                        "(docs/method.md, \"Domain adaptation\"; [train] adapt_group, adapt_bins, adapt_match, "
+                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency). It costs one training with "
+                        "adapt_group = ridge (the default) or adapt_bins = 1; with adapt_group = net, adapt_match "
+                        "trainings plus a first-pass one without --init-from. "
                         "With a few labelled target stars: train --adapt-to first, then --init-from that model "
                         "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from numpy.polynomial import legendre
 
-from stellarparams.adapt import Match, estimate_match
+from stellarparams.adapt import Match, estimate_match, ridge_groups
 from stellarparams.dataset import write_dataset
 from stellarparams.train import TrainConfig, train
 
@@ -58,6 +58,24 @@ def test_estimate_match_recovers_an_injected_smooth_response():
     assert np.sqrt(np.mean(err ** 2)) < 0.01
 
 
+def test_ridge_groups_are_blind_to_the_response_and_recover_it():
+    p = 200
+    resp = injected_response(p, 0.3)
+    Xs, Os, ys, _ = stars(2000, p, 0)
+    Xt, Ot, _, _ = stars(2000, p, 1, response=resp)
+    Xn, On, _, _ = stars(2000, p, 1)                    # the same target stars without the response
+    ps, pt = ridge_groups(Xs, Os, ys, Xt, Ot, Match(), order=10)
+    _, pn = ridge_groups(Xs, Os, ys, Xn, On, Match(), order=10)
+    # an order-5 response drops out of the high-passed flux: the same predictions to rounding
+    assert ps.shape == (2000, 3) and np.abs(pt - pn).max() < 1e-6
+    m = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=10, bins=8)
+    err = (m.log_response - m.log_response.mean()) - resp
+    # 0.3 rms injected; groups from predicted (not true) labels mix neighbouring stars alike in
+    # both sets, so the error stays at the group-mean scatter (one group, reading the two star sets
+    # apart, errs by ~0.015)
+    assert np.sqrt(np.mean(err ** 2)) < 0.01
+
+
 def test_narrow_keeps_a_narrow_band_every_star_shares():
     p = 200
     resp = injected_response(p)
@@ -94,7 +112,8 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_coral=0.5, adapt_consistency=0.5, ema=0.9)   # every switch on
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5,
+                     ema=0.9)   # every switch on (network groups; the default, ridge groups, below)
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
     b = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt_perm")}),
@@ -110,5 +129,9 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     one = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=1,
                                              adapt_to=str(tmp_path / "tgt")), progress=False)
     assert len(one.metrics["adapt"]["rounds"]) == 1          # one group: one estimate, no first pass
+    ridge = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2,
+                                               adapt_order=3, adapt_to=str(tmp_path / "tgt")),
+                  progress=False)
+    assert len(ridge.metrics["adapt"]["rounds"]) == 3        # one group (shift, LSF), then 2 ridge-grouped rounds
     plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
     assert not all(torch.equal(sa[k], v) for k, v in plain.net.state_dict().items())   # adapting changed them
