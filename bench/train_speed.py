@@ -16,7 +16,8 @@ import torch
 from stellarparams.config import ModelConfig
 from stellarparams.dataset import write_dataset
 from stellarparams.model import StellarNet
-from stellarparams.train import TrainConfig, masked_huber, train
+from stellarparams.train import TrainConfig, train
+from stellarparams.training import masked_huber
 
 
 def bare_loop(n_batches, batch=256, n_in=4000):

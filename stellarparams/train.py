@@ -23,17 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import calibrate, fold_of  # noqa: F401  (fold_of re-exported: its old home)
-from .config import (DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainConfig, config_from_dict,  # noqa: F401
-                     load_config, recipe)
+from .calibrate import calibrate
+from .config import DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainConfig, load_config, recipe
 from .dataset import Dataset
 from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
 from .finetune import Init, OptionError, check_freeze, parse_freeze, select_labels
 from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
 from .outputs import locked_output
-from .training import (LOG, fit, fit_ensemble, known_counts, loss_weights, lr_factor,  # noqa: F401  (re-exported)
-                       masked_huber)
+from .training import LOG, fit, fit_ensemble, known_counts
 
 CHECKPOINT = "checkpoint.safetensors"
 

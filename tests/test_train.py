@@ -12,7 +12,8 @@ from sklearn.preprocessing import RobustScaler
 
 from stellarparams import load_model
 from stellarparams.config import ModelConfig
-from stellarparams.train import TrainConfig, load_config, lr_factor, masked_huber, train
+from stellarparams.train import TrainConfig, load_config, train
+from stellarparams.training import lr_factor, masked_huber
 
 from helpers import TINY, tiny_dataset
 
