@@ -27,7 +27,7 @@ test: $(STAMP)
 PORTABLE_ENV := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
 	MKL_CBWR=COMPATIBLE NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4" OPENBLAS_CORETYPE=Nehalem OMP_NUM_THREADS=1
 NUMERIC_TESTS := model_folder simulate simulate_surveys train model uncertainty finetune resample prepare \
-	augment evaluate dataset predict pipeline
+	augment evaluate dataset predict pipeline adapt partial_labels diagnose
 test-portable: $(STAMP)
 	env $(PORTABLE_ENV) $(PY) -m pytest $(NUMERIC_TESTS:%=tests/test_%.py)
 
