@@ -325,12 +325,7 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
             ps, pt = ridge_groups(Xs, Os, Ys, Xt, Ot, match, tc.adapt_order, tc.seed)
             match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
                                    narrow=tc.adapt_narrow)
-            history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
-            if progress:
-                h = history[-1]
-                print(f"input matching (ridge groups), round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
-                      f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)",
-                      file=sys.stderr)
+            _record(history, match, f"input matching (ridge groups), round {r + 1}", progress)
         match.stats["rounds"] = history
         return MatchedDataset(ds, match)
     for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
@@ -341,13 +336,18 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         ps, pt = (_predict(net, xs), _predict(net, Xt)) if grouped else (np.zeros((len(xs), 1)), np.zeros((len(Xt), 1)))
         match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
                                narrow=tc.adapt_narrow)
-        history.append({k: v for k, v in match.to_dict().items() if k != "log_response"})
-        if progress:
-            h = history[-1]
-            print(f"input matching, round {r + 1}: shift {h['shift_px']:+.1f} px, extra LSF "
-                  f"{h['lsf_px']:.1f} px, response rms {h['response_rms']:.3f} ({h['groups']} groups)", file=sys.stderr)
+        _record(history, match, f"input matching, round {r + 1}", progress)
     match.stats["rounds"] = history
     return MatchedDataset(ds, match)
+
+
+def _record(history: list, match, what: str, progress: bool) -> None:
+    """Append one round's estimate (without the response curve) to ``history``; one line on stderr."""
+    h = {k: v for k, v in match.to_dict().items() if k != "log_response"}
+    history.append(h)
+    if progress:
+        print(f"{what}: shift {h['shift_px']:+.1f} px, extra LSF {h['lsf_px']:.1f} px, "
+              f"response rms {h['response_rms']:.3f} ({h['groups']} groups)", file=sys.stderr)
 
 
 def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=None, precision: str = "fp32"):

@@ -351,21 +351,10 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    from .files import OutputBusy
-    from .model_io import ModelFileError
-
     if not args.threshold > 0:
-        print(f"error: --threshold must be > 0, got {args.threshold}", file=sys.stderr)
-        return 2
-    try:
-        r = diagnose(args.model, args.inputs, args.out, catalog=args.catalog, survey=args.survey, split=args.split,
-                     threshold=args.threshold, device=args.device, progress=not args.quiet)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ModelFileError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threshold must be > 0, got {args.threshold}")
+    r = diagnose(args.model, args.inputs, args.out, catalog=args.catalog, survey=args.survey, split=args.split,
+                 threshold=args.threshold, device=args.device, progress=not args.quiet)
     f = r["fraction_flagged"]
     print(f"{r['n_spectra']} spectra: {r['verdict']}; unlike training {100 * f['flag_unlike_training']:.1f}%, "
           f"out of range {100 * f['flag_out_of_range']:.1f}%, {len(r['worst_regions'])} departing regions"
