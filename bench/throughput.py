@@ -16,7 +16,8 @@ Prints, each with the load average at that moment (the machine is shared; number
   included), best and median of --repeat runs, and its own in-process rate (summary.json);
 - `predict` from FITS with the Python API (the model loaded, the files in the page cache): one
   run to warm the cache, then --repeat runs; and the `stellarparams predict` command end to end.
-  --model: a model folder (default: the paper's network, untrained, saved to DATA/model).
+  --model: a model folder (default: the paper's network trained one epoch on the prepare set and
+  calibrated, saved to DATA/model_calibrated: sigma and flags are computed, as for a user's model).
 """
 import argparse
 import glob
@@ -128,22 +129,21 @@ def _env():
     return env
 
 
-def default_model(folder: Path) -> Path:
-    """The paper's network, untrained (speed only), saved once as a model folder."""
-    import torch
+def default_model(folder: Path, bar: Path, workers: int) -> Path:
+    """A calibrated model (paper recipe, one epoch on the prepared bar set; speed only), made once.
 
-    from stellarparams.dataset import Grid
-    from stellarparams.config import ModelConfig
-    from stellarparams.model import StellarNet
-    from stellarparams.model_io import Model, save_model
-    from stellarparams.preprocess import PrepareConfig
+    Calibrated so that predict computes sigma, ood_score and every flag, as a user's model does.
+    """
+    from stellarparams.config import ModelConfig, recipe
+    from stellarparams.prepare import prepare
+    from stellarparams.train import train
 
     if not (folder / "model.json").exists():
-        torch.manual_seed(0)
-        save_model(Model(StellarNet(ModelConfig()), ["teff", "feh", "logg"], [6000, -1, 3.5], [1500, 0.8, 1.2],
-                         model_config=ModelConfig(), label_units=["K", "dex", "dex"],
-                         label_ranges={"teff": [4000, 9500], "feh": [-4, 0.7], "logg": [0, 5]},
-                         grid=Grid().to_dict(), prepare_config=PrepareConfig().to_dict()), folder)
+        dataset = folder.parent / "bar_dataset"
+        if not (dataset / "dataset.h5").exists():
+            prepare(bar / "sppParams.fits", bar / "spectra", dataset, workers=workers, progress=False)
+        train(dataset, folder, ModelConfig(), recipe("paper", epochs=1, calib_folds=0, threads=1), progress=False,
+              overwrite=True)
     return folder
 
 
@@ -180,7 +180,7 @@ def main():
                     help="where the simulated bar set (bar/) and predict set (predict/) live")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--model", help="model folder for predict (default: the untrained paper network)")
+    ap.add_argument("--model", help="model folder for predict (default: the paper network, one epoch, calibrated)")
     ap.add_argument("--only", default="kernels,prepare,predict", help="comma-separated parts to run")
     ap.add_argument("--reader", default="fast", choices=("fast", "fitsio"), help="SDSS reader of prepare and predict")
     ap.add_argument("--prepare-n", type=int, default=BAR_N, help="spec-lite files of the prepare set")
@@ -195,7 +195,7 @@ def main():
         prepare_end_to_end(bar, args.workers, args.repeat, args.reader)
     if "predict" in only:
         spectra = survey(data / "predict", PREDICT_N, PREDICT_SEED, args.workers) / "spectra"
-        model = Path(args.model) if args.model else default_model(data / "model")
+        model = Path(args.model) if args.model else default_model(data / "model_calibrated", bar, args.workers)
         predict_from_fits(spectra, model, args.workers, args.repeat, args.reader)
 
 
