@@ -45,6 +45,7 @@ from .config import ModelConfig, TrainConfig
 from .context import Run
 from .devices import autocast, to_device
 from .files import atomic_write, write_text
+from .finetune import apply_init
 from .model import Ensemble, StellarNet, count_parameters
 
 LOG = "train_log.csv"      # the per-epoch history, beside the checkpoint
@@ -187,14 +188,13 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss (unlabeled
         target spectra, :class:`stellarparams.adapt.TargetLoss`; ``teacher``: the EMA network or None).
     run : stellarparams.context.Run, optional
-        Progress (bars and one line per epoch on stderr), device and precision at once; when
-        given, ``progress``, ``device`` and ``precision`` are not read.
+        The three below as one object (then they are not read).
     progress : bool
         Progress bars and one line per epoch on stderr.
     device : str or torch.device, optional
-        Where to train (None: ``"auto"``). The data stay on the CPU; each batch is moved there, and
-        noise and augmentation run there from random numbers drawn on the CPU generator (the same
-        streams on every device). The returned net lives there.
+        Where to train (None: ``"auto"``). The data stay on the CPU; each batch is moved there, and noise and
+        augmentation run there from random numbers drawn on the CPU generator (the same streams on every
+        device). The returned net lives there.
     precision : str
         ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with a gradient scaler): autocast of the forward passes.
 
@@ -209,8 +209,6 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
     torch.manual_seed(tc.seed)
     net = StellarNet(mc) if net is None else net
     if init is not None:
-        from .finetune import apply_init
-
         apply_init(net, init)
     net = net.to(run.device)
     steps = math.ceil(batches.n_items / tc.batch_size)   # per epoch
@@ -476,8 +474,6 @@ def _print_epoch(epoch, epochs, train_loss, val_loss, mae, d: _Data, best: bool)
 @torch.inference_mode()
 def _source_outputs(mc, init, X, batch_size: int) -> torch.Tensor:
     """(N, L) scaled outputs of the source network (``init``'s weights, eval mode, CPU) for rows ``X``."""
-    from .finetune import apply_init
-
     net = StellarNet(mc)
     apply_init(net, replace(init, freeze=()))
     net.eval()
