@@ -69,6 +69,19 @@ class Run:
         device = resolve_device(self.device)
         return replace(self, device=device, precision=check_precision(device, self.precision))
 
+    def cluster(self):
+        """Context manager yielding the Dask client of ``dask`` while the block runs (None without Dask):
+        :func:`stellarparams.engine.connect`, which says where the work goes when the run shows progress.
+
+        Raises
+        ------
+        stellarparams.engine.DaskError
+            Dask is missing, or no scheduler or worker answers at ``dask``.
+        """
+        from .engine import connect
+
+        return connect(self.dask, self.progress)
+
     def quiet(self) -> "Run":
         """This run without progress output (for the inner jobs of a job that reports its own progress)."""
         return replace(self, progress=False)

@@ -198,7 +198,7 @@ def _simulate_and_prepare(out: Path, n, seed, prep, run: Run) -> dict:
     from .simulate import simulate
 
     times = {}
-    with engine.connect(run.dask, run.progress) as client:  # before anything is written: a dead address leaves nothing
+    with run.cluster() as client:  # before anything is written: a dead address leaves nothing
         check_output_folder(out)
         run.say(f"[1/4] simulate {n} spectra -> {out / 'survey'}")
         t0 = time.perf_counter()

@@ -41,6 +41,19 @@ def test_on_device_resolves_and_checks_and_the_run_is_frozen():
         Run().progress = False
 
 
+def test_without_dask_the_cluster_is_none_and_a_client_is_used_as_it_is():
+    with Run().cluster() as client:
+        assert client is None
+
+    class Client:  # anything with submit() is taken for a connected client
+        def submit(self):
+            pass
+
+    given = Client()
+    with Run(dask=given).cluster() as client:
+        assert client is given
+
+
 def test_say_prints_only_with_progress(capsys):
     Run(progress=False).say("hidden")
     Run().say("shown")
