@@ -31,7 +31,8 @@ def add_options(p, *, work: str, n_source: int, source_epochs: int, n_target: in
     p.add_argument("--work", default=work, help="where the surveys, datasets, models and results go")
     p.add_argument("--source-model", help="a trained model folder to start from (default: train one on simulated SDSS)")
     p.add_argument("--n-source", type=int, default=n_source, help="spectra of the simulated SDSS survey")
-    p.add_argument("--source-epochs", type=int, default=source_epochs, help="epochs of the source model (default recipe)")
+    p.add_argument("--source-epochs", type=int, default=source_epochs,
+                   help="epochs of the source model (default recipe)")
     p.add_argument("--n-target", type=int, default=n_target, help="spectra of each simulated target survey")
     p.add_argument("--stars", type=int, default=100, help="training stars of the target survey (all their spectra)")
     p.add_argument("--epochs", type=int, default=epochs, help="epochs of the fine-tuned and the from-scratch models")

@@ -40,7 +40,8 @@ from stellarparams.preprocess import PrepareConfig, config_from_model
 from stellarparams.simulate import simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import TRUE, add_options, cell, finish, fit_predict, parse, source_model, stars_rows, train_config  # noqa: E402,E501
+from _common import (TRUE, add_options, cell, finish, fit_predict, parse, source_model,  # noqa: E402
+                     stars_rows, train_config)
 
 TARGETS = {"lamost": 1, "desi": 2}   # survey -> simulation seed
 

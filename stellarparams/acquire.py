@@ -816,7 +816,8 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
     cuts = dict(min_snr=float(min_snr), teff_range=_range(teff_range, "Teff"), feh_range=_range(feh_range, "[Fe/H]"),
                 logg_range=_range(logg_range, "log g"), primary_only=bool(primary_only))
     selection = {"source": source, "n": int(n), "sample": sample, "seed": int(seed), **cuts}
-    query = build_query(None if sample == "random" else int(n), top=page_size, **cuts) if source == "skyserver" else None
+    query = (build_query(None if sample == "random" else int(n), top=page_size, **cuts) if source == "skyserver"
+             else None)
     net = dict(retries=retries, timeout=timeout, backoff=backoff, http=http)  # every request's
     with locked_output(out, wait) as out:
         t0, meta_path = time.monotonic(), out / "fetch.json"

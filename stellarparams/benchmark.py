@@ -233,46 +233,44 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
     import torch
 
     from .config import TrainConfig
-    from .dataset import Dataset
+    from .dataset import opened
 
     run = (run or Run(progress=progress, device=device, precision=precision)).on_device()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    if threads:
-        torch.set_num_threads(int(threads))
-    threads = int(threads or torch.get_num_threads())
-    if epochs is None and quick:
-        epochs = QUICK_EPOCHS
-    fitters = _fitters(models)
-    ctx = _Context(ds, out, seed, epochs, threads, run)
-    test_idx = _test_rows(ds)
-    y_true = ds.labels(test_idx)[:, ctx.cols].astype(np.float64)
-    X_test = ds.flux(test_idx)
-    sig = _signature(ds, seed, ctx.train_config.epochs, batch_size, threads, ctx.labels)
-    t_all = time.perf_counter()
-    results = _run_all(fitters, ctx, test_idx, X_test, y_true, batch_size, threads, sig)
-    tables = make_tables(results, ctx.labels, ctx.units)
-    written = {k: write_csv_md(df, out / k) for k, df in tables.items()}
-    claims = paper_claims(results, ctx.labels)
-    _write_predictions(out, ds, test_idx, y_true, results, ctx.labels)
-    summary = {
-        "seed": seed, "quick": quick, "epochs": ctx.train_config.epochs, "threads": threads,
-        "batch_size": batch_size, "n_timing_runs": N_TIMING_RUNS, "labels": ctx.labels, "units": ctx.units,
-        "train_config": ctx.train_config.to_dict(), "default_train_config": TrainConfig().to_dict(),
-        "n_test": int(len(test_idx)), "test_rows_sha256": hashlib.sha256(test_idx.tobytes()).hexdigest(),
-        "dataset": dataset_metadata(ds), "environment": environment(),
-        "models": {k: {kk: vv for kk, vv in r.items() if kk != "test_pred"} for k, r in results.items()},
-        "claims": claims, "tables": written, "wall_s": time.perf_counter() - t_all,
-    }
-    write_json(out / "results.json", summary)
-    write_text(out / "paper_comparison.md", claims_markdown(claims, quick))
-    write_text(out / "report.md", _report(summary, tables, claims))
-    run.say("\n" + markdown_table(tables["table2_mae"]))
-    run.say(claims_markdown(claims, quick))
-    run.say(f"tables, results.json and report.md written to {out}")
-    if not isinstance(dataset, Dataset):
-        ds.close()
+    with opened(dataset) as ds:
+        if threads:
+            torch.set_num_threads(int(threads))
+        threads = int(threads or torch.get_num_threads())
+        if epochs is None and quick:
+            epochs = QUICK_EPOCHS
+        fitters = _fitters(models)
+        ctx = _Context(ds, out, seed, epochs, threads, run)
+        test_idx = _test_rows(ds)
+        y_true = ds.labels(test_idx)[:, ctx.cols].astype(np.float64)
+        X_test = ds.flux(test_idx)
+        sig = _signature(ds, seed, ctx.train_config.epochs, batch_size, threads, ctx.labels)
+        t_all = time.perf_counter()
+        results = _run_all(fitters, ctx, test_idx, X_test, y_true, batch_size, threads, sig)
+        tables = make_tables(results, ctx.labels, ctx.units)
+        written = {k: write_csv_md(df, out / k) for k, df in tables.items()}
+        claims = paper_claims(results, ctx.labels)
+        _write_predictions(out, ds, test_idx, y_true, results, ctx.labels)
+        summary = {
+            "seed": seed, "quick": quick, "epochs": ctx.train_config.epochs, "threads": threads,
+            "batch_size": batch_size, "n_timing_runs": N_TIMING_RUNS, "labels": ctx.labels, "units": ctx.units,
+            "train_config": ctx.train_config.to_dict(), "default_train_config": TrainConfig().to_dict(),
+            "n_test": int(len(test_idx)), "test_rows_sha256": hashlib.sha256(test_idx.tobytes()).hexdigest(),
+            "dataset": dataset_metadata(ds), "environment": environment(),
+            "models": {k: {kk: vv for kk, vv in r.items() if kk != "test_pred"} for k, r in results.items()},
+            "claims": claims, "tables": written, "wall_s": time.perf_counter() - t_all,
+        }
+        write_json(out / "results.json", summary)
+        write_text(out / "paper_comparison.md", claims_markdown(claims, quick))
+        write_text(out / "report.md", _report(summary, tables, claims))
+        run.say("\n" + markdown_table(tables["table2_mae"]))
+        run.say(claims_markdown(claims, quick))
+        run.say(f"tables, results.json and report.md written to {out}")
     return summary
 
 

@@ -175,12 +175,6 @@ def environment() -> dict:
 
 # ----------------------------------------------------------------------------- evaluate
 
-def _open_dataset(dataset):
-    from .dataset import Dataset
-
-    return dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-
-
 def predict_rows(predict, ds, idx, batch_size: int = 4096, run: Run = Run(), desc: str = "predict"):
     """Run ``predict((B, P) flux) -> (B, L)`` over dataset rows ``idx`` in batches; returns (N, L).
     A progress bar named ``desc`` when ``run.progress``."""
@@ -258,41 +252,41 @@ def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: 
     Returns the content of ``metrics.json`` (per-label metrics, binned tables, metadata,
     figure paths, notes about anything skipped).
     """
+    from .dataset import opened
+
     requires("plots", "matplotlib")  # before any work
     run = run or Run(progress=progress, device=device)
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     model, path = _load(model_or_path, run.device)
-    ds = _open_dataset(dataset)
-    names = list(model.label_names)
-    units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
-                                                          if n in ds.label_names else "" for n in names])
-    idx = _split_rows(model, ds, names, split)
-    notes = []
-    y_pred = predict_rows(model.predict, ds, idx, batch_size, run, desc=f"predict {split}")
-    if y_pred.shape != (len(idx), len(names)):
-        raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
-    y_true, meta, snr, teff = _truth(ds, idx, names, split, notes)
-    tables, m, m_true, by_snr, by_teff = _metric_tables(out, y_true, y_pred, meta, snr, teff, names, units, notes)
-    unc = _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, run, notes)
-    if unc is not None:
-        tables["calibration"] = write_csv_md(unc["calibration"], out / "calibration")
-    _write_predictions(out, idx, meta, snr, y_true, y_pred, names, unc)
-    figs = _figures(out / "figures", ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes)
-    result = {
-        "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
-        "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
-        "calibration": unc["calibration"].to_dict("records") if unc is not None else None,
-        "ood": ({"n_unlike_training": int((unc["ood"] > 1).sum()),
-                 "fraction_unlike_training": float(np.mean(unc["ood"] > 1))} if unc is not None else None),
-        "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
-        "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
-    }
-    write_json(out / "metrics.json", result)
-    _write_report(out, result, units)
-    if isinstance(dataset, (str, os.PathLike)):
-        ds.close()
+    with opened(dataset) as ds:
+        names = list(model.label_names)
+        units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
+                                                              if n in ds.label_names else "" for n in names])
+        idx = _split_rows(model, ds, names, split)
+        notes = []
+        y_pred = predict_rows(model.predict, ds, idx, batch_size, run, desc=f"predict {split}")
+        if y_pred.shape != (len(idx), len(names)):
+            raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
+        y_true, meta, snr, teff = _truth(ds, idx, names, split, notes)
+        tables, m, m_true, by_snr, by_teff = _metric_tables(out, y_true, y_pred, meta, snr, teff, names, units, notes)
+        unc = _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, run, notes)
+        if unc is not None:
+            tables["calibration"] = write_csv_md(unc["calibration"], out / "calibration")
+        _write_predictions(out, idx, meta, snr, y_true, y_pred, names, unc)
+        figs = _figures(out / "figures", ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes)
+        result = {
+            "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
+            "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
+            "calibration": unc["calibration"].to_dict("records") if unc is not None else None,
+            "ood": ({"n_unlike_training": int((unc["ood"] > 1).sum()),
+                     "fraction_unlike_training": float(np.mean(unc["ood"] > 1))} if unc is not None else None),
+            "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
+            "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
+        }
+        write_json(out / "metrics.json", result)
+        _write_report(out, result, units)
     return result
 
 

@@ -60,7 +60,7 @@ from pathlib import Path
 from ._version import __version__
 from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe
 from .context import Run
-from .dataset import Dataset
+from .dataset import opened
 from .devices import add_arguments as add_device_arguments
 from .extras import requires
 from .files import atomic_write, write_text
@@ -396,39 +396,36 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
     out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    log = run.say
-    if not run.progress:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings = {"epochs": epochs, "space": space.to_dict(), "labels": list(ds.label_names), "seed": seed,
-                "sampler": sampler, "recipe": recipe_name, "prune": prune, "version": __version__,
-                "dataset": {"n": ds.n, "n_pix": ds.n_pix, "input_hash": ds.attrs.get("input_hash", "")}}
-    reference = _reference(list(ds.label_names), space, recipe_name, log)
-    study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
-    # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
-    study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
-    study.pruner = make_pruner(epochs, prune)
-    if threads:
-        import torch
+    with opened(dataset) as ds:
+        url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        if not run.progress:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        settings = {"epochs": epochs, "space": space.to_dict(), "labels": list(ds.label_names), "seed": seed,
+                    "sampler": sampler, "recipe": recipe_name, "prune": prune, "version": __version__,
+                    "dataset": {"n": ds.n, "n_pix": ds.n_pix, "input_hash": ds.attrs.get("input_hash", "")}}
+        reference = _reference(list(ds.label_names), space, recipe_name, run.say)
+        study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
+        # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
+        study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
+        study.pruner = make_pruner(epochs, prune)
+        if threads:
+            import torch
 
-        torch.set_num_threads(int(threads))
-    objective = _objective(study, ds, space, trials, epochs, seed, recipe_name, threads, run.quiet())
-    n_done = len(finished_trials(study))
-    remaining = trials - n_done
-    log(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
-        f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
-        f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
-    if remaining > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
-                                      *callbacks],
-                           gc_after_trial=True, show_progress_bar=run.progress)
-    write_report(study, out, storage_url=url)
-    if not isinstance(dataset, Dataset):
-        ds.close()
+            torch.set_num_threads(int(threads))
+        objective = _objective(study, ds, space, trials, epochs, seed, recipe_name, threads, run.quiet())
+        n_done = len(finished_trials(study))
+        remaining = trials - n_done
+        run.say(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
+                f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
+                f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
+        if remaining > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
+                                          *callbacks],
+                               gc_after_trial=True, show_progress_bar=run.progress)
+        write_report(study, out, storage_url=url)
     return study
 
 
