@@ -24,33 +24,27 @@ Prints markdown tables and writes WORK/partial.json, .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from astropy.table import Table
 
 from stellarparams.baselines import RidgeVal
 from stellarparams.calibrate import calibrate
 from stellarparams.dataset import Dataset
 from stellarparams.diagnose import diagnose
-from stellarparams.files import write_text
 from stellarparams.model_io import Model, load_model
 from stellarparams.prepare import prepare
 from stellarparams.preprocess import PrepareConfig, config_from_model
 from stellarparams.simulate import simulate
-from stellarparams.config import recipe
 from stellarparams.train import frozen_absent, source_heads, source_init
-from stellarparams.training import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transfer import TRUE, predict, source_model, stars_rows  # noqa: E402
-
-LABELS = ["teff", "feh", "logg"]
+from _common import (LABELS, TRUE, add_options, cell, finish, fit_predict, parse, source_model,  # noqa: E402
+                     stars_rows, train_config)
 
 
 def feh_only_target(work: Path, source: Path, splits: dict, a) -> tuple[Path, Path]:
@@ -85,26 +79,19 @@ def run(ds: Dataset, full: Dataset, source: Path, a) -> dict:
     for seed in a.seeds:
         rows = stars_rows(ds, a.stars, seed)
         t = time.perf_counter()
-        base = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
-                      init_from=str(source), init_sha256=src.weights_sha256)
+        base = train_config(seed, a, source, src)
         mc = replace(src.model_config, n_in=ds.n_pix)
-        tc = frozen_absent(base, mc.labels, ds)
-        init = source_init(tc, mc, ds)
-        f = fit(ds, (rows, va), mc, tc, init=init)
+        tc, fitted = frozen_absent(base, mc.labels, ds), []
         res.setdefault("fine-tuned on [Fe/H] only, teff/logg heads frozen", []).append(
-            mae(predict(f.net, f.center, f.scale, Xte)))
-        cov.append(coverage(f, mc, tc, init, ds, full, te))
+            mae(fit_predict(ds, rows, va, mc, tc, Xte, fitted)))
+        cov.append(coverage(fitted[0], mc, tc, source_init(tc, mc, ds), ds, full, te))
         one = source_heads(mc, ["feh"])
-        f = fit(ds, (rows, va), one, base, init=source_init(base, one, ds))
-        res.setdefault("fine-tuned with --labels feh", []).append(mae(predict(f.net, f.center, f.scale, Xte),
-                                                                      (None, 0, None)))
-        f = fit(full, (rows, va), mc, base, init=source_init(base, mc, full))
+        res.setdefault("fine-tuned with --labels feh", []).append(
+            mae(fit_predict(ds, rows, va, one, base, Xte), (None, 0, None)))
         res.setdefault("fine-tuned on all three labels (a full catalog)", []).append(
-            mae(predict(f.net, f.center, f.scale, Xte)))
-        scratch = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs)
-        f = fit(ds, (rows, va), one, scratch)
-        res.setdefault("from scratch on [Fe/H] only", []).append(mae(predict(f.net, f.center, f.scale, Xte),
-                                                                     (None, 0, None)))
+            mae(fit_predict(full, rows, va, mc, base, Xte)))
+        res.setdefault("from scratch on [Fe/H] only", []).append(
+            mae(fit_predict(ds, rows, va, one, train_config(seed, a), Xte), (None, 0, None)))
         j = ds.label_names.index("feh")
         r = RidgeVal().fit(ds.flux(rows), ds.labels(rows)[:, [j]], ds.flux(va), ds.labels(va)[:, [j]])
         res.setdefault("Ridge on [Fe/H] only", []).append(mae(r.predict(Xte), (None, 0, None)))
@@ -135,11 +122,7 @@ def coverage(f, mc, tc, init, ds, full, te) -> dict:
 def format_tables(out: dict) -> str:
     lines = ["| model | Teff (K) | [Fe/H] (dex) | log g (dex) |", "|---|---|---|---|"]
     for name, runs in out["finetune"]["mae"].items():
-        cells = []
-        for j in range(3):
-            v = [r[j] for r in runs if r[j] is not None]
-            d = 0 if j == 0 else 3
-            cells.append("-" if not v else f"{np.mean(v):.{d}f}" + (f" ± {np.std(v):.{d}f}" if len(v) > 1 else ""))
+        cells = [cell([r[j] for r in runs], 0 if j == 0 else 3) for j in range(3)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cov = out["finetune"]["coverage_frozen"]
     if cov:
@@ -160,19 +143,8 @@ def format_tables(out: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="runs/partial")
-    p.add_argument("--source-model", help="a trained model folder to start from (default: train one)")
-    p.add_argument("--n-source", type=int, default=6000)
-    p.add_argument("--source-epochs", type=int, default=10)
-    p.add_argument("--n-target", type=int, default=3000)
-    p.add_argument("--stars", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
-    a = p.parse_args(argv)
-    a.seeds = [int(s) for s in a.seeds.split(",")]
-    torch.set_num_threads(a.threads)
+    add_options(p, work="runs/partial", n_source=6000, source_epochs=10, n_target=3000, epochs=30, workers=1)
+    a = parse(p, argv)
     work = Path(a.work)
     t0 = time.perf_counter()
     source, splits = source_model(work, a)
@@ -184,13 +156,7 @@ def main(argv=None) -> int:
         "SDSS test split (in domain)": diagnose(source, work / "sdss_dataset", work / "diagnose_sdss", split="test",
                                                 progress=False),
         "LAMOST (all)": diagnose(source, feh, work / "diagnose_lamost", progress=False)}
-    out["seconds"] = round(time.perf_counter() - t0)
-    write_text(work / "partial.json", json.dumps(out, indent=1, default=str))
-    table = format_tables(out)
-    write_text(work / "partial.md", table + "\n")
-    print(table)
-    print(f"{out['seconds']} s", file=sys.stderr)
-    return 0
+    return finish(work, "partial", out, format_tables, t0)
 
 
 if __name__ == "__main__":

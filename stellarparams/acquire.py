@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -49,6 +50,7 @@ from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util import Retry
 
 from . import __version__
+from .context import Run
 from .files import atomic_write
 from .outputs import locked_output
 from .surveys.sdss import open_fits, read_catalog, spec_filename
@@ -95,8 +97,9 @@ CATALOG_COLUMNS = ["SPECOBJID", "PLATE", "MJD", "FIBERID", "RUN2D", "CLASS", "TE
 SOURCES = ("skyserver", "sas-fits")
 
 
-class CatalogQueryError(RuntimeError):
-    """The SQL service answered with an error, or with something that is not a CSV table."""
+class CatalogQueryError(OSError):
+    """The SQL service answered with an error, or with something that is not a CSV table; or the SSPP
+    catalog could not be downloaded (an OSError: the `stellarparams` command exits 2, naming the service)."""
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -756,7 +759,7 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
           logg_range=None, primary_only: bool = True, sample: str = "random", seed: int = 0, lite: bool = True,
           concurrency: int = 8, retries: int = 4, timeout: float = 30.0, backoff: float = 1.0,
           page_size: int = DEFAULT_PAGE_SIZE, spectra: bool = True, refresh_catalog: bool = False,
-          progress: bool = True, on_file=None, wait: bool = False, http=None) -> dict:
+          progress: bool = True, on_file=None, wait: bool = False, http=None, run: Run | None = None) -> dict:
     """Select ``n`` SSPP stars, write the catalog, download their spectra.
 
     The catalog is reused when ``OUT/fetch.json`` shows the same selection, unless
@@ -788,6 +791,9 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
         Also download the spectra (False: the catalog only).
     refresh_catalog : bool
     progress : bool
+        Progress bars and catalog lines.
+    run : stellarparams.context.Run, optional
+        The run settings as one object (only ``progress`` is read); when given, ``progress`` is not.
     wait : bool
         When another fetch writes OUT: wait (True) or raise :class:`files.OutputBusy`,
         naming the holder's PID (False).
@@ -806,69 +812,69 @@ def fetch(n: int = 50_000, out="data/sdss", *, sql_url: str = DEFAULT_SQL_URL, s
         raise ValueError(f"sample must be 'random' or 'first', got {sample!r}")
     if n is None or int(n) < 1:
         raise ValueError(f"n must be a positive number of stars, got {n}")
-    n = int(n)
+    run = run or Run(progress=progress)
     cuts = dict(min_snr=float(min_snr), teff_range=_range(teff_range, "Teff"), feh_range=_range(feh_range, "[Fe/H]"),
                 logg_range=_range(logg_range, "log g"), primary_only=bool(primary_only))
-    selection = {"source": source, "n": n, "sample": sample, "seed": int(seed), **cuts}
+    selection = {"source": source, "n": int(n), "sample": sample, "seed": int(seed), **cuts}
+    query = (build_query(None if sample == "random" else int(n), top=page_size, **cuts) if source == "skyserver"
+             else None)
+    net = dict(retries=retries, timeout=timeout, backoff=backoff, http=http)  # every request's
     with locked_output(out, wait) as out:
-        return _fetch(n, out, selection, cuts, sql_url=sql_url, sas_url=sas_url, source=source, sample=sample,
-                      seed=seed, lite=lite, concurrency=concurrency, retries=retries, timeout=timeout,
-                      backoff=backoff, page_size=page_size, spectra=spectra, refresh_catalog=refresh_catalog,
-                      progress=progress, on_file=on_file, http=http)
+        t0, meta_path = time.monotonic(), out / "fetch.json"
+        old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        reuse = (out / "catalog.parquet").exists() and not refresh_catalog and old.get("selection") == json.loads(
+            json.dumps(selection))
+        df = _catalog(out, selection, cuts, query, reuse, sql_url, sas_url, page_size, net, run)
+        summary = {"catalog": {"rows": len(df), "reused": reuse, "fits": str(out / "catalog.fits"),
+                               "parquet": str(out / "catalog.parquet")}}
+        record = {"stellarparams_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
+                  "selection": selection, "source": source, "sql_url": sql_url, "sas_url": sas_url, "query": query,
+                  "download": {"lite": lite, "concurrency": concurrency, "retries": retries, "timeout": timeout,
+                               "backoff": backoff}, "status": "catalog written"}
+        _write_record(meta_path, record)
+        if spectra:
+            try:
+                summary["spectra"] = download(df, out, sas_url, lite=lite, concurrency=concurrency, on_file=on_file,
+                                              progress=run.progress, **net)
+            except BaseException:
+                _write_record(meta_path, dict(record, status="interrupted during the spectra; re-run to resume"))
+                raise
+        summary["seconds"] = round(time.monotonic() - t0, 3)
+        _write_record(meta_path, dict(record, status="done", summary=summary))
+    return summary
 
 
-def _fetch(n, out: Path, selection, cuts, *, sql_url, sas_url, source, sample, seed, lite, concurrency, retries,
-           timeout, backoff, page_size, spectra, refresh_catalog, progress, on_file, http) -> dict:
-    meta_path, cat_path = out / "fetch.json", out / "catalog.parquet"
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    query = build_query(None if sample == "random" else n, top=page_size, **cuts) if source == "skyserver" else None
-    t0 = time.monotonic()
+def _write_record(path: Path, record: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
 
-    reuse = cat_path.exists() and not refresh_catalog and old.get("selection") == json.loads(json.dumps(selection))
+
+def _catalog(out: Path, selection: dict, cuts: dict, query, reuse: bool, sql_url, sas_url, page_size, net: dict,
+             run: Run) -> pd.DataFrame:
+    """The catalog of :func:`fetch`: OUT/catalog.parquet when ``reuse``, else queried (or read from the SSPP
+    FITS file), cut, drawn and written to OUT/catalog.{fits,parquet}."""
+    cat_path, n, sample = out / "catalog.parquet", selection["n"], selection["sample"]
     if reuse:
         df = read_catalog(cat_path)
-        if progress:
-            print(f"catalog: reusing {cat_path} ({len(df)} stars, same selection)")
+        run.say(f"catalog: reusing {cat_path} ({len(df)} stars, same selection)", file=sys.stdout)
+        return df
+    if selection["source"] == "skyserver":
+        df = query_catalog(sql_url, None if sample == "random" else n, page_size=page_size, progress=run.progress,
+                           http=net["http"], **cuts)
     else:
-        if source == "skyserver":
-            df = query_catalog(sql_url, None if sample == "random" else n, page_size=page_size, progress=progress,
-                               http=http, **cuts)
-        else:
-            fits_path = download_sspp_fits(out, sas_url, retries=retries, timeout=timeout, backoff=backoff,
-                                           progress=progress, http=http)
-            df = read_sspp_fits(fits_path)
-        parent = len(df)
-        df = apply_cuts(df, **cuts)  # the query's cuts again: a mirror or the FITS file may not apply them
-        df = df.drop_duplicates(["PLATE", "MJD", "FIBERID"]).reset_index(drop=True)
-        if sample == "random" and len(df) > n:
-            df = df.sample(n=n, random_state=int(seed)).sort_index().reset_index(drop=True)  # keeps SPECOBJID order
-        df = df.iloc[:n].copy()
-        df["FILE"] = ["spectra/" + spec_filename(int(p), int(m), int(f))  # relative to the catalog's folder
-                      for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
-        df = df[[c for c in CATALOG_COLUMNS if c in df] + [c for c in df if c not in CATALOG_COLUMNS]]
-        write_catalog(df, out, {"source": source, "config": selection, "query": query, "selected": parent})
-        if progress and len(df) < n:
-            print(f"catalog: only {len(df)} stars pass the cuts (asked for {n})")
-    summary = {"catalog": {"rows": len(df), "reused": reuse, "fits": str(out / "catalog.fits"),
-                           "parquet": str(cat_path)}}
-    record = {"stellarparams_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
-              "selection": selection, "source": source, "sql_url": sql_url, "sas_url": sas_url, "query": query,
-              "download": {"lite": lite, "concurrency": concurrency, "retries": retries, "timeout": timeout,
-                           "backoff": backoff}, "status": "catalog written"}
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
-    if spectra:
-        try:
-            summary["spectra"] = download(df, out, sas_url, lite=lite, concurrency=concurrency, retries=retries,
-                                          timeout=timeout, backoff=backoff, progress=progress, on_file=on_file,
-                                          http=http)
-        except BaseException:
-            record["status"] = "interrupted during the spectra; re-run to resume"
-            atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
-            raise
-    summary["seconds"] = round(time.monotonic() - t0, 3)
-    record["status"], record["summary"] = "done", summary
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
-    return summary
+        df = read_sspp_fits(download_sspp_fits(out, sas_url, progress=run.progress, **net))
+    parent = len(df)
+    df = apply_cuts(df, **cuts)  # the query's cuts again: a mirror or the FITS file may not apply them
+    df = df.drop_duplicates(["PLATE", "MJD", "FIBERID"]).reset_index(drop=True)
+    if sample == "random" and len(df) > n:
+        df = df.sample(n=n, random_state=selection["seed"]).sort_index().reset_index(drop=True)  # keeps SPECOBJID order
+    df = df.iloc[:n].copy()
+    df["FILE"] = ["spectra/" + spec_filename(int(p), int(m), int(f))  # relative to the catalog's folder
+                  for p, m, f in zip(df["PLATE"], df["MJD"], df["FIBERID"])]
+    df = df[[c for c in CATALOG_COLUMNS if c in df] + [c for c in df if c not in CATALOG_COLUMNS]]
+    write_catalog(df, out, {"source": selection["source"], "config": selection, "query": query, "selected": parent})
+    if len(df) < n:
+        run.say(f"catalog: only {len(df)} stars pass the cuts (asked for {n})", file=sys.stdout)
+    return df
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -915,24 +921,13 @@ def add_arguments(parser):
 
 
 def run_cli(args) -> int:
-    import sys
-
-    from .files import OutputBusy
-
-    try:
-        ranges = {k: _pair(v) if v else None for k, v in
-                  (("teff_range", args.teff_range), ("feh_range", args.feh_range), ("logg_range", args.logg_range))}
-        s = fetch(args.n, args.out, sql_url=args.sql_url, sas_url=args.sas_url, source=args.source,
-                  min_snr=args.min_snr, primary_only=not args.all_spectra, sample=args.sample, seed=args.seed,
-                  lite=not args.full, concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
-                  page_size=args.page_size, spectra=not args.catalog_only, refresh_catalog=args.refresh_catalog,
-                  progress=not args.quiet, wait=args.wait, **ranges)
-    except OutputBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (CatalogQueryError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ranges = {k: _pair(v) if v else None for k, v in
+              (("teff_range", args.teff_range), ("feh_range", args.feh_range), ("logg_range", args.logg_range))}
+    s = fetch(args.n, args.out, sql_url=args.sql_url, sas_url=args.sas_url, source=args.source,
+              min_snr=args.min_snr, primary_only=not args.all_spectra, sample=args.sample, seed=args.seed,
+              lite=not args.full, concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
+              page_size=args.page_size, spectra=not args.catalog_only, refresh_catalog=args.refresh_catalog,
+              wait=args.wait, run=Run.from_args(args), **ranges)
     c = s["catalog"]
     print(f"catalog: {c['rows']} stars{' (reused)' if c['reused'] else ''} -> {c['fits']}, {c['parquet']}")
     d = s.get("spectra")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import traceback
 from dataclasses import replace
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .context import Run
 from .evaluate import dataset_metadata, environment, markdown_table, metrics, predict_rows, write_csv_md, write_json
 from .files import atomic_write, write_text
 from .outputs import holds_lock
@@ -64,20 +64,16 @@ PAPER_ABLATION_REL = {  # relative to proposed: params, time, MAE (teff, feh, lo
 PAPER_LABELS = ("teff", "feh", "logg")
 
 
-def _log(msg, progress=True):
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- the models
 
 class _Context:
-    """What every model's fit function needs: the dataset, labels, seeds, configs, folders."""
+    """What every model's fit function needs: the dataset, labels, seeds, configs, folders, and the
+    :class:`stellarparams.context.Run` (progress, device, precision) as ``run``."""
 
-    def __init__(self, ds, out, seed, epochs, threads, progress):
+    def __init__(self, ds, out, seed, epochs, threads, run: Run):
         from .config import ModelConfig, TrainConfig
 
-        self.ds, self.out, self.progress = ds, Path(out), progress
+        self.ds, self.out, self.run = ds, Path(out), run
         self.model_config = ModelConfig()
         self.labels = self.model_config.labels
         missing = [n for n in self.labels if n not in ds.label_names]
@@ -138,8 +134,7 @@ def fit_network(name, ctx) -> _Fitted:
         net = DNN(P, L)
     else:
         mc = ModelConfig(**ABLATIONS[name])
-    model = train(ctx.ds, ctx.out / "models" / name / "model", mc, ctx.train_config, net=net, progress=ctx.progress,
-                  device=getattr(ctx, "device", "cpu"), precision=getattr(ctx, "precision", "fp32"))
+    model = train(ctx.ds, ctx.out / "models" / name / "model", mc, ctx.train_config, net=net, run=ctx.run)
     info = {"model_config": mc.to_dict() if net is None else {"architecture": type(net).__name__, **net.to_dict()},
             "train_metrics": model.metrics}
     return _Fitted(model.predict, count_parameters(model.net), info)
@@ -193,7 +188,7 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
     if res_path.exists() and pred_path.exists():
         done = json.loads(res_path.read_text())
         if done.get("signature") == sig and not done.get("error"):
-            _log(f"  {name}: already done in an earlier run (delete {folder} to redo it)", ctx.progress)
+            ctx.run.say(f"  {name}: already done in an earlier run (delete {folder} to redo it)")
             done["test_pred"] = np.load(pred_path, allow_pickle=False)
             done["resumed"] = True
             return done
@@ -203,7 +198,7 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
     try:
         fitted = fitter(name, ctx)
         res["fit_s"] = time.perf_counter() - t0
-        pred = predict_rows(fitted.predict, ctx.ds, test_idx, batch_size, progress=False)
+        pred = predict_rows(fitted.predict, ctx.ds, test_idx, batch_size, ctx.run.quiet())
         if pred.shape != y_true.shape:
             raise ValueError(f"predictions have shape {pred.shape}, expected {y_true.shape}")
         res.update(n_params=fitted.n_params, info=fitted.info, n_test=int(len(test_idx)),
@@ -222,7 +217,7 @@ def run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig) -> dic
 @holds_lock("out_dir")  # one writer per report folder
 def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: int | None = None, models=None,
               threads: int | None = None, progress: bool = True, batch_size: int = 1024, device=None,
-              precision: str = "fp32") -> dict:
+              precision: str = "fp32", run: Run | None = None) -> dict:
     """Train, evaluate and time the paper's baselines and ablations on one dataset split.
 
     dataset: prepared dataset (path or :class:`Dataset`) with labels teff, feh, logg.
@@ -231,55 +226,51 @@ def benchmark(dataset, out_dir, *, quick: bool = False, seed: int = 0, epochs: i
         to add custom entries. threads: torch/BLAS threads for training and timing (default: torch's).
     batch_size: rows per prediction call, the same for every model (timing and evaluation).
     device, precision: where and how the networks train and predict (None: ``"auto"``); the
-        linear models stay on the CPU.
+        linear models stay on the CPU. run: a :class:`stellarparams.context.Run` giving ``progress``,
+        ``device`` and ``precision`` at once (then those are not read).
     Returns the content of ``results.json`` (per-model metrics, params, timings, errors, claims).
     """
     import torch
 
     from .config import TrainConfig
-    from .dataset import Dataset
-    from .devices import check_precision, resolve_device
+    from .dataset import opened
 
-    device = resolve_device(device)
-    check_precision(device, precision)
+    run = (run or Run(progress=progress, device=device, precision=precision)).on_device()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    if threads:
-        torch.set_num_threads(int(threads))
-    threads = int(threads or torch.get_num_threads())
-    if epochs is None and quick:
-        epochs = QUICK_EPOCHS
-    fitters = _fitters(models)
-    ctx = _Context(ds, out, seed, epochs, threads, progress)
-    ctx.device, ctx.precision = device, precision
-    test_idx = _test_rows(ds)
-    y_true = ds.labels(test_idx)[:, ctx.cols].astype(np.float64)
-    X_test = ds.flux(test_idx)
-    sig = _signature(ds, seed, ctx.train_config.epochs, batch_size, threads, ctx.labels)
-    t_all = time.perf_counter()
-    results = _run_all(fitters, ctx, test_idx, X_test, y_true, batch_size, threads, sig)
-    tables = make_tables(results, ctx.labels, ctx.units)
-    written = {k: write_csv_md(df, out / k) for k, df in tables.items()}
-    claims = paper_claims(results, ctx.labels)
-    _write_predictions(out, ds, test_idx, y_true, results, ctx.labels)
-    summary = {
-        "seed": seed, "quick": quick, "epochs": ctx.train_config.epochs, "threads": threads,
-        "batch_size": batch_size, "n_timing_runs": N_TIMING_RUNS, "labels": ctx.labels, "units": ctx.units,
-        "train_config": ctx.train_config.to_dict(), "default_train_config": TrainConfig().to_dict(),
-        "n_test": int(len(test_idx)), "test_rows_sha256": hashlib.sha256(test_idx.tobytes()).hexdigest(),
-        "dataset": dataset_metadata(ds), "environment": environment(),
-        "models": {k: {kk: vv for kk, vv in r.items() if kk != "test_pred"} for k, r in results.items()},
-        "claims": claims, "tables": written, "wall_s": time.perf_counter() - t_all,
-    }
-    write_json(out / "results.json", summary)
-    write_text(out / "paper_comparison.md", claims_markdown(claims, quick))
-    write_text(out / "report.md", _report(summary, tables, claims))
-    _log("\n" + markdown_table(tables["table2_mae"]), progress)
-    _log(claims_markdown(claims, quick), progress)
-    _log(f"tables, results.json and report.md written to {out}", progress)
-    if not isinstance(dataset, Dataset):
-        ds.close()
+    with opened(dataset) as ds:
+        if threads:
+            torch.set_num_threads(int(threads))
+        threads = int(threads or torch.get_num_threads())
+        if epochs is None and quick:
+            epochs = QUICK_EPOCHS
+        fitters = _fitters(models)
+        ctx = _Context(ds, out, seed, epochs, threads, run)
+        test_idx = _test_rows(ds)
+        y_true = ds.labels(test_idx)[:, ctx.cols].astype(np.float64)
+        X_test = ds.flux(test_idx)
+        sig = _signature(ds, seed, ctx.train_config.epochs, batch_size, threads, ctx.labels)
+        t_all = time.perf_counter()
+        results = _run_all(fitters, ctx, test_idx, X_test, y_true, batch_size, threads, sig)
+        tables = make_tables(results, ctx.labels, ctx.units)
+        written = {k: write_csv_md(df, out / k) for k, df in tables.items()}
+        claims = paper_claims(results, ctx.labels)
+        _write_predictions(out, ds, test_idx, y_true, results, ctx.labels)
+        summary = {
+            "seed": seed, "quick": quick, "epochs": ctx.train_config.epochs, "threads": threads,
+            "batch_size": batch_size, "n_timing_runs": N_TIMING_RUNS, "labels": ctx.labels, "units": ctx.units,
+            "train_config": ctx.train_config.to_dict(), "default_train_config": TrainConfig().to_dict(),
+            "n_test": int(len(test_idx)), "test_rows_sha256": hashlib.sha256(test_idx.tobytes()).hexdigest(),
+            "dataset": dataset_metadata(ds), "environment": environment(),
+            "models": {k: {kk: vv for kk, vv in r.items() if kk != "test_pred"} for k, r in results.items()},
+            "claims": claims, "tables": written, "wall_s": time.perf_counter() - t_all,
+        }
+        write_json(out / "results.json", summary)
+        write_text(out / "paper_comparison.md", claims_markdown(claims, quick))
+        write_text(out / "report.md", _report(summary, tables, claims))
+        run.say("\n" + markdown_table(tables["table2_mae"]))
+        run.say(claims_markdown(claims, quick))
+        run.say(f"tables, results.json and report.md written to {out}")
     return summary
 
 
@@ -311,7 +302,7 @@ def _run_all(fitters: dict, ctx, test_idx, X_test, y_true, batch_size: int, thre
     results = {}
     with threadpool_limits(limits=threads):
         for i, (name, fitter) in enumerate(fitters.items()):
-            _log(f"[{i + 1}/{len(fitters)}] {name}", ctx.progress)
+            ctx.run.say(f"[{i + 1}/{len(fitters)}] {name}")
             r = run_one(name, fitter, ctx, test_idx, X_test, y_true, batch_size, sig)
             results[name] = r
             _log_result(name, r, ctx, len(test_idx))
@@ -321,16 +312,16 @@ def _run_all(fitters: dict, ctx, test_idx, X_test, y_true, batch_size: int, thre
 def _log_result(name: str, r: dict, ctx, n_test: int):
     """One model's MAE, size and time (or its error), and a warning when its alpha is at the grid's end."""
     if r.get("error"):
-        _log(f"  {name} FAILED: {r['error']} ({r['where']}); continuing with the others", ctx.progress)
+        ctx.run.say(f"  {name} FAILED: {r['error']} ({r['where']}); continuing with the others")
         return
     maes = ", ".join(f"{l} {r['metrics'][l]['mae']:.4g} {u}" for l, u in zip(ctx.labels, ctx.units))
-    _log(f"  {name}: MAE {maes}; {r['n_params']:,} params; "
-         f"inference {r['timing']['time_s']:.3g} s for {n_test:,} spectra", ctx.progress)
+    ctx.run.say(f"  {name}: MAE {maes}; {r['n_params']:,} params; "
+                f"inference {r['timing']['time_s']:.3g} s for {n_test:,} spectra")
     edge = [l for l, e in r.get("info", {}).get("alpha_at_grid_edge", {}).items() if e]
     if edge:
-        _log(f"  warning: {name}'s best alpha for {edge} is at the end of the grid tried "
-             f"({r['info']['alphas_tried'][0]:g}..{r['info']['alphas_tried'][-1]:g}); "
-             "a wider grid might do better", ctx.progress)
+        ctx.run.say(f"  warning: {name}'s best alpha for {edge} is at the end of the grid tried "
+                    f"({r['info']['alphas_tried'][0]:g}..{r['info']['alphas_tried'][-1]:g}); "
+                    "a wider grid might do better")
 
 
 def _write_predictions(out: Path, ds, test_idx, y_true, results: dict, labels):
@@ -531,8 +522,7 @@ def add_arguments(p):
 def run_cli(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     res = benchmark(args.dataset, args.out, quick=args.quick, seed=args.seed, epochs=args.epochs, models=models,
-                    threads=args.threads, progress=not args.quiet, batch_size=args.batch_size,
-                    device=args.device, precision=args.precision)
+                    threads=args.threads, batch_size=args.batch_size, run=Run.from_args(args))
     failed = [k for k, r in res["models"].items() if r.get("error")]
     print(f"{len(res['models']) - len(failed)} of {len(res['models'])} models finished"
           + (f"; failed: {', '.join(failed)} (see {Path(args.out) / 'results.json'})" if failed else "")

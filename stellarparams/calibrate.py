@@ -10,13 +10,13 @@ folder: the `train` command saves the calibrated model.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .context import Run
 from .dataset import Dataset
 from .files import atomic_write
 from .training import fit_ensemble, label_matrix
@@ -32,8 +32,8 @@ def fold_of(groups, k: int, seed: int = 0) -> np.ndarray:
     return fold[inv.reshape(-1)]
 
 
-def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, tag: str = "",
-                progress: bool = False, device=None, precision: str = "fp32", init=None) -> dict | None:
+def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, tag: str = "", *,
+                run: Run = Run(progress=False), init=None) -> dict | None:
     """Out-of-fold predictions for every training row, for the sigma calibration.
 
     Parameters
@@ -49,8 +49,9 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         trained without fold k (selected on ``iva``) and predicts it with MC dropout.
     folder : Path, optional
         Where finished folds are kept (``oof_<tag>_fold<k>.npz``) to resume.
-    device, precision : optional
-        Where and how the fold models train (:func:`stellarparams.training.fit`).
+    run : stellarparams.context.Run
+        A progress bar over the folds' epochs; where and how the fold models train
+        (:func:`stellarparams.training.fit`; they print nothing themselves).
     init : stellarparams.finetune.Init, optional
         The fold models start where the final model started (``train --init-from``).
 
@@ -68,7 +69,7 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         return None
     folds = fold_of(groups, k, tc.seed)
     bar = tqdm(total=k * tc.epochs * max(1, tc.ensemble), desc=f"calibration: {k} out-of-fold models", unit="epoch",
-               disable=not progress, mininterval=1.0)
+               disable=not run.progress, mininterval=1.0)
     parts = []
     for f in range(k):
         path = Path(folder) / f"oof_{tag[:16]}_fold{f}.npz" if folder is not None else None
@@ -79,7 +80,7 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
             continue
         held = itr[folds == f]
         fm = fit_ensemble(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
-                          on_epoch=lambda *a: bar.update(1), device=device, precision=precision, init=init)
+                          on_epoch=lambda *a: bar.update(1), run=run.quiet(), init=init)
         pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
         parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
         if path is not None:
@@ -93,8 +94,8 @@ def _savez(path, arrays: dict):
         np.savez(f, **arrays)
 
 
-def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", progress: bool = True,
-              device=None, precision: str = "fp32", init=None) -> Uncertainty:
+def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", init=None, run: Run | None = None,
+              progress: bool = True, device=None, precision: str = "fp32") -> Uncertainty:
     """Fit the uncertainty model of a trained model on a prepared dataset's train/val splits.
 
     Parameters
@@ -108,6 +109,12 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         and ``model.train_config``); 0 fits on the validation split alone.
     folder, tag : Path, str
         Where finished folds are kept, and the run identity in their names.
+    init : stellarparams.finetune.Init, optional
+        Where the fold models start (the final model's ``--init-from``). A label the dataset
+        does not know (its head kept from the source) takes the source's sigma coefficients
+        (``init.uncertainty``); each other label is calibrated on the rows that know it.
+    run : stellarparams.context.Run, optional
+        Progress, device and precision at once; when given, the three below are not read.
     progress : bool
         Progress bar and a one-line summary on stderr.
     device : str or torch.device, optional
@@ -115,16 +122,15 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         on the device of each network.
     precision : str
         Autocast of the fold models' training (:func:`stellarparams.training.fit`).
-    init : stellarparams.finetune.Init, optional
-        Where the fold models start (the final model's ``--init-from``). A label the dataset
-        does not know (its head kept from the source) takes the source's sigma coefficients
-        (``init.uncertainty``); each other label is calibrated on the rows that know it.
 
     Returns
     -------
     (Uncertainty, dict)
         The calibration, and its timings in seconds (``calib_folds_s`` with folds, ``calibration_s``).
     """
+    run = run or Run(progress=progress, device=device, precision=precision)
+    if run.device is None:
+        run = replace(run, device=model.device)
     seconds = {}
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     try:
@@ -135,8 +141,8 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
         oof = None
         if folds >= 2:
             t0 = time.perf_counter()
-            oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, progress,
-                              device=model.device if device is None else device, precision=precision, init=init)
+            oof = out_of_fold(ds, itr, iva, model.model_config, model.train_config, folds, folder, tag, run=run,
+                              init=init)
             seconds["calib_folds_s"] = round(time.perf_counter() - t0, 1)
             if oof is not None:
                 oof["y"] = ytr[np.searchsorted(itr, oof["rows"])]
@@ -146,6 +152,5 @@ def calibrate(model, dataset, *, folds: int = 0, folder=None, tag: str = "", pro
     t0 = time.perf_counter()
     u = fit_uncertainty(model, Xtr, ytr, Xva, yva, seed=seed, oof=oof, carry=None if init is None else init.uncertainty)
     seconds["calibration_s"] = round(time.perf_counter() - t0, 2)
-    if progress:
-        print(u.summary(seconds["calibration_s"]), file=sys.stderr)
+    run.say(u.summary(seconds["calibration_s"]))
     return u, seconds

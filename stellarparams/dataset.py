@@ -36,6 +36,7 @@ re-run is a no-op only when both match). ``.lock`` is the advisory lock of the o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -337,6 +338,22 @@ def write_dataset(path, flux, labels, split, label_names=("teff", "feh", "logg")
 
     atomic_write(folder / DATA_FILE, write)
     return Dataset(folder)
+
+
+@contextlib.contextmanager
+def opened(dataset):
+    """Context manager yielding ``dataset`` as an open :class:`Dataset`: a path is opened, and closed
+    on leaving (also on an error); an open Dataset is yielded as is and left open (its owner closes it).
+
+    Parameters
+    ----------
+    dataset : str, Path or Dataset
+    """
+    if isinstance(dataset, Dataset):
+        yield dataset
+        return
+    with Dataset(dataset) as ds:
+        yield ds
 
 
 class Dataset:

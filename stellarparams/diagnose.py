@@ -34,10 +34,11 @@ import contextlib
 import html
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from .context import Run
 
 PAGE = "index.html"
 JSON = "diagnose.json"
@@ -160,7 +161,7 @@ def ood_reference(model):
 
 
 def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, threshold: float = THRESHOLD,
-             device="cpu", progress: bool = True) -> dict:
+             device="cpu", progress: bool = True, run: Run | None = None) -> dict:
     """Diagnose a model on a set of spectra; write the page and diagnose.json to ``out`` (None: write nothing).
 
     Parameters
@@ -177,6 +178,12 @@ def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, 
         With a prepared dataset: only this split ("train", "val", "test").
     threshold : float
         Smallest smoothed ``|z|`` (training-scatter units) reported as a region.
+    device : str
+        Where a model folder is loaded to predict.
+    progress : bool
+        The page's path and verdict on stderr.
+    run : stellarparams.context.Run, optional
+        ``device`` and ``progress`` as one object; when given, those two are not read.
 
     Returns
     -------
@@ -189,13 +196,14 @@ def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, 
     from .model_io import Model, load_model
     from .outputs import locked_output
 
+    run = run or Run(progress=progress, device=device)
     if out is not None:
         requires("plots", "matplotlib")  # the page's figures; before any work
     with contextlib.ExitStack() as stack:
         if out is not None:  # checked and locked before any work
             out = stack.enter_context(locked_output(out, wait=False))
         name = "" if isinstance(model, Model) else str(model)
-        model = model if isinstance(model, Model) else load_model(model, device=device)
+        model = model if isinstance(model, Model) else load_model(model, device=run.device)
         if model.uncertainty is None:
             raise ValueError("the model has no calibration (trained before stellarparams had it): no ood_score to "
                              "diagnose with; retrain it")
@@ -232,7 +240,7 @@ def diagnose(model, inputs, out=None, *, catalog=None, survey=None, split=None, 
                         "labels" if unlike else "like the training spectra"),
         }
         if out is not None:
-            _write(out, result, model, ood, ref, wave, z, zs, reference, median, progress)
+            _write(out, result, model, ood, ref, wave, z, zs, reference, median, run)
     return result
 
 
@@ -283,7 +291,7 @@ def _figures(r, ood, ref, wave, z, zs, reference, median) -> dict:
     return figs
 
 
-def _write(out: Path, r, model, ood, ref, wave, z, zs, reference, median, progress):
+def _write(out: Path, r, model, ood, ref, wave, z, zs, reference, median, run: Run):
     from .files import write_text
     from .records import jsonable
 
@@ -320,8 +328,7 @@ def _write(out: Path, r, model, ood, ref, wave, z, zs, reference, median, progre
     write_text(out / JSON, json.dumps(jsonable(r), indent=1) + "\n")
     write_text(out / PAGE, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>stellarparams diagnose"
                            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
-    if progress:
-        print(f"{out / PAGE}: {r['verdict']}", file=sys.stderr)
+    run.say(f"{out / PAGE}: {r['verdict']}")
 
 
 # ---------------------------------------------------------------------- CLI
@@ -354,7 +361,7 @@ def run_cli(args) -> int:
     if not args.threshold > 0:
         raise ValueError(f"--threshold must be > 0, got {args.threshold}")
     r = diagnose(args.model, args.inputs, args.out, catalog=args.catalog, survey=args.survey, split=args.split,
-                 threshold=args.threshold, device=args.device, progress=not args.quiet)
+                 threshold=args.threshold, run=Run.from_args(args))
     f = r["fraction_flagged"]
     print(f"{r['n_spectra']} spectra: {r['verdict']}; unlike training {100 * f['flag_unlike_training']:.1f}%, "
           f"out of range {100 * f['flag_out_of_range']:.1f}%, {len(r['worst_regions'])} departing regions"

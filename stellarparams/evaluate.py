@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import median_abs_deviation
 
+from .context import Run
 from .extras import requires
 from .files import write_text
 from .outputs import holds_lock
@@ -174,18 +175,13 @@ def environment() -> dict:
 
 # ----------------------------------------------------------------------------- evaluate
 
-def _open_dataset(dataset):
-    from .dataset import Dataset
-
-    return dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-
-
-def predict_rows(predict, ds, idx, batch_size: int = 4096, progress: bool = True, desc: str = "predict"):
-    """Run ``predict((B, P) flux) -> (B, L)`` over dataset rows ``idx`` in batches; returns (N, L)."""
+def predict_rows(predict, ds, idx, batch_size: int = 4096, run: Run = Run(), desc: str = "predict"):
+    """Run ``predict((B, P) flux) -> (B, L)`` over dataset rows ``idx`` in batches; returns (N, L).
+    A progress bar named ``desc`` when ``run.progress``."""
     from tqdm.auto import tqdm
 
     out = []
-    with tqdm(total=len(idx), desc=desc, unit="spec", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(idx), desc=desc, unit="spec", disable=not run.progress, leave=False) as bar:
         for i in range(0, len(idx), batch_size):
             b = idx[i:i + batch_size]
             out.append(np.asarray(predict(ds.flux(b)), np.float64))
@@ -245,50 +241,52 @@ def dataset_metadata(ds) -> dict:
 
 @holds_lock("out_dir")  # one writer per report folder
 def evaluate(model_or_path, dataset, out_dir, *, split: str = "test", progress: bool = True,
-             batch_size: int = 4096, device=None) -> dict:
+             batch_size: int = 4096, device=None, run: Run | None = None) -> dict:
     """Evaluate a model on one split of a prepared dataset and write the report folder.
 
     model_or_path: a loaded model (anything with ``predict((N, P) flux) -> (N, L)``,
     ``label_names``, ``label_units``) or a model folder. dataset: a :class:`Dataset` or its path.
     device: where the network predicts (``"auto"``, ``"cpu"``, ``"cuda[:N]"``, ``"mps"``); None
-    keeps a loaded model where it is and loads a folder onto the CPU.
+    keeps a loaded model where it is and loads a folder onto the CPU. run: a
+    :class:`stellarparams.context.Run` giving ``progress`` and ``device`` at once (then those are not read).
     Returns the content of ``metrics.json`` (per-label metrics, binned tables, metadata,
     figure paths, notes about anything skipped).
     """
+    from .dataset import opened
+
     requires("plots", "matplotlib")  # before any work
+    run = run or Run(progress=progress, device=device)
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    model, path = _load(model_or_path, device)
-    ds = _open_dataset(dataset)
-    names = list(model.label_names)
-    units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
-                                                          if n in ds.label_names else "" for n in names])
-    idx = _split_rows(model, ds, names, split)
-    notes = []
-    y_pred = predict_rows(model.predict, ds, idx, batch_size, progress, desc=f"predict {split}")
-    if y_pred.shape != (len(idx), len(names)):
-        raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
-    y_true, meta, snr, teff = _truth(ds, idx, names, split, notes)
-    tables, m, m_true, by_snr, by_teff = _metric_tables(out, y_true, y_pred, meta, snr, teff, names, units, notes)
-    unc = _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, progress, notes)
-    if unc is not None:
-        tables["calibration"] = write_csv_md(unc["calibration"], out / "calibration")
-    _write_predictions(out, idx, meta, snr, y_true, y_pred, names, unc)
-    figs = _figures(out / "figures", ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes)
-    result = {
-        "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
-        "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
-        "calibration": unc["calibration"].to_dict("records") if unc is not None else None,
-        "ood": ({"n_unlike_training": int((unc["ood"] > 1).sum()),
-                 "fraction_unlike_training": float(np.mean(unc["ood"] > 1))} if unc is not None else None),
-        "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
-        "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
-    }
-    write_json(out / "metrics.json", result)
-    _write_report(out, result, units)
-    if isinstance(dataset, (str, os.PathLike)):
-        ds.close()
+    model, path = _load(model_or_path, run.device)
+    with opened(dataset) as ds:
+        names = list(model.label_names)
+        units = list(getattr(model, "label_units", None) or [ds.label_units[ds.label_names.index(n)]
+                                                              if n in ds.label_names else "" for n in names])
+        idx = _split_rows(model, ds, names, split)
+        notes = []
+        y_pred = predict_rows(model.predict, ds, idx, batch_size, run, desc=f"predict {split}")
+        if y_pred.shape != (len(idx), len(names)):
+            raise ValueError(f"model returned predictions of shape {y_pred.shape}, expected {(len(idx), len(names))}")
+        y_true, meta, snr, teff = _truth(ds, idx, names, split, notes)
+        tables, m, m_true, by_snr, by_teff = _metric_tables(out, y_true, y_pred, meta, snr, teff, names, units, notes)
+        unc = _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, run, notes)
+        if unc is not None:
+            tables["calibration"] = write_csv_md(unc["calibration"], out / "calibration")
+        _write_predictions(out, idx, meta, snr, y_true, y_pred, names, unc)
+        figs = _figures(out / "figures", ds, idx, y_true, y_pred, snr, teff, m, names, units, unc, notes)
+        result = {
+            "split": split, "n": int(len(idx)), "labels": m, "labels_vs_true": m_true,
+            "mae_by_snr": by_snr.to_dict("records"), "mae_by_teff": by_teff.to_dict("records"),
+            "calibration": unc["calibration"].to_dict("records") if unc is not None else None,
+            "ood": ({"n_unlike_training": int((unc["ood"] > 1).sum()),
+                     "fraction_unlike_training": float(np.mean(unc["ood"] > 1))} if unc is not None else None),
+            "model": model_metadata(model, path), "dataset": dataset_metadata(ds), "environment": environment(),
+            "tables": tables, "figures": {k: str(v) for k, v in figs.items()}, "notes": notes,
+        }
+        write_json(out / "metrics.json", result)
+        _write_report(out, result, units)
     return result
 
 
@@ -357,7 +355,7 @@ def _metric_tables(out: Path, y_true, y_pred, meta, snr, teff, names, units, not
     return tables, m, m_true, by_snr, by_teff
 
 
-def _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, progress, notes):
+def _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, run: Run, notes):
     """Calibrated uncertainties of rows ``idx``: {"sigma", "half95" (N, L), "ood" (N,),
     "calibration": coverage at 1 and 2 sigma per label and S/N bin}; None for a model without them."""
     if getattr(model, "uncertainty", None) is None:
@@ -374,7 +372,7 @@ def _uncertainty(model, ds, idx, y_true, y_pred, snr, names, split, batch_size, 
         parts["half95"].append((r["hi95"] - r["lo95"]) / 2)
         return r["sigma"]
 
-    sigma = predict_rows(run_full, ds, idx, batch_size, progress, desc=f"sigma {split}")
+    sigma = predict_rows(run_full, ds, idx, batch_size, run, desc=f"sigma {split}")
     half95 = np.concatenate(parts["half95"])
     calib = coverage_table(y_true, y_pred, sigma, snr, names, SNR_EDGES, half95=half95)
     return {"sigma": sigma, "half95": half95, "ood": np.concatenate(parts["ood"]), "calibration": calib}
@@ -543,10 +541,8 @@ def add_arguments(p):
 
 
 def run_cli(args) -> int:
-    import sys
-
-    r = evaluate(args.model, args.dataset, args.out, split=args.split, progress=not args.no_progress,
-                 batch_size=args.batch_size, device=args.device)
+    r = evaluate(args.model, args.dataset, args.out, split=args.split, batch_size=args.batch_size,
+                 run=Run.from_args(args))
     print(f"{r['split']} split, {r['n']:,} spectra")
     print(markdown_table(metrics_table(r["labels"], r["model"].get("label_units"))[
         ["label", "unit", "mae", "rmse", "bias", "scatter", "mae_pct_range", "n"]]))

@@ -30,6 +30,7 @@ from . import engine
 from ._version import __version__
 from .baselines import RIDGE_ALPHAS
 from .config import DEFAULT_RECIPE, RECIPE_HELP, RECIPES
+from .context import Run
 from .files import write_text
 from .records import dumps
 
@@ -37,16 +38,9 @@ DEFAULT_N = 50_000       # spectra simulated, as in the paper (812 distinct MILE
 MAX_RATIO = 0.85         # network MAE / Ridge MAE must not exceed this on any label
 
 
-def _say(msg, progress=True):
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
-
-
-def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) -> dict:
+def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, run: Run = Run()) -> dict:
     """Network vs Ridge (alpha on val, from the benchmark's grid ``baselines.RIDGE_ALPHAS``) MAE per
-    label on one split of a prepared dataset.
+    label on one split of a prepared dataset (a line about the Ridge fit on stderr when ``run.progress``).
 
     Returns {"labels": [...], "units": [...], "network": {label: MAE}, "ridge": {...},
     "ratio": {...}, "pass": {...}, "ridge_alpha": {...}, "n_test": N, and, when the dataset
@@ -60,8 +54,7 @@ def compare(model, dataset, split="test", alphas=RIDGE_ALPHAS, progress=True) ->
     te, tr, va = dataset.indices(split), dataset.indices("train"), dataset.indices("val")
     y_te = dataset.labels(te)[:, cols].astype(np.float64)
     p_net = model.predict(dataset.flux(te))
-    _say(f"ridge baseline: fitting on {len(tr)} train spectra, alpha from {len(alphas)} values on {len(va)} val",
-         progress)
+    run.say(f"ridge baseline: fitting on {len(tr)} train spectra, alpha from {len(alphas)} values on {len(va)} val")
     t0 = time.perf_counter()
     ridge = RidgeVal(alphas=alphas).fit(dataset.flux(tr), dataset.labels(tr)[:, cols],
                                         dataset.flux(va), dataset.labels(va)[:, cols])
@@ -131,7 +124,8 @@ def format_table(res: dict) -> str:
 
 def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | None = None,
         workers: int | None = None, threads: int | None = None, config=None, recipe_name: str | None = None,
-        progress: bool = True, grid=None, device=None, precision: str = "fp32", dask=None) -> dict:
+        progress: bool = True, grid=None, device=None, precision: str = "fp32", dask=None,
+        run: Run | None = None) -> dict:
     """Simulate, prepare, train, evaluate; returns the results dict (also OUT/results.json).
 
     Parameters
@@ -160,6 +154,9 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     dask : str or distributed.Client, optional
         Run simulate's and prepare's per-file work on this Dask cluster (``tcp://HOST:PORT`` or
         ``local:N``; :mod:`stellarparams.engine`), connected once for both.
+    run : stellarparams.context.Run, optional
+        ``progress``, ``device``, ``precision``, ``workers`` and ``dask`` as one object; when given,
+        those five are not read.
 
     Returns
     -------
@@ -167,20 +164,18 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
         The content of OUT/results.json.
     """
     from .dataset import parse_grid
-    from .devices import check_precision, resolve_device
     from .extras import requires
     from .preprocess import PrepareConfig
 
     requires("simulate", "mangadap")  # before any work: simulate's MILES stars,
     requires("plots", "matplotlib")   # and the report's figures
     prep = PrepareConfig() if grid is None else PrepareConfig(grid=parse_grid(grid) if isinstance(grid, str) else grid)
-    device = resolve_device(device)
-    check_precision(device, precision)
+    run = (run or Run(progress=progress, device=device, precision=precision, workers=workers, dask=dask)).on_device()
     out = Path(out)
     t_all = time.perf_counter()
-    times = _simulate_and_prepare(out, n, seed, workers, prep, progress, dask)
+    times = _simulate_and_prepare(out, n, seed, prep, run)
     mc, tc = _train_configs(config, recipe_name, seed, threads, epochs)
-    stages = _train_and_evaluate(out, mc, tc, progress, device, precision, times)
+    stages = _train_and_evaluate(out, mc, tc, run, times)
     times = {k: round(v, 1) for k, v in times.items()}
     results = {"key": stages["key"], "comparison": stages["res"], "calibration": stages["cal"],
                "all_pass": all(stages["res"]["pass"].values()),
@@ -192,28 +187,28 @@ def run(out="runs/default", n: int = DEFAULT_N, seed: int = 0, *, epochs: int | 
     old = stages["old"]
     if old.get("key") == stages["key"]:  # keep the first run's stage timings
         results["seconds"], results["total_seconds"] = old.get("seconds", times), old.get("total_seconds")
-    _write_results(out, results, stages, progress, times, t_all)
+    _write_results(out, results, stages, run, times, t_all)
     return results
 
 
-def _simulate_and_prepare(out: Path, n, seed, workers, prep, progress, dask) -> dict:
+def _simulate_and_prepare(out: Path, n, seed, prep, run: Run) -> dict:
     """Stages 1-2 of :func:`run`: OUT/survey/ and OUT/dataset/; returns their seconds."""
     from .outputs import check_output_folder
     from .prepare import prepare
     from .simulate import simulate
 
     times = {}
-    with engine.connect(dask, progress) as client:  # before anything is written: a dead address leaves nothing
+    with run.cluster() as client:  # before anything is written: a dead address leaves nothing
         check_output_folder(out)
-        _say(f"[1/4] simulate {n} spectra -> {out / 'survey'}", progress)
+        run.say(f"[1/4] simulate {n} spectra -> {out / 'survey'}")
         t0 = time.perf_counter()
-        catalog = simulate(out / "survey", n=n, seed=seed, workers=workers, progress=progress, dask=client)
+        catalog = simulate(out / "survey", n=n, seed=seed, workers=run.workers, progress=run.progress, dask=client)
         times["simulate"] = time.perf_counter() - t0
 
-        _say(f"[2/4] prepare -> {out / 'dataset'}", progress)
+        run.say(f"[2/4] prepare -> {out / 'dataset'}")
         t0 = time.perf_counter()
-        prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=workers,
-                progress=progress, dask=client)
+        prepare(catalog, out / "survey" / "spectra", out / "dataset", config=prep, seed=seed, workers=run.workers,
+                progress=run.progress, dask=client)
         times["prepare"] = time.perf_counter() - t0
     return times
 
@@ -230,48 +225,47 @@ def _train_configs(config, recipe_name, seed, threads, epochs):
     return mc, tc
 
 
-def _train_and_evaluate(out: Path, mc, tc, progress, device, precision, times: dict) -> dict:
+def _train_and_evaluate(out: Path, mc, tc, run: Run, times: dict) -> dict:
     """Stages 3-4 of :func:`run`: OUT/model/ and OUT/report/, comparison and calibration reused
     from OUT/results.json when its key matches. Adds the stages' seconds to ``times``."""
     from .dataset import Dataset
     from .evaluate import evaluate
     from .train import train
 
-    _say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}", progress)
+    run.say(f"[3/4] train ({tc.epochs} epochs) -> {out / 'model'}")
     t0 = time.perf_counter()
     with Dataset(out / "dataset") as ds:
-        model = train(ds, out / "model", mc, tc, progress=progress, overwrite=True, device=device,
-                      precision=precision)
+        model = train(ds, out / "model", mc, tc, overwrite=True, run=run)
         times["train"] = time.perf_counter() - t0
 
-        _say("[4/4] evaluate on the test split", progress)
+        run.say("[4/4] evaluate on the test split")
         t0 = time.perf_counter()
         key = hashlib.sha256(json.dumps([model.fingerprint, ds.attrs.get("input_hash"), RIDGE_ALPHAS,
                                          MAX_RATIO]).encode()).hexdigest()[:16]
         res_path = out / "results.json"
         old = json.loads(res_path.read_text()) if res_path.exists() else {}
         if old.get("key") == key:
-            _say(f"{res_path}: up to date; not recomputed", progress)
+            run.say(f"{res_path}: up to date; not recomputed")
             res = old["comparison"]
         else:
-            res = compare(model, ds, progress=progress)
+            res = compare(model, ds, run=run)
         cal = old.get("calibration") if old.get("key") == key and old.get("calibration") else calibration(model, ds)
         report = out / "report" / "report.html"
         if old.get("key") != key or not report.exists():
-            evaluate(model, ds, out / "report", split="test", progress=progress)
+            evaluate(model, ds, out / "report", split="test", run=replace(run, device=None))  # the model stays put
         times["evaluate"] = time.perf_counter() - t0
         n_spectra = {s: int(len(ds.indices(s))) for s in ("train", "val", "test")}
     return {"model": model, "key": key, "old": old, "res": res, "cal": cal, "report": report,
             "n_spectra": n_spectra}
 
 
-def _write_results(out: Path, results: dict, stages: dict, progress, times: dict, t_all: float):
-    """OUT/results.json and OUT/results.md; with ``progress`` the table and where things are."""
+def _write_results(out: Path, results: dict, stages: dict, run: Run, times: dict, t_all: float):
+    """OUT/results.json and OUT/results.md; with ``run.progress`` the table and where things are (stdout)."""
     res_path = out / "results.json"
     write_text(res_path, dumps(results))
     table = format_table(stages["res"]) + "\n\n" + format_calibration(stages["cal"])
     write_text(out / "results.md", "```\n" + table + "\n```\n")
-    if progress:
+    if run.progress:
         print(table)
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
               + f"; total {time.perf_counter() - t_all:.0f} s")
@@ -305,9 +299,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_cli(args) -> int:
-    results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, workers=args.workers,
-                  threads=args.threads, config=args.config, recipe_name=args.recipe, progress=not args.quiet,
-                  grid=args.grid, device=args.device, precision=args.precision, dask=args.dask)
+    results = run(args.out, n=args.n, seed=args.seed, epochs=args.epochs, threads=args.threads, config=args.config,
+                  recipe_name=args.recipe, grid=args.grid, run=Run.from_args(args))
     if args.quiet:
         print(format_table(results["comparison"]))
         print(format_calibration(results.get("calibration")))

@@ -13,6 +13,7 @@ same config and data is loaded instead of trained again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -25,8 +26,9 @@ import numpy as np
 
 from .calibrate import calibrate
 from .config import DEFAULT_RECIPE, RECIPE_HELP, RECIPES, ModelConfig, TrainConfig, load_config, recipe
-from .dataset import Dataset
-from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
+from .context import Run
+from .dataset import opened
+from .devices import add_arguments as add_device_arguments
 from .finetune import Init, OptionError, check_freeze, parse_freeze, select_labels
 from .model import StellarNet, count_parameters
 from .model_io import META, WEIGHTS, Model, load_model, save_model
@@ -79,7 +81,7 @@ def check_output(out) -> Path:
 
 def train(dataset, out=None, model_config: ModelConfig = None, train_config: TrainConfig = None, *, net=None,
           on_epoch=None, progress: bool = True, overwrite: bool = False, wait: bool = False, device=None,
-          precision: str = "fp32") -> Model:
+          precision: str = "fp32", run: Run | None = None) -> Model:
     """Train on a prepared dataset's train split, select on its val split, calibrate; return a Model.
 
     Parameters
@@ -114,6 +116,8 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
         fingerprint: a run killed on one device resumes on another.
     precision : str
         ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA only): autocast of the training.
+    run : stellarparams.context.Run, optional
+        ``progress``, ``device`` and ``precision`` as one object; when given, those three are not read.
 
     Returns
     -------
@@ -126,19 +130,15 @@ def train(dataset, out=None, model_config: ModelConfig = None, train_config: Tra
     stellarparams.files.OutputBusy
         Another process is writing ``out`` (and ``wait`` is False).
     """
-    dev = resolve_device(device)
+    run = (run or Run(progress=progress, device=device, precision=precision)).on_device()
     tc = train_config or recipe()
     if tc.epochs < 1:  # an untrained network would be published as a model
         raise ValueError(f"epochs = {tc.epochs}: training needs at least 1 epoch")
     if tc.init_from:
         model_config, tc = _source_configs(tc, model_config, net)
-    args = (model_config or ModelConfig(), tc, net, on_epoch, progress, overwrite, dev,
-            check_precision(dev, precision))
-    if out is None:
-        return _with_dataset(dataset, None, *args)
-    out = check_output(out)
-    with locked_output(out, wait):
-        return _with_dataset(dataset, out, *args)
+    out = None if out is None else check_output(out)
+    with (contextlib.nullcontext() if out is None else locked_output(out, wait)), opened(dataset) as ds:
+        return _train(ds, out, model_config or ModelConfig(), tc, net, on_epoch, overwrite, run)
 
 
 def _source_configs(tc, model_config, net):
@@ -215,14 +215,8 @@ def frozen_absent(tc, labels, ds) -> TrainConfig:
     return replace(tc, freeze=tuple(dict.fromkeys([*tc.freeze, *absent])))
 
 
-def _with_dataset(dataset, out, *args):
-    if isinstance(dataset, Dataset):
-        return _train(dataset, out, *args)
-    with Dataset(dataset) as ds:  # closed even when on_epoch raises
-        return _train(ds, out, *args)
-
-
-def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precision):
+def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
+    """The body of :func:`train`, on an open dataset, holding ``out``'s lock (when writing), on ``run.device``."""
     if tc.threads:
         import torch
 
@@ -244,7 +238,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     fingerprint = _fingerprint(mc, tc, labels, ds, net)
     folds = tc.calib_folds if (net is None and tc.calib_folds >= 2) else 0
 
-    done = _finished(out, ds, fingerprint, overwrite, progress, device, precision)
+    done = _finished(out, ds, fingerprint, overwrite, run)
     if done is not None:
         return done
     checkpoint = None if out is None else out / CHECKPOINT
@@ -253,22 +247,22 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
 
     # ---- train -> calibrate -> save
     init = source_init(tc, mc, ds)
-    if init is not None and progress:
+    if init is not None and run.progress:
         _announce_init(init, tc, labels, ds)
     fit_ds, target, target_loss = ds, None, None
     if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
         from .adapt import TargetLoss, source_for_target
 
-        fit_ds, target = source_for_target(ds, mc, tc, init, progress=progress, device=device, precision=precision)
+        fit_ds, target = source_for_target(ds, mc, tc, init, progress=run.progress, device=run.device,
+                                           precision=run.precision)
         if tc.adapt_coral or tc.adapt_consistency:
             target_loss = TargetLoss(target, tc)
     if net is None:
         fitted = fit_ensemble(fit_ds, (ds.indices("train"), ds.indices("val")), mc, tc, checkpoint=checkpoint,
-                              fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device,
-                              precision=precision, init=init, target_loss=target_loss)
+                              fingerprint=fingerprint, on_epoch=on_epoch, init=init, target_loss=target_loss, run=run)
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
-                     fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
+                     fingerprint=fingerprint, on_epoch=on_epoch, run=run)
     units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else init.label_units.get(l, "")
              for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
@@ -276,7 +270,7 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    _calibrate(model, fit_ds, folds, out, fingerprint, progress, precision, init)
+    _calibrate(model, fit_ds, folds, out, fingerprint, run, init)
     if target is not None:
         from .adapt import reference_target
 
@@ -290,33 +284,29 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
         checkpoint.unlink(missing_ok=True)
         for f in [*out.glob("oof_*.npz"), *out.glob(f"{checkpoint.stem}_m*{checkpoint.suffix}")]:
             f.unlink()
-    if progress:
-        m = model.metrics
-        print(f"best epoch {m['best_epoch']} (val loss {m['val_loss']:.4f}); trained in {m['train_time_s']:.0f} s"
-              + (f"; model written to {out}" if out else ""), file=sys.stderr)
+    m = model.metrics
+    run.say(f"best epoch {m['best_epoch']} (val loss {m['val_loss']:.4f}); trained in {m['train_time_s']:.0f} s"
+            + (f"; model written to {out}" if out else ""))
     return model
 
 
-def _finished(out, ds, fingerprint, overwrite, progress, device, precision):
+def _finished(out, ds, fingerprint, overwrite, run: Run):
     """The model already in ``out`` when it was trained with this config and data (calibrated now if it
     predates calibration); None when there is nothing there, or (``overwrite``) after clearing another run."""
     if out is None or not (out / META).exists() or (out / CHECKPOINT).exists():
         return None
     done = json.loads((out / META).read_text())
     if done.get("fingerprint") == fingerprint:
-        if progress:
-            print(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)",
-                  file=sys.stderr)
-        model = load_model(out, device)
+        run.say(f"{out}: already trained with this config and data; loading it (delete the folder to retrain)")
+        model = load_model(out, run.device)
         if model.uncertainty is None:
-            _calibrate(model, ds, 0, out, fingerprint, progress, precision)
+            _calibrate(model, ds, 0, out, fingerprint, run)
             save_model(model, out)
         return model
     if not overwrite:
         raise ValueError(f"{out}: holds a model trained with another config or dataset; choose another --out, "
                          "delete the folder, or pass --overwrite (overwrite=True)")
-    if progress:
-        print(f"{out}: the config or dataset changed; training a new model", file=sys.stderr)
+    run.say(f"{out}: the config or dataset changed; training a new model")
     for name in (META, WEIGHTS, LOG):
         (out / name).unlink(missing_ok=True)
     return None
@@ -342,12 +332,12 @@ def _announce_init(init, tc, labels, ds) -> None:
               "(frozen; its calibration carried from the source), or drop them with --labels", file=sys.stderr)
 
 
-def _calibrate(model, ds, folds, folder, fingerprint, progress, precision="fp32", init=None):
+def _calibrate(model, ds, folds, folder, fingerprint, run: Run, init=None):
     """Calibrate into model.uncertainty (timings into its metrics); a failure only warns: the model then
-    predicts without sigma."""
+    predicts without sigma. The fold models train on the model's device."""
     try:
-        model.uncertainty, seconds = calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint,
-                                               progress=progress, precision=precision, init=init)
+        model.uncertainty, seconds = calibrate(model, ds, folds=folds, folder=folder, tag=fingerprint, init=init,
+                                               run=replace(run, device=model.device))
         model.metrics.update(seconds)
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"uncertainty calibration failed ({e}); the model predicts without sigma", stacklevel=3)
@@ -436,8 +426,7 @@ def run_cli(args) -> int:
         mc = None  # the source's architecture, with only the --labels heads when given
         if wanted:
             mc = source_heads(load_model(tc.init_from).model_config or ModelConfig(), wanted)
-    model = train(args.dataset, args.out, mc, tc, progress=not args.quiet, overwrite=args.overwrite,
-                  wait=args.wait, device=args.device, precision=args.precision)
+    model = train(args.dataset, args.out, mc, tc, overwrite=args.overwrite, wait=args.wait, run=Run.from_args(args))
     m, frozen = model.metrics, model.metrics.get("heads_kept_from_source", [])
     print(f"{args.out}: best epoch {m['best_epoch']}, val loss {m['val_loss']:.4f}, " +
           ", ".join(f"{l} head frozen (no labels here; kept from {tc.init_from})" if l in frozen else

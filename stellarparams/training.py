@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from ._version import __version__
 from .augment import Neighbours, mix
 from .config import ModelConfig, TrainConfig
-from .devices import autocast, check_precision, resolve_device, to_device
+from .context import Run
+from .devices import autocast, to_device
 from .files import atomic_write, write_text
+from .finetune import apply_init
 from .model import Ensemble, StellarNet, count_parameters
 
 LOG = "train_log.csv"      # the per-epoch history, beside the checkpoint
@@ -157,8 +159,8 @@ class Fitted:
 
 
 def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=None, checkpoint=None,
-        fingerprint: str = "", on_epoch=None, progress: bool = False, device=None, precision: str = "fp32",
-        init=None, target_loss=None) -> Fitted:
+        fingerprint: str = "", on_epoch=None, init=None, target_loss=None, run: Run | None = None,
+        progress: bool = False, device=None, precision: str = "fp32") -> Fitted:
     """Train one network on rows of a prepared dataset, keeping the best-validation weights.
 
     Parameters
@@ -179,88 +181,83 @@ def fit(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, net=N
         Identity of the run kept in the checkpoint; a checkpoint of another run is refused.
     on_epoch : callable, optional
         ``on_epoch(epoch, val_loss, metrics)`` after every epoch; may raise to stop.
-    progress : bool
-        Progress bars and one line per epoch on stderr.
-    device : str or torch.device, optional
-        Where to train (None: ``"auto"``). The data stay on the CPU; each batch is moved there, and
-        noise and augmentation run there from random numbers drawn on the CPU generator (the same
-        streams on every device). The returned net lives there.
-    precision : str
-        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with a gradient scaler): autocast of the forward passes.
     init : stellarparams.finetune.Init, optional
         Start from another model's weights and target scaler (``train --init-from``), freezing the
         parts it names; the starting weights' validation loss is ``metrics["init_val_loss"]``.
     target_loss : callable, optional
         ``target_loss(net, teacher, x, g, device)`` -> a scalar added to every batch's loss (unlabeled
         target spectra, :class:`stellarparams.adapt.TargetLoss`; ``teacher``: the EMA network or None).
+    run : stellarparams.context.Run, optional
+        The three below as one object (then they are not read).
+    progress : bool
+        Progress bars and one line per epoch on stderr.
+    device : str or torch.device, optional
+        Where to train (None: ``"auto"``). The data stay on the CPU; each batch is moved there, and noise and
+        augmentation run there from random numbers drawn on the CPU generator (the same streams on every
+        device). The returned net lives there.
+    precision : str
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA, with a gradient scaler): autocast of the forward passes.
 
     Returns
     -------
     Fitted
     """
     mc, tc = model_config, train_config
-    dev = resolve_device(device)
-    check_precision(dev, precision)
+    run = (run or Run(progress=progress, device=device, precision=precision)).on_device()
     d = _data(ds, rows, mc, tc, init)
     batches = _Batches(ds, rows[0], d, tc)
     torch.manual_seed(tc.seed)
     net = StellarNet(mc) if net is None else net
     if init is not None:
-        from .finetune import apply_init
-
         apply_init(net, init)
-    net = net.to(dev)
+    net = net.to(run.device)
     steps = math.ceil(batches.n_items / tc.batch_size)   # per epoch
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps * tc.epochs, tc.warmup_frac, tc.lr_floor))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # its state is not checkpointed
+    scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None  # its state is not checkpointed
     # EMA of the weights (0: off, the paper): validated, selected and kept instead of the raw weights.
     # Its memory is capped at ~2 epochs (decay <= 1 - 0.5 / steps per epoch): with few stars there are
     # few steps, and a 0.998 average still lags the training at the last epoch (measured at 100 stars).
     ema = None if not tc.ema else torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(min(tc.ema, 1.0 - 0.5 / steps)))
     kept = net if ema is None else ema.module   # the weights that are validated and kept
-    run = _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, progress, tc.epochs)
+    state = _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, run, tc.epochs)
 
     def evaluate():  # the kept weights on the validation rows
-        return validate(kept, d.Xva, d.Yva, d.yva, d.weights, d.center, d.scale, d.labels, tc, dev, precision)
+        return validate(kept, d.Xva, d.Yva, d.yva, d.weights, d.center, d.scale, d.labels, tc, run)
 
-    if init is not None and run.start_epoch == 0:  # where the source's weights start, before any step
-        run.init_val = evaluate()[0]
-        _say(progress, f"starting from the source model's weights: val loss {run.init_val:.4f}")
-    _say(progress, f"training {count_parameters(net):,} parameters on {batches.n_tr} spectra (+{tc.n_augment} noisy "
+    if init is not None and state.start_epoch == 0:  # where the source's weights start, before any step
+        state.init_val = evaluate()[0]
+        run.say(f"starting from the source model's weights: val loss {state.init_val:.4f}")
+    run.say(f"training {count_parameters(net):,} parameters on {batches.n_tr} spectra (+{tc.n_augment} noisy "
                    f"copies), validating on {len(d.Yva)}; {tc.epochs} epochs x {steps} batches of {tc.batch_size}")
-    step = _Step(net, opt, sched, scaler, ema, d.weights.to(dev), tc, dev, precision, target_loss)
-    for epoch in range(run.start_epoch, tc.epochs):
+    step = _Step(net, opt, sched, scaler, ema, d.weights.to(run.device), tc, run, target_loss)
+    for epoch in range(state.start_epoch, tc.epochs):
         t0 = time.perf_counter()
-        train_loss = _train_epoch(step, batches, epoch, steps, progress)
+        train_loss = _train_epoch(step, batches, epoch, steps)
         val_loss, mae = evaluate()
-        run.end_epoch(epoch, kept, train_loss, val_loss, mae, opt.param_groups[0]["lr"], time.perf_counter() - t0)
-        if progress:
-            _print_epoch(epoch, tc.epochs, train_loss, val_loss, mae, d, run.best_epoch == epoch)
+        state.end_epoch(epoch, kept, train_loss, val_loss, mae, opt.param_groups[0]["lr"], time.perf_counter() - t0)
+        if run.progress:
+            _print_epoch(epoch, tc.epochs, train_loss, val_loss, mae, d, state.best_epoch == epoch)
         if checkpoint is not None:
-            write_log(Path(checkpoint).parent / LOG, run.history)
-            save_checkpoint(checkpoint, net, run.best_state, opt, sched, run.state(epoch, fingerprint), ema)
+            write_log(Path(checkpoint).parent / LOG, state.history)
+            save_checkpoint(checkpoint, net, state.best_state, opt, sched, state.state(epoch, fingerprint), ema)
         if on_epoch is not None:
             on_epoch(epoch, val_loss, dict(mae, train_loss=train_loss))
 
-    net.load_state_dict(run.best_state)   # the best weights
+    net.load_state_dict(state.best_state)   # the best weights
     net.eval()
     kept = net
     _, best_mae = evaluate()
-    metrics = {"best_epoch": run.best_epoch + 1, "val_loss": run.best_val, **{f"val_{k}": v for k, v in best_mae.items()},
-               "loss_weights": dict(zip(d.labels, d.weights.tolist())), "train_time_s": run.train_time,
+    metrics = {"best_epoch": state.best_epoch + 1, "val_loss": state.best_val,
+               **{f"val_{k}": v for k, v in best_mae.items()},
+               "loss_weights": dict(zip(d.labels, d.weights.tolist())), "train_time_s": state.train_time,
                "n_train": batches.n_tr, "n_val": len(d.Yva), "n_params": count_parameters(net)}
-    if run.init_val is not None:
-        metrics["init_val_loss"] = run.init_val
+    if state.init_val is not None:
+        metrics["init_val_loss"] = state.init_val
     metrics.update({k: v for k, v in (("heads_kept_from_source", d.absent), ("heads_distilled", d.distilled)) if v})
-    return Fitted(net, d.labels, d.center, d.scale, d.label_ranges, run.history, run.best_val, metrics)
-
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr)
+    return Fitted(net, d.labels, d.center, d.scale, d.label_ranges, state.history, state.best_val, metrics)
 
 
 @dataclass
@@ -377,16 +374,16 @@ class _Step:
     ema: object               # AveragedModel or None
     weights: torch.Tensor     # on the device
     tc: TrainConfig
-    dev: object
-    precision: str
+    run: Run                  # with a resolved device
     target_loss: object = None
 
     def __call__(self, x, y, g) -> torch.Tensor:
-        with autocast(self.dev, self.precision):
+        dev = self.run.device
+        with autocast(dev, self.run.precision):
             out = self.net(x)
-        loss = masked_huber(out.float(), to_device(y, self.dev), self.weights, self.tc.huber_delta)
+        loss = masked_huber(out.float(), to_device(y, dev), self.weights, self.tc.huber_delta)
         if self.target_loss is not None:
-            loss = loss + self.target_loss(self.net, None if self.ema is None else self.ema.module, x, g, self.dev)
+            loss = loss + self.target_loss(self.net, None if self.ema is None else self.ema.module, x, g, dev)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -401,21 +398,21 @@ class _Step:
         return loss.detach()
 
 
-def _train_epoch(step: _Step, batches: _Batches, epoch: int, steps: int, progress: bool) -> float:
+def _train_epoch(step: _Step, batches: _Batches, epoch: int, steps: int) -> float:
     """One pass over the shuffled items (the order and noise derive from (seed, epoch)); the mean loss."""
     from tqdm.auto import tqdm
 
-    tc = step.tc
+    tc, progress, dev = step.tc, step.run.progress, step.run.device
     es = _epoch_seed(tc.seed, epoch)
     g = torch.Generator().manual_seed(es)
     torch.manual_seed(es + 1)  # dropout
     perm = torch.randperm(batches.n_items, generator=g)
     step.net.train()
-    run_loss = torch.zeros((), device=step.dev)
+    run_loss = torch.zeros((), device=dev)
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
                leave=False, unit="batch", mininterval=1.0)
     for b in bar:
-        x, y = batches(perm[b * tc.batch_size:(b + 1) * tc.batch_size], g, step.dev)
+        x, y = batches(perm[b * tc.batch_size:(b + 1) * tc.batch_size], g, dev)
         run_loss += step(x, y, g)
         if progress and b % 50 == 49:
             bar.set_postfix(loss=f"{float(run_loss) / (b + 1):.4f}")
@@ -424,7 +421,7 @@ def _train_epoch(step: _Step, batches: _Batches, epoch: int, steps: int, progres
 
 
 @dataclass
-class _Run:
+class _State:
     """Where a run stands: history, best epoch and weights, time; saved in and restored from the checkpoint."""
 
     best_state: dict
@@ -449,21 +446,21 @@ class _Run:
                 "fingerprint": fingerprint, "version": __version__, "init_val_loss": self.init_val}
 
 
-def _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, progress, epochs) -> _Run:
-    """A fresh :class:`_Run`, or the one in ``checkpoint`` (of this run only) with its weights restored."""
-    run = _Run(best_state=copy.deepcopy(kept.state_dict()))
+def _resume(checkpoint, fingerprint, net, opt, sched, ema, kept, run: Run, epochs) -> _State:
+    """A fresh :class:`_State`, or the one in ``checkpoint`` (of this run only) with its weights restored."""
+    st = _State(best_state=copy.deepcopy(kept.state_dict()))
     if checkpoint is None or not Path(checkpoint).exists():
-        return run
+        return st
     state, tensors = load_checkpoint(checkpoint)
     if state.get("fingerprint") != fingerprint:
         raise ValueError(f"{checkpoint}: checkpoint of a run with another config or dataset; choose another --out "
                          "or delete the checkpoint to start over")
-    run.best_state = _restore(net, opt, sched, state, tensors, ema)
-    run.history, run.best_val, run.best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
-    run.start_epoch, run.train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
-    run.init_val = state.get("init_val_loss")
-    _say(progress, f"{Path(checkpoint).parent}: resuming after epoch {run.start_epoch} of {epochs}")
-    return run
+    st.best_state = _restore(net, opt, sched, state, tensors, ema)
+    st.history, st.best_val, st.best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
+    st.start_epoch, st.train_time = state["epoch"] + 1, state.get("train_time_s", 0.0)
+    st.init_val = state.get("init_val_loss")
+    run.say(f"{Path(checkpoint).parent}: resuming after epoch {st.start_epoch} of {epochs}")
+    return st
 
 
 def _print_epoch(epoch, epochs, train_loss, val_loss, mae, d: _Data, best: bool) -> None:
@@ -477,22 +474,22 @@ def _print_epoch(epoch, epochs, train_loss, val_loss, mae, d: _Data, best: bool)
 @torch.inference_mode()
 def _source_outputs(mc, init, X, batch_size: int) -> torch.Tensor:
     """(N, L) scaled outputs of the source network (``init``'s weights, eval mode, CPU) for rows ``X``."""
-    from .finetune import apply_init
-
     net = StellarNet(mc)
     apply_init(net, replace(init, freeze=()))
     net.eval()
     return torch.cat([net(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]).float()
 
 
-def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig, dev, precision: str = "fp32"):
+def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig, run: Run):
     """(loss, {"mae_<label>": MAE in physical units}) of ``net`` on rows ``X`` in batches of ``tc.eval_batch_size``.
 
     ``Y`` are the scaled targets (NaN = missing), ``y_phys`` the same in physical units, ``weights``
-    the per-label loss weights; ``net`` runs in eval mode on ``dev`` (autocast as in training).
+    the per-label loss weights; ``net`` runs in eval mode on ``run.device`` (a resolved one; autocast
+    to ``run.precision`` as in training).
     """
+    dev = run.device
     net.eval()
-    with torch.inference_mode(), autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, run.precision):
         pred = torch.cat([net(to_device(X[i:i + tc.eval_batch_size], dev)).float().cpu()
                           for i in range(0, len(X), tc.eval_batch_size)])
         loss = float(masked_huber(pred, Y, weights, tc.huber_delta))
@@ -502,8 +499,8 @@ def validate(net, X, Y, y_phys, weights, center, scale, labels, tc: TrainConfig,
 
 
 def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig, *, checkpoint=None,
-                 fingerprint: str = "", on_epoch=None, progress: bool = False, device=None,
-                 precision: str = "fp32", init=None, target_loss=None) -> Fitted:
+                 fingerprint: str = "", on_epoch=None, init=None, target_loss=None,
+                 run: Run = Run(progress=False)) -> Fitted:
     """:func:`fit` ``train_config.ensemble`` = K networks (seeds seed .. seed+K-1) into one :class:`Ensemble`.
 
     K = 1 is :func:`fit` itself. Otherwise member i trains with its own checkpoint
@@ -513,16 +510,15 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
     loss and MAE.
     """
     tc, k = train_config, int(train_config.ensemble)
-    kw = dict(on_epoch=on_epoch, progress=progress, device=device, precision=precision, init=init,
-              target_loss=target_loss)
+    run = run.on_device()
+    kw = dict(on_epoch=on_epoch, init=init, target_loss=target_loss, run=run)
     if k <= 1:
         return fit(ds, rows, model_config, tc, checkpoint=checkpoint, fingerprint=fingerprint, **kw)
     members = []
     for i in range(k):
         ck = None if checkpoint is None else Path(checkpoint).with_name(
             f"{Path(checkpoint).stem}_m{i}{Path(checkpoint).suffix}")
-        if progress:
-            print(f"ensemble member {i + 1}/{k} (seed {tc.seed + i})", file=sys.stderr)
+        run.say(f"ensemble member {i + 1}/{k} (seed {tc.seed + i})")
         members.append(fit(ds, rows, model_config, replace(tc, seed=tc.seed + i, ensemble=1), checkpoint=ck,
                            fingerprint=f"{fingerprint}-m{i}", **kw))
     net, first = Ensemble([m.net for m in members]), members[0]
@@ -531,7 +527,7 @@ def fit_ensemble(ds, rows, model_config: ModelConfig, train_config: TrainConfig,
     w = torch.tensor([first.metrics["loss_weights"][l] for l in first.labels], dtype=torch.float32)
     val_loss, mae = validate(net, torch.from_numpy(ds.flux(iva)),
                              torch.tensor((y - first.center) / first.scale, dtype=torch.float32), y, w,
-                             first.center, first.scale, first.labels, tc, resolve_device(device), precision)
+                             first.center, first.scale, first.labels, tc, run)
     metrics = dict(first.metrics, val_loss=val_loss, n_params=count_parameters(net), members=k,
                    member_best_epochs=[m.metrics["best_epoch"] for m in members],
                    train_time_s=sum(m.metrics["train_time_s"] for m in members),

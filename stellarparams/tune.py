@@ -59,8 +59,9 @@ from pathlib import Path
 
 from ._version import __version__
 from .config import RECIPES, ModelConfig, TrainConfig, config_toml, recipe
-from .dataset import Dataset
-from .devices import add_arguments as add_device_arguments, check_precision, resolve_device
+from .context import Run
+from .dataset import opened
+from .devices import add_arguments as add_device_arguments
 from .extras import requires
 from .files import atomic_write, write_text
 from .outputs import check_output_folder
@@ -366,7 +367,7 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
          sampler: str = "tpe", epochs: int = 30, seed: int = 0, timeout: float | None = None,
          space: SearchSpace | None = None, prune: bool = True, threads: int | None = None,
          heartbeat: float = 60.0, progress: bool = True, callbacks=(), recipe_name: str = "default",
-         device=None, precision: str = "fp32") -> optuna.Study:
+         device=None, precision: str = "fp32", run: Run | None = None) -> optuna.Study:
     """Run (or continue, or join) a search until the study holds ``trials`` finished trials.
 
     dataset: prepared dataset folder or Dataset; out_dir: where the summary files go.
@@ -382,10 +383,11 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
         ``augment`` ranges search its switches.
     device, precision: where and how every trial trains (:func:`stellarparams.training.fit`;
         None: ``"auto"``); refused before any work when the machine lacks the device.
+    run: a :class:`stellarparams.context.Run` giving ``progress``, ``device`` and ``precision`` at
+        once (then those are not read).
     Returns the optuna.Study; writes best.toml, summary.json/.md, history.png, importance.png.
     """
-    device = resolve_device(device)
-    check_precision(device, precision)
+    run = (run or Run(progress=progress, device=device, precision=precision)).on_device()
     space = space or SearchSpace()
     space.validate()
     if trials < 1:
@@ -394,39 +396,36 @@ def tune(dataset, out_dir, *, trials: int = 100, storage: str | None = None, stu
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     own_sampler = make_sampler(sampler, seed)  # refuses an unknown name before touching storage
     out = check_output_folder(out_dir)  # no lock: parallel tune workers share one folder and study
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
-    if not progress:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings = {"epochs": epochs, "space": space.to_dict(), "labels": list(ds.label_names), "seed": seed,
-                "sampler": sampler, "recipe": recipe_name, "prune": prune, "version": __version__,
-                "dataset": {"n": ds.n, "n_pix": ds.n_pix, "input_hash": ds.attrs.get("input_hash", "")}}
-    reference = _reference(list(ds.label_names), space, recipe_name, log)
-    study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
-    # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
-    study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
-    study.pruner = make_pruner(epochs, prune)
-    if threads:
-        import torch
+    with opened(dataset) as ds:
+        url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        if not run.progress:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        settings = {"epochs": epochs, "space": space.to_dict(), "labels": list(ds.label_names), "seed": seed,
+                    "sampler": sampler, "recipe": recipe_name, "prune": prune, "version": __version__,
+                    "dataset": {"n": ds.n, "n_pix": ds.n_pix, "input_hash": ds.attrs.get("input_hash", "")}}
+        reference = _reference(list(ds.label_names), space, recipe_name, run.say)
+        study, created = _open_study(make_storage(url, heartbeat), study_name, settings, reference)
+        # the creating worker is reproducible from --seed; joining workers must not repeat its proposals
+        study.sampler = own_sampler if created else make_sampler(sampler, secrets.randbits(31))
+        study.pruner = make_pruner(epochs, prune)
+        if threads:
+            import torch
 
-        torch.set_num_threads(int(threads))
-    objective = _objective(study, ds, space, trials, epochs, seed, recipe_name, threads, device, precision)
-    n_done = len(finished_trials(study))
-    remaining = trials - n_done
-    log(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
-        f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
-        f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
-    if remaining > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
-                                      *callbacks],
-                           gc_after_trial=True, show_progress_bar=progress)
-    write_report(study, out, storage_url=url)
-    if not isinstance(dataset, Dataset):
-        ds.close()
+            torch.set_num_threads(int(threads))
+        objective = _objective(study, ds, space, trials, epochs, seed, recipe_name, threads, run.quiet())
+        n_done = len(finished_trials(study))
+        remaining = trials - n_done
+        run.say(f"study {study_name!r} in {redact(url)}: {n_done} of {trials} trials finished; "
+                f"{'created it' if created else 'joined it'}; {max(0, remaining)} to go ({sampler.upper()} sampler, "
+                f"{'successive-halving pruning' if prune else 'no pruning'}, {epochs} epochs per trial)")
+        if remaining > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(BudgetTaken,),
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=DONE + (TrialState.RUNNING,)),
+                                          *callbacks],
+                               gc_after_trial=True, show_progress_bar=run.progress)
+        write_report(study, out, storage_url=url)
     return study
 
 
@@ -442,9 +441,9 @@ def _reference(labels, space: SearchSpace, recipe_name: str, log):
 
 
 def _objective(study, ds, space: SearchSpace, trials: int, epochs: int, seed: int, recipe_name: str,
-               threads, device, precision):
-    """Optuna's objective: train one suggested configuration, report the best validation loss per
-    epoch to the pruner, return it. Stops the worker once ``trials`` are finished or running."""
+               threads, run: Run):
+    """Optuna's objective: train one suggested configuration (on ``run.device``, quietly), report the best
+    validation loss per epoch to the pruner, return it. Stops the worker once ``trials`` are finished or running."""
     labels, n_in = list(ds.label_names), ds.n_pix
     rows = (ds.indices("train"), ds.indices("val"))
 
@@ -470,7 +469,7 @@ def _objective(study, ds, space: SearchSpace, trials: int, epochs: int, seed: in
             if trial.should_prune() and not is_reference:
                 raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs (best val loss {best:.4g})")
 
-        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, device=device, precision=precision)
+        fitted = fit(ds, rows, mc, replace(tc, calib_folds=0), on_epoch=on_epoch, run=run)
         trial.set_user_attr("val_metrics", {k: v for k, v in fitted.metrics.items() if isinstance(v, (int, float))})
         return fitted.best_val_loss
 
@@ -660,8 +659,8 @@ def run_cli(args) -> int:
     space = SearchSpace.from_toml(args.space) if args.space else SearchSpace()
     s = tune(args.dataset, args.out, trials=args.trials, storage=args.storage, study_name=args.study,
              sampler=args.sampler, epochs=args.epochs, seed=args.seed, timeout=args.timeout, space=space,
-             prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, progress=not args.quiet,
-             recipe_name=args.recipe, device=args.device, precision=args.precision)
+             prune=not args.no_prune, threads=args.threads, heartbeat=args.heartbeat, recipe_name=args.recipe,
+             run=Run.from_args(args))
     summary = json.loads((Path(args.out) / SUMMARY_JSON).read_text())
     print(summary_line(summary))
     if summary["best"]:

@@ -271,6 +271,20 @@ def test_query_errors_are_clear_and_retried_on_5xx(sdss):
     assert len(sdss.queries) == 1
 
 
+def test_cli_query_error_exits_2_with_one_line(sdss, tmp_path, capsys):
+    """The command raises; cli.main turns the service's error into exit 2 and one line, not a traceback."""
+    from stellarparams.cli import main
+
+    sdss.sql_error = (200, "<html><body>Error: Maximum query time exceeded</body></html>")
+    out = tmp_path / "out"
+    rc = main(["fetch", "--n", "3", "--out", str(out), "--sql-url", sql_url(sdss), "--sas-url", sdss.url,
+               "--retries", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Maximum query time exceeded" in err
+    assert not (out / "catalog.parquet").exists() and not (out / "fetch.json").exists()
+
+
 # ----------------------------------------------------------------------------- whole fetch
 
 
