@@ -80,34 +80,32 @@ def _is_catalog(path: Path) -> bool:
     return False
 
 
-def _ids(cat: pd.DataFrame, i: int):
-    """(plate, mjd, fiberid) of catalog row ``i`` when the catalog has them, else None."""
-    if not all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-        return None
-    k = cat.loc[i, list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-    return tuple(int(v) for v in k) if np.isfinite(k).all() else None
+def _catalog_items(path, rv_column="RV_ADOP"):
+    """Rows of a catalog with a FILE column -> (file, rv, ids) one at a time; relative FILE: from the catalog's folder.
 
-
-def _catalog_items(path, rv_column="RV_ADOP") -> list[tuple]:
-    """Rows of a catalog with a FILE column -> [(file, rv, ids)]; relative FILE: from the catalog's folder."""
+    ``ids``: (plate, mjd, fiberid) when the catalog has them, finite, else None. Only FILE, the
+    RV column and the identifier columns are kept once read (as arrays).
+    """
     cat = sdss.read_catalog(path)
     if "FILE" not in cat.columns:
         raise ValueError(f"{path}: a catalog given as input needs a FILE column with spectrum paths "
                          f"(it has {', '.join(cat.columns[:20])})")
     base = Path.cwd() if isinstance(path, pd.DataFrame) else Path(path).parent
     rv = cat[rv_column].to_numpy(np.float64) if rv_column in cat.columns else np.full(len(cat), np.nan)
-    items = []
-    for i, (f, v) in enumerate(zip(cat["FILE"], rv)):
+    ids = (cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+           if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS) else None)
+    files = cat["FILE"].to_numpy(object)
+    del cat
+    for i, (f, v) in enumerate(zip(files, rv)):
         p = resolve_file(f, base)
-        items.append(("" if p is None else str(p), float(v), _ids(cat, i)))
-    return items
+        k = ids[i] if ids is not None and np.isfinite(ids[i]).all() else None
+        yield ("" if p is None else str(p), float(v), None if k is None else tuple(int(x) for x in k))
 
 
-def _expand(items, survey=None) -> list[tuple]:
-    """One item per spectrum: a file of a survey whose files hold many spectra (DESI targets, table rows)
-    becomes (file, rv, member) items, one per spectrum, ``member`` = {"survey", "index", "id"}; a file of
-    a survey named by (plate, mjd, fiberid) (SDSS) stays (file, rv, ids)."""
-    out = []
+def _expand(items, survey=None):
+    """One item per spectrum, as a stream: a file of a survey whose files hold many spectra (DESI targets,
+    table rows) becomes (file, rv, member) items, one per spectrum, ``member`` = {"survey", "index", "id"};
+    a file of a survey named by (plate, mjd, fiberid) (SDSS) stays (file, rv, ids)."""
     for f, rv, ids in items:
         try:  # detect() names most files from their name alone, without touching the disk
             s = survey or (registry.detect(f) if f else registry.names()[0])
@@ -115,22 +113,59 @@ def _expand(items, survey=None) -> list[tuple]:
             s = registry.names()[0]  # not recognised: read as SDSS, which names what is wrong with it
         fmt = registry.get(s)
         if fmt.plate_keys:
-            out.append((f, rv, ids))
+            yield f, rv, ids
             continue
         try:
             members = fmt.members(f)
-            if members is None:
-                out.append((f, rv, {"survey": s, "index": None, "id": ""}))
-            else:
-                out += [(f, rv if np.isfinite(rv) else mrv, {"survey": s, "index": j, "id": ident})
-                        for j, ident, mrv in members]
         except (SpectrumError, OSError, ValueError, KeyError):
-            out.append((f, rv, {"survey": s, "index": None, "id": ""}))  # rejected, with its reason, when read
-    return out
+            members = None  # rejected, with its reason, when read
+        if members is None:
+            yield f, rv, {"survey": s, "index": None, "id": ""}
+        else:
+            for j, ident, mrv in members:
+                yield f, rv if np.isfinite(rv) else mrv, {"survey": s, "index": j, "id": ident}
+
+
+def iter_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None):
+    """:func:`collect_inputs` as a stream of items, in the same order, never all of them at once.
+
+    Folders are walked one folder's entries at a time (:func:`surveys.registry.iter_files`),
+    catalogs given as inputs yield their rows; with ``catalog``, its RV lookup is built first.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+
+    def listed(rv_column=rv_column):  # inputs' own catalogs: the RV column as asked
+        for x in inputs:
+            p = Path(x)
+            if p.is_dir():
+                yield from ((f, np.nan, None) for f in registry.iter_files(p, survey))
+            elif p.exists() and _is_catalog(p):
+                yield from _catalog_items(p, rv_column)
+            else:  # a missing file is kept: it becomes a rejected row, not a crash
+                yield str(p), np.nan, None
+
+    if catalog is None:
+        yield from _expand(listed(), survey)
+        return
+    cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
+    rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
+    has_file = "FILE" in cat.columns
+    rv_of = _rv_lookup(cat, rv_column, catalog) if rv_column in cat.columns else None
+    del cat
+    n = 0
+    for f, v, k in _expand(listed(), survey):
+        n += 1
+        yield (f, v if np.isfinite(v) or rv_of is None else rv_of(f, k), k)
+    if not n and has_file:
+        yield from _expand(_catalog_items(catalog, rv_column), survey)
 
 
 def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> list[tuple]:
     """Spectrum files, folders (searched recursively) and catalogs -> [(file, rv_kms or NaN, ids)].
+
+    The whole list: for a few files (``diagnose``, tests); :func:`predict` streams
+    :func:`iter_inputs` instead.
 
     Parameters
     ----------
@@ -153,63 +188,49 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
         dict {"survey", "index" (position in the file: DESI target, table row), "id"}, one
         item per spectrum.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    items = []
-    for x in inputs:
-        p = Path(x)
-        if p.is_dir():
-            items += [(str(f), np.nan, None) for f in registry.find_files(p, survey)]
-        elif p.exists() and _is_catalog(p):
-            items += _catalog_items(p, rv_column)
-        else:  # a missing file is kept: it becomes a rejected row, not a crash
-            items.append((str(p), np.nan, None))
-    items = _expand(items, survey)
-    if catalog is not None:
-        from .surveys.lamost import parse_name as lamost_name
+    return list(iter_inputs(inputs, catalog, rv_column, survey))
 
-        cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
-        rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
-        if rv_column in cat.columns:
-            rv_by, pairs = {}, []  # the first row of a spectrum wins, as in prepare
-            if "FILE" in cat.columns:
-                pairs.append(zip((Path(str(f).strip()).name for f in cat["FILE"]), cat[rv_column]))
-            if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-                ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-                pairs.append((tuple(int(v) for v in k), r) for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all())
-            if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
-                pairs.append(((int(lm), str(pl).strip(), int(sp), int(fi)), r) for lm, pl, sp, fi, r
-                             in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column)))
-                             if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
-            for c in ("TARGETID", "OBSID", "ID"):
-                if c in cat.columns:
-                    pairs.append(((("id", id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
-            n_dup = 0
-            for kind in pairs:
-                first = {}
-                for key, r in kind:
-                    n_dup += key in first
-                    first.setdefault(key, r)
-                rv_by.update(first)
-            if n_dup:
-                print(f"warning: {_name(catalog)}: {n_dup} duplicate rows (a spectrum named twice); "
-                      "the first row's RV is used", file=sys.stderr)
 
-            def rv_of(f, k):
-                name = Path(f).name
-                keys = [name, parse_name(name), lamost_name(name)]
-                if isinstance(k, dict):
-                    keys.insert(0, ("id", k["id"]))
-                hit = next((x for x in keys if x is not None and x in rv_by), None)
-                if hit is None and isinstance(k, dict) and f:  # a file not named after its keys: from its header
-                    hit = next((x for x in registry.get(k["survey"]).file_keys(f) if x is not None and x in rv_by),
-                               None)
-                return float(rv_by[hit]) if hit is not None else np.nan
+def _rv_lookup(cat: pd.DataFrame, rv_column: str, catalog):
+    """rv_of(file, ids) -> the catalog's RV for an item (NaN: none), matched by FILE name, SDSS
+    (PLATE, MJD, FIBERID), LAMOST (LMJD, PLANID, SPID, FIBERID), or TARGETID / OBSID / ID."""
+    from .surveys.lamost import parse_name as lamost_name
 
-            items = [(f, v if np.isfinite(v) else rv_of(f, k), k) for f, v, k in items]
-        if not items and "FILE" in cat.columns:
-            items = _expand(_catalog_items(catalog, rv_column), survey)
-    return items
+    rv_by, pairs = {}, []  # the first row of a spectrum wins, as in prepare
+    if "FILE" in cat.columns:
+        pairs.append(zip((Path(str(f).strip()).name for f in cat["FILE"]), cat[rv_column]))
+    if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
+        ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+        pairs.append((tuple(int(v) for v in k), r) for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all())
+    if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
+        pairs.append(((int(lm), str(pl).strip(), int(sp), int(fi)), r) for lm, pl, sp, fi, r
+                     in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column)))
+                     if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
+    for c in ("TARGETID", "OBSID", "ID"):
+        if c in cat.columns:
+            pairs.append(((("id", id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
+    n_dup = 0
+    for kind in pairs:
+        first = {}
+        for key, r in kind:
+            n_dup += key in first
+            first.setdefault(key, r)
+        rv_by.update(first)
+    if n_dup:
+        print(f"warning: {_name(catalog)}: {n_dup} duplicate rows (a spectrum named twice); "
+              "the first row's RV is used", file=sys.stderr)
+
+    def rv_of(f, k):
+        name = Path(f).name
+        keys = [name, parse_name(name), lamost_name(name)]
+        if isinstance(k, dict):
+            keys.insert(0, ("id", k["id"]))
+        hit = next((x for x in keys if x is not None and x in rv_by), None)
+        if hit is None and isinstance(k, dict) and f:  # a file not named after its keys: from its header
+            hit = next((x for x in registry.get(k["survey"]).file_keys(f) if x is not None and x in rv_by), None)
+        return float(rv_by[hit]) if hit is not None else np.nan
+
+    return rv_of
 
 
 def _name(catalog) -> str:
@@ -441,19 +462,112 @@ def _rows(model, items, r, min_snr, batch_size) -> pd.DataFrame:
     return pd.DataFrame(cols)  # built once: inserting 22 columns one by one costs ~10 ms per chunk
 
 
-def _job_key(model, items, min_snr, prepare_config=None) -> str:
-    """What a finished part depends on: the weights, scaler, preprocessing, options and each input file."""
-    h = hashlib.sha256(json.dumps([model.weights_sha256, model.label_names, model.center.tolist(),
-                                   model.scale.tolist(), prepare_config or model.prepare_config, min_snr, "sigma", "lo95",
-                                   getattr(model, "uncertainty", None) is not None], default=str).encode())
-    for f, rv, ids in items:
-        try:
-            st = os.stat(f)
-            stamp = f"{st.st_size}|{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{f}|{rv}|{ids}|{stamp}\n".encode())
-    return h.hexdigest()[:24]
+# ---------------------------------------------------------------------- the spool of inputs
+SPOOL = "inputs.arrow"  # in .OUT.partial/: every input item, one Arrow record batch per part
+_SPOOL_SCHEMA = None
+
+
+def _spool_schema():
+    import pyarrow as pa
+
+    global _SPOOL_SCHEMA
+    if _SPOOL_SCHEMA is None:  # kind: 0 no ids, 1 (plate, mjd, fiberid), 2 a member of a file (survey, index, id)
+        _SPOOL_SCHEMA = pa.schema([("file", pa.string()), ("rv", pa.float64()), ("kind", pa.int8()),
+                                   ("plate", pa.int64()), ("mjd", pa.int64()), ("fiberid", pa.int64()),
+                                   ("survey", pa.string()), ("index", pa.int64()), ("id", pa.string())])
+    return _SPOOL_SCHEMA
+
+
+def _job_hash(model, min_snr, prepare_config=None):
+    """sha256 of what every finished part depends on besides the inputs: weights, scaler, preprocessing, options."""
+    return hashlib.sha256(json.dumps([model.weights_sha256, model.label_names, model.center.tolist(),
+                                      model.scale.tolist(), prepare_config or model.prepare_config, min_snr, "sigma",
+                                      "lo95", getattr(model, "uncertainty", None) is not None], default=str).encode())
+
+
+def _input_line(f, rv, ids) -> bytes:
+    """An input's line of the job key: its path, RV, identity, and its file's size and modification time."""
+    try:
+        st = os.stat(f)
+        stamp = f"{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    return f"{f}|{rv}|{ids}|{stamp}\n".encode()
+
+
+def _to_batch(items: list):
+    """(file, rv, ids) items -> an Arrow record batch of :func:`_spool_schema` (no Python object per row kept)."""
+    import pyarrow as pa
+
+    kind = [0 if k is None else 2 if isinstance(k, dict) else 1 for _, _, k in items]
+    tup = [k if c == 1 else (-1, -1, -1) for (_, _, k), c in zip(items, kind)]
+    mem = [k if c == 2 else {} for (_, _, k), c in zip(items, kind)]
+    cols = [[f for f, _, _ in items], [float(v) for _, v, _ in items], kind,
+            [t[0] for t in tup], [t[1] for t in tup], [t[2] for t in tup],
+            [m.get("survey") for m in mem], [-1 if m.get("index") is None else m["index"] for m in mem],
+            [m.get("id") for m in mem]]
+    return pa.record_batch(cols, schema=_spool_schema())
+
+
+def _from_batch(batch) -> list:
+    """The items of :func:`_to_batch`'s record batch, as they were."""
+    c = batch.to_pydict()
+    out = []
+    for i, (f, rv, kind) in enumerate(zip(c["file"], c["rv"], c["kind"])):
+        ids = (None if kind == 0 else (c["plate"][i], c["mjd"][i], c["fiberid"][i]) if kind == 1 else
+               {"survey": c["survey"][i], "index": None if c["index"][i] < 0 else c["index"][i], "id": c["id"][i]})
+        out.append((f, rv, ids))
+    return out
+
+
+def spool_inputs(items, path, rows_per_part: int, job) -> int:
+    """Write a stream of input items to an Arrow IPC file, ``rows_per_part`` rows per record batch.
+
+    Parameters
+    ----------
+    items : iterable of (file, rv, ids)
+        From :func:`iter_inputs`.
+    path : Path
+        The spool (``.OUT.partial/inputs.arrow``), overwritten.
+    rows_per_part : int
+        Rows per batch: batch k is part k of the output.
+    job : hashlib hash
+        Updated with each item's line (:func:`_input_line`): the job key, hashed as the inputs stream by.
+
+    Returns
+    -------
+    int
+        Number of items. Memory: one batch of items, whatever their number.
+    """
+    import pyarrow as pa
+
+    n, block = 0, []
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _spool_schema()) as w:
+            for item in items:
+                job.update(_input_line(*item))
+                block.append(item)
+                if len(block) == rows_per_part:
+                    w.write_batch(_to_batch(block))
+                    n, block = n + len(block), []
+            if block:
+                w.write_batch(_to_batch(block))
+                n += len(block)
+    except BaseException:  # a bad catalog, Ctrl-C: no half spool left behind
+        Path(path).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _spooled_chunks(path, parts, chunk_size: int):
+    """(part, chunk of items) for each part in ``parts``, read back from the spool one part at a time."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src, pa.ipc.open_file(src) as r:
+        for k in parts:
+            items = _from_batch(r.get_batch(k))
+            for i in range(0, len(items), chunk_size):
+                yield k, items[i:i + chunk_size]
 
 
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
@@ -528,58 +642,88 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait,
                                                                   remove=True) as partial:
         model = model if isinstance(model, Model) else load_model(model, device=device)
-        items = collect_inputs(inputs, catalog, survey=survey)
-        if not items:
-            names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-            raise NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
         prep = dict(model.prepare_config or {})
         if min_coverage is not None:
             if not 0 <= min_coverage <= 1:
                 raise ValueError(f"--min-coverage must be between 0 and 1, got {min_coverage}")
             prep["min_coverage"] = float(min_coverage)
-        return _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-                        prep, client, reader)
+        t0 = time.perf_counter()
+        job = _job_hash(model, min_snr, prep)  # hashed as the inputs stream into the spool
+        n = spool_inputs(iter_inputs(inputs, catalog, survey=survey), partial / SPOOL, chunk_size * part_chunks, job)
+        if not n:
+            (partial / SPOOL).unlink()
+            names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+            raise NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
+        summary = _predict(model, n, job.hexdigest()[:24], out, partial, batch_size, workers, min_snr, chunk_size,
+                           part_chunks, progress, prep, client, reader)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        summary["spectra_per_s"] = round((n - summary["resumed_from"]) / max(summary["seconds"], 1e-9), 1)
+        if progress:
+            print(format_summary(summary), file=sys.stderr)
+        return summary
 
 
-def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
+def _predict(model, n, key, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
              prepare_config=None, client=None, reader="fast") -> dict:
+    """Predict the ``n`` spooled inputs (``partial/SPOOL``) part by part, then assemble ``out``; the summary."""
+    rows = chunk_size * part_chunks
+    n_parts = -(-n // rows)
+    if _read_key(partial) != key:  # another job's parts: remove them (the lock file and the new spool stay)
+        for f in partial.iterdir():
+            if f.name not in (LOCK_NAME, SPOOL):
+                f.unlink()
+    write_text(partial / "job.json", json.dumps({"key": key, "n_files": n}))
+    part_file = [partial / f"part-{k:05d}.parquet" for k in range(n_parts)]
+    todo = [k for k in range(n_parts) if not part_file[k].exists()]
+    n_done = n - sum(min(rows, n - k * rows) for k in todo)
+    if n_done and progress:
+        print(f"resuming: {n_done} of {n} spectra already predicted in {partial}", file=sys.stderr)
+    _run_parts(model, n, todo, n_done, part_file, partial, batch_size, workers, min_snr, chunk_size, rows, progress,
+               (prepare_config or model.prepare_config, model.n_in, reader), client)
+    counts, reasons = _assemble(out, part_file, n)
+    for f in part_file:
+        f.unlink()
+    (partial / "job.json").unlink()
+    (partial / SPOOL).unlink()
+    return {"out": str(out), "n_files": n, "n_predicted": n - counts["rejected"],
+            "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
+            "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"],
+            "n_unlike_training": counts["unlike_training"], "n_outside_label_hull": counts["label_hull"],
+            "calibrated": model.uncertainty is not None, "resumed_from": n_done}
+
+
+def _run_parts(model, n, todo, n_done, part_file, partial, batch_size, workers, min_snr, chunk_size, rows,
+               progress, args, client) -> None:
+    """Read the spooled inputs of parts ``todo`` (a chunk at a time, in order), predict them, write each part."""
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
-    parts = [chunks[i:i + part_chunks] for i in range(0, len(chunks), part_chunks)]
-    key = _job_key(model, items, min_snr, prepare_config)
-    if _read_key(partial) != key:  # another job's parts: remove them (the lock file stays)
-        for f in partial.iterdir():
-            if f.name != LOCK_NAME:
-                f.unlink()
-    write_text(partial / "job.json", json.dumps({"key": key, "n_files": len(items)}))
-    part_file = [partial / f"part-{k:05d}.parquet" for k in range(len(parts))]
-    todo = [k for k in range(len(parts)) if not part_file[k].exists()]
-    n_done = sum(len(c) for k in range(len(parts)) if k not in todo for c in parts[k])
-    if n_done and progress:
-        print(f"resuming: {n_done} of {len(items)} spectra already predicted in {partial}", file=sys.stderr)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    args = (prepare_config or model.prepare_config, model.n_in, reader)
-    buffers = {k: [] for k in todo}
+    n_chunks = {k: -(-min(rows, n - k * rows) // chunk_size) for k in todo}
+    buffers = {}
     kept = [n_done]
-    bar = tqdm(total=len(items) - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=n - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
 
     def consume(k, chunk, r):
-        buffers[k].append(_rows(model, chunk, r, min_snr, batch_size))
-        if len(buffers[k]) == len(parts[k]):  # part complete: publish it
+        buffers.setdefault(k, []).append(_rows(model, chunk, r, min_snr, batch_size))
+        if len(buffers[k]) == n_chunks[k]:  # part complete: publish it
             df = pd.concat(buffers.pop(k), ignore_index=True)
             atomic_write(part_file[k], lambda tmp: df.to_parquet(tmp, index=False))
             kept[0] += len(df)
         bar.update(len(chunk))
 
-    jobs = [(k, chunk) for k in todo for chunk in parts[k]]
+    jobs = _spooled_chunks(partial / SPOOL, todo, chunk_size)
     try:
         if client is not None:  # read on the cluster (absolute paths: workers may run elsewhere), in input order
-            calls = (([(engine.absolute(f), rv, ids) for f, rv, ids in chunk], *args) for _, chunk in jobs)
-            for (k, chunk), r in zip(jobs, engine.map_ordered(client, _read_chunk, calls)):
-                consume(k, chunk, r)
-        elif workers <= 1 or len(jobs) <= 1:
+            order = deque()
+
+            def calls():
+                for k, chunk in jobs:
+                    order.append((k, chunk))
+                    yield [(engine.absolute(f), rv, ids) for f, rv, ids in chunk], *args
+
+            for r in engine.map_ordered(client, _read_chunk, calls()):
+                consume(*order.popleft(), r)
+        elif workers <= 1 or sum(n_chunks.values()) <= 1:
             for k, chunk in jobs:
                 consume(k, chunk, _read_chunk(chunk, *args))
         else:
@@ -595,14 +739,16 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
                     consume(k0, c0, fut.result())
     except KeyboardInterrupt:
         if kept[0]:
-            raise KeyboardInterrupt(f"interrupted; {kept[0]} of {len(items)} spectra are kept in {partial}: "
+            raise KeyboardInterrupt(f"interrupted; {kept[0]} of {n} spectra are kept in {partial}: "
                                     "re-run the same command to resume") from None
-        raise KeyboardInterrupt(f"interrupted before the first {sum(len(c) for c in parts[0])} spectra were "
+        raise KeyboardInterrupt(f"interrupted before the first {min(rows, n)} spectra were "
                                 "finished; nothing was kept") from None
     finally:
         bar.close()
 
-    # assemble the parts, in input order, into the requested format
+
+def _assemble(out, part_file, n) -> tuple[dict, dict]:
+    """Write the parts, in input order, as ``out`` (streamed for CSV and Parquet); (counts by flag, rejects by reason)."""
     counts = {"rejected": 0, "out_of_range": 0, "low_snr": 0, "unlike_training": 0, "label_hull": 0}
     reasons = {}
 
@@ -620,25 +766,13 @@ def _predict(model, items, out, partial, batch_size, workers, min_snr, chunk_siz
         return get
 
     n_rejected = sum(int(pd.read_parquet(f, columns=["flag_rejected"])["flag_rejected"].sum()) for f in part_file)
-    if n_rejected == len(items):  # nothing usable: nothing is published (the parts stay for a re-run)
+    if n_rejected == n:  # nothing usable: nothing is published (the parts stay for a re-run)
         why = pd.concat([pd.read_parquet(f, columns=["reject_reason"]) for f in part_file])["reject_reason"]
-        raise NoUsableInput(f"every one of the {len(items)} inputs was rejected ("
-                                 + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
-                                 + f"); nothing was written to {out}")
-    write_frames(out, [read_part(f) for f in part_file], n_rows=len(items))
-    for f in part_file:
-        f.unlink()
-    (partial / "job.json").unlink()
-    seconds = time.perf_counter() - t0
-    summary = {"out": str(out), "n_files": len(items), "n_predicted": len(items) - counts["rejected"],
-               "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
-               "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"],
-               "n_unlike_training": counts["unlike_training"], "n_outside_label_hull": counts["label_hull"],
-               "calibrated": model.uncertainty is not None, "resumed_from": n_done,
-               "seconds": round(seconds, 2), "spectra_per_s": round((len(items) - n_done) / max(seconds, 1e-9), 1)}
-    if progress:
-        print(format_summary(summary), file=sys.stderr)
-    return summary
+        raise NoUsableInput(f"every one of the {n} inputs was rejected ("
+                            + ", ".join(f"{k} {v}" for k, v in why.value_counts().items())
+                            + f"); nothing was written to {out}")
+    write_frames(out, [read_part(f) for f in part_file], n_rows=n)
+    return counts, reasons
 
 
 def _read_key(partial: Path):

@@ -6,6 +6,7 @@ in ``priority`` order, highest first: by file name, else by FITS content.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import desi, lamost, sdss, tables
@@ -95,6 +96,16 @@ def read_record(path, index, survey: str, cache: dict, reader: str = "fast") -> 
     return get(survey).read_one(path, index, cache, reader)
 
 
+def _wanted(survey: str | None):
+    """The file-name test of a folder scan for ``survey`` (None: any listed survey)."""
+    listed = [s for s in _by_priority() if s.listed]
+    if survey is None:
+        return lambda n: any(s.matches_name(n) for s in listed)
+    fmt = get(survey)
+    higher = [s for s in listed if s.priority > fmt.priority] if fmt.listed else []
+    return lambda n: fmt.lists(n) and not any(s.matches_name(n) for s in higher)
+
+
 def find_files(folder, survey: str | None = None) -> list[Path]:
     """Spectrum files under ``folder`` (recursively, sorted) of one survey, or of any listed one when None.
 
@@ -107,18 +118,44 @@ def find_files(folder, survey: str | None = None) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
     check_readable(folder)
-    listed = [s for s in _by_priority() if s.listed]
-    if survey is None:
-        def wanted(n):
-            return any(s.matches_name(n) for s in listed)
-    else:
-        fmt = get(survey)
-        higher = [s for s in listed if s.priority > fmt.priority] if fmt.listed else []
-
-        def wanted(n):
-            return fmt.lists(n) and not any(s.matches_name(n) for s in higher)
-
+    wanted = _wanted(survey)
     return sorted(p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
+
+
+def iter_files(folder, survey: str | None = None):
+    """:func:`find_files` as a stream of path strings, in the same order, holding one folder's names at a time.
+
+    A depth-first walk with each folder's entries sorted by name is the order of sorting the
+    whole list (paths compare part by part); like ``rglob``, links to folders are not
+    followed and unreadable subfolders are skipped. Memory: the largest folder's entries,
+    not the number of files (a survey of 20 million files in plate folders stays flat).
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        yield str(folder)
+        return
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: spectra folder not found")
+    check_readable(folder)
+    wanted = _wanted(survey)
+
+    def walk(top: str):
+        try:
+            with os.scandir(top or ".") as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            return
+        for e in entries:
+            path = os.path.join(top, e.name)
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    yield from walk(path)
+                elif wanted(e.name) and e.is_file():
+                    yield path
+            except OSError:
+                continue
+
+    yield from walk("" if str(folder) == "." else str(folder))
 
 
 def prepare_files(spectra, survey: str) -> list[Path]:
