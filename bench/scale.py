@@ -1,30 +1,38 @@
-"""Scale test of the per-file stages: prepare and predict on the process pool and on Dask.
+"""Scale test of the per-file stages: simulate, prepare and predict on the process pool and on Dask.
 
-Simulates the largest N of ``--n`` once with ``stellarparams simulate --dask local:2``
-(``WORK/survey``; a re-run reuses it, and its time and memory are printed), links the
-first N spectra of it into ``WORK/nN/`` for each smaller N, and for each N runs, each as its
-own ``stellarparams`` command (so start-up counts and memory is measured per run):
+Simulates the survey once, growing it through the sizes of ``--n`` in increasing order
+(``stellarparams simulate --dask local:2`` into ``WORK/survey``; simulate resumes, so each
+size only writes the spectra the smaller one lacks, and the largest is simulated once; each
+run's time and memory are printed), links the first N spectra of it into ``WORK/nN/`` (hard
+links, else symbolic ones) with the first N catalog rows as ``WORK/nN/sppParams.parquet``,
+and for each N runs, each as its own ``stellarparams`` command (so start-up counts and
+memory is measured per run):
 
 - ``prepare`` with the default pool (all CPUs), ``--dask local:1`` and ``--dask local:2``
-  (``--engines`` picks some; the projection needs local:1);
+  (``--engines`` picks some, e.g. ``--engines pool``; the projection needs local:1);
 - ``predict`` of all N spectra (FITS files) with the same engines, with the model of
   ``--model`` or, without it, one trained for one epoch on the smallest N (speed only);
   it writes sigma and the flags (the model is calibrated).
 
-Both read the SDSS files with ``--reader`` (default fast).
+Both read the SDSS files with ``--reader`` (default fast). ``--distinct M`` simulates only M
+spectra and makes each N of them by linking file j under the name of spectrum j (its
+catalog row: PLATE, MJD, FIBERID of spectrum j, the rest of spectrum j mod M): many files
+cheaply, for memory and bookkeeping (the reading is the same work per file).
 
-It prints spectra/s and the peak resident memory (psutil samples every 0.1 s) of the main
-process, of the largest worker process and of all of them together, checks that every engine
-gives the same dataset and the same predictions, then projects the wall time for 20 million
-spectra on W workers from the CPU seconds of the local:1 run of the largest N: the workers'
-(spectra per CPU second: the per-worker rate) and the main process's (the part that does
-not spread over workers: matching, splitting and writing the dataset; the network in
-predict). CPU seconds, not wall time, because this machine may be shared. With two sizes it
-also prints the main process's peak-memory growth per spectrum between them, and that slope
-times 20 million. Results go to ``WORK/scale.json``.
+It prints spectra/s and the peak resident memory of the main process (the kernel's
+high-water mark, VmHWM, read every 0.1 s), of the largest worker process and of all of
+them together (psutil, every 0.1 s), checks that every engine gives the same dataset and
+the same predictions, then projects the wall time for 20 million spectra on W workers from
+the CPU seconds of the local:1 run of the largest N: the workers' (spectra per CPU second:
+the per-worker rate) and the main process's (the part that does not spread over workers:
+matching, splitting and writing the dataset; the network in predict). CPU seconds, not wall
+time, because this machine may be shared. With two sizes or more it prints, per stage and
+engine, the main process's peak-memory growth per spectrum between consecutive sizes (the
+goal: <= 100 bytes), and that slope times 20 million. Results go to ``WORK/scale.json``.
 
-    .venv/bin/python bench/scale.py --work runs/scale --n 100000 200000  # the issue's sizes
+    .venv/bin/python bench/scale.py --work runs/scale --n 100000 200000 --engines pool  # the goal's sizes
     .venv/bin/python bench/scale.py --work runs/scale --n 10000 20000 --engines pool local:1
+    .venv/bin/python bench/scale.py --work runs/dev --n 5000 15000 --engines pool --distinct 300  # minutes
 """
 import argparse
 import os
@@ -66,7 +74,7 @@ def measured(cmd, log: Path) -> dict:
             while not done.is_set():
                 workers, main = [], 0
                 try:
-                    main = me.memory_info().rss
+                    main = max(me.memory_info().rss, _high_water(proc.pid))
                     t = me.cpu_times()
                     cpu["main"] = t.user + t.system
                     for c in me.children(recursive=True):
@@ -94,35 +102,72 @@ def measured(cmd, log: Path) -> dict:
             "main_cpu_s": round(main_cpu, 1), "worker_cpu_s": round(sum(cpu.values()), 1)}
 
 
+def _high_water(pid: int) -> int:
+    """The kernel's peak resident memory of process ``pid`` so far (bytes; VmHWM), 0 where there is none."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def cli(*args) -> list:
     return [sys.executable, "-m", "stellarparams.cli", *map(str, args)]
 
 
-def survey(work: Path, n_max: int, seed: int) -> pd.DataFrame:
-    """The catalog of ``n_max`` simulated spectra in ``work/survey`` (simulated once, resumable)."""
+def survey(work: Path, sizes: list, seed: int, distinct: int | None) -> tuple[pd.DataFrame, list]:
+    """The catalog of the largest size's spectra in ``work/survey``, simulated through ``sizes`` in increasing
+    order (simulate resumes: each run writes only the new spectra), and the measured simulate runs."""
     from stellarparams.surveys.sdss import read_catalog
 
-    r = measured(cli("simulate", "--out", work / "survey", "--n", n_max, "--seed", seed, "--dask", "local:2",
-                     "--no-progress"), work / "logs" / "simulate.log")
-    print(f"survey: {n_max} spectra in {work / 'survey'} (simulate --dask local:2: {r['seconds']:.0f} s, "
-          f"{n_max / r['seconds']:.0f}/s; peak MB main {r['main_mb']}, largest worker {r['worker_mb']})", flush=True)
-    return read_catalog(work / "survey" / "sppParams.fits")
+    rows = []
+    for n in ([distinct] if distinct else sizes):
+        r = measured(cli("simulate", "--out", work / "survey", "--n", n, "--seed", seed, "--dask", "local:2",
+                         "--no-progress"), work / "logs" / f"simulate-n{n}.log")
+        rows.append({"n": n, "stage": "simulate", "engine": "local:2", **r, "spectra_per_s": round(n / r["seconds"], 1)})
+        print(f"survey: {n} spectra in {work / 'survey'} (simulate --dask local:2: {r['seconds']:.0f} s; peak MB "
+              f"main {r['main_mb']}, largest worker {r['worker_mb']}; only the spectra a smaller size lacked "
+              "were written)", flush=True)
+    cat = read_catalog(work / "survey" / "sppParams.fits")
+    if distinct:
+        cat = cloned(cat, sizes[-1])
+    return cat, rows
+
+
+def cloned(cat: pd.DataFrame, n: int) -> pd.DataFrame:
+    """``n`` catalog rows from the ``m`` of ``cat``: row j is row j mod m renamed as simulated spectrum j
+    (its PLATE, MJD, FIBERID), with SOURCE_ROW = j mod m (whose file it links to)."""
+    from stellarparams.simulate import FIBERS_PER_PLATE, MJD0, PLATE0
+
+    j = np.arange(n)
+    out = cat.iloc[j % len(cat)].reset_index(drop=True)
+    plate = PLATE0 + j // FIBERS_PER_PLATE
+    return out.assign(PLATE=plate, MJD=MJD0 + plate - PLATE0, FIBERID=j % FIBERS_PER_PLATE + 1, SOURCE_ROW=j % len(cat))
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: a symbolic link
+        os.symlink(src.resolve(), dst)
 
 
 def subset(work: Path, cat: pd.DataFrame, n: int) -> tuple:
-    """The first ``n`` spectra of the survey as their own folder (hard links) and catalog."""
+    """The first ``n`` spectra of the survey as their own folder (links) and catalog (Parquet)."""
     from stellarparams.surveys.sdss import simulated_path as spectrum_path
 
     folder = work / f"n{n}"
     sub = cat.iloc[:n]
-    for p, m, f in zip(sub.PLATE, sub.MJD, sub.FIBERID):
-        src, dst = spectrum_path(work / "survey", p, m, f), spectrum_path(folder, p, m, f)
+    keys = cat[["PLATE", "MJD", "FIBERID"]].to_numpy()
+    src = keys[sub.SOURCE_ROW.to_numpy()] if "SOURCE_ROW" in sub else keys  # --distinct: the source row's file
+    for (p, m, f), (sp, sm, sf) in zip(sub[["PLATE", "MJD", "FIBERID"]].to_numpy(), src):
+        dst = spectrum_path(folder, p, m, f)
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            os.link(src, dst)
+            _link(spectrum_path(work / "survey", sp, sm, sf), dst)
     catalog = folder / "sppParams.parquet"
     if not catalog.exists():
-        atomic_write(catalog, lambda tmp: sub.to_parquet(tmp, index=False))
+        atomic_write(catalog, lambda tmp: sub.drop(columns="SOURCE_ROW", errors="ignore").to_parquet(tmp, index=False))
     return catalog, folder / "spectra"
 
 
@@ -187,17 +232,30 @@ def project(rows: list, sizes: list) -> dict:
     return out
 
 
-def memory_growth(rows: list, sizes: list) -> dict:
-    """(stage, engine) -> the main process's peak RSS growth per spectrum between the smallest and largest N."""
-    if len(sizes) < 2:
-        return {}
+def memory_growth(rows: list) -> dict:
+    """(stage, engine, n0, n1) -> the main process's peak RSS growth per spectrum between consecutive sizes."""
     out = {}
     for r in rows:
-        if r["n"] == sizes[-1]:
-            lo = next(x for x in rows if x["n"] == sizes[0] and x["stage"] == r["stage"] and x["engine"] == r["engine"])
-            b = (r["main_mb"] - lo["main_mb"]) * 2**20 / (sizes[-1] - sizes[0])
-            out[(r["stage"], r["engine"])] = {"bytes_per_spectrum": round(b), "gb_20M": round(b * TARGET / 1e9, 2)}
+        lower = [x for x in rows if x["stage"] == r["stage"] and x["engine"] == r["engine"] and x["n"] < r["n"]]
+        if lower:
+            lo = max(lower, key=lambda x: x["n"])
+            b = (r["main_mb"] - lo["main_mb"]) * 2**20 / (r["n"] - lo["n"])
+            out[(r["stage"], r["engine"], lo["n"], r["n"])] = {"bytes_per_spectrum": round(b),
+                                                              "gb_20M": round(b * TARGET / 1e9, 2)}
     return out
+
+
+def show(r: dict) -> dict:
+    """Print one run's line of the table; returns it."""
+    print(f"{r['n']:>8} {r['stage']:8} {r['engine']:8} {r['seconds']:>8.1f} {r['spectra_per_s']:>8.0f} {r['main_mb']:>8} "
+          f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
+    return r
+
+
+def run(stage: str, n: int, engine: str, cmd: list, work: Path) -> dict:
+    """One measured ``stellarparams`` command of ``stage`` on ``n`` spectra, printed."""
+    r = measured(cmd, work / "logs" / f"{stage}-n{n}-{engine.replace(':', '')}.log")
+    return show({"n": n, "stage": stage, "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
 
 
 def main():
@@ -207,59 +265,68 @@ def main():
     ap.add_argument("--model", help="model folder for predict (default: one trained for one epoch here)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="engines to run")
+    ap.add_argument("--stages", nargs="+", default=["prepare", "predict"], choices=("prepare", "predict"),
+                    help="stages to run at each size (predict alone needs --model)")
+    ap.add_argument("--distinct", type=int, help="simulate only this many spectra and link them under the names "
+                    "of the larger sizes (memory and bookkeeping at any N, cheaply)")
     ap.add_argument("--reader", default="fast", choices=("fast", "fitsio"), help="SDSS reader of prepare and predict")
     args = ap.parse_args()
     engines = args.engines
+    if "prepare" not in args.stages and not args.model:
+        ap.error("--stages without prepare needs --model")
     work = Path(args.work).resolve()
     sizes = sorted(set(args.n))
-    cat = survey(work, sizes[-1], args.seed)
-    rows, model = [], Path(args.model).resolve() if args.model else None
-    cpus = os.cpu_count()
-    print(f"{cpus} CPUs; load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     print(f"{'N':>8} {'stage':8} {'engine':8} {'seconds':>8} {'spec/s':>8} {'main MB':>8} {'worker MB':>9} "
           f"{'total MB':>8} {'main cpu':>8} {'wrk cpu':>8}", flush=True)
+    cat, rows = survey(work, sizes, args.seed, args.distinct)
+    rows = [show(r) for r in rows]
+    model = Path(args.model).resolve() if args.model else None
+    cpus = os.cpu_count()
+    print(f"{cpus} CPUs; load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     checks = {}
     for n in sizes:
         catalog, spectra = subset(work, cat, n)
-        for engine in engines:
-            out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            r = measured(cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out", out, "--no-progress",
-                             "--reader", args.reader, *engine_args(engine)),
-                         work / "logs" / f"prepare-n{n}-{engine.replace(':', '')}.log")
-            rows.append({"n": n, "stage": "prepare", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
-            print(f"{n:>8} {'prepare':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
-                  f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
-        datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in engines]
-        checks[f"prepare n={n} identical"] = same_datasets(datasets)
-        if model is None:
-            model = quick_model(work, datasets[0])
-        for engine in engines:
-            out = work / f"n{n}" / f"pred-{engine.replace(':', '')}.parquet"
-            out.unlink(missing_ok=True)
-            r = measured(cli("predict", model, spectra, "--out", out, "--quiet", "--reader", args.reader,
-                             *engine_args(engine)),
-                         work / "logs" / f"predict-n{n}-{engine.replace(':', '')}.log")
-            rows.append({"n": n, "stage": "predict", "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
-            print(f"{n:>8} {'predict':8} {engine:8} {r['seconds']:>8.1f} {n / r['seconds']:>8.0f} {r['main_mb']:>8} "
-                  f"{r['worker_mb']:>9} {r['total_mb']:>8} {r['main_cpu_s']:>8} {r['worker_cpu_s']:>8}", flush=True)
-        checks[f"predict n={n} identical"] = same_predictions(
-            [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in engines])
+        if "prepare" in args.stages:
+            for engine in engines:
+                out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                rows.append(run("prepare", n, engine, cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out",
+                                                          out, "--no-progress", "--reader", args.reader,
+                                                          *engine_args(engine)), work))
+            datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in engines]
+            checks[f"prepare n={n} identical"] = same_datasets(datasets)
+            model = model or quick_model(work, datasets[0])
+        if "predict" in args.stages:
+            for engine in engines:
+                out = work / f"n{n}" / f"pred-{engine.replace(':', '')}.parquet"
+                out.unlink(missing_ok=True)
+                rows.append(run("predict", n, engine, cli("predict", model, spectra, "--out", out, "--quiet", "--reader",
+                                                          args.reader, *engine_args(engine)), work))
+            checks[f"predict n={n} identical"] = same_predictions(
+                [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in engines])
+    report(work, rows, sizes, engines, checks, cpus)
+
+
+def report(work: Path, rows: list, sizes: list, engines: list, checks: dict, cpus: int) -> None:
+    """Print the checks, the memory slopes and the 20-million projection; write ``work/scale.json``."""
     for k, v in checks.items():
         print(f"{k}: {'yes' if v else 'NO'}")
-    growth = memory_growth(rows, sizes)
-    for (stage, engine), g in growth.items():
-        print(f"main-process peak RSS growth, {stage} {engine}, N {sizes[0]} -> {sizes[-1]}: "
+    growth = memory_growth(rows)
+    for (stage, engine, n0, n1), g in growth.items():
+        print(f"main-process peak RSS growth, {stage} {engine}, N {n0} -> {n1}: "
               f"{g['bytes_per_spectrum']:,.0f} bytes/spectrum (x 20M: {g['gb_20M']:.1f} GB; goal <= 100 bytes)")
-    proj = project(rows, sizes) if "local:1" in engines else {}
-    print(f"\nprojection for {TARGET:,} spectra from the local:1 runs of N = {', '.join(map(str, sizes))}: "
-          "hours = 20M x (main CPU per spectrum + 1 / (W x worker rate))")
-    print(f"{'stage':8} {'spec/s/worker':>13} {'main ms/spec':>12} " + " ".join(f"{'W=' + str(w):>8}" for w in PROJECT_WORKERS))
+    proj = project(rows, sizes) if "local:1" in engines and {"prepare", "predict"} <= {r["stage"] for r in rows} else {}
+    if proj:
+        print(f"\nprojection for {TARGET:,} spectra from the local:1 runs of N = {', '.join(map(str, sizes))}: "
+              "hours = 20M x (main CPU per spectrum + 1 / (W x worker rate))")
+        print(f"{'stage':8} {'spec/s/worker':>13} {'main ms/spec':>12} "
+              + " ".join(f"{'W=' + str(w):>8}" for w in PROJECT_WORKERS))
     for stage, p in proj.items():
         print(f"{stage:8} {p['worker_rate']:>13.0f} {p['main_ms_per_spectrum']:>12.3f} "
               + " ".join(f"{p['hours_20M'][w]:>7.2f}h" for w in PROJECT_WORKERS))
     write_text(work / "scale.json", dumps({"sizes": sizes, "runs": rows, "checks": checks, "projection": proj,
-                                           "memory_growth": {f"{s} {e}": g for (s, e), g in growth.items()},
+                                           "memory_growth": {f"{s} {e} {a}->{b}": g
+                                                             for (s, e, a, b), g in growth.items()},
                                            "cpus": cpus, "load_average_end": os.getloadavg()}))
     print(f"results: {work / 'scale.json'}")
 
