@@ -81,7 +81,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -623,9 +623,14 @@ def draw_plan(seed: int, index: int, n_star: int, cfg: SimConfig) -> dict:
         offset=int(rng.integers(-cfg.offset_max, cfg.offset_max + 1)),
         noise=rng.normal(0.0, 1.0, 4).tolist(),  # catalog errors of teff, feh, logg, rv in sigma units
     )
-    plate = PLATE0 + index // FIBERS_PER_PLATE
-    plan.update(index=index, plate=plate, mjd=MJD0 + plate - PLATE0, fiberid=index % FIBERS_PER_PLATE + 1)
+    plan.update(place(index))
     return plan
+
+
+def place(index: int) -> dict:
+    """Where realization ``index`` is (no random draw): its index, plate, mjd and fiberid, which name its file."""
+    plate = PLATE0 + index // FIBERS_PER_PLATE
+    return dict(index=index, plate=plate, mjd=MJD0 + plate - PLATE0, fiberid=index % FIBERS_PER_PLATE + 1)
 
 
 class Simulator:
@@ -785,11 +790,20 @@ def _init_worker(cfg_dict, shifts: Shifts = Shifts(), seed: int = 0, survey: str
         _SIM.key = key
 
 
-def _run_chunk(out, seed, plans, survey: str = "sdss"):
-    """Write the spectra of ``plans``, one file per group of plans (a DESI coadd: all or nothing);
-    returns [(index, None or error message)]."""
+def _run_chunk(out, seed, indices, survey: str = "sdss", write: bool = True):
+    """Draw the plans of realizations ``indices`` and write their spectra, one file per group of plans (a DESI
+    coadd: all or nothing); ``write=False``: only their catalog rows (files already there).
+
+    Returns
+    -------
+    (list, dict, bool)
+        [(index, None or error message)]; the survey's catalog rows of the spectra written
+        (or already there) as columns {name: ndarray} plus ``_index`` and ``_star`` (STAR_ID):
+        the main process keeps arrays, never a dict per spectrum; ``write``.
+    """
     sim = simulated(survey)
-    results = []
+    plans = [draw_plan(seed, int(i), len(_SIM.labels), _SIM.cfg) for i in indices]
+    results, rows = [], []
     groups = {}
     for plan in plans:
         groups.setdefault(sim.spectrum_path(out, plan), []).append(plan)
@@ -799,25 +813,35 @@ def _run_chunk(out, seed, plans, survey: str = "sdss"):
         items, failed = [], {}
         for plan in group:
             try:
-                spec = _SIM.realize(plan, seed)
+                spec = _SIM.realize(plan, seed) if write else None
                 items.append((plan["index"], plan, spec, catalog_row(plan, _SIM.labels, _SIM.cfg)))
             except Exception as e:  # recorded, the rest of the batch goes on
                 failed[plan["index"]] = f"{type(e).__name__}: {e}"
         try:
             if failed:
                 raise RuntimeError(f"{len(failed)} of its spectra failed")
-            sim.write_files(out, items, {**header, **_SIM.header(group[0], seed)})
+            if write:
+                sim.write_files(out, items, {**header, **_SIM.header(group[0], seed)})
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             failed = {p["index"]: failed.get(p["index"], f"not written ({why})") for p in group}
         results += [(p["index"], failed.get(p["index"])) for p in group]
-    return results
+        rows += [(i, row["STAR_ID"], sim.catalog_row(i, row)) for i, _, _, row in items if i not in failed]
+    return results, _columns(rows), write
 
 
-def _run_chunk_on_worker(init_args, out, seed, plans, survey: str = "sdss"):
+def _columns(rows: list) -> dict:
+    """[(index, star, row dict)] -> {"_index", "_star", each row key: ndarray} (numpy's type of each column)."""
+    cols = {"_index": np.array([i for i, _, _ in rows], np.int64), "_star": np.array([s for _, s, _ in rows], np.int64)}
+    for name in (rows[0][2] if rows else ()):
+        cols[name] = np.array([r[name] for _, _, r in rows])
+    return cols
+
+
+def _run_chunk_on_worker(init_args, out, seed, indices, survey: str = "sdss", write: bool = True):
     """:func:`_run_chunk` on a Dask worker: sets up the worker's simulator first (kept between chunks)."""
     _init_worker(*init_args)
-    return _run_chunk(out, seed, plans, survey)
+    return _run_chunk(out, seed, indices, survey, write)
 
 
 def simulated(survey: str):
@@ -900,8 +924,6 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
 
 def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, survey, client) -> Path:
     """:func:`simulate` with checked settings, on ``client``'s cluster when given."""
-    from tqdm.auto import tqdm
-
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
         settings["shifts"] = shifts.to_dict()
@@ -921,73 +943,106 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
             tmp.unlink()
 
         t0 = time.time()
-        labels = miles_labels(cfg.teff_range)
-        plans = [draw_plan(seed, i, len(labels), cfg) for i in range(n)]
-        todo = _todo(out, plans, sim)
+        todo = _todo(out, n, sim)  # indices (int64): the spectra whose file is not finished
         check_disk(out, len(todo) * sim.file_bytes, f"{len(todo):,} simulated spectra")
         if client is not None:
             workers = max(1, engine.threads(client))
-        workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
         size = max(1, min(200, -(-len(todo) // (4 * workers))))
-        if sim.chunk_by_file:  # one chunk per file (a DESI coadd): a file is written whole by one worker
-            chunks = _by_file(out, todo, sim)
-        else:
-            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-        failed = {}
-        bar = tqdm(total=len(todo), desc="simulate", unit="spec", disable=not progress)
-        init_args = (cfg.to_dict(), shifts, int(seed), survey)
-        if client is not None:  # on the cluster; the workers write into out (absolute: they may run elsewhere)
-            calls = ((init_args, Path(engine.absolute(out)), seed, chunk, survey) for chunk in chunks)
-            for res in engine.map_unordered(client, _run_chunk_on_worker, calls):
-                failed.update({i: e for i, e in res if e})
-                bar.update(len(res))
-        elif workers == 1:
-            _init_worker(*init_args)
-            for chunk in chunks:
-                failed.update({i: e for i, e in _run_chunk(out, seed, chunk, survey) if e})
-                bar.update(len(chunk))
-        else:
-            with worker_pool(workers, _init_worker, init_args) as pool:  # Ctrl-C kills the workers; a re-run resumes
-                futures = [pool.submit(_run_chunk, out, seed, chunk, survey) for chunk in chunks]
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    failed.update({i: e for i, e in res if e})
-                    bar.update(len(res))
-        bar.close()
-
-        rows = [catalog_row(p, labels, cfg) for p in plans if p["index"] not in failed]
+        chunks = _chunks(out, n, todo, size, sim)
+        failed, rows = _run_all(out, seed, survey, chunks, len(todo), workers, client,
+                                (cfg.to_dict(), shifts, int(seed), survey), progress)
         meta = {"SEED": int(seed), "VERSION": __version__, "ORIGIN": "stellarparams simulate (MILES)"}
-        kept = [p["index"] for p in plans if p["index"] not in failed]
-        cat = sim.write_catalog(out, [sim.catalog_row(i, r) for i, r in zip(kept, rows)], meta,
-                                list(catalog_row(plans[0], labels, cfg)))
+        order = np.argsort(rows.pop("_index"), kind="stable")
+        n_rows, n_stars = len(order), len(np.unique(rows.pop("_star")))
+        if not rows:  # no spectrum at all: the columns of a row, empty
+            labels = miles_labels(cfg.teff_range)
+            rows = {c: np.zeros(0) for c in sim.catalog_row(0, catalog_row(draw_plan(seed, 0, len(labels), cfg), labels,
+                                                                           cfg))}
+        cat = sim.write_catalog(out, {c: rows.pop(c)[order] for c in list(rows)}, meta)
         problems = out / "simulate_problems.json"
         if failed:
             write_text(problems, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
         elif problems.exists():
             problems.unlink()
     if progress:
-        n_stars = len({r["STAR_ID"] for r in rows})
         print(f"simulate: {len(todo) - len(failed)} spectra written, {n - len(todo)} already there, "
               f"{len(failed)} failed{' (see ' + str(problems) + ')' if failed else ''}; "
-              f"catalog {cat}: {len(rows)} spectra of {n_stars} stars ({time.time() - t0:.0f} s)", file=sys.stderr)
+              f"catalog {cat}: {n_rows} spectra of {n_stars} stars ({time.time() - t0:.0f} s)", file=sys.stderr)
     return cat
 
 
-def _by_file(out, plans, sim) -> list:
-    """``plans`` grouped by the file that holds them (in order)."""
+def _run_all(out, seed, survey, chunks, n_todo, workers, client, init_args, progress) -> tuple[dict, dict]:
+    """Run ``chunks`` ((indices, write) pairs) here, in a pool or on the cluster, at most 2 per worker in flight.
+
+    Returns ({index: error} of the failed spectra, the catalog columns of the others, concatenated, unordered).
+    """
+    from tqdm.auto import tqdm
+
+    failed, parts = {}, []
+    bar = tqdm(total=n_todo, desc="simulate", unit="spec", disable=not progress)
+
+    def take(res):
+        results, cols, write = res
+        failed.update({i: e for i, e in results if e})
+        parts.append(cols)
+        if write:
+            bar.update(len(results))
+
+    if client is not None:  # on the cluster; the workers write into out (absolute: they may run elsewhere)
+        calls = ((init_args, Path(engine.absolute(out)), seed, c, survey, w) for c, w in chunks)
+        for res in engine.map_unordered(client, _run_chunk_on_worker, calls):
+            take(res)
+    elif workers == 1:
+        _init_worker(*init_args)
+        for c, w in chunks:
+            take(_run_chunk(out, seed, c, survey, w))
+    else:
+        with worker_pool(workers, _init_worker, init_args) as pool:  # Ctrl-C kills the workers; a re-run resumes
+            pending = set()
+            for c, w in chunks:
+                pending.add(pool.submit(_run_chunk, out, seed, c, survey, w))
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        take(f.result())
+            for f in as_completed(pending):
+                take(f.result())
+    bar.close()
+    cols = {}
+    for name in list(next((p for p in parts if len(p["_index"])), parts[0] if parts else {})):
+        cols[name] = np.concatenate([p.pop(name) for p in parts if name in p]) if parts else np.zeros(0)
+    return failed, cols or {"_index": np.zeros(0, np.int64), "_star": np.zeros(0, np.int64)}
+
+
+def _chunks(out, n: int, todo: np.ndarray, size: int, sim):
+    """(indices, write) work chunks: the spectra to write (by file for a survey written a file at a time), then the
+    ones already there, whose catalog rows are made again (``write`` False)."""
+    if sim.chunk_by_file:  # one chunk per file (a DESI coadd): a file is written whole by one worker
+        for group in _by_file(out, todo, sim):
+            yield group, True
+    else:
+        for i in range(0, len(todo), size):
+            yield todo[i:i + size], True
+    there = np.setdiff1d(np.arange(n), todo)
+    for i in range(0, len(there), 2000):
+        yield there[i:i + 2000], False
+
+
+def _by_file(out, indices, sim) -> list:
+    """``indices`` grouped by the file that holds them (in order), as int64 arrays."""
     groups = {}
-    for p in plans:
-        groups.setdefault(sim.spectrum_path(out, p), []).append(p)
-    return list(groups.values())
+    for i in indices:
+        groups.setdefault(sim.spectrum_path(out, place(int(i))), []).append(int(i))
+    return [np.array(g, np.int64) for g in groups.values()]
 
 
-def _todo(out, plans, sim) -> list:
-    """The plans whose file is not finished (missing, or a DESI coadd without all its targets)."""
-    todo = []
-    for group in _by_file(out, plans, sim):
-        if not sim.is_done(sim.spectrum_path(out, group[0]), len(group)):
-            todo += group
-    return todo
+def _todo(out, n: int, sim) -> np.ndarray:
+    """The indices of the spectra whose file is not finished (missing, or a DESI coadd without all its targets)."""
+    if not sim.chunk_by_file:  # one spectrum a file
+        return np.array([i for i in range(n) if not sim.is_done(sim.spectrum_path(out, place(i)), 1)], np.int64)
+    todo = [g for g in _by_file(out, range(n), sim) if not sim.is_done(sim.spectrum_path(out, place(int(g[0]))), len(g))]
+    return np.concatenate(todo) if todo else np.zeros(0, np.int64)
 
 
 # ---------------------------------------------------------------------------- CLI

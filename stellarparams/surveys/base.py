@@ -198,7 +198,7 @@ class Simulated:
         """The survey's catalog row of realization ``index`` from its SDSS-style ``row``."""
         return row
 
-    def write_catalog(self, out, rows: list, meta: dict, names: list) -> Path:
-        """Write the catalog of ``rows`` (from :meth:`catalog_row`; ``names``: SDSS-style columns when
-        there is no row), atomically; returns its path."""
+    def write_catalog(self, out, columns: dict, meta: dict) -> Path:
+        """Write the catalog whose columns are ``columns`` ({name: (n,) array}, rows from :meth:`catalog_row`, in
+        realization order), atomically; returns its path."""
         raise NotImplementedError

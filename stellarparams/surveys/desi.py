@@ -451,14 +451,14 @@ class Simulated(SimulatedBase):
         out.update({f"{n}_TRUE": row[f"{n}_TRUE"] for n in ("TEFF", "FEH", "LOGG", "RV")})
         return out
 
-    def write_catalog(self, out, rows, meta, names):
+    def write_catalog(self, out, columns, meta):
         """An ``mwsall``-like file whose HDU 1 is the table RVTAB."""
         from astropy.io import fits
         from astropy.table import Table
 
         from ..files import atomic_write
 
-        table = Table(rows=rows, names=list(rows[0]))
+        table = Table(columns)
         table.meta.update(meta)
         hdu = fits.table_to_hdu(table)
         hdu.name = "RVTAB"

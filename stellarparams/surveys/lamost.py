@@ -552,12 +552,12 @@ class Simulated(SimulatedBase):
         out.update({f"{n.lower()}_true": row[f"{n}_TRUE"] for n in ("TEFF", "FEH", "LOGG", "RV")})
         return out
 
-    def write_catalog(self, out, rows, meta, names):
+    def write_catalog(self, out, columns, meta):
         from astropy.table import Table
 
         from ..files import atomic_write
 
-        table = Table(rows=rows, names=list(rows[0]))
+        table = Table(columns)
         table.meta.update(meta)
         return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
 

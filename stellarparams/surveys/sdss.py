@@ -552,10 +552,10 @@ class Simulated(SimulatedBase):
                             fiberid=plan["fiberid"], z=float(doppler(row["RV_ADOP"]) - 1.0),
                             header={"SNR5000": round(plan["snr"], 4), **header})
 
-    def write_catalog(self, out, rows, meta, names):
+    def write_catalog(self, out, columns, meta):
         from astropy.table import Table
 
-        table = Table(rows=rows, names=names)
+        table = Table(columns)
         table.meta.update(meta)
         return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
 
