@@ -943,6 +943,7 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
             tmp.unlink()
 
         t0 = time.time()
+        labels = miles_labels(cfg.teff_range)  # here first: a missing library says how to install it
         todo = _todo(out, n, sim)  # indices (int64): the spectra whose file is not finished
         check_disk(out, len(todo) * sim.file_bytes, f"{len(todo):,} simulated spectra")
         if client is not None:
@@ -956,7 +957,6 @@ def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progr
         order = np.argsort(rows.pop("_index"), kind="stable")
         n_rows, n_stars = len(order), len(np.unique(rows.pop("_star")))
         if not rows:  # no spectrum at all: the columns of a row, empty
-            labels = miles_labels(cfg.teff_range)
             rows = {c: np.zeros(0) for c in sim.catalog_row(0, catalog_row(draw_plan(seed, 0, len(labels), cfg), labels,
                                                                            cfg))}
         cat = sim.write_catalog(out, {c: rows.pop(c)[order] for c in list(rows)}, meta)
