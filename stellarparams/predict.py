@@ -46,7 +46,7 @@ import pandas as pd
 
 from . import engine
 from .files import LOCK_NAME, atomic_write, write_text
-from .matching import id_text, resolve_file
+from .matching import resolve_file
 from .outputs import check_output_folder, locked_output
 from .physics import rv_from_z
 from .spectrum import NoUsableInput, SpectrumError
@@ -149,7 +149,7 @@ def iter_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None):
         yield from _expand(listed(), survey)
         return
     cat = _without_bad_labels(sdss.read_catalog(catalog), catalog)
-    rv_column = next((c for c in (rv_column, "VRAD", "RV") if c in cat.columns), rv_column)
+    rv_column = next((c for c in _rv_columns(rv_column) if c in cat.columns), rv_column)
     has_file = "FILE" in cat.columns
     rv_of = _rv_lookup(cat, rv_column, catalog) if rv_column in cat.columns else None
     del cat
@@ -192,29 +192,20 @@ def collect_inputs(inputs, catalog=None, rv_column="RV_ADOP", survey=None) -> li
 
 
 def _rv_lookup(cat: pd.DataFrame, rv_column: str, catalog):
-    """rv_of(file, ids) -> the catalog's RV for an item (NaN: none), matched by FILE name, SDSS
-    (PLATE, MJD, FIBERID), LAMOST (LMJD, PLANID, SPID, FIBERID), or TARGETID / OBSID / ID."""
-    from .surveys.lamost import parse_name as lamost_name
-
-    rv_by, pairs = {}, []  # the first row of a spectrum wins, as in prepare
-    if "FILE" in cat.columns:
-        pairs.append(zip((Path(str(f).strip()).name for f in cat["FILE"]), cat[rv_column]))
-    if all(c in cat.columns for c in sdss.CATALOG_ID_COLUMNS):
-        ids = cat[list(sdss.CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-        pairs.append((tuple(int(v) for v in k), r) for k, r in zip(ids, cat[rv_column]) if np.isfinite(k).all())
-    if all(c in cat.columns for c in ("LMJD", "PLANID", "SPID", "FIBERID")):
-        pairs.append(((int(lm), str(pl).strip(), int(sp), int(fi)), r) for lm, pl, sp, fi, r
-                     in zip(*(cat[c] for c in ("LMJD", "PLANID", "SPID", "FIBERID", rv_column)))
-                     if all(np.isfinite(pd.to_numeric([lm, sp, fi], errors="coerce"))))
-    for c in ("TARGETID", "OBSID", "ID"):
-        if c in cat.columns:
-            pairs.append(((("id", id_text(t)), r) for t, r in zip(cat[c], cat[rv_column])))
-    n_dup = 0
-    for kind in pairs:
+    """rv_of(file, ids) -> the catalog's RV for an item (NaN: none), matched by FILE name, else by the keys each
+    survey declares (:meth:`surveys.base.Survey.rv_keys`: SDSS PLATE/MJD/FIBERID, LAMOST LMJD/PLANID/SPID/FIBERID,
+    TARGETID, OBSID, ID) against those of the file's name or header."""
+    surveys = [registry.get(s) for s in registry.names()]
+    rv = cat[rv_column].to_numpy()
+    kinds = [[Path(str(f).strip()).name for f in cat["FILE"]]] if "FILE" in cat.columns else []
+    kinds += [keys for s in surveys for keys in s.rv_keys(cat)]
+    rv_by, n_dup = {}, 0  # the first row of a spectrum wins, as in prepare
+    for keys in kinds:
         first = {}
-        for key, r in kind:
-            n_dup += key in first
-            first.setdefault(key, r)
+        for key, r in zip(keys, rv):
+            if key is not None:
+                n_dup += key in first
+                first.setdefault(key, r)
         rv_by.update(first)
     if n_dup:
         print(f"warning: {_name(catalog)}: {n_dup} duplicate rows (a spectrum named twice); "
@@ -222,7 +213,7 @@ def _rv_lookup(cat: pd.DataFrame, rv_column: str, catalog):
 
     def rv_of(f, k):
         name = Path(f).name
-        keys = [name, parse_name(name), lamost_name(name)]
+        keys = [name] + [x for s in surveys for x in s.name_keys(name)]
         if isinstance(k, dict):
             keys.insert(0, ("id", k["id"]))
         hit = next((x for x in keys if x is not None and x in rv_by), None)
@@ -233,12 +224,27 @@ def _rv_lookup(cat: pd.DataFrame, rv_column: str, catalog):
     return rv_of
 
 
+def _rv_columns(rv_column: str) -> list:
+    """The RV columns a --catalog is searched for: ``rv_column``, then each survey's (highest priority first)."""
+    by_priority = sorted((registry.get(s) for s in registry.names()), key=lambda s: -s.priority)
+    return [rv_column] + [s.rv_column for s in by_priority if s.rv_column]
+
+
 def _name(catalog) -> str:
     return "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
 
 
-# label columns checked against the physical limits in a catalog predict reads (prepare's, LAMOST's, DESI's)
-LABEL_COLUMNS = {"teff": ("TEFF_ADOP", "TEFF"), "logg": ("LOGG_ADOP", "LOGG"), "feh": ("FEH_ADOP", "FEH")}
+def _label_columns() -> dict:
+    """{label: catalog columns} checked against the physical limits in a --catalog: every survey's label columns."""
+    from .preprocess import PrepareConfig
+
+    cols = {}
+    for labels in [PrepareConfig().labels] + [registry.get(s).labels or {} for s in registry.names()]:
+        for name, c in labels.items():
+            cols.setdefault(name, [])
+            if c.upper() not in cols[name]:
+                cols[name].append(c.upper())
+    return cols
 
 
 def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
@@ -246,7 +252,7 @@ def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
     from .config import label_outside_limits
 
     bad = np.zeros(len(cat), bool)
-    for name, cols in LABEL_COLUMNS.items():
+    for name, cols in _label_columns().items():
         for c in cols:
             if c in cat.columns:
                 bad |= label_outside_limits(name, pd.to_numeric(cat[c], errors="coerce").to_numpy(np.float64, na_value=np.nan))

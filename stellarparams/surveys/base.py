@@ -145,6 +145,18 @@ class Survey:
         ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
         return None, np.full(n, -1), [None] * n, located, ident, self.row_ids(cat)
 
+    def rv_keys(self, cat: pd.DataFrame) -> list:
+        """The keys ``predict --catalog`` finds a catalog row's RV by, one list per kind of key (each row's key, None
+        where it has none); a kind is there when the catalog has its columns. Default: ``("id", text)`` of
+        ``id_column``."""
+        if self.id_column in cat.columns:
+            return [[("id", id_text(v)) for v in cat[self.id_column]]]
+        return []
+
+    def name_keys(self, name: str) -> list:
+        """The keys (as :meth:`rv_keys` gives them) a file's name carries; None where it carries none."""
+        return []
+
     def row_order(self, cat: pd.DataFrame) -> tuple[np.ndarray, str]:
         """The order in which rows claim a spectrum (the first keeps it), and what the duplicate reject adds."""
         return np.arange(len(cat)), ""

@@ -586,6 +586,13 @@ class LAMOST(Survey):
     def row_ids(self, cat) -> list:
         return super().row_ids(cat) if self.id_column in cat.columns else row_ids(cat)
 
+    def rv_keys(self, cat) -> list:
+        keys = _catalog_keys(cat)
+        return ([keys] if keys else []) + super().rv_keys(cat)
+
+    def name_keys(self, name) -> list:
+        return [parse_name(name)]
+
     def locate_rows(self, cat, files, row_files) -> list:
         return locate(cat, files, row_files)
 

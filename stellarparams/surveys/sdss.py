@@ -654,6 +654,15 @@ class SDSS(Survey):
         row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
         return twin, match, keys, located, ident, row_id
 
+    def rv_keys(self, cat) -> list:
+        if not all(c in cat.columns for c in CATALOG_ID_COLUMNS):
+            return []
+        ids = cat[list(CATALOG_ID_COLUMNS)].to_numpy(np.float64)
+        return [[tuple(int(v) for v in k) if np.isfinite(k).all() else None for k in ids]]
+
+    def name_keys(self, name) -> list:
+        return [parse_name(name)]
+
     def reject_unused(self, files, twin, is_used, rejects) -> None:
         for j, p in enumerate(files):
             if not is_used(j):
