@@ -252,9 +252,16 @@ def show(r: dict) -> dict:
     return r
 
 
-def run(stage: str, n: int, engine: str, cmd: list, work: Path) -> dict:
-    """One measured ``stellarparams`` command of ``stage`` on ``n`` spectra, printed."""
-    r = measured(cmd, work / "logs" / f"{stage}-n{n}-{engine.replace(':', '')}.log")
+def run(stage: str, n: int, engine: str, cmd: list, work: Path, repeat: int = 1, before=None) -> dict:
+    """A measured ``stellarparams`` command of ``stage`` on ``n`` spectra, run ``repeat`` times (``before()`` ahead of
+    each), printed: the medians of the runs (the main process's peak moves by ~10 MB from run to run)."""
+    runs = []
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        runs.append(measured(cmd, work / "logs" / f"{stage}-n{n}-{engine.replace(':', '')}.log"))
+    r = {k: float(np.median([x[k] for x in runs])) for k in runs[0]}
+    r["main_mb_runs"] = [x["main_mb"] for x in runs]
     return show({"n": n, "stage": stage, "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
 
 
@@ -269,6 +276,9 @@ def main():
                     help="stages to run at each size (predict alone needs --model)")
     ap.add_argument("--distinct", type=int, help="simulate only this many spectra and link them under the names "
                     "of the larger sizes (memory and bookkeeping at any N, cheaply)")
+    ap.add_argument("--repeat", type=int, default=1, help="run each prepare and predict command this many times and "
+                    "report the medians (the main process's peak moves by ~10 MB from run to run: at 100,000 spectra "
+                    "apart that is 100 bytes per spectrum)")
     ap.add_argument("--reader", default="fast", choices=("fast", "fitsio"), help="SDSS reader of prepare and predict")
     args = ap.parse_args()
     engines = args.engines
@@ -289,19 +299,19 @@ def main():
         if "prepare" in args.stages:
             for engine in engines:
                 out = work / f"n{n}" / f"dataset-{engine.replace(':', '')}"
-                subprocess.run(["rm", "-rf", str(out)], check=True)
                 rows.append(run("prepare", n, engine, cli("prepare", "--catalog", catalog, "--spectra", spectra, "--out",
                                                           out, "--no-progress", "--reader", args.reader,
-                                                          *engine_args(engine)), work))
+                                                          *engine_args(engine)), work, args.repeat,
+                                lambda: subprocess.run(["rm", "-rf", str(out)], check=True)))
             datasets = [work / f"n{n}" / f"dataset-{e.replace(':', '')}" for e in engines]
             checks[f"prepare n={n} identical"] = same_datasets(datasets)
             model = model or quick_model(work, datasets[0])
         if "predict" in args.stages:
             for engine in engines:
                 out = work / f"n{n}" / f"pred-{engine.replace(':', '')}.parquet"
-                out.unlink(missing_ok=True)
                 rows.append(run("predict", n, engine, cli("predict", model, spectra, "--out", out, "--quiet", "--reader",
-                                                          args.reader, *engine_args(engine)), work))
+                                                          args.reader, *engine_args(engine)), work, args.repeat,
+                                lambda: out.unlink(missing_ok=True)))
             checks[f"predict n={n} identical"] = same_predictions(
                 [work / f"n{n}" / f"pred-{e.replace(':', '')}.parquet" for e in engines])
     report(work, rows, sizes, engines, checks, cpus)
