@@ -260,7 +260,7 @@ def run(stage: str, n: int, engine: str, cmd: list, work: Path, repeat: int = 1,
         if before is not None:
             before()
         runs.append(measured(cmd, work / "logs" / f"{stage}-n{n}-{engine.replace(':', '')}.log"))
-    r = {k: float(np.median([x[k] for x in runs])) for k in runs[0]}
+    r = {k: round(float(np.median([x[k] for x in runs])), 2) for k in runs[0]}
     r["main_mb_runs"] = [x["main_mb"] for x in runs]
     return show({"n": n, "stage": stage, "engine": engine, **r, "spectra_per_s": round(n / r["seconds"], 1)})
 

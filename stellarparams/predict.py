@@ -5,12 +5,14 @@ detected per file, or ``survey=``); each is resampled onto the model's grid with
 own preprocessing, and one covering less than ``min_coverage`` of that grid is rejected
 (``low_coverage``).
 
-Files are read and preprocessed in a pool of processes (chunks of ``chunk_size`` files,
-at most 2 chunks per worker in flight), the network runs in the main process, and rows
-are appended to the output as they come, so memory stays flat for any number of files.
-Finished parts go to ``.OUT.partial/`` (so a killed run resumes; its ``.lock`` lets one
-process at a time write OUT), and the output (CSV, Parquet or FITS by suffix) is assembled
-from them, read back and checked, then renamed into place. One row per input spectrum (a
+The inputs are listed as a stream (folders walked one folder at a time) into a spool,
+``.OUT.partial/inputs.arrow``, hashing the job key as they pass; files are read and
+preprocessed in a pool of processes (chunks of ``chunk_size`` files, at most 2 chunks per
+worker in flight), the network runs in the main process, and finished parts go to
+``.OUT.partial/`` (so a killed run resumes; its ``.lock`` lets one process at a time write
+OUT). The output (CSV, Parquet or FITS by suffix) is assembled from the parts one at a
+time, read back and checked, then renamed into place: the main process holds no Python
+object per input, so its memory stays flat for any number of files (docs/design.md). One row per input spectrum (a
 file; each target of a DESI coadd, each row of a table), in input order (``id``: the
 survey's identifier: PLATE-MJD-FIBER, LAMOST OBSID, DESI TARGETID, a table's ID)::
 
@@ -538,7 +540,7 @@ def _to_batch(items: list):
     cols = [[f for f, _, _ in items], [float(v) for _, v, _ in items], kind,
             [t[0] for t in tup], [t[1] for t in tup], [t[2] for t in tup],
             [m.get("survey") for m in mem], [-1 if m.get("index") is None else m["index"] for m in mem],
-            [m.get("id") for m in mem]]
+            [None if m.get("id") is None else str(m["id"]) for m in mem]]
     return pa.record_batch(cols, schema=_spool_schema())
 
 
@@ -596,7 +598,7 @@ def _spooled_chunks(path, parts, chunk_size: int):
     """(part, chunk of items) for each part in ``parts``, read back from the spool one part at a time."""
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as src, pa.ipc.open_file(src) as r:
+    with pa.OSFile(str(path)) as src, pa.ipc.open_file(src) as r:  # read, not mapped: no page of it stays resident
         for k in parts:
             items = _from_batch(r.get_batch(k))
             for i in range(0, len(items), chunk_size):
