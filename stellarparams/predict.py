@@ -874,27 +874,7 @@ def add_arguments(p: argparse.ArgumentParser):
     add_device_arguments(p, precision=False)
 
 
-def fixed_mmap_threshold(nbytes: int = 1 << 17) -> bool:
-    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap, returned to the system when freed.
-
-    glibc's default raises that threshold after each large free, so the per-chunk arrays
-    (flux, network activations: megabytes each) then come from the heap, whose freed space
-    is kept and fragments: the main process's resident memory saw-tooths by tens of MB and
-    its peak drifts up with the run's length. A fixed threshold (glibc's initial value,
-    128 kB) keeps it flat: measured on ``predict`` of 15,000 files, peak 384 MB instead of
-    445. Called by the command line only (a library call changes no process-wide setting);
-    False where the C library has no ``mallopt`` (not glibc).
-    """
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def run_cli(args) -> int:
-    fixed_mmap_threshold()
     summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
                       workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
                       min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,

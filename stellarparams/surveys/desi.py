@@ -458,7 +458,7 @@ class Simulated(SimulatedBase):
 
         from ..files import atomic_write
 
-        table = Table(columns)
+        table = Table(columns, copy=False)
         table.meta.update(meta)
         hdu = fits.table_to_hdu(table)
         hdu.name = "RVTAB"

@@ -557,7 +557,7 @@ class Simulated(SimulatedBase):
 
         from ..files import atomic_write
 
-        table = Table(columns)
+        table = Table(columns, copy=False)
         table.meta.update(meta)
         return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
 

@@ -555,7 +555,7 @@ class Simulated(SimulatedBase):
     def write_catalog(self, out, columns, meta):
         from astropy.table import Table
 
-        table = Table(columns)
+        table = Table(columns, copy=False)
         table.meta.update(meta)
         return atomic_write(Path(out) / self.catalog, lambda tmp: table.write(tmp, format="fits"))
 
