@@ -29,8 +29,11 @@ matching, splitting and writing the dataset; the network in predict). CPU second
 time, because this machine may be shared. With two sizes or more it prints, per stage and
 engine, the main process's peak-memory growth per spectrum between consecutive sizes (the
 goal: <= 100 bytes), and that slope times 20 million. Results go to ``WORK/scale.json``.
+The main process's peak moves by 10-20 MB from run to run (glibc's heap; docs/design.md,
+"Memory"): ``--repeat`` reports medians, and ``MALLOC_MMAP_THRESHOLD_=131072`` in the
+environment (passed on to every command) shows the memory without that noise.
 
-    .venv/bin/python bench/scale.py --work runs/scale --n 100000 200000 --engines pool  # the goal's sizes
+    .venv/bin/python bench/scale.py --work runs/scale --n 100000 200000 --engines pool local:1 --repeat 2  # the goal's sizes
     .venv/bin/python bench/scale.py --work runs/scale --n 10000 20000 --engines pool local:1
     .venv/bin/python bench/scale.py --work runs/dev --n 5000 15000 --engines pool --distinct 300  # minutes
 """
