@@ -57,7 +57,7 @@ from stellarparams.records import dumps  # noqa: E402
 
 ENGINES = ("pool", "local:1", "local:2")
 TARGET = 20_000_000
-PROJECT_WORKERS = (1, 8, 32, 128, 512)
+PROJECT_WORKERS = (1, 8, 32, 64, 128, 512)
 
 
 def measured(cmd, log: Path) -> dict:
