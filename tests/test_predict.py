@@ -322,3 +322,21 @@ def test_predict_bookkeeping_memory_does_not_grow_with_the_number_of_inputs(tmp_
         tracemalloc.stop()
         assert n == 100 * n_plates
     assert peaks[1] - peaks[0] < 30 * 3600, peaks
+
+
+def test_fits_output_written_in_blocks_keeps_every_value(tmp_path):
+    """Blocks are appended one at a time; a later block's longer text must not be cut to the first block's width."""
+    from stellarparams.predict import write_frames
+
+    blocks = [pd.DataFrame({"file": ["a.fits", "b.fits"], "teff": [5000.0, np.nan], "flag_rejected": [False, True],
+                            "reject_reason": ["", "unreadable"], "plate": np.array([1, 2], np.int32)}),
+              pd.DataFrame({"file": ["/a/much/longer/päth [1]/c.fits"], "teff": [6000.5], "flag_rejected": [False],
+                            "reject_reason": [""], "plate": np.array([3], np.int32)})]
+    out = tmp_path / "o [x].fits"
+    assert write_frames(out, [lambda b=b: b for b in blocks], n_rows=3) == 3
+    t = Table.read(out, hdu="PREDICTIONS")
+    assert [v.decode("utf-8") for v in np.asarray(t["file"])] == ["a.fits", "b.fits", "/a/much/longer/päth [1]/c.fits"]
+    assert [v.decode() for v in np.asarray(t["reject_reason"])] == ["", "unreadable", ""]
+    np.testing.assert_array_equal(t["teff"], [5000.0, np.nan, 6000.5])
+    assert list(t["flag_rejected"]) == [False, True, False] and list(t["plate"]) == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
