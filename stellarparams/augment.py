@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .physics import doppler
 

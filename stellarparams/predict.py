@@ -42,12 +42,14 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import engine
+from .context import Run
 from .files import LOCK_NAME, atomic_write, write_text
 from .matching import resolve_file
 from .outputs import check_output_folder, locked_output
@@ -608,7 +610,7 @@ def _spooled_chunks(path, parts, chunk_size: int):
 def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers: int | None = None,
             min_snr: float = 5.0, chunk_size: int = 128, part_chunks: int = 32, progress: bool = True,
             wait: bool = False, min_coverage: float | None = None, survey: str | None = None,
-            device=None, dask=None, reader: str = "fast") -> dict:
+            device=None, dask=None, reader: str = "fast", run: Run | None = None) -> dict:
     """Predict labels for every input spectrum and write one table row per file.
 
     Parameters
@@ -653,6 +655,9 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
     reader : str
         ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
         with cfitsio; ``"fitsio"``: every file with cfitsio. The output is the same.
+    run : Run, optional
+        ``progress``, ``device``, ``workers`` and ``dask`` as one object (:mod:`stellarparams.context`);
+        when given, it replaces those four arguments.
 
     Returns
     -------
@@ -667,16 +672,14 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
         Bad output location or suffix, bad catalog; :class:`engine.DaskError` when ``dask``
         names no scheduler that answers.
     """
-    from .devices import resolve_device
     from .model_io import Model, load_model
 
     if reader not in sdss.READERS:
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
-    device = resolve_device(device)
+    run = (run or Run(progress=progress, device=device, workers=workers, dask=dask)).on_device()
     out = check_output_file(out)
-    with engine.connect(dask, progress) as client, locked_output(out.parent / f".{out.name}.partial", wait,
-                                                                  remove=True) as partial:
-        model = model if isinstance(model, Model) else load_model(model, device=device)
+    with run.cluster() as client, locked_output(out.parent / f".{out.name}.partial", wait, remove=True) as partial:
+        model = model if isinstance(model, Model) else load_model(model, device=run.device)
         prep = dict(model.prepare_config or {})
         if min_coverage is not None:
             if not 0 <= min_coverage <= 1:
@@ -689,19 +692,34 @@ def predict(model, inputs, out, *, catalog=None, batch_size: int = 1024, workers
             (partial / SPOOL).unlink()
             names = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
             raise NoUsableInput(f"no spectrum files found in {', '.join(map(str, names))}")
-        summary = _predict(model, n, job.hexdigest()[:24], out, partial, batch_size, workers, min_snr, chunk_size,
-                           part_chunks, progress, prep, client, reader)
+        summary = _predict(_Job(model, n, out, partial, batch_size, min_snr, chunk_size, chunk_size * part_chunks,
+                                (prep, model.n_in, reader), run, client), job.hexdigest()[:24])
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         summary["spectra_per_s"] = round((n - summary["resumed_from"]) / max(summary["seconds"], 1e-9), 1)
-        if progress:
-            print(format_summary(summary), file=sys.stderr)
+        run.say(format_summary(summary))
         return summary
 
 
-def _predict(model, n, key, out, partial, batch_size, workers, min_snr, chunk_size, part_chunks, progress,
-             prepare_config=None, client=None, reader="fast") -> dict:
-    """Predict the ``n`` spooled inputs (``partial/SPOOL``) part by part, then assemble ``out``; the summary."""
-    rows = chunk_size * part_chunks
+@dataclass
+class _Job:
+    """One predict job: the model, the ``n`` spooled inputs in ``partial``, how they are cut and read, where they go."""
+
+    model: object
+    n: int
+    out: Path
+    partial: Path
+    batch_size: int
+    min_snr: float
+    chunk_size: int  # files per chunk read by one worker
+    rows: int  # files per part (a resume unit)
+    read_args: tuple  # (prepare config, pixels, reader): the arguments of _read_chunk after the chunk
+    run: Run
+    client: object = None  # a Dask client, or None for the process pool
+
+
+def _predict(job: _Job, key: str) -> dict:
+    """Predict the spooled inputs (``partial/SPOOL``) part by part, then assemble ``out``; the summary."""
+    model, n, partial, rows = job.model, job.n, job.partial, job.rows
     n_parts = -(-n // rows)
     if _read_key(partial) != key:  # another job's parts: remove them (the lock file and the new spool stay)
         for f in partial.iterdir():
@@ -711,42 +729,41 @@ def _predict(model, n, key, out, partial, batch_size, workers, min_snr, chunk_si
     part_file = [partial / f"part-{k:05d}.parquet" for k in range(n_parts)]
     todo = [k for k in range(n_parts) if not part_file[k].exists()]
     n_done = n - sum(min(rows, n - k * rows) for k in todo)
-    if n_done and progress:
-        print(f"resuming: {n_done} of {n} spectra already predicted in {partial}", file=sys.stderr)
-    _run_parts(model, n, todo, n_done, part_file, partial, batch_size, workers, min_snr, chunk_size, rows, progress,
-               (prepare_config or model.prepare_config, model.n_in, reader), client)
-    counts, reasons = _assemble(out, part_file, n)
+    if n_done:
+        job.run.say(f"resuming: {n_done} of {n} spectra already predicted in {partial}")
+    _run_parts(job, todo, n_done, part_file)
+    counts, reasons = _assemble(job.out, part_file, n)
     for f in part_file:
         f.unlink()
     (partial / "job.json").unlink()
     (partial / SPOOL).unlink()
-    return {"out": str(out), "n_files": n, "n_predicted": n - counts["rejected"],
+    return {"out": str(job.out), "n_files": n, "n_predicted": n - counts["rejected"],
             "n_rejected": counts["rejected"], "rejected_by_reason": dict(sorted(reasons.items())),
             "n_out_of_range": counts["out_of_range"], "n_low_snr": counts["low_snr"],
             "n_unlike_training": counts["unlike_training"], "n_outside_label_hull": counts["label_hull"],
             "calibrated": model.uncertainty is not None, "resumed_from": n_done}
 
 
-def _run_parts(model, n, todo, n_done, part_file, partial, batch_size, workers, min_snr, chunk_size, rows,
-               progress, args, client) -> None:
+def _run_parts(job: _Job, todo, n_done, part_file) -> None:
     """Read the spooled inputs of parts ``todo`` (a chunk at a time, in order), predict them, write each part."""
     from tqdm.auto import tqdm
 
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    n, rows, chunk_size, args, client = job.n, job.rows, job.chunk_size, job.read_args, job.client
+    workers = (os.cpu_count() or 1) if job.run.workers is None else job.run.workers
     n_chunks = {k: -(-min(rows, n - k * rows) // chunk_size) for k in todo}
     buffers = {}
     kept = [n_done]
-    bar = tqdm(total=n - n_done, desc="predict", unit="spec", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=n - n_done, desc="predict", unit="spec", disable=not job.run.progress, smoothing=0.1)
 
     def consume(k, chunk, r):
-        buffers.setdefault(k, []).append(_rows(model, chunk, r, min_snr, batch_size))
+        buffers.setdefault(k, []).append(_rows(job.model, chunk, r, job.min_snr, job.batch_size))
         if len(buffers[k]) == n_chunks[k]:  # part complete: publish it
             df = pd.concat(buffers.pop(k), ignore_index=True)
             atomic_write(part_file[k], lambda tmp: df.to_parquet(tmp, index=False))
             kept[0] += len(df)
         bar.update(len(chunk))
 
-    jobs = _spooled_chunks(partial / SPOOL, todo, chunk_size)
+    jobs = _spooled_chunks(job.partial / SPOOL, todo, chunk_size)
     try:
         if client is not None:  # read on the cluster (absolute paths: workers may run elsewhere), in input order
             order = deque()
@@ -774,7 +791,7 @@ def _run_parts(model, n, todo, n_done, part_file, partial, batch_size, workers, 
                     consume(k0, c0, fut.result())
     except KeyboardInterrupt:
         if kept[0]:
-            raise KeyboardInterrupt(f"interrupted; {kept[0]} of {n} spectra are kept in {partial}: "
+            raise KeyboardInterrupt(f"interrupted; {kept[0]} of {n} spectra are kept in {job.partial}: "
                                     "re-run the same command to resume") from None
         raise KeyboardInterrupt(f"interrupted before the first {min(rows, n)} spectra were "
                                 "finished; nothing was kept") from None
@@ -876,9 +893,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def run_cli(args) -> int:
     summary = predict(args.model, args.inputs, args.out, catalog=args.catalog, batch_size=args.batch_size,
-                      workers=args.workers, min_snr=args.min_snr, progress=not args.quiet, wait=args.wait,
-                      min_coverage=args.min_coverage, survey=args.survey, device=args.device, dask=args.dask,
-                      reader=getattr(args, "reader", "fast"))
+                      min_snr=args.min_snr, wait=args.wait, min_coverage=args.min_coverage, survey=args.survey,
+                      reader=getattr(args, "reader", "fast"), run=Run.from_args(args))
     if args.quiet:
         print(format_summary(summary))
     return 0

@@ -574,7 +574,6 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     y_val = np.asarray(y_val, np.float64)
     pred, s_mc, noise = raw_uncertainty(model.net, flux_val, n_passes, seed)
     resid = pred - (y_val - model.center) / model.scale
-    L = len(model.label_names)
     r_fit, m_fit, n_fit = resid, s_mc, noise
     if oof is not None:
         r_oof = (np.asarray(oof["pred"]) - np.asarray(oof["y"], np.float64)) / model.scale

@@ -278,7 +278,7 @@ def check_catalog_case(tmp_path, spectra, cat: pd.DataFrame, rng, k: int) -> dic
     bad.to_csv(path, index=False)
     out = tmp_path / f"ds{k}"
     try:
-        s = prep.prepare(path, spectra, out, workers=1, progress=False)
+        prep.prepare(path, spectra, out, workers=1, progress=False)
     except NoUsableInput:
         return {"nothing usable": 1}
     rej = pd.read_csv(out / "rejects.csv")
