@@ -106,7 +106,8 @@ class TrainConfig:
     init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
     freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
     # Domain adaptation (stellarparams.adapt; docs/method.md, "Domain adaptation"): off unless adapt_to is set.
-    adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
+    adapt_to: str | None = None   # the target survey's spectra: a prepared dataset, folder, file or catalog with
+                                  # FILE (labels there are never read)
     adapt_hash: str = ""          # ... its input hash (set by `train`)
     adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
     adapt_bins: int = 16          # groups of predicted labels the two populations are compared in (1: the whole
