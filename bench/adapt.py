@@ -140,7 +140,7 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
                 adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
                 adapt_narrow=a.adapt_narrow, adapt_group=a.adapt_group, adapt_coral=a.adapt_coral,
-                adapt_consistency=a.adapt_consistency)
+                adapt_consistency=a.adapt_consistency, adapt_noise=a.adapt_noise)
     te = trows["test"]
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
@@ -236,6 +236,8 @@ def main(argv=None) -> int:
                    help="what predicts the labels the groups are made of (TrainConfig.adapt_group)")
     p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
     p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
+    p.add_argument("--adapt-noise", type=float, default=0.0,
+                   help="noise of the target's excess per-pixel variance on the matched source (TrainConfig.adapt_noise)")
     p.add_argument("--calib-folds", type=int, default=0,
                    help="out-of-fold models (of the matched source) calibrating the adapted model's sigma; 0: "
                         "the source validation stars alone")

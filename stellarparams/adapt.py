@@ -57,6 +57,7 @@ class Match:
     stats: dict = field(default_factory=dict)
     excess: np.ndarray | None = None          # (C, P) what each group's ln ratio keeps beyond the fit and its noise
     excess_weight: np.ndarray | None = None   # (C,) target spectra per group, summing to 1
+    excess_var: np.ndarray | None = None      # (P,) within-group variance of flux/mean the target has beyond the source
 
     def flux_ratio(self, g: np.ndarray) -> np.ndarray:
         """(N, P) flux (any scale) -> the same after the LSF and the shift (not the response)."""
@@ -107,8 +108,10 @@ class MatchedDataset(Dataset):
     ``match.excess`` (:meth:`for_calibration`); none by default.
     """
 
-    def __init__(self, ds, match: Match, perturbed: dict | None = None):  # no file of its own: the rest is ``ds``'s
-        self._ds, self.match, self._perturbed = ds, match, perturbed or {}
+    def __init__(self, ds, match: Match, perturbed: dict | None = None, noise: float = 0.0, seed: int = 0):
+        # no file of its own: every other attribute is ``ds``'s. noise > 0: every row also gets Gaussian noise of
+        # variance noise^2 x match.excess_var (relative flux), drawn once per row (seed, row)
+        self._ds, self.match, self._perturbed, self._noise, self._seed = ds, match, perturbed or {}, noise, seed
 
     def __getattr__(self, name):
         return getattr(self._ds, name)
@@ -121,16 +124,25 @@ class MatchedDataset(Dataset):
         if m.excess is None or not len(rows):
             return self
         draw = np.random.default_rng(seed).choice(len(m.excess), len(rows), p=m.excess_weight)
-        return MatchedDataset(self._ds, m, dict(zip(np.asarray(rows).tolist(), draw.tolist())))
+        return MatchedDataset(self._ds, m, dict(zip(np.asarray(rows).tolist(), draw.tolist())), self._noise,
+                              self._seed)
 
     def _extra(self, idx):
-        if not self._perturbed:
+        """(N, P) ln factor of rows ``idx`` beyond the match (the calibration's excess, the noise), or None."""
+        noisy = self._noise > 0 and self.match.excess_var is not None
+        if not self._perturbed and not noisy:
             return None
         rows = np.arange(len(self._ds)) if idx is None else np.asarray(idx).reshape(-1)
+        out = None
+        if noisy:
+            sd = self._noise * np.sqrt(self.match.excess_var)
+            out = np.stack([np.random.default_rng([self._seed, r]).standard_normal(len(sd)) for r in rows.tolist()])
+            out = np.log(np.clip(1 + out * sd, 0.05, None))
         g = np.array([self._perturbed.get(r, -1) for r in rows.tolist()])
-        if (g < 0).all():
-            return None
-        return np.where((g >= 0)[:, None], self.match.excess[np.maximum(g, 0)], 0.0)
+        if (g >= 0).any():
+            e = np.where((g >= 0)[:, None], self.match.excess[np.maximum(g, 0)], 0.0)
+            out = e if out is None else out + e
+        return out
 
     def flux(self, idx=None):
         return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[0]
@@ -259,38 +271,56 @@ def _leftover(A, B, w, order: int, smooth=None):
     return d - d.mean(1, keepdims=True)
 
 
+def _centred_log(g) -> np.ndarray:
+    """(N, P) flux over its mean -> ln of it less its own mean over pixels (a star's constant factor drops out)."""
+    lg = np.log(np.clip(g, 1e-3, None))
+    return lg - lg.mean(1, keepdims=True)
+
+
 def excess_residuals(match: Match, gs, ps, gt, pt, centers, smooth, order: int, stars=None, seed: int = 0):
-    """Set ``match.excess``: per group c, the leftover ln ratio d_c = ln(T_c / S'_c) - smooth, (C, P), shrunk to
-    what exceeds the noise of the group means, d_c sqrt(max(0, 1 - phi E_c / D_c)), with D_c = sum_k d_c^2
-    and E_c = sum_k (var S'_c / S'_c^2 + var T_c / T_c^2) the variance the group sizes explain (within-group
-    variance over count). phi >= 1 corrects E for what the count misses (several spectra of one star, pixels
-    that move together): D / E between two star-disjoint halves of the source, where no excess can be; 1
-    without ``stars``. gs, gt: (N, P) flux over its mean; ps, pt: (N, L) predictions; centers: (C, L)."""
+    """Set ``match.excess``: per group c, the leftover ln ratio d_c = ln(T_c / S'_c) - smooth (each row less its
+    mean), (C, P), shrunk to what exceeds the noise of the group means, d_c sqrt(max(0, 1 - phi E_c / D_c)),
+    with D_c = sum_k d_c^2 and E_c = sum_k (v_s,c / n_s,c + v_t,c / n_t,c) the variance the group sizes
+    explain (v: within-group variance of ln flux less its mean over pixels). phi >= 1 corrects E for what the
+    counts miss (several spectra of one star, pixels that move together): D / E between two star-disjoint
+    halves of the source, where no excess can be; 1 without ``stars``. Also sets ``match.excess_var`` (P,):
+    the weighted mean over groups of v_t,c - v_s,c where it exceeds 3 standard errors (pixels the target
+    varies at more than the source: telluric depth, sky residuals). gs, gt: (N, P) flux over its mean; ps,
+    pt: (N, L) predictions; centers: (C, L)."""
     gs = match.flux_ratio(gs)                              # the source through the chosen shift and LSF
-    S, ns, vs = group_means(gs, ps, centers, var=True)
-    T, nt, vt = group_means(gt, pt, centers, var=True)
+    hs, ht = _centred_log(gs), _centred_log(gt)
+    S, ns = group_means(gs, ps, centers)
+    T, nt = group_means(gt, pt, centers)
+    _, _, vs = group_means(hs, ps, centers, var=True)      # variances of the group means (within / count)
+    _, _, vt = group_means(ht, pt, centers, var=True)
     ok = (ns >= MIN_GROUP) & (nt >= MIN_GROUP)
     if not ok.any():
         return
-    S, T, vs, vt, nt = S[ok], T[ok], vs[ok], vt[ok], nt[ok]
+    S, T, vs, vt, ns, nt = S[ok], T[ok], vs[ok], vt[ok], ns[ok], nt[ok]
     d = _leftover(S, T, None, order, smooth)
-    D = (d ** 2).sum(1)
-    E = (vs / np.clip(S, 1e-3, None) ** 2 + vt / np.clip(T, 1e-3, None) ** 2).sum(1)
+    D, E = (d ** 2).sum(1), (vs + vt).sum(1)
     phi = 1.0
     if stars is not None:
         uniq, inv = np.unique(np.asarray(stars).astype(str), return_inverse=True)
         a = (np.random.default_rng(seed).permutation(len(uniq)) % 2 == 0)[inv.reshape(-1)]
-        A, na, va = group_means(gs[a], ps[a], centers, var=True)
-        B, nb, vb = group_means(gs[~a], ps[~a], centers, var=True)
+        (A, na), (B, nb) = group_means(gs[a], ps[a], centers), group_means(gs[~a], ps[~a], centers)
+        va, vb = group_means(hs[a], ps[a], centers, var=True)[2], group_means(hs[~a], ps[~a], centers, var=True)[2]
         k = (na >= MIN_GROUP) & (nb >= MIN_GROUP)
         if k.any():
             d0 = _leftover(A[k], B[k], np.minimum(na, nb)[k].astype(np.float64), order)
-            E0 = (va[k] / np.clip(A[k], 1e-3, None) ** 2 + vb[k] / np.clip(B[k], 1e-3, None) ** 2).sum()
-            phi = max(1.0, float((d0 ** 2).sum() / max(E0, 1e-30)))
+            phi = max(1.0, float((d0 ** 2).sum() / max((va[k] + vb[k]).sum(), 1e-30)))
     keep = np.sqrt(np.clip(1 - phi * E / np.maximum(D, 1e-30), 0, 1))
     match.excess, match.excess_weight = keep[:, None] * d, nt / nt.sum()
+    w = match.excess_weight[:, None]
+    Vs, Vt = vs * ns[:, None], vt * nt[:, None]            # within-group variances
+    dv = (w * (Vt - Vs)).sum(0)
+    se = np.sqrt(phi * (w ** 2 * 2 * (Vt ** 2 / np.maximum(nt - 1, 1)[:, None]
+                                      + Vs ** 2 / np.maximum(ns - 1, 1)[:, None])).sum(0))
+    match.excess_var = np.where(dv > 3 * se, dv, 0.0)
     match.stats.update({"excess_rms": float(np.sqrt((match.excess_weight * (match.excess ** 2).mean(1)).sum())),
-                        "excess_groups": int((keep > 0).sum()), "noise_factor": round(phi, 3)})
+                        "excess_groups": int((keep > 0).sum()), "noise_factor": round(phi, 3),
+                        "excess_noise_pixels": int((match.excess_var > 0).sum()),
+                        "excess_noise_rms": float(np.sqrt(match.excess_var.mean()))})
 
 
 def high_pass(flux, offset, order: int) -> np.ndarray:
@@ -507,7 +537,7 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
                                    narrow=tc.adapt_narrow, src_stars=stars)
             _record(history, match, f"input matching (ridge groups), round {r + 1}", progress)
         match.stats["rounds"] = history
-        return MatchedDataset(ds, match)
+        return MatchedDataset(ds, match, noise=tc.adapt_noise, seed=tc.seed)
     for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
         if r > 0:
             sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
@@ -518,7 +548,7 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
                                narrow=tc.adapt_narrow, src_stars=stars)
         _record(history, match, f"input matching, round {r + 1}", progress)
     match.stats["rounds"] = history
-    return MatchedDataset(ds, match)
+    return MatchedDataset(ds, match, noise=tc.adapt_noise, seed=tc.seed)
 
 
 def _record(history: list, match, what: str, progress: bool) -> None:

@@ -103,10 +103,18 @@ def test_excess_keeps_only_what_the_matching_leaves_beyond_the_group_noise():
     line = estimate_match(Xs, Os, zs, (g - m_[:, None]) / s_[:, None], m_ / s_, zt, order=10, bins=8,
                           src_stars=np.arange(n))
     # a smooth response leaves only the group means' noise: (nearly) all of it is shrunk away
-    assert plain.stats["excess_rms"] < 0.01
+    assert plain.stats["excess_rms"] < 0.01 and plain.stats["excess_noise_pixels"] == 0
     hot = line.excess[:, 50]                # per group: what is kept at the line's centre
     assert np.sum(hot < -0.1) >= 2 and np.sum(np.abs(hot) < 0.05) >= 2   # hot groups keep it, cool ones don't
     # calibration rows are multiplied by exp(one group's excess); the others are untouched
+    g = 1 + Xt / Ot[:, None]
+    g[:, 120:126] *= 1 + 0.1 * np.random.default_rng(9).standard_normal((n, 1))   # a band of varying depth
+    m_, s_ = g.mean(1), g.std(1)
+    varying = estimate_match(Xs, Os, zs, (g - m_[:, None]) / s_[:, None], m_ / s_, zt, order=10, bins=8,
+                             src_stars=np.arange(n))
+    # its extra variance is found where it is (10% rms to ~10% of itself: 3000 stars) and nowhere else
+    assert np.flatnonzero(varying.excess_var).tolist() == list(range(120, 126))
+    np.testing.assert_allclose(np.sqrt(varying.excess_var[120:126]), 0.1, rtol=0.1)
     ds = MatchedDataset(type("D", (), {"flux": lambda self, i=None: Xs[i], "offset": lambda self, i=None: Os[i],
                                        "__len__": lambda self: n})(), line)
     cal = ds.for_calibration(np.arange(10), seed=0)
@@ -158,7 +166,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5,
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, adapt_noise=1.0,
                      ema=0.9)   # every switch on (network groups; the default, ridge groups, below)
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
