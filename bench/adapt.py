@@ -49,9 +49,8 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, match_source, reference_target
+from stellarparams.adapt import TargetLoss, calibrate_adapted, match_source, reference_target
 from stellarparams.baselines import RidgeVal
-from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
 from stellarparams.dataset import Dataset
 from stellarparams.files import write_text
@@ -154,22 +153,20 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
     model = model_of(adapted, src, mc, tc)
-    oof = None
-    if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
-        oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
-        oof["y"] = labels_of(src, oof["rows"])
     extra = {"match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
-    # calibrated as `train --adapt-to` does (the matched validation stars, each times one group's excess
-    # residual), and for comparison on the matched validation stars alone
-    for key, cal in (("", matched.for_calibration(srows["val"], seed)), ("_plain", matched)):
-        model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
-                                            cal.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
+    # calibrated as `train --adapt-to` does (matched validation stars + out-of-fold matched training stars, the
+    # folds' residuals rescaled to the final model's error), and for comparison on the matched validation stars
+    # alone, plain ("_val") and each times what the matching leaves ("_excess")
+    for key, cal, folds in (("_val", matched, 0), ("_excess", matched.for_calibration(srows["val"], seed), 0),
+                            ("", matched, a.calib_folds)):
+        calibrate_adapted(model, matched, cal, folds)
         df = model.predict_full(Xte)
         pred = df[LABELS].to_numpy(np.float64)
         sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
         lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
         extra["cov1" + key] = (np.abs(pred - truth) <= sig).mean(0).tolist()
         extra["cov95" + key] = ((truth >= lo) & (truth <= hi)).mean(0).tolist()
+    extra["fold_error_ratio"] = model.uncertainty.stats["fold_error_ratio"]
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     extra["flagged_adapted"] = float(model.predict_full(Xte)["flag_unlike_training"].mean())
     if a.adapted_only:
@@ -188,7 +185,8 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
           + "; ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in res.items())
           + f"; match {extra['match']['shift_px']:+.1f} px, LSF {extra['match']['lsf_px']:.1f} px, response rms "
             f"{extra['match']['response_rms']:.3f}, excess rms {extra['match'].get('excess_rms', 0):.4f}; cov1 "
-            f"{np.round(extra['cov1'], 2).tolist()} (plain {np.round(extra['cov1_plain'], 2).tolist()})",
+            f"{np.round(extra['cov1'], 2).tolist()} (val {np.round(extra['cov1_val'], 2).tolist()}, excess "
+            f"{np.round(extra['cov1_excess'], 2).tolist()})",
           file=sys.stderr)
     return res, extra
 
@@ -205,13 +203,15 @@ def format_table(out: dict) -> str:
         g = np.array(r["gap_closed"])
         lines.append(f"| {name} | gap closed by adapting | " + " | ".join(
             f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "") for j in range(3)) + " |")
-    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | without the excess: sigma / 95.4% | flagged: "
-              "as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | val only: sigma; 95.4% | val only + excess: "
+              "sigma; 95.4% | flagged: as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) |",
+              "|---|---|---|---|---|---|---|"]
     cov = lambda r, k: " / ".join(f"{x:.2f}" for x in np.mean(r[k], 0))  # noqa: E731
     for name, r in out["targets"].items():
         m = r["match"][0]
-        lines.append(f"| {name} | {cov(r, 'cov1')} | {cov(r, 'cov95')} | {cov(r, 'cov1_plain')}; "
-                     f"{cov(r, 'cov95_plain')} | {np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
+        lines.append(f"| {name} | {cov(r, 'cov1')} | {cov(r, 'cov95')} | {cov(r, 'cov1_val')}; {cov(r, 'cov95_val')} | "
+                     f"{cov(r, 'cov1_excess')}; {cov(r, 'cov95_excess')} | "
+                     f"{np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
                      f" | {m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f}, "
                      f"{m.get('excess_rms', 0):.4f} |")
     return "\n".join(lines)
@@ -238,9 +238,9 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
     p.add_argument("--adapt-noise", type=float, default=0.0,
                    help="noise of the target's excess per-pixel variance on the matched source (TrainConfig.adapt_noise)")
-    p.add_argument("--calib-folds", type=int, default=0,
-                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma; 0: "
-                        "the source validation stars alone")
+    p.add_argument("--calib-folds", type=int, default=3,
+                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, their "
+                        "residuals rescaled to the final model's error; 0: the source validation stars alone")
     p.add_argument("--adapted-only", action="store_true",
                    help="only as-is and adapted (comparing adaptation settings; no gap closed)")
     p.add_argument("--threads", type=int, default=1)
@@ -277,8 +277,9 @@ def main(argv=None) -> int:
             tds = Dataset(simulated(work, name, survey, sim_seed, shifts, a.n_target, grid, a))
             trows = rows_of(tds, 1)
         r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
-                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "cov1_plain": [],
-                                    "cov95_plain": [], "flagged_as_is": [],
+                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "cov1_val": [],
+                                    "cov95_val": [], "cov1_excess": [], "cov95_excess": [], "fold_error_ratio": [],
+                                    "flagged_as_is": [],
                                     "flagged_adapted": [], "match": []}
         for seed in a.seeds:
             f, m = sources[seed]
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
             asis, ad, ceil = (np.array(res[k]) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
             r["gap_closed"].append(((asis - ad) / (asis - ceil)).tolist())
             r["flagged_as_is"].append(float(m.predict_full(tds.flux(trows["test"]))["flag_unlike_training"].mean()))
-            for k in ("cov1", "cov95", "cov1_plain", "cov95_plain", "flagged_adapted", "match"):
+            for k in ("cov1", "cov95", "cov1_val", "cov95_val", "cov1_excess", "cov95_excess", "flagged_adapted",
+                      "match", "fold_error_ratio"):
                 r[k].append(extra[k])
         write_text(work / "adapt.json", json.dumps(out, indent=1))
     out["seconds"] = round(time.perf_counter() - t0)

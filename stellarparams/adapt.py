@@ -59,6 +59,16 @@ class Match:
     excess_weight: np.ndarray | None = None   # (C,) target spectra per group, summing to 1
     excess_var: np.ndarray | None = None      # (P,) within-group variance of flux/mean the target has beyond the source
 
+    def draw(self, seed, row: int, noise: float = 1.0, group: int = -1) -> np.ndarray:
+        """(P,) ln factor for one source spectrum (``row``): ``group``'s excess residual (< 0: none) plus, times
+        ``noise``, a Gaussian draw of the target's excess per-pixel variance."""
+        P = len(self.excess_var)
+        rng = np.random.default_rng([seed, row])
+        out = self.excess[group] if group >= 0 else np.zeros(P)
+        if noise > 0:
+            out = out + np.log(np.clip(1 + noise * np.sqrt(self.excess_var) * rng.standard_normal(P), 0.05, None))
+        return out
+
     def flux_ratio(self, g: np.ndarray) -> np.ndarray:
         """(N, P) flux (any scale) -> the same after the LSF and the shift (not the response)."""
         from scipy.ndimage import gaussian_filter1d, shift
@@ -129,20 +139,16 @@ class MatchedDataset(Dataset):
 
     def _extra(self, idx):
         """(N, P) ln factor of rows ``idx`` beyond the match (the calibration's excess, the noise), or None."""
-        noisy = self._noise > 0 and self.match.excess_var is not None
+        noisy = self._noise > 0 and self.match.excess is not None
         if not self._perturbed and not noisy:
             return None
         rows = np.arange(len(self._ds)) if idx is None else np.asarray(idx).reshape(-1)
-        out = None
-        if noisy:
-            sd = self._noise * np.sqrt(self.match.excess_var)
-            out = np.stack([np.random.default_rng([self._seed, r]).standard_normal(len(sd)) for r in rows.tolist()])
-            out = np.log(np.clip(1 + out * sd, 0.05, None))
-        g = np.array([self._perturbed.get(r, -1) for r in rows.tolist()])
-        if (g >= 0).any():
-            e = np.where((g >= 0)[:, None], self.match.excess[np.maximum(g, 0)], 0.0)
-            out = e if out is None else out + e
-        return out
+        noise = {r: self._noise if noisy else 0.0 for r in rows.tolist()}
+        for r in self._perturbed:      # the calibration's rows: the target's excess variance too, at least once
+            noise[r] = max(noise.get(r, 0.0), 1.0)
+        if not any(noise.values()) and not any(r in self._perturbed for r in rows.tolist()):
+            return None
+        return np.stack([self.match.draw(self._seed, r, noise[r], self._perturbed.get(r, -1)) for r in rows.tolist()])
 
     def flux(self, idx=None):
         return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[0]
@@ -662,3 +668,57 @@ class TargetLoss:
                 ref.train(mode)
             loss = loss + self.consistency * (net(noisy) - y_ref).pow(2).mean()
         return loss
+
+
+# ---------------------------------------------------------------------- calibration of the adapted model
+def calibrate_adapted(model, matched, cal=None, folds: int = 3, *, device=None, precision: str = "fp32",
+                      init=None, progress: bool = False):
+    """The uncertainty model of an adapted model (returned, also set as ``model.uncertainty``).
+
+    Fitted (:func:`stellarparams.uncertainty.fit_uncertainty`) on the matched source's validation
+    stars and, with ``folds`` = K >= 2, out-of-fold predictions of every matched training star:
+    K models trained (on ``matched``) without 1/K of the training stars. Those are worse than the
+    final model, which would widen sigma, so each fold's residuals are multiplied by the ratio
+    of the 68.3% quantiles of |residual| of the final model and of the fold's model on the same
+    validation stars (paired: how hard those stars are cancels). ``cal``: the dataset the held-out
+    residuals are computed on (default ``matched``; :meth:`MatchedDataset.for_calibration` adds what
+    the matching leaves). Records the ratios in ``stats["fold_error_ratio"]``.
+    """
+    from dataclasses import replace
+
+    from .calibrate import fold_of
+    from .training import fit_ensemble, label_matrix
+    from .uncertainty import Q68, fit_uncertainty, raw_uncertainty
+
+    cal = matched if cal is None else cal
+    tc, labels = model.train_config, model.label_names
+    itr, iva = matched.indices("train"), matched.indices("val")
+    ytr, yva = label_matrix(matched, itr, labels), label_matrix(matched, iva, labels)
+    Xva, oof, ratios = cal.flux(iva), None, []
+    groups = matched.meta(itr)["object_id"].to_numpy()
+    if folds >= 2 and len(np.unique(groups)) >= folds:
+        q68 = lambda p: np.nanquantile(np.abs(p * model.scale + model.center - yva), Q68, axis=0)  # noqa: E731
+        final = q68(raw_uncertainty(model.net, Xva, 0)[0])
+        fold, parts = fold_of(groups, folds, tc.seed), []
+        for k in range(folds):
+            if progress:
+                print(f"calibration: out-of-fold model {k + 1} of {folds}", file=sys.stderr)
+            fm = fit_ensemble(matched, (itr[fold != k], iva), model.model_config, replace(tc, calib_folds=0),
+                              device=device, precision=precision, init=init)
+            held = itr[fold == k]
+            pred, s_mc, noise = raw_uncertainty(fm.net, cal.flux(held), seed=tc.seed)
+            r = final / q68(raw_uncertainty(fm.net, Xva, 0)[0] * fm.scale / model.scale
+                            + (fm.center - model.center) / model.scale)
+            y = ytr[fold == k]
+            parts.append(dict(rows=held, pred=y + (pred * fm.scale + fm.center - y) * r, s_mc=s_mc * fm.scale,
+                              noise=noise, y=y))
+            ratios.append(r.tolist())
+        oof = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    u = fit_uncertainty(model, matched.flux(itr), ytr, Xva, yva, seed=int(model.seed or 0), oof=oof,
+                        carry=None if init is None else init.uncertainty)
+    u.stats["fold_error_ratio"] = ratios
+    u.stats["calibrated_on"] += (" of the source, passed through the input matching"
+                                 + ("; the out-of-fold residuals rescaled to the final model's error" if ratios else "")
+                                 + ("; each times what the matching leaves" if cal is not matched else ""))
+    model.uncertainty = u
+    return u
