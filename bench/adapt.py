@@ -31,8 +31,9 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; on the
 adapted model, the coverage of sigma (68.3% expected) and of the 95.4% interval on the target's
 test stars (calibrated, as `train` does, on the source validation stars and out-of-fold predictions
-of every source training star, all passed through the input matching), and
-the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
+of every source training star, all passed through the input matching; for comparison also on the
+validation stars alone, plain and each times what the matching leaves, ``MatchedDataset.for_calibration``),
+and the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
 includes the target's unlabeled spectra).
 Writes WORK/adapt.json and WORK/adapt.md.
 """
@@ -49,8 +50,9 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, calibrate_adapted, match_source, reference_target
+from stellarparams.adapt import TargetLoss, match_source, reference_target
 from stellarparams.baselines import RidgeVal
+from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
 from stellarparams.dataset import Dataset
 from stellarparams.files import write_text
@@ -153,20 +155,24 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
     model = model_of(adapted, src, mc, tc)
+    oof = None
+    if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
+        oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
+        oof["y"] = labels_of(src, oof["rows"])
     extra = {"match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
-    # calibrated as `train --adapt-to` does (matched validation stars + out-of-fold matched training stars, the
-    # folds' residuals rescaled to the final model's error), and for comparison on the matched validation stars
-    # alone, plain ("_val") and each times what the matching leaves ("_excess")
-    for key, cal, folds in (("_val", matched, 0), ("_excess", matched.for_calibration(srows["val"], seed), 0),
-                            ("", matched, a.calib_folds)):
-        calibrate_adapted(model, matched, cal, folds)
+    # calibrated as `train --adapt-to` does (matched validation + out-of-fold matched training stars), and for
+    # comparison on the matched validation stars alone, plain ("_val") and each times what the matching leaves
+    # ("_excess"; MatchedDataset.for_calibration)
+    for key, cal, o in (("_val", matched, None), ("_excess", matched.for_calibration(srows["val"], seed), None),
+                        ("", matched, oof)):
+        model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
+                                            cal.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=o)
         df = model.predict_full(Xte)
         pred = df[LABELS].to_numpy(np.float64)
         sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
         lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
         extra["cov1" + key] = (np.abs(pred - truth) <= sig).mean(0).tolist()
         extra["cov95" + key] = ((truth >= lo) & (truth <= hi)).mean(0).tolist()
-    extra["fold_error_ratio"] = model.uncertainty.stats["fold_error_ratio"]
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     extra["flagged_adapted"] = float(model.predict_full(Xte)["flag_unlike_training"].mean())
     if a.adapted_only:
@@ -239,8 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-noise", type=float, default=0.0,
                    help="noise of the target's excess per-pixel variance on the matched source (TrainConfig.adapt_noise)")
     p.add_argument("--calib-folds", type=int, default=3,
-                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, their "
-                        "residuals rescaled to the final model's error; 0: the source validation stars alone")
+                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
+                        "`train` does; 0: the source validation stars alone")
     p.add_argument("--adapted-only", action="store_true",
                    help="only as-is and adapted (comparing adaptation settings; no gap closed)")
     p.add_argument("--threads", type=int, default=1)
@@ -278,8 +284,7 @@ def main(argv=None) -> int:
             trows = rows_of(tds, 1)
         r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
                                     "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "cov1_val": [],
-                                    "cov95_val": [], "cov1_excess": [], "cov95_excess": [], "fold_error_ratio": [],
-                                    "flagged_as_is": [],
+                                    "cov95_val": [], "cov1_excess": [], "cov95_excess": [], "flagged_as_is": [],
                                     "flagged_adapted": [], "match": []}
         for seed in a.seeds:
             f, m = sources[seed]
@@ -290,7 +295,7 @@ def main(argv=None) -> int:
             r["gap_closed"].append(((asis - ad) / (asis - ceil)).tolist())
             r["flagged_as_is"].append(float(m.predict_full(tds.flux(trows["test"]))["flag_unlike_training"].mean()))
             for k in ("cov1", "cov95", "cov1_val", "cov95_val", "cov1_excess", "cov95_excess", "flagged_adapted",
-                      "match", "fold_error_ratio"):
+                      "match"):
                 r[k].append(extra[k])
         write_text(work / "adapt.json", json.dumps(out, indent=1))
     out["seconds"] = round(time.perf_counter() - t0)

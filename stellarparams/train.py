@@ -276,17 +276,14 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
                   grid=ds.attrs.get("grid"), prepare_config=ds.attrs.get("preprocess"), metrics=fitted.metrics,
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
-    if target is None:
-        _calibrate(model, fit_ds, folds, out, fingerprint, progress, precision, init)
-    else:  # on the matched source; the folds' residuals rescaled to the final model's error (adapt.py)
-        from .adapt import calibrate_adapted
-
-        calibrate_adapted(model, fit_ds, None, folds, device=device, precision=precision, init=init, progress=progress)
+    _calibrate(model, fit_ds, folds, out, fingerprint, progress, precision, init)
     if target is not None:
         from .adapt import reference_target
 
         reference_target(model, fit_ds.flux(fit_ds.indices("train")), fit_ds.flux(fit_ds.indices("val")), target,
                          tc.seed)
+        if model.uncertainty is not None:
+            model.uncertainty.stats["calibrated_on"] += " of the source, passed through the input matching"
         model.metrics["adapt"] = fit_ds.match.to_dict()
     if out is not None:
         save_model(model, out)
@@ -404,12 +401,12 @@ def add_arguments(p: argparse.ArgumentParser):
                         "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_group, adapt_bins, adapt_match, "
-                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise). It costs one training with "
+                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise). It costs one "
+                        "training with "
                         "adapt_group = ridge (the default) or adapt_bins = 1; with adapt_group = net, adapt_match "
                         "trainings plus a first-pass one without --init-from. "
                         "With a few labelled target stars: train --adapt-to first, then --init-from that model "
-                        "on the labelled stars. The sigmas are calibrated on the matched source stars (the "
-                        "--calib-folds out-of-fold residuals rescaled to the final model's error)")
+                        "on the labelled stars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model or checkpoint in --out that was trained with another config or dataset")
     p.add_argument("--wait", action="store_true",

@@ -180,12 +180,9 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
-    one = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=2, adapt_bins=1,
+    one = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=1,
                                              adapt_to=str(tmp_path / "tgt")), progress=False)
     assert len(one.metrics["adapt"]["rounds"]) == 1          # one group: one estimate, no first pass
-    ratios = np.array(one.uncertainty.stats["fold_error_ratio"])   # per fold and label: final / fold model's error
-    assert ratios.shape == (2, 3) and np.isfinite(ratios).all() and (ratios > 0).all()
-    assert one.uncertainty.stats["n_oof"] == 180
     ridge = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2,
                                                adapt_order=3, adapt_to=str(tmp_path / "tgt")),
                   progress=False)
