@@ -243,7 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
     p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
     p.add_argument("--adapt-noise", type=float, default=0.0,
-                   help="noise of the target's excess per-pixel variance on the matched source (TrainConfig.adapt_noise)")
+                   help="noise of the target's excess per-pixel variance on the matched source "
+                        "(TrainConfig.adapt_noise)")
     p.add_argument("--calib-folds", type=int, default=3,
                    help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
                         "`train` does; 0: the source validation stars alone")
