@@ -26,8 +26,15 @@ so the network trains on source spectra that look as the target's do:
    the source seen through the last shift and LSF (the first from one group), with "net"
    from a network retrained on the transformed source.
 
-What the model learns from the target is only this transform (a few numbers and a smooth
-curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
+4. Also estimated (:func:`excess_residuals`): what each group's log ratio keeps beyond the fit
+   and beyond the noise of the group means (``Match.excess``; :meth:`MatchedDataset.for_calibration`,
+   compared in bench/adapt.py, not used by ``train``), and the per-pixel variance the target has
+   beyond the source (``Match.excess_var``; noise on the source with ``adapt_noise``).
+
+The target is a prepared dataset, or a folder, spectrum file or catalog read here as
+``prepare`` would (:func:`read_target`). What the model learns from it is only this transform
+(a few numbers and smooth curves, recorded in model.json's metrics under ``adapt``); the
+target's labels are never read.
 """
 from __future__ import annotations
 
@@ -127,9 +134,11 @@ class MatchedDataset(Dataset):
         return getattr(self._ds, name)
 
     def for_calibration(self, rows, seed: int = 0) -> "MatchedDataset":
-        """The same, with each of ``rows`` (the validation rows the sigmas are calibrated on) also multiplied by
-        exp of one group's excess residual (``match.excess``: what the matching leaves on target stars of that
-        group beyond the noise of the group means), the group drawn in proportion to the target's spectra."""
+        """The same, with each of ``rows`` (the validation rows the sigmas would be calibrated on) also multiplied
+        by exp of one group's excess residual (``match.excess``: what the matching leaves on target stars of that
+        group beyond the noise of the group means), the group drawn in proportion to the target's spectra, and
+        by noise of the target's excess per-pixel variance (``match.excess_var``). bench/adapt.py compares this
+        calibration with the plain one; ``train`` does not use it (docs/benchmarks.md, "Coverage")."""
         m = self.match
         if m.excess is None or not len(rows):
             return self
