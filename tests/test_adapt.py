@@ -124,8 +124,9 @@ def test_excess_keeps_only_what_the_matching_leaves_beyond_the_group_noise():
 
 
 def test_adapt_to_reads_a_folder_or_catalog_of_spectra_like_prepare(tmp_path):
-    spectra, cat = good_set(tmp_path, n=6)
+    spectra, cat = good_set(tmp_path, n=24)
     cat["FILE"] = [str(f) for f in sorted(spectra.rglob("*.fits"), key=lambda f: int(f.name.split("-")[-1][:4]))]
+    cat["FEH_ADOP"], cat["LOGG_ADOP"] = np.linspace(-2, 0, len(cat)), np.linspace(1, 5, len(cat))
     cat.to_csv(tmp_path / "cat.csv", index=False)
     prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", config=PrepareConfig(grid=TINY_GRID), workers=1,
             progress=False)
@@ -136,7 +137,11 @@ def test_adapt_to_reads_a_folder_or_catalog_of_spectra_like_prepare(tmp_path):
         np.testing.assert_allclose(off, ds.offset(), rtol=1e-6)
         assert rejects == {}
         flux, off, rejects = read_target(spectra, ds)     # the folder: every good file read, the bad one skipped
-        assert flux.shape == (6, TINY_GRID.n_pix) and sum(rejects.values()) == 1
+        assert flux.shape == (24, TINY_GRID.n_pix) and sum(rejects.values()) == 1
+        model = train(ds, None, TINY, TrainConfig(epochs=1, batch_size=8, seed=1, calib_folds=0, adapt_bins=1,
+                                                  adapt_order=3, adapt_to=str(spectra)), progress=False)
+        assert model.metrics["adapt"]["target_spectra"] == 24
+        assert sum(model.metrics["adapt"]["target_rejected"].values()) == 1     # the bad file, named on stderr
         h = target_hash(spectra, ds)
         (spectra / "spec-0500-55000-0099.fits").unlink()
         assert target_hash(spectra, ds) != h
