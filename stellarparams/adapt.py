@@ -151,13 +151,12 @@ class MatchedDataset(Dataset):
         noisy = self._noise > 0 and self.match.excess is not None
         if not self._perturbed and not noisy:
             return None
-        rows = np.arange(len(self._ds)) if idx is None else np.asarray(idx).reshape(-1)
-        noise = {r: self._noise if noisy else 0.0 for r in rows.tolist()}
-        for r in self._perturbed:      # the calibration's rows: the target's excess variance too, at least once
-            noise[r] = max(noise.get(r, 0.0), 1.0)
-        if not any(noise.values()) and not any(r in self._perturbed for r in rows.tolist()):
+        rows = (np.arange(len(self._ds)) if idx is None else np.asarray(idx).reshape(-1)).tolist()
+        if not noisy and not any(r in self._perturbed for r in rows):
             return None
-        return np.stack([self.match.draw(self._seed, r, noise[r], self._perturbed.get(r, -1)) for r in rows.tolist()])
+        base = self._noise if noisy else 0.0   # the calibration's rows get the target's excess variance at least once
+        return np.stack([self.match.draw(self._seed, r, max(base, 1.0) if r in self._perturbed else base,
+                                         self._perturbed.get(r, -1)) for r in rows])
 
     def flux(self, idx=None):
         return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[0]
