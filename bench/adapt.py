@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, match_source, reference_target
+from stellarparams.adapt import TargetLoss, match_source, pseudo_refit, reference_target
 from stellarparams.baselines import RidgeVal
 from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
@@ -135,35 +135,13 @@ def labels_of(ds, rows, labels=LABELS):
     return ds.labels(rows)[:, [ds.label_names.index(l) for l in labels]].astype(np.float64)
 
 
-def pseudo_fit(adapted, matched, src, srows, Xu, Ou, mc, tc, frac):
-    """Confident pseudo-labels (an experiment): the adapted model labels the ``frac`` of the target's unlabeled
-    spectra with the smallest MC-dropout spread (mean over labels, scaled units); a network is trained from
-    scratch (the same recipe) on the matched source training stars plus those, selected on the matched source
-    validation stars."""
-    import tempfile
-
-    from stellarparams.dataset import write_dataset
-    from stellarparams.uncertainty import raw_uncertainty
-
-    pred, s_mc, _ = raw_uncertainty(adapted.net, Xu, seed=tc.seed)
-    sel = np.argsort(s_mc.mean(1))[: int(frac * len(Xu))]
-    tr, va = srows["train"], srows["val"]
-    X = np.concatenate([matched.flux(tr), Xu[sel], matched.flux(va)])
-    off = np.concatenate([matched.offset(tr), Ou[sel], matched.offset(va)])
-    y = np.concatenate([labels_of(src, tr), pred[sel] * adapted.scale + adapted.center, labels_of(src, va)])
-    split = np.repeat([0, 0, 1], [len(tr), len(sel), len(va)])
-    with tempfile.TemporaryDirectory() as tmp:
-        with write_dataset(tmp, X, y, split, attrs={"grid": src.attrs["grid"]}, offset=off) as ds:
-            return fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc)
-
-
 def run_target(name, tds, trows, src, srows, source, seed, a):
     """One target, one seed: {model: MAE (3,)} plus coverage and flags of the adapted model."""
     mc = ModelConfig(n_in=tds.n_pix)
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
                 adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
                 adapt_narrow=a.adapt_narrow, adapt_group=a.adapt_group, adapt_coral=a.adapt_coral,
-                adapt_consistency=a.adapt_consistency, adapt_noise=a.adapt_noise)
+                adapt_consistency=a.adapt_consistency, adapt_noise=a.adapt_noise, adapt_pseudo=a.pseudo)
     te = trows["test"]
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
@@ -176,9 +154,10 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     loss = TargetLoss(Xu, tc) if tc.adapt_coral or tc.adapt_consistency else None
     adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
-    if a.pseudo > 0:
-        res["adapted, then pseudo-labels"] = mae(predict(pseudo_fit(adapted, matched, src, srows, Xu, Ou, mc, tc,
-                                                                    a.pseudo), Xte))
+    if a.pseudo > 0:  # as `train --adapt-to` does with adapt_pseudo; "adapted" stays the network before it
+        matched.target_offset = Ou
+        res["adapted + pseudo-labels"] = mae(predict(pseudo_refit(adapted, matched, Xu, mc, tc, target_loss=loss),
+                                                     Xte))
     model = model_of(adapted, src, mc, tc)
     oof = None
     if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
@@ -271,9 +250,9 @@ def main(argv=None) -> int:
                    help="noise of the target's excess per-pixel variance on the matched source "
                         "(TrainConfig.adapt_noise)")
     p.add_argument("--pseudo", type=float, default=0.0,
-                   help="also train on this fraction of the target's unlabeled spectra, labelled by the adapted "
-                        "model (those with the smallest MC-dropout spread): an experiment, row 'adapted, then "
-                        "pseudo-labels'")
+                   help="TrainConfig.adapt_pseudo: train again on the matched source plus this fraction of the "
+                        "target's unlabeled spectra, labelled by the adapted model (smallest MC-dropout spread); "
+                        "row 'adapted + pseudo-labels' (the 'adapted' row is the network before)")
     p.add_argument("--calib-folds", type=int, default=3,
                    help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
                         "`train` does; 0: the source validation stars alone")

@@ -599,7 +599,38 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
     matched = match_source(ds, rows, mc, tc, Xt, Ot, first, init=init, progress=progress, device=device,
                            precision=precision)
     matched.match.stats.update({"target_spectra": int(len(Xt)), "target_rejected": rejects})
+    matched.target_offset = Ot
     return matched, Xt
+
+
+def pseudo_refit(fitted, matched, target_flux, mc, tc, **fit_kw):
+    """Confident pseudo-labels (``tc.adapt_pseudo`` = q > 0): ``fitted`` (the adapted network) labels the q
+    of the target's spectra (N_t, P) with the smallest MC-dropout spread (mean over labels, scaled units),
+    and a network is trained again, from where ``fit_kw`` says (``init``), on the matched source training
+    stars plus those, selected on the matched validation stars. Returns the new Fitted; its metrics record
+    how many target spectra it was trained on (``pseudo_labelled``).
+    """
+    import tempfile
+
+    from .dataset import write_dataset
+    from .training import fit_ensemble, label_matrix
+    from .uncertainty import raw_uncertainty
+
+    pred, s_mc, _ = raw_uncertainty(fitted.net, target_flux, seed=tc.seed)
+    sel = np.sort(np.argsort(s_mc.mean(1), kind="stable")[: int(tc.adapt_pseudo * len(target_flux))])
+    itr, iva = matched.indices("train"), matched.indices("val")
+    labels = list(fitted.labels)
+    X = np.concatenate([matched.flux(itr), target_flux[sel], matched.flux(iva)])
+    off = np.concatenate([matched.offset(itr), matched.target_offset[sel], matched.offset(iva)])
+    y = np.concatenate([label_matrix(matched, itr, labels), pred[sel] * fitted.scale + fitted.center,
+                        label_matrix(matched, iva, labels)])
+    split = np.repeat([0, 0, 1], [len(itr), len(sel), len(iva)])
+    with tempfile.TemporaryDirectory() as tmp, \
+            write_dataset(tmp, X, y, split, label_names=labels, attrs={"grid": matched.attrs["grid"]},
+                          offset=off) as ds:
+        out = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, **fit_kw)
+    out.metrics["pseudo_labelled"] = int(len(sel))
+    return out
 
 
 def reference_target(model, source_train, source_val, target_flux, seed: int = 0):

@@ -121,6 +121,9 @@ class TrainConfig:
                                   # (telluric, sky residuals); 0 = the smooth response only; 0-5
     adapt_coral: float = 0.0      # weight of Deep CORAL between source and target trunk features; 0-10
     adapt_consistency: float = 0.0  # weight of the mean-teacher consistency on target spectra; 0-10
+    adapt_pseudo: float = 0.0     # confident pseudo-labels: the adapted model labels this fraction of the target's
+                                  # spectra (smallest MC-dropout spread) and a network is trained again on the
+                                  # matched source plus those; 0 = off; 0-1
     adapt_noise: float = 0.0      # noise added to each matched source spectrum, this times the per-pixel variance the
                                   # target has beyond the source's within like groups (varying telluric depth, sky
                                   # residuals); 0 = off; 0-2

@@ -269,6 +269,11 @@ def _train(ds, out, mc, tc, net, on_epoch, progress, overwrite, device, precisio
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
                      fingerprint=fingerprint, on_epoch=on_epoch, progress=progress, device=device, precision=precision)
+    if target is not None and tc.adapt_pseudo:  # confident pseudo-labels on the target, then again (adapt.py)
+        from .adapt import pseudo_refit
+
+        fitted = pseudo_refit(fitted, fit_ds, target, mc, tc, progress=progress, device=device, precision=precision,
+                              init=init, target_loss=target_loss)
     units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else init.label_units.get(l, "")
              for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
@@ -401,7 +406,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_group, adapt_bins, adapt_match, "
-                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise). It costs one "
+                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise, adapt_pseudo). "
+                        "It costs one "
                         "training with "
                         "adapt_group = ridge (the default) or adapt_bins = 1; with adapt_group = net, adapt_match "
                         "trainings plus a first-pass one without --init-from. "

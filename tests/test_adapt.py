@@ -171,7 +171,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, adapt_noise=1.0,
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, adapt_noise=1.0, adapt_pseudo=0.5,
                      ema=0.9)   # every switch on (network groups; the default, ridge groups, below)
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
@@ -182,6 +182,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert card["train_config"]["adapt_hash"] == "target-hash-1"
     assert card["train_config"]["adapt_coral"] == 0.5 and card["metrics"]["adapt"]["response_rms"] > 0
     assert len(card["metrics"]["adapt"]["rounds"]) == 2
+    assert card["metrics"]["pseudo_labelled"] == 100        # half the 200 target spectra, labelled by the model
     assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
