@@ -31,8 +31,9 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; on the
 adapted model, the coverage of sigma (68.3% expected) and of the 95.4% interval on the target's
 test stars (calibrated, as `train` does, on the source validation stars and out-of-fold predictions
-of every source training star, all passed through the input matching), and
-the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
+of every source training star, all passed through the input matching; for comparison also on the
+validation stars alone, plain and each times what the matching leaves, ``MatchedDataset.for_calibration``),
+and the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
 includes the target's unlabeled spectra).
 Writes WORK/adapt.json and WORK/adapt.md.
 """
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, match_source, reference_target
+from stellarparams.adapt import TargetLoss, match_source, pseudo_refit, reference_target
 from stellarparams.baselines import RidgeVal
 from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
@@ -140,7 +141,7 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
                 adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
                 adapt_narrow=a.adapt_narrow, adapt_group=a.adapt_group, adapt_coral=a.adapt_coral,
-                adapt_consistency=a.adapt_consistency)
+                adapt_consistency=a.adapt_consistency, adapt_noise=a.adapt_noise, adapt_pseudo=a.pseudo)
     te = trows["test"]
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
@@ -153,22 +154,31 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     loss = TargetLoss(Xu, tc) if tc.adapt_coral or tc.adapt_consistency else None
     adapted = fit(matched, (srows["train"], srows["val"]), mc, tc, target_loss=loss)
     res["adapted"] = mae(predict(adapted, Xte))
+    if a.pseudo > 0:  # as `train --adapt-to` does with adapt_pseudo; "adapted" stays the network before it
+        matched.target_offset = Ou
+        res["adapted + pseudo-labels"] = mae(predict(pseudo_refit(adapted, matched, Xu, mc, tc, target_loss=loss),
+                                                     Xte))
     model = model_of(adapted, src, mc, tc)
     oof = None
     if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
         oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
         oof["y"] = labels_of(src, oof["rows"])
-    model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
-                                        matched.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=oof)
+    extra = {"match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
+    # calibrated as `train --adapt-to` does (matched validation + out-of-fold matched training stars), and for
+    # comparison on the matched validation stars alone, plain ("_val") and each times what the matching leaves
+    # ("_excess"; MatchedDataset.for_calibration)
+    for key, cal, o in (("_val", matched, None), ("_excess", matched.for_calibration(srows["val"], seed), None),
+                        ("", matched, oof)):
+        model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
+                                            cal.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=o)
+        df = model.predict_full(Xte)
+        pred = df[LABELS].to_numpy(np.float64)
+        sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
+        lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
+        extra["cov1" + key] = (np.abs(pred - truth) <= sig).mean(0).tolist()
+        extra["cov95" + key] = ((truth >= lo) & (truth <= hi)).mean(0).tolist()
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
-    df = model.predict_full(Xte)
-    pred = df[LABELS].to_numpy(np.float64)
-    sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
-    lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
-    extra = {"cov1": (np.abs(pred - truth) <= sig).mean(0).tolist(),
-             "cov95": ((truth >= lo) & (truth <= hi)).mean(0).tolist(),
-             "flagged_adapted": float(df["flag_unlike_training"].mean()),
-             "match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
+    extra["flagged_adapted"] = float(model.predict_full(Xte)["flag_unlike_training"].mean())
     if a.adapted_only:
         res["ceiling (all labelled target)"] = [np.nan] * 3
         return res, extra
@@ -184,7 +194,10 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
           + "; ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in res.items())
           + f"; match {extra['match']['shift_px']:+.1f} px, LSF {extra['match']['lsf_px']:.1f} px, response rms "
-            f"{extra['match']['response_rms']:.3f}; cov1 {np.round(extra['cov1'], 2).tolist()}", file=sys.stderr)
+            f"{extra['match']['response_rms']:.3f}, excess rms {extra['match'].get('excess_rms', 0):.4f}; cov1 "
+            f"{np.round(extra['cov1'], 2).tolist()} (val {np.round(extra['cov1_val'], 2).tolist()}, excess "
+            f"{np.round(extra['cov1_excess'], 2).tolist()})",
+          file=sys.stderr)
     return res, extra
 
 
@@ -200,14 +213,17 @@ def format_table(out: dict) -> str:
         g = np.array(r["gap_closed"])
         lines.append(f"| {name} | gap closed by adapting | " + " | ".join(
             f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "") for j in range(3)) + " |")
-    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | flagged: as-is / adapted | shift px, LSF px, "
-              "response rms (seed 0) |", "|---|---|---|---|---|"]
+    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | val only: sigma; 95.4% | val only + excess: "
+              "sigma; 95.4% | flagged: as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) |",
+              "|---|---|---|---|---|---|---|"]
+    cov = lambda r, k: " / ".join(f"{x:.2f}" for x in np.mean(r[k], 0))  # noqa: E731
     for name, r in out["targets"].items():
-        c1, c95 = np.mean(r["cov1"], 0), np.mean(r["cov95"], 0)
         m = r["match"][0]
-        lines.append(f"| {name} | " + " / ".join(f"{x:.2f}" for x in c1) + " | " + " / ".join(f"{x:.2f}" for x in c95)
-                     + f" | {np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f} | "
-                       f"{m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f} |")
+        lines.append(f"| {name} | {cov(r, 'cov1')} | {cov(r, 'cov95')} | {cov(r, 'cov1_val')}; {cov(r, 'cov95_val')} | "
+                     f"{cov(r, 'cov1_excess')}; {cov(r, 'cov95_excess')} | "
+                     f"{np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
+                     f" | {m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f}, "
+                     f"{m.get('excess_rms', 0):.4f} |")
     return "\n".join(lines)
 
 
@@ -230,9 +246,16 @@ def main(argv=None) -> int:
                    help="what predicts the labels the groups are made of (TrainConfig.adapt_group)")
     p.add_argument("--adapt-coral", type=float, default=0.0, help="weight of CORAL on target spectra")
     p.add_argument("--adapt-consistency", type=float, default=0.0, help="weight of the mean-teacher consistency")
+    p.add_argument("--adapt-noise", type=float, default=0.0,
+                   help="noise of the target's excess per-pixel variance on the matched source "
+                        "(TrainConfig.adapt_noise)")
+    p.add_argument("--pseudo", type=float, default=0.0,
+                   help="TrainConfig.adapt_pseudo: train again on the matched source plus this fraction of the "
+                        "target's unlabeled spectra, labelled by the adapted model (smallest MC-dropout spread); "
+                        "row 'adapted + pseudo-labels' (the 'adapted' row is the network before)")
     p.add_argument("--calib-folds", type=int, default=3,
-                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma; 0: "
-                        "the source validation stars alone")
+                   help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
+                        "`train` does; 0: the source validation stars alone")
     p.add_argument("--adapted-only", action="store_true",
                    help="only as-is and adapted (comparing adaptation settings; no gap closed)")
     p.add_argument("--threads", type=int, default=1)
@@ -269,7 +292,8 @@ def main(argv=None) -> int:
             tds = Dataset(simulated(work, name, survey, sim_seed, shifts, a.n_target, grid, a))
             trows = rows_of(tds, 1)
         r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
-                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "flagged_as_is": [],
+                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "cov1_val": [],
+                                    "cov95_val": [], "cov1_excess": [], "cov95_excess": [], "flagged_as_is": [],
                                     "flagged_adapted": [], "match": []}
         for seed in a.seeds:
             f, m = sources[seed]
@@ -279,7 +303,8 @@ def main(argv=None) -> int:
             asis, ad, ceil = (np.array(res[k]) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
             r["gap_closed"].append(((asis - ad) / (asis - ceil)).tolist())
             r["flagged_as_is"].append(float(m.predict_full(tds.flux(trows["test"]))["flag_unlike_training"].mean()))
-            for k in ("cov1", "cov95", "flagged_adapted", "match"):
+            for k in ("cov1", "cov95", "cov1_val", "cov95_val", "cov1_excess", "cov95_excess", "flagged_adapted",
+                      "match"):
                 r[k].append(extra[k])
         write_text(work / "adapt.json", json.dumps(out, indent=1))
     out["seconds"] = round(time.perf_counter() - t0)

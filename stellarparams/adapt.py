@@ -26,8 +26,15 @@ so the network trains on source spectra that look as the target's do:
    the source seen through the last shift and LSF (the first from one group), with "net"
    from a network retrained on the transformed source.
 
-What the model learns from the target is only this transform (a few numbers and a smooth
-curve, recorded in model.json's metrics under ``adapt``); the target's labels are never read.
+4. Also estimated (:func:`excess_residuals`): what each group's log ratio keeps beyond the fit
+   and beyond the noise of the group means (``Match.excess``; :meth:`MatchedDataset.for_calibration`,
+   compared in bench/adapt.py, not used by ``train``), and the per-pixel variance the target has
+   beyond the source (``Match.excess_var``; noise on the source with ``adapt_noise``).
+
+The target is a prepared dataset, or a folder, spectrum file or catalog read here as
+``prepare`` would (:func:`read_target`). What the model learns from it is only this transform
+(a few numbers and smooth curves, recorded in model.json's metrics under ``adapt``); the
+target's labels are never read.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .context import Run
 from .dataset import Dataset
 
 SHIFTS_PX = tuple(np.round(np.arange(-0.5, 0.51, 0.1), 2))   # candidate wavelength shifts, grid pixels
@@ -55,6 +63,19 @@ class Match:
     lsf: float = 0.0
     log_response: np.ndarray | None = None
     stats: dict = field(default_factory=dict)
+    excess: np.ndarray | None = None          # (C, P) what each group's ln ratio keeps beyond the fit and its noise
+    excess_weight: np.ndarray | None = None   # (C,) target spectra per group, summing to 1
+    excess_var: np.ndarray | None = None      # (P,) within-group variance of flux/mean the target has beyond the source
+
+    def draw(self, seed, row: int, noise: float = 1.0, group: int = -1) -> np.ndarray:
+        """(P,) ln factor for one source spectrum (``row``): ``group``'s excess residual (< 0: none) plus, times
+        ``noise``, a Gaussian draw of the target's excess per-pixel variance."""
+        P = len(self.excess_var)
+        rng = np.random.default_rng([seed, row])
+        out = self.excess[group] if group >= 0 else np.zeros(P)
+        if noise > 0:
+            out = out + np.log(np.clip(1 + noise * np.sqrt(self.excess_var) * rng.standard_normal(P), 0.05, None))
+        return out
 
     def flux_ratio(self, g: np.ndarray) -> np.ndarray:
         """(N, P) flux (any scale) -> the same after the LSF and the shift (not the response)."""
@@ -67,18 +88,23 @@ class Match:
             g = shift(g, (0, self.shift), order=3, mode="nearest")
         return g
 
-    def apply(self, flux, offset, sigma=None, block: int = 4096):
+    def apply(self, flux, offset, sigma=None, block: int = 4096, extra=None):
         """Standardized source flux (N, P), its offsets (N,) [and noise (N, P)] -> the same for the target's instrument.
 
-        Float32 out; computed in float64 blocks of ``block`` rows (memory stays at a few blocks).
+        extra: optional (N, P) ln factor applied on top of the response (the calibration's
+        perturbations, :meth:`MatchedDataset.for_calibration`). Float32 out; computed in float64
+        blocks of ``block`` rows (memory stays at a few blocks).
         """
         if len(flux) > block:
-            parts = [self.apply(flux[i:i + block], offset[i:i + block], None if sigma is None else sigma[i:i + block])
+            cut = lambda a, i: None if a is None else a[i:i + block]  # noqa: E731
+            parts = [self.apply(flux[i:i + block], offset[i:i + block], cut(sigma, i), block, cut(extra, i))
                      for i in range(0, len(flux), block)]
             return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                     None if sigma is None else np.concatenate([p[2] for p in parts]))
         f = self.flux_ratio(np.asarray(flux, np.float64) + np.asarray(offset, np.float64)[:, None])
         r = 1.0 if self.log_response is None else np.exp(self.log_response)[None, :]
+        if extra is not None:
+            r = r * np.exp(extra)
         f = f * r
         m, s = f.mean(1), f.std(1)
         s = np.where(s > 0, s, 1.0)
@@ -94,23 +120,55 @@ class Match:
 
 
 class MatchedDataset(Dataset):
-    """A prepared dataset whose flux, offset and noise come back through a :class:`Match`; the rest is the dataset's."""
+    """A prepared dataset whose flux, offset and noise come back through a :class:`Match`; the rest is the dataset's.
 
-    def __init__(self, ds, match: Match):  # no file of its own: every other attribute is ``ds``'s
-        self._ds, self.match = ds, match
+    perturbed: {row: group} of rows that are also multiplied by exp of that group's
+    ``match.excess`` (:meth:`for_calibration`); none by default.
+    """
+
+    def __init__(self, ds, match: Match, perturbed: dict | None = None, noise: float = 0.0, seed: int = 0):
+        # no file of its own: every other attribute is ``ds``'s. noise > 0: every row also gets Gaussian noise of
+        # variance noise^2 x match.excess_var (relative flux), drawn once per row (seed, row)
+        self._ds, self.match, self._perturbed, self._noise, self._seed = ds, match, perturbed or {}, noise, seed
 
     def __getattr__(self, name):
         return getattr(self._ds, name)
 
+    def for_calibration(self, rows, seed: int = 0) -> "MatchedDataset":
+        """The same, with each of ``rows`` (the validation rows the sigmas would be calibrated on) also multiplied
+        by exp of one group's excess residual (``match.excess``: what the matching leaves on target stars of that
+        group beyond the noise of the group means), the group drawn in proportion to the target's spectra, and
+        by noise of the target's excess per-pixel variance (``match.excess_var``). bench/adapt.py compares this
+        calibration with the plain one; ``train`` does not use it (docs/benchmarks.md, "Coverage")."""
+        m = self.match
+        if m.excess is None or not len(rows):
+            return self
+        draw = np.random.default_rng(seed).choice(len(m.excess), len(rows), p=m.excess_weight)
+        return MatchedDataset(self._ds, m, dict(zip(np.asarray(rows).tolist(), draw.tolist())), self._noise,
+                              self._seed)
+
+    def _extra(self, idx):
+        """(N, P) ln factor of rows ``idx`` beyond the match (the calibration's excess, the noise), or None."""
+        noisy = self._noise > 0 and self.match.excess is not None
+        if not self._perturbed and not noisy:
+            return None
+        rows = (np.arange(len(self._ds)) if idx is None else np.asarray(idx).reshape(-1)).tolist()
+        if not noisy and not any(r in self._perturbed for r in rows):
+            return None
+        base = self._noise if noisy else 0.0   # the calibration's rows get the target's excess variance at least once
+        return np.stack([self.match.draw(self._seed, r, max(base, 1.0) if r in self._perturbed else base,
+                                         self._perturbed.get(r, -1)) for r in rows])
+
     def flux(self, idx=None):
-        return self.match.apply(self._ds.flux(idx), self._offset(idx))[0]
+        return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[0]
 
     def offset(self, idx=None):
-        return self.match.apply(self._ds.flux(idx), self._offset(idx))[1]
+        return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[1]
 
     def sigma(self, idx=None):
         s = self._ds.sigma(idx)
-        return None if s is None else self.match.apply(self._ds.flux(idx), self._offset(idx), s)[2]
+        return None if s is None else self.match.apply(self._ds.flux(idx), self._offset(idx), s,
+                                                       extra=self._extra(idx))[2]
 
     def _offset(self, idx):
         o = self._ds.offset(idx)
@@ -126,18 +184,28 @@ def normalised(flux, offset) -> np.ndarray:
     return 1.0 + np.asarray(flux, np.float64) / o
 
 
-def group_means(g, pred, centers):
-    """(N, P) flux, (N, L) scaled predictions, (C, L) centers -> (C, P) mean flux and (C,) counts per nearest center."""
-    d = ((pred[:, None, :] - centers[None]) ** 2).sum(-1)
-    lab = d.argmin(1)
+def nearest(pred, centers) -> np.ndarray:
+    """(N, L) scaled predictions, (C, L) centers -> (N,) index of each row's nearest center."""
+    return ((pred[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+
+
+def group_means(g, pred, centers, var: bool = False):
+    """(N, P) flux, (N, L) scaled predictions, (C, L) centers -> (C, P) mean flux and (C,) counts per nearest
+    center [and (C, P) the variance of each group's mean, within-group variance / count, with ``var``]."""
+    lab = nearest(pred, centers)
     n = np.bincount(lab, minlength=len(centers))
-    means = np.zeros((len(centers), g.shape[1]))
+    means, sq = np.zeros((len(centers), g.shape[1])), np.zeros((len(centers), g.shape[1]))
     np.add.at(means, lab, g)
-    return means / np.maximum(n, 1)[:, None], n
+    means /= np.maximum(n, 1)[:, None]
+    if not var:
+        return means, n
+    np.add.at(sq, lab, (g - means[lab]) ** 2)
+    return means, n, sq / np.maximum(n - 1, 1)[:, None] / np.maximum(n, 1)[:, None]
 
 
 def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pred, *, order: int = 10,
-                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0) -> Match:
+                   bins: int = 16, shifts=SHIFTS_PX, lsfs=LSF_PX, seed: int = 0, narrow: float = 0.0,
+                   src_stars=None) -> Match:
     """Estimate the source -> target transform from the two unlabeled populations.
 
     Parameters
@@ -151,10 +219,13 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
     narrow : > 0 also keeps, on top of the smooth response, the pixels where the groups' mean log
         ratio departs from it by more than ``narrow`` times its standard error (narrow features
         every group shares: uncorrected telluric bands, sky residuals); 0 = smooth only.
+    src_stars : (N_s,) star of each source row, optional: the noise of the group means is then
+        measured between two star-disjoint halves of the source (:func:`excess_residuals`).
 
     Returns
     -------
-    Match, whose ``stats`` hold the groups used and the objective of the chosen candidate.
+    Match, whose ``stats`` hold the groups used and the objective of the chosen candidate, and
+    whose ``excess`` holds each group's leftover ln ratio beyond its noise.
     """
     from numpy.polynomial import legendre
     from sklearn.cluster import KMeans
@@ -193,9 +264,78 @@ def estimate_match(src_flux, src_offset, src_pred, tgt_flux, tgt_offset, tgt_pre
         keep = np.abs(rbar - smooth) > narrow * se
         smooth = smooth + np.where(keep, rbar - smooth, 0.0)
         n_narrow = int(keep.sum())
-    return Match(float(sh), float(lsf), smooth if order > 0 else None,
-                 {"groups": int(use.sum()), "objective": obj, "n_source": int(len(gs)), "n_target": int(len(gt)),
-                  "narrow_pixels": n_narrow})
+    match = Match(float(sh), float(lsf), smooth if order > 0 else None,
+                  {"groups": int(use.sum()), "objective": obj, "n_source": int(len(gs)), "n_target": int(len(gt)),
+                   "narrow_pixels": n_narrow})
+    stars = None if src_stars is None else np.asarray(src_stars)[ok_s]
+    excess_residuals(match, gs, ps, gt, pt, centers[use], smooth, order, stars, seed)
+    return match
+
+
+def _leftover(A, B, w, order: int, smooth=None):
+    """(C, P) group means of two sets, (C,) weights -> (C, P) ln(B / A) less the smooth fit of its weighted
+    mean (``smooth`` when given), each row less its own mean (a constant factor, which standardization removes)."""
+    from numpy.polynomial import legendre
+
+    r = np.log(np.clip(B, 1e-3, None) / np.clip(A, 1e-3, None))
+    if smooth is None:
+        xg = np.linspace(-1, 1, r.shape[1])
+        rbar = (w[:, None] * r).sum(0) / w.sum()
+        smooth = legendre.legval(xg, legendre.legfit(xg, rbar, order)) if order > 0 else np.zeros(r.shape[1])
+    d = r - smooth
+    return d - d.mean(1, keepdims=True)
+
+
+def _centred_log(g) -> np.ndarray:
+    """(N, P) flux over its mean -> ln of it less its own mean over pixels (a star's constant factor drops out)."""
+    lg = np.log(np.clip(g, 1e-3, None))
+    return lg - lg.mean(1, keepdims=True)
+
+
+def excess_residuals(match: Match, gs, ps, gt, pt, centers, smooth, order: int, stars=None, seed: int = 0):
+    """Set ``match.excess``: per group c, the leftover ln ratio d_c = ln(T_c / S'_c) - smooth (each row less its
+    mean), (C, P), shrunk to what exceeds the noise of the group means, d_c sqrt(max(0, 1 - phi E_c / D_c)),
+    with D_c = sum_k d_c^2 and E_c = sum_k (v_s,c / n_s,c + v_t,c / n_t,c) the variance the group sizes
+    explain (v: within-group variance of ln flux less its mean over pixels). phi >= 1 corrects E for what the
+    counts miss (several spectra of one star, pixels that move together): D / E between two star-disjoint
+    halves of the source, where no excess can be; 1 without ``stars``. Also sets ``match.excess_var`` (P,):
+    the weighted mean over groups of v_t,c - v_s,c where it exceeds 3 standard errors (pixels the target
+    varies at more than the source: telluric depth, sky residuals). gs, gt: (N, P) flux over its mean; ps,
+    pt: (N, L) predictions; centers: (C, L)."""
+    gs = match.flux_ratio(gs)                              # the source through the chosen shift and LSF
+    hs, ht = _centred_log(gs), _centred_log(gt)
+    S, ns = group_means(gs, ps, centers)
+    T, nt = group_means(gt, pt, centers)
+    _, _, vs = group_means(hs, ps, centers, var=True)      # variances of the group means (within / count)
+    _, _, vt = group_means(ht, pt, centers, var=True)
+    ok = (ns >= MIN_GROUP) & (nt >= MIN_GROUP)
+    if not ok.any():
+        return
+    S, T, vs, vt, ns, nt = S[ok], T[ok], vs[ok], vt[ok], ns[ok], nt[ok]
+    d = _leftover(S, T, None, order, smooth)
+    D, E = (d ** 2).sum(1), (vs + vt).sum(1)
+    phi = 1.0
+    if stars is not None:
+        uniq, inv = np.unique(np.asarray(stars).astype(str), return_inverse=True)
+        a = (np.random.default_rng(seed).permutation(len(uniq)) % 2 == 0)[inv.reshape(-1)]
+        (A, na), (B, nb) = group_means(gs[a], ps[a], centers), group_means(gs[~a], ps[~a], centers)
+        va, vb = group_means(hs[a], ps[a], centers, var=True)[2], group_means(hs[~a], ps[~a], centers, var=True)[2]
+        k = (na >= MIN_GROUP) & (nb >= MIN_GROUP)
+        if k.any():
+            d0 = _leftover(A[k], B[k], np.minimum(na, nb)[k].astype(np.float64), order)
+            phi = max(1.0, float((d0 ** 2).sum() / max((va[k] + vb[k]).sum(), 1e-30)))
+    keep = np.sqrt(np.clip(1 - phi * E / np.maximum(D, 1e-30), 0, 1))
+    match.excess, match.excess_weight = keep[:, None] * d, nt / nt.sum()
+    w = match.excess_weight[:, None]
+    Vs, Vt = vs * ns[:, None], vt * nt[:, None]            # within-group variances
+    dv = (w * (Vt - Vs)).sum(0)
+    se = np.sqrt(phi * (w ** 2 * 2 * (Vt ** 2 / np.maximum(nt - 1, 1)[:, None]
+                                      + Vs ** 2 / np.maximum(ns - 1, 1)[:, None])).sum(0))
+    match.excess_var = np.where(dv > 3 * se, dv, 0.0)
+    match.stats.update({"excess_rms": float(np.sqrt((match.excess_weight * (match.excess ** 2).mean(1)).sum())),
+                        "excess_groups": int((keep > 0).sum()), "noise_factor": round(phi, 3),
+                        "excess_noise_pixels": int((match.excess_var > 0).sum()),
+                        "excess_noise_rms": float(np.sqrt(match.excess_var.mean()))})
 
 
 def high_pass(flux, offset, order: int) -> np.ndarray:
@@ -245,26 +385,109 @@ def ridge_groups(src_flux, src_offset, src_labels, tgt_flux, tgt_offset, match: 
 
 
 # ---------------------------------------------------------------------- the target and the rounds
-def load_target(path, ds) -> tuple[np.ndarray, np.ndarray, str]:
-    """(flux (N, P), offsets (N,), input hash) of a prepared target dataset on ``ds``'s grid; its labels are not read.
+def _check_grid(t, ds) -> None:
+    if t.n_pix != ds.n_pix or not np.allclose(t.grid.loglam, ds.grid.loglam, rtol=0, atol=1e-9):
+        raise ValueError(f"{t.path}: its wavelength grid ({t.n_pix} pixels) is not the training dataset's "
+                         f"({ds.n_pix}); prepare the target with --grid-from the source model")
 
-    Raises ValueError (naming the file and what to do) for a folder that is not a prepared
-    dataset, another grid, or a dataset without the flux offsets.
+
+def _target_items(path) -> list:
+    """[(file, rv, ids)] of a folder of spectra, a spectrum file or a catalog with FILE (``predict``'s inputs)."""
+    from pathlib import Path
+
+    from .predict import collect_inputs
+
+    if not Path(path).exists():
+        raise ValueError(f"{path}: no such file or folder; --adapt-to takes a prepared dataset, a folder of "
+                         "spectra, a spectrum file or a catalog with a FILE column")
+    items = collect_inputs(path)
+    if not items:
+        raise ValueError(f"{path}: no spectrum file found (--adapt-to takes a prepared dataset, a folder of "
+                         "spectra, a spectrum file or a catalog with a FILE column)")
+    return items
+
+
+def target_hash(path, ds) -> str:
+    """The identity of an ``--adapt-to`` input, without reading a spectrum: a prepared dataset's input hash
+    (its grid checked against ``ds``'s), else a hash of the files' paths, sizes and times and the RVs given."""
+    import hashlib
+    import os
+
+    from .dataset import dataset_file
+
+    if dataset_file(path).exists():
+        with Dataset(path) as t:
+            _check_grid(t, ds)
+            return t.attrs.get("input_hash", "")
+    h = hashlib.sha256()
+    for f, rv, ids in _target_items(path):
+        st = os.stat(f) if f and os.path.exists(f) else None
+        h.update(f"{f}|{rv}|{ids}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def read_target(path, ds, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A folder of spectra, a spectrum file or a catalog with FILE -> (flux (N, P), offsets (N,), rejects).
+
+    Every spectrum is read and preprocessed as ``prepare`` does, with ``ds``'s grid and preprocessing
+    (its ``preprocess`` attribute); labels are not read. RV: the catalog's, else the file's own
+    RV or redshift. A spectrum that cannot be used is skipped with a line on stderr naming the file
+    and the reason; rejects = {reason: count}.
+    """
+    from .physics import rv_from_z
+    from .preprocess import PrepareConfig, preprocess
+    from .spectrum import SpectrumError
+    from .surveys import registry, sdss
+
+    if not ds.attrs.get("preprocess"):
+        raise ValueError(f"{ds.path}: has no record of its preprocessing; --adapt-to a folder of spectra needs "
+                         "it (prepare the target yourself with the source dataset's --grid)")
+    config = PrepareConfig.from_dict(ds.attrs["preprocess"])
+    items = _target_items(path)
+    flux, off, ok, rejects, cache = np.zeros((len(items), ds.n_pix), np.float32), np.zeros(len(items)), \
+        np.zeros(len(items), bool), {}, {}
+    for i, (f, rv, ids) in enumerate(items):
+        try:
+            if not f:
+                raise SpectrumError(path, "no_file", "a catalog row without a FILE")
+            spec = registry.read_record(f, ids["index"], ids["survey"], cache) if isinstance(ids, dict) else \
+                sdss.read_spectrum(f)
+            if spec.objclass and spec.objclass in config.reject_classes:
+                raise SpectrumError(f, "not_a_star", f"CLASS {spec.objclass}")
+            rv = rv if np.isfinite(rv) else getattr(spec, "rv", np.nan)
+            rv = rv if np.isfinite(rv) else rv_from_z(getattr(spec, "z", np.nan))
+            flux[i], _, off[i] = preprocess(spec, rv, config, return_offset=True)
+            ok[i] = True
+        except Exception as e:  # noqa: BLE001 - one bad file never stops the rest
+            reason = e.reason if isinstance(e, SpectrumError) else "error"
+            rejects[reason] = rejects.get(reason, 0) + 1
+            print(f"--adapt-to: skipped {f or path}: {e}"[:300], file=sys.stderr)
+    if not ok.any():
+        raise ValueError(f"{path}: no usable target spectrum (rejected: {rejects})")
+    if progress:
+        print(f"--adapt-to: {int(ok.sum())} target spectra read from {path}"
+              + (f", {sum(rejects.values())} skipped ({rejects})" if rejects else ""), file=sys.stderr)
+    return flux[ok], off[ok].astype(np.float32), rejects
+
+
+def load_target(path, ds, progress: bool = False) -> tuple[np.ndarray, np.ndarray, str, dict]:
+    """(flux (N, P), offsets (N,), input hash, rejects) of the target's spectra on ``ds``'s grid; their labels
+    are not read. ``path``: a prepared dataset (on the same grid), or what :func:`read_target` reads.
+
+    Raises ValueError (naming the file and what to do) for a dataset on another grid or without
+    the flux offsets, or when no spectrum is usable.
     """
     from .dataset import dataset_file
 
     if not dataset_file(path).exists():
-        raise ValueError(f"{path}: --adapt-to needs a prepared dataset of the target's spectra; prepare them on the "
-                         "source's grid first (`stellarparams prepare ... --grid-from MODEL`, or with the source "
-                         "dataset's --grid); a folder of raw spectra is not read by --adapt-to")
+        flux, off, rejects = read_target(path, ds, progress)
+        return flux, off, target_hash(path, ds), rejects
     with Dataset(path) as t:
-        if t.n_pix != ds.n_pix or not np.allclose(t.grid.loglam, ds.grid.loglam, rtol=0, atol=1e-9):
-            raise ValueError(f"{t.path}: its wavelength grid ({t.n_pix} pixels) is not the training dataset's "
-                             f"({ds.n_pix}); prepare the target with --grid-from the source model")
+        _check_grid(t, ds)
         o = t.offset()
         if o is None:
             raise ValueError(f"{t.path}: has no flux offsets (prepared by an older stellarparams); prepare it again")
-        return t.flux(), o, t.attrs.get("input_hash", "")
+        return t.flux(), o, t.attrs.get("input_hash", ""), {}
 
 
 def _predict(net, X, batch: int = 4096) -> np.ndarray:
@@ -280,8 +503,8 @@ def _predict(net, X, batch: int = 4096) -> np.ndarray:
                           for i in range(0, len(X), batch)]).numpy()
 
 
-def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, init=None, progress: bool = False,
-                 device=None, precision: str = "fp32") -> MatchedDataset:
+def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, init=None,
+                 run: Run = Run(progress=False)) -> MatchedDataset:
     """``tc.adapt_match`` rounds of estimate -> (retrain): the source dataset seen through the estimated transform.
 
     Parameters
@@ -297,6 +520,8 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         the source as it is; unused (None will do) with ``tc.adapt_bins`` = 1.
     init : finetune.Init, optional
         Where the intermediate rounds' networks start.
+    run : Run
+        Where those networks train (device, precision); ``progress``: one line per round.
 
     Returns
     -------
@@ -314,6 +539,8 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
     Xs, Os = ds.flux(itr), ds.offset(itr)
     if Os is None:
         raise ValueError(f"{ds.path}: input matching needs each spectrum's flux offset; prepare the dataset again")
+    meta = ds.meta(itr)
+    stars = meta["object_id"].to_numpy() if "object_id" in meta else None
     grouped = tc.adapt_bins > 1        # one group needs no predictions, so no first pass and one round
     net, match, history = first_net, Match(), []
     if grouped and getattr(tc, "adapt_group", "net") == "ridge":   # no network: ridge on continuum-free flux
@@ -324,33 +551,32 @@ def match_source(ds, rows, mc, tc, target_flux, target_offset, first_net, *, ini
         for r in range(max(1, int(tc.adapt_match))):
             ps, pt = ridge_groups(Xs, Os, Ys, Xt, Ot, match, tc.adapt_order, tc.seed)
             match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
-                                   narrow=tc.adapt_narrow)
-            _record(history, match, f"input matching (ridge groups), round {r + 1}", progress)
+                                   narrow=tc.adapt_narrow, src_stars=stars)
+            _record(history, match, f"input matching (ridge groups), round {r + 1}", run)
         match.stats["rounds"] = history
-        return MatchedDataset(ds, match)
+        return MatchedDataset(ds, match, noise=tc.adapt_noise, seed=tc.seed)
     for r in range(max(1, int(tc.adapt_match)) if grouped else 1):
         if r > 0:
             sub = replace(tc, adapt_match=0, adapt_to=None, ensemble=1)
-            net = fit(MatchedDataset(ds, match), rows, mc, sub, init=init, device=device, precision=precision).net
+            net = fit(MatchedDataset(ds, match), rows, mc, sub, init=init, run=run.quiet()).net
         xs = match.apply(Xs, Os)[0]                            # the source as the current net was trained on it
         ps, pt = (_predict(net, xs), _predict(net, Xt)) if grouped else (np.zeros((len(xs), 1)), np.zeros((len(Xt), 1)))
         match = estimate_match(Xs, Os, ps, Xt, Ot, pt, order=tc.adapt_order, bins=tc.adapt_bins, seed=tc.seed,
-                               narrow=tc.adapt_narrow)
-        _record(history, match, f"input matching, round {r + 1}", progress)
+                               narrow=tc.adapt_narrow, src_stars=stars)
+        _record(history, match, f"input matching, round {r + 1}", run)
     match.stats["rounds"] = history
-    return MatchedDataset(ds, match)
+    return MatchedDataset(ds, match, noise=tc.adapt_noise, seed=tc.seed)
 
 
-def _record(history: list, match, what: str, progress: bool) -> None:
+def _record(history: list, match, what: str, run: Run) -> None:
     """Append one round's estimate (without the response curve) to ``history``; one line on stderr."""
     h = {k: v for k, v in match.to_dict().items() if k != "log_response"}
     history.append(h)
-    if progress:
-        print(f"{what}: shift {h['shift_px']:+.1f} px, extra LSF {h['lsf_px']:.1f} px, "
-              f"response rms {h['response_rms']:.3f} ({h['groups']} groups)", file=sys.stderr)
+    run.say(f"{what}: shift {h['shift_px']:+.1f} px, extra LSF {h['lsf_px']:.1f} px, "
+            f"response rms {h['response_rms']:.3f} ({h['groups']} groups)")
 
 
-def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=None, precision: str = "fp32"):
+def source_for_target(ds, mc, tc, init=None, *, run: Run = Run(progress=False)):
     """What `train --adapt-to` trains on: (MatchedDataset, target flux (N_t, P)) for ``tc.adapt_to``.
 
     The first-pass network is the ``--init-from`` model when there is one, else a network
@@ -360,7 +586,7 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
 
     from .training import fit
 
-    Xt, Ot, _ = load_target(tc.adapt_to, ds)
+    Xt, Ot, _, rejects = load_target(tc.adapt_to, ds, run.progress)
     rows = (ds.indices("train"), ds.indices("val"))
     if tc.adapt_bins <= 1 or tc.adapt_group == "ridge":
         first = None
@@ -369,11 +595,42 @@ def source_for_target(ds, mc, tc, init=None, *, progress: bool = False, device=N
 
         first = load_model(tc.init_from).net
     else:
-        if progress:
-            print("input matching: training the first-pass network on the source as it is", file=sys.stderr)
-        first = fit(ds, rows, mc, replace(tc, adapt_to=None, ensemble=1), device=device, precision=precision).net
-    return match_source(ds, rows, mc, tc, Xt, Ot, first, init=init, progress=progress, device=device,
-                        precision=precision), Xt
+        run.say("input matching: training the first-pass network on the source as it is")
+        first = fit(ds, rows, mc, replace(tc, adapt_to=None, ensemble=1), run=run.quiet()).net
+    matched = match_source(ds, rows, mc, tc, Xt, Ot, first, init=init, run=run)
+    matched.match.stats.update({"target_spectra": int(len(Xt)), "target_rejected": rejects})
+    matched.target_offset = Ot
+    return matched, Xt
+
+
+def pseudo_refit(fitted, matched, target_flux, mc, tc, **fit_kw):
+    """Confident pseudo-labels (``tc.adapt_pseudo`` = q > 0): ``fitted`` (the adapted network) labels the q
+    of the target's spectra (N_t, P) with the smallest MC-dropout spread (mean over labels, scaled units),
+    and a network is trained again, from where ``fit_kw`` says (``init``), on the matched source training
+    stars plus those, selected on the matched validation stars. Returns the new Fitted; its metrics record
+    how many target spectra it was trained on (``pseudo_labelled``).
+    """
+    import tempfile
+
+    from .dataset import write_dataset
+    from .training import fit_ensemble, label_matrix
+    from .uncertainty import raw_uncertainty
+
+    pred, s_mc, _ = raw_uncertainty(fitted.net, target_flux, seed=tc.seed)
+    sel = np.sort(np.argsort(s_mc.mean(1), kind="stable")[: int(tc.adapt_pseudo * len(target_flux))])
+    itr, iva = matched.indices("train"), matched.indices("val")
+    labels = list(fitted.labels)
+    X = np.concatenate([matched.flux(itr), target_flux[sel], matched.flux(iva)])
+    off = np.concatenate([matched.offset(itr), matched.target_offset[sel], matched.offset(iva)])
+    y = np.concatenate([label_matrix(matched, itr, labels), pred[sel] * fitted.scale + fitted.center,
+                        label_matrix(matched, iva, labels)])
+    split = np.repeat([0, 0, 1], [len(itr), len(sel), len(iva)])
+    with tempfile.TemporaryDirectory() as tmp, \
+            write_dataset(tmp, X, y, split, label_names=labels, attrs={"grid": matched.attrs["grid"]},
+                          offset=off) as ds:
+        out = fit_ensemble(ds, (ds.indices("train"), ds.indices("val")), mc, tc, **fit_kw)
+    out.metrics["pseudo_labelled"] = int(len(sel))
+    return out
 
 
 def reference_target(model, source_train, source_val, target_flux, seed: int = 0):
@@ -450,3 +707,4 @@ class TargetLoss:
                 ref.train(mode)
             loss = loss + self.consistency * (net(noisy) - y_ref).pow(2).mean()
         return loss
+

@@ -106,7 +106,8 @@ class TrainConfig:
     init_sha256: str = ""         # ... the sha256 of its weights (set by `train`; a mismatch is refused)
     freeze: tuple = ()            # parts kept fixed: stem, blocks, ln_out, trunk, heads, heads.LABEL
     # Domain adaptation (stellarparams.adapt; docs/method.md, "Domain adaptation"): off unless adapt_to is set.
-    adapt_to: str | None = None   # prepared dataset of the target survey's spectra (its labels are never read)
+    adapt_to: str | None = None   # the target survey's spectra: a prepared dataset, folder, file or catalog with
+                                  # FILE (labels there are never read)
     adapt_hash: str = ""          # ... its input hash (set by `train`)
     adapt_match: int = 2          # rounds of input matching (estimate the target's instrument, retrain); 1-3
     adapt_bins: int = 16          # groups of predicted labels the two populations are compared in (1: the whole
@@ -120,6 +121,12 @@ class TrainConfig:
                                   # (telluric, sky residuals); 0 = the smooth response only; 0-5
     adapt_coral: float = 0.0      # weight of Deep CORAL between source and target trunk features; 0-10
     adapt_consistency: float = 0.0  # weight of the mean-teacher consistency on target spectra; 0-10
+    adapt_pseudo: float = 0.0     # confident pseudo-labels: the adapted model labels this fraction of the target's
+                                  # spectra (smallest MC-dropout spread) and a network is trained again on the
+                                  # matched source plus those; 0 = off; 0-1
+    adapt_noise: float = 0.0      # noise added to each matched source spectrum, this times the per-pixel variance the
+                                  # target has beyond the source's within like groups (varying telluric depth, sky
+                                  # residuals); 0 = off; 0-2
 
     def __post_init__(self):
         f = self.freeze or ()

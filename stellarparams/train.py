@@ -232,9 +232,9 @@ def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
     if tc.adapt_to:
         if net is not None:
             raise ValueError("adapt_to adapts a StellarNet; it cannot adapt another net")
-        from .adapt import load_target
+        from .adapt import target_hash
 
-        tc = replace(tc, adapt_hash=load_target(tc.adapt_to, ds)[2])
+        tc = replace(tc, adapt_hash=target_hash(tc.adapt_to, ds))
     fingerprint = _fingerprint(mc, tc, labels, ds, net)
     folds = tc.calib_folds if (net is None and tc.calib_folds >= 2) else 0
 
@@ -253,8 +253,7 @@ def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
     if tc.adapt_to:  # the source seen through the target's estimated instrument (stellarparams.adapt)
         from .adapt import TargetLoss, source_for_target
 
-        fit_ds, target = source_for_target(ds, mc, tc, init, progress=run.progress, device=run.device,
-                                           precision=run.precision)
+        fit_ds, target = source_for_target(ds, mc, tc, init, run=run)
         if tc.adapt_coral or tc.adapt_consistency:
             target_loss = TargetLoss(target, tc)
     if net is None:
@@ -263,6 +262,10 @@ def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
     else:
         fitted = fit(ds, (ds.indices("train"), ds.indices("val")), mc, tc, net=net, checkpoint=checkpoint,
                      fingerprint=fingerprint, on_epoch=on_epoch, run=run)
+    if target is not None and tc.adapt_pseudo:  # confident pseudo-labels on the target, then again (adapt.py)
+        from .adapt import pseudo_refit
+
+        fitted = pseudo_refit(fitted, fit_ds, target, mc, tc, init=init, target_loss=target_loss, run=run)
     units = [ds.label_units[ds.label_names.index(l)] if l in ds.label_names else init.label_units.get(l, "")
              for l in labels]
     model = Model(fitted.net, labels, fitted.center, fitted.scale, model_config=mc, train_config=tc,
@@ -384,12 +387,16 @@ def add_arguments(p: argparse.ArgumentParser):
                         "the stem's input layer is new, so stem and trunk are refused. Heads of labels the dataset "
                         "lacks are frozen without asking")
     p.add_argument("--adapt-to", dest="adapt_to", metavar="SPECTRA",
-                   help="a prepared dataset of the target survey's spectra, on this dataset's grid (its labels, if "
-                        "any, are never read): estimate how the target's instrument differs from the training "
+                   help="the target survey's spectra: a folder of them, a spectrum file, a catalog with a FILE "
+                        "column (read and preprocessed like this dataset's), or a prepared dataset on this "
+                        "dataset's grid; labels there, if any, are never read. Estimate how the target's "
+                        "instrument differs from the training "
                         "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_group, adapt_bins, adapt_match, "
-                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency). It costs one training with "
+                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise, adapt_pseudo). "
+                        "It costs one "
+                        "training with "
                         "adapt_group = ridge (the default) or adapt_bins = 1; with adapt_group = net, adapt_match "
                         "trainings plus a first-pass one without --init-from. "
                         "With a few labelled target stars: train --adapt-to first, then --init-from that model "

@@ -6,11 +6,13 @@ import pytest
 import torch
 from numpy.polynomial import legendre
 
-from stellarparams.adapt import Match, estimate_match, ridge_groups
-from stellarparams.dataset import write_dataset
+from stellarparams.adapt import Match, MatchedDataset, estimate_match, read_target, ridge_groups, target_hash
+from stellarparams.dataset import Dataset, write_dataset
+from stellarparams.prepare import prepare
+from stellarparams.preprocess import PrepareConfig
 from stellarparams.train import TrainConfig, train
 
-from helpers import TINY
+from helpers import TINY, TINY_GRID, good_set
 
 torch.set_num_threads(1)
 
@@ -90,6 +92,63 @@ def test_narrow_keeps_a_narrow_band_every_star_shares():
     assert err[0.0] > 0.1 and err[3.0] < 0.05
 
 
+def test_excess_keeps_only_what_the_matching_leaves_beyond_the_group_noise():
+    p, n = 200, 3000
+    resp = injected_response(p)
+    Xs, Os, _, zs = stars(n, p, 0)
+    Xt, Ot, _, zt = stars(n, p, 1, response=resp)
+    plain = estimate_match(Xs, Os, zs, Xt, Ot, zt, order=10, bins=8, src_stars=np.arange(n))
+    g = (1 + Xt / Ot[:, None]) * (1 - 0.2 * (zt[:, :1] > 0) * np.exp(-0.5 * ((np.arange(p) - 50) / 1.5) ** 2))
+    m_, s_ = g.mean(1), g.std(1)           # hot target stars only: a line the source lacks, 20% deep
+    line = estimate_match(Xs, Os, zs, (g - m_[:, None]) / s_[:, None], m_ / s_, zt, order=10, bins=8,
+                          src_stars=np.arange(n))
+    # a smooth response leaves only the group means' noise: (nearly) all of it is shrunk away
+    assert plain.stats["excess_rms"] < 0.01 and plain.stats["excess_noise_pixels"] == 0
+    hot = line.excess[:, 50]                # per group: what is kept at the line's centre
+    assert np.sum(hot < -0.1) >= 2 and np.sum(np.abs(hot) < 0.05) >= 2   # hot groups keep it, cool ones don't
+    # calibration rows are multiplied by exp(one group's excess); the others are untouched
+    g = 1 + Xt / Ot[:, None]
+    g[:, 120:126] *= 1 + 0.1 * np.random.default_rng(9).standard_normal((n, 1))   # a band of varying depth
+    m_, s_ = g.mean(1), g.std(1)
+    varying = estimate_match(Xs, Os, zs, (g - m_[:, None]) / s_[:, None], m_ / s_, zt, order=10, bins=8,
+                             src_stars=np.arange(n))
+    # its extra variance is found where it is (10% rms to ~10% of itself: 3000 stars) and nowhere else
+    assert np.flatnonzero(varying.excess_var).tolist() == list(range(120, 126))
+    np.testing.assert_allclose(np.sqrt(varying.excess_var[120:126]), 0.1, rtol=0.1)
+    ds = MatchedDataset(type("D", (), {"flux": lambda self, i=None: Xs[i], "offset": lambda self, i=None: Os[i],
+                                       "__len__": lambda self: n})(), line)
+    cal = ds.for_calibration(np.arange(10), seed=0)
+    idx = np.arange(20)
+    np.testing.assert_array_equal(cal.flux(idx)[10:], ds.flux(idx)[10:])
+    assert not np.allclose(cal.flux(idx)[:10], ds.flux(idx)[:10])
+
+
+def test_adapt_to_reads_a_folder_or_catalog_of_spectra_like_prepare(tmp_path):
+    spectra, cat = good_set(tmp_path, n=24)
+    cat["FILE"] = [str(f) for f in sorted(spectra.rglob("*.fits"), key=lambda f: int(f.name.split("-")[-1][:4]))]
+    cat["FEH_ADOP"], cat["LOGG_ADOP"] = np.linspace(-2, 0, len(cat)), np.linspace(1, 5, len(cat))
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    prepare(tmp_path / "cat.csv", spectra, tmp_path / "ds", config=PrepareConfig(grid=TINY_GRID), workers=1,
+            progress=False)
+    (spectra / "spec-0500-55000-0099.fits").write_text("not a FITS file")
+    with Dataset(tmp_path / "ds") as ds:
+        flux, off, rejects = read_target(tmp_path / "cat.csv", ds)     # the catalog's RV, as prepare used
+        np.testing.assert_allclose(flux, ds.flux(), atol=1e-6)
+        np.testing.assert_allclose(off, ds.offset(), rtol=1e-6)
+        assert rejects == {}
+        flux, off, rejects = read_target(spectra, ds)     # the folder: every good file read, the bad one skipped
+        assert flux.shape == (24, TINY_GRID.n_pix) and sum(rejects.values()) == 1
+        model = train(ds, None, TINY, TrainConfig(epochs=1, batch_size=8, seed=1, calib_folds=0, adapt_bins=1,
+                                                  adapt_order=3, adapt_to=str(spectra)), progress=False)
+        assert model.metrics["adapt"]["target_spectra"] == 24
+        assert sum(model.metrics["adapt"]["target_rejected"].values()) == 1     # the bad file, named on stderr
+        h = target_hash(spectra, ds)
+        (spectra / "spec-0500-55000-0099.fits").unlink()
+        assert target_hash(spectra, ds) != h
+        with pytest.raises(ValueError, match="no such file"):
+            read_target(tmp_path / "nowhere", ds)
+
+
 def test_estimate_match_finds_an_injected_resolution_and_shift():
     p = 200
     Xs, Os, _, zs = stars(3000, p, 0)
@@ -112,7 +171,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     perm = np.random.default_rng(3).permutation(200)
     _write(tmp_path / "tgt_perm", Xt, Ot, yt[perm], np.zeros(200, int), "target-hash-1")
     tc = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=2, adapt_order=3,
-                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5,
+                     adapt_match=2, adapt_group="net", adapt_coral=0.5, adapt_consistency=0.5, adapt_noise=1.0, adapt_pseudo=0.5,
                      ema=0.9)   # every switch on (network groups; the default, ridge groups, below)
     a = train(src, tmp_path / "m", TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": str(tmp_path / "tgt")}),
               progress=False)
@@ -123,6 +182,7 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert card["train_config"]["adapt_hash"] == "target-hash-1"
     assert card["train_config"]["adapt_coral"] == 0.5 and card["metrics"]["adapt"]["response_rms"] > 0
     assert len(card["metrics"]["adapt"]["rounds"]) == 2
+    assert card["metrics"]["pseudo_labelled"] == 100        # half the 200 target spectra, labelled by the model
     assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
