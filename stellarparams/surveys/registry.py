@@ -101,9 +101,14 @@ def find_files(folder, survey: str | None = None) -> list[Path]:
     A file named like a survey of higher priority is not another's. ``folder`` may be one file
     (returned as is).
     """
+    return sorted(iter_files(folder, survey))
+
+
+def iter_files(folder, survey: str | None = None):
+    """:func:`find_files`, unsorted, one at a time (a generator; the checks of ``folder`` run at once)."""
     folder = Path(folder)
     if folder.is_file():
-        return [folder]
+        return iter([folder])
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: spectra folder not found")
     check_readable(folder)
@@ -118,7 +123,7 @@ def find_files(folder, survey: str | None = None) -> list[Path]:
         def wanted(n):
             return fmt.lists(n) and not any(s.matches_name(n) for s in higher)
 
-    return sorted(p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
+    return (p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
 
 
 def prepare_files(spectra, survey: str) -> list[Path]:

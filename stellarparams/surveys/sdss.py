@@ -30,7 +30,7 @@ from .. import fastfits, matching
 from ..files import atomic_write
 from ..physics import doppler
 from .base import Simulated as SimulatedBase
-from .base import Survey
+from .base import Located, Survey
 from ..spectrum import SENTINEL, Record, SpectrumError, header_number, median_snr, to_int
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
@@ -606,8 +606,9 @@ def find_spectra(folder) -> list[Path]:
 def _file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
     """(m, 3) int64 (plate, mjd, fiberid) from each file's name, and (m,) bool: the name has one."""
     keys, ok = np.zeros((len(files), 3), np.int64), np.zeros(len(files), bool)
-    for j, p in enumerate(files):
-        k = parse_name(p.name)
+    names = files.names() if isinstance(files, matching.FileIndex) else (p.name for p in files)
+    for j, name in enumerate(names):
+        k = parse_name(name)
         if k is not None:
             keys[j], ok[j] = k, True
     return keys, ok
@@ -626,8 +627,13 @@ class SDSS(Survey):
     def identify(self, info) -> bool:
         return "COADD" in info.names or "COEFF0" in info.header
 
-    def prepare_files(self, spectra, find_files) -> list:
-        return find_spectra(spectra)
+    def prepare_files(self, spectra, find_files):
+        if not Path(spectra).is_dir():
+            return find_spectra(spectra)  # says what is wrong
+        from ..files import check_readable
+
+        check_readable(spectra)
+        return matching.FileIndex.scan(spectra, lambda name: parse_name(name) is not None)
 
     def read(self, path, reader="fast") -> list:
         spec = read_spectrum(path, reader)
@@ -639,20 +645,26 @@ class SDSS(Survey):
         return read_spectrum(path, reader)  # one spectrum per file: nothing to cache, no record fields to add
 
     def locate(self, cat, files, row_files):
-        file_keys, has_key = _file_keys(files)
-        table = matching.file_table(file_keys, has_key)
-        twin = matching.first_match(file_keys, table, has_key)
-        match = np.full(len(cat), -1)
-        keys = [None] * len(cat)
+        file_keys, has_file_key = _file_keys(files)
+        table = matching.file_table(file_keys, has_file_key)
+        twin = matching.first_match(file_keys, table, has_file_key)
+        del file_keys, has_file_key
+        n = len(cat)
+        match, keys, has_key = np.full(n, -1), np.zeros((n, 3), np.int64), np.zeros(n, bool)
         if all(c in cat.columns for c in CATALOG_ID_COLUMNS):
             ids = cat[list(CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-            valid = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
-            match = matching.first_match(np.where(valid[:, None], ids, 0).astype(np.int64), table, valid)
-            keys = [tuple(int(v) for v in k) if ok else None for k, ok in zip(ids, valid)]
-        located = [(row_files[i] or (files[match[i]] if match[i] >= 0 else None), None) for i in range(len(cat))]
-        ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
-        row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
-        return twin, match, keys, located, ident, row_id
+            has_key = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
+            keys[has_key] = ids[has_key]
+            del ids
+            match = matching.first_match(keys, table, has_key)
+        with_file = np.array([f is not None for f in row_files], bool)
+        if with_file.any():  # a row's FILE is its identity: text, as before
+            ident = [str(f) if f is not None else None if not k else str(tuple(int(v) for v in keys[i]))
+                     for i, (k, f) in enumerate(zip(has_key, row_files))]
+            return Located(twin, match, files, row_files, keys, has_key, ident=ident)
+        first = matching.first_of_key(keys, has_key)  # rows in catalog order: the first of a key keeps it
+        dup = has_key & (first != np.arange(n))
+        return Located(twin, match, files, row_files, keys, has_key, dup=dup)
 
     def reject_unused(self, files, twin, is_used, rejects) -> None:
         for j, p in enumerate(files):
