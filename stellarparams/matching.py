@@ -132,19 +132,30 @@ class FileIndex:
 
     @classmethod
     def scan(cls, root, wanted, block: int = 1 << 16) -> "FileIndex":
-        """The files under ``root`` (recursively, as ``Path.rglob``) whose name ``wanted(name)`` keeps.
+        """The files under ``root`` whose name ``wanted(name)`` keeps: recursively, as ``Path.rglob("*")``
+        (symbolic links to folders are not followed; a folder that cannot be read is skipped).
 
-        Names are gathered in blocks of ``block`` and kept as fixed-width bytes, never as a
-        list of every Path at once.
+        Names are gathered in blocks of ``block`` and kept as fixed-width bytes; no Path is made
+        (``rglob`` keeps every path it yielded until it ends).
         """
         root = Path(root)
-        blocks, names = [], []
-        for p in root.rglob("*"):
-            if wanted(p.name) and p.is_file():
-                names.append(os.fsencode(p.relative_to(root)).replace(b"/", cls.SEP))
-                if len(names) == block:
-                    blocks.append(np.array(names, dtype=bytes))
-                    names = []
+        blocks, names, folders = [], [], [b""]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(os.path.join(os.fsencode(root), folder.replace(cls.SEP, b"/"))) as it:
+                    entries = list(it)
+            except (PermissionError, FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                rel = folder + cls.SEP + e.name if folder else e.name
+                if _is_dir(e):
+                    folders.append(rel)
+                if wanted(os.fsdecode(e.name)) and _is_file(e):
+                    names.append(rel)
+                    if len(names) == block:
+                        blocks.append(np.array(names, dtype=bytes))
+                        names = []
         blocks.append(np.array(names, dtype=bytes) if names else np.zeros(0, "S1"))
         rel = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         rel.sort()  # in place: no second copy
@@ -162,3 +173,17 @@ class FileIndex:
     def names(self):
         """Each file's name (without its folder), in order: a generator."""
         return (os.fsdecode(r.rsplit(self.SEP, 1)[-1]) for r in self.rel)
+
+
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _is_file(entry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False

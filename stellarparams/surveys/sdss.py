@@ -470,15 +470,14 @@ def _read_fits_table_plain(path) -> pd.DataFrame | None:
             form = str(hdr.get(f"TFORM{k}", "")).upper()
             if f"TDIM{k}" in hdr or f"TSCAL{k}" in hdr or _NOT_PLAIN_COLUMN.search(form):
                 return None
-        data = f[1].read()
-    columns = {}
-    for name in data.dtype.names:
-        v = data[name]
-        if v.ndim == 1 and v.dtype.kind == "U":
-            columns[name] = np.char.rstrip(v)  # astropy drops trailing blanks of FITS text
-        elif v.ndim == 1:
-            columns[name] = v.astype(v.dtype.newbyteorder("=")) if v.dtype.byteorder == ">" else v
-    return pd.DataFrame(columns)
+        columns = {}
+        for name in f[1].get_colnames():  # a column at a time, each its own block: one copy of the table in memory
+            v = f[1].read_column(name)
+            if v.ndim == 1 and v.dtype.kind == "U":
+                columns[name] = np.char.rstrip(v)  # astropy drops trailing blanks of FITS text
+            elif v.ndim == 1:
+                columns[name] = v.byteswap().view(v.dtype.newbyteorder("=")) if v.dtype.byteorder == ">" else v
+    return pd.DataFrame(columns, copy=False)
 
 
 def _read_fits_table_astropy(path) -> pd.DataFrame:
