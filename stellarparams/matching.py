@@ -139,23 +139,13 @@ class FileIndex:
         (``rglob`` keeps every path it yielded until it ends).
         """
         root = Path(root)
-        blocks, names, folders = [], [], [b""]
-        while folders:
-            folder = folders.pop()
-            try:
-                with os.scandir(os.path.join(os.fsencode(root), folder.replace(cls.SEP, b"/"))) as it:
-                    entries = list(it)
-            except (PermissionError, FileNotFoundError, NotADirectoryError):
-                continue
-            for e in entries:
-                rel = folder + cls.SEP + e.name if folder else e.name
-                if _is_dir(e):
-                    folders.append(rel)
-                if wanted(os.fsdecode(e.name)) and _is_file(e):
-                    names.append(rel)
-                    if len(names) == block:
-                        blocks.append(np.array(names, dtype=bytes))
-                        names = []
+        blocks, names = [], []
+        for rel, name in walk(root, cls.SEP):
+            if wanted(name):
+                names.append(rel)
+                if len(names) == block:
+                    blocks.append(np.array(names, dtype=bytes))
+                    names = []
         blocks.append(np.array(names, dtype=bytes) if names else np.zeros(0, "S1"))
         rel = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         rel.sort()  # in place: no second copy
@@ -173,6 +163,26 @@ class FileIndex:
     def names(self):
         """Each file's name (without its folder), in order: a generator."""
         return (os.fsdecode(r.rsplit(self.SEP, 1)[-1]) for r in self.rel)
+
+
+def walk(root, sep: bytes = b"/"):
+    """Yield (path relative to ``root`` as bytes, its parts joined by ``sep``; name) of every file under
+    ``root``, recursively, in no order: the files ``Path.rglob("*")`` finds (symbolic links to folders are
+    not followed, a folder that cannot be read is skipped), without keeping a Path of each."""
+    folders = [b""]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(os.path.join(os.fsencode(root), folder.replace(sep, b"/"))) as it:
+                entries = list(it)
+        except (PermissionError, FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            rel = folder + sep + e.name if folder else e.name
+            if _is_dir(e):
+                folders.append(rel)
+            if _is_file(e):
+                yield rel, os.fsdecode(e.name)
 
 
 def _is_dir(entry) -> bool:

@@ -93,7 +93,14 @@ def assign_splits(n: int, seed: int = 0, fractions=(0.6, 0.1, 0.3), groups=None)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     f = f / f.sum()
-    keys = np.arange(n) if groups is None else np.asarray(groups).astype(str)
+    if groups is None:  # each row its own group: the same assignment without np.unique's copies
+        order = np.random.default_rng(seed).permutation(n)
+        split = np.empty(n, np.uint8)
+        split[order] = np.searchsorted(np.cumsum(f)[:2], (np.arange(n) + 0.5) / max(n, 1), side="right")
+        return split
+    keys = np.asarray(groups)
+    if keys.dtype.kind not in "SU":  # bytes (UTF-8) sort as their text does
+        keys = keys.astype(str)
     uniq, inv = np.unique(keys, return_inverse=True)
     order = np.random.default_rng(seed).permutation(len(uniq))
     sizes = np.bincount(inv, minlength=len(uniq))[order]
@@ -225,8 +232,22 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
     return summary
 
 
+def _int_text(v: np.ndarray) -> np.ndarray:
+    """(n,) int64 -> their decimal text as bytes, as wide as the longest."""
+    width = max([len(str(int(x))) for x in (v.min(), v.max())] if len(v) else [1])
+    return v.astype(f"S{width}")
+
+
 def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
+    """Group keys as text ((n,) array: bytes for whole numbers, else str), and a mask of rows without one
+    (NaN, -9999 or empty)."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        v = col.to_numpy(np.float64, na_value=np.nan)
+        missing = np.isnan(v) | (v <= SENTINEL)
+        if pd.api.types.is_integer_dtype(col):
+            return _int_text(col.to_numpy(np.int64, na_value=0)), missing
+        if np.all(np.mod(v[~missing], 1) == 0) and np.all(np.abs(v[~missing]) < 2**53):
+            return _int_text(np.where(missing, 0, v).astype(np.int64)), missing  # 3.0 -> "3"
     missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
                | (pd.to_numeric(col, errors="coerce") <= SENTINEL).to_numpy())
     values = col
@@ -833,6 +854,7 @@ def _split(job: _Job, matched: _Matched, parts: list, seed, fractions, progress)
     if id_col:
         object_id, no_id = _group_keys(job.cat[id_col].iloc[rows].reset_index(drop=True))
         if no_id.any():  # a row without an ID is a star of its own
+            object_id = np.char.decode(object_id) if object_id.dtype.kind == "S" else object_id
             object_id = object_id.astype(object)
             object_id[no_id] = [_row_key(matched, int(r)) for r in rows[no_id]]
             object_id = object_id.astype(str)
@@ -876,6 +898,11 @@ def _label_arrays(kept: pd.DataFrame, config: PrepareConfig):
     return labels, label_err
 
 
+def _text(a: np.ndarray) -> np.ndarray:
+    """An array of text as str (bytes decoded as UTF-8)."""
+    return np.char.decode(a, "utf-8") if a.dtype.kind == "S" else a
+
+
 def _extra_columns(job: _Job) -> list:
     """The catalog's other numeric columns (written under ``extra/``)."""
     config, cat = job.config, job.cat
@@ -898,7 +925,7 @@ def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray,
             else np.zeros(len(kept), np.int32)
 
     files = [matched.file_of(int(r)) for r in rows]
-    object_id = splits.object_id[idx] if splits.object_id is not None else \
+    object_id = _text(splits.object_id[idx]) if splits.object_id is not None else \
         np.array([matched.loc.row_id(int(r)) or Path(f).stem for r, f in zip(rows, files)], dtype=object)
     meta = pd.DataFrame({
         "plate": ints("PLATE"), "mjd": ints("MJD"), "fiberid": ints("FIBERID"),

@@ -6,11 +6,13 @@ in ``priority`` order, highest first: by file name, else by FITS content.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import desi, lamost, sdss, tables
 from .base import FitsInfo, Survey
 from ..files import check_readable
+from ..matching import walk
 from ..spectrum import Record, SpectrumError
 
 _FORMATS: dict = {}
@@ -123,7 +125,7 @@ def iter_files(folder, survey: str | None = None):
         def wanted(n):
             return fmt.lists(n) and not any(s.matches_name(n) for s in higher)
 
-    return (p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
+    return (folder / os.fsdecode(rel) for rel, name in walk(folder) if wanted(name))
 
 
 def prepare_files(spectra, survey: str) -> list[Path]:
