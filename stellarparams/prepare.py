@@ -444,11 +444,15 @@ class _Rejects:
     def append(self, r: dict) -> None:
         """Write one reject (a dict with some of :data:`REJECT_COLUMNS`)."""
         def num(v):
-            return "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
+            return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
 
-        self.csv.writerow([str(r.get("file") or ""), num(r.get("plate")), num(r.get("mjd")), num(r.get("fiberid")),
-                           r["reason"], r.get("detail", ""), r.get("id") or ""])
-        self.by_reason[r["reason"]] = self.by_reason.get(r["reason"], 0) + 1
+        self.add(r.get("file"), (num(r.get("plate")), num(r.get("mjd")), num(r.get("fiberid"))), r["reason"],
+                 r.get("detail", ""), r.get("id"))
+
+    def add(self, file, key: tuple, reason: str, detail: str, ident) -> None:
+        """Write one reject: its file (or None), (plate, mjd, fiberid) (ints or None), reason, detail, identifier."""
+        self.csv.writerow((str(file or ""), *key, reason, detail, ident or ""))  # csv writes None as ""
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
         self.n += 1
 
     def publish(self, final: Path) -> None:
@@ -472,9 +476,7 @@ class _Matched:
 
     def reject(self, row, file, reason, detail=""):
         """Add a rejected catalog row."""
-        plate, mjd, fiberid = self.loc.key(row)
-        self.rejects.append({"file": file, "plate": plate, "mjd": mjd, "fiberid": fiberid,
-                             "reason": reason, "detail": detail, "id": self.loc.row_id(row)})
+        self.rejects.add(file, self.loc.key(row), reason, detail, self.loc.row_id(row))
 
     def file_of(self, row: int) -> str:
         """The spectrum file of catalog row ``row`` as text."""

@@ -503,3 +503,63 @@ def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, mo
     for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
         assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
         assert not (tmp_path / name / ".partial").exists()
+
+
+def test_a_large_catalogs_bookkeeping_is_held_in_arrays(tmp_path):
+    """30,000 catalog rows, 12 with a file: the rest are rejected (no_file) without a Python object per row.
+
+    Bound: 300 bytes a row of traced memory at the peak. The catalog itself (9 numeric columns,
+    72 bytes a row) is held whole, and matching makes a few int64 columns per row beside it;
+    one Python object per row exceeds the bound on its own (a reject as a dict ~600 bytes, a
+    tuple of three ints ~150, a Path ~300): the bookkeeping held that way measured 880 bytes a row.
+    """
+    import tracemalloc
+
+    import fitsio
+
+    spectra, cat = good_set(tmp_path, n=12)
+    n, k = 30_000, np.arange(30_000)
+    big = {c: np.resize(cat[c].to_numpy(), n) for c in cat.columns}
+    big.update(PLATE=np.where(k < 12, 500, 900), MJD=np.where(k < 12, 55000, 56000 + k // 1000),
+               FIBERID=np.where(k < 12, k + 1, k % 1000 + 1))
+    fitsio.write(str(tmp_path / "cat.fits"), big)
+    tracemalloc.start()
+    try:
+        s = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "ds", workers=1, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s["kept"] == 12 and s["rejected_by_reason"] == {"no_file": n - 12}
+    assert peak < 300 * n, f"{peak / n:.0f} bytes a catalog row"
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv")  # written as they came: catalog order, every column
+    np.testing.assert_array_equal(rej.fiberid, big["FIBERID"][12:])
+    assert rej.id.iloc[0] == "0900-56000-0013" and rej.detail.iloc[-1] == f"no spectrum file for catalog row {n - 1}"
+    assert not (tmp_path / "ds" / ".rejects.csv").exists()  # renamed into place
+    fitsio.write(str(tmp_path / "none.fits"), {c: v[12:100] for c, v in big.items()})
+    with pytest.raises(prep.NoUsableInput):
+        prep.prepare(tmp_path / "none.fits", spectra, tmp_path / "none", workers=1, progress=False)
+    assert not (tmp_path / "none" / ".rejects.csv").exists() and not (tmp_path / "none" / "rejects.csv").exists()
+
+
+def test_file_index_lists_and_sorts_files_as_rglob_does(tmp_path):
+    from stellarparams import matching
+    from stellarparams.surveys import registry
+
+    names = ["a/spec-1-2-3.fits", "a-b/spec-1-2-4.fits", "a/b/spec-1-2-5.fits.gz", "ab/spec-1-2-6.fits",
+             "spec-1-2-7.fits", "a/.hidden/spec-1-2-8.fits", "a/notes.txt", "z/spSpec-2-1-9.fit"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "spec-9-9-9.fits").mkdir()                        # a folder named like a file: not listed
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)  # not followed, as rglob
+    (tmp_path / "spec-1-2-10.fits").symlink_to(tmp_path / "a" / "spec-1-2-3.fits")  # a link to a file: listed
+
+    def wanted(name):
+        return sdss.parse_name(name) is not None
+
+    want = sorted(p for p in tmp_path.rglob("*") if wanted(p.name) and p.is_file())
+    index = matching.FileIndex.scan(tmp_path, wanted)
+    assert list(index) == want and len(index) == 8
+    assert list(index.names()) == [p.name for p in want] and index[len(index) - 1] == want[-1]
+    assert registry.find_files(tmp_path, "sdss") == want
+    assert sdss.find_spectra(tmp_path) == want

@@ -102,7 +102,7 @@ class Located:
         """Row ``i``'s (plate, mjd, fiberid), or (None, None, None)."""
         if self.keys is None or not self.has_key[i]:
             return None, None, None
-        return tuple(int(v) for v in self.keys[i])
+        return tuple(self.keys[i].tolist())
 
     def row_id(self, i: int) -> str:
         """Row ``i``'s identifier as text ('' when none)."""
