@@ -639,6 +639,7 @@ def _match(job: _Job, rejects: _Rejects) -> _Matched:
     for i in np.flatnonzero(why != READ).tolist():
         _reject_row(matched, i, why[i], bad_label, config.rv_column, fmt, cat)
     _reject_unused_files(job, loc.twin, used[1], rejects, used[2], used[0])
+    loc.twin = loc.dup = loc.ident = None  # no longer needed
     matched.rows = np.flatnonzero(why == READ)
     if fmt.many_per_file:  # read each file once per chunk, not once per row
         files = [loc.file(i) for i in matched.rows.tolist()]
@@ -851,6 +852,9 @@ def _split(job: _Job, matched: _Matched, parts: list, seed, fractions, progress)
             matched.reject(r["row"], matched.file_of(r["row"]), r["reason"], r["detail"])
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
+    for p in parts:  # held once, in ``rows`` and ``snr``
+        p["n"] = len(p.pop("rows"))
+        del p["snr"], p["rejects"]
     object_id = None
     id_col = job.group_by or ("STAR_ID" if "STAR_ID" in job.cat.columns else None)
     if id_col:
@@ -975,7 +979,7 @@ def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, table
     with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
         start = 0
         for k, part in enumerate(parts):
-            n = len(part["rows"])
+            n = part["n"]
             sel = np.flatnonzero(keep_mask[start:start + n])
             if len(sel):
                 with np.load(_chunk_path(partial, k)) as z:

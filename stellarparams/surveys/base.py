@@ -62,8 +62,9 @@ class Located:
     files : sequence of Path
     row_files : sequence
         Each row's FILE as a Path, or None.
-    keys : (n, 3) int64 or None
-        SDSS (plate, mjd, fiberid) of each row (rows without one: ``has_key`` False).
+    keys : list of 3 (n,) arrays, or None
+        SDSS (plate, mjd, fiberid) of each row, the catalog's own columns (rows without one:
+        ``has_key`` False).
     has_key : (n,) bool or None
     located : list or None
         Each row's (file, index in file) or (None, None), when not from ``match``/``row_files``.
@@ -78,7 +79,7 @@ class Located:
     match: np.ndarray
     files: object
     row_files: object
-    keys: np.ndarray | None = None
+    keys: list | None = None
     has_key: np.ndarray | None = None
     located: list | None = None
     row_ids: list | None = None
@@ -102,7 +103,7 @@ class Located:
         """Row ``i``'s (plate, mjd, fiberid), or (None, None, None)."""
         if self.keys is None or not self.has_key[i]:
             return None, None, None
-        return tuple(self.keys[i].tolist())
+        return tuple(int(c[i]) for c in self.keys)
 
     def row_id(self, i: int) -> str:
         """Row ``i``'s identifier as text ('' when none)."""

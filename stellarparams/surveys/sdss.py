@@ -613,6 +613,20 @@ def _file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
     return keys, ok
 
 
+def _number_column(col: pd.Series) -> np.ndarray:
+    """A catalog column as numbers: its own array when it is one (no copy), else float64 (NaN where missing)."""
+    a = col.to_numpy()
+    return a if a.dtype.kind in "iuf" else col.to_numpy(np.float64, na_value=np.nan)
+
+
+def _int_keys(cols: list, ok: np.ndarray) -> np.ndarray:
+    """(n, k) int64 of the columns ``cols`` (0 where not ``ok``), truncated as ``int()`` does."""
+    keys = np.zeros((len(ok), len(cols)), np.int64)
+    for j, c in enumerate(cols):
+        keys[ok, j] = c[ok]
+    return keys
+
+
 class SDSS(Survey):
     """DR8+ spec-PLATE-MJD-FIBER.fits and DR7 spSpec files; catalog: SSPP sppParams."""
 
@@ -649,21 +663,22 @@ class SDSS(Survey):
         twin = matching.first_match(file_keys, table, has_file_key)
         del file_keys, has_file_key
         n = len(cat)
-        match, keys, has_key = np.full(n, -1), np.zeros((n, 3), np.int64), np.zeros(n, bool)
+        match, cols, has_key = np.full(n, -1), None, np.zeros(n, bool)
         if all(c in cat.columns for c in CATALOG_ID_COLUMNS):
-            ids = cat[list(CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-            has_key = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
-            keys[has_key] = ids[has_key]
-            del ids
+            cols = [_number_column(cat[c]) for c in CATALOG_ID_COLUMNS]  # the catalog's own arrays: no copy
+            has_key = np.ones(n, bool)
+            for c in cols:
+                has_key &= np.abs(c.astype(np.float64)) < 2**62  # finite and an int64
+            keys = _int_keys(cols, has_key)
             match = matching.first_match(keys, table, has_key)
         with_file = np.array([f is not None for f in row_files], bool)
         if with_file.any():  # a row's FILE is its identity: text, as before
-            ident = [str(f) if f is not None else None if not k else str(tuple(int(v) for v in keys[i]))
+            ident = [str(f) if f is not None else None if not k else str(tuple(int(c[i]) for c in cols))
                      for i, (k, f) in enumerate(zip(has_key, row_files))]
-            return Located(twin, match, files, row_files, keys, has_key, ident=ident)
-        first = matching.first_of_key(keys, has_key)  # rows in catalog order: the first of a key keeps it
-        dup = has_key & (first != np.arange(n))
-        return Located(twin, match, files, row_files, keys, has_key, dup=dup)
+            return Located(twin, match, files, row_files, cols, has_key, ident=ident)
+        first = matching.first_of_key(keys, has_key) if cols is not None else np.full(n, -1)
+        dup = has_key & (first != np.arange(n))  # rows in catalog order: the first of a key keeps it
+        return Located(twin, match, files, row_files, cols, has_key, dup=dup)
 
     def reject_unused(self, files, twin, is_used, rejects) -> None:
         for j, p in enumerate(files):
