@@ -563,3 +563,26 @@ def test_file_index_lists_and_sorts_files_as_rglob_does(tmp_path):
     assert list(index.names()) == [p.name for p in want] and index[len(index) - 1] == want[-1]
     assert registry.find_files(tmp_path, "sdss") == want
     assert sdss.find_spectra(tmp_path) == want
+
+
+def test_keys_that_do_not_fit_one_int64_are_matched_as_the_packed_ones():
+    from stellarparams import matching
+
+    rng = np.random.default_rng(1)
+    files = rng.integers(0, 4, (300, 3))
+    rows = rng.integers(0, 5, (200, 3))
+    valid = rng.random(200) > 0.1
+    packed = matching.first_match(rows, files, valid)
+    assert isinstance(matching.file_table(files), matching.SortedKeys)
+    big = 1 << 40  # a column over 2**21: the keys cannot be packed, pyarrow joins them
+    wide = matching.file_table(files + [0, 0, big])
+    assert not isinstance(wide, matching.SortedKeys)
+    np.testing.assert_array_equal(matching.first_match(rows + [0, 0, big], wide, valid), packed)
+    negative = matching.file_table(files - 2)  # negative keys cannot be packed either
+    np.testing.assert_array_equal(matching.first_match(rows - 2, negative, valid), packed)
+    # a packed file table: a row whose key does not fit matches nothing
+    assert (matching.first_match(np.array([[-1, 0, 0], [big, 0, 0]]), matching.file_table(files)) == -1).all()
+    one = matching.file_table(files[:, :1] - 2)  # one column (negative too): the column itself, sorted
+    assert isinstance(one, matching.SortedKeys)
+    np.testing.assert_array_equal(matching.first_match(rows[:, :1] - 2, one), [
+        int(np.flatnonzero(files[:, 0] == r)[0]) if (files[:, 0] == r).any() else -1 for r in rows[:, 0]])
