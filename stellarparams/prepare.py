@@ -53,11 +53,12 @@ REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail", "id"]  
 # ---------------------------------------------------------------------------------------------
 # finding files and matching them to the catalog
 
-def _input_hash(cat: pd.DataFrame, files, job: dict) -> str:
-    """A hash of the catalog, the files' names, sizes and times, and the options; ``files``: sorted, one at a time."""
-    h = hashlib.sha256()
-    h.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
-    h.update(",".join(cat.columns).encode())
+def _input_hash(h, columns: list, files, job: dict) -> str:
+    """A hash of the catalog, the files' names, sizes and times, and the options.
+
+    ``h``: a sha256 fed with the catalog's row hashes (``pd.util.hash_pandas_object``), in
+    order; ``columns``: the catalog's; ``files``: sorted, one at a time."""
+    h.update(",".join(columns).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -419,6 +420,9 @@ class _Job:
     files: list              # spectrum files found under ``spectra``
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
+    columns: list = None     # every catalog column (``cat`` may hold some of them only)
+    numbers: set = None      # the catalog columns of numbers (not logicals)
+    rest: object = None      # :class:`sdss.FitsCatalog` holding the columns not in ``cat`` (None: all are there)
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
     stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
@@ -530,26 +534,34 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     config = _survey_config(survey, config)
     if catalog is None:
         catalog = _own_catalog(spectra, survey)
-    cat = read_catalog(catalog)
+    stream = sdss.FitsCatalog.open(catalog) if fmt.catalog_columns is not None \
+        and not isinstance(catalog, pd.DataFrame) else None
+    cat = None if stream is not None else read_catalog(catalog)
+    columns = stream.columns if stream is not None else list(cat.columns)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
     need = fmt.catalog_keys
-    if "FILE" not in cat.columns and not any(all(c in cat.columns for c in cols) for cols in need) \
+    if "FILE" not in columns and not any(all(c in columns for c in cols) for cols in need) \
             and not (fmt.one_file_is_enough and len(registry.find_files(spectra, survey)) == 1):
         raise ValueError(f"{cat_name}: a {survey} catalog needs " + " or ".join(", ".join(c) for c in need)
-                         + f" (or FILE) columns; it has {', '.join(cat.columns[:30])}")
-    if config.rest_frame and config.rv_column not in cat.columns:
+                         + f" (or FILE) columns; it has {', '.join(columns[:30])}")
+    if config.rest_frame and config.rv_column not in columns:
         raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; name the RV column "
                          f"with --rv-column (Python: PrepareConfig(rv_column=...)), or skip the shift with "
                          f"--no-rest-frame")
     for c in (split_column, group_by):
-        if c is not None and c.upper() not in cat.columns:
-            raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(cat.columns[:30])})")
+        if c is not None and c.upper() not in columns:
+            raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(columns[:30])})")
     split_column = split_column.upper() if split_column else None
     group_by = group_by.upper() if group_by else None
-    if group_by is None and split_column is None and "STAR_ID" in cat.columns:
+    if group_by is None and split_column is None and "STAR_ID" in columns:
         group_by = "STAR_ID"
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
+    rows_hash = hashlib.sha256()
+    if stream is not None:  # read in blocks: only the columns used before the dataset is written stay in memory
+        cat = _read_blocks(stream, _in_memory(stream, fmt, config, group_by, split_column), rows_hash)
+    else:
+        rows_hash.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
     files = registry.prepare_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
     row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
@@ -561,8 +573,36 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     if LABEL_LIMITS != DEFAULT_LABEL_LIMITS:  # absent for the defaults, so earlier datasets stay up to date
         job["label_limits"] = dict(LABEL_LIMITS)
     named = {f for f in row_files if f is not None and f.is_file()}
-    input_hash = _input_hash(cat, sorted(set(files) | named) if named else files, job)
-    return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash)
+    input_hash = _input_hash(rows_hash, columns, sorted(set(files) | named) if named else files, job)
+    numbers = stream.numbers if stream is not None else {c for c in columns if sdss.is_number(cat[c])}
+    return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash,
+                columns=columns, numbers=numbers, rest=stream)
+
+
+def _in_memory(stream, fmt, config: PrepareConfig, group_by, split_column) -> list:
+    """The catalog columns prepare reads before it writes the dataset: the survey's keys, labels, RV, groups,
+    split, text columns (FILE, CLASS, ...); the others (label errors, extra columns) are read when written."""
+    keep = set(fmt.catalog_columns) | set(config.labels.values()) | {config.rv_column, group_by, split_column,
+                                                                     fmt.id_column, "STAR_ID", "FILE", "CLASS"}
+    return [c for c in stream.columns if c in keep or c not in stream.numbers]
+
+
+CATALOG_BLOCK = 1 << 16  # catalog rows read at a time
+
+
+def _read_blocks(stream, keep: list, rows_hash) -> pd.DataFrame:
+    """The columns ``keep`` of a :class:`sdss.FitsCatalog`, read a block of rows at a time; every block's row
+    hashes (all columns) go to ``rows_hash``."""
+    arrays = {}
+    for block in stream.blocks(CATALOG_BLOCK):
+        rows_hash.update(pd.util.hash_pandas_object(block, index=True).to_numpy().tobytes())
+        lo = int(block.index[0])
+        for c in keep:
+            v = block[c].to_numpy()
+            if c not in arrays:
+                arrays[c] = np.empty(stream.n, v.dtype)
+            arrays[c][lo:lo + len(v)] = v
+    return pd.DataFrame({c: arrays[c] for c in keep}, copy=False)
 
 
 def _finished(out: Path, input_hash: str, progress) -> dict | None:
@@ -911,12 +951,11 @@ def _text(a: np.ndarray) -> np.ndarray:
 
 def _extra_columns(job: _Job) -> list:
     """The catalog's other numeric columns (written under ``extra/``)."""
-    config, cat = job.config, job.cat
+    config = job.config
     standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, job.split_column or ""}
     for col in config.labels.values():
         standard |= {col.upper(), col.upper() + "_UNC", col.upper() + "_ERR"}
-    return [c for c in cat.columns if c not in standard and pd.api.types.is_numeric_dtype(cat[c])
-            and not pd.api.types.is_bool_dtype(cat[c])]
+    return [c for c in job.columns if c not in standard and c in job.numbers]
 
 
 def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray, extra_cols: list):
@@ -924,6 +963,9 @@ def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray,
     metadata and the extra columns (None when there are none)."""
     rows, config = splits.rows[idx], job.config
     kept = job.cat.iloc[rows].reset_index(drop=True)
+    other = [c for c in job.columns if c not in job.cat.columns]
+    if other:  # read from the catalog file now
+        kept = pd.concat([kept, job.rest.read(rows, other).reset_index(drop=True)], axis=1)
     labels, label_err = _label_arrays(kept, config)
 
     def ints(col):

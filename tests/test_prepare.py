@@ -586,3 +586,27 @@ def test_keys_that_do_not_fit_one_int64_are_matched_as_the_packed_ones():
     assert isinstance(one, matching.SortedKeys)
     np.testing.assert_array_equal(matching.first_match(rows[:, :1] - 2, one), [
         int(np.flatnonzero(files[:, 0] == r)[0]) if (files[:, 0] == r).any() else -1 for r in rows[:, 0]])
+
+
+def test_a_fits_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_path, monkeypatch):
+    from astropy.table import Table
+
+    spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    cat["SNR"] = np.arange(9.0)
+    cat.loc[4, "SNR"] = -9999.0          # a missing value in an extra column: NaN in the dataset
+    cat.loc[2, "TEFF_ADOP_UNC"] = -9999.0  # and in a label error, read back when written
+    cat["NAME"] = [f" star {i} " for i in range(9)]  # text: held in memory, stripped
+    cat["GOOD"] = np.arange(9) % 2 == 0
+    Table.from_pandas(cat).write(tmp_path / "cat.fits")
+    assert sdss.FitsCatalog.open(tmp_path / "cat.fits").n == 9  # a plain table: read in blocks
+    monkeypatch.setattr(prep, "CATALOG_BLOCK", 4)  # three blocks of catalog rows
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 4)    # the extra columns read back in three blocks
+    blocks = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "blocks", workers=1, progress=False)
+    monkeypatch.setattr(sdss.FitsCatalog, "open", classmethod(lambda cls, path: None))  # read whole
+    whole = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "whole", workers=1, progress=False)
+    assert blocks["input_hash"] == whole["input_hash"]
+    assert content_sha256(tmp_path / "blocks" / "dataset.h5") == content_sha256(tmp_path / "whole" / "dataset.h5")
+    with Dataset(tmp_path / "blocks") as ds:
+        m, err = ds.meta(), ds.label_err()
+        assert np.isnan(m.SNR[m.fiberid == 5]).all() and (m.SNR[m.fiberid == 6] == 5).all()
+        assert np.isnan(err[m.fiberid == 3, 0]).all() and (err[m.fiberid != 3, 0] == 50).all()

@@ -125,6 +125,8 @@ class Survey:
     rv_column = None            # the catalog's RV column (km/s), None: PrepareConfig's default
     id_column = None            # the catalog's identifier column (rejects' id), None: none
     catalog_keys = ()           # column sets a catalog row is matched with (any one), besides FILE
+    catalog_columns = None      # the catalog columns locate/row_ids/row_order read: prepare may leave the other
+                                # numbers on disk until it writes them; None: it holds every column
     many_per_file = False       # a file holds many spectra: read once per chunk, work sorted by file
     hashed_name = True          # outputs name the survey (prepare's job hash, simulate.json, ORIGIN); False: SDSS,
                                 # whose outputs stay as they were

@@ -427,21 +427,108 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
         df = df.drop(columns=[o for t, o in ren.items() if o in df.columns and o != t]).rename(columns=ren)
     if "FIBERID" not in df.columns and "FIBER" in df.columns:
         df = df.rename(columns={"FIBER": "FIBERID"})
-    numeric = set(CATALOG_ID_COLUMNS) | {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+    numeric = set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES
     for c in numeric & set(df.columns):  # a text or empty cell in a number column is a missing value
         if not pd.api.types.is_numeric_dtype(df[c]):
             df[c] = pd.to_numeric(df[c].map(lambda v: v.decode("ascii", "replace") if isinstance(v, bytes) else v),
                                   errors="coerce")
+    return _missing_values(df).reset_index(drop=True)
+
+
+_STANDARD_VALUES = {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+
+
+def is_number(col: pd.Series) -> bool:
+    """Whether a catalog column holds numbers (not logicals)."""
+    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+
+
+def _missing_values(df: pd.DataFrame, sentinel: set | None = None) -> pd.DataFrame:
+    """:func:`read_catalog`'s last step: -9999 (<= SENTINEL) -> NaN in the number columns but PLATE/MJD/FIBERID
+    that hold one (``sentinel``: those columns, when known for the whole table), text stripped."""
     for c in df.columns:
         col = df[c]
-        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        if is_number(col):
             v = col.to_numpy(np.float64, na_value=np.nan)
-            if c not in CATALOG_ID_COLUMNS and (v <= SENTINEL).any():
+            if c not in CATALOG_ID_COLUMNS and (c in sentinel if sentinel is not None else (v <= SENTINEL).any()):
                 df[c] = np.where(v <= SENTINEL, np.nan, v)
         else:
             df[c] = col.map(lambda v: (v.decode("ascii", "replace") if isinstance(v, bytes) else v).strip()
                             if isinstance(v, (str, bytes)) else v)
-    return df.reset_index(drop=True)
+    return df
+
+
+class FitsCatalog:
+    """A FITS catalog of the plain layout (:func:`_read_fits_table_plain`) read a block of rows at a time.
+
+    Each block is what :func:`read_catalog` gives for those rows (the same columns, types and
+    values, the row numbers as index); the whole table is never in memory. :meth:`open` returns
+    None for a file that is not of this layout, or whose standard number columns hold text
+    (their type would depend on the rows read).
+
+    Attributes
+    ----------
+    path : Path
+    n : int
+        Rows.
+    columns : list of str
+        Upper-case names, as :func:`read_catalog` gives them (FIBER named FIBERID).
+    numbers : set of str
+        The columns that are numbers (not logicals) once read.
+    """
+
+    def __init__(self, path: Path, names: list, columns: list, numbers: set, sentinel: set, n: int):
+        self.path, self.names, self.columns, self.numbers, self.sentinel, self.n = \
+            path, names, columns, numbers, sentinel, n
+
+    @classmethod
+    def open(cls, path) -> "FitsCatalog | None":
+        """The catalog at ``path`` (.fits, .fit, .fts), or None when it is not a plain FITS table."""
+        path = Path(path)
+        if not path.name.lower().endswith((".fits", ".fit", ".fts")) or not path.is_file():
+            return None
+        try:
+            first = _read_fits_table_plain(path, slice(0, 1))
+            if first is None:
+                return None
+            with open_fits(path) as f:
+                n = f[1].get_nrows()
+                names = list(first.columns)
+                columns = [str(c).strip().upper() for c in names]
+                if "FIBERID" not in columns and "FIBER" in columns:
+                    columns[columns.index("FIBER")] = "FIBERID"
+                if len(set(columns)) < len(columns):
+                    return None
+                numbers = {c for c, m in zip(columns, names) if is_number(first[m])}
+                if any(c not in numbers for c in (set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES) & set(columns)):
+                    return None
+                sentinel = {c for c, m in zip(columns, names) if c in numbers and c not in CATALOG_ID_COLUMNS
+                            and (f[1].read_column(m).astype(np.float64) <= SENTINEL).any()}
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        return cls(path, names, columns, numbers, sentinel, n)
+
+    def read(self, rows, columns: list | None = None) -> pd.DataFrame:
+        """Rows ``rows`` (a slice, or row numbers) of ``columns`` (default all), as :func:`read_catalog` gives them."""
+        columns = self.columns if columns is None else list(columns)
+        order = None
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, np.int64)
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+        names = [self.names[self.columns.index(c)] for c in columns]
+        df = _read_fits_table_plain(self.path, rows, names)
+        df.columns = columns
+        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+        df = _missing_values(df, self.sentinel).set_index(pd.Index(index))
+        if order is not None:
+            df = df.iloc[np.argsort(order, kind="stable")]
+        return df
+
+    def blocks(self, rows: int = 1 << 16):
+        """Every row, ``rows`` at a time: a generator of DataFrames."""
+        for lo in range(0, self.n, rows):
+            yield self.read(slice(lo, min(lo + rows, self.n)))
 
 
 def _read_fits_table(path) -> pd.DataFrame:
@@ -456,11 +543,12 @@ def _read_fits_table(path) -> pd.DataFrame:
 _NOT_PLAIN_COLUMN = re.compile(r"[XPQ]")  # bits and variable-length arrays: astropy shapes them its own way
 
 
-def _read_fits_table_plain(path) -> pd.DataFrame | None:
+def _read_fits_table_plain(path, rows=None, names: list | None = None) -> pd.DataFrame | None:
     """What :func:`_read_fits_table_astropy` returns, read with fitsio (importing astropy costs ~0.3 s).
 
     Only for a binary table whose columns are numbers, logicals or text without TDIM or TSCAL (an
     SSPP catalog's are); None otherwise. Vector columns are dropped, as astropy's reader does.
+    ``rows``: a slice or sorted row numbers (default all); ``names``: the columns (default all).
     """
     with open_fits(path) as f:
         if len(f) < 2 or f[1].get_exttype() != "BINARY_TBL" or f[1].get_nrows() == 0:
@@ -471,8 +559,8 @@ def _read_fits_table_plain(path) -> pd.DataFrame | None:
             if f"TDIM{k}" in hdr or f"TSCAL{k}" in hdr or _NOT_PLAIN_COLUMN.search(form):
                 return None
         columns = {}
-        for name in f[1].get_colnames():  # a column at a time, each its own block: one copy of the table in memory
-            v = f[1].read_column(name)
+        for name in names or f[1].get_colnames():  # a column at a time, each its own block: one copy in memory
+            v = f[1][name][rows] if isinstance(rows, slice) else f[1].read_column(name, rows=rows)
             if v.ndim == 1 and v.dtype.kind == "U":
                 columns[name] = np.char.rstrip(v)  # astropy drops trailing blanks of FITS text
             elif v.ndim == 1:
@@ -634,6 +722,7 @@ class SDSS(Survey):
     labels = {"teff": "TEFF_ADOP", "feh": "FEH_ADOP", "logg": "LOGG_ADOP"}
     rv_column = "RV_ADOP"
     catalog_keys = (CATALOG_ID_COLUMNS,)
+    catalog_columns = CATALOG_ID_COLUMNS
     hashed_name = False
     plate_keys = True
 
