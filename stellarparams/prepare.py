@@ -581,10 +581,10 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
 
 def _in_memory(stream, fmt, config: PrepareConfig, group_by, split_column) -> list:
     """The catalog columns prepare reads before it writes the dataset: the survey's keys, labels, RV, groups,
-    split, text columns (FILE, CLASS, ...); the others (label errors, extra columns) are read when written."""
+    split, FILE and CLASS. Label errors and extra columns are read when written; other text is only hashed."""
     keep = set(fmt.catalog_columns) | set(config.labels.values()) | {config.rv_column, group_by, split_column,
                                                                      fmt.id_column, "STAR_ID", "FILE", "CLASS"}
-    return [c for c in stream.columns if c in keep or c not in stream.numbers]
+    return [c for c in stream.columns if c in keep]
 
 
 CATALOG_BLOCK = 1 << 16  # catalog rows read at a time
@@ -963,7 +963,8 @@ def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray,
     metadata and the extra columns (None when there are none)."""
     rows, config = splits.rows[idx], job.config
     kept = job.cat.iloc[rows].reset_index(drop=True)
-    other = [c for c in job.columns if c not in job.cat.columns]
+    errors = {c.upper() + e for c in config.labels.values() for e in ("_UNC", "_ERR")}
+    other = [c for c in job.columns if c not in job.cat.columns and (c in job.numbers or c in errors)]
     if other:  # read from the catalog file now
         kept = pd.concat([kept, job.rest.read(rows, other).reset_index(drop=True)], axis=1)
     labels, label_err = _label_arrays(kept, config)
