@@ -50,6 +50,20 @@ def _fits(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return ok
 
 
+def pack(keys: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray | None:
+    """(n, 1) int64: each row's k key columns in one (:func:`_pack`; 0 where not ``valid``), or None when a
+    valid row's key does not fit (:func:`_fits`). Packed keys match as the columns do, in a third of the memory."""
+    keys = _as_keys(keys)
+    if keys.shape[1] == 1:
+        return keys
+    idx = np.arange(len(keys)) if valid is None else np.flatnonzero(valid)
+    if not _fits(keys, idx).all():
+        return None
+    out = np.zeros((len(keys), 1), np.int64)
+    out[idx, 0] = _pack(keys, idx)
+    return out
+
+
 class SortedKeys:
     """The files' distinct keys, each packed into one int64 (:func:`_pack`), sorted, with the first file of each."""
 

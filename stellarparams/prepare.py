@@ -380,8 +380,12 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     try:
         matched = _match(job, rejects)
         _check_resources(out, job, len(matched.rows), chunk_size, workers if client is None else 1)
+        _release(job, job.config.labels.values())  # read back from the catalog file when written
         parts = _read(out / PARTIAL_DIR, job, matched, chunk_size, workers, progress, client)
+        matched.rv = None
+        _release(job, [job.config.rv_column])
         splits = _split(job, matched, parts, seed, fractions, progress)
+        _release(job, [job.group_by, job.split_column, "STAR_ID"])
         return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
     finally:
         if job.stream is not None:
@@ -423,6 +427,7 @@ class _Job:
     columns: list = None     # every catalog column (``cat`` may hold some of them only)
     numbers: set = None      # the catalog columns of numbers (not logicals)
     rest: object = None      # :class:`sdss.FitsCatalog` holding the columns not in ``cat`` (None: all are there)
+    labelled: np.ndarray = None  # (catalog rows,) bool: the rows with a label (:func:`_match`)
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
     stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
@@ -664,6 +669,7 @@ def _match(job: _Job, rejects: _Rejects) -> _Matched:
     matched = _Matched(loc, np.zeros(0, np.int64), rv, rejects)
     why = np.full(len(cat), READ, np.uint8)  # the first reason that applies, in this order
     bad_label = _bad_labels(cat, config)
+    job.labelled = _labelled(cat, config)
     if config.rest_frame:
         why[~np.isfinite(rv)] = MISSING_RV
     bad = np.fromiter(bad_label, np.int64, len(bad_label))
@@ -1032,17 +1038,30 @@ def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, table
             start += n
 
 
+def _labelled(cat: pd.DataFrame, config: PrepareConfig) -> np.ndarray:
+    """(n,) bool: the catalog rows with a label (a value that is not NaN as float32)."""
+    found = np.zeros(len(cat), bool)
+    for col in config.labels.values():
+        if col.upper() in cat.columns:
+            values = pd.to_numeric(cat[col.upper()], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+            found |= ~np.isnan(values.astype(np.float32))
+    return found
+
+
+def _release(job: _Job, columns) -> None:
+    """Drop catalog ``columns`` no longer needed in memory (read back from the file when the dataset is written)."""
+    if job.rest is not None:
+        drop = [c for c in columns if c in job.cat.columns and c in job.numbers
+                and c not in registry.get(job.survey).catalog_columns]
+        job.cat = job.cat.drop(columns=drop)
+
+
 def _any_label(job: _Job, rows: np.ndarray, progress) -> bool:
     """Whether any of the catalog ``rows`` has a label (warns about a label column the catalog lacks)."""
-    found = False
     for name, col in job.config.labels.items():
-        col = col.upper()
-        if col not in job.cat.columns:
-            _log(f"warning: catalog has no {col} column; label {name} is NaN for every row", progress)
-            continue
-        values = pd.to_numeric(job.cat[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-        found = found or not np.isnan(values[rows].astype(np.float32)).all()
-    return found
+        if col.upper() not in job.columns:
+            _log(f"warning: catalog has no {col.upper()} column; label {name} is NaN for every row", progress)
+    return bool(job.labelled[rows].any())
 
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,

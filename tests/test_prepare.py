@@ -610,3 +610,15 @@ def test_a_fits_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_p
         m, err = ds.meta(), ds.label_err()
         assert np.isnan(m.SNR[m.fiberid == 5]).all() and (m.SNR[m.fiberid == 6] == 5).all()
         assert np.isnan(err[m.fiberid == 3, 0]).all() and (err[m.fiberid != 3, 0] == 50).all()
+
+
+def test_sdss_rows_find_their_files_whether_or_not_the_keys_pack():
+    files = [Path("a") / sdss.spec_filename(1, 2, 3), Path("b") / sdss.spec_filename(1, 2, 3),
+             Path("a") / sdss.spec_filename(7, 8, 9)]
+    cat = pd.DataFrame({"PLATE": [1, 1, 1, 9, 7], "MJD": [2, 2, 2, 9, 8], "FIBERID": [3, 3, 2**40, 9, 9]})
+    for rows in (cat.iloc[[0, 1, 3, 4]], cat):  # every key fits 21 bits, or one does not: three columns
+        loc = sdss.SURVEY.locate(rows.reset_index(drop=True), files, [None] * len(rows))
+        want = {(1, 2, 3): 0, (9, 9, 9): -1, (7, 8, 9): 2, (1, 2, 2**40): -1}
+        assert list(loc.match) == [want[loc.key(i)] for i in range(len(rows))]
+        assert list(loc.twin) == [0, 0, 2] and list(loc.dup) == [False, True] + [False] * (len(rows) - 2)
+        assert loc.row_id(0) == "0001-00002-0003" and loc.file(0) == (files[0], None)

@@ -707,6 +707,24 @@ def _number_column(col: pd.Series) -> np.ndarray:
     return a if a.dtype.kind in "iuf" else col.to_numpy(np.float64, na_value=np.nan)
 
 
+def _match_keys(files, cols: list | None, has_key: np.ndarray):
+    """The files' keys, which have one, and the catalog rows' keys (None without key columns): each packed
+    into one int64 when every key fits (:func:`matching.pack`), else (n, 3) on both sides."""
+    file_keys, has_file_key = _file_keys(files)
+    packed = matching.pack(file_keys, has_file_key)
+    if packed is not None:
+        file_keys = packed  # the three columns are freed before the catalog's are made
+    if cols is None:
+        return file_keys, has_file_key, None
+    keys = _int_keys(cols, has_key)
+    if packed is None:
+        return file_keys, has_file_key, keys
+    rows = matching.pack(keys, has_key)
+    if rows is None:  # a row's key too large to pack: three columns on both sides
+        return _file_keys(files)[0], has_file_key, keys
+    return file_keys, has_file_key, rows
+
+
 def _int_keys(cols: list, ok: np.ndarray) -> np.ndarray:
     """(n, k) int64 of the columns ``cols`` (0 where not ``ok``), truncated as ``int()`` does."""
     keys = np.zeros((len(ok), len(cols)), np.int64)
@@ -747,25 +765,25 @@ class SDSS(Survey):
         return read_spectrum(path, reader)  # one spectrum per file: nothing to cache, no record fields to add
 
     def locate(self, cat, files, row_files):
-        file_keys, has_file_key = _file_keys(files)
-        table = matching.file_table(file_keys, has_file_key)
-        twin = matching.first_match(file_keys, table, has_file_key)
-        del file_keys, has_file_key
         n = len(cat)
-        match, cols, has_key = np.full(n, -1), None, np.zeros(n, bool)
+        cols, has_key = None, np.zeros(n, bool)
         if all(c in cat.columns for c in CATALOG_ID_COLUMNS):
             cols = [_number_column(cat[c]) for c in CATALOG_ID_COLUMNS]  # the catalog's own arrays: no copy
             has_key = np.ones(n, bool)
             for c in cols:
                 has_key &= np.abs(c.astype(np.float64)) < 2**62  # finite and an int64
-            keys = _int_keys(cols, has_key)
-            match = matching.first_match(keys, table, has_key)
+        file_keys, has_file_key, keys = _match_keys(files, cols, has_key)
+        table = matching.file_table(file_keys, has_file_key)
+        twin = matching.first_match(file_keys, table, has_file_key)
+        del file_keys, has_file_key
+        match = matching.first_match(keys, table, has_key) if keys is not None else np.full(n, -1)
+        del table
         with_file = np.array([f is not None for f in row_files], bool)
         if with_file.any():  # a row's FILE is its identity: text, as before
             ident = [str(f) if f is not None else None if not k else str(tuple(int(c[i]) for c in cols))
                      for i, (k, f) in enumerate(zip(has_key, row_files))]
             return Located(twin, match, files, row_files, cols, has_key, ident=ident)
-        first = matching.first_of_key(keys, has_key) if cols is not None else np.full(n, -1)
+        first = matching.first_of_key(keys, has_key) if keys is not None else np.full(n, -1)
         dup = has_key & (first != np.arange(n))  # rows in catalog order: the first of a key keeps it
         return Located(twin, match, files, row_files, cols, has_key, dup=dup)
 
