@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +382,7 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
         _check_resources(out, job, len(matched.rows), chunk_size, workers if client is None else 1)
         _release(job, job.config.labels.values())  # read back from the catalog file when written
         parts = _read(out / PARTIAL_DIR, job, matched, chunk_size, workers, progress, client)
-        matched.rv = None
+        matched.rv, matched.n_read, matched.rows = None, len(matched.rows), None  # read: not needed any more
         _release(job, [job.config.rv_column])
         splits = _split(job, matched, parts, seed, fractions, progress)
         _release(job, [job.group_by, job.split_column, "STAR_ID"])
@@ -482,6 +482,7 @@ class _Matched:
     rows: np.ndarray         # (n_work,) int64: the catalog rows to read, in reading order
     rv: np.ndarray           # (catalog rows,) float64 km/s (NaN: none)
     rejects: _Rejects
+    n_read: int = 0          # rows read (``rows`` is dropped once they are)
 
     def reject(self, row, file, reason, detail=""):
         """Add a rejected catalog row."""
@@ -569,7 +570,7 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
         rows_hash.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
     files = registry.prepare_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
-    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
+    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else _NoFiles(len(cat))
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
@@ -582,6 +583,22 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     numbers = stream.numbers if stream is not None else {c for c in columns if sdss.is_number(cat[c])}
     return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash,
                 columns=columns, numbers=numbers, rest=stream)
+
+
+class _NoFiles:
+    """Each catalog row's FILE (a Path or None) for a catalog without that column: None, n times (no list)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return None
+
+    def __iter__(self):
+        return iter(repeat(None, self.n))
 
 
 def _in_memory(stream, fmt, config: PrepareConfig, group_by, split_column) -> list:
@@ -1086,7 +1103,7 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
              "seed": seed, "fractions": list(fractions), "group_by": job.group_by, "split_column": job.split_column,
              "catalog": job.cat_name, "spectra": str(job.spectra)}
     seconds = time.perf_counter() - t0
-    n_read = len(matched.rows)
+    n_read = matched.n_read
     summary = {
         "dataset": str(final), "input_hash": job.input_hash, "catalog_rows": len(job.cat),
         "files_found": len(job.files), "read": n_read, "kept": n_kept, "rejected": rejects.n,

@@ -490,6 +490,14 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
     np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
     np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
     assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
+    for k in (files, matching.pack(files)):  # three columns (pyarrow) or packed into one (a stable sort)
+        np.testing.assert_array_equal(matching.duplicates(k), [first[tuple(r)] != j for j, r in enumerate(files)])
+    seen, dup = set(), []
+    for r, ok in zip(map(tuple, rows), valid):
+        dup.append(bool(ok) and r in seen)
+        seen |= {r} if ok else set()
+    np.testing.assert_array_equal(matching.duplicates(matching.pack(rows, valid), valid), dup)
+    np.testing.assert_array_equal(matching.duplicates(rows, valid), dup)
     assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
 
 

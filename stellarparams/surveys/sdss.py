@@ -707,6 +707,9 @@ def _number_column(col: pd.Series) -> np.ndarray:
     return a if a.dtype.kind in "iuf" else col.to_numpy(np.float64, na_value=np.nan)
 
 
+MATCH_BLOCK = 1 << 16  # catalog rows matched at a time
+
+
 def _match_keys(files, cols: list | None, has_key: np.ndarray):
     """The files' keys, which have one, and the catalog rows' keys (None without key columns): each packed
     into one int64 when every key fits (:func:`matching.pack`), else (n, 3) on both sides."""
@@ -776,15 +779,17 @@ class SDSS(Survey):
         table = matching.file_table(file_keys, has_file_key)
         twin = matching.first_match(file_keys, table, has_file_key)
         del file_keys, has_file_key
-        match = matching.first_match(keys, table, has_key) if keys is not None else np.full(n, -1)
+        match = np.full(n, -1, np.int32 if len(files) < 2**31 else np.int64)
+        for lo in range(0, n if keys is not None else 0, MATCH_BLOCK):  # a block at a time: bounded temporaries
+            match[lo:lo + MATCH_BLOCK] = matching.first_match(keys[lo:lo + MATCH_BLOCK], table,
+                                                              has_key[lo:lo + MATCH_BLOCK])
         del table
         with_file = np.array([f is not None for f in row_files], bool)
         if with_file.any():  # a row's FILE is its identity: text, as before
             ident = [str(f) if f is not None else None if not k else str(tuple(int(c[i]) for c in cols))
                      for i, (k, f) in enumerate(zip(has_key, row_files))]
             return Located(twin, match, files, row_files, cols, has_key, ident=ident)
-        first = matching.first_of_key(keys, has_key) if keys is not None else np.full(n, -1)
-        dup = has_key & (first != np.arange(n))  # rows in catalog order: the first of a key keeps it
+        dup = matching.duplicates(keys, has_key) if keys is not None else np.zeros(n, bool)  # the first keeps it
         return Located(twin, match, files, row_files, cols, has_key, dup=dup)
 
     def reject_unused(self, files, twin, is_used, rejects) -> None:
