@@ -21,8 +21,9 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,12 @@ REJECT_COLUMNS = ["file", "plate", "mjd", "fiberid", "reason", "detail", "id"]  
 # ---------------------------------------------------------------------------------------------
 # finding files and matching them to the catalog
 
-def _input_hash(cat: pd.DataFrame, files: list[Path], job: dict) -> str:
-    h = hashlib.sha256()
-    h.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
-    h.update(",".join(cat.columns).encode())
+def _input_hash(h, columns: list, files, job: dict) -> str:
+    """A hash of the catalog, the files' names, sizes and times, and the options.
+
+    ``h``: a sha256 fed with the catalog's row hashes (``pd.util.hash_pandas_object``), in
+    order; ``columns``: the catalog's; ``files``: sorted, one at a time."""
+    h.update(",".join(columns).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -91,7 +94,14 @@ def assign_splits(n: int, seed: int = 0, fractions=(0.6, 0.1, 0.3), groups=None)
     if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     f = f / f.sum()
-    keys = np.arange(n) if groups is None else np.asarray(groups).astype(str)
+    if groups is None:  # each row its own group: the same assignment without np.unique's copies
+        order = np.random.default_rng(seed).permutation(n)
+        split = np.empty(n, np.uint8)
+        split[order] = np.searchsorted(np.cumsum(f)[:2], (np.arange(n) + 0.5) / max(n, 1), side="right")
+        return split
+    keys = np.asarray(groups)
+    if keys.dtype.kind not in "SU":  # bytes (UTF-8) sort as their text does
+        keys = keys.astype(str)
     uniq, inv = np.unique(keys, return_inverse=True)
     order = np.random.default_rng(seed).permutation(len(uniq))
     sizes = np.bincount(inv, minlength=len(uniq))[order]
@@ -223,8 +233,22 @@ def _up_to_date(out: Path, input_hash: str) -> dict | None:
     return summary
 
 
+def _int_text(v: np.ndarray) -> np.ndarray:
+    """(n,) int64 -> their decimal text as bytes, as wide as the longest."""
+    width = max([len(str(int(x))) for x in (v.min(), v.max())] if len(v) else [1])
+    return v.astype(f"S{width}")
+
+
 def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Group keys as text, and a mask of rows without one (NaN, -9999 or empty)."""
+    """Group keys as text ((n,) array: bytes for whole numbers, else str), and a mask of rows without one
+    (NaN, -9999 or empty)."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        v = col.to_numpy(np.float64, na_value=np.nan)
+        missing = np.isnan(v) | (v <= SENTINEL)
+        if pd.api.types.is_integer_dtype(col):
+            return _int_text(col.to_numpy(np.int64, na_value=0)), missing
+        if np.all(np.mod(v[~missing], 1) == 0) and np.all(np.abs(v[~missing]) < 2**53):
+            return _int_text(np.where(missing, 0, v).astype(np.int64)), missing  # 3.0 -> "3"
     missing = (col.isna().to_numpy() | col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy()
                | (pd.to_numeric(col, errors="coerce") <= SENTINEL).to_numpy())
     values = col
@@ -330,8 +354,7 @@ def detect_survey(spectra) -> str:
             return registry.detect(spectra)
         except SpectrumError as e:
             raise ValueError(str(e)) from e
-    files = registry.find_files(spectra)
-    found = sorted({registry.detect(p) for p in files})
+    found = sorted({registry.detect(p) for p in registry.iter_files(spectra)})
     if not found:  # no file named after a survey: the formats found only when asked (tables)
         found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:
@@ -353,15 +376,22 @@ def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, 
     done = _finished(out, job.input_hash, progress)
     if done is not None:
         return done
-    matched = _match(job)
-    _check_resources(out, job, len(matched.work), chunk_size, workers if client is None else 1)
+    rejects = _Rejects(out / ".rejects.csv")  # renamed to rejects.csv when the dataset is published
     try:
-        parts = _read(out / PARTIAL_DIR, job, matched.work, chunk_size, workers, progress, client)
+        matched = _match(job, rejects)
+        _check_resources(out, job, len(matched.rows), chunk_size, workers if client is None else 1)
+        _release(job, job.config.labels.values())  # read back from the catalog file when written
+        parts = _read(out / PARTIAL_DIR, job, matched, chunk_size, workers, progress, client)
+        matched.rv, matched.n_read, matched.rows = None, len(matched.rows), None  # read: not needed any more
+        _release(job, [job.config.rv_column])
         splits = _split(job, matched, parts, seed, fractions, progress)
+        _release(job, [job.group_by, job.split_column, "STAR_ID"])
         return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
     finally:
         if job.stream is not None:
             job.stream.close()
+        if not rejects.fh.closed:
+            rejects.discard()
 
 
 BYTES_PER_PIXEL = 9         # stored per spectrum and grid pixel: flux and sigma (float32), valid (bool)
@@ -394,23 +424,81 @@ class _Job:
     files: list              # spectrum files found under ``spectra``
     row_files: list          # each catalog row's FILE as a Path, or None
     input_hash: str
+    columns: list = None     # every catalog column (``cat`` may hold some of them only)
+    numbers: set = None      # the catalog columns of numbers (not logicals)
+    rest: object = None      # :class:`sdss.FitsCatalog` holding the columns not in ``cat`` (None: all are there)
+    labelled: np.ndarray = None  # (catalog rows,) bool: the rows with a label (:func:`_match`)
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
     stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
+class _Rejects:
+    """The rejected rows and files, written to a CSV file as they come (never held as a list).
+
+    Parameters
+    ----------
+    path : Path
+        The file written (``rejects.csv``'s columns, :data:`REJECT_COLUMNS`); renamed into place
+        by :meth:`publish`.
+    """
+
+    def __init__(self, path: Path):
+        import csv
+
+        self.path, self.by_reason, self.n = path, {}, 0
+        self.fh = open(path, "w", newline="")
+        self.csv = csv.writer(self.fh, lineterminator="\n")
+        self.csv.writerow(REJECT_COLUMNS)
+
+    def append(self, r: dict) -> None:
+        """Write one reject (a dict with some of :data:`REJECT_COLUMNS`)."""
+        def num(v):
+            return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
+
+        self.add(r.get("file"), (num(r.get("plate")), num(r.get("mjd")), num(r.get("fiberid"))), r["reason"],
+                 r.get("detail", ""), r.get("id"))
+
+    def add(self, file, key: tuple, reason: str, detail: str, ident) -> None:
+        """Write one reject: its file (or None), (plate, mjd, fiberid) (ints or None), reason, detail, identifier."""
+        self.csv.writerow((str(file or ""), *key, reason, detail, ident or ""))  # csv writes None as ""
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        self.n += 1
+
+    def publish(self, final: Path) -> None:
+        """Close the file and rename it to ``final`` (atomic)."""
+        self.fh.close()
+        os.replace(self.path, final)
+
+    def discard(self) -> None:
+        """Close and remove the file (a job that published nothing)."""
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Matched:
-    """Catalog rows matched to spectra (:func:`_match`): what to read, and the rejects so far."""
-    keys: list               # SDSS (plate, mjd, fiberid) of each catalog row, or None
-    row_id: list             # the survey's identifier of each catalog row, as text ('' when none)
-    work: list               # (row, file, rv, index of the spectrum in the file or None), in reading order
-    rejects: list = field(default_factory=list)  # dicts with REJECT_COLUMNS
+    """Catalog rows matched to spectra (:func:`_match`): the rows to read, in reading order, as an array."""
+    loc: object              # :class:`surveys.base.Located`: each row's file, key and identifier
+    rows: np.ndarray         # (n_work,) int64: the catalog rows to read, in reading order
+    rv: np.ndarray           # (catalog rows,) float64 km/s (NaN: none)
+    rejects: _Rejects
+    n_read: int = 0          # rows read (``rows`` is dropped once they are)
 
     def reject(self, row, file, reason, detail=""):
         """Add a rejected catalog row."""
-        key = self.keys[row] or (None, None, None)
-        self.rejects.append({"file": str(file or ""), "plate": key[0], "mjd": key[1], "fiberid": key[2],
-                             "reason": reason, "detail": detail, "id": self.row_id[row]})
+        self.rejects.add(file, self.loc.key(row), reason, detail, self.loc.row_id(row))
+
+    def file_of(self, row: int) -> str:
+        """The spectrum file of catalog row ``row`` as text."""
+        return str(self.loc.file(row)[0])
+
+    def items(self, lo: int, hi: int) -> list:
+        """Work items ``lo:hi`` (reading order): (row, file, rv, index of the spectrum in the file or None)."""
+        out = []
+        for i in self.rows[lo:hi].tolist():
+            f, index = self.loc.file(i)
+            out.append((i, str(f), float(self.rv[i]), index))
+        return out
 
 
 @dataclass
@@ -418,9 +506,7 @@ class _Splits:
     """The spectra that were read and kept, with their groups and splits (:func:`_split`)."""
     rows: np.ndarray         # catalog row of each, in dataset order
     snr: np.ndarray
-    kept: pd.DataFrame       # those catalog rows
-    file_of_row: dict        # catalog row -> spectrum file
-    object_id: np.ndarray    # group key of each
+    object_id: np.ndarray | None  # group key of each (text), None: each row's identifier (made per block)
     split: np.ndarray        # SPLITS value of each (255: a bad split_column value)
     bad: np.ndarray          # rows rejected for a bad split_column value (not written)
 
@@ -454,29 +540,38 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     config = _survey_config(survey, config)
     if catalog is None:
         catalog = _own_catalog(spectra, survey)
-    cat = read_catalog(catalog)
+    stream = sdss.FitsCatalog.open(catalog) if fmt.catalog_columns is not None \
+        and not isinstance(catalog, pd.DataFrame) else None
+    cat = None if stream is not None else read_catalog(catalog)
+    columns = stream.columns if stream is not None else list(cat.columns)
     cat_name = "<DataFrame>" if isinstance(catalog, pd.DataFrame) else str(catalog)
     need = fmt.catalog_keys
-    if "FILE" not in cat.columns and not any(all(c in cat.columns for c in cols) for cols in need) \
+    if "FILE" not in columns and not any(all(c in columns for c in cols) for cols in need) \
             and not (fmt.one_file_is_enough and len(registry.find_files(spectra, survey)) == 1):
         raise ValueError(f"{cat_name}: a {survey} catalog needs " + " or ".join(", ".join(c) for c in need)
-                         + f" (or FILE) columns; it has {', '.join(cat.columns[:30])}")
-    if config.rest_frame and config.rv_column not in cat.columns:
+                         + f" (or FILE) columns; it has {', '.join(columns[:30])}")
+    if config.rest_frame and config.rv_column not in columns:
         raise ValueError(f"{cat_name}: no {config.rv_column} column for the rest-frame shift; name the RV column "
                          f"with --rv-column (Python: PrepareConfig(rv_column=...)), or skip the shift with "
                          f"--no-rest-frame")
     for c in (split_column, group_by):
-        if c is not None and c.upper() not in cat.columns:
-            raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(cat.columns[:30])})")
+        if c is not None and c.upper() not in columns:
+            raise ValueError(f"{cat_name}: no column {c!r} (it has {', '.join(columns[:30])})")
     split_column = split_column.upper() if split_column else None
     group_by = group_by.upper() if group_by else None
-    if group_by is None and split_column is None and "STAR_ID" in cat.columns:
+    if group_by is None and split_column is None and "STAR_ID" in columns:
         group_by = "STAR_ID"
         _log("grouping splits by STAR_ID (all spectra of one star in one split); pass --group-by to change", progress)
 
+    rows_hash = hashlib.sha256()
+    if stream is not None:  # read in blocks: only the columns used before the dataset is written stay in memory
+        cat = _read_blocks(stream, _in_memory(stream, fmt, config, group_by, split_column), rows_hash,
+                           fmt.catalog_columns)
+    else:
+        rows_hash.update(pd.util.hash_pandas_object(cat, index=True).to_numpy().tobytes())
     files = registry.prepare_files(spectra, survey)
     base = Path.cwd() if isinstance(catalog, pd.DataFrame) else Path(catalog).parent
-    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else [None] * len(cat)
+    row_files = [resolve_file(f, base) for f in cat["FILE"]] if "FILE" in cat.columns else _NoFiles(len(cat))
     job = {"config": config.to_dict(), "seed": seed, "fractions": list(fractions), "group_by": group_by,
            "split_column": split_column, "chunk_size": chunk_size, "spectra": str(spectra.resolve()),
            "store": 2}  # 2: chunks and dataset carry sigma and offset (older partial work is not reused)
@@ -484,8 +579,58 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
         job["survey"] = survey
     if LABEL_LIMITS != DEFAULT_LABEL_LIMITS:  # absent for the defaults, so earlier datasets stay up to date
         job["label_limits"] = dict(LABEL_LIMITS)
-    input_hash = _input_hash(cat, sorted(set(files) | {f for f in row_files if f is not None and f.is_file()}), job)
-    return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash)
+    named = {f for f in row_files if f is not None and f.is_file()}
+    input_hash = _input_hash(rows_hash, columns, sorted(set(files) | named) if named else files, job)
+    numbers = stream.numbers if stream is not None else {c for c in columns if sdss.is_number(cat[c])}
+    return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash,
+                columns=columns, numbers=numbers, rest=stream)
+
+
+class _NoFiles:
+    """Each catalog row's FILE (a Path or None) for a catalog without that column: None, n times (no list)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return None
+
+    def __iter__(self):
+        return iter(repeat(None, self.n))
+
+
+def _in_memory(stream, fmt, config: PrepareConfig, group_by, split_column) -> list:
+    """The catalog columns prepare reads before it writes the dataset: the survey's keys, labels, RV, groups,
+    split, FILE and CLASS. Label errors and extra columns are read when written; other text is only hashed."""
+    keep = set(fmt.catalog_columns) | set(config.labels.values()) | {config.rv_column, group_by, split_column,
+                                                                     fmt.id_column, "STAR_ID", "FILE", "CLASS"}
+    return [c for c in stream.columns if c in keep]
+
+
+CATALOG_BLOCK = 1 << 16  # catalog rows read at a time
+
+
+def _read_blocks(stream, keep: list, rows_hash, narrow=()) -> pd.DataFrame:
+    """The columns ``keep`` of a :class:`sdss.FitsCatalog`, read a block of rows at a time; every block's row
+    hashes (all columns) go to ``rows_hash``. Integer columns of ``narrow`` (the keys) are held as int32 when
+    their values fit (the same values, half the memory)."""
+    arrays = {}
+    for block in stream.blocks(CATALOG_BLOCK):
+        rows_hash.update(pd.util.hash_pandas_object(block, index=True).to_numpy().tobytes())
+        lo = int(block.index[0])
+        for c in keep:
+            v = block[c].to_numpy()
+            if c not in arrays:
+                arrays[c] = np.empty(stream.n, v.dtype)
+            arrays[c][lo:lo + len(v)] = v
+    for c in set(narrow) & set(arrays):
+        a = arrays[c]
+        if a.dtype.kind == "i" and len(a) and np.iinfo(np.int32).min <= a.min() and a.max() <= np.iinfo(np.int32).max:
+            arrays[c] = a.astype(np.int32)
+    return pd.DataFrame({c: arrays[c] for c in keep}, copy=False)
 
 
 def _finished(out: Path, input_hash: str, progress) -> dict | None:
@@ -534,66 +679,89 @@ def _resolver():
     return resolve
 
 
-def _match(job: _Job) -> _Matched:
-    """Match catalog rows and spectrum files: the spectra to read, and rejected rows and files."""
-    cat, config, survey, row_files = job.cat, job.config, job.survey, job.row_files
-    resolve = _resolver()
-    fmt = registry.get(survey)
-    twin, match, keys, located, ident, row_id = fmt.locate(cat, job.files, row_files)
-    dup = _duplicate_rows(job, ident)
-    matched = _Matched(keys, row_id, [])
-    reject = matched.reject
+NO_FILE, DUPLICATE, NOT_A_STAR, MISSING_RV, BAD_LABEL, READ = range(6)  # why a row is not read (READ: it is)
 
+
+def _match(job: _Job, rejects: _Rejects) -> _Matched:
+    """Match catalog rows and spectrum files: the rows to read (an array), and the rejected rows and files
+    (written to ``rejects`` in catalog order, then the files no row took)."""
+    cat, config, row_files = job.cat, job.config, job.row_files
+    fmt = registry.get(job.survey)
+    loc = fmt.locate(cat, job.files, row_files)
     rv = cat[config.rv_column].to_numpy(np.float64) if config.rv_column in cat.columns else np.full(len(cat), np.nan)
-    used, used_file = set(), np.zeros(len(job.files), bool)  # resolved paths; files used by their key
+    matched = _Matched(loc, np.zeros(0, np.int64), rv, rejects)
+    why = np.full(len(cat), READ, np.uint8)  # the first reason that applies, in this order
     bad_label = _bad_labels(cat, config)
-    cls_col = cat["CLASS"].astype(str).str.upper().to_numpy() if "CLASS" in cat.columns else None
-    for i in range(len(cat)):
-        f, index = located[i]
-        if dup[i]:
-            reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
-                   + fmt.row_order(cat)[1])
-            continue
-        if f is None or (row_files[i] is not None and not f.exists()):
-            reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
-            continue
-        if row_files[i] is None and match[i] >= 0:
-            used_file[match[i]] = True  # one of job.files: no path to resolve
-        else:
-            used.add(resolve(f))
-        if cls_col is not None and cls_col[i] in config.reject_classes:
-            reject(i, f, "not_a_star", f"catalog CLASS {cls_col[i]}")
-            continue
-        if config.rest_frame and not np.isfinite(rv[i]):
-            reject(i, f, "missing_rv", f"{config.rv_column} is missing (-9999, NaN, empty or text)")
-            continue
-        if bad_label[i]:
-            reject(i, f, "bad_label", bad_label[i])
-            continue
-        matched.work.append((i, str(f), float(rv[i]), index))
-    _reject_unused_files(job, twin, used, matched.rejects, resolve, used_file)
-
+    job.labelled = _labelled(cat, config)
+    if config.rest_frame:
+        why[~np.isfinite(rv)] = MISSING_RV
+    bad = np.fromiter(bad_label, np.int64, len(bad_label))
+    why[bad] = np.where(why[bad] == READ, BAD_LABEL, why[bad])
+    if "CLASS" in cat.columns:
+        why[cat["CLASS"].astype(str).str.upper().isin(list(config.reject_classes)).to_numpy()] = NOT_A_STAR
+    has_file = loc.has_file()
+    for i in np.flatnonzero(has_file & np.array([f is not None for f in row_files], bool)):
+        has_file[i] = loc.file(i)[0].exists()  # a FILE cell naming a file that is not there
+    why[~has_file] = NO_FILE
+    why[loc.dup if loc.dup is not None else _duplicate_rows(job, loc.ident)] = DUPLICATE
+    used = _mark_used(loc, why, len(job.files))
+    for i in np.flatnonzero(why != READ).tolist():
+        _reject_row(matched, i, why[i], bad_label, config.rv_column, fmt, cat)
+    _reject_unused_files(job, loc.twin, used[1], rejects, used[2], used[0])
+    loc.twin = loc.dup = loc.ident = None  # no longer needed
+    matched.rows = np.flatnonzero(why == READ)
     if fmt.many_per_file:  # read each file once per chunk, not once per row
-        matched.work.sort(key=lambda w: (w[1], w[3] or 0))
+        files = [loc.file(i) for i in matched.rows.tolist()]
+        order = sorted(range(len(files)), key=lambda k: (str(files[k][0]), files[k][1] or 0))
+        matched.rows = matched.rows[np.array(order, np.int64)]
     return matched
 
 
-def _bad_labels(cat: pd.DataFrame, config: PrepareConfig) -> list:
-    """Per catalog row: "" or why a label is outside its physical limits (:data:`config.LABEL_LIMITS`)."""
-    why = [""] * len(cat)
+def _mark_used(loc, why: np.ndarray, n_files: int) -> tuple:
+    """The files the rows with a file use: (m,) bool by index, and the resolved paths of the others
+    (a FILE cell, or a survey matched by content); with the resolver used."""
+    resolve = _resolver()
+    used_file, used = np.zeros(n_files, bool), set()
+    taking = (why != NO_FILE) & (why != DUPLICATE)
+    by_index = taking & (loc.match >= 0) & np.array([f is None for f in loc.row_files], bool)
+    used_file[loc.match[by_index]] = True  # one of job.files: no path to resolve
+    for i in np.flatnonzero(taking & ~by_index).tolist():
+        used.add(resolve(loc.file(i)[0]))
+    return used_file, used, resolve
+
+
+def _reject_row(matched: _Matched, i: int, why: int, bad_label: dict, rv_column: str, fmt, cat) -> None:
+    """Write the reject of catalog row ``i`` (``why``: one of NO_FILE ... BAD_LABEL)."""
+    f = matched.loc.file(i)[0]
+    if why == DUPLICATE:
+        matched.reject(i, f, "duplicate_row", "same spectrum as another catalog row; kept the first"
+                       + fmt.row_order(cat)[1])
+    elif why == NO_FILE:
+        matched.reject(i, f, "no_file", f"no spectrum file for catalog row {i}" + (f" ({f} does not exist)" if f else ""))
+    elif why == NOT_A_STAR:
+        matched.reject(i, f, "not_a_star", f"catalog CLASS {str(cat['CLASS'].iat[i]).upper()}")
+    elif why == MISSING_RV:
+        matched.reject(i, f, "missing_rv", f"{rv_column} is missing (-9999, NaN, empty or text)")
+    else:
+        matched.reject(i, f, "bad_label", bad_label[i])
+
+
+def _bad_labels(cat: pd.DataFrame, config: PrepareConfig) -> dict:
+    """{catalog row: why a label is outside its physical limits (:data:`config.LABEL_LIMITS`)} for the rows with one."""
+    why = {}
     for name, col in config.labels.items():
         col = col.upper()
         if col not in cat.columns:
             continue
         values = pd.to_numeric(cat[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
         lo, hi = LABEL_LIMITS.get(name, (None, None))
-        for i in np.flatnonzero(label_outside_limits(name, values)):
-            why[i] = why[i] or (f"{col} = {values[i]:g} is outside the physical limits {lo:g} to {hi:g} "
-                                "(stellarparams.config.LABEL_LIMITS)")
+        for i in np.flatnonzero(label_outside_limits(name, values)).tolist():
+            why.setdefault(i, f"{col} = {values[i]:g} is outside the physical limits {lo:g} to {hi:g} "
+                              "(stellarparams.config.LABEL_LIMITS)")
     return why
 
 
-def _reject_unused_files(job: _Job, twin, used: set, rejects: list, resolve=Path.resolve, used_file=None) -> None:
+def _reject_unused_files(job: _Job, twin, used: set, rejects, resolve=Path.resolve, used_file=None) -> None:
     """Reject each file no catalog row uses (the survey's rejects; for SDSS a second file of a used spectrum is a duplicate;
     ``twin``: each file's first file of the same key, an index in ``job.files``; ``used``: the resolved
     paths of the files used, ``used_file``: (files,) bool, the files used by index)."""
@@ -612,16 +780,17 @@ def _chunk_path(partial: Path, k: int) -> Path:
     return partial / f"chunk-{k:05d}.npz"
 
 
-def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progress, client=None) -> list:
-    """Preprocess ``work`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
+def _read(partial: Path, job: _Job, matched: _Matched, chunk_size: int, workers, progress, client=None) -> list:
+    """Preprocess the rows of ``matched`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
 
-    In a process pool of ``workers``, or on the Dask cluster of ``client`` when given.
+    In a process pool of ``workers``, or on the Dask cluster of ``client`` when given. A chunk's
+    work items are made when it is handed out, and only a few chunks wait at a time.
 
     Returns each chunk's summary (rows kept, their S/N, rejects), in chunk order.
     """
     from tqdm.auto import tqdm
 
-    job_file = partial / "job.json"
+    job_file, n_work = partial / "job.json", len(matched.rows)
     if partial.exists():
         try:
             old = json.loads(job_file.read_text()).get("input_hash")
@@ -630,38 +799,49 @@ def _read(partial: Path, job: _Job, work: list, chunk_size: int, workers, progre
         if old != job.input_hash:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    write_text(job_file, json.dumps({"input_hash": job.input_hash, "n_work": len(work)}))
-    chunks = [work[i:i + chunk_size] for i in range(0, len(work), chunk_size)]
-    todo = [k for k in range(len(chunks)) if not _chunk_path(partial, k).exists()]
-    if len(todo) < len(chunks):
-        _log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already done in {partial}", progress)
+    write_text(job_file, json.dumps({"input_hash": job.input_hash, "n_work": n_work}))
+    n_chunks = -(-n_work // chunk_size)
+    todo = [k for k in range(n_chunks) if not _chunk_path(partial, k).exists()]
+    if len(todo) < n_chunks:
+        _log(f"resuming: {n_chunks - len(todo)} of {n_chunks} chunks already done in {partial}", progress)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    job.stream = stream = _StreamWriter(partial, job.config, len(chunks), set(range(len(chunks))) - set(todo))
-    n_todo = sum(len(chunks[k]) for k in todo)
+    job.stream = stream = _StreamWriter(partial, job.config, n_chunks, set(range(n_chunks)) - set(todo))
+    n_todo = sum(min(n_work, (k + 1) * chunk_size) - k * chunk_size for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
+
+    def calls(path=str):  # the chunks' arguments, made one at a time
+        for k in todo:
+            items = matched.items(k * chunk_size, (k + 1) * chunk_size)
+            yield k, [(i, path(f), *rest) for i, f, *rest in items], job.config, path(partial), job.survey, job.reader
+
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
-        calls = ((k, [(i, engine.absolute(f), *rest) for i, f, *rest in chunks[k]], job.config,
-                  engine.absolute(partial), job.survey, job.reader) for k in todo)
         stream.start()
-        for r in engine.map_unordered(client, _run_chunk, calls):
-            stream.chunk_done(r["chunk"])
-            bar.update(r["n"])
+        results = engine.map_unordered(client, _run_chunk, calls(engine.absolute))
     elif workers == 1 or len(todo) <= 1:
         stream.start()
-        for k in todo:
-            r = _run_chunk(k, chunks[k], job.config, str(partial), job.survey, job.reader)
-            stream.chunk_done(k)
-            bar.update(r["n"])
+        results = (_run_chunk(*args) for args in calls())
     else:
-        with worker_pool(workers) as pool:
-            futs = [pool.submit(_run_chunk, k, chunks[k], job.config, str(partial), job.survey, job.reader)
-                    for k in todo]
-            stream.start()  # the forked workers exist by now
-            for fut in as_completed(futs):
-                stream.chunk_done(fut.result()["chunk"])
-                bar.update(fut.result()["n"])
+        results = _pool_map(workers, calls(), stream.start)
+    for r in results:
+        stream.chunk_done(r["chunk"])
+        bar.update(r["n"])
     bar.close()
-    return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(len(chunks))]
+    return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(n_chunks)]
+
+
+def _pool_map(workers: int, calls, started):
+    """Yield ``_run_chunk(*args)`` for each of ``calls`` as they finish, in a process pool of ``workers``,
+    with at most two chunks per worker handed out at a time; ``started()`` once the workers exist."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    with worker_pool(workers) as pool:
+        running = {pool.submit(_run_chunk, *args) for args in islice(calls, 2 * workers)}
+        started()  # the forked workers exist by now
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            running |= {pool.submit(_run_chunk, *args) for args in islice(calls, len(done))}
+            for fut in done:
+                yield fut.result()
 
 
 class _StreamWriter:
@@ -736,40 +916,50 @@ class _StreamWriter:
 
 def _split(job: _Job, matched: _Matched, parts: list, seed, fractions, progress) -> _Splits:
     """Collect the spectra read (their rejects into ``matched``), group them and assign splits."""
-    file_of_row = {i: f for i, f, _, _ in matched.work}
     for part in parts:
         for r in part["rejects"]:
-            matched.reject(r["row"], file_of_row.get(r["row"], r["file"]), r["reason"], r["detail"])
+            matched.reject(r["row"], matched.file_of(r["row"]), r["reason"], r["detail"])
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
-    kept = job.cat.iloc[rows].reset_index(drop=True)
-
-    key_text = np.array([matched.row_id[int(r)] or Path(file_of_row[int(r)]).stem for r in rows], dtype=object)
-    id_col = job.group_by or ("STAR_ID" if "STAR_ID" in kept.columns else None)
+    for p in parts:  # held once, in ``rows`` and ``snr``
+        p["n"] = len(p.pop("rows"))
+        del p["snr"], p["rejects"]
+    object_id = None
+    id_col = job.group_by or ("STAR_ID" if "STAR_ID" in job.cat.columns else None)
     if id_col:
-        object_id, no_id = _group_keys(kept[id_col])
-        object_id[no_id] = key_text[no_id]  # a row without an ID is a star of its own
-        if no_id.any():
-            _log(f"warning: {int(no_id.sum())} of {len(kept)} kept rows have no {id_col} (NaN, -9999 or empty); "
+        object_id, no_id = _group_keys(job.cat[id_col].iloc[rows].reset_index(drop=True))
+        if no_id.any():  # a row without an ID is a star of its own
+            object_id = np.char.decode(object_id) if object_id.dtype.kind == "S" else object_id
+            object_id = object_id.astype(object)
+            object_id[no_id] = [_row_key(matched, int(r)) for r in rows[no_id]]
+            object_id = object_id.astype(str)
+            _log(f"warning: {int(no_id.sum())} of {len(rows)} kept rows have no {id_col} (NaN, -9999 or empty); "
                  "each of them is a group of its own", progress)
-    else:
-        object_id = key_text
     split_column = job.split_column
     if split_column:
-        split = _parse_split_values(kept[split_column])
+        values = job.cat[split_column].iloc[rows]
+        split = _parse_split_values(values)
         bad = split == 255
         for i in np.flatnonzero(bad):
-            matched.reject(int(rows[i]), file_of_row[int(rows[i])], "bad_split_value",
-                           f"{split_column} = {kept[split_column].iloc[i]!r}; want train/val/test or 0/1/2")
+            matched.reject(int(rows[i]), matched.file_of(int(rows[i])), "bad_split_value",
+                           f"{split_column} = {values.iloc[i]!r}; want train/val/test or 0/1/2")
     else:
-        split = assign_splits(len(kept), seed, fractions, object_id if job.group_by else None)
-        bad = np.zeros(len(kept), bool)
-    return _Splits(rows, snr, kept, file_of_row, object_id, split, bad)
+        groups = None
+        if job.group_by:
+            groups = object_id
+        split = assign_splits(len(rows), seed, fractions, groups)
+        bad = np.zeros(len(rows), bool)
+    return _Splits(rows, snr, object_id, split, bad)
+
+
+def _row_key(matched: _Matched, row: int) -> str:
+    """A row's own group key: its identifier, else its file's name without the suffix."""
+    return matched.loc.row_id(row) or Path(matched.file_of(row)).stem
 
 
 # --- write: assemble, verify, publish ----------------------------------------------------------
 
-def _label_arrays(kept: pd.DataFrame, config: PrepareConfig, progress):
+def _label_arrays(kept: pd.DataFrame, config: PrepareConfig):
     """Labels and their errors (NaN where missing) of the kept rows, in ``config.labels`` order."""
     labels = np.full((len(kept), len(config.labels)), np.nan, np.float32)
     label_err = np.full_like(labels, np.nan)
@@ -780,44 +970,61 @@ def _label_arrays(kept: pd.DataFrame, config: PrepareConfig, progress):
             ecol = sdss.error_column(kept, col)
             if ecol:
                 label_err[:, j] = pd.to_numeric(kept[ecol], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-        else:
-            _log(f"warning: catalog has no {col} column; label {name} is NaN for every row", progress)
     return labels, label_err
 
 
-def _row_meta(splits: _Splits, job: _Job):
-    """Per-row metadata, and the catalog's other numeric columns (None when there are none)."""
-    kept, config = splits.kept, job.config
+def _text(a: np.ndarray) -> np.ndarray:
+    """An array of text as str (bytes decoded as UTF-8)."""
+    return np.char.decode(a, "utf-8") if a.dtype.kind == "S" else a
+
+
+def _extra_columns(job: _Job) -> list:
+    """The catalog's other numeric columns (written under ``extra/``)."""
+    config = job.config
+    standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, job.split_column or ""}
+    for col in config.labels.values():
+        standard |= {col.upper(), col.upper() + "_UNC", col.upper() + "_ERR"}
+    return [c for c in job.columns if c not in standard and c in job.numbers]
+
+
+def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray, extra_cols: list):
+    """The per-row table of the kept spectra ``idx`` (indices in ``splits``): labels, label errors, split,
+    metadata and the extra columns (None when there are none)."""
+    rows, config = splits.rows[idx], job.config
+    kept = job.cat.iloc[rows].reset_index(drop=True)
+    errors = {c.upper() + e for c in config.labels.values() for e in ("_UNC", "_ERR")}
+    other = [c for c in job.columns if c not in job.cat.columns and (c in job.numbers or c in errors)]
+    if other:  # read from the catalog file now
+        kept = pd.concat([kept, job.rest.read(rows, other).reset_index(drop=True)], axis=1)
+    labels, label_err = _label_arrays(kept, config)
 
     def ints(col):
         return pd.to_numeric(kept[col], errors="coerce").fillna(0).to_numpy(np.int32) if col in kept \
             else np.zeros(len(kept), np.int32)
 
+    files = [matched.file_of(int(r)) for r in rows]
+    object_id = _text(splits.object_id[idx]) if splits.object_id is not None else \
+        np.array([matched.loc.row_id(int(r)) or Path(f).stem for r, f in zip(rows, files)], dtype=object)
     meta = pd.DataFrame({
         "plate": ints("PLATE"), "mjd": ints("MJD"), "fiberid": ints("FIBERID"),
-        "object_id": splits.object_id,
-        "file": [splits.file_of_row[int(r)] for r in splits.rows],
+        "object_id": object_id, "file": files,
         "rv": kept[config.rv_column].to_numpy(np.float32, na_value=np.nan) if config.rv_column in kept else np.nan,
-        "snr": splits.snr,
+        "snr": splits.snr[idx],
     })
-    standard = set(sdss.CATALOG_ID_COLUMNS) | {config.rv_column, job.split_column or ""}
-    for col in config.labels.values():
-        standard |= {col.upper(), col.upper() + "_UNC", col.upper() + "_ERR"}
-    extra_cols = [c for c in kept.columns if c not in standard and pd.api.types.is_numeric_dtype(kept[c])
-                  and not pd.api.types.is_bool_dtype(kept[c])]
     extra = kept[extra_cols].astype(np.float64) if extra_cols else None
-    return meta, extra
+    return labels, label_err, splits.split[idx], meta, extra
 
 
 TABLE_BLOCK = 1 << 14  # rows of the per-row table written at a time
 
 
-def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra,
-              stream: _StreamWriter | None = None) -> str:
+def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, table, stream: _StreamWriter | None = None) -> str:
     """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
 
-    With ``stream`` and every row kept, its file (the pixels, written while the workers read)
-    becomes ``tmp`` and only the per-row table is added here. Returns the file's sha256.
+    ``table(idx)``: the per-row table (labels, label errors, split, metadata, extra) of the kept
+    rows ``idx``, made a block at a time. With ``stream`` and every row kept, its file (the
+    pixels, written while the workers read) becomes ``tmp`` and only the per-row table is added
+    here. Returns the file's sha256.
     """
     import h5py
 
@@ -827,36 +1034,57 @@ def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels,
         with h5py.File(tmp, "r+") as f:
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v)
-            for lo in range(0, len(labels), TABLE_BLOCK):  # blocks: text columns are copied on their way in
-                block = slice(lo, lo + TABLE_BLOCK)
-                append_table(f, labels[block], label_err[block], split[block], meta.iloc[block].reset_index(drop=True),
-                             None if extra is None else extra.iloc[block].reset_index(drop=True))
+            for lo in range(0, len(keep_mask), TABLE_BLOCK):
+                append_table(f, *table(np.arange(lo, min(lo + TABLE_BLOCK, len(keep_mask)))))
     else:
         if stream is not None:
             stream.close()
-        _write_rows(tmp, partial, parts, keep_mask, config, attrs, labels, label_err, split, meta, extra)
+        _write_rows(tmp, partial, parts, keep_mask, config, attrs, table)
     with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
         digest = hasher.submit(sha256_file, tmp)
         verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
         return digest.result()
 
 
-def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, labels, label_err, split, meta, extra):
+def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, table):
     """Write the kept rows of every chunk to ``tmp``, from the chunk files."""
     with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
         start = 0
         for k, part in enumerate(parts):
-            n = len(part["rows"])
+            n = part["n"]
             sel = np.flatnonzero(keep_mask[start:start + n])
             if len(sel):
                 with np.load(_chunk_path(partial, k)) as z:
                     fl, va, sg, of = z["flux"][sel], z["valid"][sel], z["sigma"][sel], z["offset"][sel]
-                idx = start + sel
-                append_rows(f, fl, va, labels[idx], label_err[idx], split[idx],
-                            meta.iloc[idx].reset_index(drop=True),
-                            None if extra is None else extra.iloc[idx].reset_index(drop=True), sigma=sg,
-                            offset=of)
+                labels, label_err, split, meta, extra = table(start + sel)
+                append_rows(f, fl, va, labels, label_err, split, meta, extra, sigma=sg, offset=of)
             start += n
+
+
+def _labelled(cat: pd.DataFrame, config: PrepareConfig) -> np.ndarray:
+    """(n,) bool: the catalog rows with a label (a value that is not NaN as float32)."""
+    found = np.zeros(len(cat), bool)
+    for col in config.labels.values():
+        if col.upper() in cat.columns:
+            values = pd.to_numeric(cat[col.upper()], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+            found |= ~np.isnan(values.astype(np.float32))
+    return found
+
+
+def _release(job: _Job, columns) -> None:
+    """Drop catalog ``columns`` no longer needed in memory (read back from the file when the dataset is written)."""
+    if job.rest is not None:
+        drop = [c for c in columns if c in job.cat.columns and c in job.numbers
+                and c not in registry.get(job.survey).catalog_columns]
+        job.cat = job.cat.drop(columns=drop)
+
+
+def _any_label(job: _Job, rows: np.ndarray, progress) -> bool:
+    """Whether any of the catalog ``rows`` has a label (warns about a label column the catalog lacks)."""
+    for name, col in job.config.labels.items():
+        if col.upper() not in job.columns:
+            _log(f"warning: catalog has no {col.upper()} column; label {name} is NaN for every row", progress)
+    return bool(job.labelled[rows].any())
 
 
 def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
@@ -865,30 +1093,26 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     from . import __version__
 
     config, partial, final = job.config, out / PARTIAL_DIR, out / DATA_FILE
-    labels, label_err = _label_arrays(splits.kept, config, progress)
     keep_mask = ~splits.bad
     n_kept = int(keep_mask.sum())
-    rej = pd.DataFrame(matched.rejects, columns=REJECT_COLUMNS)
-    by_reason = {k: int(v) for k, v in rej["reason"].value_counts().sort_index().items()}
+    rejects = matched.rejects
+    by_reason = dict(sorted(rejects.by_reason.items()))
     why = ", ".join(f"{k} {v}" for k, v in by_reason.items()) or "no catalog row or spectrum file"
     if n_kept == 0:
         raise NoUsableInput(f"no spectrum was kept ({why}); nothing was written to {out}")
-    if np.isnan(labels[keep_mask]).all():
+    if not _any_label(job, splits.rows[keep_mask], progress):
         raise NoUsableInput(f"none of the {n_kept} kept spectra has a label ({', '.join(config.labels.values())} "
                                  f"all missing or -9999); nothing was written to {out}")
-    meta, extra = _row_meta(splits, job)
+    extra_cols = _extra_columns(job)
     attrs = {"grid": config.grid.to_dict(), "preprocess": config.to_dict(), "version": __version__,
              "input_hash": job.input_hash, "created": pd.Timestamp.now("UTC").isoformat(),
              "seed": seed, "fractions": list(fractions), "group_by": job.group_by, "split_column": job.split_column,
              "catalog": job.cat_name, "spectra": str(job.spectra)}
-    for c in ("plate", "mjd", "fiberid"):
-        rej[c] = pd.to_numeric(rej[c], errors="coerce").astype("Int64")
-    rej["id"] = rej["id"].fillna("")
     seconds = time.perf_counter() - t0
-    n_read = len(matched.work)
+    n_read = matched.n_read
     summary = {
         "dataset": str(final), "input_hash": job.input_hash, "catalog_rows": len(job.cat),
-        "files_found": len(job.files), "read": n_read, "kept": n_kept, "rejected": int(len(rej)),
+        "files_found": len(job.files), "read": n_read, "kept": n_kept, "rejected": rejects.n,
         "rejected_by_reason": by_reason,
         "splits": {s: int(((splits.split == i) & keep_mask).sum()) for s, i in SPLITS.items()},
         "group_by": job.group_by, "split_column": job.split_column, "seed": seed,
@@ -900,8 +1124,9 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
     digest = {}
     atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
-        tmp, partial, parts, keep_mask, config, attrs, labels, label_err, splits.split, meta, extra, job.stream)))
-    atomic_write(out / REJECTS_FILE, lambda tmp: rej.to_csv(tmp, index=False))
+        tmp, partial, parts, keep_mask, config, attrs,
+        lambda idx: _table_block(job, matched, splits, idx, extra_cols), job.stream)))
+    rejects.publish(out / REJECTS_FILE)
     summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
     shutil.rmtree(partial, ignore_errors=True)

@@ -490,6 +490,14 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
     np.testing.assert_array_equal(matching.first_match(rows, files, valid), want)
     np.testing.assert_array_equal(matching.first_of_key(files), [first[tuple(k)] for k in files])
     assert (np.asarray(want) == -1).sum() > 10 and (np.asarray(want) >= 0).sum() > 50  # both outcomes exercised
+    for k in (files, matching.pack(files)):  # three columns (pyarrow) or packed into one (a stable sort)
+        np.testing.assert_array_equal(matching.duplicates(k), [first[tuple(r)] != j for j, r in enumerate(files)])
+    seen, dup = set(), []
+    for r, ok in zip(map(tuple, rows), valid):
+        dup.append(bool(ok) and r in seen)
+        seen |= {r} if ok else set()
+    np.testing.assert_array_equal(matching.duplicates(matching.pack(rows, valid), valid), dup)
+    np.testing.assert_array_equal(matching.duplicates(rows, valid), dup)
     assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
 
 
@@ -503,3 +511,122 @@ def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, mo
     for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
         assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
         assert not (tmp_path / name / ".partial").exists()
+
+
+def test_a_large_catalogs_bookkeeping_is_held_in_arrays(tmp_path):
+    """30,000 catalog rows, 12 with a file: the rest are rejected (no_file) without a Python object per row.
+
+    Bound: 300 bytes a row of traced memory at the peak. The catalog itself (9 numeric columns,
+    72 bytes a row) is held whole, and matching makes a few int64 columns per row beside it;
+    one Python object per row exceeds the bound on its own (a reject as a dict ~600 bytes, a
+    tuple of three ints ~150, a Path ~300): the bookkeeping held that way measured 880 bytes a row.
+    """
+    import tracemalloc
+
+    import fitsio
+
+    spectra, cat = good_set(tmp_path, n=12)
+    n, k = 30_000, np.arange(30_000)
+    big = {c: np.resize(cat[c].to_numpy(), n) for c in cat.columns}
+    big.update(PLATE=np.where(k < 12, 500, 900), MJD=np.where(k < 12, 55000, 56000 + k // 1000),
+               FIBERID=np.where(k < 12, k + 1, k % 1000 + 1))
+    fitsio.write(str(tmp_path / "cat.fits"), big)
+    tracemalloc.start()
+    try:
+        s = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "ds", workers=1, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s["kept"] == 12 and s["rejected_by_reason"] == {"no_file": n - 12}
+    assert peak < 300 * n, f"{peak / n:.0f} bytes a catalog row"
+    rej = pd.read_csv(tmp_path / "ds" / "rejects.csv")  # written as they came: catalog order, every column
+    np.testing.assert_array_equal(rej.fiberid, big["FIBERID"][12:])
+    assert rej.id.iloc[0] == "0900-56000-0013" and rej.detail.iloc[-1] == f"no spectrum file for catalog row {n - 1}"
+    assert not (tmp_path / "ds" / ".rejects.csv").exists()  # renamed into place
+    fitsio.write(str(tmp_path / "none.fits"), {c: v[12:100] for c, v in big.items()})
+    with pytest.raises(prep.NoUsableInput):
+        prep.prepare(tmp_path / "none.fits", spectra, tmp_path / "none", workers=1, progress=False)
+    assert not (tmp_path / "none" / ".rejects.csv").exists() and not (tmp_path / "none" / "rejects.csv").exists()
+
+
+def test_file_index_lists_and_sorts_files_as_rglob_does(tmp_path):
+    from stellarparams import matching
+    from stellarparams.surveys import registry
+
+    names = ["a/spec-1-2-3.fits", "a-b/spec-1-2-4.fits", "a/b/spec-1-2-5.fits.gz", "ab/spec-1-2-6.fits",
+             "spec-1-2-7.fits", "a/.hidden/spec-1-2-8.fits", "a/notes.txt", "z/spSpec-2-1-9.fit"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "spec-9-9-9.fits").mkdir()                        # a folder named like a file: not listed
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)  # not followed, as rglob
+    (tmp_path / "spec-1-2-10.fits").symlink_to(tmp_path / "a" / "spec-1-2-3.fits")  # a link to a file: listed
+
+    def wanted(name):
+        return sdss.parse_name(name) is not None
+
+    want = sorted(p for p in tmp_path.rglob("*") if wanted(p.name) and p.is_file())
+    index = matching.FileIndex.scan(tmp_path, wanted)
+    assert list(index) == want and len(index) == 8
+    assert list(index.names()) == [p.name for p in want] and index[len(index) - 1] == want[-1]
+    assert registry.find_files(tmp_path, "sdss") == want
+    assert sdss.find_spectra(tmp_path) == want
+
+
+def test_keys_that_do_not_fit_one_int64_are_matched_as_the_packed_ones():
+    from stellarparams import matching
+
+    rng = np.random.default_rng(1)
+    files = rng.integers(0, 4, (300, 3))
+    rows = rng.integers(0, 5, (200, 3))
+    valid = rng.random(200) > 0.1
+    packed = matching.first_match(rows, files, valid)
+    assert isinstance(matching.file_table(files), matching.SortedKeys)
+    big = 1 << 40  # a column over 2**21: the keys cannot be packed, pyarrow joins them
+    wide = matching.file_table(files + [0, 0, big])
+    assert not isinstance(wide, matching.SortedKeys)
+    np.testing.assert_array_equal(matching.first_match(rows + [0, 0, big], wide, valid), packed)
+    negative = matching.file_table(files - 2)  # negative keys cannot be packed either
+    np.testing.assert_array_equal(matching.first_match(rows - 2, negative, valid), packed)
+    # a packed file table: a row whose key does not fit matches nothing
+    assert (matching.first_match(np.array([[-1, 0, 0], [big, 0, 0]]), matching.file_table(files)) == -1).all()
+    one = matching.file_table(files[:, :1] - 2)  # one column (negative too): the column itself, sorted
+    assert isinstance(one, matching.SortedKeys)
+    np.testing.assert_array_equal(matching.first_match(rows[:, :1] - 2, one), [
+        int(np.flatnonzero(files[:, 0] == r)[0]) if (files[:, 0] == r).any() else -1 for r in rows[:, 0]])
+
+
+def test_a_fits_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_path, monkeypatch):
+    from astropy.table import Table
+
+    spectra, cat = good_set(tmp_path, n=9, star_ids=True)
+    cat["SNR"] = np.arange(9.0)
+    cat.loc[4, "SNR"] = -9999.0          # a missing value in an extra column: NaN in the dataset
+    cat.loc[2, "TEFF_ADOP_UNC"] = -9999.0  # and in a label error, read back when written
+    cat["NAME"] = [f" star {i} " for i in range(9)]  # text: held in memory, stripped
+    cat["GOOD"] = np.arange(9) % 2 == 0
+    Table.from_pandas(cat).write(tmp_path / "cat.fits")
+    assert sdss.FitsCatalog.open(tmp_path / "cat.fits").n == 9  # a plain table: read in blocks
+    monkeypatch.setattr(prep, "CATALOG_BLOCK", 4)  # three blocks of catalog rows
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 4)    # the extra columns read back in three blocks
+    blocks = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "blocks", workers=1, progress=False)
+    monkeypatch.setattr(sdss.FitsCatalog, "open", classmethod(lambda cls, path: None))  # read whole
+    whole = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "whole", workers=1, progress=False)
+    assert blocks["input_hash"] == whole["input_hash"]
+    assert content_sha256(tmp_path / "blocks" / "dataset.h5") == content_sha256(tmp_path / "whole" / "dataset.h5")
+    with Dataset(tmp_path / "blocks") as ds:
+        m, err = ds.meta(), ds.label_err()
+        assert np.isnan(m.SNR[m.fiberid == 5]).all() and (m.SNR[m.fiberid == 6] == 5).all()
+        assert np.isnan(err[m.fiberid == 3, 0]).all() and (err[m.fiberid != 3, 0] == 50).all()
+
+
+def test_sdss_rows_find_their_files_whether_or_not_the_keys_pack():
+    files = [Path("a") / sdss.spec_filename(1, 2, 3), Path("b") / sdss.spec_filename(1, 2, 3),
+             Path("a") / sdss.spec_filename(7, 8, 9)]
+    cat = pd.DataFrame({"PLATE": [1, 1, 1, 9, 7], "MJD": [2, 2, 2, 9, 8], "FIBERID": [3, 3, 2**40, 9, 9]})
+    for rows in (cat.iloc[[0, 1, 3, 4]], cat):  # every key fits 21 bits, or one does not: three columns
+        loc = sdss.SURVEY.locate(rows.reset_index(drop=True), files, [None] * len(rows))
+        want = {(1, 2, 3): 0, (9, 9, 9): -1, (7, 8, 9): 2, (1, 2, 2**40): -1}
+        assert list(loc.match) == [want[loc.key(i)] for i in range(len(rows))]
+        assert list(loc.twin) == [0, 0, 2] and list(loc.dup) == [False, True] + [False] * (len(rows) - 2)
+        assert loc.row_id(0) == "0001-00002-0003" and loc.file(0) == (files[0], None)

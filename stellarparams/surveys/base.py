@@ -17,6 +17,7 @@ What a format says:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -47,6 +48,71 @@ class FitsInfo:
         return set()
 
 
+@dataclass
+class Located:
+    """Where each of a catalog's n rows has its spectrum (what :meth:`Survey.locate` returns).
+
+    Per-row facts are arrays, or lists for a survey that has no arrays for them; :meth:`file`,
+    :meth:`key` and :meth:`row_id` give one row's, made when asked (a reject, a chunk of work).
+
+    twin : (m,) int64 or None
+        Per file of ``files``, the index of its first file of the same key (None: files have no keys).
+    match : (n,) int64
+        Each row's file matched by key, an index in ``files`` (-1: none, or not matched by key).
+    files : sequence of Path
+    row_files : sequence
+        Each row's FILE as a Path, or None.
+    keys : list of 3 (n,) arrays, or None
+        SDSS (plate, mjd, fiberid) of each row, the catalog's own columns (rows without one:
+        ``has_key`` False).
+    has_key : (n,) bool or None
+    located : list or None
+        Each row's (file, index in file) or (None, None), when not from ``match``/``row_files``.
+    row_ids : list or None
+        Each row's identifier text ('' when missing); None: from ``keys``.
+    ident : list or None
+        What makes two rows the same spectrum (None: no file); used when ``dup`` is None.
+    dup : (n,) bool or None
+        Rows whose spectrum an earlier row (in the survey's row order) already has.
+    """
+    twin: object
+    match: np.ndarray
+    files: object
+    row_files: object
+    keys: list | None = None
+    has_key: np.ndarray | None = None
+    located: list | None = None
+    row_ids: list | None = None
+    ident: list | None = None
+    dup: np.ndarray | None = None
+
+    def file(self, i: int) -> tuple:
+        """Row ``i``'s (file, index of its spectrum in the file or None), or (None, None)."""
+        if self.located is not None:
+            return self.located[i]
+        j = self.match[i]
+        return self.row_files[i] or (self.files[j] if j >= 0 else None), None
+
+    def has_file(self) -> np.ndarray:
+        """(n,) bool: the rows a file was found for (a FILE cell may name a file that does not exist)."""
+        if self.located is not None:
+            return np.array([f is not None for f, _ in self.located], bool)
+        return (self.match >= 0) | np.array([f is not None for f in self.row_files], bool)
+
+    def key(self, i: int) -> tuple:
+        """Row ``i``'s (plate, mjd, fiberid), or (None, None, None)."""
+        if self.keys is None or not self.has_key[i]:
+            return None, None, None
+        return tuple(int(c[i]) for c in self.keys)
+
+    def row_id(self, i: int) -> str:
+        """Row ``i``'s identifier as text ('' when none)."""
+        if self.row_ids is not None:
+            return self.row_ids[i]
+        k = self.key(i)
+        return f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k[0] is not None else ""
+
+
 class Survey:
     """A survey's file format. Subclasses set the attributes and override what differs."""
 
@@ -59,6 +125,8 @@ class Survey:
     rv_column = None            # the catalog's RV column (km/s), None: PrepareConfig's default
     id_column = None            # the catalog's identifier column (rejects' id), None: none
     catalog_keys = ()           # column sets a catalog row is matched with (any one), besides FILE
+    catalog_columns = None      # the catalog columns locate/row_ids/row_order read: prepare may leave the other
+                                # numbers on disk until it writes them; None: it holds every column
     many_per_file = False       # a file holds many spectra: read once per chunk, work sorted by file
     hashed_name = True          # outputs name the survey (prepare's job hash, simulate.json, ORIGIN); False: SDSS,
                                 # whose outputs stay as they were
@@ -131,19 +199,12 @@ class Survey:
         """Where each catalog row's spectrum is: [(file, index in file) or None]."""
         raise NotImplementedError
 
-    def locate(self, cat: pd.DataFrame, files: list, row_files: list):
-        """Each catalog row's key, (file, index), identity (for duplicates) and identifier text.
-
-        Returns (twin, match, keys, located, ident, row_id): ``twin``: per file of ``files``, the
-        index of its first file of the same key (None when files have no keys); ``match``: each
-        row's file matched by key, an index in ``files`` (-1: none, or not matched by key);
-        ``keys``: each row's SDSS (plate, mjd, fiberid) or None; ``located``: (file, index) or
-        (None, None); ``ident``: what makes two rows the same spectrum (None: no file).
-        """
-        n = len(cat)
+    def locate(self, cat: pd.DataFrame, files, row_files) -> Located:
+        """Where each catalog row's spectrum is (:class:`Located`), from :meth:`locate_rows`."""
         located = [loc or (None, None) for loc in self.locate_rows(cat, files, row_files)]
         ident = [None if f is None else f"{Path(f).resolve()}|{j}" for f, j in located]
-        return None, np.full(n, -1), [None] * n, located, ident, self.row_ids(cat)
+        return Located(None, np.full(len(cat), -1), files, row_files, located=located, row_ids=self.row_ids(cat),
+                       ident=ident)
 
     def rv_keys(self, cat: pd.DataFrame) -> list:
         """The keys ``predict --catalog`` finds a catalog row's RV by, one list per kind of key (each row's key, None

@@ -112,14 +112,7 @@ def find_files(folder, survey: str | None = None) -> list[Path]:
     A file named like a survey of higher priority is not another's. ``folder`` may be one file
     (returned as is).
     """
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: spectra folder not found")
-    check_readable(folder)
-    wanted = _wanted(survey)
-    return sorted(p for p in folder.rglob("*") if wanted(p.name) and p.is_file())
+    return [Path(p) for p in iter_files(folder, survey)]
 
 
 def iter_files(folder, survey: str | None = None):

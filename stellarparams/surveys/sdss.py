@@ -30,7 +30,7 @@ from .. import fastfits, matching
 from ..files import atomic_write
 from ..physics import doppler
 from .base import Simulated as SimulatedBase
-from .base import Survey
+from .base import Located, Survey
 from ..spectrum import SENTINEL, Record, SpectrumError, header_number, median_snr, to_int
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
@@ -427,21 +427,108 @@ def read_catalog(path, columns: dict | None = None) -> pd.DataFrame:
         df = df.drop(columns=[o for t, o in ren.items() if o in df.columns and o != t]).rename(columns=ren)
     if "FIBERID" not in df.columns and "FIBER" in df.columns:
         df = df.rename(columns={"FIBER": "FIBERID"})
-    numeric = set(CATALOG_ID_COLUMNS) | {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+    numeric = set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES
     for c in numeric & set(df.columns):  # a text or empty cell in a number column is a missing value
         if not pd.api.types.is_numeric_dtype(df[c]):
             df[c] = pd.to_numeric(df[c].map(lambda v: v.decode("ascii", "replace") if isinstance(v, bytes) else v),
                                   errors="coerce")
+    return _missing_values(df).reset_index(drop=True)
+
+
+_STANDARD_VALUES = {v + e for v in CATALOG_VALUE_COLUMNS for e in ("", "_UNC", "_ERR")}
+
+
+def is_number(col: pd.Series) -> bool:
+    """Whether a catalog column holds numbers (not logicals)."""
+    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+
+
+def _missing_values(df: pd.DataFrame, sentinel: set | None = None) -> pd.DataFrame:
+    """:func:`read_catalog`'s last step: -9999 (<= SENTINEL) -> NaN in the number columns but PLATE/MJD/FIBERID
+    that hold one (``sentinel``: those columns, when known for the whole table), text stripped."""
     for c in df.columns:
         col = df[c]
-        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        if is_number(col):
             v = col.to_numpy(np.float64, na_value=np.nan)
-            if c not in CATALOG_ID_COLUMNS and (v <= SENTINEL).any():
+            if c not in CATALOG_ID_COLUMNS and (c in sentinel if sentinel is not None else (v <= SENTINEL).any()):
                 df[c] = np.where(v <= SENTINEL, np.nan, v)
         else:
             df[c] = col.map(lambda v: (v.decode("ascii", "replace") if isinstance(v, bytes) else v).strip()
                             if isinstance(v, (str, bytes)) else v)
-    return df.reset_index(drop=True)
+    return df
+
+
+class FitsCatalog:
+    """A FITS catalog of the plain layout (:func:`_read_fits_table_plain`) read a block of rows at a time.
+
+    Each block is what :func:`read_catalog` gives for those rows (the same columns, types and
+    values, the row numbers as index); the whole table is never in memory. :meth:`open` returns
+    None for a file that is not of this layout, or whose standard number columns hold text
+    (their type would depend on the rows read).
+
+    Attributes
+    ----------
+    path : Path
+    n : int
+        Rows.
+    columns : list of str
+        Upper-case names, as :func:`read_catalog` gives them (FIBER named FIBERID).
+    numbers : set of str
+        The columns that are numbers (not logicals) once read.
+    """
+
+    def __init__(self, path: Path, names: list, columns: list, numbers: set, sentinel: set, n: int):
+        self.path, self.names, self.columns, self.numbers, self.sentinel, self.n = \
+            path, names, columns, numbers, sentinel, n
+
+    @classmethod
+    def open(cls, path) -> "FitsCatalog | None":
+        """The catalog at ``path`` (.fits, .fit, .fts), or None when it is not a plain FITS table."""
+        path = Path(path)
+        if not path.name.lower().endswith((".fits", ".fit", ".fts")) or not path.is_file():
+            return None
+        try:
+            first = _read_fits_table_plain(path, slice(0, 1))
+            if first is None:
+                return None
+            with open_fits(path) as f:
+                n = f[1].get_nrows()
+                names = list(first.columns)
+                columns = [str(c).strip().upper() for c in names]
+                if "FIBERID" not in columns and "FIBER" in columns:
+                    columns[columns.index("FIBER")] = "FIBERID"
+                if len(set(columns)) < len(columns):
+                    return None
+                numbers = {c for c, m in zip(columns, names) if is_number(first[m])}
+                if any(c not in numbers for c in (set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES) & set(columns)):
+                    return None
+                sentinel = {c for c, m in zip(columns, names) if c in numbers and c not in CATALOG_ID_COLUMNS
+                            and (f[1].read_column(m).astype(np.float64) <= SENTINEL).any()}
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        return cls(path, names, columns, numbers, sentinel, n)
+
+    def read(self, rows, columns: list | None = None) -> pd.DataFrame:
+        """Rows ``rows`` (a slice, or row numbers) of ``columns`` (default all), as :func:`read_catalog` gives them."""
+        columns = self.columns if columns is None else list(columns)
+        order = None
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, np.int64)
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+        names = [self.names[self.columns.index(c)] for c in columns]
+        df = _read_fits_table_plain(self.path, rows, names)
+        df.columns = columns
+        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+        df = _missing_values(df, self.sentinel).set_index(pd.Index(index))
+        if order is not None:
+            df = df.iloc[np.argsort(order, kind="stable")]
+        return df
+
+    def blocks(self, rows: int = 1 << 16):
+        """Every row, ``rows`` at a time: a generator of DataFrames."""
+        for lo in range(0, self.n, rows):
+            yield self.read(slice(lo, min(lo + rows, self.n)))
 
 
 def _read_fits_table(path) -> pd.DataFrame:
@@ -456,11 +543,12 @@ def _read_fits_table(path) -> pd.DataFrame:
 _NOT_PLAIN_COLUMN = re.compile(r"[XPQ]")  # bits and variable-length arrays: astropy shapes them its own way
 
 
-def _read_fits_table_plain(path) -> pd.DataFrame | None:
+def _read_fits_table_plain(path, rows=None, names: list | None = None) -> pd.DataFrame | None:
     """What :func:`_read_fits_table_astropy` returns, read with fitsio (importing astropy costs ~0.3 s).
 
     Only for a binary table whose columns are numbers, logicals or text without TDIM or TSCAL (an
     SSPP catalog's are); None otherwise. Vector columns are dropped, as astropy's reader does.
+    ``rows``: a slice or sorted row numbers (default all); ``names``: the columns (default all).
     """
     with open_fits(path) as f:
         if len(f) < 2 or f[1].get_exttype() != "BINARY_TBL" or f[1].get_nrows() == 0:
@@ -470,15 +558,14 @@ def _read_fits_table_plain(path) -> pd.DataFrame | None:
             form = str(hdr.get(f"TFORM{k}", "")).upper()
             if f"TDIM{k}" in hdr or f"TSCAL{k}" in hdr or _NOT_PLAIN_COLUMN.search(form):
                 return None
-        data = f[1].read()
-    columns = {}
-    for name in data.dtype.names:
-        v = data[name]
-        if v.ndim == 1 and v.dtype.kind == "U":
-            columns[name] = np.char.rstrip(v)  # astropy drops trailing blanks of FITS text
-        elif v.ndim == 1:
-            columns[name] = v.astype(v.dtype.newbyteorder("=")) if v.dtype.byteorder == ">" else v
-    return pd.DataFrame(columns)
+        columns = {}
+        for name in names or f[1].get_colnames():  # a column at a time, each its own block: one copy in memory
+            v = f[1][name][rows] if isinstance(rows, slice) else f[1].read_column(name, rows=rows)
+            if v.ndim == 1 and v.dtype.kind == "U":
+                columns[name] = np.char.rstrip(v)  # astropy drops trailing blanks of FITS text
+            elif v.ndim == 1:
+                columns[name] = v.byteswap().view(v.dtype.newbyteorder("=")) if v.dtype.byteorder == ">" else v
+    return pd.DataFrame(columns, copy=False)
 
 
 def _read_fits_table_astropy(path) -> pd.DataFrame:
@@ -606,11 +693,47 @@ def find_spectra(folder) -> list[Path]:
 def _file_keys(files: list) -> tuple[np.ndarray, np.ndarray]:
     """(m, 3) int64 (plate, mjd, fiberid) from each file's name, and (m,) bool: the name has one."""
     keys, ok = np.zeros((len(files), 3), np.int64), np.zeros(len(files), bool)
-    for j, p in enumerate(files):
-        k = parse_name(p.name)
+    names = files.names() if isinstance(files, matching.FileIndex) else (p.name for p in files)
+    for j, name in enumerate(names):
+        k = parse_name(name)
         if k is not None:
             keys[j], ok[j] = k, True
     return keys, ok
+
+
+def _number_column(col: pd.Series) -> np.ndarray:
+    """A catalog column as numbers: its own array when it is one (no copy), else float64 (NaN where missing)."""
+    a = col.to_numpy()
+    return a if a.dtype.kind in "iuf" else col.to_numpy(np.float64, na_value=np.nan)
+
+
+MATCH_BLOCK = 1 << 16  # catalog rows matched at a time
+
+
+def _match_keys(files, cols: list | None, has_key: np.ndarray):
+    """The files' keys, which have one, and the catalog rows' keys (None without key columns): each packed
+    into one int64 when every key fits (:func:`matching.pack`), else (n, 3) on both sides."""
+    file_keys, has_file_key = _file_keys(files)
+    packed = matching.pack(file_keys, has_file_key)
+    if packed is not None:
+        file_keys = packed  # the three columns are freed before the catalog's are made
+    if cols is None:
+        return file_keys, has_file_key, None
+    keys = _int_keys(cols, has_key)
+    if packed is None:
+        return file_keys, has_file_key, keys
+    rows = matching.pack(keys, has_key)
+    if rows is None:  # a row's key too large to pack: three columns on both sides
+        return _file_keys(files)[0], has_file_key, keys
+    return file_keys, has_file_key, rows
+
+
+def _int_keys(cols: list, ok: np.ndarray) -> np.ndarray:
+    """(n, k) int64 of the columns ``cols`` (0 where not ``ok``), truncated as ``int()`` does."""
+    keys = np.zeros((len(ok), len(cols)), np.int64)
+    for j, c in enumerate(cols):
+        keys[ok, j] = c[ok]
+    return keys
 
 
 class SDSS(Survey):
@@ -620,14 +743,20 @@ class SDSS(Survey):
     labels = {"teff": "TEFF_ADOP", "feh": "FEH_ADOP", "logg": "LOGG_ADOP"}
     rv_column = "RV_ADOP"
     catalog_keys = (CATALOG_ID_COLUMNS,)
+    catalog_columns = CATALOG_ID_COLUMNS
     hashed_name = False
     plate_keys = True
 
     def identify(self, info) -> bool:
         return "COADD" in info.names or "COEFF0" in info.header
 
-    def prepare_files(self, spectra, find_files) -> list:
-        return find_spectra(spectra)
+    def prepare_files(self, spectra, find_files):
+        if not Path(spectra).is_dir():
+            return find_spectra(spectra)  # says what is wrong
+        from ..files import check_readable
+
+        check_readable(spectra)
+        return matching.FileIndex.scan(spectra, lambda name: parse_name(name) is not None)
 
     def read(self, path, reader="fast") -> list:
         spec = read_spectrum(path, reader)
@@ -639,20 +768,29 @@ class SDSS(Survey):
         return read_spectrum(path, reader)  # one spectrum per file: nothing to cache, no record fields to add
 
     def locate(self, cat, files, row_files):
-        file_keys, has_key = _file_keys(files)
-        table = matching.file_table(file_keys, has_key)
-        twin = matching.first_match(file_keys, table, has_key)
-        match = np.full(len(cat), -1)
-        keys = [None] * len(cat)
+        n = len(cat)
+        cols, has_key = None, np.zeros(n, bool)
         if all(c in cat.columns for c in CATALOG_ID_COLUMNS):
-            ids = cat[list(CATALOG_ID_COLUMNS)].to_numpy(np.float64)
-            valid = (np.abs(ids) < 2**62).all(axis=1)  # finite and an int64
-            match = matching.first_match(np.where(valid[:, None], ids, 0).astype(np.int64), table, valid)
-            keys = [tuple(int(v) for v in k) if ok else None for k, ok in zip(ids, valid)]
-        located = [(row_files[i] or (files[match[i]] if match[i] >= 0 else None), None) for i in range(len(cat))]
-        ident = [str(f) if f is not None else None if k is None else str(k) for k, f in zip(keys, row_files)]
-        row_id = [f"{k[0]:04d}-{k[1]:05d}-{k[2]:04d}" if k else "" for k in keys]
-        return twin, match, keys, located, ident, row_id
+            cols = [_number_column(cat[c]) for c in CATALOG_ID_COLUMNS]  # the catalog's own arrays: no copy
+            has_key = np.ones(n, bool)
+            for c in cols:
+                has_key &= np.abs(c.astype(np.float64)) < 2**62  # finite and an int64
+        file_keys, has_file_key, keys = _match_keys(files, cols, has_key)
+        table = matching.file_table(file_keys, has_file_key)
+        twin = matching.first_match(file_keys, table, has_file_key)
+        del file_keys, has_file_key
+        match = np.full(n, -1, np.int32 if len(files) < 2**31 else np.int64)
+        for lo in range(0, n if keys is not None else 0, MATCH_BLOCK):  # a block at a time: bounded temporaries
+            match[lo:lo + MATCH_BLOCK] = matching.first_match(keys[lo:lo + MATCH_BLOCK], table,
+                                                              has_key[lo:lo + MATCH_BLOCK])
+        del table
+        with_file = np.array([f is not None for f in row_files], bool)
+        if with_file.any():  # a row's FILE is its identity: text, as before
+            ident = [str(f) if f is not None else None if not k else str(tuple(int(c[i]) for c in cols))
+                     for i, (k, f) in enumerate(zip(has_key, row_files))]
+            return Located(twin, match, files, row_files, cols, has_key, ident=ident)
+        dup = matching.duplicates(keys, has_key) if keys is not None else np.zeros(n, bool)  # the first keeps it
+        return Located(twin, match, files, row_files, cols, has_key, dup=dup)
 
     def rv_keys(self, cat) -> list:
         if not all(c in cat.columns for c in CATALOG_ID_COLUMNS):
