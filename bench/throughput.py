@@ -57,14 +57,14 @@ def kernels(bar: Path, n: int = 1000):
     from scipy.interpolate import CubicSpline
 
     from stellarparams.surveys import sdss
-    from stellarparams.prepare import _run_chunk, parse_spectrum_name
+    from stellarparams.prepare import _run_chunk
     from stellarparams.preprocess import PrepareConfig, preprocess
     from stellarparams.resample import cubic_spline
 
     files = sorted(glob.glob(str(bar / "spectra" / "**" / "spec-*.fits"), recursive=True))[:n]
     cat = sdss.read_catalog(bar / "sppParams.fits")
     rv = {(r.PLATE, r.MJD, r.FIBERID): r.RV_ADOP for r in cat.itertuples()}
-    items = [(i, f, rv[parse_spectrum_name(Path(f).name)], None) for i, f in enumerate(files)]
+    items = [(i, f, rv[sdss.parse_name(Path(f).name)], None) for i, f in enumerate(files)]
     config = PrepareConfig()
 
     def per_spectrum(fn, *args):
