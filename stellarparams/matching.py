@@ -216,6 +216,7 @@ class FileIndex:
 
     def __init__(self, root, rel: np.ndarray):
         self.root, self.rel = Path(root), rel
+        self._prefix = "" if str(self.root) == "." else os.path.join(str(self.root), "")  # str(root / name) = prefix + name
 
     @classmethod
     def scan(cls, root, wanted, block: int = 1 << 16) -> "FileIndex":
@@ -246,6 +247,14 @@ class FileIndex:
 
     def __iter__(self):
         return (self[j] for j in range(len(self.rel)))
+
+    def text(self, j: int) -> str:
+        """``str(self[j])``, without making the Path."""
+        return self._prefix + os.fsdecode(self.rel[j].replace(self.SEP, b"/"))
+
+    def texts(self):
+        """Each file as :meth:`text`, in order: a generator."""
+        return (self.text(j) for j in range(len(self.rel)))
 
     def names(self):
         """Each file's name (without its folder), in order: a generator."""

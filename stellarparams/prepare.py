@@ -59,8 +59,8 @@ def _input_hash(h, columns: list, files, job: dict) -> str:
     ``h``: a sha256 fed with the catalog's row hashes (``pd.util.hash_pandas_object``), in
     order; ``columns``: the catalog's; ``files``: sorted, one at a time."""
     h.update(",".join(columns).encode())
-    for p in files:
-        st = p.stat()
+    for p in (files.texts() if hasattr(files, "texts") else files):
+        st = os.stat(p)
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(json.dumps(job, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
@@ -354,7 +354,7 @@ def detect_survey(spectra) -> str:
             return registry.detect(spectra)
         except SpectrumError as e:
             raise ValueError(str(e)) from e
-    found = sorted({registry.detect(p) for p in registry.iter_files(spectra)})
+    found = sorted({registry.by_name(os.path.basename(p)) or registry.detect(p) for p in registry.iter_files(spectra)})
     if not found:  # no file named after a survey: the formats found only when asked (tables)
         found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:
@@ -490,14 +490,14 @@ class _Matched:
 
     def file_of(self, row: int) -> str:
         """The spectrum file of catalog row ``row`` as text."""
-        return str(self.loc.file(row)[0])
+        return self.loc.file_text(row)[0]
 
     def items(self, lo: int, hi: int) -> list:
         """Work items ``lo:hi`` (reading order): (row, file, rv, index of the spectrum in the file or None)."""
         out = []
         for i in self.rows[lo:hi].tolist():
-            f, index = self.loc.file(i)
-            out.append((i, str(f), float(self.rv[i]), index))
+            f, index = self.loc.file_text(i)
+            out.append((i, f, float(self.rv[i]), index))
         return out
 
 

@@ -93,6 +93,15 @@ class Located:
         j = self.match[i]
         return self.row_files[i] or (self.files[j] if j >= 0 else None), None
 
+    def file_text(self, i: int) -> tuple:
+        """:meth:`file` with the file as text ('' when none), without making a Path where the files are a
+        :class:`~stellarparams.matching.FileIndex` (the work list of millions of rows)."""
+        j = -1 if self.located is not None or self.row_files[i] else self.match[i]
+        if j >= 0 and hasattr(self.files, "text"):
+            return self.files.text(j), None
+        f, index = self.file(i)
+        return str(f or ""), index
+
     def has_file(self) -> np.ndarray:
         """(n,) bool: the rows a file was found for (a FILE cell may name a file that does not exist)."""
         if self.located is not None:

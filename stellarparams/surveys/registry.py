@@ -62,10 +62,10 @@ def detect(path) -> str:
         ``unknown_format``: no format recognises the file; ``missing_file``, ``unreadable``.
     """
     path = Path(path)
+    named = by_name(path.name)
+    if named:
+        return named
     formats = _by_priority()
-    for s in formats:
-        if s.matches_name(path.name):
-            return s.name
     if not path.is_file():
         raise SpectrumError(path, "missing_file", f"no such file: {path}")
     try:
@@ -83,6 +83,11 @@ def detect(path) -> str:
     titles = [s.title for s in _FORMATS.values()]
     raise SpectrumError(path, "unknown_format", f"not an {', '.join(titles[:-1])} or {titles[-1]} file "
                         f"(name it after its survey or pass --survey {'|'.join(_FORMATS)})")
+
+
+def by_name(name: str) -> str | None:
+    """The survey whose file-name pattern ``name`` matches (the highest priority first), or None."""
+    return next((s.name for s in _by_priority() if s.matches_name(name)), None)
 
 
 def read(path, survey: str | None = None, reader: str = "fast") -> list[Record]:

@@ -802,8 +802,9 @@ class SDSS(Survey):
         return [parse_name(name)]
 
     def reject_unused(self, files, twin, is_used, rejects) -> None:
-        for j, p in enumerate(files):
+        for j in range(len(files)):
             if not is_used(j):
+                p = files[j]
                 k = parse_name(p.name)
                 first = files[twin[j]]
                 reason, detail = (("duplicate_file", f"another file of the same spectrum was used: {first}")
