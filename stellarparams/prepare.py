@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import engine
+from .context import Run
 from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
 from .dataset import DATA_FILE, SPLITS, append_pixels, append_rows, append_table, create_dataset, parse_grid
 from .files import atomic_write, check_readable, write_text
@@ -260,7 +261,8 @@ def _group_keys(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), workers: int | None = None,
             seed: int = 0, fractions=(0.6, 0.1, 0.3), group_by: str | None = None,
             split_column: str | None = None, chunk_size: int = 256, progress: bool = True,
-            wait: bool = False, survey: str | None = None, dask=None, reader: str = "fast") -> dict:
+            wait: bool = False, survey: str | None = None, dask=None, reader: str = "fast",
+            run: Run | None = None) -> dict:
     """Turn a folder of survey spectra plus a label catalog into ``out/dataset.h5``.
 
     Parameters
@@ -309,6 +311,9 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
         ``"fast"`` (default): SDSS DR8+ files of the plain layout are read with numpy, the rest
         with cfitsio; ``"fitsio"``: every file with cfitsio (:func:`sdss.read_spectrum`). The
         dataset is the same.
+    run : Run, optional
+        ``progress``, ``workers`` and ``dask`` as one object (:mod:`stellarparams.context`); when
+        given, it replaces those three arguments.
 
     Returns
     -------
@@ -326,9 +331,13 @@ def prepare(catalog, spectra, out, *, config: PrepareConfig = PrepareConfig(), w
     """
     if reader not in sdss.READERS:
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(sdss.READERS)}")
-    with engine.connect(dask, progress) as client, locked_output(out, wait):
-        return _prepare(catalog, Path(spectra), Path(out), config, workers, seed, fractions, group_by, split_column,
-                        chunk_size, progress, survey, client, reader)
+    run = run or Run(progress=progress, workers=workers, dask=dask)
+    with run.cluster() as client, locked_output(out, wait):
+        t0 = time.perf_counter()
+        job = _check(catalog, Path(spectra), config, survey, seed, fractions, group_by, split_column, chunk_size,
+                     run.progress)
+        job.reader, job.run, job.client = reader, run, client
+        return _prepare(job, Path(out), t0)
 
 
 def detect_survey(spectra) -> str:
@@ -367,26 +376,22 @@ def detect_survey(spectra) -> str:
 # ---------------------------------------------------------------------------------------------
 # the job, top to bottom: check -> match -> read -> split -> write
 
-def _prepare(catalog, spectra, out, config, workers, seed, fractions, group_by, split_column, chunk_size,
-             progress, survey=None, client=None, reader="fast") -> dict:
-    """:func:`prepare` inside the output lock."""
-    t0 = time.perf_counter()
-    job = _check(catalog, spectra, config, survey, seed, fractions, group_by, split_column, chunk_size, progress)
-    job.reader = reader
-    done = _finished(out, job.input_hash, progress)
+def _prepare(job: "_Job", out: Path, t0: float) -> dict:
+    """:func:`prepare` inside the output lock, from the checked inputs on: match -> read -> split -> write."""
+    done = _finished(out, job.input_hash, job.run.progress)
     if done is not None:
         return done
     rejects = _Rejects(out / ".rejects.csv")  # renamed to rejects.csv when the dataset is published
     try:
         matched = _match(job, rejects)
-        _check_resources(out, job, len(matched.rows), chunk_size, workers if client is None else 1)
+        _check_resources(out, job, len(matched.rows))
         _release(job, job.config.labels.values())  # read back from the catalog file when written
-        parts = _read(out / PARTIAL_DIR, job, matched, chunk_size, workers, progress, client)
+        parts = _read(out / PARTIAL_DIR, job, matched)
         matched.rv, matched.n_read, matched.rows = None, len(matched.rows), None  # read: not needed any more
         _release(job, [job.config.rv_column])
-        splits = _split(job, matched, parts, seed, fractions, progress)
+        splits = _split(job, matched, parts)
         _release(job, [job.group_by, job.split_column, "STAR_ID"])
-        return _write(out, job, matched, parts, splits, seed, fractions, t0, progress)
+        return _write(out, job, matched, parts, splits, t0)
     finally:
         if job.stream is not None:
             job.stream.close()
@@ -399,9 +404,10 @@ CHUNK_BYTES_PER_PIXEL = 20  # held in memory per spectrum of a chunk and grid pi
 WORK_BYTES_PER_PIXEL = 1200  # a reading process's resampling temporaries per grid pixel (measured: 1,100-1,200)
 
 
-def _check_resources(out: Path, job: _Job, n_work: int, chunk_size: int, workers) -> None:
+def _check_resources(out: Path, job: "_Job", n_work: int) -> None:
     """Refuse, before reading, a job whose chunks and dataset would not fit on disk or in memory."""
     n_pix = job.config.grid.n_pix
+    chunk_size, workers = job.chunk_size, job.run.workers if job.client is None else 1
     workers = max(1, min(workers or os.cpu_count() or 1, -(-n_work // chunk_size) or 1))
     per_chunk = min(chunk_size, n_work) * n_pix * CHUNK_BYTES_PER_PIXEL
     check_disk(out, 2 * n_work * n_pix * BYTES_PER_PIXEL,  # the chunks, then the dataset beside them
@@ -428,7 +434,12 @@ class _Job:
     numbers: set = None      # the catalog columns of numbers (not logicals)
     rest: object = None      # :class:`sdss.FitsCatalog` holding the columns not in ``cat`` (None: all are there)
     labelled: np.ndarray = None  # (catalog rows,) bool: the rows with a label (:func:`_match`)
+    seed: int = 0            # of the shuffled split
+    fractions: tuple = (0.6, 0.1, 0.3)  # train, val, test
+    chunk_size: int = 256    # spectra per resumable chunk
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
+    run: Run = Run()         # progress and workers (:mod:`stellarparams.context`)
+    client: object = None    # the Dask client reading the chunks, or None for the process pool
     stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
@@ -583,7 +594,8 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     input_hash = _input_hash(rows_hash, columns, sorted(set(files) | named) if named else files, job)
     numbers = stream.numbers if stream is not None else {c for c in columns if sdss.is_number(cat[c])}
     return _Job(cat, cat_name, spectra, survey, config, group_by, split_column, files, row_files, input_hash,
-                columns=columns, numbers=numbers, rest=stream)
+                columns=columns, numbers=numbers, rest=stream, seed=seed, fractions=tuple(fractions),
+                chunk_size=chunk_size)
 
 
 class _NoFiles:
@@ -780,16 +792,17 @@ def _chunk_path(partial: Path, k: int) -> Path:
     return partial / f"chunk-{k:05d}.npz"
 
 
-def _read(partial: Path, job: _Job, matched: _Matched, chunk_size: int, workers, progress, client=None) -> list:
+def _read(partial: Path, job: _Job, matched: _Matched) -> list:
     """Preprocess the rows of ``matched`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
 
-    In a process pool of ``workers``, or on the Dask cluster of ``client`` when given. A chunk's
-    work items are made when it is handed out, and only a few chunks wait at a time.
+    In a process pool of ``job.run.workers``, or on the Dask cluster of ``job.client`` when given.
+    A chunk's work items are made when it is handed out, and only a few chunks wait at a time.
 
     Returns each chunk's summary (rows kept, their S/N, rejects), in chunk order.
     """
     from tqdm.auto import tqdm
 
+    chunk_size, progress, client = job.chunk_size, job.run.progress, job.client
     job_file, n_work = partial / "job.json", len(matched.rows)
     if partial.exists():
         try:
@@ -804,7 +817,7 @@ def _read(partial: Path, job: _Job, matched: _Matched, chunk_size: int, workers,
     todo = [k for k in range(n_chunks) if not _chunk_path(partial, k).exists()]
     if len(todo) < n_chunks:
         _log(f"resuming: {n_chunks - len(todo)} of {n_chunks} chunks already done in {partial}", progress)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = max(1, min(job.run.workers or os.cpu_count() or 1, len(todo) or 1))
     job.stream = stream = _StreamWriter(partial, job.config, n_chunks, set(range(n_chunks)) - set(todo))
     n_todo = sum(min(n_work, (k + 1) * chunk_size) - k * chunk_size for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
@@ -914,8 +927,9 @@ class _StreamWriter:
 
 # --- split: train/val/test, grouped -----------------------------------------------------------
 
-def _split(job: _Job, matched: _Matched, parts: list, seed, fractions, progress) -> _Splits:
+def _split(job: _Job, matched: _Matched, parts: list) -> _Splits:
     """Collect the spectra read (their rejects into ``matched``), group them and assign splits."""
+    seed, fractions, progress = job.seed, job.fractions, job.run.progress
     for part in parts:
         for r in part["rejects"]:
             matched.reject(r["row"], matched.file_of(r["row"]), r["reason"], r["detail"])
@@ -1087,12 +1101,12 @@ def _any_label(job: _Job, rows: np.ndarray, progress) -> bool:
     return bool(job.labelled[rows].any())
 
 
-def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, seed, fractions, t0,
-           progress) -> dict:
+def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, t0) -> dict:
     """Publish the verified dataset.h5, rejects.csv, then summary.json with its sha256; return the summary."""
     from . import __version__
 
     config, partial, final = job.config, out / PARTIAL_DIR, out / DATA_FILE
+    seed, fractions, progress = job.seed, job.fractions, job.run.progress
     keep_mask = ~splits.bad
     n_kept = int(keep_mask.sum())
     rejects = matched.rejects
@@ -1272,8 +1286,8 @@ def run_cli(args) -> int:
     """
     config = config_from_args(args, PrepareConfig(min_coverage=args.min_coverage,
                                                   rest_frame=not args.no_rest_frame, rv_column=args.rv_column))
-    prepare(args.catalog, args.spectra, args.out, config=config, workers=args.workers, seed=args.seed,
+    prepare(args.catalog, args.spectra, args.out, config=config, seed=args.seed,
             fractions=parse_fractions(args.fractions), group_by=args.group_by, split_column=args.split_column,
-            progress=not args.no_progress, wait=args.wait, survey=args.survey, dask=args.dask,
+            wait=args.wait, survey=args.survey, run=Run.from_args(args),
             reader=getattr(args, "reader", "fast"))
     return 0
