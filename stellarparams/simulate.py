@@ -88,6 +88,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, engine
+from .context import Run
 from .files import write_text
 from .outputs import check_disk, locked_output
 from .physics import C_KMS, doppler
@@ -863,7 +864,7 @@ def simulated_surveys() -> tuple:
 def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, teff_range=(4000, 9500),
              snr_range=(5, 100), progress: bool = True, wait: bool = False, response: str | None = None,
              telluric: float = 0.0, airmass=(1.0, 1.5), lsf: str | None = None, wave_offset: float = 0.0,
-             sky_residual: float = 0.0, survey: str = "sdss", dask=None, **options) -> Path:
+             sky_residual: float = 0.0, survey: str = "sdss", dask=None, run: Run | None = None, **options) -> Path:
     """Simulate ``n`` SDSS-like (or LAMOST-, DESI-like) spectra of MILES stars into folder ``out``; returns the catalog path.
 
     Resumes: spectra already in ``out`` are kept; the catalog (``out/sppParams.fits`` for
@@ -898,6 +899,9 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
         Write the spectra on a Dask cluster instead of ``workers`` processes here:
         ``tcp://HOST:PORT``, ``local:N`` or a client (:mod:`stellarparams.engine`); the
         workers must share ``out``'s file system. Same files either way.
+    run : Run, optional
+        ``progress``, ``workers`` and ``dask`` as one object (:mod:`stellarparams.context`); when
+        given, it replaces those three arguments.
     **options
         The other :class:`SimConfig` fields (e.g. ``rv_sigma=0, noise=False``).
 
@@ -918,12 +922,14 @@ def simulate(out, n: int = 20000, seed: int = 0, workers: int | None = None, tef
     shifts = Shifts(response=response, telluric=float(telluric), airmass=tuple(airmass), lsf=lsf,
                     wave_offset=float(wave_offset), sky_residual=float(sky_residual))
     out = Path(out)
-    with engine.connect(dask, progress) as client:
-        return _simulate(out, n, seed, workers, cfg, shifts, progress, wait, survey, client)
+    run = run or Run(progress=progress, workers=workers, dask=dask)
+    with run.cluster() as client:
+        return _simulate(out, n, seed, cfg, shifts, wait, survey, run, client)
 
 
-def _simulate(out: Path, n, seed, workers, cfg: SimConfig, shifts: Shifts, progress, wait, survey, client) -> Path:
+def _simulate(out: Path, n, seed, cfg: SimConfig, shifts: Shifts, wait, survey, run: Run, client) -> Path:
     """:func:`simulate` with checked settings, on ``client``'s cluster when given."""
+    workers, progress = run.workers, run.progress
     settings = {"seed": int(seed), "config": cfg.to_dict()}
     if shifts.to_dict():  # absent for today's survey, whose simulate.json stays as it was
         settings["shifts"] = shifts.to_dict()
@@ -1109,10 +1115,9 @@ def run_cli(args) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)}
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     teff_range, snr_range = options.pop("teff_range"), options.pop("snr_range")
-    cat = simulate(args.out, n=args.n, seed=args.seed, workers=args.workers, teff_range=teff_range,
-                   snr_range=snr_range, progress=not args.no_progress, wait=args.wait, response=args.response,
-                   telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
+    cat = simulate(args.out, n=args.n, seed=args.seed, teff_range=teff_range, snr_range=snr_range, wait=args.wait,
+                   response=args.response, telluric=args.telluric, airmass=tuple(args.airmass), lsf=args.lsf,
                    wave_offset=args.wave_offset, sky_residual=args.sky_residual, survey=args.survey,
-                   dask=args.dask, **options)
+                   run=Run.from_args(args), **options)
     print(cat)
     return 1 if (Path(args.out) / "simulate_problems.json").exists() else 0
