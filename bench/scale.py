@@ -4,7 +4,8 @@ Simulates the survey once, growing it through the sizes of ``--n`` in increasing
 (``stellarparams simulate --dask local:2`` into ``WORK/survey``; simulate resumes, so each
 size only writes the spectra the smaller one lacks, and the largest is simulated once; each
 run's time and memory are printed), links the first N spectra of it into ``WORK/nN/`` (hard
-links, else symbolic ones) with the first N catalog rows as ``WORK/nN/sppParams.parquet``,
+links, else symbolic ones) with the first N catalog rows as ``WORK/nN/sppParams.fits`` (FITS,
+like SSPP's, which prepare reads in blocks),
 and for each N runs, each as its own ``stellarparams`` command (so start-up counts and
 memory is measured per run):
 
@@ -168,9 +169,12 @@ def subset(work: Path, cat: pd.DataFrame, n: int) -> tuple:
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link(spectrum_path(work / "survey", sp, sm, sf), dst)
-    catalog = folder / "sppParams.parquet"
+    catalog = folder / "sppParams.fits"
     if not catalog.exists():
-        atomic_write(catalog, lambda tmp: sub.drop(columns="SOURCE_ROW", errors="ignore").to_parquet(tmp, index=False))
+        from astropy.table import Table
+
+        table = Table.from_pandas(sub.drop(columns="SOURCE_ROW", errors="ignore"))
+        atomic_write(catalog, lambda tmp: table.write(tmp, format="fits"))
     return catalog, folder / "spectra"
 
 
