@@ -434,40 +434,24 @@ def read_target(path, ds, progress: bool = False) -> tuple[np.ndarray, np.ndarra
     RV or redshift. A spectrum that cannot be used is skipped with a line on stderr naming the file
     and the reason; rejects = {reason: count}.
     """
-    from .physics import rv_from_z
-    from .preprocess import PrepareConfig, preprocess
-    from .spectrum import SpectrumError
-    from .surveys import registry, sdss
+    from .predict import _read_chunk
 
     if not ds.attrs.get("preprocess"):
         raise ValueError(f"{ds.path}: has no record of its preprocessing; --adapt-to a folder of spectra needs "
                          "it (prepare the target yourself with the source dataset's --grid)")
-    config = PrepareConfig.from_dict(ds.attrs["preprocess"])
     items = _target_items(path)
-    flux, off, ok, rejects, cache = np.zeros((len(items), ds.n_pix), np.float32), np.zeros(len(items)), \
-        np.zeros(len(items), bool), {}, {}
-    for i, (f, rv, ids) in enumerate(items):
-        try:
-            if not f:
-                raise SpectrumError(path, "no_file", "a catalog row without a FILE")
-            spec = registry.read_record(f, ids["index"], ids["survey"], cache) if isinstance(ids, dict) else \
-                sdss.read_spectrum(f)
-            if spec.objclass and spec.objclass in config.reject_classes:
-                raise SpectrumError(f, "not_a_star", f"CLASS {spec.objclass}")
-            rv = rv if np.isfinite(rv) else getattr(spec, "rv", np.nan)
-            rv = rv if np.isfinite(rv) else rv_from_z(getattr(spec, "z", np.nan))
-            flux[i], _, off[i] = preprocess(spec, rv, config, return_offset=True)
-            ok[i] = True
-        except Exception as e:  # noqa: BLE001 - one bad file never stops the rest
-            reason = e.reason if isinstance(e, SpectrumError) else "error"
+    r = _read_chunk(items, ds.attrs["preprocess"], ds.n_pix, offset=True)  # as predict reads: one bad file skipped
+    ok, rejects = r["ok"], {}
+    for (f, _, _), reason, detail in zip(items, r["reason"], r["detail"]):
+        if reason:
             rejects[reason] = rejects.get(reason, 0) + 1
-            print(f"--adapt-to: skipped {f or path}: {e}"[:300], file=sys.stderr)
+            print(f"--adapt-to: skipped {f or path}: {reason}" + (f" ({detail})" if detail else ""), file=sys.stderr)
     if not ok.any():
         raise ValueError(f"{path}: no usable target spectrum (rejected: {rejects})")
     if progress:
         print(f"--adapt-to: {int(ok.sum())} target spectra read from {path}"
               + (f", {sum(rejects.values())} skipped ({rejects})" if rejects else ""), file=sys.stderr)
-    return flux[ok], off[ok].astype(np.float32), rejects
+    return r["flux"], r["offset"], rejects
 
 
 def load_target(path, ds, progress: bool = False) -> tuple[np.ndarray, np.ndarray, str, dict]:

@@ -269,14 +269,16 @@ def _without_bad_labels(cat: pd.DataFrame, catalog) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- workers
-def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -> dict:
+def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast", offset: bool = False) -> dict:
     """Read + preprocess a list of (file, rv, ids), SDSS files with ``reader`` (:data:`sdss.READERS`).
-    Never raises: problems become reasons."""
+    Never raises: problems become reasons. ``offset``: also each kept spectrum's flux offset
+    (:func:`preprocess.preprocess`'s ``return_offset``) as "offset"."""
     from .preprocess import PrepareConfig, preprocess
 
     config = PrepareConfig.from_dict(prepare_config) if prepare_config else PrepareConfig()
     n = len(items)
     flux = np.zeros((n, n_pix), np.float32)
+    offsets = np.zeros(n, np.float32)
     ok = np.zeros(n, bool)
     info = {k: np.zeros(n, np.int32) for k in ("plate", "mjd", "fiberid")}
     snr, rv_used = np.full(n, np.nan), np.full(n, np.nan)
@@ -310,14 +312,17 @@ def _read_chunk(items, prepare_config: dict, n_pix: int, reader: str = "fast") -
             if not np.isfinite(rv):
                 rv = rv_from_z(getattr(spec, "z", np.nan))
             rv_used[i] = rv
-            flux[i], _ = preprocess(spec, rv, config)
+            if offset:
+                flux[i], _, offsets[i] = preprocess(spec, rv, config, return_offset=True)
+            else:
+                flux[i], _ = preprocess(spec, rv, config)
             ok[i] = True
         except SpectrumError as e:
             reason[i], detail[i] = e.reason, e.detail
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
             reason[i], detail[i] = "error", f"{type(e).__name__}: {e}"[:300]
     return {"flux": flux[ok], "ok": ok, "snr": snr, "rv": rv_used, "reason": reason, "detail": detail, "id": ident,
-            **info}
+            **info, **({"offset": offsets[ok]} if offset else {})}
 
 
 # ---------------------------------------------------------------------- output
