@@ -363,7 +363,7 @@ def detect_survey(spectra) -> str:
             return registry.detect(spectra)
         except SpectrumError as e:
             raise ValueError(str(e)) from e
-    found = sorted({registry.by_name(os.path.basename(p)) or registry.detect(p) for p in registry.iter_files(spectra)})
+    found = sorted({registry.detect(p) for p in registry.iter_files(spectra)})
     if not found:  # no file named after a survey: the formats found only when asked (tables)
         found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:

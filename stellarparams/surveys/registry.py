@@ -61,10 +61,10 @@ def detect(path) -> str:
     SpectrumError
         ``unknown_format``: no format recognises the file; ``missing_file``, ``unreadable``.
     """
-    path = Path(path)
-    named = by_name(path.name)
+    named = by_name(os.path.basename(path))  # no Path made for the usual case: detect_survey asks per file
     if named:
         return named
+    path = Path(path)
     formats = _by_priority()
     if not path.is_file():
         raise SpectrumError(path, "missing_file", f"no such file: {path}")
