@@ -57,7 +57,7 @@ def kernels(bar: Path, n: int = 1000):
     from scipy.interpolate import CubicSpline
 
     from stellarparams.surveys import sdss
-    from stellarparams.prepare import _run_chunk
+    from stellarparams.prepare import _Pixels, _run_chunk
     from stellarparams.preprocess import PrepareConfig, preprocess
     from stellarparams.resample import cubic_spline
 
@@ -89,7 +89,9 @@ def kernels(bar: Path, n: int = 1000):
     pre, _ = per_spectrum(lambda: [preprocess(s, r[2], config, return_sigma=True, return_offset=True)
                                    for s, r in zip(specs, items)])
     with tempfile.TemporaryDirectory() as tmp:
-        chunk, _ = per_spectrum(lambda: [_run_chunk(k, items[k:k + 256], config, tmp) for k in range(0, n, 256)])
+        pixels = _Pixels.open(Path(tmp), config, n)
+        chunk, _ = per_spectrum(lambda: [_run_chunk(k // 256, items[k:k + 256], config, tmp, pixels, k)
+                                         for k in range(0, n, 256)])
     print(f"preprocess (+sigma):  {pre:.3f} ms; a chunk of prepare (read + preprocess + save): {chunk:.3f} ms "
           f"-> {2e3 / chunk:,.0f} spectra/s on 2 idle cores   [{load()}]")
 

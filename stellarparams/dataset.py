@@ -130,7 +130,7 @@ _META_COLUMNS = ("plate", "mjd", "fiberid", "object_id", "file", "rv", "snr")
 
 
 def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int = 256, sigma: bool = False,
-                   offset: bool = False):
+                   offset: bool = False, n_rows: int | None = None):
     """Create an empty, resizable store at ``path`` (a .h5 file) and return the open h5py File.
 
     Parameters
@@ -149,6 +149,10 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
         Also create the (N, P) ``sigma`` dataset; :func:`append_rows` then needs ``sigma``.
     offset : bool
         Also create the (N,) ``offset`` dataset; :func:`append_rows` then needs ``offset``.
+    n_rows : int, optional
+        Make the pixel arrays (flux, valid, sigma, offset) ``n_rows`` long from the start, each one
+        contiguous block of the file whose space is reserved now and never filled: rows are written
+        in place, at :func:`pixel_offsets`, by any process (the per-row table is still appended).
 
     Returns
     -------
@@ -157,13 +161,22 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
     """
     f = h5py.File(path, "w-")
     L = len(label_names)
-    f.create_dataset("flux", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
+
+    def pixels(name, shape, dtype, chunks, **compression):
+        if n_rows is None:
+            f.create_dataset(name, (0,) + shape, dtype, maxshape=(None,) + shape, chunks=chunks, **compression)
+        else:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            f.create_dataset(name, (n_rows,) + shape, dtype, dcpl=dcpl)
+
+    pixels("flux", (n_pix,), np.float32, (chunk_rows, n_pix))
     if sigma:
-        f.create_dataset("sigma", (0, n_pix), np.float32, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix))
+        pixels("sigma", (n_pix,), np.float32, (chunk_rows, n_pix))
     if offset:
-        f.create_dataset("offset", (0,), np.float32, maxshape=(None,), chunks=(4096,))
-    f.create_dataset("valid", (0, n_pix), bool, maxshape=(None, n_pix), chunks=(chunk_rows, n_pix),
-                     compression="gzip", compression_opts=1)
+        pixels("offset", (), np.float32, (4096,))
+    pixels("valid", (n_pix,), bool, (chunk_rows, n_pix), compression="gzip", compression_opts=1)
     f.create_dataset("labels", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
     f.create_dataset("label_err", (0, L), np.float32, maxshape=(None, L), chunks=(4096, L))
     for name, dt in [("split", np.uint8), ("plate", np.int32), ("mjd", np.int32), ("fiberid", np.int32),
@@ -174,6 +187,28 @@ def create_dataset(path, n_pix: int, label_names, attrs: dict, chunk_rows: int =
     for k, v in attrs.items():
         f.attrs[k] = json.dumps(v)
     return f
+
+
+PIXEL_ARRAYS = ("flux", "valid", "sigma", "offset")
+
+
+def pixel_offsets(f) -> dict:
+    """Where the pixel arrays of a store made with ``n_rows`` (:func:`create_dataset`) lie in its file.
+
+    Returns
+    -------
+    dict
+        name -> (byte offset of row 0, bytes per row), for those of :data:`PIXEL_ARRAYS` it has.
+    """
+    out = {}
+    for name in PIXEL_ARRAYS:
+        if name in f:
+            ds = f[name]
+            start = ds.id.get_offset() if ds.size else 0  # an empty array has no place in the file
+            if start is None:
+                raise ValueError(f"{f.filename}: {name} is not one contiguous block (not made with n_rows)")
+            out[name] = (int(start), int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+    return out
 
 
 def append_rows(f, flux, valid, labels, label_err, split, meta: pd.DataFrame, extra: pd.DataFrame | None = None,

@@ -6,9 +6,9 @@ spectra: the survey's own rules, :mod:`stellarparams.surveys`) -> read (each spe
 
 The job writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
-Work happens in ``DATASET/.partial/`` (one file per finished chunk), so a killed run
-resumes where it stopped. One process at a time writes a dataset folder (``DATASET/.lock``).
-The dataset is read back and checked before it is renamed into place, and summary.json
+Work happens in ``DATASET/.partial/`` (``pixels.h5``, whose rows the reading processes write in
+place, and one small file per finished chunk), so a killed run resumes where it stopped. One
+process at a time writes a dataset folder (``DATASET/.lock``). The dataset is read back and checked before it is renamed into place, and summary.json
 records its sha256: a re-run is a no-op only when the inputs are the same and the
 published file still matches that record.
 """
@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice, repeat
@@ -32,10 +33,10 @@ import pandas as pd
 from . import engine
 from .context import Run
 from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
-from .dataset import DATA_FILE, SPLITS, append_pixels, append_rows, append_table, create_dataset, parse_grid
+from .dataset import DATA_FILE, PIXEL_ARRAYS, SPLITS, append_table, create_dataset, parse_grid, pixel_offsets
 from .files import atomic_write, check_readable, write_text
 from .outputs import check_disk, check_memory, locked_output
-from .matching import resolve_file
+from .matching import resolve_file, walk
 from .preprocess import PrepareConfig, config_from_model, preprocess
 from .records import sha256_file
 from .spectrum import SENTINEL, NoUsableInput, SpectrumError
@@ -127,21 +128,22 @@ def _parse_split_values(values) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the work of one chunk (runs in a worker process)
 
-def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, survey: str = "sdss",
-               reader: str = "fast") -> dict:
-    """Preprocess the files of one chunk and save the result as ``partial/chunk-ID.npz``.
+def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, pixels: "_Pixels", row0: int,
+               survey: str = "sdss", reader: str = "fast") -> dict:
+    """Preprocess the files of one chunk, write their pixels in place (rows ``row0...`` of ``pixels``), then
+    save the chunk's summary as ``partial/chunk-ID.npz`` (which marks it done).
 
     items: list of (row, file, rv) or (row, file, rv, index of the spectrum in the file or
     None); reader: :data:`sdss.READERS`. Returns counts and rejects (small, for the main process).
     """
     P = config.grid.n_pix
-    flux = np.empty((len(items), P), np.float32)
-    valid = np.empty((len(items), P), bool)
-    sigma = np.empty((len(items), P), np.float32)
-    offset = np.empty(len(items), np.float32)
-    rows, snr, rejects = [], [], []
+    flux = np.zeros((len(items), P), np.float32)  # a rejected item's row stays zeros (not part of the dataset)
+    valid = np.zeros((len(items), P), bool)
+    sigma = np.zeros((len(items), P), np.float32)
+    offset = np.zeros(len(items), np.float32)
+    rows, pos, snr, rejects = [], [], [], []
     cache = {}
-    for item in items:
+    for j, item in enumerate(items):
         row, path, rv = item[:3]
         index = item[3] if len(item) > 3 else None
         try:
@@ -155,20 +157,21 @@ def _run_chunk(chunk_id: int, items: list, config: PrepareConfig, partial: str, 
         except Exception as e:  # a file we did not foresee must not stop the batch
             rejects.append({"row": row, "file": str(path), "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]})
             continue
-        k = len(rows)
-        flux[k], valid[k], sigma[k], offset[k] = f, v, sg, o
+        flux[j], valid[j], sigma[j], offset[j] = f, v, sg, o
         rows.append(row)
+        pos.append(row0 + j)
         snr.append(spec.snr)
-    n = len(rows)
-    atomic_write(Path(partial) / f"chunk-{chunk_id:05d}.npz", lambda tmp: np.savez(
-        tmp, flux=flux[:n], valid=valid[:n], sigma=sigma[:n], offset=offset[:n], rows=np.array(rows, np.int64),
-        snr=np.array(snr, np.float32), rejects=np.array(json.dumps(rejects))))
-    return {"chunk": chunk_id, "n": len(items), "kept": n, "rejects": rejects}
+    crc = pixels.write(row0, {"flux": flux, "valid": valid, "sigma": sigma, "offset": offset})
+    # not fsynced (nor the pixels): a resumed job checks each finished chunk's pixels against its crc
+    atomic_write(_chunk_path(Path(partial), chunk_id), durable=False, write=lambda tmp: np.savez(
+        tmp, rows=np.array(rows, np.int64), pos=np.array(pos, np.int64), snr=np.array(snr, np.float32),
+        rejects=np.array(json.dumps(rejects)), crc=np.int64(crc)))
+    return {"chunk": chunk_id, "n": len(items), "kept": len(rows), "rejects": rejects}
 
 
 def _load_chunk_summary(path: Path) -> dict:
     with np.load(path) as z:
-        return {"rows": z["rows"], "snr": z["snr"], "rejects": json.loads(str(z["rejects"]))}
+        return {"rows": z["rows"], "pos": z["pos"], "snr": z["snr"], "rejects": json.loads(str(z["rejects"]))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +366,10 @@ def detect_survey(spectra) -> str:
             return registry.detect(spectra)
         except SpectrumError as e:
             raise ValueError(str(e)) from e
-    found = sorted({registry.detect(p) for p in registry.iter_files(spectra)})
+    if not spectra.is_dir():
+        raise FileNotFoundError(f"{spectra}: spectra folder not found")
+    check_readable(spectra)
+    found = sorted({registry.by_name(name) for _, name in walk(spectra)} - {None})  # in no order: a set
     if not found:  # no file named after a survey: the formats found only when asked (tables)
         found = [s for s in registry.names() if not registry.get(s).listed and registry.find_files(spectra, s)][:1]
     if len(found) == 1:
@@ -386,15 +392,13 @@ def _prepare(job: "_Job", out: Path, t0: float) -> dict:
         matched = _match(job, rejects)
         _check_resources(out, job, len(matched.rows))
         _release(job, job.config.labels.values())  # read back from the catalog file when written
-        parts = _read(out / PARTIAL_DIR, job, matched)
+        pixels, parts = _read(out / PARTIAL_DIR, job, matched)
         matched.rv, matched.n_read, matched.rows = None, len(matched.rows), None  # read: not needed any more
         _release(job, [job.config.rv_column])
         splits = _split(job, matched, parts)
         _release(job, [job.group_by, job.split_column, "STAR_ID"])
-        return _write(out, job, matched, parts, splits, t0)
+        return _write(out, job, matched, pixels, splits, t0)
     finally:
-        if job.stream is not None:
-            job.stream.close()
         if not rejects.fh.closed:
             rejects.discard()
 
@@ -410,7 +414,7 @@ def _check_resources(out: Path, job: "_Job", n_work: int) -> None:
     chunk_size, workers = job.chunk_size, job.run.workers if job.client is None else 1
     workers = max(1, min(workers or os.cpu_count() or 1, -(-n_work // chunk_size) or 1))
     per_chunk = min(chunk_size, n_work) * n_pix * CHUNK_BYTES_PER_PIXEL
-    check_disk(out, 2 * n_work * n_pix * BYTES_PER_PIXEL,  # the chunks, then the dataset beside them
+    check_disk(out, n_work * n_pix * BYTES_PER_PIXEL,  # the pixels file, which becomes the dataset
                f"preparing {n_work:,} spectra x {n_pix:,} pixels")
     check_memory((workers + 1) * per_chunk + workers * n_pix * WORK_BYTES_PER_PIXEL,
                  f"preparing {n_work:,} spectra x {n_pix:,} pixels with {workers} worker(s)",
@@ -440,7 +444,6 @@ class _Job:
     reader: str = "fast"     # :data:`sdss.READERS` (not part of the input hash: both give the same dataset)
     run: Run = Run()         # progress and workers (:mod:`stellarparams.context`)
     client: object = None    # the Dask client reading the chunks, or None for the process pool
-    stream: "_StreamWriter | None" = None  # writes the pixels of finished chunks while workers read (:func:`_read`)
 
 
 class _Rejects:
@@ -520,6 +523,7 @@ class _Splits:
     object_id: np.ndarray | None  # group key of each (text), None: each row's identifier (made per block)
     split: np.ndarray        # SPLITS value of each (255: a bad split_column value)
     bad: np.ndarray          # rows rejected for a bad split_column value (not written)
+    pos: np.ndarray          # the row of each in the pixels file (:class:`_Pixels`)
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -792,13 +796,14 @@ def _chunk_path(partial: Path, k: int) -> Path:
     return partial / f"chunk-{k:05d}.npz"
 
 
-def _read(partial: Path, job: _Job, matched: _Matched) -> list:
+def _read(partial: Path, job: _Job, matched: _Matched) -> tuple:
     """Preprocess the rows of ``matched`` in chunks into ``partial`` (reusing finished chunks of the same inputs).
 
     In a process pool of ``job.run.workers``, or on the Dask cluster of ``job.client`` when given.
     A chunk's work items are made when it is handed out, and only a few chunks wait at a time.
 
-    Returns each chunk's summary (rows kept, their S/N, rejects), in chunk order.
+    Returns the :class:`_Pixels` file and each chunk's summary (rows kept, their positions in that
+    file and S/N, rejects), in chunk order.
     """
     from tqdm.auto import tqdm
 
@@ -813,43 +818,58 @@ def _read(partial: Path, job: _Job, matched: _Matched) -> list:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_text(job_file, json.dumps({"input_hash": job.input_hash, "n_work": n_work}))
+    pixels = _Pixels.open(partial, job.config, n_work)
     n_chunks = -(-n_work // chunk_size)
-    todo = [k for k in range(n_chunks) if not _chunk_path(partial, k).exists()]
+    todo = [k for k in range(n_chunks) if not _intact(partial, pixels, k, chunk_size)]
     if len(todo) < n_chunks:
         _log(f"resuming: {n_chunks - len(todo)} of {n_chunks} chunks already done in {partial}", progress)
     workers = max(1, min(job.run.workers or os.cpu_count() or 1, len(todo) or 1))
-    job.stream = stream = _StreamWriter(partial, job.config, n_chunks, set(range(n_chunks)) - set(todo))
     n_todo = sum(min(n_work, (k + 1) * chunk_size) - k * chunk_size for k in todo)
     bar = tqdm(total=n_todo, desc="prepare", unit="spec", disable=not progress, smoothing=0.1)
 
     def calls(path=str):  # the chunks' arguments, made one at a time
         for k in todo:
             items = matched.items(k * chunk_size, (k + 1) * chunk_size)
-            yield k, [(i, path(f), *rest) for i, f, *rest in items], job.config, path(partial), job.survey, job.reader
+            yield (k, [(i, path(f), *rest) for i, f, *rest in items], job.config, path(partial), pixels,
+                   k * chunk_size, job.survey, job.reader)
 
     if client is not None:  # the same chunks on a cluster; files as absolute paths (workers may run elsewhere)
-        stream.start()
         results = engine.map_unordered(client, _run_chunk, calls(engine.absolute))
     elif workers == 1 or len(todo) <= 1:
-        stream.start()
         results = (_run_chunk(*args) for args in calls())
     else:
-        results = _pool_map(workers, calls(), stream.start)
+        results = _pool_map(workers, calls())
     for r in results:
-        stream.chunk_done(r["chunk"])
         bar.update(r["n"])
     bar.close()
-    return [_load_chunk_summary(_chunk_path(partial, k)) for k in range(n_chunks)]
+    return pixels, [_load_chunk_summary(_chunk_path(partial, k)) for k in range(n_chunks)]
 
 
-def _pool_map(workers: int, calls, started):
+def _intact(partial: Path, pixels: "_Pixels", k: int, chunk_size: int) -> bool:
+    """Whether chunk ``k`` is finished and its pixels are on disk as written (a power cut may lose either);
+    a chunk that is not is removed, to be read again."""
+    path = _chunk_path(partial, k)
+    if not path.exists():
+        return False
+    try:
+        with np.load(path) as z:
+            crc = int(z["crc"])
+        row0 = k * chunk_size
+        if pixels.crc(row0, min(pixels.n_rows, row0 + chunk_size) - row0) == crc:
+            return True
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass
+    path.unlink()
+    return False
+
+
+def _pool_map(workers: int, calls):
     """Yield ``_run_chunk(*args)`` for each of ``calls`` as they finish, in a process pool of ``workers``,
-    with at most two chunks per worker handed out at a time; ``started()`` once the workers exist."""
+    with at most two chunks per worker handed out at a time."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     with worker_pool(workers) as pool:
         running = {pool.submit(_run_chunk, *args) for args in islice(calls, 2 * workers)}
-        started()  # the forked workers exist by now
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             running |= {pool.submit(_run_chunk, *args) for args in islice(calls, len(done))}
@@ -857,72 +877,80 @@ def _pool_map(workers: int, calls, started):
                 yield fut.result()
 
 
-class _StreamWriter:
-    """Appends the pixel arrays (flux, valid, sigma, offset) of finished chunks, in chunk order, to
-    ``partial/stream.h5`` in a thread, while the workers read the next chunks: the dataset's large
-    part is written by the time the last chunk is read, and :func:`_write` only adds the per-row
-    table (labels, split, metadata) when every read spectrum is kept (else it writes the file anew).
+@dataclass(frozen=True)
+class _Pixels:
+    """``partial/pixels.h5``: a dataset file (:func:`create_dataset` with ``n_rows``) whose pixel arrays hold
+    one row per work item. The reading process that preprocessed a chunk writes its rows in place
+    (``os.pwrite`` at :func:`pixel_offsets`), so no process copies the pixels again: when every row read
+    is kept, this file becomes the dataset once its per-row table is added (:func:`_write_h5`).
 
-    Parameters
+    Attributes
     ----------
-    partial : Path
-        The chunks' folder.
-    config : PrepareConfig
-    n_chunks : int
-    done : set of int
-        Chunks already finished (a resumed job).
+    path : str
+    n_rows : int
+    offsets : dict
+        name -> (byte offset of row 0, bytes per row).
     """
+    path: str
+    n_rows: int
+    offsets: dict
 
-    NAME = "stream.h5"
+    NAME = "pixels.h5"
 
-    def __init__(self, partial: Path, config: PrepareConfig, n_chunks: int, done: set):
-        self.path, self.partial, self.n_chunks = partial / self.NAME, partial, n_chunks
-        self.path.unlink(missing_ok=True)  # a killed run's half-written file
-        self.file = create_dataset(self.path, config.grid.n_pix, list(config.labels), {}, sigma=True, offset=True)
-        self.done, self.written, self.closing, self.error = set(done), 0, False, None
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="prepare-stream", daemon=True)
+    @classmethod
+    def open(cls, partial: Path, config: PrepareConfig, n_rows: int) -> "_Pixels":
+        """The pixels file of ``partial`` when it fits (a resumed job), else a new one (finished chunks dropped)."""
+        import h5py
 
-    def start(self) -> None:
-        """Start writing (after a forked pool has its workers: no fork while this thread holds a lock)."""
-        if self.thread.ident is None:  # not started yet
-            self.thread.start()
-
-    def chunk_done(self, k: int) -> None:
-        """Chunk ``k``'s file is complete."""
-        with self.cond:
-            self.done.add(k)
-            self.cond.notify()
-
-    def _run(self):
+        path = partial / cls.NAME
         try:
-            while self.written < self.n_chunks:
-                with self.cond:
-                    self.cond.wait_for(lambda: self.written in self.done or self.closing)
-                    if self.closing:
-                        return
-                with np.load(_chunk_path(self.partial, self.written)) as z:
-                    append_pixels(self.file, z["flux"], z["valid"], z["sigma"], z["offset"])
-                self.written += 1
-        except Exception as e:  # noqa: BLE001 - reported by finish(); _write then writes the file anew
-            self.error = e
+            with h5py.File(path, "r") as f:
+                if f["flux"].shape == (n_rows, config.grid.n_pix):
+                    return cls(str(path), n_rows, pixel_offsets(f))
+        except (OSError, KeyError, ValueError):
+            pass
+        for chunk in partial.glob("chunk-*.npz"):  # their pixels are not in a new file
+            chunk.unlink()
+        path.unlink(missing_ok=True)
+        with create_dataset(path, config.grid.n_pix, list(config.labels), {}, sigma=True, offset=True,
+                            n_rows=n_rows) as f:
+            offsets = pixel_offsets(f)
+        return cls(str(path), n_rows, offsets)
 
-    def finish(self) -> Path | None:
-        """Wait for the last chunk; the closed file holding every chunk's pixels, or None if that failed."""
-        self.start()
-        self.thread.join()
-        self.close()
-        return self.path if self.error is None and self.written == self.n_chunks else None
+    def holds_only(self, pos: np.ndarray) -> bool:
+        """Whether the rows ``pos`` are every row of the file, in order (nothing to leave out)."""
+        return len(pos) == self.n_rows and np.array_equal(pos, np.arange(len(pos)))
 
-    def close(self) -> None:
-        """Stop the thread (a failed job) and close the file."""
-        with self.cond:
-            self.closing = True
-            self.cond.notify()
-        if self.thread.ident is not None:
-            self.thread.join()
-        if self.file.id.valid:
-            self.file.close()
+    def write(self, row0: int, arrays: dict) -> int:
+        """Write ``arrays`` (name -> rows ``row0...`` of that pixel array, every one of :data:`PIXEL_ARRAYS`) in
+        place; returns the crc32 of what was written (:meth:`crc`)."""
+        crc = 0
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for name in PIXEL_ARRAYS:
+                start, row_bytes = self.offsets[name]
+                data = memoryview(np.ascontiguousarray(arrays[name])).cast("B")
+                crc = zlib.crc32(data, crc)
+                at = start + row0 * row_bytes
+                while len(data):
+                    n = os.pwrite(fd, data, at)
+                    data, at = data[n:], at + n
+        finally:
+            os.close(fd)
+        return crc
+
+    def crc(self, row0: int, n: int) -> int:
+        """The crc32 of rows ``row0:row0 + n`` of every pixel array, as the file holds them."""
+        crc = 0
+        with open(self.path, "rb") as f:
+            for name in PIXEL_ARRAYS:
+                start, row_bytes = self.offsets[name]
+                want = n * row_bytes
+                data = os.pread(f.fileno(), want, start + row0 * row_bytes)
+                if len(data) != want:
+                    raise ValueError(f"{self.path}: {name} is cut short")
+                crc = zlib.crc32(data, crc)
+        return crc
 
 
 # --- split: train/val/test, grouped -----------------------------------------------------------
@@ -935,9 +963,8 @@ def _split(job: _Job, matched: _Matched, parts: list) -> _Splits:
             matched.reject(r["row"], matched.file_of(r["row"]), r["reason"], r["detail"])
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
     snr = np.concatenate([p["snr"] for p in parts]) if parts else np.zeros(0, np.float32)
-    for p in parts:  # held once, in ``rows`` and ``snr``
-        p["n"] = len(p.pop("rows"))
-        del p["snr"], p["rejects"]
+    pos = np.concatenate([p["pos"] for p in parts]) if parts else np.zeros(0, np.int64)
+    parts.clear()  # held once, in ``rows``, ``snr`` and ``pos``
     object_id = None
     id_col = job.group_by or ("STAR_ID" if "STAR_ID" in job.cat.columns else None)
     if id_col:
@@ -963,7 +990,7 @@ def _split(job: _Job, matched: _Matched, parts: list) -> _Splits:
             groups = object_id
         split = assign_splits(len(rows), seed, fractions, groups)
         bad = np.zeros(len(rows), bool)
-    return _Splits(rows, snr, object_id, split, bad)
+    return _Splits(rows, snr, object_id, split, bad, pos)
 
 
 def _row_key(matched: _Matched, row: int) -> str:
@@ -1032,47 +1059,44 @@ def _table_block(job: _Job, matched: _Matched, splits: _Splits, idx: np.ndarray,
 TABLE_BLOCK = 1 << 14  # rows of the per-row table written at a time
 
 
-def _write_h5(tmp, partial: Path, parts: list, keep_mask, config, attrs, table, stream: _StreamWriter | None = None) -> str:
-    """Write the kept rows of every chunk to ``tmp``, read it back (:func:`verify_dataset`) while hashing it.
+def _write_h5(tmp, pixels: _Pixels, pos: np.ndarray, config, attrs, table) -> str:
+    """Write the dataset of the kept rows (at ``pos`` in ``pixels``) to ``tmp``, read it back
+    (:func:`verify_dataset`) while hashing it, and return its sha256.
 
     ``table(idx)``: the per-row table (labels, label errors, split, metadata, extra) of the kept
-    rows ``idx``, made a block at a time. With ``stream`` and every row kept, its file (the
-    pixels, written while the workers read) becomes ``tmp`` and only the per-row table is added
-    here. Returns the file's sha256.
+    rows ``idx``, made a block at a time. When every row of the pixels file is kept, that file
+    becomes ``tmp`` and only the table is added; else the kept rows are copied to a new file.
     """
     import h5py
 
-    streamed = stream.finish() if stream is not None and keep_mask.all() else None
-    if streamed is not None:
-        os.replace(streamed, tmp)
+    if pixels.holds_only(pos):
+        os.replace(pixels.path, tmp)
         with h5py.File(tmp, "r+") as f:
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v)
-            for lo in range(0, len(keep_mask), TABLE_BLOCK):
-                append_table(f, *table(np.arange(lo, min(lo + TABLE_BLOCK, len(keep_mask)))))
+            for lo in range(0, len(pos), TABLE_BLOCK):
+                append_table(f, *table(np.arange(lo, min(lo + TABLE_BLOCK, len(pos)))))
     else:
-        if stream is not None:
-            stream.close()
-        _write_rows(tmp, partial, parts, keep_mask, config, attrs, table)
+        _copy_rows(tmp, pixels, pos, config, attrs, table)
     with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
         digest = hasher.submit(sha256_file, tmp)
-        verify_dataset(tmp, int(keep_mask.sum()))  # before it is renamed into place
+        verify_dataset(tmp, len(pos))  # before it is renamed into place
         return digest.result()
 
 
-def _write_rows(tmp, partial: Path, parts: list, keep_mask, config, attrs, table):
-    """Write the kept rows of every chunk to ``tmp``, from the chunk files."""
-    with create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True) as f:
-        start = 0
-        for k, part in enumerate(parts):
-            n = part["n"]
-            sel = np.flatnonzero(keep_mask[start:start + n])
-            if len(sel):
-                with np.load(_chunk_path(partial, k)) as z:
-                    fl, va, sg, of = z["flux"][sel], z["valid"][sel], z["sigma"][sel], z["offset"][sel]
-                labels, label_err, split, meta, extra = table(start + sel)
-                append_rows(f, fl, va, labels, label_err, split, meta, extra, sigma=sg, offset=of)
-            start += n
+def _copy_rows(tmp, pixels: _Pixels, pos: np.ndarray, config, attrs, table):
+    """Write the rows ``pos`` (increasing) of the pixels file, and their table, to a new dataset ``tmp``."""
+    import h5py
+
+    with h5py.File(pixels.path, "r") as src, \
+            create_dataset(tmp, config.grid.n_pix, list(config.labels), attrs, sigma=True, offset=True,
+                           n_rows=len(pos)) as f:
+        for lo in range(0, len(pos), TABLE_BLOCK):
+            idx = np.arange(lo, min(lo + TABLE_BLOCK, len(pos)))
+            at = pos[idx]
+            for name in PIXEL_ARRAYS:
+                f[name][idx[0]:idx[-1] + 1] = src[name][at[0]:at[-1] + 1][at - at[0]]
+            append_table(f, *table(idx))
 
 
 def _labelled(cat: pd.DataFrame, config: PrepareConfig) -> np.ndarray:
@@ -1101,7 +1125,7 @@ def _any_label(job: _Job, rows: np.ndarray, progress) -> bool:
     return bool(job.labelled[rows].any())
 
 
-def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits, t0) -> dict:
+def _write(out: Path, job: _Job, matched: _Matched, pixels: _Pixels, splits: _Splits, t0) -> dict:
     """Publish the verified dataset.h5, rejects.csv, then summary.json with its sha256; return the summary."""
     from . import __version__
 
@@ -1135,11 +1159,13 @@ def _write(out: Path, job: _Job, matched: _Matched, parts: list, splits: _Splits
     }
     # publish: the verified dataset (the large file: a full disk stops the job before anything of it is
     # published), then the rejects, then the summary with the dataset's sha256 (which marks a finished job)
-    check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
+    kept = np.flatnonzero(keep_mask)
+    if not pixels.holds_only(splits.pos[kept]):  # the kept rows are copied to a new file
+        check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
     digest = {}
     atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
-        tmp, partial, parts, keep_mask, config, attrs,
-        lambda idx: _table_block(job, matched, splits, idx, extra_cols), job.stream)))
+        tmp, pixels, splits.pos[kept], config, attrs,
+        lambda idx: _table_block(job, matched, splits, kept[idx], extra_cols))))
     rejects.publish(out / REJECTS_FILE)
     summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))

@@ -8,6 +8,7 @@ import dataclasses
 import gzip
 import shutil
 
+import h5py
 import numpy as np
 import pandas as pd
 
@@ -93,10 +94,13 @@ def check_spectrum_cases(folder, n_cases: int, seed: int) -> dict:
     partial.mkdir()
     config = PrepareConfig()
     counts = {}
+    pixels = prep._Pixels.open(partial, config, len(items))
     for lo in range(0, len(items), 64):  # the batch code of `prepare`: it must never raise
-        r = prep._run_chunk(lo // 64, items[lo:lo + 64], config, str(partial))
+        r = prep._run_chunk(lo // 64, items[lo:lo + 64], config, str(partial), pixels, lo)
         with np.load(partial / f"chunk-{lo // 64:05d}.npz") as z:
-            flux, valid, sigma, rows = z["flux"], z["valid"], z["sigma"], z["rows"]
+            rows, pos = z["rows"], z["pos"]
+        with h5py.File(pixels.path, "r") as f:
+            flux, valid, sigma = (f[name][pos] if len(pos) else None for name in ("flux", "valid", "sigma"))
         assert len(rows) + len(r["rejects"]) == len(items[lo:lo + 64])  # every case accounted for, once
         for j in range(len(rows)):  # kept rows: the numbers the file holds, standardized
             assert np.isfinite(flux[j]).all() and abs(flux[j].mean()) < 1e-4 and abs(flux[j].std() - 1) < 1e-4

@@ -353,6 +353,33 @@ def test_resume_after_kill_and_idempotent_rerun(tmp_path, monkeypatch):
     assert (_dataset_arrays(out)[3] == assign_splits(12, seed=9)).all()
 
 
+def test_resume_reads_again_a_chunk_whose_pixels_a_power_cut_lost(tmp_path, monkeypatch):
+    spectra, cat = good_set(tmp_path, n=9)
+    prep.prepare(cat, spectra, tmp_path / "ref", chunk_size=3, workers=1, progress=False)
+    real, calls = prep._run_chunk, []
+
+    def dies_on_third(k, *a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(k)
+        return real(k, *a)
+
+    monkeypatch.setattr(prep, "_run_chunk", dies_on_third)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(cat, spectra, out, chunk_size=3, workers=1, progress=False)
+    pixels = prep._Pixels.open(out / ".partial", PrepareConfig(), 9)
+    start, row_bytes = pixels.offsets["sigma"]
+    with open(pixels.path, "r+b") as f:  # chunk 1's sigma never reached the disk; its summary did
+        f.seek(start + 3 * row_bytes)
+        f.write(bytes(row_bytes))
+    calls.clear()
+    monkeypatch.setattr(prep, "_run_chunk", lambda k, *a: calls.append(k) or real(k, *a))
+    prep.prepare(cat, spectra, out, chunk_size=3, workers=1, progress=False)
+    assert calls == [1, 2]  # chunk 0 reused, chunk 1 read again
+    assert content_sha256(out / "dataset.h5") == content_sha256(tmp_path / "ref" / "dataset.h5")
+
+
 def test_catalog_with_file_column_and_dr7(tmp_path):
     spectra = tmp_path / "spectra"
     s = analytic(50.0)
@@ -501,16 +528,28 @@ def test_matching_finds_each_rows_first_file_as_a_dict_would():
     assert list(matching.first_match(rows[:2], files[:0])) == [-1, -1] and len(matching.first_of_key(files[:0])) == 0
 
 
-def test_pixels_written_while_reading_equal_a_dataset_written_after(tmp_path, monkeypatch):
+def test_pixels_written_in_place_equal_a_dataset_copied_from_them(tmp_path, monkeypatch):
     spectra, cat = good_set(tmp_path, n=9, star_ids=True)
     monkeypatch.setattr(prep, "TABLE_BLOCK", 4)  # the per-row table in three blocks
-    streamed = prep.prepare(cat, spectra, tmp_path / "streamed", workers=2, chunk_size=2, progress=False)
-    monkeypatch.setattr(prep._StreamWriter, "finish", lambda self: self.close())  # the fallback: written anew
-    after = prep.prepare(cat, spectra, tmp_path / "after", workers=2, chunk_size=2, progress=False)
-    assert content_sha256(tmp_path / "streamed" / "dataset.h5") == content_sha256(tmp_path / "after" / "dataset.h5")
-    for s, name in [(streamed, "streamed"), (after, "after")]:  # the recorded sha256 is the published file's
+    in_place = prep.prepare(cat, spectra, tmp_path / "in_place", workers=2, chunk_size=2, progress=False)
+    monkeypatch.setattr(prep._Pixels, "holds_only", lambda self, pos: False)  # as when a spectrum is left out
+    copied = prep.prepare(cat, spectra, tmp_path / "copied", workers=2, chunk_size=2, progress=False)
+    assert content_sha256(tmp_path / "in_place" / "dataset.h5") == content_sha256(tmp_path / "copied" / "dataset.h5")
+    for s, name in [(in_place, "in_place"), (copied, "copied")]:  # the recorded sha256 is the published file's
         assert s["dataset_sha256"] == sha256_file(tmp_path / name / "dataset.h5")
         assert not (tmp_path / name / ".partial").exists()
+
+
+def test_rejected_spectra_leave_no_row_of_the_pixels_file_in_the_dataset(tmp_path):
+    spectra, cat = good_set(tmp_path, n=7)
+    bad = next(spectra.rglob("spec-*-0003.fits"))
+    bad.write_bytes(bad.read_bytes()[:3000])  # truncated: rejected while reading, in the first chunk
+    s = prep.prepare(cat, spectra, tmp_path / "ds", workers=1, chunk_size=2, progress=False)
+    ref = prep.prepare(cat[cat.FIBERID != 3], spectra, tmp_path / "ref", workers=1, chunk_size=2, progress=False)
+    assert s["kept"] == 6 and s["rejected"] == 1
+    got, want = _dataset_arrays(tmp_path / "ds"), _dataset_arrays(tmp_path / "ref")
+    np.testing.assert_array_equal(got[0], want[0])  # the same flux, row for row: no zero row of the reject
+    assert 3 not in set(got[4].fiberid)
 
 
 def test_a_large_catalogs_bookkeeping_is_held_in_arrays(tmp_path):

@@ -110,14 +110,12 @@ def test_damaged_published_dataset_is_not_up_to_date(tmp_path):
 
 def test_a_damaged_dataset_is_never_published(tmp_path, monkeypatch):
     spectra, cat = good_set(tmp_path, n=4)
-    real = prep.append_rows
+    real = prep._Pixels.write
 
-    def zeros(f, flux, *a, **kw):  # what a second writer truncating the file did
-        return real(f, np.zeros_like(flux), *a, **kw)
+    def zeros(self, row0, arrays):  # what a second writer truncating the file did
+        return real(self, row0, {**arrays, "flux": np.zeros_like(arrays["flux"])})
 
-    real_pixels = prep.append_pixels
-    monkeypatch.setattr(prep, "append_rows", zeros)
-    monkeypatch.setattr(prep, "append_pixels", lambda f, flux, *a, **kw: real_pixels(f, np.zeros_like(flux), *a, **kw))
+    monkeypatch.setattr(prep._Pixels, "write", zeros)
     with pytest.raises(RuntimeError, match="all zeros.*nothing was published"):
         prep.prepare(cat, spectra, tmp_path / "ds", workers=1, progress=False)
     assert not (tmp_path / "ds" / "dataset.h5").exists() and not (tmp_path / "ds" / "summary.json").exists()
