@@ -1078,10 +1078,20 @@ def _write_h5(tmp, pixels: _Pixels, pos: np.ndarray, config, attrs, table) -> st
                 append_table(f, *table(np.arange(lo, min(lo + TABLE_BLOCK, len(pos)))))
     else:
         _copy_rows(tmp, pixels, pos, config, attrs, table)
-    with ThreadPoolExecutor(1) as hasher:  # hashlib frees the GIL: the hash and the read-back run together
-        digest = hasher.submit(sha256_file, tmp)
+    with ThreadPoolExecutor(2) as threads:  # the hash, the read-back and the flush to disk run together
+        digest, synced = threads.submit(sha256_file, tmp), threads.submit(_fsync, tmp)  # hashlib frees the GIL
         verify_dataset(tmp, len(pos))  # before it is renamed into place
+        synced.result()
         return digest.result()
+
+
+def _fsync(path) -> None:
+    """Flush a file to disk (then :func:`atomic_write`'s own fsync finds nothing left to write)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_rows(tmp, pixels: _Pixels, pos: np.ndarray, config, attrs, table):

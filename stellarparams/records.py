@@ -65,21 +65,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes.
+def sha256_file(path) -> str:
+    """Hex sha256 of a file's bytes (read into one reused buffer: ``hashlib.file_digest``).
 
     Parameters
     ----------
     path : str or Path
-        The file, read in ``chunk``-byte blocks.
 
     Returns
     -------
     str
         64 hex digits.
     """
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
