@@ -531,7 +531,7 @@ class FitsCatalog:
             yield self.read(slice(lo, min(lo + rows, self.n)))
 
 
-PARQUET_BATCH = 1 << 16  # rows :meth:`ParquetCatalog.read` decodes at a time
+PARQUET_BATCH = 1 << 14  # rows :class:`ParquetCatalog` decodes at a time (pyarrow's buffers grow with larger ones)
 
 
 class ParquetCatalog:
@@ -634,13 +634,13 @@ class ParquetCatalog:
         return self._frame(table.take(np.argsort(order, kind="stable")), columns, rows)
 
     def blocks(self, rows: int = 1 << 16):
-        """Every row, ``rows`` at a time: a generator of DataFrames."""
+        """Every row, ``rows`` (at most :data:`PARQUET_BATCH`) at a time: a generator of DataFrames."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         lo = 0
         with pq.ParquetFile(self.path, metadata=self.meta) as f:
-            for batch in f.iter_batches(batch_size=rows, columns=self.names):
+            for batch in f.iter_batches(batch_size=min(rows, PARQUET_BATCH), columns=self.names):
                 yield self._frame(pa.Table.from_batches([batch]), self.columns, np.arange(lo, lo + batch.num_rows))
                 lo += batch.num_rows
 
