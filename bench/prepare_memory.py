@@ -13,9 +13,12 @@ only, not its workers) and the dataset's sha256. The slope of the peak between t
 and the largest N is the growth per spectrum. ``--tracemalloc`` also runs the smallest N with
 tracemalloc (one reading process, in the main one) and prints the largest allocations held
 when the dataset is written (everything prepare keeps per spectrum is alive then).
+``--catalog parquet`` also writes the catalog as ``sppParams.parquet`` (``DataFrame.to_parquet``'s
+defaults) and prepares from that one.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/prepare_memory.py --work runs/pm --n 20000 60000
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/prepare_memory.py --work runs/pm --n 100000 200000
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/prepare_memory.py --work runs/pm --n 100000 200000 --catalog parquet
 """
 import argparse
 import json
@@ -81,13 +84,17 @@ def simulate_source(work: Path, n: int) -> Path:
     return src
 
 
-def build(work: Path, src: Path, n: int) -> Path:
-    """``WORK/nN``: N hard links to the source files under new names and their N-row catalog."""
+def build(work: Path, src: Path, n: int, catalog: str = "fits") -> Path:
+    """``WORK/nN``: N hard links to the source files under new names and their N-row catalog
+    (``sppParams.fits``, and ``sppParams.parquet`` too for ``catalog="parquet"``)."""
     import fitsio
 
-    from stellarparams.surveys.sdss import parse_name
+    from stellarparams.surveys.sdss import _read_fits_table, parse_name
 
     out = work / f"n{n}"
+    if catalog == "parquet" and not (out / "sppParams.parquet").exists():
+        _read_fits_table(build(work, src, n) / "sppParams.fits").to_parquet(out / "sppParams.tmp.parquet", index=False)
+        os.replace(out / "sppParams.tmp.parquet", out / "sppParams.parquet")
     if (out / "sppParams.fits").exists():
         return out
     files = sorted(p for p in (src / "spectra").rglob("spec-*.fits") if parse_name(p.name))
@@ -108,13 +115,14 @@ def build(work: Path, src: Path, n: int) -> Path:
     return out
 
 
-def run(folder: Path, workers: int, grid: str, trace: int = 0) -> dict:
-    """prepare ``folder`` in a fresh process (its dataset made anew); what the child printed."""
+def run(folder: Path, workers: int, grid: str, trace: int = 0, catalog: str = "fits") -> dict:
+    """prepare ``folder`` (its ``sppParams.CATALOG``) in a fresh process (its dataset made anew); what the child
+    printed."""
     import shutil
 
     out = folder / "dataset"
     shutil.rmtree(out, ignore_errors=True)
-    args = {"catalog": str(folder / "sppParams.fits"), "spectra": str(folder / "spectra"), "out": str(out),
+    args = {"catalog": str(folder / f"sppParams.{catalog}"), "spectra": str(folder / "spectra"), "out": str(out),
             "workers": 1 if trace else workers, "grid": grid, "trace": trace}
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, cwd=ROOT, check=True,
@@ -129,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--source", type=int, default=200, help="spectra simulated once and copied")
     ap.add_argument("--workers", type=int, default=2, help="reading processes")
     ap.add_argument("--grid", default="3800,9000,200", help="prepare's grid (few pixels: quick reading)")
+    ap.add_argument("--catalog", choices=["fits", "parquet"], default="fits",
+                    help="the catalog prepare reads (both are read a block of rows at a time)")
     ap.add_argument("--tracemalloc", type=int, default=0, metavar="K",
                     help="also print the K largest allocations held when the smallest N's dataset is written")
     args = ap.parse_args(argv)
@@ -138,9 +148,9 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for n in sorted(args.n):
         t0 = time.perf_counter()
-        folder = build(args.work, src, n)
+        folder = build(args.work, src, n, args.catalog)
         print(f"(built {folder} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        r = results[n] = run(folder, args.workers, args.grid)
+        r = results[n] = run(folder, args.workers, args.grid, catalog=args.catalog)
         print(f"| {n:,} | {r['seconds']:.1f} | {n / r['seconds']:.0f} | {r['peak_mb']:.1f} | {r['kept']:,} | "
               f"{r['rejected']:,} |", flush=True)
     lo, hi = min(results), max(results)
@@ -148,7 +158,7 @@ def main(argv=None):
         slope = (results[hi]["peak_mb"] - results[lo]["peak_mb"]) * 2**20 / (hi - lo)
         print(f"\nmain-process peak grows {slope:,.0f} bytes per spectrum between {lo:,} and {hi:,}")
     if args.tracemalloc:
-        run(args.work / f"n{lo}", 1, args.grid, args.tracemalloc)
+        run(args.work / f"n{lo}", 1, args.grid, args.tracemalloc, args.catalog)
     (args.work / "prepare_memory.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 
 

@@ -436,7 +436,7 @@ class _Job:
     input_hash: str
     columns: list = None     # every catalog column (``cat`` may hold some of them only)
     numbers: set = None      # the catalog columns of numbers (not logicals)
-    rest: object = None      # :class:`sdss.FitsCatalog` holding the columns not in ``cat`` (None: all are there)
+    rest: object = None      # :func:`sdss.open_catalog`'s, holding the columns not in ``cat`` (None: all are there)
     labelled: np.ndarray = None  # (catalog rows,) bool: the rows with a label (:func:`_match`)
     seed: int = 0            # of the shuffled split
     fractions: tuple = (0.6, 0.1, 0.3)  # train, val, test
@@ -555,7 +555,7 @@ def _check(catalog, spectra: Path, config: PrepareConfig, survey, seed, fraction
     config = _survey_config(survey, config)
     if catalog is None:
         catalog = _own_catalog(spectra, survey)
-    stream = sdss.FitsCatalog.open(catalog) if fmt.catalog_columns is not None \
+    stream = sdss.open_catalog(catalog) if fmt.catalog_columns is not None \
         and not isinstance(catalog, pd.DataFrame) else None
     cat = None if stream is not None else read_catalog(catalog)
     columns = stream.columns if stream is not None else list(cat.columns)
@@ -630,9 +630,9 @@ CATALOG_BLOCK = 1 << 16  # catalog rows read at a time
 
 
 def _read_blocks(stream, keep: list, rows_hash, narrow=()) -> pd.DataFrame:
-    """The columns ``keep`` of a :class:`sdss.FitsCatalog`, read a block of rows at a time; every block's row
-    hashes (all columns) go to ``rows_hash``. Integer columns of ``narrow`` (the keys) are held as int32 when
-    their values fit (the same values, half the memory)."""
+    """The columns ``keep`` of a catalog of :func:`sdss.open_catalog`, read a block of rows at a time; every
+    block's row hashes (all columns) go to ``rows_hash``. Integer columns of ``narrow`` (the keys) are held as
+    int32 when their values fit (the same values, half the memory)."""
     arrays = {}
     for block in stream.blocks(CATALOG_BLOCK):
         rows_hash.update(pd.util.hash_pandas_object(block, index=True).to_numpy().tobytes())

@@ -635,7 +635,8 @@ def test_keys_that_do_not_fit_one_int64_are_matched_as_the_packed_ones():
         int(np.flatnonzero(files[:, 0] == r)[0]) if (files[:, 0] == r).any() else -1 for r in rows[:, 0]])
 
 
-def test_a_fits_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["fits", "parquet"])
+def test_a_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_path, monkeypatch, fmt):
     from astropy.table import Table
 
     spectra, cat = good_set(tmp_path, n=9, star_ids=True)
@@ -644,19 +645,30 @@ def test_a_fits_catalog_read_in_blocks_gives_the_dataset_of_one_read_whole(tmp_p
     cat.loc[2, "TEFF_ADOP_UNC"] = -9999.0  # and in a label error, read back when written
     cat["NAME"] = [f" star {i} " for i in range(9)]  # text: held in memory, stripped
     cat["GOOD"] = np.arange(9) % 2 == 0
-    Table.from_pandas(cat).write(tmp_path / "cat.fits")
-    assert sdss.FitsCatalog.open(tmp_path / "cat.fits").n == 9  # a plain table: read in blocks
-    monkeypatch.setattr(prep, "CATALOG_BLOCK", 4)  # three blocks of catalog rows
+    cat["FLAG"] = np.arange(9)
+    path, kind = tmp_path / f"cat.{fmt}", {"fits": sdss.FitsCatalog, "parquet": sdss.ParquetCatalog}[fmt]
+    if fmt == "fits":
+        Table.from_pandas(cat).write(path)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        t = pa.Table.from_pandas(cat, preserve_index=False)
+        flag = pa.array([None if i == 6 else i for i in range(9)], pa.int64())  # a null in one row group: float
+        pq.write_table(t.set_column(t.schema.get_field_index("FLAG"), "FLAG", flag), path, row_group_size=5)
+    assert isinstance(sdss.open_catalog(path), kind) and sdss.open_catalog(path).n == 9  # read in blocks
+    monkeypatch.setattr(prep, "CATALOG_BLOCK", 4)  # three blocks of catalog rows (across the row groups of 5)
     monkeypatch.setattr(prep, "TABLE_BLOCK", 4)    # the extra columns read back in three blocks
-    blocks = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "blocks", workers=1, progress=False)
-    monkeypatch.setattr(sdss.FitsCatalog, "open", classmethod(lambda cls, path: None))  # read whole
-    whole = prep.prepare(tmp_path / "cat.fits", spectra, tmp_path / "whole", workers=1, progress=False)
+    blocks = prep.prepare(path, spectra, tmp_path / "blocks", workers=1, progress=False)
+    monkeypatch.setattr(kind, "open", classmethod(lambda cls, path: None))  # read whole
+    whole = prep.prepare(path, spectra, tmp_path / "whole", workers=1, progress=False)
     assert blocks["input_hash"] == whole["input_hash"]
     assert content_sha256(tmp_path / "blocks" / "dataset.h5") == content_sha256(tmp_path / "whole" / "dataset.h5")
     with Dataset(tmp_path / "blocks") as ds:
         m, err = ds.meta(), ds.label_err()
         assert np.isnan(m.SNR[m.fiberid == 5]).all() and (m.SNR[m.fiberid == 6] == 5).all()
         assert np.isnan(err[m.fiberid == 3, 0]).all() and (err[m.fiberid != 3, 0] == 50).all()
+        assert np.isnan(m.FLAG[m.fiberid == 7]).all() == (fmt == "parquet") and (m.FLAG[m.fiberid == 8] == 7).all()
 
 
 def test_sdss_rows_find_their_files_whether_or_not_the_keys_pack():

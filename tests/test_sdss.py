@@ -222,3 +222,67 @@ def test_fits_catalog_read_with_fitsio_equals_astropy(tmp_path, vector):
     pd.testing.assert_frame_equal(plain, sdss._read_fits_table_astropy(path), check_exact=True)
     pd.testing.assert_frame_equal(sdss.read_catalog(path), sdss.read_catalog(sdss._read_fits_table_astropy(path)),
                                   check_exact=True)
+
+
+def _parquet_catalog(path, stats=True, index=False):
+    """An 11-row catalog in row groups of 4 rows whose nulls and -9999 sit in one row group only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 11
+    df = pd.DataFrame({"plate": np.arange(n) + 1, "mjd": 50000 + np.arange(n), "fiber": np.arange(n),
+                       "teff_adop": np.linspace(4000, 6000, n), "f32": np.arange(n, dtype=np.float32),
+                       "count": np.arange(n), "name": [f" s{k} " for k in range(n)], "good": np.arange(n) % 2 == 0})
+    df.loc[9, "teff_adop"] = -9999.0  # last row group: NaN there, float64 in every block
+    df.loc[1, "count"] = -9999        # first row group: an int column made float64 with NaN
+    if index:  # a DataFrame index: pandas metadata names a column that read_catalog drops
+        df.index = pd.Index([f"row{k}" for k in range(n)], name="row")
+    t = pa.Table.from_pandas(df, preserve_index=index)
+    t = t.append_column("flag", pa.array([k if k != 5 else None for k in range(n)], pa.int64()))  # null in group 2
+    t = t.append_column("ok", pa.array([True] * 8 + [None, False, True]))                         # null in group 3
+    t = t.append_column("note", pa.array([" a "] * 4 + [None] * 4 + ["b", None, "c"]))            # group 2: nulls only
+    t = t.append_column("none", pa.array([None] * n, pa.string()))                                 # no text at all
+    t = t.append_column("u", pa.array(list(range(n - 1)) + [None], pa.uint16()))
+    t = t.append_column("code", pa.array([b"x "] * 9 + [None, b"y"]))                             # bytes: str
+    t = t.append_column("nobytes", pa.array([None] * n, pa.binary()))
+    pq.write_table(t, path, row_group_size=4, write_statistics=stats)
+    return path
+
+
+@pytest.mark.parametrize("stats,index", [(True, False), (False, False), (True, True)])
+def test_parquet_catalog_blocks_and_rows_are_what_read_catalog_gives(tmp_path, monkeypatch, stats, index):
+    path = _parquet_catalog(tmp_path / "sppParams.parquet", stats, index)
+    cat = sdss.ParquetCatalog.open(path)
+    whole = sdss.read_catalog(path)
+    assert isinstance(sdss.open_catalog(path), sdss.ParquetCatalog) and cat.n == 11
+    assert cat.columns == list(whole.columns) and "FIBERID" in cat.columns and "ROW" not in cat.columns
+    assert cat.sentinel == {"TEFF_ADOP", "COUNT"}
+    assert cat.numbers == {c for c in whole.columns if sdss.is_number(whole[c])}
+    assert whole["FLAG"].dtype == np.float64 and whole["OK"].dtype == object and whole["NONE"].dtype == np.float64
+    assert whole["CODE"].dtype == "str" and whole["NOBYTES"].dtype == object
+    blocks = list(cat.blocks(3))  # across row groups of 4
+    assert [len(b) for b in blocks] == [3, 3, 3, 2]
+    got = pd.concat(blocks)
+    np.testing.assert_array_equal(got.index, np.arange(11))
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), whole, check_exact=True)
+    np.testing.assert_array_equal(pd.util.hash_pandas_object(got, index=True),
+                                  pd.util.hash_pandas_object(whole, index=True))
+    monkeypatch.setattr(sdss, "PARQUET_BATCH", 3)  # read decodes the row groups 3 rows at a time
+    for rows in ([9, 1, 5, 5, 0], [10, 2]):  # unsorted, repeated, from three row groups; from the first and last
+        rows = np.array(rows)
+        pd.testing.assert_frame_equal(cat.read(rows), whole.iloc[rows].set_axis(pd.Index(rows)), check_exact=True)
+    pd.testing.assert_frame_equal(cat.read(rows, ["FLAG", "COUNT"]), whole[["FLAG", "COUNT"]].iloc[rows]
+                                  .set_axis(pd.Index(rows)), check_exact=True)
+    pd.testing.assert_frame_equal(cat.read(slice(4, 8)), whole.iloc[4:8], check_exact=True)
+
+
+def test_parquet_catalogs_read_in_blocks_differently_are_read_whole(tmp_path):
+    df = pd.DataFrame({"PLATE": [1, 2], "MJD": [3, 4], "FIBERID": [5, 6], "TEFF_ADOP": [5000.0, 6000.0]})
+    for name, bad in [("text", {"TEFF_ADOP": ["5000", "x"]}), ("upper", {"plate": [1, 2]}),
+                      ("nullable", {"N": pd.array([1, None], "Int64")}),
+                      ("date", {"D": pd.to_datetime(["2020", "2021"])})]:
+        df.assign(**bad).to_parquet(tmp_path / f"{name}.parquet")
+        assert sdss.ParquetCatalog.open(tmp_path / f"{name}.parquet") is None, name
+    df.to_parquet(tmp_path / "good.pq")
+    assert sdss.ParquetCatalog.open(tmp_path / "good.pq").n == 2
+    assert sdss.ParquetCatalog.open(tmp_path / "good.csv") is None

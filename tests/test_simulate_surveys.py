@@ -1,6 +1,7 @@
 """simulate --survey lamost|desi: the survey's files, pixels, resolution and catalog, read back by prepare."""
 import fitsio
 import numpy as np
+import pandas as pd
 import pytest
 from astropy.table import Table
 
@@ -145,3 +146,39 @@ def test_desi_coadd_is_rewritten_when_the_survey_grows(tmp_path):
     S.simulate(tmp_path, n=5, seed=1, workers=1, progress=False, survey="desi")
     assert len(desi.target_ids(desi.SURVEY.simulated.spectrum_path(tmp_path, {"index": 0}))) == 5
     assert len(Table.read(tmp_path / "mwsall.fits")) == 5
+
+
+@pytest.mark.parametrize("survey", ["lamost", "desi"])
+def test_survey_catalogs_read_in_blocks_give_the_dataset_of_one_read_whole(surveys, survey, tmp_path, monkeypatch):
+    """FITS and Parquet catalogs are read a block of rows at a time: the same dataset, rejects and input hash."""
+    from helpers import content_sha256
+    from stellarparams import prepare as prep
+    from stellarparams.surveys import sdss
+
+    sim, cat, _ = surveys[survey]
+    cat = cat.copy()
+    cat.add_row(cat[0])  # a duplicate row
+    cat.add_row(cat[1])
+    for key in ("TARGETID",) if survey == "desi" else ("obsid", "fiberid"):
+        cat[key][-1] = 123  # a row without a spectrum
+    cat["TEFF" if survey == "desi" else "teff"][2] = 1e6  # out of range
+    cat.write(tmp_path / "cat.fits")
+    cat.to_pandas().to_parquet(tmp_path / "cat.parquet", row_group_size=7)
+    monkeypatch.setattr(prep, "CATALOG_BLOCK", 5)
+    monkeypatch.setattr(prep, "TABLE_BLOCK", 5)
+    open_catalog, opened = sdss.open_catalog, []
+    runs = {}
+    for fmt, kind in (("fits", sdss.FitsCatalog), ("parquet", sdss.ParquetCatalog)):
+        path = tmp_path / f"cat.{fmt}"
+        for how in ("blocks", "whole"):
+            monkeypatch.setattr(sdss, "open_catalog", (lambda p: opened.append(open_catalog(p)) or opened[-1])
+                                if how == "blocks" else lambda p: None)
+            out = tmp_path / f"{fmt}-{how}"
+            runs[fmt, how] = prep.prepare(path, sim / "spectra", out, survey=survey, workers=1, progress=False), out
+        assert isinstance(opened.pop(), kind)  # the blocks run read it in blocks
+    for fmt in ("fits", "parquet"):
+        (blocks, a), (whole, b) = runs[fmt, "blocks"], runs[fmt, "whole"]
+        assert blocks["input_hash"] == whole["input_hash"] and blocks["kept"] == 23
+        assert content_sha256(a / "dataset.h5") == content_sha256(b / "dataset.h5")
+        assert (a / "rejects.csv").read_bytes() == (b / "rejects.csv").read_bytes()
+        assert sorted(pd.read_csv(a / "rejects.csv")["reason"]) == ["bad_label", "duplicate_row", "no_file"]

@@ -473,6 +473,7 @@ class DESI(Survey):
     name, title, priority, name_re = "desi", "DESI", 40, NAME_RE
     labels, rv_column, id_column = LABELS, RV_COLUMN, "TARGETID"
     catalog_keys = (("TARGETID",),)
+    catalog_columns = ("TARGETID", "SURVEY", "PROGRAM", "PRIMARY")  # locate_rows and row_order's
     many_per_file = True
 
     def identify(self, info) -> bool:

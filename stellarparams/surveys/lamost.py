@@ -570,6 +570,7 @@ class LAMOST(Survey):
     name, title, priority, name_re = "lamost", "LAMOST", 30, NAME_RE
     labels, rv_column, id_column = LABELS, RV_COLUMN, "OBSID"
     catalog_keys = (("OBSID",), KEY_COLUMNS)
+    catalog_columns = ("OBSID",) + KEY_COLUMNS
 
     def identify(self, info) -> bool:
         if "LAMOST" in str(info.header.get("TELESCOP", "")).upper():

@@ -531,6 +531,164 @@ class FitsCatalog:
             yield self.read(slice(lo, min(lo + rows, self.n)))
 
 
+PARQUET_BATCH = 1 << 14  # rows :class:`ParquetCatalog` decodes at a time (pyarrow's buffers grow with larger ones)
+
+
+class ParquetCatalog:
+    """A Parquet catalog read a block of rows at a time, as :class:`FitsCatalog` reads a FITS one.
+
+    Each block is what :func:`read_catalog` (``pd.read_parquet``) gives for those rows: the same
+    columns, types and values, the row numbers as index. The types are those of the whole file: an
+    integer column with a null anywhere is float64 in every block, a logical one object, a text one
+    float64 when it holds no text at all (bytes: object); -9999 makes a column NaN where any row holds it. The file's
+    statistics say where the nulls and the lowest values are; a column without them is scanned once.
+    :meth:`open` returns None for a file with columns that are not numbers, logicals, text or bytes (dates,
+    lists, categories, pandas' nullable types), or whose standard number columns hold text.
+
+    Attributes
+    ----------
+    path : Path
+    n : int
+        Rows.
+    columns : list of str
+        Upper-case names, as :func:`read_catalog` gives them (FIBER named FIBERID).
+    numbers : set of str
+        The columns that are numbers (not logicals) once read.
+    """
+
+    def __init__(self, path: Path, meta, metadata: dict, names: list, columns: list, dtypes: dict, sentinel: set):
+        self.path, self.meta, self.metadata, self.names, self.columns, self.dtypes, self.sentinel = \
+            path, meta, metadata, names, columns, dtypes, sentinel
+        self.n = meta.num_rows
+        self.numbers = {c for c in columns if is_number(dtypes[c])}
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+    @classmethod
+    def open(cls, path) -> "ParquetCatalog | None":
+        """The catalog at ``path`` (.parquet, .pq), or None when its blocks could differ from :func:`read_catalog`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.name.lower().endswith((".parquet", ".pq")) or not path.is_file():
+            return None
+        try:
+            with pq.ParquetFile(path) as f:
+                schema, meta = f.schema_arrow, f.metadata
+                index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+                names = [x.name for x in schema if x.name not in index]  # read_catalog drops the index
+                empty = _arrow_frame(schema.empty_table().select(names), schema.metadata)
+                columns = [str(c).strip().upper() for c in empty.columns]
+                if "FIBERID" not in columns and "FIBER" in columns:
+                    columns[columns.index("FIBER")] = "FIBERID"
+                if meta.num_rows == 0 or len(columns) != len(names) or len(set(columns)) < len(columns):
+                    return None
+                dtypes, sentinel = {}, set()
+                for c, name, dt in zip(columns, names, empty.dtypes):
+                    text = isinstance(dt, pd.StringDtype) and dt.na_value is np.nan  # str, not "string"
+                    typ = schema.field(name).type
+                    raw = (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)) and dt == object  # bytes: decoded
+                    if not text and not raw and not (isinstance(dt, np.dtype) and dt.kind in "iufb"):
+                        return None
+                    if c in set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES and not is_number(dt):
+                        return None
+                    nulls = _parquet_nulls(f, name) if text or raw or dt.kind in "iub" else 0
+                    if text or raw:  # read_catalog's strip makes text str, a column of nulls only float64 or object
+                        dt = pd.StringDtype(na_value=np.nan) if nulls < meta.num_rows else \
+                            np.dtype(np.float64 if text else object)
+                    elif dt.kind == "b" and nulls:
+                        dt = np.dtype(object)
+                    elif dt.kind in "iu" and nulls:
+                        dt = np.dtype(np.float64)
+                    if is_number(dt) and c not in CATALOG_ID_COLUMNS and not (text or raw) and _parquet_low(f, name):
+                        dt = np.dtype(np.float64)
+                        sentinel.add(c)
+                    dtypes[c] = dt
+        except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError):  # pyarrow's errors too
+            return None
+        return cls(path, meta, schema.metadata, names, columns, dtypes, sentinel)
+
+    def read(self, rows, columns: list | None = None) -> pd.DataFrame:
+        """Rows ``rows`` (a slice, or row numbers in any order) of ``columns`` (default all), as
+        :func:`read_catalog` gives them. The row groups holding them are read a batch at a time."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = self.columns if columns is None else list(columns)
+        names = [self.names[self.columns.index(c)] for c in columns]
+        rows = np.arange(self.n)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        group = np.searchsorted(self.starts, rows[order], "right") - 1
+        groups, size = np.unique(group), np.diff(self.starts)
+        first = np.zeros(len(size), np.int64)  # where each row group read begins among the rows read
+        first[groups] = np.cumsum(size[groups]) - size[groups]
+        at = first[group] + rows[order] - self.starts[group]  # the rows among those read, sorted
+        pieces, lo = [], 0
+        with pq.ParquetFile(self.path, metadata=self.meta) as f:
+            batches = f.iter_batches(PARQUET_BATCH, row_groups=groups.tolist(), columns=names) if len(rows) else ()
+            for batch in batches:
+                i, j = np.searchsorted(at, [lo, lo + batch.num_rows])
+                pieces.append(batch.take(at[i:j] - lo))
+                lo += batch.num_rows
+            table = pa.Table.from_batches(pieces, f.schema_arrow.empty_table().select(names).schema)
+        return self._frame(table.take(np.argsort(order, kind="stable")), columns, rows)
+
+    def blocks(self, rows: int = 1 << 16):
+        """Every row, ``rows`` (at most :data:`PARQUET_BATCH`) at a time: a generator of DataFrames."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        lo = 0
+        with pq.ParquetFile(self.path, metadata=self.meta) as f:
+            for batch in f.iter_batches(batch_size=min(rows, PARQUET_BATCH), columns=self.names):
+                yield self._frame(pa.Table.from_batches([batch]), self.columns, np.arange(lo, lo + batch.num_rows))
+                lo += batch.num_rows
+
+    def _frame(self, table, columns: list, rows: np.ndarray) -> pd.DataFrame:
+        df = _arrow_frame(table, self.metadata)
+        df.columns = columns
+        df = _missing_values(df, self.sentinel)
+        for c in columns:  # the whole file's types (a block without nulls would keep ints, logicals or float64)
+            if df[c].dtype != self.dtypes[c]:
+                df[c] = df[c].astype(self.dtypes[c])
+        return df.set_index(pd.Index(rows))
+
+
+def _arrow_frame(table, metadata) -> pd.DataFrame:
+    """A pyarrow table as ``pd.read_parquet`` converts it (with the file's pandas metadata)."""
+    return table.replace_schema_metadata(metadata).to_pandas()
+
+
+def _parquet_stats(f, name: str) -> list:
+    """The statistics of column ``name`` in each row group of the ParquetFile ``f`` (None where absent)."""
+    meta = f.metadata
+    j = [meta.schema.column(k).path for k in range(meta.num_columns)].index(name)
+    return [meta.row_group(g).column(j).statistics for g in range(meta.num_row_groups)]
+
+
+def _parquet_nulls(f, name: str) -> int:
+    """The nulls in column ``name`` of the ParquetFile ``f``: from its statistics, else counted."""
+    stats = _parquet_stats(f, name)
+    if all(s is not None and s.has_null_count for s in stats):
+        return sum(s.null_count for s in stats)
+    return sum(b.column(0).null_count for b in f.iter_batches(columns=[name]))
+
+
+def _parquet_low(f, name: str) -> bool:
+    """Whether a value of the number column ``name`` of the ParquetFile ``f`` is a missing value (<= SENTINEL):
+    from the row groups' minima, else scanned."""
+    stats = _parquet_stats(f, name)
+    if all(s is not None and s.has_min_max and isinstance(s.min, (int, float)) and s.min == s.min for s in stats):
+        return min(s.min for s in stats) <= SENTINEL
+    return any((b.column(0).to_numpy(zero_copy_only=False).astype(np.float64) <= SENTINEL).any()
+               for b in f.iter_batches(columns=[name]))
+
+
+def open_catalog(path) -> "FitsCatalog | ParquetCatalog | None":
+    """``path`` as a catalog read in blocks (:class:`FitsCatalog`, :class:`ParquetCatalog`), or None: read it whole."""
+    return FitsCatalog.open(path) or ParquetCatalog.open(path)
+
+
 def _read_fits_table(path) -> pd.DataFrame:
     """HDU 1 of a FITS file as a DataFrame: with fitsio when its columns are plain, else with astropy."""
     try:
