@@ -8,9 +8,9 @@ The job writes ``DATASET/``:
 ``dataset.h5`` (see :mod:`stellarparams.dataset`), ``rejects.csv`` and ``summary.json``.
 Work happens in ``DATASET/.partial/`` (``pixels.h5``, whose rows the reading processes write in
 place, and one small file per finished chunk), so a killed run resumes where it stopped. One
-process at a time writes a dataset folder (``DATASET/.lock``). The dataset is read back and checked before it is renamed into place, and summary.json
-records its sha256: a re-run is a no-op only when the inputs are the same and the
-published file still matches that record.
+process at a time writes a dataset folder (``DATASET/.lock``). The dataset is read back and
+checked before it is renamed into place, and summary.json records its sha256: a re-run is a
+no-op only when the inputs are the same and the published file still matches that record.
 """
 from __future__ import annotations
 
@@ -902,7 +902,7 @@ class _Pixels:
         """The pixels file of ``partial`` when it fits (a resumed job), else a new one (finished chunks dropped)."""
         import h5py
 
-        path = partial / cls.NAME
+        path = Path(os.path.abspath(partial / cls.NAME))  # absolute: a Dask worker may start in another folder
         try:
             with h5py.File(path, "r") as f:
                 if f["flux"].shape == (n_rows, config.grid.n_pix):
