@@ -39,7 +39,8 @@ calibrated model, each calibrated as `train` calibrates it (``--calib-folds`` ou
   ``MatchedDataset.for_calibration``), and `train`'s with weighted split-conformal factors
   ("weighted conformal", Tibshirani et al. 2019: the calibration rows weighted by
   p_target(x) / p_source(x) from a logistic-regression domain classifier on the PCA of the
-  matched flux against the target's unlabeled spectra, ``stellarparams.adapt.shift_weights``);
+  adapted network's trunk output (``--shift-features``) of the matched source rows against the
+  target's unlabeled spectra, ``stellarparams.adapt.shift_weights``);
 - 100 labelled (+ adapted): as `train --init-from` does on a dataset of labelled target stars:
   on the target's validation stars plus out-of-fold models (each started from the same
   weights) of the 100 labelled stars;
@@ -142,6 +143,14 @@ def predict(f, X) -> np.ndarray:
     return out.numpy().astype(np.float64) * f.scale + f.center
 
 
+def trunk_features(f, X) -> np.ndarray:
+    """The trunk's output (what the heads read; dropout off) of a single-trunk StellarNet for flux X."""
+    f.net.eval()
+    with torch.inference_mode():
+        return torch.cat([f.net.trunks[0].body(f.net.features(torch.from_numpy(X[i:i + 4096])))
+                          for i in range(0, len(X), 4096)]).numpy()
+
+
 def labels_of(ds, rows, labels=LABELS):
     return ds.labels(rows)[:, [ds.label_names.index(l) for l in labels]].astype(np.float64)
 
@@ -212,9 +221,11 @@ def run_target(name, tds, trows, src, srows, source, source_model, seed, a):
         model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, cal.flux(srows["val"]), yva, seed=seed, oof=o)
         cov[key] = coverage_of(model, Xte, truth)
     # weighted split-conformal (Tibshirani et al. 2019): the calibration rows (validation, then out-of-fold)
-    # weighted by p_target(x) / p_source(x) from a domain classifier on the PCA of the matched flux
+    # weighted by p_target(x) / p_source(x) from a domain classifier on the PCA of the trunk output (or flux)
     cal_x = Xva_m if oof is None else np.concatenate([Xva_m, matched.flux(oof["rows"])])
-    w, extra["shift_weights"] = shift_weights(cal_x, Xu, seed=seed)
+    if a.shift_features == "trunk":
+        cal_x, Xu_rep = trunk_features(adapted, cal_x), trunk_features(adapted, Xu)
+    w, extra["shift_weights"] = shift_weights(cal_x, Xu if a.shift_features == "flux" else Xu_rep, seed=seed)
     model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof, conformal_weights=w)
     cov["adapted, weighted conformal"] = coverage_of(model, Xte, truth)
     model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof)
@@ -302,6 +313,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-folds", type=int, default=3,
                    help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
                         "`train` does; 0: the source validation stars alone")
+    p.add_argument("--shift-features", default="trunk", choices=["flux", "trunk"],
+                   help="what the domain classifier of the weighted conformal row reads (its PCA): the matched "
+                        "flux, or the adapted network's trunk output")
     p.add_argument("--adapted-only", action="store_true",
                    help="only as-is and adapted (comparing adaptation settings; no gap closed)")
     p.add_argument("--threads", type=int, default=1)
