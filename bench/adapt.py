@@ -28,11 +28,23 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 - ceiling: the default recipe trained from scratch on every labelled target train star;
 - Ridge on the 100 labelled stars, and on every labelled target star.
 
-And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; on the
-adapted model, the coverage of sigma (68.3% expected) and of the 95.4% interval on the target's
-test stars (calibrated, as `train` does, on the source validation stars and out-of-fold predictions
-of every source training star, all passed through the input matching; for comparison also on the
-validation stars alone, plain and each times what the matching leaves, ``MatchedDataset.for_calibration``),
+And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; the
+coverage of sigma (68.3% expected) and of the 95.4% interval on the target's test stars of each
+calibrated model, each calibrated as `train` calibrates it (``--calib-folds`` out-of-fold models):
+
+- as-is: on the source validation stars (no out-of-fold models);
+- adapted: on the source validation stars and out-of-fold predictions of every source training
+  star, all passed through the input matching; for comparison also on the validation stars
+  alone ("val only"), those each times what the matching leaves ("val x excess",
+  ``MatchedDataset.for_calibration``), and `train`'s with weighted split-conformal factors
+  ("weighted conformal", Tibshirani et al. 2019: the calibration rows weighted by
+  p_target(x) / p_source(x) from a logistic-regression domain classifier on the PCA of the
+  adapted network's trunk output (``--shift-features``) of the matched source rows against the
+  target's unlabeled spectra, ``stellarparams.adapt.shift_weights``);
+- 100 labelled (+ adapted): as `train --init-from` does on a dataset of labelled target stars:
+  on the target's validation stars plus out-of-fold models (each started from the same
+  weights) of the 100 labelled stars;
+
 and the fraction flagged ``flag_unlike_training`` (source model vs adapted, whose novelty reference
 includes the target's unlabeled spectra).
 Writes WORK/adapt.json and WORK/adapt.md.
@@ -50,7 +62,7 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, match_source, pseudo_refit, reference_target
+from stellarparams.adapt import TargetLoss, match_source, pseudo_refit, reference_target, shift_weights
 from stellarparams.baselines import RidgeVal
 from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
@@ -131,12 +143,46 @@ def predict(f, X) -> np.ndarray:
     return out.numpy().astype(np.float64) * f.scale + f.center
 
 
+def trunk_features(f, X) -> np.ndarray:
+    """The trunk's output (what the heads read; dropout off) of a single-trunk StellarNet for flux X."""
+    f.net.eval()
+    with torch.inference_mode():
+        return torch.cat([f.net.trunks[0].body(f.net.features(torch.from_numpy(X[i:i + 4096])))
+                          for i in range(0, len(X), 4096)]).numpy()
+
+
 def labels_of(ds, rows, labels=LABELS):
     return ds.labels(rows)[:, [ds.label_names.index(l) for l in labels]].astype(np.float64)
 
 
-def run_target(name, tds, trows, src, srows, source, seed, a):
-    """One target, one seed: {model: MAE (3,)} plus coverage and flags of the adapted model."""
+def coverage_of(model, X, truth) -> dict:
+    """{"cov1": (3,) fraction within sigma, "cov95": (3,) within the 95.4% interval} of a calibrated model."""
+    df = model.predict_full(X)
+    pred = df[LABELS].to_numpy(np.float64)
+    sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
+    lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
+    return {"cov1": (np.abs(pred - truth) <= sig).mean(0).tolist(),
+            "cov95": ((truth >= lo) & (truth <= hi)).mean(0).tolist()}
+
+
+def fine_tuned(tds, lab, va, mc, tc, init, seed, a) -> tuple:
+    """A model fine-tuned from ``init`` on the labelled rows ``lab`` (``va`` selects), calibrated as
+    `train --init-from` calibrates it: on the target's validation stars plus out-of-fold models
+    (each started from ``init``) of the labelled stars. (fit result, calibrated Model)."""
+    f = fit(tds, (lab, va), mc, tc, init=init)
+    model = model_of(f, tds, mc, tc)
+    oof = None
+    if a.calib_folds >= 2:
+        oof = out_of_fold(tds, lab, va, mc, tc, a.calib_folds, init=init)
+        if oof is not None:
+            oof["y"] = labels_of(tds, oof["rows"])
+    model.uncertainty = fit_uncertainty(model, tds.flux(lab), labels_of(tds, lab), tds.flux(va), labels_of(tds, va),
+                                        seed=seed, oof=oof)
+    return f, model
+
+
+def run_target(name, tds, trows, src, srows, source, source_model, seed, a):
+    """One target, one seed: {model: MAE (3,)} plus the coverage of each calibrated model and flags."""
     mc = ModelConfig(n_in=tds.n_pix)
     tc = recipe("default", seed=seed, calib_folds=0, threads=a.threads, epochs=a.epochs,
                 adapt_match=a.adapt_match, adapt_bins=a.adapt_bins, adapt_order=a.adapt_order,
@@ -146,6 +192,7 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     Xte, truth = tds.flux(te), tds.meta(te)[TRUE].to_numpy(np.float64)
     mae = lambda p: np.abs(p - truth).mean(0).tolist()  # noqa: E731
     res, t0 = {"as-is": mae(predict(source, Xte))}, time.perf_counter()
+    cov = {"as-is": coverage_of(source_model, Xte, truth)}
     # adapted: the target's train-split spectra, unlabeled
     unl = trows["train"]
     Xu, Ou = tds.flux(unl), tds.offset(unl)
@@ -163,20 +210,26 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
         oof = out_of_fold(matched, srows["train"], srows["val"], mc, tc, a.calib_folds)
         oof["y"] = labels_of(src, oof["rows"])
-    extra = {"match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}}
+    extra = {"match": {k: v for k, v in matched.match.to_dict().items() if k != "log_response"}, "cov": cov}
     # calibrated as `train --adapt-to` does (matched validation + out-of-fold matched training stars), and for
-    # comparison on the matched validation stars alone, plain ("_val") and each times what the matching leaves
-    # ("_excess"; MatchedDataset.for_calibration)
-    for key, cal, o in (("_val", matched, None), ("_excess", matched.for_calibration(srows["val"], seed), None),
-                        ("", matched, oof)):
-        model.uncertainty = fit_uncertainty(model, matched.flux(srows["train"]), labels_of(src, srows["train"]),
-                                            cal.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed, oof=o)
-        df = model.predict_full(Xte)
-        pred = df[LABELS].to_numpy(np.float64)
-        sig = df[[f"sigma_{l}" for l in LABELS]].to_numpy(np.float64)
-        lo, hi = (df[[f"{k}_{l}" for l in LABELS]].to_numpy(np.float64) for k in ("lo95", "hi95"))
-        extra["cov1" + key] = (np.abs(pred - truth) <= sig).mean(0).tolist()
-        extra["cov95" + key] = ((truth >= lo) & (truth <= hi)).mean(0).tolist()
+    # comparison: on the matched validation stars alone, plain and each times what the matching leaves
+    # (MatchedDataset.for_calibration); and train's with weighted conformal factors (covariate shift)
+    Xtr_m, ytr, Xva_m, yva = (matched.flux(srows["train"]), labels_of(src, srows["train"]), matched.flux(srows["val"]),
+                              labels_of(src, srows["val"]))
+    for key, cal, o in (("adapted, val only", matched, None),
+                        ("adapted, val x excess", matched.for_calibration(srows["val"], seed), None)):
+        model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, cal.flux(srows["val"]), yva, seed=seed, oof=o)
+        cov[key] = coverage_of(model, Xte, truth)
+    # weighted split-conformal (Tibshirani et al. 2019): the calibration rows (validation, then out-of-fold)
+    # weighted by p_target(x) / p_source(x) from a domain classifier on the PCA of the trunk output (or flux)
+    cal_x = Xva_m if oof is None else np.concatenate([Xva_m, matched.flux(oof["rows"])])
+    if a.shift_features == "trunk":
+        cal_x, Xu_rep = trunk_features(adapted, cal_x), trunk_features(adapted, Xu)
+    w, extra["shift_weights"] = shift_weights(cal_x, Xu if a.shift_features == "flux" else Xu_rep, seed=seed)
+    model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof, conformal_weights=w)
+    cov["adapted, weighted conformal"] = coverage_of(model, Xte, truth)
+    model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof)
+    cov["adapted"] = coverage_of(model, Xte, truth)
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     extra["flagged_adapted"] = float(model.predict_full(Xte)["flag_unlike_training"].mean())
     if a.adapted_only:
@@ -185,8 +238,10 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
     # 100 labelled target stars: from the source model, and from the adapted one
     lab = stars_rows(tds, trows["train"], a.stars, seed)
     va = trows["val"]
-    res[f"{a.stars} labelled"] = mae(predict(fit(tds, (lab, va), mc, tc, init=init_of(source)), Xte))
-    res[f"{a.stars} labelled + adapted"] = mae(predict(fit(tds, (lab, va), mc, tc, init=init_of(adapted)), Xte))
+    for key, start in ((f"{a.stars} labelled", source), (f"{a.stars} labelled + adapted", adapted)):
+        f, m = fine_tuned(tds, lab, va, mc, tc, init_of(start), seed, a)
+        res[key] = mae(predict(f, Xte))
+        cov[key] = coverage_of(m, Xte, truth)
     res["ceiling (all labelled target)"] = mae(predict(fit(tds, (unl, va), mc, tc), Xte))
     Xva, yva = tds.flux(va), labels_of(tds, va)
     res[f"Ridge, {a.stars} labelled"] = mae(RidgeVal().fit(tds.flux(lab), labels_of(tds, lab), Xva, yva).predict(Xte))
@@ -195,8 +250,7 @@ def run_target(name, tds, trows, src, srows, source, seed, a):
           + "; ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in res.items())
           + f"; match {extra['match']['shift_px']:+.1f} px, LSF {extra['match']['lsf_px']:.1f} px, response rms "
             f"{extra['match']['response_rms']:.3f}, excess rms {extra['match'].get('excess_rms', 0):.4f}; cov1 "
-            f"{np.round(extra['cov1'], 2).tolist()} (val {np.round(extra['cov1_val'], 2).tolist()}, excess "
-            f"{np.round(extra['cov1_excess'], 2).tolist()})",
+          + "; ".join(f"{k} {np.round(v['cov1'], 2).tolist()}" for k, v in cov.items()),
           file=sys.stderr)
     return res, extra
 
@@ -213,17 +267,20 @@ def format_table(out: dict) -> str:
         g = np.array(r["gap_closed"])
         lines.append(f"| {name} | gap closed by adapting | " + " | ".join(
             f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "") for j in range(3)) + " |")
-    lines += ["", "| target | cov sigma (68.3%) | cov 95.4% interval | val only: sigma; 95.4% | val only + excess: "
-              "sigma; 95.4% | flagged: as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) |",
-              "|---|---|---|---|---|---|---|"]
-    cov = lambda r, k: " / ".join(f"{x:.2f}" for x in np.mean(r[k], 0))  # noqa: E731
+    lines += ["", "| target | model (calibration) | cov sigma (68.3%) | cov 95.4% interval |", "|---|---|---|---|"]
+    cov = lambda runs: " / ".join(  # noqa: E731
+        f"{m:.2f}" + (f" ± {sd:.2f}" if len(runs) > 1 else "") for m, sd in zip(np.mean(runs, 0), np.std(runs, 0)))
     for name, r in out["targets"].items():
-        m = r["match"][0]
-        lines.append(f"| {name} | {cov(r, 'cov1')} | {cov(r, 'cov95')} | {cov(r, 'cov1_val')}; {cov(r, 'cov95_val')} | "
-                     f"{cov(r, 'cov1_excess')}; {cov(r, 'cov95_excess')} | "
-                     f"{np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
+        for model, c in r["coverage"].items():
+            lines.append(f"| {name} | {model} | {cov(c['cov1'])} | {cov(c['cov95'])} |")
+    lines += ["", "| target | flagged: as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) | "
+              "density ratio: classifier AUC, n_eff / n, clipped |", "|---|---|---|---|"]
+    for name, r in out["targets"].items():
+        m, sw = r["match"][0], r["shift_weights"]
+        lines.append(f"| {name} | {np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
                      f" | {m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f}, "
-                     f"{m.get('excess_rms', 0):.4f} |")
+                     f"{m.get('excess_rms', 0):.4f} | {np.mean([x['auc'] for x in sw]):.2f}, "
+                     f"{np.mean([x['n_eff'] / x['n'] for x in sw]):.2f}, {np.mean([x['clipped'] for x in sw]):.2f} |")
     return "\n".join(lines)
 
 
@@ -256,6 +313,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-folds", type=int, default=3,
                    help="out-of-fold models (of the matched source) calibrating the adapted model's sigma, as "
                         "`train` does; 0: the source validation stars alone")
+    p.add_argument("--shift-features", default="trunk", choices=["flux", "trunk"],
+                   help="what the domain classifier of the weighted conformal row reads (its PCA): the matched "
+                        "flux, or the adapted network's trunk output")
     p.add_argument("--adapted-only", action="store_true",
                    help="only as-is and adapted (comparing adaptation settings; no gap closed)")
     p.add_argument("--threads", type=int, default=1)
@@ -292,19 +352,20 @@ def main(argv=None) -> int:
             tds = Dataset(simulated(work, name, survey, sim_seed, shifts, a.n_target, grid, a))
             trows = rows_of(tds, 1)
         r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
-                                    "mae": {}, "gap_closed": [], "cov1": [], "cov95": [], "cov1_val": [],
-                                    "cov95_val": [], "cov1_excess": [], "cov95_excess": [], "flagged_as_is": [],
-                                    "flagged_adapted": [], "match": []}
+                                    "mae": {}, "gap_closed": [], "coverage": {}, "flagged_as_is": [],
+                                    "flagged_adapted": [], "match": [], "shift_weights": []}
         for seed in a.seeds:
             f, m = sources[seed]
-            res, extra = run_target(name, tds, trows, src, srows, f, seed, a)
+            res, extra = run_target(name, tds, trows, src, srows, f, m, seed, a)
             for k, v in res.items():
                 r["mae"].setdefault(k, []).append(v)
             asis, ad, ceil = (np.array(res[k]) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
             r["gap_closed"].append(((asis - ad) / (asis - ceil)).tolist())
             r["flagged_as_is"].append(float(m.predict_full(tds.flux(trows["test"]))["flag_unlike_training"].mean()))
-            for k in ("cov1", "cov95", "cov1_val", "cov95_val", "cov1_excess", "cov95_excess", "flagged_adapted",
-                      "match"):
+            for k, c in extra["cov"].items():
+                for q in ("cov1", "cov95"):
+                    r["coverage"].setdefault(k, {}).setdefault(q, []).append(c[q])
+            for k in ("flagged_adapted", "match", "shift_weights"):
                 r[k].append(extra[k])
         write_text(work / "adapt.json", json.dumps(out, indent=1))
     out["seconds"] = round(time.perf_counter() - t0)

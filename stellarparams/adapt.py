@@ -634,6 +634,42 @@ def reference_target(model, source_train, source_val, target_flux, seed: int = 0
                                 f"{len(source_val)} source validation + {len(b)} target spectra")
 
 
+def shift_weights(source_x, target_x, *, components: int = 10, clip: float = 20.0, seed: int = 0):
+    """Density ratio p_target(x) / p_source(x) at each source row, from a domain classifier.
+
+    For weighted split-conformal calibration under covariate shift (Tibshirani et al. 2019;
+    compared in bench/adapt.py, not used by ``train``): PCA (``components``, fitted on both
+    sets) of the rows, then a logistic regression telling target from source; the odds
+    p / (1 - p), times n_source / n_target, estimate the ratio, clipped to [1/clip, clip].
+
+    Parameters
+    ----------
+    source_x, target_x : (N, D), (M, D) arrays
+        A representation of the source (calibration) rows and of the target's rows, e.g.
+        the matched standardized flux.
+
+    Returns
+    -------
+    (w, info)
+        (N,) weights; {"auc": the classifier's (in-sample) ROC AUC, "n": N, "n_eff": (sum w)^2 / sum w^2,
+        "clipped": the fraction of weights clipped}.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.concatenate([source_x, target_x]).astype(np.float64)
+    d = np.r_[np.zeros(len(source_x)), np.ones(len(target_x))]
+    k = int(min(components, X.shape[1], len(X) - 1))
+    Z = StandardScaler().fit_transform(PCA(k, random_state=seed).fit_transform(X))
+    p = LogisticRegression(max_iter=1000).fit(Z, d).predict_proba(Z)[:, 1]
+    raw = p[: len(source_x)] / np.maximum(1 - p[: len(source_x)], 1e-12) * len(source_x) / len(target_x)
+    w = np.clip(raw, 1 / clip, clip)
+    return w, {"auc": float(roc_auc_score(d, p)), "n": len(w), "n_eff": float(w.sum() ** 2 / (w ** 2).sum()),
+               "clipped": float(np.mean(w != raw))}
+
+
 # ---------------------------------------------------------------------- losses on the target's spectra
 def coral(a, b):
     """Deep CORAL (Sun & Saenko 2016): squared Frobenius distance of the (D, D) feature covariances of

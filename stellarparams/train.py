@@ -274,6 +274,9 @@ def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
                   history=fitted.history, dataset_hash=ds.attrs.get("input_hash", ""), seed=tc.seed,
                   best_val_loss=fitted.best_val_loss, fingerprint=fingerprint)
     _calibrate(model, fit_ds, folds, out, fingerprint, run, init)
+    if init is not None and target is None and model.uncertainty is not None:
+        model.uncertainty.stats["calibrated_on"] += (f" of this dataset (fine-tuned from {tc.init_from}; the out-of-fold "
+                                                     "models start from its weights too)")
     if target is not None:
         from .adapt import reference_target
 

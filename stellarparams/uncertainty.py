@@ -447,7 +447,16 @@ def _array_or_none(v):
     return None if v is None else np.array(v, np.float64)
 
 
-def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int = 30):
+def weighted_quantile(x, w, q) -> np.ndarray:
+    """Quantiles ``q`` of the values ``x`` (N,) weighted by ``w`` (N,) >= 0: for each q the smallest x
+    whose cumulative weight (in increasing order of x) reaches q of the total."""
+    order = np.argsort(x)
+    cum = np.cumsum(np.asarray(w, np.float64)[order])
+    i = np.searchsorted(cum, np.asarray(q) * cum[-1])
+    return np.asarray(x)[order][np.minimum(i, len(x) - 1)]
+
+
+def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int = 30, weights=None):
     """Split-conformal scale factors of held-out residuals.
 
     Parameters
@@ -460,6 +469,10 @@ def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int
         Noise bins.
     min_rows : int
         A bin with fewer known residuals takes the factors of all rows.
+    weights : (N,) array, optional
+        Weighted split-conformal under covariate shift (Tibshirani et al. 2019): each row's
+        weight, e.g. the density ratio p_target(x) / p_source(x); the factors are then weighted
+        quantiles (:func:`weighted_quantile`). None: plain quantiles.
 
     Returns
     -------
@@ -467,19 +480,22 @@ def conformal_factors(r, sigma_raw, noise, bins: int = NOISE_BINS, min_rows: int
         (bins - 1,) noise edges; (L, bins) 68.27% and 95.45% quantiles of |r| / sigma_raw.
     """
     noise = np.asarray(noise, np.float64)
+    weights = None if weights is None else np.asarray(weights, np.float64)
     edges = np.quantile(noise[np.isfinite(noise)], np.linspace(0, 1, bins + 1)[1:-1]) if len(noise) else np.zeros(0)
     b = np.searchsorted(edges, noise)
     z = np.abs(np.asarray(r, np.float64)) / np.asarray(sigma_raw, np.float64)
     L = z.shape[1]
     k68, k95 = np.ones((L, bins)), np.full((L, bins), 2.0)
+    quantiles = ((lambda sel, j: np.quantile(z[sel, j], [Q68, Q95])) if weights is None else
+                 (lambda sel, j: weighted_quantile(z[sel, j], weights[sel], [Q68, Q95])))
     for j in range(L):
         ok = np.isfinite(z[:, j])
         if not ok.any():
             continue
-        all68, all95 = np.quantile(z[ok, j], [Q68, Q95])
+        all68, all95 = quantiles(ok, j)
         for i in range(bins):
             sel = ok & (b == i)
-            k68[j, i], k95[j, i] = np.quantile(z[sel, j], [Q68, Q95]) if sel.sum() >= min_rows else (all68, all95)
+            k68[j, i], k95[j, i] = quantiles(sel, j) if sel.sum() >= min_rows else (all68, all95)
     return edges, k68, k95
 
 
@@ -556,7 +572,7 @@ def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
 
 
 def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_PASSES, seed=0,
-                    n_components=N_COMPONENTS, oof=None, carry=None) -> Uncertainty:
+                    n_components=N_COMPONENTS, oof=None, carry=None, conformal_weights=None) -> Uncertainty:
     """Calibrate a trained Model: sigma coefficients on held-out residuals, novelty model on
     train (+ val thresholds), and the label -> spectrum emulator of `diagnose`.
 
@@ -567,6 +583,9 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     calibration of the model this one was fine-tuned from (same scaler): a label with fewer
     than 3 known held-out residuals takes its coefficients and conformal factors from there
     (``stats["carried_from_source"]``; an approximation: the trunk under that head changed).
+    conformal_weights: optional (N_val + M,) weights of the held-out rows (validation first, then
+    out-of-fold) for the conformal factors (:func:`conformal_factors`); the sigma coefficients
+    are fitted unweighted.
     Returns an :class:`Uncertainty` (also set it as ``model.uncertainty``).
     """
     from sklearn.decomposition import PCA
@@ -599,7 +618,7 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     u = Uncertainty(list(model.label_names), abc[:, 0], abc[:, 1], abc[:, 2], pca.mean_.astype(np.float32),
                     pca.components_.astype(np.float32), pca.explained_variance_.astype(np.float64), 1.0, 1.0,
                     hull, n_passes, seed, 0, noise_var)
-    u.noise_edges, u.k68, u.k95 = conformal_factors(r_fit, u.raw_sigma(m_fit, n_fit), n_fit)
+    u.noise_edges, u.k68, u.k95 = conformal_factors(r_fit, u.raw_sigma(m_fit, n_fit), n_fit, weights=conformal_weights)
     for n in carried:
         j = model.label_names.index(n)
         u.k68[j], u.k95[j] = _carried(carry, n, u.noise_edges)[3:]
@@ -627,6 +646,8 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
                "n_signal_components": n_signal, "label_hull": hull_kind,
                "n_known": dict(zip(model.label_names, map(int, n_known))),
                "val_ood_quantiles": [float(v) for v in np.percentile(val_ood, np.arange(101))]}
+    if conformal_weights is not None:
+        u.stats["calibrated_on"] += "; conformal factors weighted by the given density ratios"
     if carried:
         u.stats["carried_from_source"] = carried
         u.stats["calibrated_on"] += (f"; {', '.join(carried)}: no known labels here, its sigma coefficients are the "

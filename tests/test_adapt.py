@@ -6,7 +6,8 @@ import pytest
 import torch
 from numpy.polynomial import legendre
 
-from stellarparams.adapt import Match, MatchedDataset, estimate_match, read_target, ridge_groups, target_hash
+from stellarparams.adapt import (Match, MatchedDataset, estimate_match, read_target, ridge_groups, shift_weights,
+                                 target_hash)
 from stellarparams.dataset import Dataset, write_dataset
 from stellarparams.prepare import prepare
 from stellarparams.preprocess import PrepareConfig
@@ -195,3 +196,15 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert len(ridge.metrics["adapt"]["rounds"]) == 3        # one group (shift, LSF), then 2 ridge-grouped rounds
     plain = train(src, None, TINY, TrainConfig(**{**tc.to_dict(), "adapt_to": None}), progress=False)
     assert not all(torch.equal(sa[k], v) for k, v in plain.net.state_dict().items())   # adapting changed them
+
+
+def test_shift_weights_estimate_the_density_ratio():
+    """Source N(0, 1), target N(0.5, 1) along one of 6 axes: the weights follow exp(0.5 x - 0.125); no shift: ~1."""
+    rng = np.random.default_rng(0)
+    src, tgt = rng.standard_normal((3000, 6)), rng.standard_normal((3000, 6))
+    w, info = shift_weights(src, tgt + [0.5, 0, 0, 0, 0, 0], components=6)
+    assert np.corrcoef(np.log(w), 0.5 * src[:, 0])[0, 1] > 0.95
+    assert np.median(w[src[:, 0] > 1]) / np.median(w[src[:, 0] < -1]) > 2.0   # true ratio of those: ~3.3
+    assert info["auc"] > 0.55 and info["n"] == 3000 and 0 < info["n_eff"] < 3000
+    same, info0 = shift_weights(src, tgt, components=6)
+    assert 0.8 < np.median(same) < 1.25 and info0["auc"] < 0.55 and info0["clipped"] == 0

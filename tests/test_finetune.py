@@ -92,3 +92,16 @@ def test_another_architecture_is_refused(source):
     other = ModelConfig(n_in=48, stem_width=16, block_widths=(16,), heads=TINY.heads)
     with pytest.raises(ValueError, match="source's architecture"):
         train(ds, None, other, TrainConfig(epochs=1, init_from=str(root / "src")), progress=False)
+
+
+def test_fine_tuned_model_is_calibrated_on_the_new_datasets_held_out_stars(source):
+    """train --init-from on labelled stars of another survey: sigma is fitted on that dataset's validation
+    stars plus out-of-fold models of its training stars (started from the source's weights), and says so."""
+    root, _, src = source
+    other = tiny_dataset(root / "other", n=120, seed=5)
+    tc = TrainConfig(epochs=1, batch_size=32, lr=3e-3, seed=2, calib_folds=2, init_from=str(root / "src"))
+    ft = train(other, root / "ft_other", None, tc, progress=False)
+    stats = load_model(root / "ft_other").uncertainty.stats
+    assert stats["n_val"] == len(other.indices("val")) and stats["n_oof"] == len(other.indices("train"))
+    assert "fine-tuned from" in stats["calibrated_on"] and str(root / "src") in stats["calibrated_on"]
+    assert ft.uncertainty.stats["n_val"] != src.uncertainty.stats["n_val"]   # not the source's calibration

@@ -335,3 +335,22 @@ def test_conformal_factors_put_heavy_tailed_residuals_in_both_bands():
         sel = b == i
         assert np.mean(z[sel] <= k68[:, i], axis=0) == pytest.approx([Q68, Q68], abs=0.03)
         assert np.mean(z[sel] <= k95[:, i], axis=0) == pytest.approx([Q95, Q95], abs=0.015)
+
+
+def test_weighted_conformal_factors_follow_the_weighted_rows():
+    """Weights that pick one of two populations give that population's quantiles; equal weights the plain ones."""
+    from stellarparams.uncertainty import Q68, conformal_factors, weighted_quantile
+
+    assert weighted_quantile(np.array([3.0, 1.0, 2.0, 4.0]), np.ones(4), [0.5, 1.0]).tolist() == [2.0, 4.0]
+    assert weighted_quantile(np.array([3.0, 1.0, 2.0, 4.0]), np.array([0, 1, 0, 0]), [0.5]).tolist() == [1.0]
+    rng = np.random.default_rng(0)
+    n = 20_000
+    wide = rng.random(n) < 0.3                                   # 30% of the rows have 3x the residuals
+    r = rng.standard_normal((n, 1)) * np.where(wide, 3.0, 1.0)[:, None]
+    raw, noise = np.ones((n, 1)), rng.uniform(0.01, 0.2, n)
+    _, k68, _ = conformal_factors(r, raw, noise)
+    _, k68_eq, _ = conformal_factors(r, raw, noise, weights=np.full(n, 2.0))
+    _, k68_w, _ = conformal_factors(r, raw, noise, weights=np.where(wide, 1.0, 1e-6))
+    assert np.allclose(k68_eq, k68, rtol=0.01)
+    assert np.allclose(k68_w, np.quantile(np.abs(r[wide, 0]), Q68), rtol=0.05)
+    assert (k68_w > 2 * k68).all()
