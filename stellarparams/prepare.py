@@ -918,8 +918,9 @@ class _Pixels:
         return cls(str(path), n_rows, offsets)
 
     def holds_only(self, pos: np.ndarray) -> bool:
-        """Whether the rows ``pos`` are every row of the file, in order (nothing to leave out)."""
-        return len(pos) == self.n_rows and np.array_equal(pos, np.arange(len(pos)))
+        """Whether the rows ``pos`` (distinct and increasing, as :func:`_split` gives them) are every row of
+        the file (nothing to leave out)."""
+        return len(pos) == self.n_rows
 
     def write(self, row0: int, arrays: dict) -> int:
         """Write ``arrays`` (name -> rows ``row0...`` of that pixel array, every one of :data:`PIXEL_ARRAYS`) in
@@ -1171,13 +1172,14 @@ def _write(out: Path, job: _Job, matched: _Matched, pixels: _Pixels, splits: _Sp
     }
     # publish: the verified dataset (the large file: a full disk stops the job before anything of it is
     # published), then the rejects, then the summary with the dataset's sha256 (which marks a finished job)
-    kept = np.flatnonzero(keep_mask)
-    if not pixels.holds_only(splits.pos[kept]):  # the kept rows are copied to a new file
+    kept = None if n_kept == len(keep_mask) else np.flatnonzero(keep_mask)  # None: every one (no index array)
+    pos = splits.pos if kept is None else splits.pos[kept]
+    if not pixels.holds_only(pos):  # the kept rows are copied to a new file
         check_disk(out, n_kept * config.grid.n_pix * BYTES_PER_PIXEL, f"the dataset of {n_kept:,} spectra")
     digest = {}
     atomic_write(final, lambda tmp: digest.update(sha256=_write_h5(
-        tmp, pixels, splits.pos[kept], config, attrs,
-        lambda idx: _table_block(job, matched, splits, kept[idx], extra_cols))))
+        tmp, pixels, pos, config, attrs,
+        lambda idx: _table_block(job, matched, splits, idx if kept is None else kept[idx], extra_cols))))
     rejects.publish(out / REJECTS_FILE)
     summary["dataset_sha256"] = digest["sha256"]
     write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
