@@ -458,6 +458,15 @@ def _missing_values(df: pd.DataFrame, sentinel: set | None = None) -> pd.DataFra
     return df
 
 
+def _catalog_names(names) -> list | None:
+    """A catalog's column names as :func:`read_catalog` gives them (upper case, FIBER named FIBERID), or None
+    when two of them become one (the block readers then leave the catalog to :func:`read_catalog`)."""
+    columns = [str(c).strip().upper() for c in names]
+    if "FIBERID" not in columns and "FIBER" in columns:
+        columns[columns.index("FIBER")] = "FIBERID"
+    return columns if len(set(columns)) == len(columns) else None
+
+
 class FitsCatalog:
     """A FITS catalog of the plain layout (:func:`_read_fits_table_plain`) read a block of rows at a time.
 
@@ -494,10 +503,8 @@ class FitsCatalog:
             with open_fits(path) as f:
                 n = f[1].get_nrows()
                 names = list(first.columns)
-                columns = [str(c).strip().upper() for c in names]
-                if "FIBERID" not in columns and "FIBER" in columns:
-                    columns[columns.index("FIBER")] = "FIBERID"
-                if len(set(columns)) < len(columns):
+                columns = _catalog_names(names)
+                if columns is None:
                     return None
                 numbers = {c for c, m in zip(columns, names) if is_number(first[m])}
                 if any(c not in numbers for c in (set(CATALOG_ID_COLUMNS) | _STANDARD_VALUES) & set(columns)):
@@ -540,20 +547,11 @@ class ParquetCatalog:
     Each block is what :func:`read_catalog` (``pd.read_parquet``) gives for those rows: the same
     columns, types and values, the row numbers as index. The types are those of the whole file: an
     integer column with a null anywhere is float64 in every block, a logical one object, a text one
-    float64 when it holds no text at all (bytes: object); -9999 makes a column NaN where any row holds it. The file's
-    statistics say where the nulls and the lowest values are; a column without them is scanned once.
-    :meth:`open` returns None for a file with columns that are not numbers, logicals, text or bytes (dates,
-    lists, categories, pandas' nullable types), or whose standard number columns hold text.
-
-    Attributes
-    ----------
-    path : Path
-    n : int
-        Rows.
-    columns : list of str
-        Upper-case names, as :func:`read_catalog` gives them (FIBER named FIBERID).
-    numbers : set of str
-        The columns that are numbers (not logicals) once read.
+    float64 when it holds no text at all (bytes: object); -9999 makes a column NaN where any row holds
+    it. The file's statistics say where the nulls and the lowest values are; a column without them is
+    scanned once. :meth:`open` returns None for a file with columns that are not numbers, logicals,
+    text or bytes (dates, lists, categories, pandas' nullable types), or whose standard number columns
+    hold text. Attributes: ``path``, ``n``, ``columns`` and ``numbers``, as :class:`FitsCatalog`'s.
     """
 
     def __init__(self, path: Path, meta, metadata: dict, names: list, columns: list, dtypes: dict, sentinel: set):
@@ -578,10 +576,8 @@ class ParquetCatalog:
                 index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
                 names = [x.name for x in schema if x.name not in index]  # read_catalog drops the index
                 empty = _arrow_frame(schema.empty_table().select(names), schema.metadata)
-                columns = [str(c).strip().upper() for c in empty.columns]
-                if "FIBERID" not in columns and "FIBER" in columns:
-                    columns[columns.index("FIBER")] = "FIBERID"
-                if meta.num_rows == 0 or len(columns) != len(names) or len(set(columns)) < len(columns):
+                columns = _catalog_names(empty.columns)
+                if meta.num_rows == 0 or columns is None or len(columns) != len(names):
                     return None
                 dtypes, sentinel = {}, set()
                 for c, name, dt in zip(columns, names, empty.dtypes):
