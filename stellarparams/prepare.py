@@ -34,7 +34,7 @@ from . import engine
 from .context import Run
 from .config import DEFAULT_LABEL_LIMITS, LABEL_LIMITS, label_outside_limits, parse_fractions
 from .dataset import DATA_FILE, PIXEL_ARRAYS, SPLITS, append_table, create_dataset, parse_grid, pixel_offsets
-from .files import atomic_write, check_readable, write_text
+from .files import atomic_write, check_readable, disk_error, write_text
 from .outputs import check_disk, check_memory, locked_output
 from .matching import resolve_file, walk
 from .preprocess import PrepareConfig, config_from_model, preprocess
@@ -936,6 +936,11 @@ class _Pixels:
                 while len(data):
                     n = os.pwrite(fd, data, at)
                     data, at = data[n:], at + n
+        except OSError as e:  # a full disk: one error naming the file, as atomic_write gives
+            err = disk_error(e, self.path)
+            if err is None or err is e:
+                raise
+            raise err from e
         finally:
             os.close(fd)
         return crc

@@ -510,6 +510,27 @@ def test_full_disk_in_prepare_publishes_nothing_and_a_rerun_resumes(tmp_path, mo
     assert_same_dataset(tmp_path / "ds", tmp_path / "ref")
 
 
+def test_full_disk_while_the_readers_write_the_pixels_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    spectra, cat = good_set(tmp_path, n=4)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+
+    real = os.pwrite
+
+    def full(fd, data, offset):  # the disk fills when the readers write the pixels (other writes go on)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("pixels.h5"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    rc = cli.main(["prepare", "--catalog", str(tmp_path / "cat.csv"), "--spectra", str(spectra), "--out",
+                   str(tmp_path / "ds"), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "pixels.h5" in err and "no space left" in err
+    assert not (tmp_path / "ds" / "dataset.h5").exists()
+
+
 @pytest.mark.parametrize("command", ["simulate", "train"])
 def test_full_disk_in_simulate_and_train_is_one_line(command, tmp_path, monkeypatch, capsys):
     import errno
