@@ -3,9 +3,11 @@
     .venv/bin/python bench/adapt.py --work runs/adapt                 # docs/benchmarks.md's table (3 seeds)
     .venv/bin/python bench/adapt.py --work /tmp/adapt_quick --quick   # a smoke check: minutes on 1 thread
 
-The MILES stars are split in two halves by a hash of the star (no star is in both): the source
-survey holds the first half's spectra, every target the second half's; within each half the
-stars are split 60/10/30 into train/val/test (the same hash). Source: the default simulated
+The MILES stars are split in two halves by a hash of the star and the seed (no star is in both):
+the source survey holds the first half's spectra, every target the second half's; within each
+half the stars are split 60/10/30 into train/val/test (the same hash). Each seed draws its own
+split, so the spread over seeds includes which stars land where (seed 0's split is the one of
+the tables before; ``--same-split`` gives every seed seed 0's). Source: the default simulated
 SDSS survey (seed 0). Targets, each prepared on the source's grid:
 
 - ``sdss``: the source survey itself (its second-half stars): the no-harm check;
@@ -14,7 +16,7 @@ SDSS survey (seed 0). Targets, each prepared on the source's grid:
 - ``hard``: SDSS with a strong response (legendre:0.2), R 1500 (``--lsf gauss:200``), a
   0.3 px wavelength offset and reddening (mean E(B-V) 0.2 mag) (seed 3).
 
-Per seed (the training seed and the draw of the 100 labelled stars), per target, on the
+Per seed (the split of the stars, the training seed and the draw of the 100 labelled stars), per target, on the
 target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_TRUE) of:
 
 - as-is: the source model (default recipe on the source's train stars);
@@ -28,13 +30,17 @@ target's test stars, MAE against the noiseless truth (TEFF_TRUE, FEH_TRUE, LOGG_
 - ceiling: the default recipe trained from scratch on every labelled target train star;
 - Ridge on the 100 labelled stars, and on every labelled target star.
 
-And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; the
+And: the fraction of the gap closed, (as-is - adapted) / (as-is - ceiling), per label; the paired
+differences adapted - as-is and 100 labelled + adapted - 100 labelled (the same seed, split and
+stars); the
 coverage of sigma (68.3% expected) and of the 95.4% interval on the target's test stars of each
 calibrated model, each calibrated as `train` calibrates it (``--calib-folds`` out-of-fold models):
 
 - as-is: on the source validation stars (no out-of-fold models);
 - adapted: on the source validation stars and out-of-fold predictions of every source training
-  star, all passed through the input matching; for comparison also on the validation stars
+  star, all passed through the input matching, then widened by the growth of the network's
+  disagreement with a response-blind ridge on the target (``widen_for_target``, as `train`
+  does; "not widened" without it); for comparison also on the validation stars
   alone ("val only"), those each times what the matching leaves ("val x excess",
   ``MatchedDataset.for_calibration``), and `train`'s with weighted split-conformal factors
   ("weighted conformal", Tibshirani et al. 2019: the calibration rows weighted by
@@ -62,7 +68,8 @@ import numpy as np
 import torch
 from astropy.table import Table
 
-from stellarparams.adapt import TargetLoss, match_source, pseudo_refit, reference_target, shift_weights
+from stellarparams.adapt import (TargetLoss, match_source, pseudo_refit, reference_target, shift_weights,
+                                 widen_for_target)
 from stellarparams.baselines import RidgeVal
 from stellarparams.calibrate import out_of_fold
 from stellarparams.config import ModelConfig, recipe
@@ -86,9 +93,10 @@ STAR_COLUMN = {"sdss": "STAR_ID", "lamost": "star_id", "desi": "STAR_ID"}
 SPLIT_OF = ["train"] * 6 + ["val"] + ["test"] * 3
 
 
-def half_and_split(star) -> tuple[int, str]:
-    """(0: source half, 1: target half; split) of a MILES star, from a hash of its id."""
-    h = zlib.crc32(str(int(float(star))).encode())
+def half_and_split(star, seed: int = 0) -> tuple[int, str]:
+    """(0: source half, 1: target half; split) of a MILES star, from a hash of its id and the seed."""
+    key = str(int(float(star))) + (f":{seed}" if seed else "")
+    h = zlib.crc32(key.encode())
     return h % 2, SPLIT_OF[(h // 2) % 10]
 
 
@@ -109,12 +117,12 @@ def simulated(work: Path, name: str, survey: str, seed: int, shifts: dict, n: in
     return folder / "dataset"
 
 
-def rows_of(ds: Dataset, half: int) -> dict:
-    """{split: row numbers} of the stars of one half."""
+def rows_of(ds: Dataset, half: int, seed: int = 0) -> dict:
+    """{split: row numbers} of the stars of one half, in ``seed``'s split of the stars."""
     meta = ds.meta()
     star = meta["STAR_ID"] if "STAR_ID" in meta else meta["object_id"]
-    side = np.array([half_and_split(s)[0] for s in star])
-    return {s: np.flatnonzero((side == half) & (meta["split"].to_numpy() == s)) for s in ("train", "val", "test")}
+    side, split = np.array([half_and_split(s, seed) for s in star]).T
+    return {s: np.flatnonzero((side == str(half)) & (split == s)) for s in ("train", "val", "test")}
 
 
 def stars_rows(ds: Dataset, rows: np.ndarray, n_stars: int, seed: int) -> np.ndarray:
@@ -203,8 +211,8 @@ def run_target(name, tds, trows, src, srows, source, source_model, seed, a):
     res["adapted"] = mae(predict(adapted, Xte))
     if a.pseudo > 0:  # as `train --adapt-to` does with adapt_pseudo; "adapted" stays the network before it
         matched.target_offset = Ou
-        res["adapted + pseudo-labels"] = mae(predict(pseudo_refit(adapted, matched, Xu, mc, tc, target_loss=loss),
-                                                     Xte))
+        res["adapted + pseudo-labels"] = mae(predict(pseudo_refit(adapted, matched, Xu, mc, tc, target_loss=loss,
+                                                                  rows=(srows["train"], srows["val"])), Xte))
     model = model_of(adapted, src, mc, tc)
     oof = None
     if a.calib_folds >= 2:  # out-of-fold models of the matched source, from scratch (as `train --calib-folds`)
@@ -229,6 +237,8 @@ def run_target(name, tds, trows, src, srows, source, source_model, seed, a):
     model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof, conformal_weights=w)
     cov["adapted, weighted conformal"] = coverage_of(model, Xte, truth)
     model.uncertainty = fit_uncertainty(model, Xtr_m, ytr, Xva_m, yva, seed=seed, oof=oof)
+    cov["adapted, not widened"] = coverage_of(model, Xte, truth)
+    extra["widening"] = widen_for_target(model, matched, (srows["train"], srows["val"]), Xu, Ou, seed=seed)
     cov["adapted"] = coverage_of(model, Xte, truth)
     reference_target(model, matched.flux(srows["train"]), matched.flux(srows["val"]), Xu, seed)
     extra["flagged_adapted"] = float(model.predict_full(Xte)["flag_unlike_training"].mean())
@@ -265,8 +275,18 @@ def format_table(out: dict) -> str:
             m, sd = np.mean(runs, 0), (np.std(runs, 0) if len(runs) > 1 else [None] * 3)
             lines.append(f"| {name} | {model} | " + " | ".join(fmt(m[j], sd[j], j) for j in range(3)) + " |")
         g = np.array(r["gap_closed"])
-        lines.append(f"| {name} | gap closed by adapting | " + " | ".join(
-            f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "") for j in range(3)) + " |")
+        asis, ad, ceil = (np.mean(r["mae"][k], 0) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
+        lines.append(f"| {name} | gap closed by adapting (of the means) | " + " | ".join(
+            f"{g[:, j].mean():.2f}" + (f" ± {g[:, j].std():.2f}" if len(g) > 1 else "")
+            + f" ({(asis[j] - ad[j]) / (asis[j] - ceil[j]):.2f})" for j in range(3)) + " |")
+        n = out["settings"]["stars"]
+        for new, old in (("adapted", "as-is"), (f"{n} labelled + adapted", f"{n} labelled")):
+            # paired differences: the same split, stars and seed; (k/n) seeds where new is lower
+            if new in r["mae"] and old in r["mae"] and not np.isnan(r["mae"][old]).any():
+                d = np.array(r["mae"][new]) - np.array(r["mae"][old])
+                lines.append(f"| {name} | {new} - {old} (paired) | " + " | ".join(
+                    f"{fmt(d[:, j].mean(), d[:, j].std() if len(d) > 1 else None, j)} ({(d[:, j] < 0).sum()}/{len(d)})"
+                    for j in range(3)) + " |")
     lines += ["", "| target | model (calibration) | cov sigma (68.3%) | cov 95.4% interval |", "|---|---|---|---|"]
     cov = lambda runs: " / ".join(  # noqa: E731
         f"{m:.2f}" + (f" ± {sd:.2f}" if len(runs) > 1 else "") for m, sd in zip(np.mean(runs, 0), np.std(runs, 0)))
@@ -274,13 +294,16 @@ def format_table(out: dict) -> str:
         for model, c in r["coverage"].items():
             lines.append(f"| {name} | {model} | {cov(c['cov1'])} | {cov(c['cov95'])} |")
     lines += ["", "| target | flagged: as-is / adapted | shift px, LSF px, response rms, excess rms (seed 0) | "
-              "density ratio: classifier AUC, n_eff / n, clipped |", "|---|---|---|---|"]
+              "density ratio: classifier AUC, n_eff / n, clipped | sigma widened by (mean over seeds) |",
+              "|---|---|---|---|---|"]
     for name, r in out["targets"].items():
         m, sw = r["match"][0], r["shift_weights"]
         lines.append(f"| {name} | {np.mean(r['flagged_as_is']):.2f} / {np.mean(r['flagged_adapted']):.2f}"
                      f" | {m['shift_px']:+.1f}, {m['lsf_px']:.1f}, {m['response_rms']:.3f}, "
                      f"{m.get('excess_rms', 0):.4f} | {np.mean([x['auc'] for x in sw]):.2f}, "
-                     f"{np.mean([x['n_eff'] / x['n'] for x in sw]):.2f}, {np.mean([x['clipped'] for x in sw]):.2f} |")
+                     f"{np.mean([x['n_eff'] / x['n'] for x in sw]):.2f}, {np.mean([x['clipped'] for x in sw]):.2f} | "
+                     + " / ".join(f"{np.mean([w.get(l, np.nan) for w in r.get('widening', [{}])]):.2f}" for l in LABELS)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -295,6 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--stars", type=int, default=100, help="labelled target stars")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--same-split", action="store_true",
+                   help="every seed uses seed 0's split of the stars (as the tables before; default: each seed "
+                        "draws its own)")
     p.add_argument("--adapt-match", type=int, default=2, help="rounds of input matching")
     p.add_argument("--adapt-bins", type=int, default=16)
     p.add_argument("--adapt-order", type=int, default=10)
@@ -329,7 +355,8 @@ def main(argv=None) -> int:
     work = Path(a.work)
     t0 = time.perf_counter()
     src = Dataset(simulated(work, "source", "sdss", 0, {}, a.n_source, None, a))
-    srows = rows_of(src, 0)
+    split = {seed: 0 if a.same_split else seed for seed in a.seeds}
+    srows = {seed: rows_of(src, 0, split[seed]) for seed in a.seeds}
     grid = work / "grid.json"   # what --grid-from reads: the source dataset's grid and preprocessing
     write_text(grid, json.dumps({"grid": src.attrs["grid"], "prepare_config": src.attrs.get("preprocess")}))
     out = {"settings": vars(a), "targets": {}}
@@ -337,26 +364,28 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         mc, tc = ModelConfig(n_in=src.n_pix), recipe("default", seed=seed, calib_folds=0, threads=a.threads,
                                                       epochs=a.epochs)
-        f = fit(src, (srows["train"], srows["val"]), mc, tc)
+        tr, va = srows[seed]["train"], srows[seed]["val"]
+        f = fit(src, (tr, va), mc, tc)
         m = model_of(f, src, mc, tc)
-        m.uncertainty = fit_uncertainty(m, src.flux(srows["train"]), labels_of(src, srows["train"]),
-                                        src.flux(srows["val"]), labels_of(src, srows["val"]), seed=seed)
+        m.uncertainty = fit_uncertainty(m, src.flux(tr), labels_of(src, tr), src.flux(va), labels_of(src, va), seed=seed)
         sources[seed] = (f, m)
-    print(f"source: {len(srows['train'])} train spectra, {len(a.seeds)} models, {time.perf_counter() - t0:.0f} s",
-          file=sys.stderr)
+    print(f"source: {[len(r['train']) for r in srows.values()]} train spectra, {len(a.seeds)} models, "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     for name in a.targets.split(","):
         if TARGETS[name] is None:
-            tds, trows = src, rows_of(src, 1)
+            tds = src
         else:
             survey, sim_seed, shifts = TARGETS[name]
             tds = Dataset(simulated(work, name, survey, sim_seed, shifts, a.n_target, grid, a))
-            trows = rows_of(tds, 1)
-        r = out["targets"][name] = {"n_unlabeled": int(len(trows["train"])), "n_test": int(len(trows["test"])),
-                                    "mae": {}, "gap_closed": [], "coverage": {}, "flagged_as_is": [],
-                                    "flagged_adapted": [], "match": [], "shift_weights": []}
+        r = out["targets"][name] = {"n_unlabeled": [], "n_test": [], "mae": {}, "gap_closed": [], "coverage": {},
+                                    "flagged_as_is": [], "flagged_adapted": [], "match": [], "shift_weights": [],
+                                    "widening": []}
         for seed in a.seeds:
             f, m = sources[seed]
-            res, extra = run_target(name, tds, trows, src, srows, f, m, seed, a)
+            trows = rows_of(tds, 1, split[seed])
+            r["n_unlabeled"].append(int(len(trows["train"])))
+            r["n_test"].append(int(len(trows["test"])))
+            res, extra = run_target(name, tds, trows, src, srows[seed], f, m, seed, a)
             for k, v in res.items():
                 r["mae"].setdefault(k, []).append(v)
             asis, ad, ceil = (np.array(res[k]) for k in ("as-is", "adapted", "ceiling (all labelled target)"))
@@ -365,7 +394,7 @@ def main(argv=None) -> int:
             for k, c in extra["cov"].items():
                 for q in ("cov1", "cov95"):
                     r["coverage"].setdefault(k, {}).setdefault(q, []).append(c[q])
-            for k in ("flagged_adapted", "match", "shift_weights"):
+            for k in ("flagged_adapted", "match", "shift_weights", "widening"):
                 r[k].append(extra[k])
         write_text(work / "adapt.json", json.dumps(out, indent=1))
     out["seconds"] = round(time.perf_counter() - t0)

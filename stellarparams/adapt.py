@@ -587,12 +587,13 @@ def source_for_target(ds, mc, tc, init=None, *, run: Run = Run(progress=False)):
     return matched, Xt
 
 
-def pseudo_refit(fitted, matched, target_flux, mc, tc, **fit_kw):
+def pseudo_refit(fitted, matched, target_flux, mc, tc, rows=None, **fit_kw):
     """Confident pseudo-labels (``tc.adapt_pseudo`` = q > 0): ``fitted`` (the adapted network) labels the q
     of the target's spectra (N_t, P) with the smallest MC-dropout spread (mean over labels, scaled units),
     and a network is trained again, from where ``fit_kw`` says (``init``), on the matched source training
     stars plus those, selected on the matched validation stars. Returns the new Fitted; its metrics record
-    how many target spectra it was trained on (``pseudo_labelled``).
+    how many target spectra it was trained on (``pseudo_labelled``). rows: (train rows, validation rows) of
+    ``matched``; its train and val splits by default.
     """
     import tempfile
 
@@ -602,7 +603,7 @@ def pseudo_refit(fitted, matched, target_flux, mc, tc, **fit_kw):
 
     pred, s_mc, _ = raw_uncertainty(fitted.net, target_flux, seed=tc.seed)
     sel = np.sort(np.argsort(s_mc.mean(1), kind="stable")[: int(tc.adapt_pseudo * len(target_flux))])
-    itr, iva = matched.indices("train"), matched.indices("val")
+    itr, iva = rows or (matched.indices("train"), matched.indices("val"))
     labels = list(fitted.labels)
     X = np.concatenate([matched.flux(itr), target_flux[sel], matched.flux(iva)])
     off = np.concatenate([matched.offset(itr), matched.target_offset[sel], matched.offset(iva)])
@@ -632,6 +633,64 @@ def reference_target(model, source_train, source_val, target_flux, seed: int = 0
                 seed=seed)
     u.stats["ood_reference"] = (f"{len(source_train)} source training + {len(a)} target spectra; thresholds on "
                                 f"{len(source_val)} source validation + {len(b)} target spectra")
+
+
+def _robust_scale(x) -> np.ndarray:
+    """(N, L) -> (L,) 68.3% quantile of |x - median| per column, NaN ignored (1 sigma for a Gaussian)."""
+    return np.nanquantile(np.abs(x - np.nanmedian(x, 0)), 0.683, axis=0)
+
+
+def widen_for_target(model, matched, rows, target_flux, target_offset, *, order: int = 10, seed: int = 0) -> dict:
+    """Widen the calibrated sigmas of an adapted ``model`` by what its errors grow on the target, estimated
+    without a target label from its disagreement with a second predictor.
+
+    The second predictor is a ridge regression on each spectrum's ln flux less its own smooth fit
+    (:func:`high_pass`), trained on the matched source training stars: blind to any smooth
+    difference (response, reddening, star by star too) that the network may still read. Per label,
+    D = network - ridge on the matched source validation stars (D_s) and on the target's spectra
+    (D_t); if the two predictors' errors on the target grow independently, the network's error
+    variance grows by at most s(D_t)^2 - s(D_s)^2 (s: the 68.3% quantile of |D - median D|), and
+    sigma and the 95.4% interval are multiplied by f = sqrt(1 + max(0, s(D_t)^2 - s(D_s)^2) / s(e)^2),
+    e the network's residuals on those validation stars. f >= 1: it only widens, so a target the
+    calibration already suits is left as it is (up to the noise of s(D_s) on a few dozen stars).
+
+    matched: the MatchedDataset the model trained on; rows: (train rows, validation rows);
+    target_flux, target_offset: (N_t, P), (N_t,) the target's spectra. Sets ``model.uncertainty``'s
+    conformal factors and ``stats["target_widening"]``; returns {label: f}.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    from .training import label_matrix
+
+    u = model.uncertainty
+    if u is None or u.k68 is None:
+        return {}
+    itr, iva = (np.asarray(r) for r in rows)
+    it = np.sort(np.random.default_rng(seed).permutation(len(target_flux))[:MAX_ROWS])
+    hs = high_pass(matched.flux(itr), matched.offset(itr), order)
+    mu, sd = hs.mean(0), hs.std(0) + 1e-6
+    h = lambda X, O: (high_pass(X, O, order) - mu) / sd  # noqa: E731
+    ytr, yva = label_matrix(matched, itr, model.label_names), label_matrix(matched, iva, model.label_names)
+    Xva = matched.flux(iva)
+    Hva, Ht = h(Xva, matched.offset(iva)), h(target_flux[it], target_offset[it])
+    net = lambda X: _predict(model.net, X) * model.scale + model.center  # noqa: E731
+    pva, pt = net(Xva), net(target_flux[it])
+    Hs = (hs - mu) / sd
+    out = {}
+    for j, name in enumerate(model.label_names):
+        ok = np.isfinite(ytr[:, j])
+        if ok.sum() < 50 or np.isfinite(yva[:, j]).sum() < 10:
+            continue
+        r = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(Hs[ok], ytr[ok, j])
+        ds_, dt = pva[:, j] - r.predict(Hva), pt[:, j] - r.predict(Ht)
+        e = pva[:, j] - yva[:, j]
+        s_s, s_t, s_e = (float(_robust_scale(x[:, None])[0]) for x in (ds_, dt, e))
+        f = float(np.sqrt(1 + max(0.0, s_t ** 2 - s_s ** 2) / max(s_e, 1e-12) ** 2))
+        u.k68[j] = u.k68[j] * f
+        u.k95[j] = u.k95[j] * f
+        out[name] = round(f, 3)
+    u.stats["target_widening"] = out
+    return out
 
 
 def shift_weights(source_x, target_x, *, components: int = 10, clip: float = 20.0, seed: int = 0):

@@ -127,6 +127,8 @@ class TrainConfig:
     adapt_noise: float = 0.0      # noise added to each matched source spectrum, this times the per-pixel variance the
                                   # target has beyond the source's within like groups (varying telluric depth, sky
                                   # residuals); 0 = off; 0-2
+    adapt_widen: bool = True      # widen the adapted model's sigmas by how much more it disagrees, on the target than
+                                  # on the source, with a ridge blind to smooth differences (no target label needed)
 
     def __post_init__(self):
         f = self.freeze or ()

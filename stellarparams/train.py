@@ -284,6 +284,15 @@ def _train(ds, out, mc, tc, net, on_epoch, overwrite, run: Run) -> Model:
                          tc.seed)
         if model.uncertainty is not None:
             model.uncertainty.stats["calibrated_on"] += " of the source, passed through the input matching"
+            if tc.adapt_widen:
+                from .adapt import widen_for_target
+
+                f = widen_for_target(model, fit_ds, (fit_ds.indices("train"), fit_ds.indices("val")), target,
+                                     fit_ds.target_offset, order=tc.adapt_order, seed=tc.seed)
+                if f:
+                    model.uncertainty.stats["calibrated_on"] += (", then widened for the target by "
+                                                                 + ", ".join(f"{v:.2f} ({k})" for k, v in f.items()))
+                    run.say("sigma widened for the target: " + ", ".join(f"{k} x{v:.2f}" for k, v in f.items()))
         model.metrics["adapt"] = fit_ds.match.to_dict()
     if out is not None:
         save_model(model, out)
@@ -397,7 +406,7 @@ def add_arguments(p: argparse.ArgumentParser):
                         "set's (smooth response and reddening, resolution, wavelength offset) from the two "
                         "populations and train on the training spectra made to look like the target's "
                         "(docs/method.md, \"Domain adaptation\"; [train] adapt_group, adapt_bins, adapt_match, "
-                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise, adapt_pseudo). "
+                        "adapt_order, adapt_narrow, adapt_coral, adapt_consistency, adapt_noise, adapt_pseudo, adapt_widen). "
                         "It costs one "
                         "training with "
                         "adapt_group = ridge (the default) or adapt_bins = 1; with adapt_group = net, adapt_match "

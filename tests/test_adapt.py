@@ -185,6 +185,9 @@ def test_adapt_to_trains_records_the_target_and_never_reads_its_labels(tmp_path)
     assert len(card["metrics"]["adapt"]["rounds"]) == 2
     assert card["metrics"]["pseudo_labelled"] == 100        # half the 200 target spectra, labelled by the model
     assert "target" in a.uncertainty.stats["ood_reference"] and "input matching" in a.uncertainty.stats["calibrated_on"]
+    widened = a.uncertainty.stats["target_widening"]   # adapt_widen is on by default
+    assert set(widened) == set(a.label_names) and min(widened.values()) >= 1
+    assert "widened for the target" in json.loads((tmp_path / "m" / "uncertainty.json").read_text())["method"]
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)      # permuted target labels: bitwise the same weights
     one = train(src, None, TINY, TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=1, calib_folds=0, adapt_bins=1,
@@ -208,3 +211,51 @@ def test_shift_weights_estimate_the_density_ratio():
     assert info["auc"] > 0.55 and info["n"] == 3000 and 0 < info["n_eff"] < 3000
     same, info0 = shift_weights(src, tgt, components=6)
     assert 0.8 < np.median(same) < 1.25 and info0["auc"] < 0.55 and info0["clipped"] == 0
+
+
+def _tilted(X, O, amp, seed):
+    """Each standardized spectrum times its own smooth tilt exp(a x), a ~ N(0, amp), standardized again."""
+    f = (X + O[:, None]) * np.exp(np.random.default_rng(seed).normal(0, amp, (len(X), 1))
+                                  * np.linspace(-1, 1, X.shape[1])[None, :])
+    m, s = f.mean(1), f.std(1)
+    return ((f - m[:, None]) / s[:, None]).astype(np.float32), (m / s).astype(np.float32)
+
+
+def test_widen_for_target_tracks_the_error_growth_a_smooth_per_star_difference_causes(tmp_path):
+    """A linear 'network' on the flux reads a per-star tilt as a change of label; the ridge on continuum-free
+    flux does not. The widening follows the growth of the network's error on a tilted target, and stays ~1 on
+    more stars of the same instrument."""
+    from types import SimpleNamespace
+
+    from stellarparams.adapt import _robust_scale, widen_for_target
+    from stellarparams.uncertainty import NOISE_BINS
+
+    p = 64
+    Xs, Os, ys, _ = stars(1500, p, 0)
+    ds = _write(tmp_path / "src", Xs, Os, ys, np.repeat([0, 1], [1200, 300]))
+    tr, va = np.arange(1200), np.arange(1200, 1500)
+    A = np.c_[Xs[tr], np.ones(len(tr))]
+    w = np.linalg.solve(A.T @ A + 1e-3 * np.eye(p + 1), A.T @ ys[tr])        # least squares on the raw flux
+    lin = torch.nn.Linear(p, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w[:p].T.copy())), lin.bias.copy_(torch.from_numpy(w[p]))
+
+    def model():
+        u = SimpleNamespace(k68=np.ones((3, NOISE_BINS)), k95=np.full((3, NOISE_BINS), 2.0), stats={})
+        return SimpleNamespace(net=lin, scale=np.ones(3), center=np.zeros(3), label_names=["teff", "feh", "logg"],
+                               uncertainty=u)
+
+    Xt, Ot, yt, _ = stars(1000, p, 7)
+    same = widen_for_target(model(), ds, (tr, va), Xt, Ot, order=3)
+    assert all(1.0 <= f < 1.15 for f in same.values())
+    Xw, Ow = _tilted(Xt, Ot, 0.1, 8)
+    m = model()
+    wide = widen_for_target(m, ds, (tr, va), Xw, Ow, order=3)
+    pred = lambda X: lin(torch.from_numpy(X)).detach().numpy()  # noqa: E731
+    grown = np.sqrt(np.maximum(1, (_robust_scale(pred(Xw) - yt) ** 2 - _robust_scale(pred(Xt) - yt) ** 2)
+                               / _robust_scale(pred(Xs[va]) - ys[va]) ** 2 + 1))
+    assert wide["teff"] > 1.3 and grown[0] > 1.3
+    assert np.allclose(list(wide.values()), grown, rtol=0.25), (wide, grown, same)
+    assert np.allclose(m.uncertainty.k68[0], wide["teff"], rtol=1e-3)
+    assert np.allclose(m.uncertainty.k95[0], 2 * wide["teff"], rtol=1e-3)
+    assert m.uncertainty.stats["target_widening"] == wide
