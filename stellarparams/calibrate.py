@@ -58,8 +58,10 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
     Returns
     -------
     dict or None
-        ``rows``, ``pred`` and ``s_mc`` (physical units), ``noise``; None when there are
-        fewer than K stars.
+        ``rows``, ``pred`` and ``s_mc`` (physical units), ``noise``, ``fold`` (the fold model that
+        predicted each row) and, for every fold model, its predictions of the validation rows
+        (``val_pred``, with ``val_fold``; what :func:`stellarparams.uncertainty.fit_uncertainty`
+        compares with the final model's); None when there are fewer than K stars.
     """
     from tqdm.auto import tqdm
 
@@ -82,11 +84,14 @@ def out_of_fold(ds, itr, iva, model_config, train_config, k: int, folder=None, t
         fm = fit_ensemble(ds, (itr[folds != f], iva), model_config, replace(tc, calib_folds=0),
                           on_epoch=lambda *a: bar.update(1), run=run.quiet(), init=init)
         pred, s_mc, noise = raw_uncertainty(fm.net, ds.flux(held), seed=tc.seed)
-        parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise))
+        val_pred = raw_uncertainty(fm.net, ds.flux(iva), seed=tc.seed)[0]
+        parts.append(dict(rows=held, pred=pred * fm.scale + fm.center, s_mc=s_mc * fm.scale, noise=noise,
+                          fold=np.full(len(held), f), val_pred=val_pred * fm.scale + fm.center,
+                          val_fold=np.full(len(iva), f)))
         if path is not None:
             atomic_write(path, lambda tmp, part=parts[-1]: _savez(tmp, part))
     bar.close()
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if all(name in p for p in parts)}
 
 
 def _savez(path, arrays: dict):

@@ -572,14 +572,21 @@ def raw_uncertainty(net, flux, n_passes=N_PASSES, seed=0, batch_size=4096):
 
 
 def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_PASSES, seed=0,
-                    n_components=N_COMPONENTS, oof=None, carry=None, conformal_weights=None) -> Uncertainty:
+                    n_components=N_COMPONENTS, oof=None, carry=None, conformal_weights=None,
+                    rescale_oof: bool = True) -> Uncertainty:
     """Calibrate a trained Model: sigma coefficients on held-out residuals, novelty model on
     train (+ val thresholds), and the label -> spectrum emulator of `diagnose`.
 
     flux_*: (N, P) prepared flux; y_*: (N, L) physical labels in model.label_names order
     (NaN = missing: each label is calibrated on the rows that know it). oof: optional
     out-of-fold predictions of training stars, dict(pred, s_mc, y) (M, L) physical units and
-    noise (M,); their residuals join the validation ones in the sigma fit. carry: the
+    noise (M,); their residuals join the validation ones in the sigma fit. With ``rescale_oof``
+    and the fold models' predictions of the validation rows (``val_pred``, ``val_fold``, ``fold``,
+    as :func:`stellarparams.calibrate.out_of_fold` gives them), each fold model's residuals are
+    first multiplied, per label, by the ratio of the final model's 68.3% quantile of |residual|
+    on the validation rows to that fold model's on the same rows (clipped to 0.5-2): a fold
+    model, trained on fewer stars, errs more than the final one when the training set is small,
+    and the same stars make the ratio free of their difficulty (``stats["oof_rescaled"]``). carry: the
     calibration of the model this one was fine-tuned from (same scaler): a label with fewer
     than 3 known held-out residuals takes its coefficients and conformal factors from there
     (``stats["carried_from_source"]``; an approximation: the trunk under that head changed).
@@ -594,8 +601,11 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
     pred, s_mc, noise = raw_uncertainty(model.net, flux_val, n_passes, seed)
     resid = pred - (y_val - model.center) / model.scale
     r_fit, m_fit, n_fit = resid, s_mc, noise
+    rescaled = None
     if oof is not None:
         r_oof = (np.asarray(oof["pred"]) - np.asarray(oof["y"], np.float64)) / model.scale
+        if rescale_oof and "val_pred" in oof:
+            r_oof, rescaled = _rescaled_oof(r_oof, oof, resid, y_val, model.scale)
         m_oof = np.asarray(oof["s_mc"]) / model.scale
         r_fit, m_fit, n_fit = np.vstack([resid, r_oof]), np.vstack([s_mc, m_oof]), np.concatenate([noise, oof["noise"]])
     n_known = np.isfinite(r_fit).sum(0)
@@ -646,6 +656,10 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
                "n_signal_components": n_signal, "label_hull": hull_kind,
                "n_known": dict(zip(model.label_names, map(int, n_known))),
                "val_ood_quantiles": [float(v) for v in np.percentile(val_ood, np.arange(101))]}
+    if rescaled is not None:
+        u.stats["oof_rescaled"] = dict(zip(model.label_names, rescaled))
+        u.stats["calibrated_on"] += ("; the out-of-fold residuals rescaled to the final model's error on the "
+                                     "validation stars (x " + ", ".join(f"{v:.2f}" for v in rescaled) + ")")
     if conformal_weights is not None:
         u.stats["calibrated_on"] += "; conformal factors weighted by the given density ratios"
     if carried:
@@ -653,6 +667,28 @@ def fit_uncertainty(model, flux_train, y_train, flux_val, y_val, *, n_passes=N_P
         u.stats["calibrated_on"] += (f"; {', '.join(carried)}: no known labels here, its sigma coefficients are the "
                                      "source model's (carried; the trunk under that head changed)")
     return u
+
+
+def _rescaled_oof(r_oof, oof, resid_val, y_val, scale):
+    """(out-of-fold residuals (M, L) with each fold model's multiplied by its ratio per label, (L,) the mean
+    ratio over folds): the final model's 68.3% quantile of |residual| on the validation rows (``resid_val``,
+    scaled units) over the fold model's on the same rows (``y_val`` physical; NaN = unknown), clipped to
+    [0.5, 2]."""
+    import warnings
+
+    r_oof, fold, val_fold = r_oof.copy(), np.asarray(oof["fold"]), np.asarray(oof["val_fold"])
+    with warnings.catch_warnings():   # a label no validation row knows: ratio 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q_final = np.nanquantile(np.abs(resid_val), Q68, axis=0)
+        q_folds = [np.nanquantile(np.abs((np.asarray(oof["val_pred"], np.float64)[val_fold == k] - y_val) / scale),
+                                  Q68, axis=0) for k in np.unique(fold)]
+    ratios = []
+    for k, q_fold in zip(np.unique(fold), q_folds):
+        ratio = np.clip(q_final / np.where(q_fold > 0, q_fold, np.nan), 0.5, 2.0)
+        ratio = np.where(np.isfinite(ratio), ratio, 1.0)
+        r_oof[fold == k] *= ratio
+        ratios.append(ratio)
+    return r_oof, [round(float(v), 3) for v in np.mean(ratios, 0)]
 
 
 def fit_novelty(u: Uncertainty, flux_ref, flux_held, noise_held=None, *, seed: int = 0,

@@ -116,9 +116,9 @@ def test_killed_during_calibration_resumes_without_retraining(tmp_path, monkeypa
     tc = TrainConfig(epochs=3, batch_size=32, seed=6, calib_folds=2)
     real, calls = calibrate.raw_uncertainty, []
 
-    def dies_in_fold_2(*a, **k):
+    def dies_in_fold_2(*a, **k):   # each fold model predicts its held-out stars, then the validation stars
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise Killed
         return real(*a, **k)
 

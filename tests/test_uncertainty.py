@@ -81,6 +81,7 @@ def test_coverage_lands_in_band_on_known_noise_task(trained):
     stats = model.uncertainty.stats
     assert stats["n_oof"] == (split == "train").sum() and stats["n_val"] == (split == "val").sum()
     assert "out-of-fold" in stats["calibrated_on"] and not list((folder / "model").glob("oof_*"))
+    assert set(stats["oof_rescaled"]) == set(NAMES) and all(0.5 <= v <= 2 for v in stats["oof_rescaled"].values())
     te = split == "test"
     df = model.predict_full(flux[te])
     sigma = df[[f"sigma_{n}" for n in NAMES]].to_numpy()
@@ -354,3 +355,24 @@ def test_weighted_conformal_factors_follow_the_weighted_rows():
     assert np.allclose(k68_eq, k68, rtol=0.01)
     assert np.allclose(k68_w, np.quantile(np.abs(r[wide, 0]), Q68), rtol=0.05)
     assert (k68_w > 2 * k68).all()
+
+
+def test_out_of_fold_residuals_are_rescaled_to_the_final_models_error_on_the_same_validation_stars():
+    """A fold model that errs twice as much as the final model on the validation rows has its out-of-fold
+    residuals halved; one as good keeps them; a label no validation row knows keeps them too."""
+    from stellarparams.uncertainty import _rescaled_oof
+
+    rng = np.random.default_rng(0)
+    n_val, scale = 4000, np.array([100.0, 0.2, 0.3])
+    y_val = rng.normal(size=(n_val, 3)) * scale
+    y_val[:, 2] = np.nan
+    e = rng.normal(size=(n_val, 3))
+    resid_val = e * 0.5                                           # the final model's, scaled units
+    val_pred = np.concatenate([y_val + 2 * resid_val * scale, y_val + resid_val * scale])   # fold 0: 2x, fold 1: 1x
+    r_oof = rng.normal(size=(600, 3))
+    oof = {"fold": np.repeat([0, 1], 300), "val_fold": np.repeat([0, 1], n_val), "val_pred": val_pred}
+    out, ratios = _rescaled_oof(r_oof, oof, resid_val, y_val, scale)
+    np.testing.assert_allclose(out[:300, :2], r_oof[:300, :2] / 2, rtol=1e-9)
+    np.testing.assert_allclose(out[300:, :2], r_oof[300:, :2], rtol=1e-9)
+    np.testing.assert_array_equal(out[:, 2], r_oof[:, 2])
+    assert ratios == [0.75, 0.75, 1.0]

@@ -11,7 +11,9 @@ that made them (run from the repository root: ``python tests/data/make_fixtures.
 - ``tiny_run.json``: for the tiny training run of :func:`tiny_run` (fixed seed), the sha256
   of the weights file, the predictions and the calibration coefficients, once without and
   once with out-of-fold calibration models. The same seed must keep giving the same
-  predictions and sigma (within a tolerance: see tests/test_model_folder.py).
+  predictions and sigma (within a tolerance: see tests/test_model_folder.py). The sigma and
+  its coefficients of the out-of-fold run were recorded again when the out-of-fold residuals
+  began to be rescaled to the final model's error (``uncertainty._rescaled_oof``).
 
 Everything here is small (< 100 kB) and deterministic with one torch thread on one machine;
 another CPU rounds differently, so the weights' sha256 is a record, not something to compare.
