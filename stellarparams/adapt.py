@@ -640,6 +640,14 @@ def _robust_scale(x) -> np.ndarray:
     return np.nanquantile(np.abs(x - np.nanmedian(x, 0)), 0.683, axis=0)
 
 
+def _star_bootstrap(star, seed: int = 0, n: int = 200) -> list:
+    """``n`` resamples of the rows: stars drawn with replacement, each with all its rows."""
+    uniq, inv = np.unique(np.asarray(star).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))]) for _ in range(n)]
+
+
 def widen_for_target(model, matched, rows, target_flux, target_offset, *, order: int = 10, seed: int = 0) -> dict:
     """Widen the calibrated sigmas of an adapted ``model`` by what its errors grow on the target, estimated
     without a target label from its disagreement with a second predictor.
@@ -650,9 +658,10 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
     D = network - ridge on the matched source validation stars (D_s) and on the target's spectra
     (D_t); if the two predictors' errors on the target grow independently, the network's error
     variance grows by at most s(D_t)^2 - s(D_s)^2 (s: the 68.3% quantile of |D - median D|), and
-    sigma and the 95.4% interval are multiplied by f = sqrt(1 + max(0, s(D_t)^2 - s(D_s)^2) / s(e)^2),
-    e the network's residuals on those validation stars. f >= 1: it only widens, so a target the
-    calibration already suits is left as it is (up to the noise of s(D_s) on a few dozen stars).
+    sigma and the 95.4% interval are multiplied by f = sqrt(1 + max(0, s(D_t)^2 - s(D_s)^2 - se) / s(e)^2),
+    e the network's residuals on those validation stars and se the standard error of s(D_s)^2 (a
+    bootstrap over the validation stars), so that the noise of a few dozen stars does not widen a
+    target like the source. f >= 1: it only widens.
 
     matched: the MatchedDataset the model trained on; rows: (train rows, validation rows);
     target_flux, target_offset: (N_t, P), (N_t,) the target's spectra. Sets ``model.uncertainty``'s
@@ -672,6 +681,9 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
     h = lambda X, O: (high_pass(X, O, order) - mu) / sd  # noqa: E731
     ytr, yva = label_matrix(matched, itr, model.label_names), label_matrix(matched, iva, model.label_names)
     Xva = matched.flux(iva)
+    meta = matched.meta(iva)
+    star = meta["object_id"].to_numpy() if "object_id" in meta else np.arange(len(iva))
+    boot = _star_bootstrap(star, seed)
     Hva, Ht = h(Xva, matched.offset(iva)), h(target_flux[it], target_offset[it])
     net = lambda X: _predict(model.net, X) * model.scale + model.center  # noqa: E731
     pva, pt = net(Xva), net(target_flux[it])
@@ -685,7 +697,8 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
         ds_, dt = pva[:, j] - r.predict(Hva), pt[:, j] - r.predict(Ht)
         e = pva[:, j] - yva[:, j]
         s_s, s_t, s_e = (float(_robust_scale(x[:, None])[0]) for x in (ds_, dt, e))
-        f = float(np.sqrt(1 + max(0.0, s_t ** 2 - s_s ** 2) / max(s_e, 1e-12) ** 2))
+        se = float(np.std([_robust_scale(ds_[rows][:, None])[0] ** 2 for rows in boot]))
+        f = float(np.sqrt(1 + max(0.0, s_t ** 2 - s_s ** 2 - se) / max(s_e, 1e-12) ** 2))
         u.k68[j] = u.k68[j] * f
         u.k95[j] = u.k95[j] * f
         out[name] = round(f, 3)
