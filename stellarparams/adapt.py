@@ -31,10 +31,14 @@ so the network trains on source spectra that look as the target's do:
    compared in bench/adapt.py, not used by ``train``), and the per-pixel variance the target has
    beyond the source (``Match.excess_var``; noise on the source with ``adapt_noise``).
 
+5. After calibration, the sigmas are widened by how much the network's error grows on the target,
+   estimated from its disagreement with a response-blind ridge (:func:`widen_for_target`,
+   ``adapt_widen``).
+
 The target is a prepared dataset, or a folder, spectrum file or catalog read here as
 ``prepare`` would (:func:`read_target`). What the model learns from it is only this transform
-(a few numbers and smooth curves, recorded in model.json's metrics under ``adapt``); the
-target's labels are never read.
+(a few numbers and smooth curves, recorded in model.json's metrics under ``adapt``) and the
+widening factors (uncertainty.json); the target's labels are never read.
 """
 from __future__ import annotations
 
@@ -697,7 +701,7 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
         ds_, dt = pva[:, j] - r.predict(Hva), pt[:, j] - r.predict(Ht)
         e = pva[:, j] - yva[:, j]
         s_s, s_t, s_e = (float(_robust_scale(x[:, None])[0]) for x in (ds_, dt, e))
-        se = float(np.std([_robust_scale(ds_[rows][:, None])[0] ** 2 for rows in boot]))
+        se = float(np.std([_robust_scale(ds_[b][:, None])[0] ** 2 for b in boot]))
         f = float(np.sqrt(1 + max(0.0, s_t ** 2 - s_s ** 2 - se) / max(s_e, 1e-12) ** 2))
         u.k68[j] = u.k68[j] * f
         u.k95[j] = u.k95[j] * f
