@@ -163,11 +163,17 @@ class MatchedDataset(Dataset):
         return np.stack([self.match.draw(self._seed, r, max(base, 1.0) if r in self._perturbed else base,
                                          self._perturbed.get(r, -1)) for r in rows])
 
+    def flux_offset(self, idx=None):
+        """(flux, offsets) of rows ``idx`` through the match, from one pass (:meth:`flux` and :meth:`offset`
+        each make both)."""
+        x, o, _ = self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))
+        return x, o
+
     def flux(self, idx=None):
-        return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[0]
+        return self.flux_offset(idx)[0]
 
     def offset(self, idx=None):
-        return self.match.apply(self._ds.flux(idx), self._offset(idx), extra=self._extra(idx))[1]
+        return self.flux_offset(idx)[1]
 
     def sigma(self, idx=None):
         s = self._ds.sigma(idx)
@@ -609,8 +615,9 @@ def pseudo_refit(fitted, matched, target_flux, mc, tc, rows=None, **fit_kw):
     sel = np.sort(np.argsort(s_mc.mean(1), kind="stable")[: int(tc.adapt_pseudo * len(target_flux))])
     itr, iva = rows or (matched.indices("train"), matched.indices("val"))
     labels = list(fitted.labels)
-    X = np.concatenate([matched.flux(itr), target_flux[sel], matched.flux(iva)])
-    off = np.concatenate([matched.offset(itr), matched.target_offset[sel], matched.offset(iva)])
+    (Xtr, Otr), (Xva, Ova) = matched.flux_offset(itr), matched.flux_offset(iva)
+    X = np.concatenate([Xtr, target_flux[sel], Xva])
+    off = np.concatenate([Otr, matched.target_offset[sel], Ova])
     y = np.concatenate([label_matrix(matched, itr, labels), pred[sel] * fitted.scale + fitted.center,
                         label_matrix(matched, iva, labels)])
     split = np.repeat([0, 0, 1], [len(itr), len(sel), len(iva)])
@@ -641,7 +648,9 @@ def reference_target(model, source_train, source_val, target_flux, seed: int = 0
 
 def _robust_scale(x) -> np.ndarray:
     """(N, L) -> (L,) 68.3% quantile of |x - median| per column, NaN ignored (1 sigma for a Gaussian)."""
-    return np.nanquantile(np.abs(x - np.nanmedian(x, 0)), 0.683, axis=0)
+    from .uncertainty import Q68
+
+    return np.nanquantile(np.abs(x - np.nanmedian(x, 0)), Q68, axis=0)
 
 
 def _star_bootstrap(star, seed: int = 0, n: int = 200) -> list:
@@ -667,7 +676,8 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
     bootstrap over the validation stars), so that the noise of a few dozen stars does not widen a
     target like the source. f >= 1: it only widens.
 
-    matched: the MatchedDataset the model trained on; rows: (train rows, validation rows);
+    matched: the MatchedDataset the model trained on; rows: (train rows, validation rows), each
+    subsampled to :data:`MAX_ROWS` as the estimate of the match is;
     target_flux, target_offset: (N_t, P), (N_t,) the target's spectra. Sets ``model.uncertainty``'s
     conformal factors and ``stats["target_widening"]``; returns {label: f}.
     """
@@ -678,26 +688,26 @@ def widen_for_target(model, matched, rows, target_flux, target_offset, *, order:
     u = model.uncertainty
     if u is None or u.k68 is None:
         return {}
-    itr, iva = (np.asarray(r) for r in rows)
-    it = np.sort(np.random.default_rng(seed).permutation(len(target_flux))[:MAX_ROWS])
-    hs = high_pass(matched.flux(itr), matched.offset(itr), order)
+    rng = np.random.default_rng(seed)
+    itr, iva, it = (np.sort(rng.permutation(r)[:MAX_ROWS]) for r in (rows[0], rows[1], len(target_flux)))
+    hs = high_pass(*matched.flux_offset(itr), order)
     mu, sd = hs.mean(0), hs.std(0) + 1e-6
+    hs = (hs - mu) / sd
     h = lambda X, O: (high_pass(X, O, order) - mu) / sd  # noqa: E731
     ytr, yva = label_matrix(matched, itr, model.label_names), label_matrix(matched, iva, model.label_names)
-    Xva = matched.flux(iva)
+    Xva, Ova = matched.flux_offset(iva)
     meta = matched.meta(iva)
     star = meta["object_id"].to_numpy() if "object_id" in meta else np.arange(len(iva))
     boot = _star_bootstrap(star, seed)
-    Hva, Ht = h(Xva, matched.offset(iva)), h(target_flux[it], target_offset[it])
+    Hva, Ht = h(Xva, Ova), h(target_flux[it], target_offset[it])
     net = lambda X: _predict(model.net, X) * model.scale + model.center  # noqa: E731
     pva, pt = net(Xva), net(target_flux[it])
-    Hs = (hs - mu) / sd
     out = {}
     for j, name in enumerate(model.label_names):
         ok = np.isfinite(ytr[:, j])
         if ok.sum() < 50 or np.isfinite(yva[:, j]).sum() < 10:
             continue
-        r = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(Hs[ok], ytr[ok, j])
+        r = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(hs[ok], ytr[ok, j])
         ds_, dt = pva[:, j] - r.predict(Hva), pt[:, j] - r.predict(Ht)
         e = pva[:, j] - yva[:, j]
         s_s, s_t, s_e = (float(_robust_scale(x[:, None])[0]) for x in (ds_, dt, e))

@@ -677,11 +677,12 @@ def _rescaled_oof(r_oof, oof, resid_val, y_val, scale):
     import warnings
 
     r_oof, fold, val_fold = r_oof.copy(), np.asarray(oof["fold"]), np.asarray(oof["val_fold"])
+    val_pred = np.asarray(oof["val_pred"], np.float64)
     with warnings.catch_warnings():   # a label no validation row knows: ratio 1
         warnings.simplefilter("ignore", RuntimeWarning)
         q_final = np.nanquantile(np.abs(resid_val), Q68, axis=0)
-        q_folds = [np.nanquantile(np.abs((np.asarray(oof["val_pred"], np.float64)[val_fold == k] - y_val) / scale),
-                                  Q68, axis=0) for k in np.unique(fold)]
+        q_folds = [np.nanquantile(np.abs((val_pred[val_fold == k] - y_val) / scale), Q68, axis=0)
+                   for k in np.unique(fold)]
     ratios = []
     for k, q_fold in zip(np.unique(fold), q_folds):
         ratio = np.clip(q_final / np.where(q_fold > 0, q_fold, np.nan), 0.5, 2.0)

@@ -232,7 +232,7 @@ def test_widen_for_target_tracks_the_error_growth_a_smooth_per_star_difference_c
 
     p = 64
     Xs, Os, ys, _ = stars(1500, p, 0)
-    ds = _write(tmp_path / "src", Xs, Os, ys, np.repeat([0, 1], [1200, 300]))
+    ds = MatchedDataset(_write(tmp_path / "src", Xs, Os, ys, np.repeat([0, 1], [1200, 300])), Match())  # no change
     tr, va = np.arange(1200), np.arange(1200, 1500)
     A = np.c_[Xs[tr], np.ones(len(tr))]
     w = np.linalg.solve(A.T @ A + 1e-3 * np.eye(p + 1), A.T @ ys[tr])        # least squares on the raw flux
